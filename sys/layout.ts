@@ -1,0 +1,167 @@
+/**
+ * C struct layouts (x86_64 Linux), declared once with their sizes and field
+ * offsets. `tests/sys/layout_test.ts` compiles a C program that prints the
+ * same values from the system headers and compares.
+ *
+ * @module
+ */
+
+/** `struct iovec` (sys/uio.h). */
+export const IOVEC = { size: 16, iov_base: 0, iov_len: 8 } as const;
+
+/** `struct epoll_event` (sys/epoll.h): packed on x86_64. */
+export const EPOLL_EVENT = { size: 12, events: 0, data: 4 } as const;
+
+/** `struct timespec` (time.h). */
+export const TIMESPEC = { size: 16, tv_sec: 0, tv_nsec: 8 } as const;
+
+/** `struct iocb` (linux/aio_abi.h, little endian). */
+export const IOCB = {
+  size: 64,
+  aio_data: 0,
+  aio_key: 8,
+  aio_rw_flags: 12,
+  aio_lio_opcode: 16,
+  aio_reqprio: 18,
+  aio_fildes: 20,
+  aio_buf: 24,
+  aio_nbytes: 32,
+  aio_offset: 40,
+  aio_reserved2: 48,
+  aio_flags: 56,
+  aio_resfd: 60,
+} as const;
+
+/** `struct io_event` (linux/aio_abi.h). */
+export const IO_EVENT = { size: 32, data: 0, obj: 8, res: 16, res2: 24 } as const;
+
+/**
+ * The kernel's `struct aio_ring` header (fs/aio.c), mapped at the io context
+ * address; `io_event`s follow the header. Not in a uapi header: the kernel
+ * keeps it stable because libaio peeks it too (AIO_RING_MAGIC 0xa10a10a1).
+ */
+export const AIO_RING = {
+  size: 32,
+  id: 0,
+  nr: 4,
+  head: 8,
+  tail: 12,
+  magic: 16,
+  compat_features: 20,
+  incompat_features: 24,
+  header_length: 28,
+} as const;
+
+/** `struct io_sqring_offsets` (linux/io_uring.h). */
+export const IO_SQRING_OFFSETS = {
+  size: 40,
+  head: 0,
+  tail: 4,
+  ring_mask: 8,
+  ring_entries: 12,
+  flags: 16,
+  dropped: 20,
+  array: 24,
+  resv1: 28,
+  user_addr: 32,
+} as const;
+
+/** `struct io_cqring_offsets` (linux/io_uring.h). */
+export const IO_CQRING_OFFSETS = {
+  size: 40,
+  head: 0,
+  tail: 4,
+  ring_mask: 8,
+  ring_entries: 12,
+  overflow: 16,
+  cqes: 20,
+  flags: 24,
+  resv1: 28,
+  user_addr: 32,
+} as const;
+
+/** `struct io_uring_params` (linux/io_uring.h). */
+export const IO_URING_PARAMS = {
+  size: 120,
+  sq_entries: 0,
+  cq_entries: 4,
+  flags: 8,
+  sq_thread_cpu: 12,
+  sq_thread_idle: 16,
+  features: 20,
+  wq_fd: 24,
+  resv: 28,
+  sq_off: 40,
+  cq_off: 80,
+} as const;
+
+/** `struct io_uring_sqe` (linux/io_uring.h). */
+export const IO_URING_SQE = {
+  size: 64,
+  opcode: 0,
+  flags: 1,
+  ioprio: 2,
+  fd: 4,
+  off: 8,
+  addr: 16,
+  len: 24,
+  rw_flags: 28,
+  user_data: 32,
+  buf_index: 40,
+  personality: 42,
+  splice_fd_in: 44,
+  addr3: 48,
+} as const;
+
+/** `struct io_uring_cqe` (linux/io_uring.h, without CQE32). */
+export const IO_URING_CQE = { size: 16, user_data: 0, res: 8, flags: 12 } as const;
+
+/** `struct msghdr` (sys/socket.h). */
+export const MSGHDR = {
+  size: 56,
+  msg_name: 0,
+  msg_namelen: 8,
+  msg_iov: 16,
+  msg_iovlen: 24,
+  msg_control: 32,
+  msg_controllen: 40,
+  msg_flags: 48,
+} as const;
+
+/** `struct cmsghdr` (sys/socket.h); data starts at CMSG_DATA = 16. */
+export const CMSGHDR = { size: 16, cmsg_len: 0, cmsg_level: 8, cmsg_type: 12, data: 16 } as const;
+
+/** `struct sockaddr_un` (sys/un.h). */
+export const SOCKADDR_UN = { size: 110, sun_family: 0, sun_path: 2, pathMax: 108 } as const;
+
+/** `struct stat` (x86_64 sys/stat.h). */
+export const STAT = {
+  size: 144,
+  st_dev: 0,
+  st_ino: 8,
+  st_nlink: 16,
+  st_mode: 24,
+  st_uid: 28,
+  st_gid: 32,
+  st_rdev: 40,
+  st_size: 48,
+  st_blksize: 56,
+  st_blocks: 64,
+} as const;
+
+/** `struct statx` (linux/stat.h). */
+export const STATX = {
+  size: 256,
+  stx_mask: 0,
+  stx_blksize: 4,
+  stx_attributes: 8,
+  stx_nlink: 16,
+  stx_uid: 20,
+  stx_gid: 24,
+  stx_mode: 28,
+  stx_ino: 32,
+  stx_size: 40,
+  stx_blocks: 48,
+  stx_dio_mem_align: 152,
+  stx_dio_offset_align: 156,
+} as const;
