@@ -1,0 +1,234 @@
+import { parseArgs } from "node:util";
+
+/** Block-layer options as the host passes them to every IOThread's BlockBackend. */
+export interface HostBlockOptions {
+  driver: "file" | "null-co" | "null-aio";
+  filename?: string;
+  size?: number;
+  format: "raw";
+  cache: "none" | "writeback" | "unsafe";
+  aio: "threads" | "native" | "io_uring";
+  readOnly: boolean;
+  discard: "unmap" | "ignore";
+}
+
+/** Everything `deno task host` was asked to do, validated. */
+export interface HostOptions {
+  block: HostBlockOptions;
+  socket: string;
+  socketMode: number;
+  serial: string;
+  queues: number;
+  iothreads: number;
+  logicalBlockSize: number;
+  queueSize: number;
+  pollMaxNs: number;
+  help: boolean;
+}
+
+/** A command-line error: the message is meant for the user as is. */
+export class UsageError extends Error {
+  constructor(message: string) {
+    super(message);
+    this.name = "UsageError";
+  }
+}
+
+/** The `--help` text. */
+export const HOST_USAGE = `Usage: deno task host -- --image IMAGE --socket PATH [options]
+
+Serve a disk image to a VM as a vhost-user-blk backend (QEMU vhost-user-blk-pci,
+cloud-hypervisor --disk vhost_user=on).
+
+  --image IMAGE            raw image file or block device, or null-co:SIZE /
+                           null-aio:SIZE (e.g. null-co:1G) for the null driver
+  --socket PATH            Unix socket to listen on (created mode 0600)
+  --format raw             image format (raw)
+  --cache MODE             none (O_DIRECT) | writeback | unsafe   [writeback]
+  --aio ENGINE             threads | native | io_uring            [threads]
+  --read-only              export read-only (VIRTIO_BLK_F_RO)
+  --discard MODE           unmap | ignore                          [unmap]
+  --serial STRING          GET_ID serial, at most 20 bytes          [dataplane]
+  --queues N               virtqueues, 1..64                        [1]
+  --iothreads N            IOThreads the queues are spread over     [1]
+  --queue-size N           maximum virtqueue size (power of two)    [256]
+  --logical-block-size N   512 or 4096                              [512]
+  --poll-max-ns NS         adaptive polling window, 0 disables      [32768]
+  --socket-mode MODE       octal mode of the socket file            [0600]
+  -h, --help               this text
+`;
+
+const SIZE_SUFFIX: Record<string, number> = {
+  "": 1,
+  K: 1024,
+  M: 1024 ** 2,
+  G: 1024 ** 3,
+  T: 1024 ** 4,
+};
+
+/**
+ * Parses a size such as `4096`, `512M` or `1G` (binary units, optional `B`/`iB`).
+ *
+ * @example
+ * ```ts
+ * import { parseSize } from "./host_options.ts";
+ * console.assert(parseSize("1G") === 1073741824);
+ * ```
+ */
+export function parseSize(text: string): number {
+  const m = /^(\d+)\s*([KMGT]?)(?:i?B)?$/i.exec(text.trim());
+  if (!m) throw new UsageError(`bad size '${text}' (examples: 4096, 512M, 1G)`);
+  const n = Number(m[1]) * SIZE_SUFFIX[m[2].toUpperCase()];
+  if (!Number.isSafeInteger(n)) throw new UsageError(`size '${text}' is too large`);
+  return n;
+}
+
+function intOption(name: string, text: string | undefined, def: number, min: number, max: number) {
+  if (text === undefined) return def;
+  if (!/^\d+$/.test(text)) throw new UsageError(`--${name} takes a whole number, not '${text}'`);
+  const n = Number(text);
+  if (n < min || n > max) throw new UsageError(`--${name} must be between ${min} and ${max}`);
+  return n;
+}
+
+function choice<T extends string>(name: string, text: string | undefined, def: T, all: T[]): T {
+  if (text === undefined) return def;
+  if (!(all as string[]).includes(text)) {
+    throw new UsageError(`--${name} must be one of ${all.join(", ")}, not '${text}'`);
+  }
+  return text as T;
+}
+
+/**
+ * Parses and validates the host's command line. Throws {@link UsageError} with a
+ * message for the user on any bad flag or value.
+ *
+ * @example
+ * ```ts
+ * import { parseHostArgs } from "./host_options.ts";
+ * const o = parseHostArgs(["--image", "null-co:1G", "--socket", "/tmp/x.sock", "--queues", "2"]);
+ * console.assert(o.block.driver === "null-co" && o.block.size === 1 << 30 && o.queues === 2);
+ * ```
+ */
+export function parseHostArgs(args: string[]): HostOptions {
+  let parsed;
+  try {
+    parsed = parseArgs({
+      args,
+      strict: true,
+      allowPositionals: false,
+      options: {
+        image: { type: "string" },
+        socket: { type: "string" },
+        format: { type: "string" },
+        cache: { type: "string" },
+        aio: { type: "string" },
+        "read-only": { type: "boolean" },
+        discard: { type: "string" },
+        serial: { type: "string" },
+        queues: { type: "string" },
+        iothreads: { type: "string" },
+        "queue-size": { type: "string" },
+        "logical-block-size": { type: "string" },
+        "poll-max-ns": { type: "string" },
+        "socket-mode": { type: "string" },
+        help: { type: "boolean", short: "h" },
+      },
+    });
+  } catch (e) {
+    throw new UsageError((e as Error).message);
+  }
+  const v = parsed.values;
+  const help = v.help ?? false;
+  if (help) {
+    return {
+      ...defaults(),
+      help: true,
+    };
+  }
+  if (!v.image) throw new UsageError("--image is required (a file, or null-co:SIZE)");
+  if (!v.socket) throw new UsageError("--socket is required");
+
+  let block: HostBlockOptions;
+  const nullMatch = /^(null-co|null-aio):(.+)$/.exec(v.image);
+  const cache = choice("cache", v.cache, "writeback", ["none", "writeback", "unsafe"]);
+  const aio = choice("aio", v.aio, "threads", ["threads", "native", "io_uring"]);
+  const format = choice("format", v.format, "raw", ["raw"]);
+  const discard = choice("discard", v.discard, "unmap", ["unmap", "ignore"]);
+  const readOnly = v["read-only"] ?? false;
+  if (nullMatch) {
+    const size = parseSize(nullMatch[2]);
+    if (size === 0 || size % 512 !== 0) {
+      throw new UsageError(`null image size must be a non-zero multiple of 512`);
+    }
+    block = {
+      driver: nullMatch[1] as "null-co" | "null-aio",
+      size,
+      format,
+      cache,
+      aio,
+      readOnly,
+      discard,
+    };
+  } else {
+    block = { driver: "file", filename: v.image, format, cache, aio, readOnly, discard };
+  }
+
+  const serial = v.serial ?? "dataplane";
+  if (new TextEncoder().encode(serial).length > 20) {
+    throw new UsageError("--serial is at most 20 bytes");
+  }
+  const queues = intOption("queues", v.queues, 1, 1, 64);
+  const iothreads = intOption("iothreads", v.iothreads, 1, 1, 64);
+  const queueSize = intOption("queue-size", v["queue-size"], 256, 1, 32768);
+  if ((queueSize & (queueSize - 1)) !== 0) {
+    throw new UsageError("--queue-size must be a power of two");
+  }
+  const logicalBlockSize = intOption("logical-block-size", v["logical-block-size"], 512, 512, 4096);
+  if (logicalBlockSize !== 512 && logicalBlockSize !== 4096) {
+    throw new UsageError("--logical-block-size must be 512 or 4096");
+  }
+  const pollMaxNs = intOption("poll-max-ns", v["poll-max-ns"], 32768, 0, 1e9);
+  let socketMode = 0o600;
+  if (v["socket-mode"] !== undefined) {
+    if (!/^0?[0-7]{3}$/.test(v["socket-mode"])) {
+      throw new UsageError(`--socket-mode takes an octal mode such as 0600`);
+    }
+    socketMode = parseInt(v["socket-mode"], 8);
+  }
+  return {
+    block,
+    socket: v.socket,
+    socketMode,
+    serial,
+    queues,
+    iothreads: Math.min(iothreads, queues),
+    logicalBlockSize,
+    queueSize,
+    pollMaxNs,
+    help: false,
+  };
+}
+
+function defaults(): HostOptions {
+  return {
+    block: {
+      driver: "null-co",
+      size: 0,
+      format: "raw",
+      cache: "writeback",
+      aio: "threads",
+      readOnly: false,
+      discard: "unmap",
+    },
+    socket: "",
+    socketMode: 0o600,
+    serial: "dataplane",
+    queues: 1,
+    iothreads: 1,
+    logicalBlockSize: 512,
+    queueSize: 256,
+    pollMaxNs: 32768,
+    help: false,
+  };
+}
