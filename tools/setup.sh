@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Set up a fresh machine for dataplane: the pinned Deno (from the npm registry,
-# through ./deno) and npm-side tools, and with --test also what the test suite and benchmarks
-# use: QEMU, qemu-img, qemu-storage-daemon, busybox-static, fio (Debian
-# packages) and a Debian Linux kernel image unpacked into .cache/kernel/.
-# Idempotent: a second run installs nothing.
+# Set up a fresh machine for dataplane: npm (Debian's, if none is installed),
+# the pinned Deno (from the npm registry, through ./deno) and npm-side tools;
+# with --test also what the test suite and benchmarks use: QEMU,
+# qemu-storage-daemon, qemu-img, busybox-static, fio, gcc + libc headers
+# (Debian packages) and a Debian Linux kernel image unpacked into .cache/kernel/.
+# Idempotent: a second run installs nothing. Run as root or with sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,36 +17,56 @@ for a in "$@"; do
   esac
 done
 
-# ./deno installs the pinned Deno (npm package `deno`) and node_modules/ on first use.
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+apt_updated=0
+apt_update() {
+  if [ "$apt_updated" = 0 ]; then
+    $SUDO apt-get update -qq
+    apt_updated=1
+  fi
+}
+# apt_install PKG...: installs the packages that are not installed yet.
+apt_install() {
+  local missing="" p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+  done
+  [ -n "$missing" ] || return 0
+  echo "setup: apt-get install$missing"
+  apt_update
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
+}
+
+# ./deno installs the pinned Deno (npm package `deno`) and node_modules/ with npm.
+if ! command -v npm >/dev/null 2>&1; then
+  apt_install ca-certificates npm
+fi
 ./deno --version >/dev/null
 
 if [ "$want_test" = 1 ]; then
-  pkgs="qemu-system-x86 qemu-utils qemu-system-common busybox-static fio gcc"
-  missing=""
-  for p in $pkgs; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
-  done
-  if [ -n "$missing" ]; then
-    echo "setup: apt-get install$missing"
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
-  fi
+  # qemu-system-x86: the guest VM (TCG); qemu-system-common: qemu-storage-daemon;
+  # busybox-static: the guest userland; gcc + libc6-dev: struct layout tests.
+  apt_install qemu-system-x86 qemu-utils qemu-system-common busybox-static fio gcc libc6-dev
 
   kdir=.cache/kernel
   if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then
     echo "setup: fetching the Debian kernel image into $kdir"
-    SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
     pkg=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-/{print $2; exit}')
     if [ -z "$pkg" ]; then
-      $SUDO apt-get update -qq
+      apt_update
       pkg=$(apt-cache depends linux-image-amd64 | awk '/Depends: linux-image-/{print $2; exit}')
     fi
     [ -n "$pkg" ] || { echo "setup: cannot resolve linux-image-amd64" >&2; exit 1; }
-    mkdir -p "$kdir" .cache/deb
-    (cd .cache/deb && apt-get download -qq "$pkg")
-    dpkg -x .cache/deb/"$pkg"_*.deb "$kdir"
-    rm -rf .cache/deb
+    rm -rf .cache/deb && mkdir -p .cache/deb
+    if ! (cd .cache/deb && apt-get download -qq "$pkg" 2>/dev/null); then
+      apt_update # stale package lists: the listed version is gone from the mirror
+      (cd .cache/deb && apt-get download -qq "$pkg")
+    fi
+    rm -rf "$kdir.partial" && mkdir -p "$kdir.partial"
+    dpkg -x .cache/deb/"$pkg"_*.deb "$kdir.partial"
+    rm -rf "$kdir" .cache/deb
+    mv "$kdir.partial" "$kdir" # only a complete unpack counts as installed
   fi
 fi
 echo "setup: ok ($(./deno --version | head -1))"
