@@ -52,6 +52,8 @@ export const EROFS = 30;
 export const EPIPE = 32;
 /** Math result not representable (also: range errors). */
 export const ERANGE = 34;
+/** File name too long (also: a Unix socket path over 107 bytes). */
+export const ENAMETOOLONG = 36;
 /** Function not implemented. */
 export const ENOSYS = 38;
 /** Message too long. */
@@ -97,6 +99,7 @@ const NAMES: Record<number, string> = {
   [EROFS]: "EROFS",
   [EPIPE]: "EPIPE",
   [ERANGE]: "ERANGE",
+  [ENAMETOOLONG]: "ENAMETOOLONG",
   [ENOSYS]: "ENOSYS",
   [EMSGSIZE]: "EMSGSIZE",
   [EPROTO]: "EPROTO",

@@ -165,3 +165,6 @@ export const STATX = {
   stx_dio_mem_align: 152,
   stx_dio_offset_align: 156,
 } as const;
+
+/** `struct statfs` (sys/vfs.h, x86_64): only the filesystem magic is read. */
+export const STATFS = { size: 120, f_type: 0 } as const;

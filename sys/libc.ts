@@ -44,6 +44,7 @@ const SYMBOLS = {
   ftruncate: { parameters: ["i32", "i64"], result: "i32" },
   fstat: { parameters: ["i32", "buffer"], result: "i32" },
   statx: { parameters: ["i32", "buffer", "i32", "u32", "buffer"], result: "i32" },
+  statfs: { parameters: ["buffer", "buffer"], result: "i32" },
   ioctl: { parameters: ["i32", "u64", "buffer"], result: "i32" },
   ioctl_v: { name: "ioctl", parameters: ["i32", "u64", "u64"], result: "i32" },
   fcntl: { parameters: ["i32", "i32", "i32"], result: "i32" },
@@ -81,6 +82,9 @@ const SYMBOLS = {
   madvise: { parameters: ["pointer", "usize", "i32"], result: "i32" },
   mprotect: { parameters: ["pointer", "usize", "i32"], result: "i32" },
   memfd_create: { parameters: ["buffer", "u32"], result: "i32" },
+  /** Raw-address memcpy/memset (bounce buffers, zero padding); addresses as bigint. */
+  memcpy_a: { name: "memcpy", parameters: ["u64", "u64", "usize"], result: "void" },
+  memset_a: { name: "memset", parameters: ["u64", "i32", "usize"], result: "void" },
 
   // sockets
   socket: { parameters: ["i32", "i32", "i32"], result: "i32" },
