@@ -1,0 +1,122 @@
+/**
+ * The body of an {@link IOThread} Worker: imports the modules it was given,
+ * owns an AioContext and runs `while (!stopping) { ctx.poll(true); yield }`.
+ * Calls arrive on the channel as `{ id, fn, args }` and run
+ * `fn(ctx, args, data)` (`data` as given to IOThread.start);
+ * the (possibly async) result or error message goes back as `{ id, ok }` or
+ * `{ id, err }`.
+ *
+ * @module
+ */
+
+import { AioContext } from "./aio_context.ts";
+import { ChannelEndpoint, type ChannelInit } from "./channel.ts";
+
+/** What the main thread posts to a new IOThread Worker. */
+export interface IOThreadInit {
+  name: string;
+  modules: string[];
+  pollMaxNs?: number;
+  channel: ChannelInit;
+  /** Structured-cloned start data (may hold SharedArrayBuffers), passed to every call. */
+  data?: unknown;
+}
+
+type CallFn = (ctx: AioContext, args: unknown, data: unknown) => unknown;
+
+interface CallMsg {
+  id?: number;
+  fn?: string;
+  args?: unknown;
+  stop?: boolean;
+}
+
+const scope = self as unknown as {
+  onmessage: ((e: MessageEvent<IOThreadInit>) => void) | null;
+  postMessage(msg: unknown): void;
+  close(): void;
+};
+
+function errorText(e: unknown): string {
+  return e instanceof Error ? e.message : String(e);
+}
+
+/** Drains microtasks fully: a macrotask turn runs after every queued microtask. */
+function macrotask(): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, 0));
+}
+
+async function run(init: IOThreadInit): Promise<void> {
+  const fns = new Map<string, CallFn>();
+  try {
+    for (const m of init.modules) {
+      const mod = await import(m) as Record<string, unknown>;
+      for (const [k, v] of Object.entries(mod)) {
+        if (typeof v === "function" && !fns.has(k)) fns.set(k, v as CallFn);
+      }
+    }
+  } catch (e) {
+    scope.postMessage({ error: `IOThread ${init.name}: loading modules: ${errorText(e)}` });
+    return;
+  }
+  const ctx = new AioContext({ pollMaxNs: init.pollMaxNs });
+  const chan = new ChannelEndpoint(init.channel, 1);
+  let stopping = false;
+  let running = 0; // async calls not settled yet
+
+  const reply = (id: number, ok: boolean, value: unknown) => {
+    try {
+      chan.send(ok ? { id, ok: value === undefined ? null : value } : { id, err: value });
+    } catch (e) {
+      chan.send({ id, err: `IOThread ${init.name}: reply: ${errorText(e)}` });
+    }
+  };
+
+  chan.attach(ctx, (raw) => {
+    const msg = raw as CallMsg;
+    if (msg.stop) {
+      stopping = true;
+      return;
+    }
+    const id = msg.id!;
+    const fn = fns.get(msg.fn ?? "");
+    if (!fn) {
+      reply(id, false, `IOThread ${init.name}: no exported function ${msg.fn}`);
+      return;
+    }
+    let result: unknown;
+    try {
+      result = fn(ctx, msg.args, init.data);
+    } catch (e) {
+      reply(id, false, errorText(e));
+      return;
+    }
+    if (result instanceof Promise) {
+      running++;
+      result.then(
+        (v) => reply(id, true, v),
+        (e) => reply(id, false, errorText(e)),
+      ).finally(() => running--);
+    } else {
+      reply(id, true, result);
+    }
+  });
+  scope.postMessage({ ready: true, handle: ctx.notifyHandle });
+
+  while (!stopping) {
+    ctx.poll(true);
+    // Let promise continuations run. While async calls are pending, yield a
+    // whole macrotask so chains of any depth settle before blocking again.
+    if (running > 0) await macrotask();
+    else await null;
+  }
+  chan.send({ stopped: true });
+  chan.detach();
+  ctx.close();
+  chan.close();
+}
+
+scope.onmessage = (e) => {
+  scope.onmessage = null;
+  run(e.data).catch((err) => scope.postMessage({ error: errorText(err) }));
+};

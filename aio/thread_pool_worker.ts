@@ -1,0 +1,102 @@
+/**
+ * A thread-pool Worker (QEMU util/thread-pool.c worker_thread): takes queued
+ * jobs from the shared ring, runs the blocking system call, publishes the
+ * result (ret or -errno), counts it done and sets the pool's EventNotifier.
+ * Idle, it sleeps in Atomics.wait (it never needs its event loop) and exits
+ * after the idle timeout.
+ *
+ * @module
+ */
+
+import {
+  EIO,
+  eventfdWrite,
+  fallocate,
+  fdatasync,
+  preadvAt,
+  pwritevAt,
+  SysError,
+} from "../sys/mod.ts";
+import {
+  CTL,
+  F64,
+  I32,
+  OP_FALLOCATE,
+  OP_FDATASYNC,
+  OP_PREADV,
+  OP_PWRITEV,
+  S_CANCELLED,
+  S_DONE,
+  S_QUEUED,
+  S_RELEASED,
+  S_RUNNING,
+  type ThreadPoolInit,
+} from "./thread_pool_shared.ts";
+
+function runJob(op: number, s: Int32Array, f: Float64Array, i: number, j: number): number {
+  try {
+    const fd = s[i + I32.fd];
+    switch (op) {
+      case OP_PREADV:
+        return preadvAt(fd, f[j + F64.iovAddr], s[i + I32.iovcnt], f[j + F64.offset]);
+      case OP_PWRITEV:
+        return pwritevAt(fd, f[j + F64.iovAddr], s[i + I32.iovcnt], f[j + F64.offset]);
+      case OP_FDATASYNC:
+        fdatasync(fd);
+        return 0;
+      case OP_FALLOCATE:
+        fallocate(fd, s[i + I32.mode], f[j + F64.offset], f[j + F64.len]);
+        return 0;
+      default:
+        return -EIO;
+    }
+  } catch (e) {
+    return e instanceof SysError ? -e.errno : -EIO;
+  }
+}
+
+function loop(init: ThreadPoolInit): void {
+  const ctl = new Int32Array(init.ctl);
+  const ring = new Int32Array(init.ring);
+  const mask = ring.length - 1;
+  const s = new Int32Array(init.slotsI32);
+  const f = new Float64Array(init.slotsF64);
+  Atomics.sub(ctl, CTL.starting, 1);
+  for (;;) {
+    if (Atomics.load(ctl, CTL.shutdown) !== 0) break;
+    const h = Atomics.load(ctl, CTL.head);
+    const t = Atomics.load(ctl, CTL.tail);
+    if (h === t) {
+      Atomics.add(ctl, CTL.idle, 1);
+      const r = Atomics.wait(ctl, CTL.tail, t, init.idleTimeoutMs);
+      Atomics.sub(ctl, CTL.idle, 1);
+      if (r === "timed-out" && Atomics.load(ctl, CTL.head) === Atomics.load(ctl, CTL.tail)) break;
+      continue;
+    }
+    // Read the entry before claiming it: once head moves on, the producer may reuse it.
+    const slot = Atomics.load(ring, h & mask);
+    if (Atomics.compareExchange(ctl, CTL.head, h, h + 1) !== h) continue;
+    const i = slot * I32.size, j = slot * F64.size;
+    const st = Atomics.compareExchange(s, i + I32.state, S_QUEUED, S_RUNNING);
+    if (st !== S_QUEUED) {
+      if (st === S_CANCELLED) Atomics.store(s, i + I32.state, S_RELEASED);
+      continue;
+    }
+    f[j + F64.result] = runJob(s[i + I32.op], s, f, i, j);
+    Atomics.store(s, i + I32.state, S_DONE); // publishes the result
+    Atomics.add(ctl, CTL.done, 1);
+    eventfdWrite(init.notifyFd, 1);
+  }
+  Atomics.sub(ctl, CTL.workers, 1);
+}
+
+/** The Worker global scope, typed without the deno.worker lib. */
+const scope = self as unknown as {
+  onmessage: ((e: MessageEvent<ThreadPoolInit>) => void) | null;
+  close(): void;
+};
+scope.onmessage = (e) => {
+  scope.onmessage = null;
+  loop(e.data);
+  scope.close();
+};

@@ -1,0 +1,244 @@
+import assert from "node:assert/strict";
+import { AioContext, EventNotifier } from "../../aio/mod.ts";
+import { close, pipe, read, write } from "../../sys/mod.ts";
+
+Deno.test("AioContext: read and write handlers on a pipe", () => {
+  const ctx = new AioContext();
+  const [r, w] = pipe();
+  const got: number[] = [];
+  let writable = 0;
+  ctx.setFdHandler(r, {
+    read() {
+      const b = new Uint8Array(16);
+      const n = read(r, b);
+      got.push(...b.subarray(0, n));
+    },
+  });
+  ctx.setFdHandler(w, { write: () => writable++ });
+  assert.ok(ctx.poll(true)); // the pipe is writable
+  assert.equal(writable, 1);
+  ctx.setFdHandler(w, null);
+  write(w, new Uint8Array([7, 8]));
+  assert.ok(ctx.poll(true));
+  assert.deepEqual(got, [7, 8]);
+  assert.equal(ctx.poll(false), false);
+  ctx.setFdHandler(r, null);
+  close(r);
+  close(w);
+  ctx.close();
+});
+
+Deno.test("AioContext: removing a handler from its own callback (and another's)", () => {
+  const ctx = new AioContext();
+  const a = new EventNotifier(), b = new EventNotifier();
+  const log: string[] = [];
+  ctx.setEventNotifier(a, () => {
+    log.push("a");
+    ctx.setEventNotifier(a, null); // itself
+    ctx.setEventNotifier(b, null); // b's event was collected in the same wait
+  });
+  ctx.setEventNotifier(b, () => {
+    log.push("b");
+    ctx.setEventNotifier(b, null);
+    ctx.setEventNotifier(a, null);
+  });
+  a.set();
+  b.set();
+  ctx.poll(true);
+  assert.equal(log.length, 1, `both ran: ${log}`);
+  a.set();
+  b.set();
+  assert.equal(ctx.poll(false), false);
+  assert.equal(log.length, 1);
+  a.close();
+  b.close();
+  ctx.close();
+});
+
+Deno.test("AioContext: replacing a handler while dispatching; re-adding after removal", () => {
+  const ctx = new AioContext();
+  const n = new EventNotifier();
+  const log: string[] = [];
+  const second = () => {
+    n.testAndClear();
+    log.push("second");
+  };
+  ctx.setEventNotifier(n, () => {
+    n.testAndClear();
+    log.push("first");
+    ctx.setEventNotifier(n, null);
+    ctx.setEventNotifier(n, second);
+  });
+  n.set();
+  ctx.poll(true);
+  n.set();
+  ctx.poll(true);
+  assert.deepEqual(log, ["first", "second"]);
+  ctx.setEventNotifier(n, null);
+  n.close();
+  ctx.close();
+});
+
+Deno.test("AioContext: nested poll from inside a handler", () => {
+  const ctx = new AioContext();
+  const outer = new EventNotifier(), inner = new EventNotifier();
+  const log: string[] = [];
+  ctx.setEventNotifier(inner, () => {
+    inner.testAndClear();
+    log.push("inner");
+  });
+  ctx.setEventNotifier(outer, () => {
+    outer.testAndClear();
+    log.push("outer-begin");
+    inner.set();
+    let bhRan = false;
+    ctx.scheduleOneshot(() => bhRan = true);
+    while (!log.includes("inner") || !bhRan) ctx.poll(true); // nested
+    log.push("outer-end");
+  });
+  outer.set();
+  ctx.poll(true);
+  assert.deepEqual(log, ["outer-begin", "inner", "outer-end"]);
+  for (const x of [outer, inner]) {
+    ctx.setEventNotifier(x, null);
+    x.close();
+  }
+  ctx.close();
+});
+
+Deno.test("AioContext: handler exceptions propagate and leave the context usable", () => {
+  const ctx = new AioContext();
+  const n = new EventNotifier();
+  ctx.setEventNotifier(n, () => {
+    n.testAndClear();
+    throw new Error("handler bug");
+  });
+  n.set();
+  assert.throws(() => ctx.poll(true), /handler bug/);
+  ctx.setEventNotifier(n, null);
+  let ran = false;
+  ctx.scheduleOneshot(() => ran = true);
+  ctx.poll(false);
+  assert.ok(ran);
+  n.close();
+  ctx.close();
+});
+
+Deno.test("AioContext: notify() makes poll(true) return; notification is not progress", () => {
+  const ctx = new AioContext();
+  ctx.notify();
+  const t0 = performance.now();
+  assert.equal(ctx.poll(true), false);
+  assert.ok(performance.now() - t0 < 500);
+  assert.equal(ctx.stats.blockingWaits, 0);
+  ctx.close();
+  assert.throws(() => ctx.poll(false), /after close/);
+});
+
+Deno.test("AioContext: busy polling finds work, calls pollReady, adapts the window", () => {
+  // epoll_wait sleeps whole milliseconds, so let the window reach 5 ms.
+  const ctx = new AioContext({ pollMaxNs: 5_000_000 });
+  const n = new EventNotifier();
+  let flag = false, ready = 0, reads = 0;
+  ctx.setEventNotifier(
+    n,
+    () => {
+      n.testAndClear();
+      reads++;
+    },
+    () => flag,
+    () => {
+      flag = false;
+      ready++;
+    },
+  );
+  // Short timers: each block is shorter than poll-max-ns, so the window grows from 4 us.
+  for (let i = 0; i < 6; i++) {
+    let fired = false;
+    ctx.timerNew(() => fired = true).modNs(ctx.now() + 50_000);
+    while (!fired) ctx.poll(true);
+  }
+  assert.ok(ctx.stats.pollGrows >= 3, `grows ${ctx.stats.pollGrows}`);
+  assert.ok(ctx.pollNs >= 32_000 && ctx.pollNs <= 5_000_000, `pollNs ${ctx.pollNs}`);
+  // Once the window covers the 50 us timer, the wait is spent polling: no sleep.
+  const waits = ctx.stats.blockingWaits;
+  let fired = false;
+  ctx.timerNew(() => fired = true).modNs(ctx.now() + 50_000);
+  while (!fired) ctx.poll(true);
+  assert.equal(ctx.stats.blockingWaits, waits);
+  // Work visible to the poll callback is found without any fd event.
+  flag = true;
+  assert.ok(ctx.poll(true));
+  assert.equal(ready, 1);
+  assert.equal(reads, 0);
+  assert.ok(ctx.stats.pollSuccesses >= 1);
+  // A long block (> poll-max-ns) resets the window (pollShrink 0).
+  fired = false;
+  ctx.timerNew(() => fired = true).modNs(ctx.now() + 8_000_000);
+  while (!fired) ctx.poll(true);
+  assert.equal(ctx.pollNs, 0);
+  assert.ok(ctx.stats.pollShrinks >= 1);
+  ctx.setEventNotifier(n, null);
+  n.close();
+  ctx.close();
+});
+
+Deno.test("AioContext: pollMaxNs 0 never calls poll callbacks in blocking polls", () => {
+  const ctx = new AioContext({ pollMaxNs: 0 });
+  const n = new EventNotifier();
+  let polls = 0;
+  ctx.setEventNotifier(n, () => n.testAndClear(), () => {
+    polls++;
+    return false;
+  });
+  for (let i = 0; i < 3; i++) {
+    let fired = false;
+    ctx.timerNew(() => fired = true).modNs(ctx.now() + 10_000);
+    while (!fired) ctx.poll(true);
+  }
+  assert.equal(polls, 0);
+  assert.equal(ctx.pollNs, 0);
+  ctx.setEventNotifier(n, null);
+  n.close();
+  ctx.close();
+});
+
+Deno.test("AioContext: pollAsync keeps the event loop running and survives handler changes", async () => {
+  const ctx = new AioContext();
+  const a = new EventNotifier(), b = new EventNotifier();
+  const log: string[] = [];
+  ctx.setEventNotifier(a, () => {
+    a.testAndClear();
+    log.push("a");
+  });
+  // While pollAsync waits: a JS timer (event loop alive) removes a, adds b, sets both.
+  setTimeout(() => {
+    log.push("js-timer");
+    ctx.setEventNotifier(a, null);
+    ctx.setEventNotifier(b, () => {
+      b.testAndClear();
+      log.push("b");
+    });
+    a.set();
+    b.set();
+  }, 20);
+  while (!log.includes("b")) await ctx.pollAsync();
+  assert.deepEqual(log, ["js-timer", "b"]);
+  // A BH scheduled from JS while pollAsync waits wakes it (aio_notify).
+  let bh = false;
+  setTimeout(() => ctx.scheduleOneshot(() => bh = true), 10);
+  const t0 = performance.now();
+  assert.ok(await ctx.pollAsync());
+  assert.ok(bh && performance.now() - t0 < 1000);
+  ctx.setEventNotifier(b, null);
+  a.close();
+  b.close();
+  ctx.close();
+});
+
+Deno.test("AioContext: close() during pollAsync wakes it", async () => {
+  const ctx = new AioContext();
+  const p = ctx.pollAsync();
+  setTimeout(() => ctx.close(), 10);
+  assert.equal(await p, false);
+});

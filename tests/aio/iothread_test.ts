@@ -1,0 +1,89 @@
+import assert from "node:assert/strict";
+import { AioContext, aioNotify, EventNotifier, IOThread } from "../../aio/mod.ts";
+
+const FNS = new URL("./fixtures/iothread_fns.ts", import.meta.url).href;
+
+Deno.test("IOThread: start, sync/async calls, errors, stop", async () => {
+  const t = await IOThread.start({ name: "t0", modules: [FNS] });
+  try {
+    console.log(`IOThread startup: ${t.startupMs.toFixed(1)} ms`);
+    assert.equal(await t.call<number>("add", { a: 2, b: 40 }), 42);
+    assert.equal(await t.call<string>("threadName"), "iothread-t0");
+    assert.equal(await t.call<string>("later", { ms: 5 }), "done after true");
+    assert.equal(await t.call<number>("chain", { depth: 50 }), 50);
+    await assert.rejects(t.call("fail", { msg: "boom" }), /^Error: boom$/);
+    await assert.rejects(t.call("rejectLater"), /async boom/);
+    await assert.rejects(t.call("nothere"), /no exported function nothere/);
+    // Concurrent calls resolve independently.
+    const rs = await Promise.all(
+      Array.from({ length: 40 }, (_, i) => t.call<number>("add", { a: i, b: 1 })),
+    );
+    assert.deepEqual(rs, Array.from({ length: 40 }, (_, i) => i + 1));
+  } finally {
+    await t.stop();
+  }
+  await assert.rejects(t.call("add", { a: 1, b: 1 }), /stopped/);
+});
+
+Deno.test("IOThread: message size is bounded with a clear error", async () => {
+  const t = await IOThread.start({ name: "t1", modules: [FNS], maxMessageBytes: 1024 });
+  try {
+    await assert.rejects(
+      t.call("add", { a: "y".repeat(2000), b: 1 }),
+      /message of \d+ bytes exceeds the limit of 1024/,
+    );
+    await assert.rejects(t.call("big", { n: 5000 }), /exceeds the limit of 1024/);
+    assert.equal((await t.call<string>("big", { n: 100 })).length, 100);
+  } finally {
+    await t.stop();
+  }
+});
+
+Deno.test("IOThread: a module that fails to load rejects start", async () => {
+  await assert.rejects(
+    IOThread.start({ name: "bad", modules: ["file:///nonexistent/mod.ts"] }),
+    /loading modules/,
+  );
+});
+
+Deno.test("IOThread: shared-memory + aioNotify ping-pong with busy polling loses no wake-up", async () => {
+  for (const pollMaxNs of [0, 32768]) {
+    const seqBuf = new SharedArrayBuffer(8);
+    const seq = new Int32Array(seqBuf);
+    const main = new AioContext({ pollMaxNs });
+    const t = await IOThread.start({
+      name: `pp${pollMaxNs}`,
+      modules: [FNS],
+      pollMaxNs,
+      data: { seq: seqBuf, main: main.notifyHandle },
+    });
+    const dummy = new EventNotifier();
+    let acks = 0;
+    main.setEventNotifier(
+      dummy,
+      () => dummy.testAndClear(),
+      () => acks < Atomics.load(seq, 1),
+      () => acks = Atomics.load(seq, 1),
+    );
+    const guard = main.timerNew(() => {});
+    try {
+      await t.call("echoShared");
+      for (let v = 1; v <= 3000; v++) {
+        Atomics.store(seq, 0, v);
+        aioNotify(t.notifyHandle);
+        const deadline = main.now() + 2e9;
+        while (acks < v) {
+          guard.modNs(main.now() + 100e6); // a lost wake-up fails instead of hanging
+          main.poll(true);
+          assert.ok(main.now() < deadline, `ping ${v} lost (pollMaxNs ${pollMaxNs})`);
+        }
+      }
+    } finally {
+      guard.del();
+      main.setEventNotifier(dummy, null);
+      dummy.close();
+      await t.stop();
+      main.close();
+    }
+  }
+});

@@ -1,0 +1,195 @@
+import assert from "node:assert/strict";
+import { AioContext, ThreadPool } from "../../aio/mod.ts";
+import {
+  addressOf,
+  close,
+  EBADF,
+  ECANCELED,
+  fstat,
+  O_CREAT,
+  O_RDWR,
+  open,
+  unlink,
+} from "../../sys/mod.ts";
+
+function tempFile(): { fd: number; path: string } {
+  const dir = Deno.makeTempDirSync({ prefix: "aio-tp-" });
+  const path = `${dir}/img`;
+  return { fd: open(path, O_RDWR | O_CREAT, 0o600), path };
+}
+
+/** Everything whose address a worker may use stays reachable until the test ends. */
+const keep: unknown[] = [];
+
+function iovec(bufs: Uint8Array[]): BigUint64Array {
+  const iov = new BigUint64Array(bufs.length * 2);
+  keep.push(iov, ...bufs);
+  bufs.forEach((b, i) => {
+    iov[2 * i] = BigInt(addressOf(b));
+    iov[2 * i + 1] = BigInt(b.length);
+  });
+  return iov;
+}
+
+async function until(ctx: AioContext, cond: () => boolean): Promise<void> {
+  while (!cond()) await ctx.pollAsync();
+}
+
+Deno.test("ThreadPool: pwritev then preadv on a real file, completions in the submitting context", async () => {
+  const ctx = new AioContext();
+  const pool = new ThreadPool(ctx, { maxThreads: 2 });
+  const { fd, path } = tempFile();
+  try {
+    const a = new Uint8Array(4096).map((_, i) => i * 7);
+    const b = new Uint8Array(512).map((_, i) => 255 - (i & 0xff));
+    const wiov = iovec([a, b]);
+    const order: string[] = [];
+    let wret = 1;
+    pool.submitPwritev(fd, addressOf(wiov), 2, 8192, (r) => {
+      wret = r;
+      order.push("write");
+    });
+    await until(ctx, () => wret !== 1);
+    assert.equal(wret, 4608);
+    assert.equal(fstat(fd).size, 8192 + 4608);
+
+    let sret = 1;
+    pool.submitFdatasync(fd, (r) => sret = r);
+    await until(ctx, () => sret !== 1);
+    assert.equal(sret, 0);
+
+    const ra = new Uint8Array(4096), rb = new Uint8Array(512);
+    const riov = iovec([ra, rb]);
+    let rret = 1;
+    pool.submitPreadv(fd, addressOf(riov), 2, 8192, (r) => rret = r);
+    await until(ctx, () => rret !== 1);
+    assert.equal(rret, 4608);
+    assert.deepEqual(ra, a);
+    assert.deepEqual(rb, b);
+
+    let fret = 1;
+    pool.submitFallocate(fd, 0, 0, 1 << 20, (r) => fret = r);
+    await until(ctx, () => fret !== 1);
+    assert.equal(fret, 0);
+    assert.equal(fstat(fd).size, 1 << 20);
+
+    // errno mapping: a bad fd gives -EBADF through the callback.
+    let bad = 1;
+    pool.submitPreadv(-1, addressOf(riov), 1, 0, (r) => bad = r);
+    await until(ctx, () => bad !== 1);
+    assert.equal(bad, -EBADF);
+    assert.equal(pool.inFlight, 0);
+    assert.equal(pool.stats.completed, 5);
+  } finally {
+    await pool.close();
+    ctx.close();
+    close(fd);
+    unlink(path);
+    Deno.removeSync(path.slice(0, path.lastIndexOf("/")));
+  }
+});
+
+Deno.test("ThreadPool: grows on demand up to maxThreads, runs jobs concurrently", async () => {
+  const ctx = new AioContext();
+  const pool = new ThreadPool(ctx, { maxThreads: 3, idleTimeoutMs: 60_000 });
+  const { fd, path } = tempFile();
+  try {
+    const N = 60;
+    const bufs = Array.from({ length: N }, (_, i) => new Uint8Array(4096).fill(i));
+    const iovs = bufs.map((b) => iovec([b]));
+    const rets: number[] = [];
+    for (let i = 0; i < N; i++) {
+      pool.submitPwritev(fd, addressOf(iovs[i]), 1, i * 4096, (r) => rets.push(r));
+    }
+    await until(ctx, () => rets.length === N);
+    assert.ok(rets.every((r) => r === 4096));
+    assert.ok(pool.stats.spawned >= 1 && pool.stats.spawned <= 3, `spawned ${pool.stats.spawned}`);
+    assert.ok(pool.threads <= 3);
+    // Every block landed where it belongs.
+    const check = new Uint8Array(4096);
+    const ciov = iovec([check]);
+    for (const i of [0, 17, N - 1]) {
+      let r = 1;
+      pool.submitPreadv(fd, addressOf(ciov), 1, i * 4096, (x) => r = x);
+      await until(ctx, () => r !== 1);
+      assert.equal(r, 4096);
+      assert.ok(check.every((x) => x === i));
+    }
+  } finally {
+    await pool.close();
+    ctx.close();
+    close(fd);
+    unlink(path);
+    Deno.removeSync(path.slice(0, path.lastIndexOf("/")));
+  }
+});
+
+Deno.test("ThreadPool: cancel a queued job (-ECANCELED), not a finished one", async () => {
+  const ctx = new AioContext();
+  // Slot pressure: 1 slot, so later jobs wait in the JS queue and are surely cancellable.
+  const pool = new ThreadPool(ctx, { maxThreads: 1, slots: 1 });
+  try {
+    const rets = new Map<number, number>();
+    const reqs = Array.from(
+      { length: 4 },
+      (_, i) => pool.submitFdatasync(-1, (r) => rets.set(i, r)),
+    );
+    assert.equal(pool.cancel(reqs[2]), true);
+    assert.equal(pool.cancel(reqs[2]), false);
+    ctx.poll(false); // the -ECANCELED callback runs from a BH
+    assert.equal(rets.get(2), -ECANCELED);
+    await until(ctx, () => rets.size === 4);
+    assert.equal(rets.get(0), -EBADF);
+    assert.equal(rets.get(3), -EBADF);
+    assert.equal(pool.cancel(reqs[0]), false);
+    assert.equal(pool.stats.cancelled, 1);
+  } finally {
+    await pool.close();
+    ctx.close();
+  }
+});
+
+Deno.test("ThreadPool: cancel of a job in a shared slot before a worker starts it", async () => {
+  const ctx = new AioContext();
+  const pool = new ThreadPool(ctx, { maxThreads: 1 });
+  try {
+    // The first worker needs tens of ms to start: jobs submitted now sit in slots.
+    const rets: number[] = [];
+    const req = pool.submitFdatasync(-1, (r) => rets.push(r));
+    assert.equal(pool.cancel(req), true);
+    await until(ctx, () => rets.length === 1);
+    assert.deepEqual(rets, [-ECANCELED]);
+    // The slot is reusable afterwards.
+    let r = 1;
+    pool.submitFdatasync(-1, (x) => r = x);
+    await until(ctx, () => r !== 1);
+    assert.equal(r, -EBADF);
+  } finally {
+    await pool.close();
+    ctx.close();
+  }
+});
+
+Deno.test("ThreadPool: idle workers exit after idleTimeoutMs", async () => {
+  const ctx = new AioContext();
+  const pool = new ThreadPool(ctx, { maxThreads: 2, idleTimeoutMs: 50 });
+  try {
+    let r = 1;
+    pool.submitFdatasync(-1, (x) => r = x);
+    await until(ctx, () => r !== 1);
+    assert.ok(pool.threads >= 1);
+    const t0 = Date.now();
+    while (pool.threads > 0 && Date.now() - t0 < 5000) {
+      await new Promise((res) => setTimeout(res, 20));
+    }
+    assert.equal(pool.threads, 0);
+    // And the pool grows again afterwards.
+    r = 1;
+    pool.submitFdatasync(-1, (x) => r = x);
+    await until(ctx, () => r !== 1);
+    assert.equal(r, -EBADF);
+  } finally {
+    await pool.close();
+    ctx.close();
+  }
+});
