@@ -10,3 +10,14 @@
  */
 
 export { IoVector } from "./io_vector.ts";
+export { BlockBackend, type BlockBackendExtras, type BlockDevOps } from "./block_backend.ts";
+export type { BlockCompletion, BlockDriver } from "./block_driver.ts";
+export { type BlockOptions, parseBlockOptions, validateBlockOptions } from "./block_options.ts";
+export type { IoEngine, IoEngineKind, IoEngineStats } from "./io_engine.ts";
+export { createIoEngine } from "./io_engine_registry.ts";
+export { FileDriver, type FileDriverOptions } from "./file_driver.ts";
+export { NullAioDriver, NullCoDriver, type NullDriverOptions } from "./null_driver.ts";
+export { RawDriver, type RawDriverOptions } from "./raw_driver.ts";
+export { LinuxAioEngine, type LinuxAioOptions } from "./linux_aio_engine.ts";
+export { IoUringEngine, type IoUringOptions } from "./io_uring_engine.ts";
+export { ThreadPoolEngine } from "./thread_pool_engine.ts";

@@ -1,0 +1,61 @@
+import type { IoVector } from "./io_vector.ts";
+
+/**
+ * Completion of a block request: 0 on success or `-errno` (QEMU's convention).
+ *
+ * @example
+ * ```ts
+ * import type { BlockCompletion } from "./block_driver.ts";
+ * const cb: BlockCompletion = (ret) => console.assert(ret <= 0);
+ * cb(0);
+ * ```
+ */
+export type BlockCompletion = (ret: number) => void;
+
+/**
+ * What a block driver implements (QEMU's BlockDriver callbacks, in callback
+ * rather than coroutine form): protocol drivers (file, null-co, null-aio) and
+ * format drivers (raw) that sit on top of a child driver.
+ *
+ * Contract: a driver never calls `cb` before the submitting call returns (it
+ * completes from an fd handler, a bottom half or a thread-pool completion),
+ * validates nothing the BlockBackend already checked (range, read-only), and
+ * owns no memory of the caller's IoVector, which stays alive until `cb`.
+ *
+ * @example
+ * ```ts
+ * import type { BlockDriver } from "./block_driver.ts";
+ * function describe(d: BlockDriver): string {
+ *   return `${d.name}: ${d.length} bytes, align ${d.requestAlignment}`;
+ * }
+ * console.assert(typeof describe === "function");
+ * ```
+ */
+export interface BlockDriver {
+  /** Driver name ("file", "null-co", "null-aio", "raw"). */
+  readonly name: string;
+  /** Size in bytes. */
+  readonly length: number;
+  /** Offset and length alignment the driver handles without extra work. */
+  readonly requestAlignment: number;
+  /** Buffer address alignment the driver handles without a bounce buffer. */
+  readonly memAlignment: number;
+  /** Reads `qiov.size` bytes at `offset` into `qiov`. Hot path. */
+  preadv(offset: number, qiov: IoVector, cb: BlockCompletion): void;
+  /** Writes `qiov.size` bytes from `qiov` at `offset`. Hot path. */
+  pwritev(offset: number, qiov: IoVector, cb: BlockCompletion): void;
+  /** Makes completed writes durable (fdatasync). */
+  flush(cb: BlockCompletion): void;
+  /** Deallocates a range (it may read back as anything, usually zeroes). */
+  pdiscard(offset: number, bytes: number, cb: BlockCompletion): void;
+  /** Makes a range read as zeroes; `unmap` allows deallocating it. */
+  pwriteZeroes(offset: number, bytes: number, unmap: boolean, cb: BlockCompletion): void;
+  /** Starts a batch: submissions are queued until the matching unplug. */
+  ioPlug(): void;
+  /** Ends a batch: submits what was queued (one system call for many). */
+  ioUnplug(): void;
+  /** Re-reads the size (after the image was resized); returns it. */
+  refreshLength(): number;
+  /** Releases files and engines. No request may be in flight. */
+  close(): Promise<void>;
+}

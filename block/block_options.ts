@@ -1,0 +1,147 @@
+/**
+ * How to open an image, in QEMU's -blockdev/-drive vocabulary. `cache`:
+ * none = O_DIRECT, writeback = page cache, unsafe = page cache and flush is a
+ * no-op. `aio`: threads | native (Linux AIO) | io_uring. `discard`: unmap
+ * (pass discards down) | ignore. `detectZeroes`: off | on (all-zero writes
+ * become write-zeroes) | unmap (and may deallocate).
+ *
+ * @example
+ * ```ts
+ * import type { BlockOptions } from "./block_options.ts";
+ * const o: BlockOptions = { driver: "file", filename: "disk.img", cache: "none", aio: "native" };
+ * console.assert(o.cache === "none");
+ * ```
+ */
+export interface BlockOptions {
+  /** Protocol driver. */
+  driver: "file" | "null-co" | "null-aio";
+  /** Image path (file driver). */
+  filename?: string;
+  /** Size in bytes (null drivers). */
+  size?: number;
+  /** Format driver (only raw). */
+  format?: "raw";
+  /** raw: window start in bytes. */
+  offset?: number;
+  /** raw: window size in bytes. */
+  sizeLimit?: number;
+  /** Cache mode (default writeback). */
+  cache?: "none" | "writeback" | "unsafe";
+  /** I/O engine of the file driver (default threads). */
+  aio?: "threads" | "native" | "io_uring";
+  /** Refuse writes, discards and write-zeroes with -EROFS. */
+  readOnly?: boolean;
+  /** Discard policy (default ignore, as QEMU). */
+  discard?: "unmap" | "ignore";
+  /** Zero-write detection (default off). */
+  detectZeroes?: "off" | "on" | "unmap";
+  /** null-*: reads fill the buffer with zeroes. */
+  readZeroes?: boolean;
+}
+
+const ENUMS: Record<string, readonly string[]> = {
+  driver: ["file", "null-co", "null-aio"],
+  format: ["raw"],
+  cache: ["none", "writeback", "unsafe"],
+  aio: ["threads", "native", "io_uring"],
+  discard: ["unmap", "ignore"],
+  detectZeroes: ["off", "on", "unmap"],
+};
+
+const ALIASES: Record<string, string> = {
+  "read-only": "readOnly",
+  readonly: "readOnly",
+  "detect-zeroes": "detectZeroes",
+  "read-zeroes": "readZeroes",
+  "size-limit": "sizeLimit",
+  "file.filename": "filename",
+  "file.driver": "driver",
+  path: "filename",
+};
+
+/**
+ * Parses a QEMU-style option string (`driver=file,filename=disk.img,
+ * cache=none,aio=io_uring,read-only=on,discard=unmap,detect-zeroes=on`) and
+ * validates it. Throws TypeError naming the bad key.
+ *
+ * @example
+ * ```ts
+ * import { parseBlockOptions } from "./block_options.ts";
+ * const o = parseBlockOptions("driver=file,filename=/tmp/x.img,cache=none,aio=native,read-only=on");
+ * console.assert(o.aio === "native" && o.readOnly === true);
+ * ```
+ */
+export function parseBlockOptions(spec: string): BlockOptions {
+  const out: Record<string, string | number | boolean> = {};
+  for (const part of spec.split(",")) {
+    if (!part) continue;
+    const eq = part.indexOf("=");
+    if (eq < 0) throw new TypeError(`block option without value: ${part}`);
+    const rawKey = part.slice(0, eq), value = part.slice(eq + 1);
+    const key = ALIASES[rawKey] ?? rawKey;
+    if (key === "readOnly" || key === "readZeroes") {
+      if (!["on", "off", "true", "false"].includes(value)) {
+        throw new TypeError(`block option ${rawKey}: expected on|off, got ${value}`);
+      }
+      out[key] = value === "on" || value === "true";
+    } else if (key === "size" || key === "offset" || key === "sizeLimit") {
+      out[key] = parseSize(rawKey, value);
+    } else out[key] = value;
+  }
+  if (out.driver === undefined) out.driver = "file";
+  return validateBlockOptions(out);
+}
+
+/**
+ * Checks a BlockOptions object (from JSON or code): known keys, enum values,
+ * a filename for the file driver, non-negative integer sizes.
+ *
+ * @example
+ * ```ts
+ * import { validateBlockOptions } from "./block_options.ts";
+ * let failed = false;
+ * try { validateBlockOptions({ driver: "file" }); } catch { failed = true; }
+ * console.assert(failed); // no filename
+ * ```
+ */
+export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
+  const known = new Set([
+    "driver",
+    "filename",
+    "size",
+    "format",
+    "offset",
+    "sizeLimit",
+    "cache",
+    "aio",
+    "readOnly",
+    "discard",
+    "detectZeroes",
+    "readZeroes",
+  ]);
+  for (const [k, v] of Object.entries(o)) {
+    if (!known.has(k)) throw new TypeError(`unknown block option ${k}`);
+    if (v === undefined) continue;
+    const allowed = ENUMS[k];
+    if (allowed && !allowed.includes(String(v))) {
+      throw new TypeError(`block option ${k}: ${v} is not one of ${allowed.join("|")}`);
+    }
+    if (
+      (k === "size" || k === "offset" || k === "sizeLimit") &&
+      !(Number.isSafeInteger(v) && (v as number) >= 0)
+    ) {
+      throw new TypeError(`block option ${k}: bad size ${v}`);
+    }
+  }
+  if (o.driver === "file" && typeof o.filename !== "string") {
+    throw new TypeError("block option filename is required for driver=file");
+  }
+  return o as unknown as BlockOptions;
+}
+
+function parseSize(key: string, v: string): number {
+  const m = /^(\d+)([kKmMgGtT]?)$/.exec(v);
+  if (!m) throw new TypeError(`block option ${key}: bad size ${v}`);
+  const mul: Record<string, number> = { "": 1, k: 2 ** 10, m: 2 ** 20, g: 2 ** 30, t: 2 ** 40 };
+  return Number(m[1]) * mul[m[2].toLowerCase()];
+}
