@@ -1,0 +1,277 @@
+import assert from "node:assert/strict";
+import {
+  blkIdBytes,
+  blkRequestLimits,
+  parseBlkRequest,
+  REQUEST_BROKEN,
+  RequestError,
+  requestErrorStatus,
+  VIRTIO_BLK_S_IOERR,
+  VIRTIO_BLK_S_OK,
+  VIRTIO_BLK_S_UNSUPP,
+  VIRTIO_BLK_T_DISCARD,
+  VIRTIO_BLK_T_FLUSH,
+  VIRTIO_BLK_T_GET_ID,
+  VIRTIO_BLK_T_IN,
+  VIRTIO_BLK_T_OUT,
+  VIRTIO_BLK_T_WRITE_ZEROES,
+  VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+  type VirtioBlkOptions,
+  VirtioBlkRequest,
+  Virtqueue,
+  writeBlkId,
+} from "../../virtio/mod.ts";
+import { type Buf, GuestDriver, ringLayout, TestMemory } from "./guest_driver.ts";
+
+const A = 0x100000, B = 0x800000;
+const HDR = A + 0x10000, DATA = B, STATUS = A + 0x20000, SEGS = A + 0x30000;
+const CAPACITY = 2048; // sectors (1 MiB)
+
+interface Ctx {
+  tm: TestMemory;
+  drv: GuestDriver;
+  vq: Virtqueue;
+}
+
+function withQueue(fn: (c: Ctx) => void): void {
+  const tm = new TestMemory([
+    { gpa: A, size: 0x100000, uva: 0x7f4400000000 },
+    { gpa: B, size: 0x100000, uva: 0x7f2200000000 },
+  ]);
+  try {
+    const l = ringLayout(A, 64);
+    const drv = new GuestDriver(tm, 64, l);
+    const vq = new Virtqueue({
+      mem: tm.mem,
+      size: 64,
+      desc: tm.uva(l.desc),
+      avail: tm.uva(l.avail),
+      used: tm.uva(l.used),
+      indirectDesc: true,
+    });
+    fn({ tm, drv, vq });
+  } finally {
+    tm.close();
+  }
+}
+
+function header(c: Ctx, gpa: number, type: number, sector: bigint | number): void {
+  const dv = c.tm.view(gpa, 16);
+  dv.setUint32(0, type, true);
+  dv.setUint32(4, 0, true);
+  dv.setBigUint64(8, BigInt(sector), true);
+}
+
+function parse(
+  c: Ctx,
+  bufs: Buf[],
+  opts: Partial<VirtioBlkOptions> = {},
+): { err: string | null; req: VirtioBlkRequest } {
+  const limits = blkRequestLimits({ capacity: CAPACITY, ...opts });
+  const req = new VirtioBlkRequest(limits);
+  c.drv.add(bufs);
+  const chain = c.vq.pop();
+  assert.ok(chain, String(c.vq.brokenReason));
+  const err = parseBlkRequest(chain, c.tm.mem, limits, req);
+  c.vq.push(chain.head, err === null ? req.usedLen : 1);
+  return { err, req };
+}
+
+const hdr: Buf = { gpa: HDR, len: 16 };
+const status: Buf = { gpa: STATUS, len: 1, write: true };
+
+Deno.test("IN: header, data-in and status; writeStatus writes the guest byte", () => {
+  withQueue((c) => {
+    header(c, HDR, VIRTIO_BLK_T_IN, 8);
+    c.tm.view(STATUS, 1).setUint8(0, 0xff);
+    const { err, req } = parse(c, [hdr, { gpa: DATA, len: 4096, write: true }, status]);
+    assert.equal(err, null);
+    assert.equal(req.type, VIRTIO_BLK_T_IN);
+    assert.equal(req.sector, 8);
+    assert.equal(req.qiov.niov, 1);
+    assert.equal(req.qiov.base(0), c.tm.mem.hostAddr(DATA, 4096));
+    assert.equal(req.qiov.size, 4096);
+    assert.equal(req.inLen, 4096);
+    assert.equal(req.usedLen, 4097);
+    assert.equal(req.statusAddr, c.tm.mem.hostAddr(STATUS, 1));
+    req.writeStatus(VIRTIO_BLK_S_OK);
+    assert.equal(c.tm.view(STATUS, 1).getUint8(0), VIRTIO_BLK_S_OK);
+    assert.deepEqual(c.drv.used(0), { id: req.head, len: 4097 });
+  });
+});
+
+Deno.test("IN: data and status in one descriptor; several data descriptors", () => {
+  withQueue((c) => {
+    header(c, HDR, VIRTIO_BLK_T_IN, 0);
+    let r = parse(c, [hdr, { gpa: DATA, len: 1025, write: true }]);
+    assert.equal(r.err, null);
+    assert.equal(r.req.qiov.size, 1024);
+    assert.equal(r.req.statusAddr, c.tm.mem.hostAddr(DATA + 1024, 1));
+    r = parse(c, [
+      hdr,
+      { gpa: DATA, len: 512, write: true },
+      { gpa: A + 0x50000, len: 1024, write: true },
+      { gpa: DATA + 0x4000, len: 513, write: true },
+    ]);
+    assert.equal(r.err, null);
+    assert.equal(r.req.qiov.niov, 3);
+    assert.equal(r.req.qiov.size, 2048);
+    assert.equal(r.req.qiov.len(2), 512);
+  });
+});
+
+Deno.test("OUT: header split over two descriptors, data begins mid-descriptor", () => {
+  withQueue((c) => {
+    header(c, HDR, VIRTIO_BLK_T_OUT, 0x10);
+    // move the second half of the header to the start of a second buffer
+    const second = new Uint8Array(c.tm.mem.bytes(HDR + 8, 8)!);
+    c.tm.mem.bytes(DATA, 8)!.set(second);
+    const { err, req } = parse(c, [
+      { gpa: HDR, len: 8 },
+      { gpa: DATA, len: 8 + 512 },
+      { gpa: DATA + 0x1000, len: 512 },
+      status,
+    ]);
+    assert.equal(err, null);
+    assert.equal(req.type, VIRTIO_BLK_T_OUT);
+    assert.equal(req.sector, 0x10);
+    assert.equal(req.qiov.niov, 2);
+    assert.equal(req.qiov.base(0), c.tm.mem.hostAddr(DATA + 8, 1));
+    assert.equal(req.qiov.size, 1024);
+    assert.equal(req.inLen, 0);
+    assert.equal(req.usedLen, 1);
+  });
+});
+
+Deno.test("missing status or short header leave the request uncompletable", () => {
+  withQueue((c) => {
+    header(c, HDR, VIRTIO_BLK_T_IN, 0);
+    let r = parse(c, [hdr, { gpa: DATA, len: 512 }]);
+    assert.equal(r.err, "NoStatus");
+    assert.equal(requestErrorStatus("NoStatus"), REQUEST_BROKEN);
+    assert.throws(() => new VirtioBlkRequest(blkRequestLimits({ capacity: 8 })).writeStatus(0));
+    r = parse(c, [{ gpa: HDR, len: 15 }, status]);
+    assert.equal(r.err, "HeaderTooShort");
+    r = parse(c, [{ gpa: HDR, len: 8 }, { gpa: HDR + 8, len: 7 }, status]);
+    assert.equal(r.err, "HeaderTooShort");
+    assert.equal(new RequestError("HeaderTooShort", 1).status, REQUEST_BROKEN);
+  });
+});
+
+Deno.test("IN/OUT validation: length, alignment, range and overflow, read-only", () => {
+  withQueue((c) => {
+    const io = (type: number, sector: bigint | number, len: number, o = {}) => {
+      header(c, HDR, type, sector);
+      const data: Buf = { gpa: DATA, len, write: type === VIRTIO_BLK_T_IN };
+      return parse(c, [hdr, data, status], o).err;
+    };
+    assert.equal(io(VIRTIO_BLK_T_IN, 0, 1000), "BadLength");
+    assert.equal(io(VIRTIO_BLK_T_OUT, 0, 513), "BadLength");
+    assert.equal(io(VIRTIO_BLK_T_IN, CAPACITY - 2, 1024), null, "ends exactly at capacity");
+    assert.equal(io(VIRTIO_BLK_T_IN, CAPACITY - 1, 1024), "OutOfRange");
+    assert.equal(io(VIRTIO_BLK_T_OUT, CAPACITY, 512), "OutOfRange");
+    assert.equal(io(VIRTIO_BLK_T_IN, 1n << 63n, 512), "OutOfRange");
+    assert.equal(io(VIRTIO_BLK_T_IN, (1n << 64n) - 1n, 512), "OutOfRange", "sector + len wraps");
+    assert.equal(io(VIRTIO_BLK_T_IN, 2 ** 53 - 1, 512), "OutOfRange");
+    const big = { capacity: 2 ** 52 };
+    assert.equal(io(VIRTIO_BLK_T_IN, 2 ** 52 - 1, 512, big), null);
+    assert.equal(io(VIRTIO_BLK_T_IN, 2 ** 52 - 1, 1024, big), "OutOfRange");
+    assert.equal(io(VIRTIO_BLK_T_OUT, 0, 512, { readOnly: true }), "ReadOnly");
+    assert.equal(io(VIRTIO_BLK_T_IN, 0, 512, { readOnly: true }), null);
+    assert.equal(io(VIRTIO_BLK_T_IN, 1, 4096, { blkSize: 4096 }), "Unaligned");
+    assert.equal(io(VIRTIO_BLK_T_IN, 8, 512, { blkSize: 4096 }), "BadLength");
+    assert.equal(io(VIRTIO_BLK_T_IN, 8, 8192, { blkSize: 4096 }), null);
+    for (const k of ["BadLength", "OutOfRange", "ReadOnly", "Unaligned"] as const) {
+      assert.equal(requestErrorStatus(k), VIRTIO_BLK_S_IOERR);
+    }
+  });
+});
+
+Deno.test("seg_max bounds the data segments", () => {
+  withQueue((c) => {
+    header(c, HDR, VIRTIO_BLK_T_IN, 0);
+    const three: Buf[] = [0, 1, 2].map((k) => ({ gpa: DATA + k * 0x1000, len: 512, write: true }));
+    assert.equal(parse(c, [hdr, ...three, status], { segMax: 2 }).err, "TooManySegments");
+    assert.equal(parse(c, [hdr, ...three, status], { segMax: 3 }).err, null);
+    header(c, HDR, VIRTIO_BLK_T_OUT, 0);
+    const out: Buf[] = three.map((b) => ({ ...b, write: false }));
+    assert.equal(parse(c, [hdr, ...out, status], { segMax: 2 }).err, "TooManySegments");
+  });
+});
+
+Deno.test("FLUSH, GET_ID and unknown types", () => {
+  withQueue((c) => {
+    header(c, HDR, VIRTIO_BLK_T_FLUSH, 0);
+    assert.equal(parse(c, [hdr, status]).err, null);
+    assert.equal(parse(c, [hdr, status], { flush: false }).err, "Unsupported");
+    header(c, HDR, 99, 0);
+    assert.equal(parse(c, [hdr, status]).err, "Unsupported");
+    assert.equal(requestErrorStatus("Unsupported"), VIRTIO_BLK_S_UNSUPP);
+    header(c, HDR, VIRTIO_BLK_T_GET_ID, 0);
+    let r = parse(c, [hdr, { gpa: DATA, len: 21, write: true }]);
+    assert.equal(r.err, null);
+    assert.equal(r.req.inLen, 20);
+    assert.equal(writeBlkId(r.req, blkIdBytes("disk-serial")), 20);
+    assert.equal(new TextDecoder().decode(c.tm.mem.bytes(DATA, 11)!), "disk-serial");
+    r = parse(c, [hdr, { gpa: DATA + 0x100, len: 8, write: true }, status]);
+    assert.equal(r.req.inLen, 8);
+    assert.equal(writeBlkId(r.req, blkIdBytes("0123456789")), 8);
+    assert.equal(new TextDecoder().decode(c.tm.mem.bytes(DATA + 0x100, 9)!), "01234567\0");
+  });
+});
+
+function segment(c: Ctx, gpa: number, sector: bigint | number, num: number, flags: number): void {
+  const dv = c.tm.view(gpa, 16);
+  dv.setBigUint64(0, BigInt(sector), true);
+  dv.setUint32(8, num, true);
+  dv.setUint32(12, flags, true);
+}
+
+Deno.test("DISCARD / WRITE_ZEROES segments", () => {
+  withQueue((c) => {
+    const dz = {
+      discard: { maxSectors: 256, maxSeg: 2, sectorAlignment: 1 },
+      writeZeroes: { maxSectors: 128, maxSeg: 1, mayUnmap: true },
+    };
+    header(c, HDR, VIRTIO_BLK_T_DISCARD, 0);
+    segment(c, SEGS, 100, 50, 0);
+    segment(c, SEGS + 16, CAPACITY - 256, 256, 0);
+    const two: Buf = { gpa: SEGS, len: 32 };
+    let r = parse(c, [hdr, two, status], dz);
+    assert.equal(r.err, null);
+    assert.equal(r.req.rangeCount, 2);
+    assert.deepEqual([r.req.rangeSector[0], r.req.rangeSectors[0]], [100, 50]);
+    assert.deepEqual([r.req.rangeSector[1], r.req.rangeSectors[1]], [CAPACITY - 256, 256]);
+    // a segment split across two descriptors
+    r = parse(c, [hdr, { gpa: SEGS, len: 5 }, { gpa: SEGS + 5, len: 27 }, status], dz);
+    assert.equal(r.err, null);
+    assert.equal(r.req.rangeSectors[1], 256);
+    assert.equal(parse(c, [hdr, two, status]).err, "Unsupported", "discard not offered");
+    assert.equal(parse(c, [hdr, two, status], { ...dz, readOnly: true }).err, "ReadOnly");
+    assert.equal(parse(c, [hdr, { gpa: SEGS, len: 24 }, status], dz).err, "BadSegments");
+    assert.equal(parse(c, [hdr, status], dz).err, "BadSegments");
+    assert.equal(
+      parse(c, [hdr, { gpa: SEGS, len: 48 }, status], dz).err,
+      "TooManySegments",
+    );
+    segment(c, SEGS, 0, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    assert.equal(parse(c, [hdr, { gpa: SEGS, len: 16 }, status], dz).err, "UnsupportedFlags");
+    assert.equal(requestErrorStatus("UnsupportedFlags"), VIRTIO_BLK_S_UNSUPP);
+    segment(c, SEGS, 0, 257, 0);
+    assert.equal(parse(c, [hdr, { gpa: SEGS, len: 16 }, status], dz).err, "TooLarge");
+    segment(c, SEGS, CAPACITY - 1, 2, 0);
+    assert.equal(parse(c, [hdr, { gpa: SEGS, len: 16 }, status], dz).err, "OutOfRange");
+    segment(c, SEGS, (1n << 64n) - 1n, 2, 0);
+    assert.equal(parse(c, [hdr, { gpa: SEGS, len: 16 }, status], dz).err, "OutOfRange");
+
+    header(c, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+    segment(c, SEGS, 64, 128, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP);
+    r = parse(c, [hdr, { gpa: SEGS, len: 16 }, status], dz);
+    assert.equal(r.err, null);
+    assert.equal(r.req.rangeUnmap[0], 1);
+    assert.equal(parse(c, [hdr, two, status], dz).err, "TooManySegments");
+    segment(c, SEGS, 64, 8, 0x2);
+    assert.equal(parse(c, [hdr, { gpa: SEGS, len: 16 }, status], dz).err, "UnsupportedFlags");
+    assert.equal(parse(c, [hdr, { gpa: SEGS, len: 16 }, status]).err, "Unsupported");
+  });
+});

@@ -1,0 +1,241 @@
+import {
+  VRING_DESC_F_INDIRECT,
+  VRING_DESC_F_NEXT,
+  VRING_DESC_F_WRITE,
+  VRING_DESC_SIZE,
+} from "./constants.ts";
+import type { GuestMemory } from "./guest_memory.ts";
+
+/**
+ * Why a descriptor chain could not be walked (virtio 1.2 section 2.7.5). Every
+ * one of them means the driver broke the ring: the device marks the queue
+ * broken (needs reset) in one place, {@link Virtqueue.pop}.
+ */
+export type DescriptorChainErrorKind =
+  | "HeadOutOfRange" // the avail ring names a head >= queue size
+  | "NextOutOfRange" // `next` >= table size
+  | "Loop" // more descriptors than the table holds: a cycle
+  | "TooLong" // more descriptors than the chain capacity (queue size)
+  | "OutOfRange" // buffer (or indirect table) not inside one guest memory region
+  | "ZeroLength" // a buffer of length 0 (QEMU rejects these too)
+  | "BadOrder" // a device-readable buffer after a device-writable one (2.7.4.2)
+  | "IndirectNotNegotiated" // VRING_DESC_F_INDIRECT without VIRTIO_RING_F_INDIRECT_DESC
+  | "IndirectBadLength" // indirect table length 0 or not a multiple of 16 (2.7.5.3.1)
+  | "IndirectWithNext" // VRING_DESC_F_INDIRECT together with VRING_DESC_F_NEXT
+  | "NestedIndirect"; // VRING_DESC_F_INDIRECT inside an indirect table
+
+/**
+ * A descriptor chain that breaks the ring rules; `head` is the chain's head
+ * index (or the bad avail ring entry).
+ *
+ * @example
+ * ```ts
+ * import { DescriptorChainError } from "./descriptor_chain.ts";
+ * const e = new DescriptorChainError("Loop", 3);
+ * console.assert(e.kind === "Loop" && e.message.includes("head 3"));
+ * ```
+ */
+export class DescriptorChainError extends Error {
+  /** What was wrong. */
+  readonly kind: DescriptorChainErrorKind;
+  /** Head descriptor index of the chain. */
+  readonly head: number;
+
+  constructor(kind: DescriptorChainErrorKind, head: number) {
+    super(`descriptor chain: ${kind} (head ${head})`);
+    this.name = "DescriptorChainError";
+    this.kind = kind;
+    this.head = head;
+  }
+}
+
+/**
+ * A walked descriptor chain (QEMU's VirtQueueElement, rust-vmm's
+ * DescriptorChain): the head index and every buffer as a host address and
+ * length, device-readable buffers first (`0 .. outNum`), then device-writable
+ * ones (`outNum .. count`), each also as (region index, offset in region) so
+ * its bytes can be read through {@link GuestMemory.regionBytes} without
+ * allocating.
+ *
+ * The arrays are allocated once with a fixed capacity; {@link Virtqueue.pop}
+ * refills one object per queue (hot path: no allocation), so a chain is valid
+ * only until the next pop of the same queue: parse it first.
+ *
+ * @example
+ * ```ts
+ * import { DescriptorChain } from "./descriptor_chain.ts";
+ * const c = new DescriptorChain(4);
+ * c.reset(2);
+ * c.add(0x10000, 16, false, 0, 0x10000);
+ * c.add(0x20000, 1, true, 0, 0x20000);
+ * console.assert(c.head === 2 && c.outNum === 1 && c.inNum === 1 && c.isWritable(1));
+ * ```
+ */
+export class DescriptorChain {
+  /** Head descriptor index: what {@link Virtqueue.push} returns to the driver. */
+  head = 0;
+  /** Number of buffers. */
+  count = 0;
+  /** Number of device-readable buffers (they come first). */
+  outNum = 0;
+  /** Total bytes of the device-readable buffers. */
+  outLen = 0;
+  /** Total bytes of the device-writable buffers. */
+  inLen = 0;
+  /** Maximum number of buffers. */
+  readonly capacity: number;
+  /** Host address of each buffer. */
+  readonly addr: Float64Array;
+  /** Length of each buffer. */
+  readonly len: Uint32Array;
+  /** Guest memory region index of each buffer. */
+  readonly region: Uint32Array;
+  /** Offset of each buffer inside its region. */
+  readonly offset: Float64Array;
+
+  constructor(capacity: number) {
+    if (!Number.isInteger(capacity) || capacity < 1) {
+      throw new RangeError(`DescriptorChain: bad capacity ${capacity}`);
+    }
+    this.capacity = capacity;
+    this.addr = new Float64Array(capacity);
+    this.len = new Uint32Array(capacity);
+    this.region = new Uint32Array(capacity);
+    this.offset = new Float64Array(capacity);
+  }
+
+  /** Number of device-writable buffers. */
+  get inNum(): number {
+    return this.count - this.outNum;
+  }
+
+  /** Whether buffer `i` is device-writable. */
+  isWritable(i: number): boolean {
+    return i >= this.outNum;
+  }
+
+  /** Empties the chain for head `head`. Hot path. */
+  reset(head: number): void {
+    this.head = head;
+    this.count = 0;
+    this.outNum = 0;
+    this.outLen = 0;
+    this.inLen = 0;
+  }
+
+  /**
+   * Appends a buffer; false when full or when a readable buffer would follow a
+   * writable one (the caller turns that into an error). Hot path.
+   */
+  add(addr: number, len: number, writable: boolean, region: number, offset: number): boolean {
+    const i = this.count;
+    if (i >= this.capacity) return false;
+    if (writable) {
+      this.inLen += len;
+    } else {
+      if (this.outNum !== i) return false;
+      this.outNum = i + 1;
+      this.outLen += len;
+    }
+    this.addr[i] = addr;
+    this.len[i] = len;
+    this.region[i] = region;
+    this.offset[i] = offset;
+    this.count = i + 1;
+    return true;
+  }
+}
+
+/** Guest addresses at or above 2^53 cannot be in any region (GuestMemory rejects them). */
+const HI_LIMIT = 0x200000;
+
+/**
+ * Walks the chain that starts at `head` of the descriptor table `desc` (a
+ * Uint32Array over the table: 4 words a descriptor) into `chain`, validating
+ * every index, flag and buffer against `mem`. Returns null on success or what
+ * was wrong. Walking is bounded: at most `size` steps in the table and at
+ * most `len / 16` in an indirect table (more means a loop), at most
+ * `chain.capacity` buffers in all. Internal to virtio/ (Virtqueue.pop).
+ *
+ * Hot path: no allocation (indirect tables are read through the region's
+ * DataView).
+ *
+ * @example
+ * ```ts
+ * import { DescriptorChain, walkChain } from "./descriptor_chain.ts";
+ * import { GuestMemory } from "./guest_memory.ts";
+ * import { mmapAnonymous } from "../sys/mod.ts";
+ * const m = mmapAnonymous(4096);
+ * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0, size: 4096, userAddr: 0, hostAddr: m.addr }]);
+ * const desc = new Uint32Array(8); // two descriptors, both pointing at 0x800
+ * desc.set([0x800, 0, 16, 1 | (1 << 16)], 0); // NEXT -> 1
+ * desc.set([0x800, 0, 16, 1 | (0 << 16)], 4); // NEXT -> 0: a loop
+ * const chain = new DescriptorChain(2);
+ * console.assert(walkChain(chain, mem, desc, 2, 0, true) === "Loop");
+ * m.unmap();
+ * ```
+ */
+export function walkChain(
+  chain: DescriptorChain,
+  mem: GuestMemory,
+  desc: Uint32Array,
+  size: number,
+  head: number,
+  indirectAllowed: boolean,
+): DescriptorChainErrorKind | null {
+  chain.reset(head);
+  if (!(head >= 0 && head < size)) return "HeadOutOfRange";
+  let i = head;
+  let limit = size;
+  let steps = 0;
+  let table: DataView | null = null; // the indirect table's region view, when inside one
+  let tableBase = 0;
+  for (;;) {
+    if (i >= limit) return "NextOutOfRange";
+    if (++steps > limit) return "Loop";
+    let lo: number, hi: number, len: number, flags: number, next: number;
+    if (table === null) {
+      const w = i * 4;
+      lo = desc[w];
+      hi = desc[w + 1];
+      len = desc[w + 2];
+      const fn = desc[w + 3];
+      flags = fn & 0xffff;
+      next = fn >>> 16;
+    } else {
+      const off = tableBase + i * VRING_DESC_SIZE;
+      lo = table.getUint32(off, true);
+      hi = table.getUint32(off + 4, true);
+      len = table.getUint32(off + 8, true);
+      flags = table.getUint16(off + 12, true);
+      next = table.getUint16(off + 14, true);
+    }
+    // -1 never translates: addresses >= 2^53 are in no region
+    const gpa = hi < HI_LIMIT ? hi * 0x100000000 + lo : -1;
+    if (flags & VRING_DESC_F_INDIRECT) {
+      if (table !== null) return "NestedIndirect";
+      if (!indirectAllowed) return "IndirectNotNegotiated";
+      if (flags & VRING_DESC_F_NEXT) return "IndirectWithNext";
+      if (len === 0 || len % VRING_DESC_SIZE !== 0) return "IndirectBadLength";
+      const host = mem.hostAddr(gpa, len);
+      if (host < 0) return "OutOfRange";
+      const r = mem.lastRegion;
+      table = mem.regionView(r);
+      tableBase = host - mem.regionHostAddr(r);
+      limit = len / VRING_DESC_SIZE;
+      steps = 0;
+      i = 0;
+      continue;
+    }
+    if (len === 0) return "ZeroLength";
+    const host = mem.hostAddr(gpa, len);
+    if (host < 0) return "OutOfRange";
+    const r = mem.lastRegion;
+    const writable = (flags & VRING_DESC_F_WRITE) !== 0;
+    if (!chain.add(host, len, writable, r, host - mem.regionHostAddr(r))) {
+      return chain.count >= chain.capacity ? "TooLong" : "BadOrder";
+    }
+    if (!(flags & VRING_DESC_F_NEXT)) return null;
+    i = next;
+  }
+}

@@ -1,0 +1,58 @@
+/**
+ * virtio/: the device side of virtio 1.2 for a vhost-user-blk backend. The
+ * guest's memory map ({@link GuestMemory}: vhost-user memory table, address
+ * translation with bounds checks), split virtqueues ({@link Virtqueue},
+ * {@link DescriptorChain}: section 2.7 with indirect descriptors and
+ * EVENT_IDX), and the virtio-blk device model (section 5.2: request parsing,
+ * config space, feature bits, GET_ID).
+ *
+ * Everything that comes from the guest is untrusted here: a bad chain breaks
+ * the ring (typed {@link DescriptorChainError} / {@link VirtqueueError}), a bad
+ * request gets IOERR/UNSUPP ({@link requestErrorStatus}); nothing is ever
+ * read or written outside the guest's memory regions.
+ *
+ * Not for: executing requests (block/), threads, sockets and the vhost-user
+ * protocol (dataplane/). Packed virtqueues are not implemented.
+ *
+ * @module
+ */
+
+export * from "./constants.ts";
+export * from "./blk/constants.ts";
+export {
+  GuestMemory,
+  GuestMemoryError,
+  type GuestMemoryErrorKind,
+  type MappedMemoryRegion,
+  type MemoryRegion,
+} from "./guest_memory.ts";
+export {
+  DescriptorChain,
+  DescriptorChainError,
+  type DescriptorChainErrorKind,
+} from "./descriptor_chain.ts";
+export {
+  Virtqueue,
+  VirtqueueError,
+  type VirtqueueErrorKind,
+  type VirtqueueOptions,
+} from "./virtqueue.ts";
+export {
+  type BlkRequestLimits,
+  blkRequestLimits,
+  DEFAULT_SEG_MAX,
+  encodeVirtioBlkConfig,
+  MAX_RANGE_SEG,
+  VIRTIO_BLK_CONFIG,
+  virtioBlkFeatures,
+  type VirtioBlkOptions,
+} from "./blk/config.ts";
+export {
+  parseBlkRequest,
+  REQUEST_BROKEN,
+  RequestError,
+  type RequestErrorKind,
+  requestErrorStatus,
+  VirtioBlkRequest,
+} from "./blk/request.ts";
+export { blkIdBytes, writeBlkId } from "./blk/id.ts";
