@@ -1,0 +1,17 @@
+/**
+ * vhost-user (QEMU docs/interop/vhost-user.rst), back-end side: protocol
+ * constants, the message codec, the per-front-end connection state machine,
+ * the listening server, and the {@link VhostUserBackend} seam a device
+ * implements. Also used by the built-in front-end in `client/`.
+ *
+ * Not for: ring processing or block I/O (virtio/, block/); the server only
+ * passes checked values to its backend.
+ *
+ * @module
+ */
+
+export * from "./constants.ts";
+export * from "./message.ts";
+export type { VhostUserBackend, VhostUserMemoryRegion, VhostUserVringAddr } from "./backend.ts";
+export { VhostUserConnection, type VhostUserConnectionOptions } from "./connection.ts";
+export { type FdWatcher, VhostUserServer, type VhostUserServerOptions } from "./server.ts";

@@ -1,0 +1,204 @@
+/**
+ * The vhost-user back-end's listening socket: serves one front-end at a time
+ * and accepts the next after a disconnect (the back-end is reset in between),
+ * like qemu-storage-daemon's vhost-user-blk export.
+ *
+ * Event-driven: the server registers its fds with an {@link FdWatcher} (an
+ * `AioContext` fits: `setFdHandler(fd, { read })`), so the main thread's
+ * event loop drives it; nothing here blocks.
+ *
+ * @module
+ */
+
+import {
+  accept4,
+  bindUnix,
+  close,
+  connectUnix,
+  EADDRINUSE,
+  ECONNREFUSED,
+  EEXIST,
+  ENOENT,
+  listen,
+  SOCK_NONBLOCK,
+  socketUnix,
+  SysError,
+  WOULD_BLOCK,
+} from "../../sys/mod.ts";
+import type { VhostUserBackend } from "./backend.ts";
+import { VhostUserConnection } from "./connection.ts";
+
+/** Whatever watches fds for readability: `AioContext.setFdHandler` has this shape. */
+export interface FdWatcher {
+  /** Call `handler.read()` whenever `fd` is readable; `null` stops watching. */
+  setFdHandler(fd: number, handler: { read?(): void } | null): void;
+}
+
+/** Options of {@link VhostUserServer.listen}. */
+export interface VhostUserServerOptions {
+  /** Permission bits of the socket file (default 0o600: only our user may connect). */
+  mode?: number;
+  /** listen(2) backlog (default 1: one front-end at a time, others wait). */
+  backlog?: number;
+  /** Protocol errors, backend failures and disconnect reasons. */
+  onError?: (err: Error) => void;
+  /** A front-end connected. */
+  onConnect?: (conn: VhostUserConnection) => void;
+  /** The front-end disconnected and the backend was reset. */
+  onDisconnect?: () => void;
+}
+
+/**
+ * Prepares `path` for bind: a stale socket (nobody listening) is removed;
+ * a live one is "in use" (EADDRINUSE); any other kind of file is never
+ * removed (EEXIST).
+ */
+function clearStaleSocket(path: string): void {
+  let info: Deno.FileInfo;
+  try {
+    info = Deno.lstatSync(path);
+  } catch (err) {
+    if (err instanceof Deno.errors.NotFound) return;
+    throw err;
+  }
+  if (!info.isSocket) {
+    throw new SysError("bind", EEXIST, `${path} exists and is not a socket; refusing to remove it`);
+  }
+  const probe = socketUnix();
+  try {
+    connectUnix(probe, path);
+  } catch (err) {
+    if (err instanceof SysError && (err.errno === ECONNREFUSED || err.errno === ENOENT)) {
+      Deno.removeSync(path); // stale: its server is gone
+      return;
+    }
+    throw err;
+  } finally {
+    close(probe);
+  }
+  throw new SysError("bind", EADDRINUSE, `socket in use: another process is listening on ${path}`);
+}
+
+/**
+ * A listening vhost-user socket bound to one backend.
+ *
+ * @example
+ * ```ts
+ * import { VhostUserServer, type FdWatcher } from "./server.ts";
+ * import type { VhostUserBackend } from "./backend.ts";
+ * const handlers = new Map<number, { read?(): void }>();
+ * const watcher: FdWatcher = { setFdHandler: (fd, h) => h ? handlers.set(fd, h) : handlers.delete(fd) };
+ * const dir = Deno.makeTempDirSync();
+ * const server = VhostUserServer.listen(`${dir}/vhost.sock`, {} as VhostUserBackend, watcher);
+ * console.assert(handlers.has(server.listenFd));
+ * console.assert((Deno.statSync(`${dir}/vhost.sock`).mode! & 0o777) === 0o600);
+ * await server.close();
+ * Deno.removeSync(dir, { recursive: true });
+ * ```
+ */
+export class VhostUserServer {
+  /** Socket path. */
+  readonly path: string;
+  /** The listening socket (non-blocking). */
+  readonly listenFd: number;
+  readonly #backend: VhostUserBackend;
+  readonly #watcher: FdWatcher;
+  readonly #opts: VhostUserServerOptions;
+  #conn: VhostUserConnection | null = null;
+  #closed = false;
+
+  private constructor(
+    path: string,
+    fd: number,
+    backend: VhostUserBackend,
+    watcher: FdWatcher,
+    opts: VhostUserServerOptions,
+  ) {
+    this.path = path;
+    this.listenFd = fd;
+    this.#backend = backend;
+    this.#watcher = watcher;
+    this.#opts = opts;
+  }
+
+  /**
+   * Binds `path` (mode 0600 by default), listens, and starts watching for a
+   * front-end. Throws SysError: EADDRINUSE ("socket in use") when another
+   * process listens there, EEXIST when `path` is not a socket,
+   * ENAMETOOLONG when it is over 107 bytes.
+   */
+  static listen(
+    path: string,
+    backend: VhostUserBackend,
+    watcher: FdWatcher,
+    opts: VhostUserServerOptions = {},
+  ): VhostUserServer {
+    clearStaleSocket(path);
+    const fd = socketUnix(SOCK_NONBLOCK);
+    try {
+      bindUnix(fd, path);
+      // Before listen(): nobody can connect yet, so the umask window is harmless.
+      Deno.chmodSync(path, opts.mode ?? 0o600);
+      listen(fd, opts.backlog ?? 1);
+    } catch (err) {
+      close(fd);
+      try {
+        Deno.removeSync(path);
+      } catch { /* bind failed before creating it */ }
+      throw err;
+    }
+    const server = new VhostUserServer(path, fd, backend, watcher, opts);
+    watcher.setFdHandler(fd, { read: () => server.#onListenReadable() });
+    return server;
+  }
+
+  /** The current front-end connection, if any. */
+  get connection(): VhostUserConnection | null {
+    return this.#conn;
+  }
+
+  #onListenReadable(): void {
+    if (this.#conn || this.#closed) return;
+    let fd: number;
+    try {
+      fd = accept4(this.listenFd, SOCK_NONBLOCK);
+    } catch (err) {
+      this.#opts.onError?.(err instanceof Error ? err : new Error(String(err)));
+      return;
+    }
+    if (fd === WOULD_BLOCK) return;
+    // One front-end at a time: stop accepting until this one leaves.
+    this.#watcher.setFdHandler(this.listenFd, null);
+    const conn = new VhostUserConnection(fd, this.#backend, {
+      onError: this.#opts.onError,
+      detach: () => this.#watcher.setFdHandler(fd, null),
+      onClose: () => this.#onConnectionClosed(conn),
+    });
+    this.#conn = conn;
+    this.#watcher.setFdHandler(fd, { read: () => conn.onReadable() });
+    this.#opts.onConnect?.(conn);
+    conn.onReadable();
+  }
+
+  #onConnectionClosed(conn: VhostUserConnection): void {
+    if (this.#conn === conn) this.#conn = null;
+    this.#opts.onDisconnect?.();
+    if (this.#closed) return;
+    this.#watcher.setFdHandler(this.listenFd, { read: () => this.#onListenReadable() });
+    // A front-end may already be waiting in the backlog.
+    this.#onListenReadable();
+  }
+
+  /** Disconnects the front-end (resetting the backend), stops listening and removes the socket. */
+  async close(): Promise<void> {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#watcher.setFdHandler(this.listenFd, null);
+    const conn = this.#conn;
+    if (conn) await conn.close();
+    close(this.listenFd);
+    try {
+      Deno.removeSync(this.path);
+    } catch { /* already gone */ }
+  }
+}

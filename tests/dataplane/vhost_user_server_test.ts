@@ -1,0 +1,362 @@
+import assert from "node:assert/strict";
+import {
+  encodeMessage,
+  VHOST_USER_GET_FEATURES,
+  VHOST_USER_GET_VRING_BASE,
+  VHOST_USER_NEED_REPLY_MASK,
+  VHOST_USER_SET_MEM_TABLE,
+  VHOST_USER_SET_VRING_CALL,
+  VHOST_USER_SET_VRING_KICK,
+  VHOST_USER_SET_VRING_NUM,
+  VHOST_USER_VERSION,
+  VhostUserServer,
+} from "../../dataplane/vhost_user/mod.ts";
+import { VhostUserBlkClient } from "../../client/blk_client.ts";
+import { FrontendError, VhostUserFrontend } from "../../client/frontend.ts";
+import { bindUnix, close, eventfd, listen, pipe, socketUnix, SysError } from "../../sys/mod.ts";
+import { openFdCount, StubBackend, TestLoop, until } from "./vhost_user_test_util.ts";
+
+const V = VHOST_USER_VERSION;
+const NEED = VHOST_USER_NEED_REPLY_MASK;
+
+async function withServer(
+  fn: (
+    ctx: {
+      server: VhostUserServer;
+      backend: StubBackend;
+      loop: TestLoop;
+      path: string;
+      errors: Error[];
+    },
+  ) => Promise<void>,
+): Promise<void> {
+  const dir = Deno.makeTempDirSync();
+  const path = `${dir}/vhost.sock`;
+  const backend = new StubBackend();
+  const loop = new TestLoop();
+  const errors: Error[] = [];
+  const server = VhostUserServer.listen(path, backend, loop, { onError: (e) => errors.push(e) });
+  try {
+    await fn({ server, backend, loop, path, errors });
+  } finally {
+    await server.close();
+    await loop.stop();
+    Deno.removeSync(dir, { recursive: true });
+  }
+}
+
+/** Raw front-end: negotiated enough for REPLY_ACK so malformed requests get answers. */
+async function rawFrontend(path: string): Promise<VhostUserFrontend> {
+  const fe = await VhostUserFrontend.connect(path, 2000);
+  return fe;
+}
+
+async function ack(fe: VhostUserFrontend, request: number): Promise<bigint> {
+  const r = await fe.readReply(request, "u64");
+  assert.equal(r.payload.kind, "u64");
+  return r.payload.kind === "u64" ? r.payload.value : -1n;
+}
+
+async function getFeatures(fe: VhostUserFrontend): Promise<bigint> {
+  const r = await fe.request(VHOST_USER_GET_FEATURES, { kind: "empty" }, [], "u64");
+  return r.payload.kind === "u64" ? r.payload.value : -1n;
+}
+
+Deno.test("server: the built-in client sets up a 2-queue device through the protocol", async () => {
+  const fds0 = openFdCount();
+  await withServer(async ({ server, backend, errors }) => {
+    const client = await VhostUserBlkClient.connect(server.path, { numQueues: 2, queueSize: 64 });
+    assert.equal(client.config.capacity, 2048);
+    assert.equal(client.maxQueues, 2);
+    assert.ok(client.frontend.replyAck, "REPLY_ACK negotiated");
+    await server.connection!.settled();
+    const conn = server.connection!;
+    assert.ok(conn.owner);
+    assert.equal(conn.ackedFeatures, client.features);
+    // memory: the backend mapped both regions; guest addresses differ from user addresses
+    assert.equal(backend.maps.length, 2);
+    const ram = client.ram!;
+    for (const [i, m] of backend.maps.entries()) {
+      assert.equal(m.region.guestPhysAddr, ram.regions[i].guestPhysAddr);
+      assert.equal(m.region.userAddr, ram.regions[i].userAddr);
+      assert.notEqual(m.region.guestPhysAddr, m.region.userAddr);
+    }
+    // a byte the "guest" writes is visible through the backend's own mapping
+    const buf = client.queues[1].data(3);
+    buf[0] = 0x5a;
+    const r1 = backend.maps[1];
+    const off = r1.region.mmapOffset +
+      (buf.byteOffset - (r1.region.userAddr - ram.regions[0].userAddr));
+    assert.equal(new Uint8Array(r1.map.buffer)[off], 0x5a);
+    // rings
+    for (const i of [0, 1]) {
+      assert.equal(backend.vringNum.get(i), 64);
+      assert.equal(backend.vringBase.get(i), 0);
+      assert.equal(backend.vringAddr.get(i)!.descUserAddr, client.queues[i].ring.desc.addr);
+      assert.equal(backend.vringAddr.get(i)!.usedUserAddr, client.queues[i].ring.used.addr);
+      assert.equal(backend.vringAddr.get(i)!.availUserAddr, client.queues[i].ring.avail.addr);
+      assert.equal(backend.enabled.get(i), true);
+      assert.ok(backend.kick.get(i) != null && backend.call.get(i) != null);
+    }
+    const order = backend.calls.filter((c) => !c.startsWith("getConfig"));
+    assert.deepEqual(order.slice(0, 3), [
+      "setProtocolFeatures 209",
+      `setFeatures ${client.features.toString(16)}`,
+      "setMemTable 2",
+    ]);
+    // GET_VRING_BASE goes through the async backend path and stops the rings
+    assert.deepEqual(await client.stopQueues(), [0, 0]);
+    await client.close();
+    await until(() => server.connection === null && backend.resets === 1);
+    assert.deepEqual(errors, []);
+  });
+  assert.equal(openFdCount(), fds0, "no fd leaked");
+});
+
+Deno.test("server: without protocol features rings start enabled", async () => {
+  await withServer(async ({ server, backend }) => {
+    backend.featureBits = 1n << 32n;
+    const client = await VhostUserBlkClient.connect(server.path, { numQueues: 1, queueSize: 64 });
+    // no REPLY_ACK: nothing tells the client when the server is done
+    await until(() => backend.calls.filter((c) => c.startsWith("setVringCall")).length === 1);
+    await server.connection!.settled();
+    assert.equal(client.protocolFeatures, 0n);
+    assert.equal(backend.enabled.get(0), true);
+    assert.equal(backend.enabled.get(1), true);
+    assert.ok(!backend.calls.some((c) => c.startsWith("setProtocolFeatures")));
+    await client.close();
+  });
+});
+
+Deno.test("server: malformed messages get error replies and the connection keeps working", async () => {
+  const fds0 = openFdCount();
+  await withServer(async ({ server, backend, errors }) => {
+    const fe = await rawFrontend(server.path);
+    const offered = await getFeatures(fe);
+    assert.equal(offered, backend.featureBits);
+
+    // unknown request with NEED_REPLY: non-zero ack
+    await fe.sendRaw(encodeMessage(99, V | NEED, { kind: "raw", bytes: new Uint8Array(4) }));
+    assert.notEqual(await ack(fe, 99), 0n);
+    assert.equal(await getFeatures(fe), offered);
+
+    // truncated payload (SET_VRING_NUM with 4 bytes)
+    const num = encodeMessage(VHOST_USER_SET_VRING_NUM, V | NEED, {
+      kind: "raw",
+      bytes: new Uint8Array(4),
+    });
+    await fe.sendRaw(num);
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_NUM), 0n);
+    // valid values are accepted, bad ones refused
+    const setNum = (index: number, n: number) =>
+      encodeMessage(VHOST_USER_SET_VRING_NUM, V | NEED, { kind: "vringState", index, num: n });
+    await fe.sendRaw(setNum(0, 128));
+    assert.equal(await ack(fe, VHOST_USER_SET_VRING_NUM), 0n);
+    await fe.sendRaw(setNum(0, 100)); // not a power of two
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_NUM), 0n);
+    await fe.sendRaw(setNum(7, 128)); // no such queue
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_NUM), 0n);
+    assert.equal(backend.vringNum.get(0), 128);
+
+    // wrong fd count: kick without its fd; call with two fds (both closed by the server)
+    const e1 = eventfd();
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_KICK, V | NEED, { kind: "u64", value: 0n }),
+    );
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_KICK), 0n);
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_CALL, V | NEED, { kind: "u64", value: 0n }),
+      [e1, e1],
+    );
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_CALL), 0n);
+    // kick fd for a ring that does not exist: refused, fd closed
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_KICK, V | NEED, { kind: "u64", value: 5n }),
+      [e1],
+    );
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_KICK), 0n);
+    // NOFD is fine
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_KICK, V | NEED, { kind: "u64", value: 0x100n }),
+    );
+    assert.equal(await ack(fe, VHOST_USER_SET_VRING_KICK), 0n);
+    assert.equal(backend.kick.get(0), null);
+
+    // SET_MEM_TABLE with a bad fd (a pipe cannot be mmapped): the backend's error comes back
+    const [pr, pw] = pipe();
+    const region = { guestPhysAddr: 0x1000n, size: 4096n, userAddr: 0x7000_0000n, mmapOffset: 0n };
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_MEM_TABLE, V | NEED, { kind: "memTable", regions: [region] }),
+      [pr],
+    );
+    const code = await ack(fe, VHOST_USER_SET_MEM_TABLE);
+    assert.notEqual(code, 0n);
+    // regions and fds disagree; a region past 2^53
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_MEM_TABLE, V | NEED, {
+        kind: "memTable",
+        regions: [region, region],
+      }),
+      [pw],
+    );
+    assert.notEqual(await ack(fe, VHOST_USER_SET_MEM_TABLE), 0n);
+    const huge = { ...region, guestPhysAddr: 1n << 60n };
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_MEM_TABLE, V | NEED, { kind: "memTable", regions: [huge] }),
+      [pw],
+    );
+    assert.notEqual(await ack(fe, VHOST_USER_SET_MEM_TABLE), 0n);
+
+    // GET_VRING_BASE on a missing ring: an empty reply, which a front-end treats as failure
+    const r = await fe.request(
+      VHOST_USER_GET_VRING_BASE,
+      { kind: "vringState", index: 9, num: 0 },
+      [],
+      "vringState",
+    );
+    assert.equal(r.payload.kind, "empty");
+
+    // a message in 1-byte pieces, fds with the first byte
+    const e2 = eventfd();
+    const kick = encodeMessage(VHOST_USER_SET_VRING_CALL, V | NEED, { kind: "u64", value: 1n });
+    for (let i = 0; i < kick.length; i++) {
+      await fe.sendRaw(kick.subarray(i, i + 1), i === 0 ? [e2] : []);
+      await new Promise((r) => setTimeout(r, 1));
+    }
+    assert.equal(await ack(fe, VHOST_USER_SET_VRING_CALL), 0n);
+    assert.ok(backend.call.get(1) != null);
+
+    assert.equal(await getFeatures(fe), offered, "still talking");
+    assert.ok(errors.length >= 10, `errors reported: ${errors.length}`);
+    fe.close();
+    close(e1);
+    close(e2);
+    close(pr);
+    close(pw);
+    await until(() => server.connection === null && backend.resets === 1);
+  });
+  assert.equal(openFdCount(), fds0, "the server closed every fd it did not keep");
+});
+
+Deno.test("server: oversized or unversioned headers disconnect; the next front-end is served", async () => {
+  await withServer(async ({ server, backend }) => {
+    const fe = await rawFrontend(server.path);
+    const big = new Uint8Array(12);
+    const dv = new DataView(big.buffer);
+    dv.setUint32(0, VHOST_USER_GET_FEATURES, true);
+    dv.setUint32(4, V, true);
+    dv.setUint32(8, 1 << 20, true);
+    await fe.sendRaw(big);
+    assert.ok(await fe.waitClosed(), "server hung up on an oversized message");
+    fe.close();
+    await until(() => backend.resets === 1 && server.connection === null);
+
+    const fe2 = await rawFrontend(server.path);
+    assert.equal(await getFeatures(fe2), backend.featureBits);
+    dv.setUint32(4, 2, true); // version 2
+    dv.setUint32(8, 0, true);
+    await fe2.sendRaw(big);
+    assert.ok(await fe2.waitClosed());
+    fe2.close();
+    await until(() => backend.resets === 2);
+
+    // EOF in the middle of a message is a clean disconnect too
+    const fe3 = await rawFrontend(server.path);
+    await fe3.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_NUM, V, { kind: "vringState", index: 0, num: 8 }).subarray(
+        0,
+        15,
+      ),
+    );
+    fe3.close();
+    await until(() => backend.resets === 3);
+
+    const client = await VhostUserBlkClient.connect(server.path, { numQueues: 1, queueSize: 64 });
+    assert.equal(client.config.capacity, 2048);
+    await client.close();
+  });
+});
+
+Deno.test("server: one front-end at a time; the second waits until the first leaves", async () => {
+  await withServer(async ({ server, backend }) => {
+    const a = await rawFrontend(server.path);
+    assert.equal(await getFeatures(a), backend.featureBits);
+    const b = await rawFrontend(server.path); // sits in the backlog
+    b.timeoutMs = 150;
+    await assert.rejects(
+      () => getFeatures(b),
+      (e) => e instanceof FrontendError && e.kind === "timeout",
+    );
+    a.close();
+    b.timeoutMs = 2000;
+    // b's request was queued in the socket: it is answered once b is accepted
+    const r = await b.readReply(VHOST_USER_GET_FEATURES, "u64");
+    assert.equal(r.payload.kind === "u64" && r.payload.value, backend.featureBits);
+    b.close();
+  });
+});
+
+Deno.test("server: socket path handling (mode 0600, stale socket, in use, not a socket, too long)", async () => {
+  const dir = Deno.makeTempDirSync();
+  const path = `${dir}/vhost.sock`;
+  const loop = new TestLoop();
+  try {
+    // stale socket: bound, never listening -> replaced
+    const stale = socketUnix();
+    bindUnix(stale, path);
+    close(stale);
+    const s1 = VhostUserServer.listen(path, new StubBackend(), loop);
+    assert.equal(Deno.statSync(path).mode! & 0o777, 0o600);
+    // in use
+    assert.throws(
+      () => VhostUserServer.listen(path, new StubBackend(), loop),
+      (e) => e instanceof SysError && e.code === "EADDRINUSE" && /in use/.test(e.message),
+    );
+    await s1.close();
+    assert.throws(() => Deno.statSync(path), Deno.errors.NotFound);
+    // another process listening also counts as in use
+    const other = socketUnix();
+    bindUnix(other, path);
+    listen(other);
+    assert.throws(
+      () => VhostUserServer.listen(path, new StubBackend(), loop),
+      (e) => e instanceof SysError && e.code === "EADDRINUSE",
+    );
+    close(other);
+    Deno.removeSync(path);
+    // a regular file is never removed
+    Deno.writeTextFileSync(path, "precious");
+    assert.throws(
+      () => VhostUserServer.listen(path, new StubBackend(), loop),
+      (e) => e instanceof SysError && e.code === "EEXIST" && /not a socket/.test(e.message),
+    );
+    assert.equal(Deno.readTextFileSync(path), "precious");
+    // path too long
+    assert.throws(
+      () => VhostUserServer.listen(`${dir}/${"x".repeat(120)}`, new StubBackend(), loop),
+      (e) => e instanceof SysError && e.code === "ENAMETOOLONG",
+    );
+    // a custom mode
+    Deno.removeSync(path);
+    const s2 = VhostUserServer.listen(path, new StubBackend(), loop, { mode: 0o660 });
+    assert.equal(Deno.statSync(path).mode! & 0o777, 0o660);
+    await s2.close();
+    assert.deepEqual(loop.watched, []);
+  } finally {
+    await loop.stop();
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("server: a backend failure without REPLY_ACK is reported, not fatal", async () => {
+  await withServer(async ({ server, backend, errors }) => {
+    const fe = await rawFrontend(server.path);
+    backend.failNext = new Error("device says no");
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_NUM, V, { kind: "vringState", index: 0, num: 8 }),
+    );
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    assert.ok(errors.some((e) => e.message === "device says no"));
+    fe.close();
+  });
+});

@@ -1,0 +1,48 @@
+/**
+ * Shared helpers for tests and benchmarks that drive external processes: a
+ * real Linux guest in QEMU (initramfs builder, guest runner, the end-to-end
+ * scenario), qemu-storage-daemon as the reference vhost-user-blk backend, and
+ * scratch directories on a real file system. Not part of the product layers.
+ *
+ * @module
+ */
+
+export { type CpioEntry, writeCpioNewc } from "./cpio_newc.ts";
+export {
+  findKernel,
+  KERNEL_DIR,
+  type KernelImage,
+  type KernelModule,
+  moduleDepends,
+  REPO_ROOT,
+  resolveModules,
+} from "./kernel_image.ts";
+export {
+  buildInitramfs,
+  type InitramfsFile,
+  type InitramfsOptions,
+  initScript,
+  VIRTIO_BLK_MODULES,
+} from "./initramfs.ts";
+export {
+  type GuestMarkers,
+  type GuestOptions,
+  type GuestResult,
+  parseMarkers,
+  qemuArgs,
+  runGuest,
+  type VhostUserBlkDisk,
+} from "./qemu_guest.ts";
+export {
+  checkScenarioImage,
+  type GuestScenarioOptions,
+  type GuestScenarioResult,
+  prepareScenarioImage,
+  runGuestScenario,
+  SCENARIO_CHECKS,
+  SCENARIO_FILL_BYTE,
+  SCENARIO_MIN_IMAGE_SIZE,
+  scenarioPattern,
+} from "./guest_scenario.ts";
+export { QemuStorageDaemon, qsdArgs, type QsdBlockdev, type QsdOptions } from "./qsd.ts";
+export { makeScratchDir } from "./scratch_dir.ts";

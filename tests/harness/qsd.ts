@@ -1,0 +1,199 @@
+/**
+ * Starts and stops `qemu-storage-daemon` with a vhost-user-blk export, the
+ * reference backend that end-to-end tests prove the harness against and that
+ * benchmarks compare the dataplane host with.
+ *
+ * @module
+ */
+
+/** The block node qsd exports: a raw file or a null device. */
+export type QsdBlockdev =
+  | {
+    driver: "file";
+    filename: string;
+    /** cache.direct (O_DIRECT); default true. aio "native" requires it. */
+    cacheDirect?: boolean;
+    /** default "threads". */
+    aio?: "threads" | "native" | "io_uring";
+    /** default "unmap" (guest discards punch holes in the file). */
+    discard?: "unmap" | "ignore";
+  }
+  | {
+    driver: "null-co";
+    /** Size in bytes. */
+    size: number;
+    /** Reads return zeros (default true); off makes reads cost nothing. */
+    readZeroes?: boolean;
+  };
+
+/** How to start qemu-storage-daemon. */
+export interface QsdOptions {
+  /** Unix socket path of the vhost-user-blk export (a stale file there is removed). */
+  socket: string;
+  blockdev: QsdBlockdev;
+  /** Export num-queues (default 1). */
+  numQueues?: number;
+  /** Export logical-block-size (default 512). */
+  logicalBlockSize?: number;
+  /** Export writable (default true). */
+  writable?: boolean;
+  /** Run the export in its own IOThread (as a guest-facing production setup would). */
+  iothread?: boolean;
+  /** qemu-storage-daemon binary (default from PATH). */
+  binary?: string;
+  /** Give up if the socket has not appeared after this long (default 10 s). */
+  startTimeoutMs?: number;
+}
+
+function blockdevArgs(b: QsdBlockdev): string {
+  if (b.driver === "null-co") {
+    return `driver=null-co,node-name=disk0,size=${b.size},read-zeroes=${
+      (b.readZeroes ?? true) ? "on" : "off"
+    }`;
+  }
+  const direct = b.cacheDirect ?? true;
+  const aio = b.aio ?? "threads";
+  if (aio === "native" && !direct) {
+    throw new RangeError("qsd: aio=native needs cacheDirect (cache.direct=on)");
+  }
+  if (/[,=]/.test(b.filename)) {
+    throw new RangeError(`qsd: filename ${b.filename} contains ',' or '='`);
+  }
+  return `driver=file,node-name=disk0,filename=${b.filename},cache.direct=${
+    direct ? "on" : "off"
+  },aio=${aio},discard=${b.discard ?? "unmap"}`;
+}
+
+/**
+ * The qemu-storage-daemon arguments for `opts`.
+ *
+ * @example
+ * ```ts
+ * import { qsdArgs } from "./qsd.ts";
+ * const args = qsdArgs({ socket: "/tmp/s.sock", blockdev: { driver: "null-co", size: 1 << 20 } });
+ * if (!args.includes("driver=null-co,node-name=disk0,size=1048576,read-zeroes=on")) {
+ *   throw new Error(args.join(" "));
+ * }
+ * ```
+ */
+export function qsdArgs(opts: QsdOptions): string[] {
+  const args = ["--blockdev", blockdevArgs(opts.blockdev)];
+  let exp = `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${opts.socket}` +
+    `,writable=${(opts.writable ?? true) ? "on" : "off"},num-queues=${opts.numQueues ?? 1}`;
+  if (opts.logicalBlockSize !== undefined) exp += `,logical-block-size=${opts.logicalBlockSize}`;
+  if (opts.iothread) {
+    args.push("--object", "iothread,id=iot0");
+    exp += ",iothread=iot0";
+  }
+  args.push("--export", exp);
+  return args;
+}
+
+/**
+ * A running qemu-storage-daemon. Start it with {@link QemuStorageDaemon.start};
+ * always {@link QemuStorageDaemon.stop} it (also on test failure).
+ *
+ * @example
+ * ```ts
+ * import { QemuStorageDaemon } from "./qsd.ts";
+ * const dir = Deno.makeTempDirSync();
+ * const socket = `${dir}/vhost.sock`;
+ * const qsd = await QemuStorageDaemon.start({
+ *   socket,
+ *   blockdev: { driver: "null-co", size: 64 << 20 },
+ * });
+ * if (!Deno.lstatSync(socket).isSocket) throw new Error("no socket");
+ * await qsd.stop();
+ * Deno.removeSync(dir, { recursive: true });
+ * ```
+ */
+export class QemuStorageDaemon {
+  readonly socket: string;
+  readonly pid: number;
+  #child: Deno.ChildProcess;
+  #stderr = "";
+  #exited: Promise<Deno.CommandStatus>;
+  #stderrDone: Promise<void>;
+  #done = false;
+
+  private constructor(socket: string, child: Deno.ChildProcess) {
+    this.socket = socket;
+    this.#child = child;
+    this.pid = child.pid;
+    const dec = new TextDecoder();
+    this.#stderrDone = (async () => {
+      for await (const c of child.stderr) this.#stderr += dec.decode(c, { stream: true });
+    })();
+    this.#exited = child.status.then((s) => {
+      this.#done = true;
+      return s;
+    });
+  }
+
+  /** Everything qsd wrote to stderr so far (errors, warnings). */
+  get stderr(): string {
+    return this.#stderr;
+  }
+
+  /** True once the process has exited. */
+  get exited(): boolean {
+    return this.#done;
+  }
+
+  /**
+   * Spawns qsd and resolves once its export socket exists. Throws an Error
+   * with qsd's stderr if it exits first or the socket does not appear in time.
+   */
+  static async start(opts: QsdOptions): Promise<QemuStorageDaemon> {
+    try {
+      await Deno.remove(opts.socket);
+    } catch { /* no stale socket */ }
+    const child = new Deno.Command(opts.binary ?? "qemu-storage-daemon", {
+      args: qsdArgs(opts),
+      stdin: "null",
+      stdout: "null",
+      stderr: "piped",
+    }).spawn();
+    const qsd = new QemuStorageDaemon(opts.socket, child);
+    const deadline = performance.now() + (opts.startTimeoutMs ?? 10_000);
+    while (true) {
+      try {
+        if ((await Deno.lstat(opts.socket)).isSocket) return qsd;
+      } catch { /* not yet */ }
+      if (qsd.#done || performance.now() > deadline) {
+        await qsd.stop();
+        throw new Error(
+          `qemu-storage-daemon did not create ${opts.socket}: ${qsd.stderr.trim() || "timeout"}`,
+        );
+      }
+      await new Promise((r) => setTimeout(r, 10));
+    }
+  }
+
+  /**
+   * SIGTERM, then SIGKILL if qsd has not exited within `graceMs`; removes the
+   * socket. Returns the exit status. Safe to call twice.
+   */
+  async stop(graceMs = 5_000): Promise<Deno.CommandStatus> {
+    if (!this.#done) {
+      try {
+        this.#child.kill("SIGTERM");
+      } catch { /* already gone */ }
+    }
+    const timer = setTimeout(() => {
+      try {
+        this.#child.kill("SIGKILL");
+      } catch { /* already gone */ }
+    }, graceMs);
+    try {
+      const status = await this.#exited;
+      await this.#stderrDone;
+      return status;
+    } finally {
+      clearTimeout(timer);
+      try {
+        await Deno.remove(this.socket);
+      } catch { /* qsd removed it */ }
+    }
+  }
+}
