@@ -1,0 +1,234 @@
+/**
+ * The functions the main thread runs in a virtio-blk IOThread through
+ * `IOThread.call` (the module is loaded into the IOThread's Worker): open the
+ * thread's own BlockBackend, install guest memory, start and stop queues,
+ * forward ring fd and enable changes, report stats. Each call gets the
+ * thread's AioContext first and plain JSON arguments; fds and host addresses
+ * are process-wide, so they travel as numbers.
+ *
+ * One device per IOThread: the host's queues are spread over its IOThreads,
+ * each with its own {@link VirtioBlkDataPlane}.
+ *
+ * @module
+ */
+
+import type { AioContext } from "../aio/mod.ts";
+import { BlockBackend, type BlockOptions } from "../block/mod.ts";
+import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
+import {
+  type DataPlaneQueueSetup,
+  type DataPlaneQueueStats,
+  VirtioBlkDataPlane,
+} from "./virtio_blk_dataplane.ts";
+
+let blk: BlockBackend | null = null;
+let dataplane: VirtioBlkDataPlane | null = null;
+let memory: GuestMemory | null = null;
+let brokenLog: string[] = [];
+
+/**
+ * What {@link blkOpen} learns about the image.
+ *
+ * @example
+ * ```ts
+ * import type { BlkImageInfo } from "./blk_iothread.ts";
+ * const i: BlkImageInfo = { length: 1 << 20, requestAlignment: 1, memAlignment: 1, readOnly: false };
+ * console.assert(i.length === 1048576);
+ * ```
+ */
+export interface BlkImageInfo {
+  length: number;
+  requestAlignment: number;
+  memAlignment: number;
+  readOnly: boolean;
+}
+
+function need(): VirtioBlkDataPlane {
+  if (dataplane === null) throw new Error("virtio-blk IOThread: device not configured");
+  return dataplane;
+}
+
+/**
+ * Opens this thread's BlockBackend on the image (each IOThread has its own
+ * engine instance, as QEMU's blk in the IOThread's AioContext).
+ *
+ * @example
+ * ```ts ignore
+ * const info = await iothread.call<BlkImageInfo>("blkOpen", { driver: "null-co", size: 4096 });
+ * ```
+ */
+export async function blkOpen(ctx: AioContext, opts: BlockOptions): Promise<BlkImageInfo> {
+  if (blk !== null) throw new Error("virtio-blk IOThread: image already open");
+  blk = await BlockBackend.open(ctx, opts);
+  return {
+    length: blk.length,
+    requestAlignment: blk.requestAlignment,
+    memAlignment: blk.memAlignment,
+    readOnly: blk.readOnly,
+  };
+}
+
+/**
+ * Creates the dataplane once the main thread has decided the device model.
+ *
+ * @example
+ * ```ts ignore
+ * await iothread.call("blkConfigure", { device: { capacity: 2048 }, serial: "d", writeback: true });
+ * ```
+ */
+export function blkConfigure(
+  ctx: AioContext,
+  args: { device: VirtioBlkOptions; serial: string; writeback: boolean },
+): void {
+  if (blk === null) throw new Error("virtio-blk IOThread: blkOpen first");
+  if (dataplane !== null) throw new Error("virtio-blk IOThread: already configured");
+  dataplane = new VirtioBlkDataPlane(ctx, blk, {
+    ...args,
+    onBroken: (index, reason) => brokenLog.push(`queue ${index}: ${reason}`),
+  });
+}
+
+/**
+ * Installs the guest memory the main thread mapped (null: none). Resolves
+ * once no request uses the previous mapping, so the main thread may unmap it.
+ *
+ * @example
+ * ```ts ignore
+ * await iothread.call("blkSetMemory", { regions: mem.regions() });
+ * ```
+ */
+export async function blkSetMemory(
+  _ctx: AioContext,
+  args: { regions: MappedMemoryRegion[] | null },
+): Promise<void> {
+  const dp = need();
+  const next = args.regions === null ? null : GuestMemory.fromMapped(args.regions);
+  await dp.setMemory(next);
+  memory?.close();
+  memory = next;
+}
+
+/**
+ * Starts (or restarts) a queue.
+ *
+ * @example
+ * ```ts ignore
+ * await iothread.call("blkStartQueue", setup);
+ * ```
+ */
+export async function blkStartQueue(_ctx: AioContext, setup: DataPlaneQueueSetup): Promise<void> {
+  await need().startQueue(setup);
+}
+
+/**
+ * Stops a queue after its in-flight requests; resolves with the next avail index.
+ *
+ * @example
+ * ```ts ignore
+ * const base = await iothread.call<number>("blkStopQueue", { index: 0 });
+ * ```
+ */
+export function blkStopQueue(_ctx: AioContext, args: { index: number }): Promise<number> {
+  return need().stopQueue(args.index);
+}
+
+/**
+ * Forwards SET_VRING_CALL / SET_VRING_ERR / SET_VRING_ENABLE to a running queue.
+ *
+ * @example
+ * ```ts ignore
+ * await iothread.call("blkSetVring", { index: 0, callFd: 12 });
+ * ```
+ */
+export function blkSetVring(
+  _ctx: AioContext,
+  args: { index: number; callFd?: number | null; errFd?: number | null; enabled?: boolean },
+): void {
+  const dp = need();
+  if (args.callFd !== undefined) dp.setCallFd(args.index, args.callFd);
+  if (args.errFd !== undefined) dp.setErrFd(args.index, args.errFd);
+  if (args.enabled !== undefined) dp.setEnabled(args.index, args.enabled);
+}
+
+/**
+ * Changes the write cache mode (guest wrote the config `writeback` byte).
+ *
+ * @example
+ * ```ts ignore
+ * await iothread.call("blkSetWriteback", { on: false });
+ * ```
+ */
+export function blkSetWriteback(_ctx: AioContext, args: { on: boolean }): void {
+  need().setWriteback(args.on);
+}
+
+/**
+ * Counters of this thread's queues, its AioContext, and broken-ring reports
+ * since the last call.
+ *
+ * @example
+ * ```ts ignore
+ * const s = await iothread.call<BlkThreadStats>("blkStats");
+ * ```
+ */
+export function blkStats(ctx: AioContext): BlkThreadStats {
+  const broken = brokenLog;
+  brokenLog = [];
+  return {
+    queues: dataplane?.stats() ?? [],
+    inFlight: dataplane?.inFlight ?? 0,
+    aio: { ...ctx.stats },
+    broken,
+  };
+}
+
+/**
+ * What {@link blkStats} returns.
+ *
+ * @example
+ * ```ts
+ * import type { BlkThreadStats } from "./blk_iothread.ts";
+ * const s: BlkThreadStats = { queues: [], inFlight: 0, aio: {}, broken: [] };
+ * console.assert(s.inFlight === 0);
+ * ```
+ */
+export interface BlkThreadStats {
+  queues: DataPlaneQueueStats[];
+  inFlight: number;
+  aio: Record<string, number>;
+  broken: string[];
+}
+
+/**
+ * Drains the BlockBackend (bdrv_drained_begin/end around waiting for in-flight requests).
+ *
+ * @example
+ * ```ts ignore
+ * await iothread.call("blkDrain");
+ * ```
+ */
+export async function blkDrain(_ctx: AioContext): Promise<void> {
+  if (blk) await blk.drain();
+}
+
+/**
+ * Stops every queue, drops guest memory and closes the image.
+ *
+ * @example
+ * ```ts ignore
+ * await iothread.call("blkClose");
+ * ```
+ */
+export async function blkClose(_ctx: AioContext): Promise<void> {
+  if (dataplane) {
+    await dataplane.close();
+    dataplane = null;
+  }
+  memory?.close();
+  memory = null;
+  if (blk) {
+    const b = blk;
+    blk = null;
+    await b.close();
+  }
+}

@@ -1,0 +1,256 @@
+/**
+ * The vhost-user-blk host as a library: IOThreads that each open the image
+ * and run a virtio-blk dataplane, a main-thread AioContext that runs the
+ * vhost-user server, and a clean stop (drain, stats). `deno task host`
+ * (dataplane/main.ts) and `deno task demo` are thin wrappers around it.
+ *
+ * @module
+ */
+
+import { AioContext, IOThread } from "../aio/mod.ts";
+import type { BlockOptions } from "../block/mod.ts";
+import type { VirtioBlkOptions } from "../virtio/mod.ts";
+import type { BlkImageInfo, BlkThreadStats } from "./blk_iothread.ts";
+import type { HostOptions } from "./host_options.ts";
+import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
+import { VhostUserServer } from "./vhost_user/mod.ts";
+
+// A string literal in `new URL(...)` so the bundler (tools/build.ts) finds the module.
+const BLK_IOTHREAD_MODULE = new URL("./blk_iothread.ts", import.meta.url).href;
+
+/**
+ * Totals over every queue, as printed when the host stops.
+ *
+ * @example
+ * ```ts
+ * import type { HostStats } from "./host.ts";
+ * const s: HostStats = { connections: 0, threads: [] };
+ * console.assert(s.connections === 0);
+ * ```
+ */
+export interface HostStats {
+  /** Front-ends that connected since start. */
+  connections: number;
+  /** Per IOThread: its queues' counters and its AioContext's. */
+  threads: BlkThreadStats[];
+}
+
+/**
+ * Derives the virtio-blk device model from the host options and the image
+ * (as QEMU's vhost-user-blk export fills struct virtio_blk_config).
+ *
+ * @example
+ * ```ts
+ * import { deviceModel } from "./host.ts";
+ * import { parseHostArgs } from "./host_options.ts";
+ * const o = parseHostArgs(["--image", "null-co:1M", "--socket", "/tmp/s"]);
+ * const d = deviceModel(o, { length: 1 << 20, requestAlignment: 1, memAlignment: 1, readOnly: false });
+ * console.assert(d.capacity === 2048 && d.numQueues === 1);
+ * ```
+ */
+export function deviceModel(opts: HostOptions, image: BlkImageInfo): VirtioBlkOptions {
+  const lbs = opts.logicalBlockSize;
+  const sectorsPerBlock = lbs / 512;
+  const capacity = Math.floor(image.length / lbs) * sectorsPerBlock;
+  const readOnly = image.readOnly;
+  const align = Math.max(lbs, image.requestAlignment);
+  const maxSectors = 0x3fffff & ~(sectorsPerBlock - 1); // 2 GiB - 512 B, block-aligned
+  return {
+    capacity,
+    readOnly,
+    blkSize: lbs,
+    segMax: Math.max(1, opts.queueSize - 2),
+    topology: {
+      physicalBlockExp: Math.log2(align / lbs),
+      alignmentOffset: 0,
+      minIoSize: 1,
+      optIoSize: 0,
+    },
+    writeback: true,
+    flush: true,
+    numQueues: opts.queues,
+    discard: readOnly ? undefined : { maxSectors, maxSeg: 32, sectorAlignment: sectorsPerBlock },
+    writeZeroes: readOnly
+      ? undefined
+      : { maxSectors, maxSeg: 32, mayUnmap: opts.block.discard === "unmap" },
+  };
+}
+
+/**
+ * A running vhost-user-blk host.
+ *
+ * @example
+ * ```ts
+ * import { VhostUserBlkHost } from "./host.ts";
+ * import { parseHostArgs } from "./host_options.ts";
+ * const dir = Deno.makeTempDirSync();
+ * const host = await VhostUserBlkHost.start(
+ *   parseHostArgs(["--image", "null-co:1M", "--socket", `${dir}/blk.sock`]),
+ * );
+ * console.assert(host.device.capacity === 2048);
+ * await host.stop();
+ * Deno.removeSync(dir, { recursive: true });
+ * ```
+ */
+export class VhostUserBlkHost {
+  readonly options: HostOptions;
+  /** The device model served. */
+  readonly device: VirtioBlkOptions;
+  /** What the image looks like (from the first IOThread). */
+  readonly image: BlkImageInfo;
+  readonly server: VhostUserServer;
+  readonly #threads: IOThread[];
+  readonly #ctx: AioContext;
+  readonly #loop: Promise<void>;
+  readonly #backend: VhostUserBlkDevice;
+  #running = true;
+  #connections = 0;
+  #stopped: Promise<HostStats> | null = null;
+
+  private constructor(
+    options: HostOptions,
+    device: VirtioBlkOptions,
+    image: BlkImageInfo,
+    threads: IOThread[],
+    ctx: AioContext,
+    log: (line: string) => void,
+  ) {
+    this.options = options;
+    this.device = device;
+    this.image = image;
+    this.#threads = threads;
+    this.#ctx = ctx;
+    this.#backend = new VhostUserBlkDevice({ device, iothreads: threads, log });
+    this.server = VhostUserServer.listen(options.socket, this.#backend, ctx, {
+      mode: options.socketMode,
+      onError: (e) => log(`error: ${e.message}`),
+      onConnect: () => {
+        this.#connections++;
+        log(`front-end #${this.#connections} connected`);
+      },
+      onDisconnect: () => {
+        log(`front-end #${this.#connections} disconnected`);
+        void this.#logStats(log);
+      },
+    });
+    this.#loop = (async () => {
+      while (this.#running) await ctx.pollAsync();
+    })();
+  }
+
+  /**
+   * Starts the IOThreads, opens the image in each, and listens on the socket.
+   * Throws (after cleaning up) on a bad image, a socket in use, etc.
+   */
+  static async start(
+    options: HostOptions,
+    log: (line: string) => void = () => {},
+  ): Promise<VhostUserBlkHost> {
+    const threads: IOThread[] = [];
+    const ctx = new AioContext();
+    try {
+      for (let i = 0; i < options.iothreads; i++) {
+        threads.push(
+          await IOThread.start({
+            name: `iothread${i}`,
+            modules: [BLK_IOTHREAD_MODULE],
+            pollMaxNs: options.pollMaxNs,
+          }),
+        );
+      }
+      const block: BlockOptions = { ...options.block };
+      const infos: BlkImageInfo[] = [];
+      for (const t of threads) infos.push(await t.call<BlkImageInfo>("blkOpen", block));
+      const image = infos[0];
+      if (image.length < options.logicalBlockSize) {
+        throw new Error(
+          `image is ${image.length} bytes: smaller than one ${options.logicalBlockSize}-byte block`,
+        );
+      }
+      const device = deviceModel(options, image);
+      for (const t of threads) {
+        await t.call("blkConfigure", { device, serial: options.serial, writeback: true });
+      }
+      return new VhostUserBlkHost(options, device, image, threads, ctx, log);
+    } catch (e) {
+      for (const t of threads) {
+        await t.call("blkClose").catch(() => {});
+        await t.stop();
+      }
+      ctx.close();
+      throw e;
+    }
+  }
+
+  /** Counters of every IOThread (queues, AioContext, broken rings). */
+  async stats(): Promise<HostStats> {
+    const threads: BlkThreadStats[] = [];
+    for (const t of this.#threads) threads.push(await t.call<BlkThreadStats>("blkStats"));
+    return { connections: this.#connections, threads };
+  }
+
+  async #logStats(log: (line: string) => void): Promise<void> {
+    try {
+      const s = await this.stats();
+      for (const t of s.threads) for (const b of t.broken) log(`ring broken: ${b}`);
+    } catch { /* stopping */ }
+  }
+
+  /**
+   * Stops accepting, disconnects the front-end (its rings stop after their
+   * in-flight requests), drains and closes the image in every IOThread, and
+   * returns the final counters. Idempotent.
+   */
+  stop(): Promise<HostStats> {
+    this.#stopped ??= (async () => {
+      await this.server.close();
+      await this.#backend.reset();
+      const stats = await this.stats();
+      for (const t of this.#threads) {
+        await t.call("blkDrain");
+        await t.call("blkClose");
+        await t.stop();
+      }
+      this.#running = false;
+      this.#ctx.close();
+      await this.#loop;
+      return stats;
+    })();
+    return this.#stopped;
+  }
+}
+
+/**
+ * One line per queue plus a total, for the host's exit report.
+ *
+ * @example
+ * ```ts
+ * import { formatStats } from "./host.ts";
+ * console.assert(formatStats({ connections: 1, threads: [] }).includes("total"));
+ * ```
+ */
+export function formatStats(s: HostStats): string {
+  const lines: string[] = [];
+  let total = 0, errors = 0, rb = 0, wb = 0;
+  for (const t of s.threads) {
+    for (const q of t.queues) {
+      total += q.requests;
+      errors += q.errors;
+      rb += q.readBytes;
+      wb += q.writtenBytes;
+      lines.push(
+        `  queue ${q.index}: ${q.requests} requests (${q.reads} reads, ${q.writes} writes, ` +
+          `${q.flushes} flushes, ${q.discards} discards, ${q.writeZeroes} write-zeroes, ` +
+          `${q.getIds} get-id), ${q.errors} IOERR, ${q.unsupported} UNSUPP, ` +
+          `${q.kicks} kicks, ${q.polls} poll hits, ${q.notifies} notifies` +
+          (q.broken ? `, BROKEN: ${q.broken}` : ""),
+      );
+    }
+  }
+  const mib = (n: number) => (n / 2 ** 20).toFixed(1);
+  lines.push(
+    `  total: ${s.connections} connection(s), ${total} requests, ${errors} IOERR, ` +
+      `${mib(rb)} MiB read, ${mib(wb)} MiB written`,
+  );
+  return lines.join("\n");
+}

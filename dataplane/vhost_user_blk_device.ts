@@ -1,0 +1,304 @@
+/**
+ * The vhost-user-blk device on the main thread: what the vhost-user
+ * connection talks to (`VhostUserBackend`). It answers features and config
+ * from the virtio-blk device model, maps guest memory once (SET_MEM_TABLE)
+ * and hands the mapping to every IOThread, collects each ring's setup and
+ * starts the ring in the IOThread that owns it (queue i goes to IOThread
+ * i mod n), and forwards later changes. The data path never touches this
+ * thread.
+ *
+ * @module
+ */
+
+import type { IOThread } from "../aio/mod.ts";
+import { close, eventfdWrite } from "../sys/mod.ts";
+import {
+  encodeVirtioBlkConfig,
+  featureBit,
+  GuestMemory,
+  VIRTIO_BLK_CONFIG,
+  VIRTIO_RING_F_EVENT_IDX,
+  VIRTIO_RING_F_INDIRECT_DESC,
+  virtioBlkFeatures,
+  type VirtioBlkOptions,
+} from "../virtio/mod.ts";
+import {
+  VHOST_USER_F_PROTOCOL_FEATURES,
+  VHOST_USER_PROTOCOL_F_CONFIG,
+  VHOST_USER_PROTOCOL_F_MQ,
+  VHOST_USER_PROTOCOL_F_REPLY_ACK,
+  VHOST_USER_PROTOCOL_F_RESET_DEVICE,
+  type VhostUserBackend,
+  type VhostUserMemoryRegion,
+  type VhostUserVringAddr,
+} from "./vhost_user/mod.ts";
+import type { DataPlaneQueueSetup } from "./virtio_blk_dataplane.ts";
+
+/** Protocol features this device offers. */
+const PROTOCOL_FEATURES = featureBit(VHOST_USER_PROTOCOL_F_MQ) |
+  featureBit(VHOST_USER_PROTOCOL_F_REPLY_ACK) | featureBit(VHOST_USER_PROTOCOL_F_CONFIG) |
+  featureBit(VHOST_USER_PROTOCOL_F_RESET_DEVICE);
+
+/** What the device knows about one ring between SET_VRING_* messages. */
+interface RingState {
+  num: number;
+  addr: VhostUserVringAddr | null;
+  base: number;
+  kickFd: number | null;
+  callFd: number | null;
+  errFd: number | null;
+  enabled: boolean;
+  /** Running in its IOThread (kick received, not stopped by GET_VRING_BASE). */
+  started: boolean;
+}
+
+function newRing(): RingState {
+  return {
+    num: 0,
+    addr: null,
+    base: 0,
+    kickFd: null,
+    callFd: null,
+    errFd: null,
+    enabled: false,
+    started: false,
+  };
+}
+
+function closeFd(fd: number | null): void {
+  if (fd === null) return;
+  try {
+    close(fd);
+  } catch { /* already closed */ }
+}
+
+/**
+ * Options of a {@link VhostUserBlkDevice}.
+ *
+ * @example
+ * ```ts
+ * import type { VhostUserBlkDeviceOptions } from "./vhost_user_blk_device.ts";
+ * const o: VhostUserBlkDeviceOptions = { device: { capacity: 2048, numQueues: 1 }, iothreads: [] };
+ * console.assert(o.device.capacity === 2048);
+ * ```
+ */
+export interface VhostUserBlkDeviceOptions {
+  /** The virtio-blk device model (also sent to each IOThread by the host). */
+  device: VirtioBlkOptions;
+  /** IOThreads with the virtio-blk module loaded and configured (blk_iothread.ts). */
+  iothreads: IOThread[];
+  /** Log lines (ring start/stop, memory, errors). */
+  log?: (line: string) => void;
+}
+
+/**
+ * vhost-user-blk device state on the main thread; a `VhostUserBackend`.
+ *
+ * @example
+ * ```ts
+ * import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
+ * const dev = new VhostUserBlkDevice({ device: { capacity: 2048, numQueues: 2 }, iothreads: [] });
+ * console.assert(dev.numQueues() === 2);
+ * console.assert(dev.getConfig(0, 8)[1] === 8); // capacity 2048 = 0x800, little-endian
+ * ```
+ */
+export class VhostUserBlkDevice implements VhostUserBackend {
+  readonly #device: VirtioBlkOptions;
+  readonly #threads: IOThread[];
+  readonly #log: (line: string) => void;
+  readonly #config: Uint8Array;
+  readonly #features: bigint;
+  #acked = 0n;
+  #mem: GuestMemory | null = null;
+  #rings: RingState[];
+
+  constructor(opts: VhostUserBlkDeviceOptions) {
+    this.#device = opts.device;
+    this.#threads = opts.iothreads;
+    this.#log = opts.log ?? (() => {});
+    this.#config = encodeVirtioBlkConfig(opts.device);
+    this.#features = virtioBlkFeatures(opts.device) | featureBit(VHOST_USER_F_PROTOCOL_FEATURES);
+    this.#rings = Array.from({ length: this.numQueues() }, newRing);
+  }
+
+  /** The IOThread serving queue `index`. */
+  threadOf(index: number): IOThread {
+    return this.#threads[index % this.#threads.length];
+  }
+
+  features(): bigint {
+    return this.#features;
+  }
+
+  protocolFeatures(): bigint {
+    return PROTOCOL_FEATURES;
+  }
+
+  numQueues(): number {
+    return this.#device.numQueues ?? 1;
+  }
+
+  setFeatures(features: bigint): void {
+    this.#acked = features;
+  }
+
+  setProtocolFeatures(_features: bigint): void {}
+
+  getConfig(offset: number, size: number): Uint8Array {
+    const out = new Uint8Array(size);
+    if (offset < this.#config.length) {
+      out.set(this.#config.subarray(offset, Math.min(offset + size, this.#config.length)));
+    }
+    return out;
+  }
+
+  /** Only the `writeback` byte is writable (CONFIG_WCE), as in QEMU's virtio_blk_set_config. */
+  async setConfig(offset: number, data: Uint8Array, _flags: number): Promise<void> {
+    const wb = VIRTIO_BLK_CONFIG.writeback;
+    if (this.#device.writeback === undefined || offset > wb || offset + data.length <= wb) {
+      throw new Error(`config write of ${data.length} bytes at ${offset}: read-only field`);
+    }
+    const on = data[wb - offset] !== 0;
+    this.#config[wb] = on ? 1 : 0;
+    for (const t of this.#threads) await t.call("blkSetWriteback", { on });
+    this.#log(`write cache ${on ? "enabled" : "disabled (writethrough)"} by the guest`);
+  }
+
+  async setMemTable(regions: VhostUserMemoryRegion[]): Promise<void> {
+    const next = GuestMemory.map(regions);
+    try {
+      for (const t of this.#threads) {
+        await t.call("blkSetMemory", { regions: next.regions() });
+      }
+    } catch (e) {
+      // Some threads may use `next` already: give every thread no memory, then unmap.
+      for (const t of this.#threads) {
+        await t.call("blkSetMemory", { regions: null }).catch(() => {});
+      }
+      this.#mem?.close();
+      this.#mem = null;
+      next.close();
+      throw e;
+    }
+    this.#mem?.close();
+    this.#mem = next;
+    const mib = regions.reduce((s, r) => s + r.size, 0) / 2 ** 20;
+    this.#log(`memory: ${regions.length} region(s), ${mib.toFixed(0)} MiB`);
+  }
+
+  setVringNum(index: number, num: number): void {
+    this.#rings[index].num = num;
+  }
+
+  setVringAddr(index: number, addr: VhostUserVringAddr): void {
+    this.#rings[index].addr = addr;
+  }
+
+  setVringBase(index: number, base: number): void {
+    this.#rings[index].base = base;
+  }
+
+  async getVringBase(index: number): Promise<number> {
+    const r = this.#rings[index];
+    if (r.started) {
+      r.started = false;
+      r.base = await this.threadOf(index).call<number>("blkStopQueue", { index });
+    }
+    // GET_VRING_BASE stops the ring: the kick fd is no longer used.
+    closeFd(r.kickFd);
+    r.kickFd = null;
+    return r.base;
+  }
+
+  async setVringKick(index: number, fd: number | null): Promise<void> {
+    const r = this.#rings[index];
+    const old = r.kickFd;
+    r.kickFd = fd;
+    try {
+      if (fd === null) {
+        throw new Error(`queue ${index}: polling without a kick fd (NOFD) is not supported`);
+      }
+      if (r.addr === null || r.num === 0) {
+        throw new Error(`queue ${index}: SET_VRING_KICK before SET_VRING_NUM/ADDR`);
+      }
+      if (this.#mem === null) {
+        throw new Error(`queue ${index}: SET_VRING_KICK before SET_MEM_TABLE`);
+      }
+      const setup: DataPlaneQueueSetup = {
+        index,
+        size: r.num,
+        desc: r.addr.descUserAddr,
+        avail: r.addr.availUserAddr,
+        used: r.addr.usedUserAddr,
+        base: r.base,
+        kickFd: fd,
+        callFd: r.callFd,
+        errFd: r.errFd,
+        eventIdx: (this.#acked & featureBit(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
+        indirectDesc: (this.#acked & featureBit(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
+        enabled: r.enabled,
+      };
+      r.started = false;
+      await this.threadOf(index).call("blkStartQueue", setup);
+      r.started = true;
+    } catch (e) {
+      // Report through the error eventfd too, as a ring that cannot run.
+      if (r.errFd !== null) eventfdWrite(r.errFd, 1);
+      throw e;
+    } finally {
+      if (old !== null && old !== fd) closeFd(old);
+    }
+    this.#log(
+      `queue ${index}: started on ${this.threadOf(index).name} (size ${r.num}, base ${r.base}${
+        r.enabled ? "" : ", disabled"
+      })`,
+    );
+  }
+
+  async setVringCall(index: number, fd: number | null): Promise<void> {
+    const r = this.#rings[index];
+    const old = r.callFd;
+    r.callFd = fd;
+    if (r.started) await this.threadOf(index).call("blkSetVring", { index, callFd: fd });
+    if (old !== null && old !== fd) closeFd(old);
+  }
+
+  async setVringErr(index: number, fd: number | null): Promise<void> {
+    const r = this.#rings[index];
+    const old = r.errFd;
+    r.errFd = fd;
+    if (r.started) await this.threadOf(index).call("blkSetVring", { index, errFd: fd });
+    if (old !== null && old !== fd) closeFd(old);
+  }
+
+  async setVringEnable(index: number, enabled: boolean): Promise<void> {
+    const r = this.#rings[index];
+    r.enabled = enabled;
+    if (r.started) await this.threadOf(index).call("blkSetVring", { index, enabled });
+  }
+
+  /** Stops every ring (after its in-flight requests), unmaps memory, closes fds. */
+  async reset(): Promise<void> {
+    for (let i = 0; i < this.#rings.length; i++) {
+      const r = this.#rings[i];
+      if (r.started) {
+        r.started = false;
+        await this.threadOf(i).call("blkStopQueue", { index: i }).catch((e) =>
+          this.#log(`queue ${i}: stop failed: ${(e as Error).message}`)
+        );
+      }
+      closeFd(r.kickFd);
+      closeFd(r.callFd);
+      closeFd(r.errFd);
+    }
+    this.#rings = Array.from({ length: this.numQueues() }, newRing);
+    if (this.#mem !== null) {
+      for (const t of this.#threads) {
+        await t.call("blkSetMemory", { regions: null }).catch(() => {});
+      }
+      this.#mem.close();
+      this.#mem = null;
+    }
+    this.#acked = 0n;
+  }
+}
