@@ -105,6 +105,7 @@ export class VhostUserBlkHost {
   readonly #backend: VhostUserBlkDevice;
   #running = true;
   #connections = 0;
+  #reported = { requests: 0, errors: 0, readBytes: 0, writtenBytes: 0 };
   #stopped: Promise<HostStats> | null = null;
 
   private constructor(
@@ -120,7 +121,12 @@ export class VhostUserBlkHost {
     this.image = image;
     this.#threads = threads;
     this.#ctx = ctx;
-    this.#backend = new VhostUserBlkDevice({ device, iothreads: threads, log });
+    this.#backend = new VhostUserBlkDevice({
+      device,
+      iothreads: threads,
+      maxQueueSize: options.queueSize,
+      log,
+    });
     this.server = VhostUserServer.listen(options.socket, this.#backend, ctx, {
       mode: options.socketMode,
       onError: (e) => log(`error: ${e.message}`),
@@ -128,10 +134,7 @@ export class VhostUserBlkHost {
         this.#connections++;
         log(`front-end #${this.#connections} connected`);
       },
-      onDisconnect: () => {
-        log(`front-end #${this.#connections} disconnected`);
-        void this.#logStats(log);
-      },
+      onDisconnect: () => void this.#logDisconnect(log),
     });
     this.#loop = (async () => {
       while (this.#running) await ctx.pollAsync();
@@ -189,11 +192,30 @@ export class VhostUserBlkHost {
     return { connections: this.#connections, threads };
   }
 
-  async #logStats(log: (line: string) => void): Promise<void> {
+  /** The one-line summary of a connection: what it did since the previous one left. */
+  async #logDisconnect(log: (line: string) => void): Promise<void> {
+    const n = this.#connections;
+    let s: HostStats;
     try {
-      const s = await this.stats();
-      for (const t of s.threads) for (const b of t.broken) log(`ring broken: ${b}`);
-    } catch { /* stopping */ }
+      s = await this.stats();
+    } catch {
+      log(`front-end #${n} disconnected`);
+      return; // stopping
+    }
+    const now = totals(s);
+    const d = {
+      requests: now.requests - this.#reported.requests,
+      errors: now.errors - this.#reported.errors,
+      readBytes: now.readBytes - this.#reported.readBytes,
+      writtenBytes: now.writtenBytes - this.#reported.writtenBytes,
+    };
+    this.#reported = now;
+    const mib = (b: number) => (b / 2 ** 20).toFixed(1);
+    log(
+      `front-end #${n} disconnected: ${d.requests} requests, ${mib(d.readBytes)} MiB read, ` +
+        `${mib(d.writtenBytes)} MiB written, ${d.errors} IOERR`,
+    );
+    for (const t of s.threads) for (const b of t.broken) log(`ring broken: ${b}`);
   }
 
   /**
@@ -218,6 +240,19 @@ export class VhostUserBlkHost {
     })();
     return this.#stopped;
   }
+}
+
+function totals(s: HostStats) {
+  const t = { requests: 0, errors: 0, readBytes: 0, writtenBytes: 0 };
+  for (const th of s.threads) {
+    for (const q of th.queues) {
+      t.requests += q.requests;
+      t.errors += q.errors;
+      t.readBytes += q.readBytes;
+      t.writtenBytes += q.writtenBytes;
+    }
+  }
+  return t;
 }
 
 /**

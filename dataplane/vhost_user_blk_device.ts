@@ -87,6 +87,8 @@ export interface VhostUserBlkDeviceOptions {
   device: VirtioBlkOptions;
   /** IOThreads with the virtio-blk module loaded and configured (blk_iothread.ts). */
   iothreads: IOThread[];
+  /** Largest ring the front-end may set up (default 32768). */
+  maxQueueSize?: number;
   /** Log lines (ring start/stop, memory, errors). */
   log?: (line: string) => void;
 }
@@ -106,6 +108,7 @@ export class VhostUserBlkDevice implements VhostUserBackend {
   readonly #device: VirtioBlkOptions;
   readonly #threads: IOThread[];
   readonly #log: (line: string) => void;
+  readonly #maxQueueSize: number;
   readonly #config: Uint8Array;
   readonly #features: bigint;
   #acked = 0n;
@@ -116,6 +119,7 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     this.#device = opts.device;
     this.#threads = opts.iothreads;
     this.#log = opts.log ?? (() => {});
+    this.#maxQueueSize = opts.maxQueueSize ?? 32768;
     this.#config = encodeVirtioBlkConfig(opts.device);
     this.#features = virtioBlkFeatures(opts.device) | featureBit(VHOST_USER_F_PROTOCOL_FEATURES);
     this.#rings = Array.from({ length: this.numQueues() }, newRing);
@@ -187,6 +191,9 @@ export class VhostUserBlkDevice implements VhostUserBackend {
   }
 
   setVringNum(index: number, num: number): void {
+    if (num > this.#maxQueueSize) {
+      throw new RangeError(`queue ${index}: size ${num} > --queue-size ${this.#maxQueueSize}`);
+    }
     this.#rings[index].num = num;
   }
 
