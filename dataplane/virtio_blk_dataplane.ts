@@ -15,6 +15,7 @@ import type { AioContext, BottomHalf } from "../aio/mod.ts";
 import type { BlockBackend } from "../block/mod.ts";
 import { eventfdRead, eventfdWrite } from "../sys/mod.ts";
 import {
+  blkIdBytes,
   type BlkRequestLimits,
   blkRequestLimits,
   encodeVirtioBlkConfig,
@@ -247,7 +248,8 @@ export class VirtioBlkDataPlane {
     this.#opts = opts;
     this.#limits = blkRequestLimits(opts.device);
     encodeVirtioBlkConfig(opts.device); // validates every field once
-    this.#id = new TextEncoder().encode(opts.serial).subarray(0, 20);
+    // Zero-padded to 20 bytes: a shorter serial reaches the guest NUL-terminated.
+    this.#id = blkIdBytes(opts.serial);
     this.#writeback = opts.writeback;
     blk.setDevOps({
       drainedBegin: () => this.#drainedBegin(),
@@ -305,6 +307,10 @@ export class VirtioBlkDataPlane {
       eventIdx: s.eventIdx,
       indirectDesc: s.indirectDesc,
       lastAvailIdx: s.base,
+      // seg_max is offered before the ring size is known; Linux then builds
+      // indirect tables of up to seg_max + 2 buffers even on a smaller ring
+      // (QEMU bounds chains by VIRTQUEUE_MAX_SIZE for the same reason).
+      maxChainLength: Math.max(s.size, this.#limits.segMax + 2),
     });
   }
 
