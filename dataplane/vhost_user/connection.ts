@@ -26,6 +26,7 @@ import {
   SysError,
   WOULD_BLOCK,
 } from "../../sys/mod.ts";
+import { VIRTQUEUE_MAX_SIZE } from "../../virtio/mod.ts";
 import type { VhostUserBackend, VhostUserMemoryRegion } from "./backend.ts";
 import {
   requestName,
@@ -58,7 +59,6 @@ import {
   VHOST_USER_SET_VRING_NUM,
   VHOST_USER_VERSION,
   VHOST_VRING_F_LOG,
-  VIRTQUEUE_MAX_SIZE,
 } from "./constants.ts";
 import {
   decodeHeader,

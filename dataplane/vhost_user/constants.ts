@@ -39,8 +39,6 @@ export const VHOST_SET_CONFIG_TYPE_FRONTEND = 0;
 export const VHOST_SET_CONFIG_TYPE_MIGRATION = 1;
 /** SET_VRING_ADDR flags: log writes to the used ring. */
 export const VHOST_VRING_F_LOG = 0x1;
-/** Largest split virtqueue size (virtio 1.2 2.7: Queue Size <= 32768). */
-export const VIRTQUEUE_MAX_SIZE = 32768;
 
 /** Virtio feature bit 30, reused by vhost-user: GET/SET_PROTOCOL_FEATURES are supported. */
 export const VHOST_USER_F_PROTOCOL_FEATURES = 30;

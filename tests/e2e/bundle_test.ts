@@ -86,3 +86,60 @@ Deno.test("build: two bundles with one name are refused", async () => {
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("build: dist/host.js serves a disk from the bundle alone", async () => {
+  const { VhostUserBlkClient } = await import("../../client/blk_client.ts");
+  const dir = await Deno.makeTempDir({ prefix: "bundle-host-" });
+  const repo = new URL("../..", import.meta.url).pathname;
+  try {
+    await buildBundles({
+      entries: [{ entry: `${repo}/dataplane/main.ts`, out: "host.js" }],
+      workers: [`${repo}/aio/iothread_worker.ts`, `${repo}/aio/thread_pool_worker.ts`],
+      outdir: `${dir}/dist`,
+      warn: () => {},
+    });
+    const help = await new Deno.Command(DENO, {
+      args: ["run", "-A", "--no-config", `${dir}/dist/host.js`, "--help"],
+      cwd: dir,
+    }).output();
+    assert.equal(help.code, 0);
+    assert.match(new TextDecoder().decode(help.stdout), /--image IMAGE/);
+
+    const sock = `${dir}/blk.sock`;
+    const child = new Deno.Command(DENO, {
+      args: [
+        "run",
+        "-A",
+        "--no-config",
+        `${dir}/dist/host.js`,
+        "--image",
+        "null-co:64M",
+        "--socket",
+        sock,
+      ],
+      cwd: dir,
+      stderr: "piped",
+      stdout: "null",
+    }).spawn();
+    const stderr = new Response(child.stderr).text();
+    for (let i = 0; i < 200; i++) {
+      try {
+        if (Deno.lstatSync(sock).isSocket) break;
+      } catch { /* not yet */ }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const client = await VhostUserBlkClient.connect(sock);
+    assert.equal(client.config.capacity, (64 << 20) / 512);
+    assert.equal(await client.execute(0, (q) => q.read(0, 4096, 4096)), 0);
+    await client.close();
+    child.kill("SIGTERM");
+    const status = await child.status;
+    const log = await stderr;
+    assert.equal(status.code, 0, log);
+    assert.match(log, /stopped cleanly/);
+    assert.match(log, /1 requests/);
+  } finally {
+    await esbuild.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

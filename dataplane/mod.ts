@@ -1,0 +1,28 @@
+/**
+ * dataplane/: the top layer. IOThreads running a virtio-blk dataplane each
+ * (`VirtioBlkDataPlane`, QEMU's hw/block/dataplane), the vhost-user server
+ * and protocol (`vhost_user/`), the main-thread vhost-user-blk device that
+ * ties them together, and the host (`VhostUserBlkHost`, CLI in main.ts).
+ * Not for: ring parsing (virtio/), I/O submission (block/), event loops (aio/).
+ *
+ * @module
+ */
+
+export * from "./vhost_user/mod.ts";
+export {
+  type DataPlaneOptions,
+  type DataPlaneQueueSetup,
+  type DataPlaneQueueStats,
+  VirtioBlkDataPlane,
+} from "./virtio_blk_dataplane.ts";
+export { VhostUserBlkDevice, type VhostUserBlkDeviceOptions } from "./vhost_user_blk_device.ts";
+export type { BlkImageInfo, BlkThreadStats } from "./blk_iothread.ts";
+export { deviceModel, formatStats, type HostStats, VhostUserBlkHost } from "./host.ts";
+export {
+  HOST_USAGE,
+  type HostBlockOptions,
+  type HostOptions,
+  parseHostArgs,
+  parseSize,
+  UsageError,
+} from "./host_options.ts";
