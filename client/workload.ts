@@ -96,6 +96,11 @@ export interface WorkloadOptions {
   wait?: "poll" | "block";
   /** PRNG seed (default 1). */
   seed?: number;
+  /**
+   * Record latencies into this histogram instead of a fresh one, to merge
+   * several runs (the result's percentiles then cover everything it holds).
+   */
+  histogram?: LatencyHistogram;
 }
 
 /** What {@link runWorkload} measured. */
@@ -161,7 +166,7 @@ export function runWorkload(client: VhostUserBlkClient, o: WorkloadOptions): Wor
     : o.readPercent ?? 70;
   const waitMode: WaitMode = o.wait ?? "block";
 
-  const hist = new LatencyHistogram();
+  const hist = o.histogram ?? new LatencyHistogram();
   const start = new Float64Array(qs.length * depth);
   let rng = (o.seed ?? 1) >>> 0 || 1;
   let seqBlock = 0;

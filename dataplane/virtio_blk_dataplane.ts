@@ -145,6 +145,8 @@ class DataPlaneQueue {
   attached = false;
   /** Requests submitted and not yet completed. */
   inFlight = 0;
+  /** Inside handle_output: completions there are notified at the batch's end. */
+  handling = false;
   idleWaiters: (() => void)[] = [];
   readonly notifyBh: BottomHalf;
 
@@ -434,6 +436,7 @@ export class VirtioBlkDataPlane {
     const mem = this.#mem!;
     const blk = this.blk;
     blk.ioPlug();
+    q.handling = true;
     try {
       do {
         vq.disableNotification();
@@ -468,6 +471,7 @@ export class VirtioBlkDataPlane {
         }
       } while (vq.enableNotification());
     } finally {
+      q.handling = false;
       blk.ioUnplug();
     }
   }
@@ -544,8 +548,14 @@ export class VirtioBlkDataPlane {
     req.writeStatus(status);
     q.vq.push(req.head, status === VIRTIO_BLK_S_OK ? req.usedLen : 1);
     q.free.push(r);
-    if (!q.notifyBh.scheduled) q.notifyBh.schedule();
-    if (--q.inFlight === 0 && q.idleWaiters.length > 0) {
+    if (--q.inFlight === 0 && !q.handling) {
+      // Nothing else outstanding: no batch to wait for (QD1 latency).
+      if (q.notifyBh.scheduled) q.notifyBh.cancel();
+      this.#notifyGuest(q);
+    } else if (!q.notifyBh.scheduled) {
+      q.notifyBh.schedule();
+    }
+    if (q.inFlight === 0 && q.idleWaiters.length > 0) {
       const w = q.idleWaiters;
       q.idleWaiters = [];
       for (const f of w) f();
