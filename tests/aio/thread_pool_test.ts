@@ -1,21 +1,27 @@
 import assert from "node:assert/strict";
 import { AioContext, ThreadPool } from "../../aio/mod.ts";
-import {
-  addressOf,
-  close,
-  EBADF,
-  ECANCELED,
-  fstat,
-  O_CREAT,
-  O_RDWR,
-  open,
-  unlink,
-} from "../../sys/mod.ts";
+import { addressOf, close, EBADF, ECANCELED, fstat, O_CREAT, O_RDWR, open } from "../../sys/mod.ts";
 
-function tempFile(): { fd: number; path: string } {
+/**
+ * Runs `fn` with a fresh context, a pool made with `opts` and an empty scratch
+ * file, and tears all three down afterwards, also when `fn` throws.
+ */
+async function withPool(
+  opts: ConstructorParameters<typeof ThreadPool>[1],
+  fn: (t: { ctx: AioContext; pool: ThreadPool; fd: number }) => Promise<void>,
+): Promise<void> {
+  const ctx = new AioContext();
+  const pool = new ThreadPool(ctx, opts);
   const dir = Deno.makeTempDirSync({ prefix: "aio-tp-" });
-  const path = `${dir}/img`;
-  return { fd: open(path, O_RDWR | O_CREAT, 0o600), path };
+  const fd = open(`${dir}/img`, O_RDWR | O_CREAT, 0o600);
+  try {
+    await fn({ ctx, pool, fd });
+  } finally {
+    await pool.close();
+    ctx.close();
+    close(fd);
+    Deno.removeSync(dir, { recursive: true });
+  }
 }
 
 /** Everything whose address a worker may use stays reachable until the test ends. */
@@ -35,11 +41,8 @@ async function until(ctx: AioContext, cond: () => boolean): Promise<void> {
   while (!cond()) await ctx.pollAsync();
 }
 
-Deno.test("ThreadPool: pwritev then preadv on a real file, completions in the submitting context", async () => {
-  const ctx = new AioContext();
-  const pool = new ThreadPool(ctx, { maxThreads: 2 });
-  const { fd, path } = tempFile();
-  try {
+Deno.test("ThreadPool: pwritev then preadv on a real file, completions in the submitting context", () =>
+  withPool({ maxThreads: 2 }, async ({ ctx, pool, fd }) => {
     const a = new Uint8Array(4096).map((_, i) => i * 7);
     const b = new Uint8Array(512).map((_, i) => 255 - (i & 0xff));
     const wiov = iovec([a, b]);
@@ -80,20 +83,10 @@ Deno.test("ThreadPool: pwritev then preadv on a real file, completions in the su
     assert.equal(bad, -EBADF);
     assert.equal(pool.inFlight, 0);
     assert.equal(pool.stats.completed, 5);
-  } finally {
-    await pool.close();
-    ctx.close();
-    close(fd);
-    unlink(path);
-    Deno.removeSync(path.slice(0, path.lastIndexOf("/")));
-  }
-});
+  }));
 
-Deno.test("ThreadPool: grows on demand up to maxThreads, runs jobs concurrently", async () => {
-  const ctx = new AioContext();
-  const pool = new ThreadPool(ctx, { maxThreads: 3, idleTimeoutMs: 60_000 });
-  const { fd, path } = tempFile();
-  try {
+Deno.test("ThreadPool: grows on demand up to maxThreads, runs jobs concurrently", () =>
+  withPool({ maxThreads: 3, idleTimeoutMs: 60_000 }, async ({ ctx, pool, fd }) => {
     const N = 60;
     const bufs = Array.from({ length: N }, (_, i) => new Uint8Array(4096).fill(i));
     const iovs = bufs.map((b) => iovec([b]));
@@ -115,20 +108,11 @@ Deno.test("ThreadPool: grows on demand up to maxThreads, runs jobs concurrently"
       assert.equal(r, 4096);
       assert.ok(check.every((x) => x === i));
     }
-  } finally {
-    await pool.close();
-    ctx.close();
-    close(fd);
-    unlink(path);
-    Deno.removeSync(path.slice(0, path.lastIndexOf("/")));
-  }
-});
+  }));
 
-Deno.test("ThreadPool: cancel a queued job (-ECANCELED), not a finished one", async () => {
-  const ctx = new AioContext();
-  // Slot pressure: 1 slot, so later jobs wait in the JS queue and are surely cancellable.
-  const pool = new ThreadPool(ctx, { maxThreads: 1, slots: 1 });
-  try {
+Deno.test("ThreadPool: cancel a queued job (-ECANCELED), not a finished one", () =>
+  withPool({ maxThreads: 1, slots: 1 }, async ({ ctx, pool }) => {
+    // Slot pressure: 1 slot, so later jobs wait in the JS queue and are surely cancellable.
     const rets = new Map<number, number>();
     const reqs = Array.from(
       { length: 4 },
@@ -143,16 +127,10 @@ Deno.test("ThreadPool: cancel a queued job (-ECANCELED), not a finished one", as
     assert.equal(rets.get(3), -EBADF);
     assert.equal(pool.cancel(reqs[0]), false);
     assert.equal(pool.stats.cancelled, 1);
-  } finally {
-    await pool.close();
-    ctx.close();
-  }
-});
+  }));
 
-Deno.test("ThreadPool: cancel of a job in a shared slot before a worker starts it", async () => {
-  const ctx = new AioContext();
-  const pool = new ThreadPool(ctx, { maxThreads: 1 });
-  try {
+Deno.test("ThreadPool: cancel of a job in a shared slot before a worker starts it", () =>
+  withPool({ maxThreads: 1 }, async ({ ctx, pool }) => {
     // The first worker needs tens of ms to start: jobs submitted now sit in slots.
     const rets: number[] = [];
     const req = pool.submitFdatasync(-1, (r) => rets.push(r));
@@ -164,16 +142,10 @@ Deno.test("ThreadPool: cancel of a job in a shared slot before a worker starts i
     pool.submitFdatasync(-1, (x) => r = x);
     await until(ctx, () => r !== 1);
     assert.equal(r, -EBADF);
-  } finally {
-    await pool.close();
-    ctx.close();
-  }
-});
+  }));
 
-Deno.test("ThreadPool: idle workers exit after idleTimeoutMs", async () => {
-  const ctx = new AioContext();
-  const pool = new ThreadPool(ctx, { maxThreads: 2, idleTimeoutMs: 50 });
-  try {
+Deno.test("ThreadPool: idle workers exit after idleTimeoutMs", () =>
+  withPool({ maxThreads: 2, idleTimeoutMs: 50 }, async ({ ctx, pool }) => {
     let r = 1;
     pool.submitFdatasync(-1, (x) => r = x);
     await until(ctx, () => r !== 1);
@@ -188,8 +160,4 @@ Deno.test("ThreadPool: idle workers exit after idleTimeoutMs", async () => {
     pool.submitFdatasync(-1, (x) => r = x);
     await until(ctx, () => r !== 1);
     assert.equal(r, -EBADF);
-  } finally {
-    await pool.close();
-    ctx.close();
-  }
-});
+  }));

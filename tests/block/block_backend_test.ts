@@ -1,24 +1,12 @@
 import assert from "node:assert/strict";
 import { AioContext } from "../../aio/mod.ts";
 import { BlockBackend, type BlockOptions, IoVector } from "../../block/mod.ts";
-import { EINVAL, EROFS, pread } from "../../sys/mod.ts";
-import { close, O_RDONLY, open } from "../../sys/mod.ts";
-import { aligned, fillPattern, makeImage, patternByte, runUntil } from "./helpers.ts";
+import { EINVAL, EROFS } from "../../sys/mod.ts";
+import { aligned, fillPattern, makeImage, onDisk, patternByte, runUntil } from "./helpers.ts";
 
 const MiB = 1 << 20;
 const ENGINES = ["threads", "native", "io_uring"] as const;
 const CACHES = ["none", "writeback"] as const;
-
-function onDisk(path: string, offset: number, len: number): Uint8Array {
-  const fd = open(path, O_RDONLY);
-  try {
-    const out = new Uint8Array(len);
-    assert.equal(pread(fd, out, offset), len);
-    return out;
-  } finally {
-    close(fd);
-  }
-}
 
 for (const aio of ENGINES) {
   for (const cache of CACHES) {

@@ -1,18 +1,9 @@
 import assert from "node:assert/strict";
 import { AioContext } from "../../aio/mod.ts";
 import { BlockBackend, FileDriver, IoVector } from "../../block/mod.ts";
-import { close, O_RDONLY, open, pread } from "../../sys/mod.ts";
-import { aligned, fillPattern, makeImage, patternByte, runUntil } from "./helpers.ts";
+import { aligned, fillPattern, makeImage, onDisk, patternByte, runUntil } from "./helpers.ts";
 
 const MiB = 1 << 20;
-
-function onDisk(path: string, offset: number, len: number): Uint8Array {
-  const fd = open(path, O_RDONLY);
-  const out = new Uint8Array(len);
-  pread(fd, out, offset);
-  close(fd);
-  return out;
-}
 
 for (const aio of ["threads", "native", "io_uring"] as const) {
   Deno.test(`cache=none aio=${aio}: unaligned buffers, offsets and lengths bounce`, async () => {

@@ -4,7 +4,16 @@
  * AioContext until a promise settles.
  */
 import type { AioContext } from "../../aio/mod.ts";
-import { fsFilesystemType, type MappedRegion, mmapAnonymous, TMPFS_MAGIC } from "../../sys/mod.ts";
+import {
+  close,
+  fsFilesystemType,
+  type MappedRegion,
+  mmapAnonymous,
+  O_RDONLY,
+  open,
+  pread,
+  TMPFS_MAGIC,
+} from "../../sys/mod.ts";
 
 let dir: string | undefined;
 
@@ -41,6 +50,22 @@ export function makeImage(size: number, seed = 1, name = "img"): string {
   const path = `${directDir()}/${name}-${crypto.randomUUID()}.raw`;
   Deno.writeFileSync(path, fillPattern(new Uint8Array(size), seed));
   return path;
+}
+
+/**
+ * Reads `len` bytes at `offset` of the file at `path` through a fresh fd (what
+ * is on disk, not what a backend cached); throws on a short read.
+ */
+export function onDisk(path: string, offset: number, len: number): Uint8Array {
+  const fd = open(path, O_RDONLY);
+  try {
+    const out = new Uint8Array(len);
+    const n = pread(fd, out, offset);
+    if (n !== len) throw new Error(`onDisk: read ${n} of ${len} bytes at ${offset}`);
+    return out;
+  } finally {
+    close(fd);
+  }
 }
 
 /** Page-aligned anonymous memory (satisfies any O_DIRECT alignment). */

@@ -13,34 +13,27 @@ import {
   VIRTIO_BLK_S_OK,
   VIRTIO_RING_F_EVENT_IDX,
 } from "../../client/virtio_blk_defs.ts";
-import { requireQsd, startQsd } from "./qsd.ts";
+import { makeScratchDir, QemuStorageDaemon } from "../harness/mod.ts";
 
 const MiB = 1 << 20;
 const IMAGE_SIZE = 64 * MiB;
 
-function imageDir(): string {
-  // cache.direct=on needs O_DIRECT: keep the image off tmpfs (the repo is on ext4).
-  Deno.mkdirSync(new URL("../../.cache/", import.meta.url), { recursive: true });
-  return Deno.makeTempDirSync({ dir: new URL("../../.cache/", import.meta.url).pathname });
-}
-
-Deno.test("qemu-storage-daemon is installed (the client is validated against it)", () => {
-  requireQsd();
-});
-
 Deno.test("client vs qemu-storage-daemon: every request type on 2 queues, data in the image", async () => {
-  const dir = imageDir();
+  // cache.direct=on needs O_DIRECT: the scratch dir keeps the image off tmpfs.
+  const dir = await makeScratchDir("client-qsd");
   const img = `${dir}/disk.raw`;
   const f = Deno.openSync(img, { create: true, write: true });
   f.truncate(IMAGE_SIZE);
   f.close();
-  const qsd = await startQsd(`${dir}/vhost.sock`, [
-    `driver=file,node-name=f,filename=${img},cache.direct=on`,
-    "driver=raw,node-name=disk,file=f",
-  ], { numQueues: 2 });
+  // Throws (the test fails) when qemu-storage-daemon is not installed.
+  const qsd = await QemuStorageDaemon.start({
+    socket: `${dir}/vhost.sock`,
+    blockdev: { driver: "file", filename: img, cacheDirect: true },
+    numQueues: 2,
+  });
   let client: VhostUserBlkClient | null = null;
   try {
-    client = await VhostUserBlkClient.connect(qsd.sock, {
+    client = await VhostUserBlkClient.connect(qsd.socket, {
       numQueues: 2,
       queueSize: 128,
       slots: 32,
@@ -113,5 +106,5 @@ Deno.test("client vs qemu-storage-daemon: every request type on 2 queues, data i
   }
   assert.ok(data.subarray(1 * MiB, 1 * MiB + 4096).every((b) => b === 0), "zeroed");
   assert.ok(data.subarray(1 * MiB + 4096, 1 * MiB + 8192).every((b) => b === 0xab), "written");
-  Deno.removeSync(dir, { recursive: true });
+  await Deno.remove(dir, { recursive: true });
 });

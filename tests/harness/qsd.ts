@@ -142,18 +142,30 @@ export class QemuStorageDaemon {
 
   /**
    * Spawns qsd and resolves once its export socket exists. Throws an Error
-   * with qsd's stderr if it exits first or the socket does not appear in time.
+   * with qsd's stderr if it exits first or the socket does not appear in time,
+   * and one naming the install step if the binary is missing.
    */
   static async start(opts: QsdOptions): Promise<QemuStorageDaemon> {
     try {
       await Deno.remove(opts.socket);
     } catch { /* no stale socket */ }
-    const child = new Deno.Command(opts.binary ?? "qemu-storage-daemon", {
-      args: qsdArgs(opts),
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
+    const binary = opts.binary ?? "qemu-storage-daemon";
+    let child: Deno.ChildProcess;
+    try {
+      child = new Deno.Command(binary, {
+        args: qsdArgs(opts),
+        stdin: "null",
+        stdout: "null",
+        stderr: "piped",
+      }).spawn();
+    } catch (e) {
+      // A test that needs the reference must fail with the fix, not a bare ENOENT.
+      if (!(e instanceof Deno.errors.NotFound)) throw e;
+      throw new Error(
+        `${binary} is missing: install QEMU with tools/setup.sh --test (Debian: qemu-system-common)`,
+        { cause: e },
+      );
+    }
     const qsd = new QemuStorageDaemon(opts.socket, child);
     const deadline = performance.now() + (opts.startTimeoutMs ?? 10_000);
     while (true) {

@@ -49,3 +49,15 @@ Deno.test("qsd: aio=native without O_DIRECT is refused before spawning", async (
     RangeError,
   );
 });
+
+Deno.test("qsd: a missing binary fails start with the install hint", async () => {
+  await assert.rejects(
+    () =>
+      QemuStorageDaemon.start({
+        socket: "/nonexistent/s.sock",
+        blockdev: { driver: "null-co", size: 1 << 20 },
+        binary: "/nonexistent/qemu-storage-daemon",
+      }),
+    /qemu-storage-daemon is missing: install QEMU/,
+  );
+});
