@@ -139,8 +139,7 @@ export class ChannelEndpoint {
       return;
     }
     this.#backlog.push(bytes);
-    Atomics.store(this.#tx, WAITING, 1);
-    this.#flush(); // the peer may have drained meanwhile
+    this.#flush();
   }
 
   #put(bytes: Uint8Array): boolean {
@@ -153,11 +152,24 @@ export class ChannelEndpoint {
     return true;
   }
 
+  /**
+   * Moves the backlog into free slots. Whenever some of it is left, WAITING
+   * is (re-)armed so the peer's next receive wakes us, then we look once
+   * more: the peer may have drained between our failed put and the store.
+   * (A backlog left behind with WAITING already consumed would never be
+   * flushed: the peer drains, sees WAITING 0 and does not wake us.)
+   */
   #flush(): void {
     let sent = false;
-    while (this.#backlog.length && this.#put(this.#backlog[0])) {
-      this.#backlog.shift();
-      sent = true;
+    for (;;) {
+      while (this.#backlog.length && this.#put(this.#backlog[0])) {
+        this.#backlog.shift();
+        sent = true;
+      }
+      if (this.#backlog.length === 0) break;
+      Atomics.store(this.#tx, WAITING, 1);
+      const free = Atomics.load(this.#tx, TAIL) - Atomics.load(this.#tx, HEAD) < this.#init.slots;
+      if (!free) break;
     }
     if (sent) eventfdWrite(this.#peerFd, 1);
   }

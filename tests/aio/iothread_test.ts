@@ -87,3 +87,20 @@ Deno.test("IOThread: shared-memory + aioNotify ping-pong with busy polling loses
     }
   }
 });
+
+Deno.test("IOThread: bursts far beyond the channel's slots all get replies (backlog re-arms WAITING)", async () => {
+  // Regression: a backlog flushed only in part, after the peer had consumed
+  // WAITING, was never flushed again; ~60% of runs of 40 calls hung.
+  const t = await IOThread.start({ name: "burst", modules: [FNS] });
+  try {
+    for (let round = 0; round < 20; round++) {
+      const n = 40 + 23 * round;
+      const rs = await Promise.all(
+        Array.from({ length: n }, (_, i) => t.call<number>("add", { a: i, b: round })),
+      );
+      assert.deepEqual(rs, Array.from({ length: n }, (_, i) => i + round));
+    }
+  } finally {
+    await t.stop();
+  }
+});
