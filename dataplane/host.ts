@@ -69,10 +69,9 @@ export function deviceModel(opts: HostOptions, image: BlkImageInfo): VirtioBlkOp
     writeback: true,
     flush: true,
     numQueues: opts.queues,
-    discard: readOnly ? undefined : { maxSectors, maxSeg: 32, sectorAlignment: sectorsPerBlock },
-    writeZeroes: readOnly
-      ? undefined
-      : { maxSectors, maxSeg: 32, mayUnmap: opts.block.discard === "unmap" },
+    // Offered on read-only exports too (as qemu-storage-daemon): the requests get IOERR.
+    discard: { maxSectors, maxSeg: 32, sectorAlignment: sectorsPerBlock },
+    writeZeroes: { maxSectors, maxSeg: 32, mayUnmap: opts.block.discard === "unmap" },
   };
 }
 

@@ -1,4 +1,4 @@
-import { type MappedRegion, mmapShared, viewAt } from "../sys/mod.ts";
+import { fstat, type MappedRegion, mmapShared, viewAt } from "../sys/mod.ts";
 
 /**
  * One entry of the vhost-user memory table (VHOST_USER_SET_MEM_TABLE): `size`
@@ -202,7 +202,8 @@ export class GuestMemory {
   /**
    * Validates a vhost-user memory table and mmaps every region (MAP_SHARED,
    * read-write). Throws {@link GuestMemoryError} for an empty table, empty,
-   * wrapping or overlapping regions, and SysError when mmap fails; nothing
+   * wrapping or overlapping regions, a region beyond the end of its (regular)
+   * file, and SysError when fstat or mmap fails; nothing
    * stays mapped after a throw. The fds are not closed: the caller may close
    * them once this returns.
    *
@@ -226,7 +227,17 @@ export class GuestMemory {
         throw new GuestMemoryError("BadValue", `fd ${r.fd}`);
       }
       const off = exact(r.mmapOffset, "mmapOffset");
-      return { ...GuestMemory.#normalize(r), off, fd: r.fd };
+      const n = GuestMemory.#normalize(r);
+      // Pages of a MAP_SHARED file mapping beyond the end of the file raise
+      // SIGBUS on first access (the whole process dies): refuse them here.
+      const st = fstat(r.fd);
+      if (st.isRegularFile && off + n.size > st.size) {
+        throw new GuestMemoryError(
+          "BadValue",
+          `region [${off}, +${n.size}) of fd ${r.fd} ends beyond the file (${st.size} bytes)`,
+        );
+      }
+      return { ...n, off, fd: r.fd };
     });
     GuestMemory.#validate(plain.map((p) => ({ ...p, hostAddr: 0 })));
     const owned: MappedRegion[] = [];

@@ -106,6 +106,8 @@ export class VhostUserServer {
   readonly #opts: VhostUserServerOptions;
   #conn: VhostUserConnection | null = null;
   #closed = false;
+  /** Inode of the socket file we bound, so close() removes only that file. */
+  readonly #ino: number | null;
 
   private constructor(
     path: string,
@@ -113,8 +115,10 @@ export class VhostUserServer {
     backend: VhostUserBackend,
     watcher: FdWatcher,
     opts: VhostUserServerOptions,
+    ino: number | null,
   ) {
     this.path = path;
+    this.#ino = ino;
     this.listenFd = fd;
     this.#backend = backend;
     this.#watcher = watcher;
@@ -135,19 +139,27 @@ export class VhostUserServer {
   ): VhostUserServer {
     clearStaleSocket(path);
     const fd = socketUnix(SOCK_NONBLOCK);
+    let ino: number | null = null;
+    let bound = false;
     try {
       bindUnix(fd, path);
+      bound = true;
       // Before listen(): nobody can connect yet, so the umask window is harmless.
       Deno.chmodSync(path, opts.mode ?? 0o600);
       listen(fd, opts.backlog ?? 1);
+      ino = Deno.lstatSync(path).ino;
     } catch (err) {
       close(fd);
-      try {
-        Deno.removeSync(path);
-      } catch { /* bind failed before creating it */ }
+      // Only what we created: a failed bind (a file that appeared after
+      // clearStaleSocket looked) leaves the path to whoever owns it.
+      if (bound) {
+        try {
+          Deno.removeSync(path);
+        } catch { /* already gone */ }
+      }
       throw err;
     }
-    const server = new VhostUserServer(path, fd, backend, watcher, opts);
+    const server = new VhostUserServer(path, fd, backend, watcher, opts, ino);
     watcher.setFdHandler(fd, { read: () => server.#onListenReadable() });
     return server;
   }
@@ -189,7 +201,10 @@ export class VhostUserServer {
     this.#onListenReadable();
   }
 
-  /** Disconnects the front-end (resetting the backend), stops listening and removes the socket. */
+  /**
+   * Disconnects the front-end (resetting the backend), stops listening and
+   * removes the socket file (only if it is still the one bound here).
+   */
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
@@ -198,7 +213,9 @@ export class VhostUserServer {
     if (conn) await conn.close();
     close(this.listenFd);
     try {
-      Deno.removeSync(this.path);
+      // Only our own socket: whatever replaced it since is not ours to remove.
+      const st = Deno.lstatSync(this.path);
+      if (st.isSocket && st.ino === this.#ino) Deno.removeSync(this.path);
     } catch { /* already gone */ }
   }
 }

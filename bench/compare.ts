@@ -1,0 +1,402 @@
+/**
+ * `deno task compare`: our vhost-user-blk host against qemu-storage-daemon on
+ * the same backends, driven by the built-in client with the same workload.
+ *
+ * Matrix (each restrictable by a flag): backends null-co, a raw file with
+ * cache=none and aio=native, the same file with aio=io_uring; 4 KiB randread
+ * and randwrite; queue depth 1, 8, 32, 128 per queue; 1 and 2 queues.
+ *
+ * How it runs, on a small machine (2 CPUs here):
+ * - Both servers export the same node with one IOThread each (qsd
+ *   `--object iothread` on the export; our host `--iothreads 1`), for 1 and
+ *   2 queues alike. Our host runs as its own `./deno` process, so
+ *   /proc/<pid>/stat gives its CPU time, as for qsd.
+ * - For each backend and queue count both servers are started and stay up;
+ *   only one is driven at a time, the other sits idle (neither burns CPU
+ *   idle). Each server first gets an unrecorded warm-up run (our host's JIT).
+ * - Each cell runs `--rounds` times alternating ours, theirs, ours, ...; one
+ *   client process per run (`client/main.ts`, one JSON line), so the client
+ *   starts cold in every run for both servers alike. The table shows the
+ *   median of each metric over the rounds.
+ * - Server CPU per I/O: utime + stime (all threads) of the server process
+ *   read before the client is spawned and after it exits, over the ops the
+ *   client completed (so it includes the connection set-up, which is small
+ *   against a run). Client CPU per I/O: the client's own measurement over the
+ *   workload only.
+ * - Both servers share one image (our host takes no lock, qsd's shared lock
+ *   does not conflict), written once with non-zero data so no extent is
+ *   unwritten; it lives on a disk-backed directory (cache=none needs O_DIRECT).
+ * - Client check: at null-co randread QD128 on one queue (the fastest cell)
+ *   the client's cores busy (CPU per I/O x IOPS) say whether the client, not
+ *   the server, limits the rate.
+ *
+ * Output: the table on stdout, the chart (SVG) at --svg, every run at --json.
+ *
+ * Run: `deno task compare [--quick] [--backend null-co,native,io_uring]
+ * [--pattern randread,randwrite] [--qd 1,8,32,128] [--queues 1,2]
+ * [--duration-ms 1000] [--rounds 5] [--svg bench/results/compare.svg]
+ * [--json bench/results/compare.json]`
+ *
+ * @module
+ */
+
+import { parseArgs } from "node:util";
+import { dirname, resolve } from "node:path";
+import { fsFilesystemType, TMPFS_MAGIC } from "../sys/mod.ts";
+import { makeScratchDir } from "../tests/harness/mod.ts";
+import {
+  type ComparePattern,
+  measureRun,
+  type RunFailure,
+  type RunSample,
+  type Workload,
+} from "./compare_client.ts";
+import {
+  type Cell,
+  type ClientCheck,
+  clientCheck,
+  formatTable,
+  iopsRatio,
+  isSample,
+  summarize,
+} from "./compare_report.ts";
+import {
+  type BackendName,
+  BACKENDS,
+  type BlkServer,
+  type ServerConfig,
+  type ServerName,
+  startServer,
+} from "./compare_servers.ts";
+import { renderCompareSvg } from "./compare_svg.ts";
+
+const PATTERNS: readonly ComparePattern[] = ["randread", "randwrite"];
+const SERVERS: readonly ServerName[] = ["ours", "theirs"];
+
+/** Runs one workload on the named server (restarting it first if it died). */
+type RunFn = (name: ServerName, w: Workload) => Promise<RunSample | RunFailure>;
+
+/** The parsed command line. */
+interface CompareOptions {
+  backends: BackendName[];
+  patterns: ComparePattern[];
+  qds: number[];
+  queues: number[];
+  durationMs: number;
+  warmupMs: number;
+  rounds: number;
+  iothreads: number;
+  imageSize: number;
+  dir?: string;
+  svg: string;
+  json: string;
+}
+
+const USAGE = `usage: deno task compare [--quick] [--backend null-co,native,io_uring]
+  [--pattern randread,randwrite] [--qd 1,8,32,128] [--queues 1,2] [--duration-ms 1000]
+  [--rounds 5] [--warmup-ms 500] [--iothreads 1] [--image-size-mib 1024] [--dir DIR]
+  [--svg bench/results/compare.svg] [--json bench/results/compare.json]`;
+
+function list<T extends string>(flag: string, text: string, all: readonly T[]): T[] {
+  const xs = text.split(",").map((s) => s.trim()).filter(Boolean);
+  for (const x of xs) {
+    if (!(all as readonly string[]).includes(x)) {
+      throw new RangeError(`--${flag}: '${x}' is not one of ${all.join(", ")}`);
+    }
+  }
+  return xs as T[];
+}
+
+function numbers(flag: string, text: string, max: number): number[] {
+  const xs = text.split(",").map((s) => Number(s.trim()));
+  if (xs.length === 0 || xs.some((x) => !Number.isInteger(x) || x < 1 || x > max)) {
+    throw new RangeError(`--${flag} takes whole numbers 1..${max}, comma-separated`);
+  }
+  return xs;
+}
+
+function positive(flag: string, text: string): number {
+  const n = Number(text);
+  if (!Number.isInteger(n) || n < 0) throw new RangeError(`--${flag} takes a whole number`);
+  return n;
+}
+
+function parseOptions(args: string[]): CompareOptions {
+  const { values: v } = parseArgs({
+    args,
+    options: {
+      quick: { type: "boolean", default: false },
+      backend: { type: "string", default: BACKENDS.join(",") },
+      pattern: { type: "string", default: PATTERNS.join(",") },
+      qd: { type: "string", default: "1,8,32,128" },
+      queues: { type: "string", default: "1,2" },
+      "duration-ms": { type: "string" },
+      "warmup-ms": { type: "string" },
+      rounds: { type: "string" },
+      iothreads: { type: "string", default: "1" },
+      "image-size-mib": { type: "string", default: "1024" },
+      dir: { type: "string" },
+      svg: { type: "string", default: "bench/results/compare.svg" },
+      json: { type: "string", default: "bench/results/compare.json" },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  if (v.help) {
+    console.log(USAGE);
+    Deno.exit(0);
+  }
+  return {
+    backends: list("backend", v.backend, BACKENDS),
+    patterns: list("pattern", v.pattern, PATTERNS),
+    // QD128 needs a 512-entry ring; our host is started with --queue-size 1024.
+    qds: numbers("qd", v.qd, 256),
+    queues: numbers("queues", v.queues, 8),
+    durationMs: positive("duration-ms", v["duration-ms"] ?? (v.quick ? "300" : "1000")),
+    warmupMs: positive("warmup-ms", v["warmup-ms"] ?? (v.quick ? "200" : "500")),
+    rounds: Math.max(1, positive("rounds", v.rounds ?? (v.quick ? "1" : "5"))),
+    iothreads: numbers("iothreads", v.iothreads, 8)[0],
+    imageSize: positive("image-size-mib", v["image-size-mib"]) * (1 << 20),
+    dir: v.dir,
+    svg: resolve(v.svg),
+    json: resolve(v.json),
+  };
+}
+
+/** Writes `size` bytes of non-zero data to `path` (every extent allocated and written). */
+async function writeImage(path: string, size: number): Promise<void> {
+  const chunk = new Uint8Array(1 << 20);
+  for (let i = 0; i < chunk.length; i++) chunk[i] = (i * 31 + 7) & 0xff;
+  const f = await Deno.open(path, { create: true, write: true, truncate: true });
+  try {
+    for (let off = 0; off < size; off += chunk.length) {
+      const part = chunk.subarray(0, Math.min(chunk.length, size - off));
+      let done = 0;
+      while (done < part.length) done += await f.write(part.subarray(done));
+    }
+    await f.syncData();
+  } finally {
+    f.close();
+  }
+}
+
+function progress(line: string): void {
+  console.error(`compare: ${line}`);
+}
+
+function brief(r: RunSample | RunFailure): string {
+  return isSample(r) ? `${(r.iops / 1000).toFixed(1)}k IOPS` : `FAILED (${r.error})`;
+}
+
+/** Host stderr lines that are not the normal start/connect/stop log. */
+function anomalies(name: ServerName, stderr: string): string[] {
+  const bad = /error|fail|warn|exception|panic|uncaught|abort|stall|IOERR [1-9]|[1-9]\d* IOERR/i;
+  return stderr.split("\n").filter((l) => l.trim() && (name === "theirs" || bad.test(l)));
+}
+
+/** Runs the whole comparison; returns the process exit status. */
+export async function main(args: string[]): Promise<number> {
+  let o: CompareOptions;
+  try {
+    o = parseOptions(args);
+  } catch (e) {
+    console.error(`compare: ${(e as Error).message}\n${USAGE}`);
+    return 2;
+  }
+  const cpus = navigator.hardwareConcurrency;
+  const dir = o.dir ? resolve(o.dir) : await makeScratchDir("compare");
+  await Deno.mkdir(dir, { recursive: true });
+  const image = `${dir}/disk.raw`;
+  const needsFile = o.backends.some((b) => b !== "null-co");
+  const odd: string[] = [];
+  const cells: Cell[] = [];
+  let check: ClientCheck | null = null;
+  try {
+    if (needsFile) {
+      if (fsFilesystemType(dir) === TMPFS_MAGIC) {
+        throw new Error(`${dir} is on tmpfs, which rejects O_DIRECT (cache=none): pass --dir`);
+      }
+      progress(`writing ${o.imageSize >> 20} MiB image ${image}`);
+      await writeImage(image, o.imageSize);
+    }
+    const perConfig = o.patterns.length * o.qds.length;
+    const total = o.backends.length * o.queues.length * perConfig;
+
+    /** Runs `body` with both servers started (and warmed up) for `backend` / `queues`. */
+    const withServers = async (
+      backend: BackendName,
+      queues: number,
+      body: (run: RunFn) => Promise<void>,
+    ) => {
+      const config = (name: ServerName): ServerConfig => ({
+        backend,
+        image,
+        nullSize: 1 << 30,
+        queues,
+        iothreads: o.iothreads,
+        socket: `${dir}/${name}.sock`,
+      });
+      const servers = new Map<ServerName, BlkServer>();
+      const logs: Record<ServerName, string> = { ours: "", theirs: "" };
+      try {
+        for (const name of SERVERS) servers.set(name, await startServer(name, config(name)));
+        for (const name of SERVERS) {
+          if (o.warmupMs === 0) break;
+          const w = await measureRun(servers.get(name)!, {
+            pattern: "randread",
+            queues,
+            qd: 32,
+            durationMs: o.warmupMs,
+          });
+          if (!isSample(w)) odd.push(`${name} ${backend} q${queues} warm-up: ${w.error}`);
+        }
+        await body(async (name, w) => {
+          let s = servers.get(name)!;
+          if (s.exited) {
+            // A crash in one run must not lose the rest: note it and restart.
+            odd.push(`${name} (${backend}, ${queues}q) had exited; restarted`);
+            logs[name] += s.stderr;
+            s = await startServer(name, config(name));
+            servers.set(name, s);
+          }
+          return await measureRun(s, w);
+        });
+      } finally {
+        for (const [name, s] of servers) {
+          const crashed = s.exited;
+          await s.stop();
+          logs[name] += s.stderr;
+          if (crashed) odd.push(`${name} (${backend}, ${queues}q) exited before it was stopped`);
+        }
+        for (const name of SERVERS) {
+          for (const l of anomalies(name, logs[name])) {
+            odd.push(`${name} (${backend}, ${queues}q): ${l}`);
+          }
+        }
+      }
+    };
+
+    let n = 0;
+    for (const backend of o.backends) {
+      for (const queues of o.queues) {
+        progress(`${backend}, ${queues} queue(s): starting both servers`);
+        await withServers(backend, queues, async (run) => {
+          for (const pattern of o.patterns) {
+            for (const qd of o.qds) {
+              n++;
+              const cell: Cell = {
+                backend,
+                pattern,
+                queues,
+                qd,
+                ours: { runs: [], median: null },
+                theirs: { runs: [], median: null },
+              };
+              const w = { pattern, queues, qd, durationMs: o.durationMs };
+              for (let r = 0; r < o.rounds; r++) {
+                for (const name of SERVERS) cell[name].runs.push(await run(name, w));
+                progress(
+                  `[${n}/${total}] ${backend} ${pattern} q${queues} QD${qd} round ${
+                    r + 1
+                  }/${o.rounds}: ` +
+                    `ours ${brief(cell.ours.runs[r])}, theirs ${brief(cell.theirs.runs[r])}`,
+                );
+              }
+              for (const name of SERVERS) {
+                cell[name].median = summarize(cell[name].runs);
+                for (const f of cell[name].runs) {
+                  if (!isSample(f)) {
+                    odd.push(`${name} ${backend} ${pattern} q${queues} QD${qd}: ${f.error}`);
+                  }
+                }
+                const errs = cell[name].median?.errors ?? 0;
+                if (errs) {
+                  odd.push(
+                    `${name} ${backend} ${pattern} q${queues} QD${qd}: ${errs} failed requests`,
+                  );
+                }
+              }
+              cells.push(cell);
+            }
+          }
+        });
+      }
+    }
+
+    // The client check needs null-co randread, 1 queue, QD128: reuse the matrix's cell or run it.
+    let checkCell = cells.find((c) =>
+      c.backend === "null-co" && c.pattern === "randread" && c.queues === 1 && c.qd === 128
+    );
+    if (!checkCell) {
+      progress("client check: null-co randread q1 QD128");
+      const c: Cell = {
+        backend: "null-co",
+        pattern: "randread",
+        queues: 1,
+        qd: 128,
+        ours: { runs: [], median: null },
+        theirs: { runs: [], median: null },
+      };
+      await withServers("null-co", 1, async (run) => {
+        const w = { pattern: "randread" as const, queues: 1, qd: 128, durationMs: o.durationMs };
+        for (let r = 0; r < o.rounds; r++) {
+          for (const name of SERVERS) c[name].runs.push(await run(name, w));
+        }
+      });
+      for (const name of SERVERS) c[name].median = summarize(c[name].runs);
+      checkCell = c;
+    }
+    check = clientCheck(checkCell, cpus);
+
+    for (const c of cells) {
+      const ratio = iopsRatio(c);
+      if (ratio < 0.5) {
+        odd.push(
+          `slow: ours at ${
+            ratio.toFixed(2)
+          }x theirs on ${c.backend} ${c.pattern} q${c.queues} QD${c.qd}`,
+        );
+      }
+    }
+
+    const subtitle = `medians of ${o.rounds} round(s) x ${o.durationMs} ms, ${cpus} CPUs, ` +
+      `1 IOThread each (ours --iothreads ${o.iothreads}); QD is per queue`;
+    console.log(`\n${subtitle}; o = ours (dataplane), t = theirs (qemu-storage-daemon);`);
+    console.log("latency p50/p99 in us, cpu/IO = server CPU us per request (all threads)\n");
+    console.log(formatTable(cells));
+    console.log(`\n${check.text}`);
+    if (odd.length) {
+      console.log("\nnoted during the runs:");
+      for (const l of odd) console.log(`  ${l}`);
+    }
+
+    await Deno.mkdir(dirname(o.svg), { recursive: true });
+    await Deno.writeTextFile(o.svg, renderCompareSvg(cells, subtitle));
+    await Deno.mkdir(dirname(o.json), { recursive: true });
+    const qsdVersion = new TextDecoder().decode(
+      (await new Deno.Command("qemu-storage-daemon", { args: ["--version"] }).output()).stdout,
+    ).split("\n")[0];
+    await Deno.writeTextFile(
+      o.json,
+      JSON.stringify(
+        {
+          generated: new Date().toISOString(),
+          machine: { cpus, kernel: Deno.osRelease(), deno: Deno.version.deno, qsd: qsdVersion },
+          options: { ...o, dir },
+          cells,
+          clientCheck: check,
+          noted: odd,
+        },
+        null,
+        1,
+      ) + "\n",
+    );
+    console.log(`\nwrote ${o.svg} and ${o.json}`);
+    return cells.every((c) => c.ours.median && c.theirs.median) ? 0 : 1;
+  } finally {
+    if (needsFile) await Deno.remove(image).catch(() => {});
+    for (const name of SERVERS) await Deno.remove(`${dir}/${name}.sock`).catch(() => {});
+    if (!o.dir) await Deno.remove(dir, { recursive: true }).catch(() => {});
+  }
+}
+
+if (import.meta.main) Deno.exit(await main(Deno.args));

@@ -1,0 +1,228 @@
+/**
+ * Results of `deno task compare`: one {@link Cell} per backend / pattern /
+ * queues / queue depth with every run of both servers, the medians, the
+ * printed table, and the client-bottleneck verdict.
+ *
+ * @module
+ */
+
+import type { ComparePattern, RunFailure, RunSample } from "./compare_client.ts";
+import type { BackendName, ServerName } from "./compare_servers.ts";
+
+/** Medians over a server's successful runs of one cell. */
+export interface Summary {
+  iops: number;
+  p50Us: number;
+  p99Us: number;
+  serverCpuUsPerIo: number;
+  clientCpuUsPerIo: number;
+  serverCores: number;
+  clientCores: number;
+  /** Successful runs the medians are over. */
+  runs: number;
+  /** Non-OK request completions over all runs. */
+  errors: number;
+}
+
+/** One server's runs of a cell, in the order they ran. */
+export interface ServerRuns {
+  runs: (RunSample | RunFailure)[];
+  /** Null when no run succeeded. */
+  median: Summary | null;
+}
+
+/** One point of the matrix. */
+export interface Cell {
+  backend: BackendName;
+  pattern: ComparePattern;
+  queues: number;
+  /** Requests in flight per queue. */
+  qd: number;
+  ours: ServerRuns;
+  theirs: ServerRuns;
+}
+
+/**
+ * The median of `xs` (mean of the middle two for an even count; NaN if empty).
+ *
+ * @example
+ * ```ts
+ * import { median } from "./compare_report.ts";
+ * console.assert(median([3, 1, 2]) === 2 && median([4, 1, 2, 3]) === 2.5);
+ * ```
+ */
+export function median(xs: number[]): number {
+  if (xs.length === 0) return NaN;
+  const s = [...xs].sort((a, b) => a - b);
+  const m = s.length >> 1;
+  return s.length % 2 ? s[m] : (s[m - 1] + s[m]) / 2;
+}
+
+/** True for a run that produced measurements. */
+export function isSample(r: RunSample | RunFailure): r is RunSample {
+  return !("error" in r);
+}
+
+/** Medians of every metric over the successful runs (each metric on its own). */
+export function summarize(runs: (RunSample | RunFailure)[]): Summary | null {
+  const ok = runs.filter(isSample);
+  if (ok.length === 0) return null;
+  const m = (f: (s: RunSample) => number) => median(ok.map(f));
+  return {
+    iops: m((s) => s.iops),
+    p50Us: m((s) => s.p50Us),
+    p99Us: m((s) => s.p99Us),
+    serverCpuUsPerIo: m((s) => s.serverCpuUsPerIo),
+    clientCpuUsPerIo: m((s) => s.clientCpuUsPerIo),
+    serverCores: m((s) => s.serverCores),
+    clientCores: m((s) => s.clientCores),
+    runs: ok.length,
+    errors: ok.reduce((a, s) => a + s.errors, 0),
+  };
+}
+
+/** Ours over theirs of the median IOPS (NaN if either has no result). */
+export function iopsRatio(c: Cell): number {
+  if (!c.ours.median || !c.theirs.median) return NaN;
+  return c.ours.median.iops / c.theirs.median.iops;
+}
+
+function fmtIops(n: number | undefined): string {
+  if (n === undefined || !Number.isFinite(n)) return "-";
+  return n >= 100_000
+    ? `${(n / 1000).toFixed(0)}k`
+    : n >= 10_000
+    ? `${(n / 1000).toFixed(1)}k`
+    : n.toFixed(0);
+}
+
+function fmtUs(n: number | undefined): string {
+  if (n === undefined || !Number.isFinite(n)) return "-";
+  return n >= 1000 ? n.toFixed(0) : n >= 100 ? n.toFixed(1) : n.toFixed(2);
+}
+
+/**
+ * The comparison table: one row per cell, medians of both servers side by
+ * side (o = ours, t = theirs, latencies and CPU per request in us).
+ *
+ * @example
+ * ```ts
+ * import { formatTable } from "./compare_report.ts";
+ * console.assert(formatTable([]).split("\n").length === 2);
+ * ```
+ */
+export function formatTable(cells: Cell[]): string {
+  const head = [
+    "backend",
+    "pattern",
+    "q",
+    "QD",
+    "IOPS o",
+    "IOPS t",
+    "o/t",
+    "p50 o",
+    "p50 t",
+    "p99 o",
+    "p99 t",
+    "cpu/IO o",
+    "cpu/IO t",
+  ];
+  const rows = cells.map((c) => {
+    const o = c.ours.median ?? undefined, t = c.theirs.median ?? undefined;
+    const ratio = iopsRatio(c);
+    return [
+      c.backend,
+      c.pattern,
+      String(c.queues),
+      String(c.qd),
+      fmtIops(o?.iops),
+      fmtIops(t?.iops),
+      Number.isFinite(ratio) ? ratio.toFixed(2) : "-",
+      fmtUs(o?.p50Us),
+      fmtUs(t?.p50Us),
+      fmtUs(o?.p99Us),
+      fmtUs(t?.p99Us),
+      fmtUs(o?.serverCpuUsPerIo),
+      fmtUs(t?.serverCpuUsPerIo),
+    ];
+  });
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  // Text columns left-aligned, numbers right-aligned.
+  const line = (r: string[]) =>
+    r.map((x, i) => i < 2 ? x.padEnd(widths[i]) : x.padStart(widths[i])).join("  ").trimEnd();
+  return [line(head), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line)].join("\n");
+}
+
+/** The client's load while driving one server at the check point. */
+export interface ClientLoad {
+  server: ServerName;
+  iops: number;
+  clientCpuUsPerIo: number;
+  /** clientCpuUsPerIo x IOPS: cores the client kept busy. */
+  clientCores: number;
+  serverCores: number;
+}
+
+/** Whether the client limited the measurement (null-co, QD128: the fastest cell). */
+export interface ClientCheck {
+  backend: BackendName;
+  pattern: ComparePattern;
+  queues: number;
+  qd: number;
+  loads: ClientLoad[];
+  /** Some load had the client at or above {@link CLIENT_BOUND_CORES}. */
+  clientBound: boolean;
+  /** One line per server and a verdict, as printed. */
+  text: string;
+}
+
+/** Client busy for this share of a core or more: it is (close to) the bottleneck. */
+export const CLIENT_BOUND_CORES = 0.8;
+
+/** Builds the client-bottleneck verdict from the check cell's medians. */
+export function clientCheck(c: Cell, cores: number): ClientCheck {
+  const loads: ClientLoad[] = [];
+  for (const name of ["ours", "theirs"] as const) {
+    const m = c[name].median;
+    if (!m) continue;
+    loads.push({
+      server: name,
+      iops: m.iops,
+      clientCpuUsPerIo: m.clientCpuUsPerIo,
+      clientCores: (m.clientCpuUsPerIo * m.iops) / 1e6,
+      serverCores: (m.serverCpuUsPerIo * m.iops) / 1e6,
+    });
+  }
+  const clientBound = loads.some((l) => l.clientCores >= CLIENT_BOUND_CORES);
+  const lines = loads.map((l) =>
+    `  vs ${l.server.padEnd(6)}: ${fmtIops(l.iops)} IOPS, client ${
+      fmtUs(l.clientCpuUsPerIo)
+    } us/IO = ${l.clientCores.toFixed(2)} core, server ${l.serverCores.toFixed(2)} core`
+  );
+  let verdict: string;
+  if (loads.length === 0) {
+    verdict = "  no result: cannot tell";
+  } else if (clientBound) {
+    verdict = `  CLIENT-BOUND: the client uses >= ${CLIENT_BOUND_CORES} of a core; ` +
+      "results at this rate measure the client as much as the server";
+  } else if (loads.some((l) => l.clientCores + l.serverCores >= 0.9 * cores)) {
+    verdict = `  the ${cores} CPUs are saturated by client + server together; ` +
+      "the client alone is not the bottleneck";
+  } else {
+    verdict = "  the client is not the bottleneck (well under one core)";
+  }
+  const text = [
+    `client check (${c.backend}, ${c.pattern}, ${c.queues} queue(s), QD${c.qd}):`,
+    ...lines,
+    verdict,
+  ].join("\n");
+  return {
+    backend: c.backend,
+    pattern: c.pattern,
+    queues: c.queues,
+    qd: c.qd,
+    loads,
+    clientBound,
+    text,
+  };
+}

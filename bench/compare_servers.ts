@@ -1,0 +1,209 @@
+/**
+ * The two vhost-user-blk servers `deno task compare` measures, behind one
+ * interface: our host (`dataplane/main.ts`, run as its own `./deno` process)
+ * and qemu-storage-daemon (through the test harness). Both export the same
+ * backend with one IOThread, and both report the CPU time of their whole
+ * process (every thread) from `/proc/<pid>/stat`.
+ *
+ * @module
+ */
+
+import { QemuStorageDaemon, type QsdBlockdev, REPO_ROOT } from "../tests/harness/mod.ts";
+
+/** The block backends the comparison runs on. */
+export type BackendName = "null-co" | "native" | "io_uring";
+
+/** Every backend, in the order the matrix runs them. */
+export const BACKENDS: readonly BackendName[] = ["null-co", "native", "io_uring"];
+
+/** Which of the two servers. */
+export type ServerName = "ours" | "theirs";
+
+/** What both servers export. */
+export interface ServerConfig {
+  backend: BackendName;
+  /** Raw image for the file backends (cache=none, so on a file system with O_DIRECT). */
+  image: string;
+  /** Size of the null-co device in bytes. */
+  nullSize: number;
+  /** Virtqueues of the export. */
+  queues: number;
+  /** IOThreads of our host (qsd always runs its export in one IOThread). */
+  iothreads: number;
+  /** Unix socket path of the export. */
+  socket: string;
+}
+
+/** A started server. */
+export interface BlkServer {
+  readonly name: ServerName;
+  readonly socket: string;
+  /** The server process (for /proc/<pid>/stat). */
+  readonly pid: number;
+  /** True once the process has exited (crashed or stopped). */
+  readonly exited: boolean;
+  /** Everything the server wrote to stderr so far. */
+  readonly stderr: string;
+  /** Stops the server (SIGTERM, then SIGKILL). */
+  stop(): Promise<void>;
+}
+
+/** Clock ticks per second of utime/stime in /proc (USER_HZ, 100 on Linux). */
+const USER_HZ = 100;
+
+/**
+ * User plus system CPU time in ms of process `pid`, summed over all of its
+ * threads, live and exited (fields 14 and 15 of proc(5) `/proc/<pid>/stat`).
+ *
+ * @example
+ * ```ts
+ * import { processCpuMs } from "./compare_servers.ts";
+ * console.assert(processCpuMs(Deno.pid) >= 0);
+ * ```
+ */
+export function processCpuMs(pid: number): number {
+  const f = Deno.readTextFileSync(`/proc/${pid}/stat`);
+  // The command name (field 2) may contain spaces: count fields after its ')'.
+  const rest = f.slice(f.lastIndexOf(")") + 2).split(" ");
+  return ((Number(rest[11]) + Number(rest[12])) * 1000) / USER_HZ;
+}
+
+/** The command line of our host for `c` (arguments after `./deno`). */
+export function ourHostArgs(c: ServerConfig): string[] {
+  const image = c.backend === "null-co" ? `null-co:${c.nullSize}` : c.image;
+  const args = ["run", "-A", "dataplane/main.ts", "--image", image, "--socket", c.socket];
+  if (c.backend !== "null-co") args.push("--cache", "none", "--aio", c.backend);
+  // The client asks for a ring of up to 512 entries at QD128 (3 descriptors a request).
+  args.push("--queues", String(c.queues), "--iothreads", String(c.iothreads));
+  args.push("--queue-size", "1024");
+  return args;
+}
+
+/** The qsd block node for `c`; null-co reads leave the buffer alone, as our null-co does. */
+export function theirBlockdev(c: ServerConfig): QsdBlockdev {
+  if (c.backend === "null-co") return { driver: "null-co", size: c.nullSize, readZeroes: false };
+  return { driver: "file", filename: c.image, cacheDirect: true, aio: c.backend };
+}
+
+/** Resolves once `path` is a socket; throws if `gone()` or after `timeoutMs`. */
+async function waitForSocket(
+  path: string,
+  timeoutMs: number,
+  gone: () => boolean,
+): Promise<boolean> {
+  const deadline = performance.now() + timeoutMs;
+  while (performance.now() < deadline && !gone()) {
+    try {
+      if ((await Deno.lstat(path)).isSocket) return true;
+    } catch { /* not yet */ }
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  return false;
+}
+
+/** Our host as a child process: `./deno run -A dataplane/main.ts ...`. */
+class OurHost implements BlkServer {
+  readonly name = "ours";
+  readonly socket: string;
+  readonly pid: number;
+  #child: Deno.ChildProcess;
+  #stderr = "";
+  #stderrDone: Promise<void>;
+  #status: Promise<Deno.CommandStatus>;
+  #exited = false;
+
+  constructor(socket: string, child: Deno.ChildProcess) {
+    this.socket = socket;
+    this.#child = child;
+    // ./deno ends in `exec`, so this is the Deno process itself.
+    this.pid = child.pid;
+    const dec = new TextDecoder();
+    // Always drained: a full pipe would block the host's logging.
+    this.#stderrDone = (async () => {
+      for await (const c of child.stderr) this.#stderr += dec.decode(c, { stream: true });
+    })();
+    this.#status = child.status.then((s) => {
+      this.#exited = true;
+      return s;
+    });
+  }
+
+  get exited(): boolean {
+    return this.#exited;
+  }
+
+  get stderr(): string {
+    return this.#stderr;
+  }
+
+  async stop(): Promise<void> {
+    if (!this.#exited) {
+      try {
+        this.#child.kill("SIGTERM");
+      } catch { /* already gone */ }
+    }
+    const timer = setTimeout(() => {
+      try {
+        this.#child.kill("SIGKILL");
+      } catch { /* already gone */ }
+    }, 10_000);
+    try {
+      await this.#status;
+      await this.#stderrDone;
+    } finally {
+      clearTimeout(timer);
+      try {
+        await Deno.remove(this.socket);
+      } catch { /* the host removed it */ }
+    }
+  }
+}
+
+/** Starts our host for `c` and waits for its socket. */
+export async function startOurs(c: ServerConfig): Promise<BlkServer> {
+  try {
+    await Deno.remove(c.socket);
+  } catch { /* no stale socket */ }
+  const child = new Deno.Command(`${REPO_ROOT}/deno`, {
+    args: ourHostArgs(c),
+    cwd: REPO_ROOT,
+    stdin: "null",
+    stdout: "null",
+    stderr: "piped",
+  }).spawn();
+  const host = new OurHost(c.socket, child);
+  if (!await waitForSocket(c.socket, 60_000, () => host.exited)) {
+    await host.stop();
+    throw new Error(`our host did not create ${c.socket}: ${host.stderr.trim() || "timeout"}`);
+  }
+  return host;
+}
+
+/** Starts qemu-storage-daemon for `c` with its export in one IOThread. */
+export async function startTheirs(c: ServerConfig): Promise<BlkServer> {
+  const qsd = await QemuStorageDaemon.start({
+    socket: c.socket,
+    blockdev: theirBlockdev(c),
+    numQueues: c.queues,
+    iothread: true,
+  });
+  return {
+    name: "theirs",
+    socket: qsd.socket,
+    pid: qsd.pid,
+    get exited() {
+      return qsd.exited;
+    },
+    get stderr() {
+      return qsd.stderr;
+    },
+    stop: async () => {
+      await qsd.stop();
+    },
+  };
+}
+
+/** Starts `name` for `c`. */
+export function startServer(name: ServerName, c: ServerConfig): Promise<BlkServer> {
+  return name === "ours" ? startOurs(c) : startTheirs(c);
+}

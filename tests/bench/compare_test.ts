@@ -1,0 +1,80 @@
+// `deno task compare` end to end in its quick mode, cut down to null-co
+// randread at QD 1 and 32 on one queue: both servers start, both are driven,
+// and the table, JSON and SVG come out with positive IOPS for each. Not a
+// speed test: nothing here compares the two servers.
+
+import assert from "node:assert/strict";
+import type { Cell } from "../../bench/compare_report.ts";
+import { makeScratchDir, REPO_ROOT } from "../harness/mod.ts";
+
+Deno.test("compare --quick: table, JSON and SVG for both servers on null-co", async () => {
+  const dir = await makeScratchDir("compare-test");
+  try {
+    const svg = `${dir}/compare.svg`;
+    const json = `${dir}/compare.json`;
+    const out = await new Deno.Command(`${REPO_ROOT}/deno`, {
+      args: [
+        "run",
+        "-A",
+        "bench/compare.ts",
+        "--quick",
+        "--backend",
+        "null-co",
+        "--pattern",
+        "randread",
+        "--qd",
+        "1,32",
+        "--queues",
+        "1",
+        "--duration-ms",
+        "200",
+        "--warmup-ms",
+        "100",
+        "--dir",
+        dir,
+        "--svg",
+        svg,
+        "--json",
+        json,
+      ],
+      cwd: REPO_ROOT,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    const stdout = new TextDecoder().decode(out.stdout);
+    const stderr = new TextDecoder().decode(out.stderr);
+    assert.ok(out.success, `compare exited with ${out.code}:\n${stdout}\n${stderr}`);
+
+    // The table: a header and one row per cell, both servers' IOPS filled in.
+    const rows = stdout.split("\n").filter((l) => /^null-co\s+randread\s+1\s+(1|32)\s/.test(l));
+    assert.equal(rows.length, 2, stdout);
+    for (const r of rows) assert.doesNotMatch(r, /\s-\s/, `a missing value in: ${r}`);
+    assert.match(stdout, /IOPS o\s+IOPS t\s+o\/t/);
+    assert.match(stdout, /client check \(null-co, randread, 1 queue\(s\), QD128\)/);
+
+    const report = JSON.parse(await Deno.readTextFile(json)) as {
+      cells: Cell[];
+      clientCheck: { loads: { server: string; iops: number }[] };
+    };
+    assert.deepEqual(report.cells.map((c) => c.qd), [1, 32]);
+    for (const c of report.cells) {
+      for (const name of ["ours", "theirs"] as const) {
+        const m = c[name].median;
+        assert.ok(m && m.iops > 0, `${name} QD${c.qd}: ${JSON.stringify(c[name].runs)}`);
+        assert.ok(m.p99Us >= m.p50Us && m.p50Us > 0);
+        assert.ok(m.serverCpuUsPerIo >= 0 && m.clientCpuUsPerIo >= 0);
+      }
+    }
+    assert.deepEqual(report.clientCheck.loads.map((l) => l.server), ["ours", "theirs"]);
+    assert.ok(report.clientCheck.loads.every((l) => l.iops > 0));
+
+    const chart = await Deno.readTextFile(svg);
+    assert.match(chart, /^<svg xmlns="http:\/\/www.w3.org\/2000\/svg"/);
+    assert.match(chart, /null-co randread, 1 queue: IOPS/);
+    assert.match(chart, /null-co randread, 1 queue: p99 latency/);
+    // Two servers x two panels: a line each.
+    assert.equal(chart.match(/<polyline /g)?.length, 4);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
