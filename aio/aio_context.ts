@@ -31,6 +31,16 @@ export interface AioHandler {
   write?(): void;
   poll?(): boolean;
   pollReady?(): void;
+  /**
+   * io_poll_begin: the context starts busy polling (e.g. a virtqueue stops
+   * asking the driver for kicks). Paired with {@link pollEnd}.
+   */
+  pollBegin?(): void;
+  /**
+   * io_poll_end: the context is about to block (e.g. re-enable kicks). The
+   * poll callback runs once right after, so work that raced in is not lost.
+   */
+  pollEnd?(): void;
 }
 
 /**
@@ -215,6 +225,8 @@ export class AioContext {
   #notified = false;
   #asyncWaits = 0;
   #closed = false;
+  /** In poll mode: handlers' pollBegin ran, pollEnd not yet (poll_set_started). */
+  #pollStarted = false;
 
   constructor(opts: AioContextOptions = {}) {
     this.pollMaxNs = opts.pollMaxNs ?? 32768;
@@ -346,6 +358,8 @@ export class AioContext {
       old.deleted = true;
       this.#byFd[fd] = undefined;
       if (old.io.poll) this.#pollDirty = true;
+      // Leaving poll mode for this handler (QEMU does the same on removal).
+      if (this.#pollStarted) old.io.pollEnd?.();
     }
     if (h && !h.read && !h.write && !h.poll) h = null;
     if (!h) {
@@ -364,6 +378,7 @@ export class AioContext {
     else this.#epoll.add(fd, node.events);
     this.#byFd[fd] = node;
     if (h.poll) this.#pollDirty = true;
+    if (this.#pollStarted) h.pollBegin?.();
   }
 
   #pollList(): HandlerNode[] {
@@ -475,6 +490,7 @@ export class AioContext {
     const nodes = this.#pollList();
     if (nodes.length !== 0) {
       if (adapt && this.pollNs > 0) {
+        if (!this.#pollStarted) this.#setPollStarted(nodes, true);
         const maxNs = timeout < 0 ? this.pollNs : Math.min(this.pollNs, timeout);
         progress = this.#runPollHandlers(nodes, maxNs, start);
         // Time has passed while polling: the nearest deadline is closer now.
@@ -483,6 +499,12 @@ export class AioContext {
         progress = this.#runPollOnce(nodes);
       }
       if (progress) timeout = 0;
+    }
+    // About to block: leave poll mode first (handlers re-enable their
+    // notifications), then look once more, as QEMU's poll_set_started(false).
+    if (timeout !== 0 && this.#pollStarted && this.#setPollStarted(this.#pollList(), false)) {
+      progress = true;
+      timeout = 0;
     }
 
     let n: number;
@@ -540,6 +562,21 @@ export class AioContext {
       if (this.pollNs > this.pollMaxNs) this.pollNs = this.pollMaxNs;
       this.stats.pollGrows++;
     }
+  }
+
+  /**
+   * Calls every handler's pollBegin (started) or pollEnd (stopped). After
+   * pollEnd, runs the poll callbacks once; returns whether one found work.
+   */
+  #setPollStarted(nodes: HandlerNode[], started: boolean): boolean {
+    this.#pollStarted = started;
+    for (let i = 0; i < nodes.length; i++) {
+      const node = nodes[i];
+      if (node.deleted) continue;
+      if (started) node.io.pollBegin?.();
+      else node.io.pollEnd?.();
+    }
+    return started ? false : this.#runPollOnce(nodes);
   }
 
   #runPollHandlers(nodes: HandlerNode[], maxNs: number, start: number): boolean {

@@ -403,7 +403,13 @@ export class VirtioBlkDataPlane {
         q.stats.polls++;
         this.#handleOutput(q);
       },
+      // While the IOThread busy-polls the ring, the driver need not kick
+      // (virtio_queue_aio_poll_begin/end); pollEnd re-enables kicks and the
+      // context then polls once more, so a request that raced in is seen.
+      pollBegin: () => q.vq.disableNotification(),
+      pollEnd: () => void q.vq.enableNotification(),
     };
+    q.vq.enableNotification();
     if (q.kickFd !== null) this.ctx.setFdHandler(q.kickFd, handler);
     // Work may be waiting from before (kick consumed while detached).
     this.ctx.scheduleOneshot(() => {
@@ -437,9 +443,12 @@ export class VirtioBlkDataPlane {
     const blk = this.blk;
     blk.ioPlug();
     q.handling = true;
+    // In poll mode notifications are already off: leave them so (QEMU's
+    // suppress_notifications in virtio_blk_handle_vq).
+    const suppress = vq.notificationsEnabled;
     try {
-      do {
-        vq.disableNotification();
+      for (;;) {
+        if (suppress) vq.disableNotification();
         for (;;) {
           const chain = vq.pop();
           if (chain === null) break;
@@ -469,7 +478,8 @@ export class VirtioBlkDataPlane {
           this.#markBroken(q, vq.brokenReason?.message ?? "broken");
           return;
         }
-      } while (vq.enableNotification());
+        if (!(suppress ? vq.enableNotification() : vq.availPending())) break;
+      }
     } finally {
       q.handling = false;
       blk.ioUnplug();

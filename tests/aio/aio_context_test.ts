@@ -242,3 +242,54 @@ Deno.test("AioContext: close() during pollAsync wakes it", async () => {
   setTimeout(() => ctx.close(), 10);
   assert.equal(await p, false);
 });
+
+Deno.test("AioContext: pollBegin before busy polling, pollEnd before blocking, then one more poll", () => {
+  const ctx = new AioContext({ pollMaxNs: 200_000 });
+  const n = new EventNotifier();
+  const calls: string[] = [];
+  let work = false;
+  ctx.setFdHandler(n.fd, {
+    read: () => n.testAndClear(),
+    poll: () => work,
+    pollReady: () => {
+      calls.push("ready");
+      work = false;
+    },
+    pollBegin: () => calls.push("begin"),
+    pollEnd: () => {
+      calls.push("end");
+      work = true; // a request that raced in while notifications were off
+    },
+  });
+  ctx.pollNs = 50_000;
+  const timer = ctx.timerNew(() => calls.push("timer"));
+  timer.modNs(ctx.now() + 2_000_000);
+  ctx.poll(false); // consumes the wake-up of modNs
+  // Polls, finds nothing, leaves poll mode (end), the re-check finds the
+  // raced-in work and dispatches it without sleeping.
+  const progress = ctx.poll(true);
+  assert.deepEqual(calls, ["begin", "end", "ready"]);
+  assert.equal(progress, true);
+  // A handler removed while polling is told it leaves poll mode.
+  calls.length = 0;
+  let began = false;
+  ctx.setFdHandler(n.fd, {
+    read: () => n.testAndClear(),
+    poll: () => began,
+    pollReady: () => {
+      calls.push("ready2");
+      ctx.setFdHandler(n.fd, null);
+    },
+    pollBegin: () => {
+      calls.push("begin2");
+      began = true;
+    },
+    pollEnd: () => calls.push("end2"),
+  });
+  ctx.poll(false); // consumes the wake-up of setFdHandler (poll() is false: not polling yet)
+  ctx.poll(true);
+  assert.deepEqual(calls, ["begin2", "ready2", "end2"]);
+  timer.del();
+  n.close();
+  ctx.close();
+});
