@@ -114,6 +114,9 @@ export interface AioNotifyHandle {
   state: SharedArrayBuffer;
 }
 
+/** Most consecutive poll() iterations that skip epoll_wait(0) after busy-poll progress. */
+const MAX_SKIPPED_WAITS = 4;
+
 // Layout of the shared notify state (Int32Array indexes).
 const NOTIFY_ME = 0; // > 0 while the owner is (about to be) asleep in epoll_wait
 const NOTIFIED = 1; // set by aio_notify, cleared by the owner when it wakes
@@ -225,6 +228,8 @@ export class AioContext {
   #notified = false;
   #asyncWaits = 0;
   #closed = false;
+  /** epoll_wait(0) calls skipped in a row because polling made progress. */
+  #skippedWaits = 0;
   /** In poll mode: handlers' pollBegin ran, pollEnd not yet (poll_set_started). */
   #pollStarted = false;
 
@@ -517,7 +522,14 @@ export class AioContext {
       } finally {
         Atomics.sub(state, NOTIFY_ME, 1);
       }
+    } else if (progress && this.#skippedWaits < MAX_SKIPPED_WAITS) {
+      // Busy polling found work: skip the epoll_wait(0) system call (a good
+      // part of the cost of an iteration), but not forever, so handlers
+      // without a poll callback still run while polling keeps succeeding.
+      this.#skippedWaits++;
+      n = 0;
     } else {
+      this.#skippedWaits = 0;
       n = this.#epoll.wait(0, ready);
     }
     // aio_notify_accept. A wake-up from aioNotify also means "look at your

@@ -293,3 +293,29 @@ Deno.test("AioContext: pollBegin before busy polling, pollEnd before blocking, t
   n.close();
   ctx.close();
 });
+
+Deno.test("AioContext: fd handlers still run while busy polling keeps finding work", () => {
+  const ctx = new AioContext({ pollMaxNs: 100_000 });
+  ctx.pollNs = 50_000;
+  const busy = new EventNotifier();
+  let polled = 0;
+  ctx.setEventNotifier(busy, () => busy.testAndClear(), () => true, () => polled++);
+  const [r, w] = pipe();
+  let read_ = 0;
+  ctx.setFdHandler(r, {
+    read() {
+      read(r, new Uint8Array(8));
+      read_++;
+    },
+  });
+  write(w, new Uint8Array([1]));
+  for (let i = 0; i < 10 && read_ === 0; i++) ctx.poll(true);
+  assert.equal(read_, 1, "the pipe handler ran within 10 iterations");
+  assert.ok(polled > 0);
+  ctx.setFdHandler(r, null);
+  ctx.setEventNotifier(busy, null);
+  close(r);
+  close(w);
+  busy.close();
+  ctx.close();
+});
