@@ -8,7 +8,12 @@
  * @module
  */
 
-import { QemuStorageDaemon, type QsdBlockdev, REPO_ROOT } from "../tests/harness/mod.ts";
+import {
+  QemuStorageDaemon,
+  type QsdBlockdev,
+  REPO_ROOT,
+  ServerProcess,
+} from "../tests/harness/mod.ts";
 
 /** The block backends the comparison runs on. */
 export type BackendName = "null-co" | "native" | "io_uring";
@@ -85,73 +90,32 @@ export function theirBlockdev(c: ServerConfig): QsdBlockdev {
   return { driver: "file", filename: c.image, cacheDirect: true, aio: c.backend };
 }
 
-/** Resolves once `path` is a socket; throws if `gone()` or after `timeoutMs`. */
-async function waitForSocket(
-  path: string,
-  timeoutMs: number,
-  gone: () => boolean,
-): Promise<boolean> {
-  const deadline = performance.now() + timeoutMs;
-  while (performance.now() < deadline && !gone()) {
-    try {
-      if ((await Deno.lstat(path)).isSocket) return true;
-    } catch { /* not yet */ }
-    await new Promise((r) => setTimeout(r, 20));
-  }
-  return false;
-}
-
 /** Our host as a child process: `./deno run -A dataplane/main.ts ...`. */
 class OurHost implements BlkServer {
   readonly name = "ours";
   readonly socket: string;
   readonly pid: number;
-  #child: Deno.ChildProcess;
-  #stderr = "";
-  #stderrDone: Promise<void>;
-  #status: Promise<Deno.CommandStatus>;
-  #exited = false;
+  #process: ServerProcess;
 
-  constructor(socket: string, child: Deno.ChildProcess) {
+  constructor(socket: string, proc: ServerProcess) {
     this.socket = socket;
-    this.#child = child;
+    this.#process = proc;
     // ./deno ends in `exec`, so this is the Deno process itself.
-    this.pid = child.pid;
-    const dec = new TextDecoder();
-    // Always drained: a full pipe would block the host's logging.
-    this.#stderrDone = (async () => {
-      for await (const c of child.stderr) this.#stderr += dec.decode(c, { stream: true });
-    })();
-    this.#status = child.status.then((s) => {
-      this.#exited = true;
-      return s;
-    });
+    this.pid = proc.pid;
   }
 
   get exited(): boolean {
-    return this.#exited;
+    return this.#process.exited;
   }
 
   get stderr(): string {
-    return this.#stderr;
+    return this.#process.stderr;
   }
 
   async stop(): Promise<void> {
-    if (!this.#exited) {
-      try {
-        this.#child.kill("SIGTERM");
-      } catch { /* already gone */ }
-    }
-    const timer = setTimeout(() => {
-      try {
-        this.#child.kill("SIGKILL");
-      } catch { /* already gone */ }
-    }, 10_000);
     try {
-      await this.#status;
-      await this.#stderrDone;
+      await this.#process.stop("SIGTERM", 10_000);
     } finally {
-      clearTimeout(timer);
       try {
         await Deno.remove(this.socket);
       } catch { /* the host removed it */ }
@@ -164,15 +128,9 @@ export async function startOurs(c: ServerConfig): Promise<BlkServer> {
   try {
     await Deno.remove(c.socket);
   } catch { /* no stale socket */ }
-  const child = new Deno.Command(`${REPO_ROOT}/deno`, {
-    args: ourHostArgs(c),
-    cwd: REPO_ROOT,
-    stdin: "null",
-    stdout: "null",
-    stderr: "piped",
-  }).spawn();
-  const host = new OurHost(c.socket, child);
-  if (!await waitForSocket(c.socket, 60_000, () => host.exited)) {
+  const proc = new ServerProcess(`${REPO_ROOT}/deno`, ourHostArgs(c), { cwd: REPO_ROOT });
+  const host = new OurHost(c.socket, proc);
+  if (!await proc.waitForSocket(c.socket, 60_000)) {
     await host.stop();
     throw new Error(`our host did not create ${c.socket}: ${host.stderr.trim() || "timeout"}`);
   }

@@ -1,8 +1,10 @@
 /**
  * Shared helpers for tests and benchmarks that drive external processes: a
  * real Linux guest in QEMU (initramfs builder, guest runner, the end-to-end
- * scenario), qemu-storage-daemon as the reference vhost-user-blk backend, and
- * scratch directories on a real file system. Not part of the product layers.
+ * scenario), qemu-storage-daemon as the reference vhost-user-blk backend, a
+ * child-process wrapper for servers ({@link ServerProcess}: stderr collected,
+ * stop escalating to SIGKILL), and scratch directories on a real file system.
+ * Not part of the product layers.
  *
  * @module
  */
@@ -46,3 +48,4 @@ export {
 } from "./guest_scenario.ts";
 export { QemuStorageDaemon, qsdArgs, type QsdBlockdev, type QsdOptions } from "./qsd.ts";
 export { makeScratchDir } from "./scratch_dir.ts";
+export { ServerProcess, type ServerProcessOptions } from "./server_process.ts";

@@ -6,6 +6,8 @@
  * @module
  */
 
+import { ServerProcess } from "./server_process.ts";
+
 /** The block node qsd exports: a raw file or a null device. */
 export type QsdBlockdev =
   | {
@@ -110,34 +112,22 @@ export function qsdArgs(opts: QsdOptions): string[] {
 export class QemuStorageDaemon {
   readonly socket: string;
   readonly pid: number;
-  #child: Deno.ChildProcess;
-  #stderr = "";
-  #exited: Promise<Deno.CommandStatus>;
-  #stderrDone: Promise<void>;
-  #done = false;
+  #process: ServerProcess;
 
-  private constructor(socket: string, child: Deno.ChildProcess) {
+  private constructor(socket: string, proc: ServerProcess) {
     this.socket = socket;
-    this.#child = child;
-    this.pid = child.pid;
-    const dec = new TextDecoder();
-    this.#stderrDone = (async () => {
-      for await (const c of child.stderr) this.#stderr += dec.decode(c, { stream: true });
-    })();
-    this.#exited = child.status.then((s) => {
-      this.#done = true;
-      return s;
-    });
+    this.#process = proc;
+    this.pid = proc.pid;
   }
 
   /** Everything qsd wrote to stderr so far (errors, warnings). */
   get stderr(): string {
-    return this.#stderr;
+    return this.#process.stderr;
   }
 
   /** True once the process has exited. */
   get exited(): boolean {
-    return this.#done;
+    return this.#process.exited;
   }
 
   /**
@@ -150,14 +140,9 @@ export class QemuStorageDaemon {
       await Deno.remove(opts.socket);
     } catch { /* no stale socket */ }
     const binary = opts.binary ?? "qemu-storage-daemon";
-    let child: Deno.ChildProcess;
+    let proc: ServerProcess;
     try {
-      child = new Deno.Command(binary, {
-        args: qsdArgs(opts),
-        stdin: "null",
-        stdout: "null",
-        stderr: "piped",
-      }).spawn();
+      proc = new ServerProcess(binary, qsdArgs(opts));
     } catch (e) {
       // A test that needs the reference must fail with the fix, not a bare ENOENT.
       if (!(e instanceof Deno.errors.NotFound)) throw e;
@@ -166,20 +151,14 @@ export class QemuStorageDaemon {
         { cause: e },
       );
     }
-    const qsd = new QemuStorageDaemon(opts.socket, child);
-    const deadline = performance.now() + (opts.startTimeoutMs ?? 10_000);
-    while (true) {
-      try {
-        if ((await Deno.lstat(opts.socket)).isSocket) return qsd;
-      } catch { /* not yet */ }
-      if (qsd.#done || performance.now() > deadline) {
-        await qsd.stop();
-        throw new Error(
-          `qemu-storage-daemon did not create ${opts.socket}: ${qsd.stderr.trim() || "timeout"}`,
-        );
-      }
-      await new Promise((r) => setTimeout(r, 10));
+    const qsd = new QemuStorageDaemon(opts.socket, proc);
+    if (!await proc.waitForSocket(opts.socket, opts.startTimeoutMs ?? 10_000)) {
+      await qsd.stop();
+      throw new Error(
+        `qemu-storage-daemon did not create ${opts.socket}: ${qsd.stderr.trim() || "timeout"}`,
+      );
     }
+    return qsd;
   }
 
   /**
@@ -187,22 +166,9 @@ export class QemuStorageDaemon {
    * socket. Returns the exit status. Safe to call twice.
    */
   async stop(graceMs = 5_000): Promise<Deno.CommandStatus> {
-    if (!this.#done) {
-      try {
-        this.#child.kill("SIGTERM");
-      } catch { /* already gone */ }
-    }
-    const timer = setTimeout(() => {
-      try {
-        this.#child.kill("SIGKILL");
-      } catch { /* already gone */ }
-    }, graceMs);
     try {
-      const status = await this.#exited;
-      await this.#stderrDone;
-      return status;
+      return await this.#process.stop("SIGTERM", graceMs);
     } finally {
-      clearTimeout(timer);
       try {
         await Deno.remove(this.socket);
       } catch { /* qsd removed it */ }

@@ -80,8 +80,7 @@ for (const aio of ["native", "threads"]) {
       await host.stopCleanly();
       assert.doesNotMatch(host.stderr, /ring broken|error:/, host.stderr);
     } finally {
-      host.kill("SIGKILL");
-      await host.exit();
+      await host.stop("SIGKILL", 15000);
       await s.remove();
     }
   });

@@ -57,8 +57,7 @@ for (const cache of ["writeback", "none"]) {
       assert.equal(errors, 0);
       assert.equal(await c.execute(0, (q) => q.flush(0)), 0, "FLUSH failed");
       // kill -9 with the front-end still connected.
-      host.kill("SIGKILL");
-      const st = await host.exit();
+      const st = await host.stop("SIGKILL", 15000);
       assert.equal(st.signal, "SIGKILL");
       c.frontend.close();
       await c.close();
@@ -93,8 +92,7 @@ for (const cache of ["writeback", "none"]) {
       }
       await host.stopCleanly();
     } finally {
-      host.kill("SIGKILL");
-      await host.exit();
+      await host.stop("SIGKILL", 15000);
       await s.remove();
     }
   });

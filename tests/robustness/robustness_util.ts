@@ -11,14 +11,12 @@ import assert from "node:assert/strict";
 import { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { patternWord } from "../../client/workload.ts";
 import type { GuestBuffer } from "../../client/guest_ram.ts";
-import { VhostUserBlkHost } from "../../dataplane/host.ts";
-import { parseHostArgs } from "../../dataplane/host_options.ts";
 import {
   VHOST_USER_SET_FEATURES,
   VHOST_USER_SET_VRING_ERR,
 } from "../../dataplane/vhost_user/mod.ts";
 import { close, eventfd, eventfdRead, eventfdWrite } from "../../sys/mod.ts";
-import { makeScratchDir } from "../harness/mod.ts";
+import { makeScratchDir, ServerProcess } from "../harness/mod.ts";
 
 export const MiB = 1 << 20;
 /** Reply / completion timeout of the tests' clients (the host may share 2 CPUs with others). */
@@ -52,13 +50,7 @@ export async function scratch(prefix: string, size: number): Promise<Scratch> {
 }
 
 /** Starts a host in this process from CLI-style flags; log lines are collected. */
-export async function startHost(
-  args: string[],
-): Promise<{ host: VhostUserBlkHost; log: string[] }> {
-  const log: string[] = [];
-  const host = await VhostUserBlkHost.start(parseHostArgs(args), (l) => log.push(l));
-  return { host, log };
-}
+export { startHost } from "../e2e/host_util.ts";
 
 export const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
@@ -76,41 +68,19 @@ export async function waitFor(cond: () => boolean, ms = TIMEOUT_MS): Promise<boo
  * `deno run -A dataplane/main.ts ...` as a child process: stderr is collected,
  * {@link ready} resolves once it logs that it serves.
  */
-export class HostProcess {
-  readonly child: Deno.ChildProcess;
+export class HostProcess extends ServerProcess {
   readonly socket: string;
-  stderr = "";
-  readonly status: Promise<Deno.CommandStatus>;
-  readonly #drained: Promise<void>;
 
   constructor(args: string[]) {
+    super(Deno.execPath(), ["run", "-A", "--no-check", HOST_MAIN, ...args], { cwd: REPO });
     const i = args.indexOf("--socket");
     this.socket = args[i + 1];
-    const child = new Deno.Command(Deno.execPath(), {
-      args: ["run", "-A", "--no-check", HOST_MAIN, ...args],
-      cwd: REPO,
-      stdin: "null",
-      stdout: "null",
-      stderr: "piped",
-    }).spawn();
-    this.child = child;
-    this.status = child.status;
-    this.#drained = (async () => {
-      const dec = new TextDecoder();
-      for await (const chunk of child.stderr) this.stderr += dec.decode(chunk);
-    })();
-  }
-
-  get pid(): number {
-    return this.child.pid;
   }
 
   /** Resolves when the host listens; throws with its log if it exits first or takes > 20 s. */
   async ready(): Promise<void> {
-    let exited = false;
-    this.status.then(() => exited = true);
-    const ok = await waitFor(() => exited || /serving /.test(this.stderr), 20000);
-    if (!ok || exited) throw new Error(`host did not start:\n${this.stderr}`);
+    const ok = await waitFor(() => this.exited || /serving /.test(this.stderr), 20000);
+    if (!ok || this.exited) throw new Error(`host did not start:\n${this.stderr}`);
   }
 
   /** VmRSS of the host in KiB. */
@@ -121,25 +91,9 @@ export class HostProcess {
     return Number(m[1]);
   }
 
-  kill(sig: Deno.Signal): void {
-    try {
-      this.child.kill(sig);
-    } catch { /* already gone */ }
-  }
-
-  /** Waits for exit (kills with SIGKILL after `ms`) and for the log to be drained. */
-  async exit(ms = 15000): Promise<Deno.CommandStatus> {
-    const t = setTimeout(() => this.kill("SIGKILL"), ms);
-    const st = await this.status;
-    clearTimeout(t);
-    await this.#drained;
-    return st;
-  }
-
   /** SIGTERM and expect a clean exit (status 0, no signal). */
   async stopCleanly(): Promise<void> {
-    this.kill("SIGTERM");
-    const st = await this.exit();
+    const st = await this.stop("SIGTERM", 15000);
     assert.equal(st.signal, null, `host died by ${st.signal}:\n${this.stderr}`);
     assert.equal(st.code, 0, `host exit status ${st.code}:\n${this.stderr}`);
   }

@@ -77,8 +77,7 @@ Deno.test(`soak: ${SECONDS} s of mixed I/O with flushes, 2 queues, cache=none ai
     await host.stopCleanly();
     assert.match(host.stderr, /0 IOERR/);
   } finally {
-    host.kill("SIGKILL");
-    await host.exit();
+    await host.stop("SIGKILL", 15000);
     await s.remove();
   }
 });
