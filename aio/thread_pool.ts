@@ -33,8 +33,15 @@ export type ThreadPoolCompletion = (ret: number) => void;
 export interface ThreadPoolOptions {
   /** Most Workers at once (default 64). */
   maxThreads?: number;
-  /** An idle Worker exits after this long (default 10000 ms). */
+  /** An idle Worker exits after this long (default 10000 ms), unless `minThreads` are left. */
   idleTimeoutMs?: number;
+  /**
+   * Workers started at once and kept while idle (QEMU's thread-pool-min;
+   * default 0). A Worker started from another Worker (an IOThread) takes
+   * about a second to run in Deno 2.9, so a pool on the data path should
+   * not rely on growing on demand.
+   */
+  minThreads?: number;
   /** Job slots in shared memory (default 256, a power of two); more jobs wait in a JS queue. */
   slots?: number;
 }
@@ -103,6 +110,8 @@ export class ThreadPool {
   readonly maxThreads: number;
   /** Idle time after which a Worker exits. */
   readonly idleTimeoutMs: number;
+  /** Workers kept alive while idle. */
+  readonly minThreads: number;
   /** Counters for benchmarks and tests. */
   readonly stats = { submitted: 0, completed: 0, cancelled: 0, spawned: 0 };
 
@@ -128,6 +137,7 @@ export class ThreadPool {
     this.#ctx = ctx;
     this.maxThreads = opts.maxThreads ?? 64;
     this.idleTimeoutMs = opts.idleTimeoutMs ?? 10_000;
+    this.minThreads = Math.min(opts.minThreads ?? 0, this.maxThreads);
     const slots = opts.slots ?? 256;
     if (slots < 1 || (slots & (slots - 1)) !== 0) {
       throw new RangeError(`ThreadPool: slots must be a power of two, got ${slots}`);
@@ -139,6 +149,7 @@ export class ThreadPool {
       slotsF64: new SharedArrayBuffer(slots * F64.size * 8),
       notifyFd: this.#notifier.fd,
       idleTimeoutMs: this.idleTimeoutMs,
+      minThreads: this.minThreads,
     };
     this.#ctl = new Int32Array(this.#init.ctl);
     this.#ring = new Int32Array(this.#init.ring);
@@ -156,6 +167,7 @@ export class ThreadPool {
       () => Atomics.load(this.#ctl, CTL.done) > this.#reaped,
       () => this.#reap(),
     );
+    for (let k = 0; k < this.minThreads; k++) this.#spawn();
   }
 
   /** Jobs submitted whose callback has not run yet. */
@@ -294,6 +306,11 @@ export class ThreadPool {
     const queued = Atomics.load(ctl, CTL.tail) - Atomics.load(ctl, CTL.head);
     const ready = Atomics.load(ctl, CTL.idle) + Atomics.load(ctl, CTL.starting);
     if (queued <= ready || Atomics.load(ctl, CTL.workers) >= this.maxThreads) return;
+    this.#spawn();
+  }
+
+  #spawn(): void {
+    const ctl = this.#ctl;
     Atomics.add(ctl, CTL.workers, 1);
     Atomics.add(ctl, CTL.starting, 1);
     const w = new Worker(WORKER_URL, { type: "module", name: "thread-pool" });

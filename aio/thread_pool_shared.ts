@@ -54,4 +54,6 @@ export interface ThreadPoolInit {
   slotsF64: SharedArrayBuffer;
   notifyFd: number;
   idleTimeoutMs: number;
+  /** Workers that never exit on idle (thread-pool-min). */
+  minThreads: number;
 }

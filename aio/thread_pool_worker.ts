@@ -70,7 +70,13 @@ function loop(init: ThreadPoolInit): void {
       Atomics.add(ctl, CTL.idle, 1);
       const r = Atomics.wait(ctl, CTL.tail, t, init.idleTimeoutMs);
       Atomics.sub(ctl, CTL.idle, 1);
-      if (r === "timed-out" && Atomics.load(ctl, CTL.head) === Atomics.load(ctl, CTL.tail)) break;
+      if (r === "timed-out" && Atomics.load(ctl, CTL.head) === Atomics.load(ctl, CTL.tail)) {
+        // Idle: exit unless that would leave fewer than minThreads.
+        const w = Atomics.load(ctl, CTL.workers);
+        if (w > init.minThreads && Atomics.compareExchange(ctl, CTL.workers, w, w - 1) === w) {
+          return;
+        }
+      }
       continue;
     }
     // Read the entry before claiming it: once head moves on, the producer may reuse it.

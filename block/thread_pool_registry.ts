@@ -8,6 +8,13 @@ interface Entry {
 const pools = new WeakMap<AioContext, Entry>();
 
 /**
+ * Workers each pool starts up front and keeps (thread-pool-min): a Worker
+ * started from an IOThread takes about a second to run, so growing on
+ * demand would stall the first I/O bursts; more still start up to 64.
+ */
+const POOL_MIN_THREADS = 8;
+
+/**
  * The ThreadPool of `ctx`, created on first use and shared by every driver and
  * engine in that context (QEMU's aio_get_thread_pool). Pair each call with
  * {@link releaseThreadPool}. Internal to block/.
@@ -26,7 +33,7 @@ const pools = new WeakMap<AioContext, Entry>();
 export function acquireThreadPool(ctx: AioContext): ThreadPool {
   let e = pools.get(ctx);
   if (!e) {
-    e = { pool: new ThreadPool(ctx), refs: 0 };
+    e = { pool: new ThreadPool(ctx, { minThreads: POOL_MIN_THREADS }), refs: 0 };
     pools.set(ctx, e);
   }
   e.refs++;

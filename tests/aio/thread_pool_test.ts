@@ -161,3 +161,25 @@ Deno.test("ThreadPool: idle workers exit after idleTimeoutMs", () =>
     await until(ctx, () => r !== 1);
     assert.equal(r, -EBADF);
   }));
+
+Deno.test("ThreadPool: minThreads start at once and survive the idle timeout; extra ones exit", async () => {
+  await withPool({ minThreads: 2, maxThreads: 6, idleTimeoutMs: 50 }, async ({ ctx, pool, fd }) => {
+    assert.equal(pool.threads, 2, "started up front");
+    // A burst grows the pool beyond the minimum...
+    let done = 0;
+    for (let i = 0; i < 12; i++) pool.submitFdatasync(fd, () => done++);
+    while (done < 12) await ctx.pollAsync();
+    const grown = pool.threads;
+    // ...and idle Workers exit down to the minimum, never below it.
+    const t0 = Date.now();
+    while (pool.threads > 2 && Date.now() - t0 < 5000) {
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    assert.equal(pool.threads, 2, `shrank from ${grown} to the minimum`);
+    await new Promise((r) => setTimeout(r, 200)); // several idle timeouts
+    assert.equal(pool.threads, 2, "the minimum stays");
+    done = 0;
+    pool.submitFdatasync(fd, () => done++);
+    while (done < 1) await ctx.pollAsync();
+  });
+});
