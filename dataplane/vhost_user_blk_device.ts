@@ -50,6 +50,8 @@ interface RingState {
   enabled: boolean;
   /** Running in its IOThread (kick received, not stopped by GET_VRING_BASE). */
   started: boolean;
+  /** SET_VRING_BASE arrived since the ring started. */
+  baseSet: boolean;
 }
 
 function newRing(): RingState {
@@ -62,6 +64,7 @@ function newRing(): RingState {
     errFd: null,
     enabled: false,
     started: false,
+    baseSet: false,
   };
 }
 
@@ -203,6 +206,7 @@ export class VhostUserBlkDevice implements VhostUserBackend {
 
   setVringBase(index: number, base: number): void {
     this.#rings[index].base = base;
+    this.#rings[index].baseSet = true;
   }
 
   async getVringBase(index: number): Promise<number> {
@@ -237,7 +241,9 @@ export class VhostUserBlkDevice implements VhostUserBackend {
         desc: r.addr.descUserAddr,
         avail: r.addr.availUserAddr,
         used: r.addr.usedUserAddr,
-        base: r.base,
+        // A kick fd replaced while running, with no new SET_VRING_BASE, must
+        // not rewind the ring to the old base (that would replay requests).
+        base: r.started && !r.baseSet ? -1 : r.base,
         kickFd: fd,
         callFd: r.callFd,
         errFd: r.errFd,
@@ -248,6 +254,7 @@ export class VhostUserBlkDevice implements VhostUserBackend {
       r.started = false;
       await this.threadOf(index).call("blkStartQueue", setup);
       r.started = true;
+      r.baseSet = false;
     } catch (e) {
       // Report through the error eventfd too, as a ring that cannot run.
       if (r.errFd !== null) eventfdWrite(r.errFd, 1);

@@ -62,7 +62,7 @@ export interface DataPlaneQueueSetup {
   desc: number;
   avail: number;
   used: number;
-  /** Next avail index to take (SET_VRING_BASE). */
+  /** Next avail index to take (SET_VRING_BASE); -1: where a running queue is now. */
   base: number;
   /** Kick eventfd, or null to poll the ring only (the NOFD flag). */
   kickFd: number | null;
@@ -324,7 +324,12 @@ export class VirtioBlkDataPlane {
   async startQueue(setup: DataPlaneQueueSetup): Promise<void> {
     const mem = this.#mem;
     if (mem === null) throw new Error(`queue ${setup.index}: no guest memory (SET_MEM_TABLE)`);
-    if (this.#queues.has(setup.index)) await this.stopQueue(setup.index);
+    if (this.#queues.has(setup.index)) {
+      const current = await this.stopQueue(setup.index);
+      // A new kick fd without SET_VRING_BASE: go on from where the ring is.
+      if (setup.base < 0) setup = { ...setup, base: current };
+    }
+    if (setup.base < 0) setup = { ...setup, base: 0 };
     const vq = this.#newVirtqueue(setup, mem);
     let q: DataPlaneQueue | undefined = undefined;
     const bh = this.ctx.bhNew(() => this.#notifyGuest(q!), `notify-vq${setup.index}`);

@@ -433,6 +433,27 @@ Deno.test("dataplane: stopQueue waits for in-flight requests and returns the nex
   }
 });
 
+Deno.test("dataplane: a restart with base -1 (new kick fd, no SET_VRING_BASE) does not replay", async () => {
+  const r = await Rig.create();
+  try {
+    r.engine.autoRelease = true;
+    for (let i = 0; i < 3; i++) r.request(VIRTIO_BLK_T_IN, 8 * i, 4096, true);
+    r.kick();
+    await r.until(() => r.driver.usedIdx() === 3, "3 done");
+    // The queue runs at avail idx 3; restarting it "where it is" keeps that.
+    await r.dp.startQueue({ ...r.setup, base: -1 });
+    const next = r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.until(() => r.driver.usedIdx() === 4, "the new request done");
+    await r.idle(5);
+    assert.equal(r.driver.usedIdx(), 4, "nothing replayed");
+    assert.equal(r.driver.used(3).id, r.heads.get(next));
+    assert.equal(r.dp.stats()[0].requests, 4);
+  } finally {
+    await r.close();
+  }
+});
+
 Deno.test("dataplane: bad requests get IOERR/UNSUPP, the ring keeps going", async () => {
   const r = await Rig.create({ device: { capacity: 2048 } });
   try {
