@@ -8,7 +8,14 @@
  * @module
  */
 
-import { close, ftruncate, type MappedRegion, memfdCreate, mmapShared } from "../sys/mod.ts";
+import {
+  close,
+  ftruncate,
+  type MappedRegion,
+  memfdCreate,
+  MFD_ALLOW_SEALING,
+  mmapShared,
+} from "../sys/mod.ts";
 
 /** Guest-physical address of the first region (4 GiB: never equal to a user address). */
 export const GPA_BASE = 0x1_0000_0000;
@@ -72,7 +79,8 @@ export class GuestRam {
     const unit = 2 << 20;
     const per = Math.max(unit, Math.ceil(size / regionCount / unit) * unit);
     const total = per * regionCount;
-    const fd = memfdCreate("dataplane-client-ram");
+    // Sealable, as QEMU's memory-backend-memfd: the back-end seals it against shrinking.
+    const fd = memfdCreate("dataplane-client-ram", MFD_ALLOW_SEALING);
     try {
       ftruncate(fd, total);
       const map = mmapShared(fd, total, 0);

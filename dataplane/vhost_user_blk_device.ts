@@ -191,6 +191,12 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     this.#mem = next;
     const mib = regions.reduce((s, r) => s + r.size, 0) / 2 ** 20;
     this.#log(`memory: ${regions.length} region(s), ${mib.toFixed(0)} MiB`);
+    if (next.unsealedRegions > 0) {
+      this.#log(
+        `warning: ${next.unsealedRegions} memory region(s) cannot be sealed against shrinking: ` +
+          `a front-end that truncates them would crash this process (SIGBUS)`,
+      );
+    }
   }
 
   setVringNum(index: number, num: number): void {

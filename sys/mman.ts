@@ -20,6 +20,12 @@ export const MAP_POPULATE = 0x8000;
 export const MFD_CLOEXEC = 0x1;
 /** memfd_create flag: allow seals. */
 export const MFD_ALLOW_SEALING = 0x2;
+/** fcntl command: add seals to a memfd (linux/fcntl.h). */
+export const F_ADD_SEALS = 1033;
+/** fcntl command: read a memfd's seals. */
+export const F_GET_SEALS = 1034;
+/** Seal: the file cannot shrink. */
+export const F_SEAL_SHRINK = 0x0002;
 
 const MAP_FAILED = -1n;
 
@@ -177,6 +183,32 @@ export function mmapShared(fd: number, length: number, offset: number): MappedRe
  */
 export function memfdCreate(name: string, flags = 0): number {
   return check("memfd_create", libc.memfd_create(cString(name), MFD_CLOEXEC | flags));
+}
+
+/**
+ * Makes sure `fd` cannot shrink (F_SEAL_SHRINK), adding the seal when the
+ * file allows it: a MAP_SHARED mapping of a file that shrinks raises SIGBUS
+ * on access to the lost pages. Returns whether the file is sealed against
+ * shrinking now (false for files without seals, e.g. a memfd created without
+ * MFD_ALLOW_SEALING, a regular file, or one sealed with F_SEAL_SEAL first).
+ *
+ * @example
+ * ```ts
+ * import { ftruncate, MFD_ALLOW_SEALING, memfdCreate, sealShrink } from "./mman.ts";
+ * const fd = memfdCreate("ram", MFD_ALLOW_SEALING);
+ * ftruncate(fd, 8192);
+ * console.assert(sealShrink(fd));
+ * let refused = false;
+ * try { ftruncate(fd, 4096); } catch { refused = true; }
+ * console.assert(refused);
+ * console.assert(!sealShrink(memfdCreate("plain")));
+ * ```
+ */
+export function sealShrink(fd: number): boolean {
+  const seals = libc.fcntl(fd, F_GET_SEALS, 0);
+  if (seals < 0) return false; // not a sealable file
+  if ((seals & F_SEAL_SHRINK) !== 0) return true;
+  return libc.fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) === 0;
 }
 
 /**

@@ -1,4 +1,4 @@
-import { fstat, type MappedRegion, mmapShared, viewAt } from "../sys/mod.ts";
+import { fstat, type MappedRegion, mmapShared, sealShrink, viewAt } from "../sys/mod.ts";
 
 /**
  * One entry of the vhost-user memory table (VHOST_USER_SET_MEM_TABLE): `size`
@@ -142,6 +142,8 @@ export class GuestMemory {
   #lastUser = 0;
   #closed = false;
 
+  #unsealed = 0;
+
   private constructor(regions: MappedMemoryRegion[], owned: MappedRegion[]) {
     const sorted = [...regions].sort((a, b) => a.guestPhysAddr - b.guestPhysAddr);
     const n = sorted.length;
@@ -229,7 +231,10 @@ export class GuestMemory {
       const off = exact(r.mmapOffset, "mmapOffset");
       const n = GuestMemory.#normalize(r);
       // Pages of a MAP_SHARED file mapping beyond the end of the file raise
-      // SIGBUS on first access (the whole process dies): refuse them here.
+      // SIGBUS on first access (the whole process dies): refuse them here,
+      // and seal the file against shrinking first where it allows (a memfd
+      // with MFD_ALLOW_SEALING; QEMU's memory-backend-memfd seals it itself).
+      const sealed = sealShrink(r.fd);
       const st = fstat(r.fd);
       if (st.isRegularFile && off + n.size > st.size) {
         throw new GuestMemoryError(
@@ -237,7 +242,7 @@ export class GuestMemory {
           `region [${off}, +${n.size}) of fd ${r.fd} ends beyond the file (${st.size} bytes)`,
         );
       }
-      return { ...n, off, fd: r.fd };
+      return { ...n, off, fd: r.fd, sealed };
     });
     GuestMemory.#validate(plain.map((p) => ({ ...p, hostAddr: 0 })));
     const owned: MappedRegion[] = [];
@@ -259,7 +264,18 @@ export class GuestMemory {
       for (const m of owned) m.unmap();
       throw e;
     }
-    return new GuestMemory(mapped, owned);
+    const mem = new GuestMemory(mapped, owned);
+    mem.#unsealed = plain.filter((p) => !p.sealed).length;
+    return mem;
+  }
+
+  /**
+   * Regions of {@link map} whose file could still shrink under us (not
+   * sealed with F_SEAL_SHRINK and not sealable): a front-end that truncates
+   * such a file makes the next access to the lost pages raise SIGBUS.
+   */
+  get unsealedRegions(): number {
+    return this.#unsealed;
   }
 
   /**

@@ -1,5 +1,12 @@
 import assert from "node:assert/strict";
-import { close, ftruncate, memfdCreate, mmapShared, SysError } from "../../sys/mod.ts";
+import {
+  close,
+  ftruncate,
+  memfdCreate,
+  MFD_ALLOW_SEALING,
+  mmapShared,
+  SysError,
+} from "../../sys/mod.ts";
 import { GuestMemory, GuestMemoryError, type MemoryRegion } from "../../virtio/mod.ts";
 import { TestMemory } from "./guest_driver.ts";
 
@@ -161,5 +168,26 @@ Deno.test("map rejects bad tables with typed errors and leaves nothing mapped", 
     );
   } finally {
     close(fd);
+  }
+});
+
+Deno.test("GuestMemory.map seals sealable memfds against shrinking and counts the others", () => {
+  const sealable = memfdCreate("sealable", MFD_ALLOW_SEALING);
+  const plain = memfdCreate("plain");
+  ftruncate(sealable, 8192);
+  ftruncate(plain, 8192);
+  const mem = GuestMemory.map([
+    { guestPhysAddr: 0, size: 8192, userAddr: 0x10000, mmapOffset: 0, fd: sealable },
+    { guestPhysAddr: 0x100000, size: 8192, userAddr: 0x200000, mmapOffset: 0, fd: plain },
+  ]);
+  try {
+    assert.equal(mem.unsealedRegions, 1, "the memfd without MFD_ALLOW_SEALING cannot be sealed");
+    // The front-end can no longer pull pages from under the mapping.
+    assert.throws(() => ftruncate(sealable, 4096), SysError);
+    ftruncate(sealable, 16384); // growing stays allowed
+  } finally {
+    mem.close();
+    close(sealable);
+    close(plain);
   }
 });
