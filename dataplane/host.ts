@@ -209,7 +209,6 @@ export class VhostUserBlkHost {
       writtenBytes: now.writtenBytes - this.#reported.writtenBytes,
     };
     this.#reported = now;
-    const mib = (b: number) => (b / 2 ** 20).toFixed(1);
     log(
       `front-end #${n} disconnected: ${d.requests} requests, ${mib(d.readBytes)} MiB read, ` +
         `${mib(d.writtenBytes)} MiB written, ${d.errors} IOERR`,
@@ -241,6 +240,10 @@ export class VhostUserBlkHost {
   }
 }
 
+function mib(bytes: number): string {
+  return (bytes / 2 ** 20).toFixed(1);
+}
+
 function totals(s: HostStats) {
   const t = { requests: 0, errors: 0, readBytes: 0, writtenBytes: 0 };
   for (const th of s.threads) {
@@ -265,13 +268,8 @@ function totals(s: HostStats) {
  */
 export function formatStats(s: HostStats): string {
   const lines: string[] = [];
-  let total = 0, errors = 0, rb = 0, wb = 0;
   for (const t of s.threads) {
     for (const q of t.queues) {
-      total += q.requests;
-      errors += q.errors;
-      rb += q.readBytes;
-      wb += q.writtenBytes;
       lines.push(
         `  queue ${q.index}: ${q.requests} requests (${q.reads} reads, ${q.writes} writes, ` +
           `${q.flushes} flushes, ${q.discards} discards, ${q.writeZeroes} write-zeroes, ` +
@@ -281,10 +279,10 @@ export function formatStats(s: HostStats): string {
       );
     }
   }
-  const mib = (n: number) => (n / 2 ** 20).toFixed(1);
+  const t = totals(s);
   lines.push(
-    `  total: ${s.connections} connection(s), ${total} requests, ${errors} IOERR, ` +
-      `${mib(rb)} MiB read, ${mib(wb)} MiB written`,
+    `  total: ${s.connections} connection(s), ${t.requests} requests, ${t.errors} IOERR, ` +
+      `${mib(t.readBytes)} MiB read, ${mib(t.writtenBytes)} MiB written`,
   );
   return lines.join("\n");
 }

@@ -275,19 +275,20 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     );
   }
 
-  async setVringCall(index: number, fd: number | null): Promise<void> {
-    const r = this.#rings[index];
-    const old = r.callFd;
-    r.callFd = fd;
-    if (r.started) await this.threadOf(index).call("blkSetVring", { index, callFd: fd });
-    if (old !== null && old !== fd) closeFd(old);
+  setVringCall(index: number, fd: number | null): Promise<void> {
+    return this.#replaceRingFd(index, "callFd", fd);
   }
 
-  async setVringErr(index: number, fd: number | null): Promise<void> {
+  setVringErr(index: number, fd: number | null): Promise<void> {
+    return this.#replaceRingFd(index, "errFd", fd);
+  }
+
+  /** Tells a running ring's IOThread about the new fd first, then closes the old one. */
+  async #replaceRingFd(index: number, which: "callFd" | "errFd", fd: number | null): Promise<void> {
     const r = this.#rings[index];
-    const old = r.errFd;
-    r.errFd = fd;
-    if (r.started) await this.threadOf(index).call("blkSetVring", { index, errFd: fd });
+    const old = r[which];
+    r[which] = fd;
+    if (r.started) await this.threadOf(index).call("blkSetVring", { index, [which]: fd });
     if (old !== null && old !== fd) closeFd(old);
   }
 

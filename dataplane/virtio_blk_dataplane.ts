@@ -353,7 +353,7 @@ export class VirtioBlkDataPlane {
     if (!q) throw new Error(`queue ${index} is not running`);
     this.#detach(q);
     this.#queues.delete(index);
-    if (q.inFlight > 0) await new Promise<void>((r) => q.idleWaiters.push(r));
+    await this.#whenIdle(q);
     this.#notifyGuest(q);
     const base = q.vq.lastAvailIdx;
     this.#dropQueue(q);
@@ -599,9 +599,13 @@ export class VirtioBlkDataPlane {
   }
 
   async #waitIdle(): Promise<void> {
-    for (const q of this.#queues.values()) {
-      if (q.inFlight > 0) await new Promise<void>((r) => q.idleWaiters.push(r));
-    }
+    for (const q of this.#queues.values()) await this.#whenIdle(q);
+  }
+
+  /** Resolves once `q` has no request in flight (woken from #complete). */
+  #whenIdle(q: DataPlaneQueue): Promise<void> {
+    if (q.inFlight === 0) return Promise.resolve();
+    return new Promise<void>((r) => q.idleWaiters.push(r));
   }
 
   #dropQueue(q: DataPlaneQueue): void {
