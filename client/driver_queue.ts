@@ -160,6 +160,32 @@ export class DriverQueue {
     return this.hasUsed();
   }
 
+  /**
+   * The ring's indexes as one line, for stall reports: the driver's avail idx
+   * and published idx, the device's used idx, the next used entry to consume,
+   * and both event indexes (or flags without EVENT_IDX).
+   *
+   * @example
+   * ```ts
+   * import { GuestRam } from "./guest_ram.ts";
+   * import { DriverQueue } from "./driver_queue.ts";
+   * const ram = GuestRam.create(1 << 20, 1);
+   * const q = new DriverQueue(ram, 0, 8, true);
+   * console.assert(q.describe().startsWith("avail 0/0 used 0"));
+   * ram.close();
+   * ```
+   */
+  describe(): string {
+    const a = this.#avail16, u = this.#used16;
+    const ev = this.eventIdx
+      ? `used_event ${Atomics.load(a, 2 + this.size)} avail_event ${
+        Atomics.load(u, 2 + 4 * this.size)
+      }`
+      : `avail.flags ${Atomics.load(a, 0)} used.flags ${Atomics.load(u, 0)}`;
+    return `avail ${this.#availIdx}/${Atomics.load(a, 1)} used ${Atomics.load(u, 1)} ` +
+      `last_used ${this.#lastUsed} ${ev}`;
+  }
+
   /** Asks the device not to interrupt (busy polling). Hot path. */
   disableInterrupts(): void {
     if (this.eventIdx) {

@@ -218,7 +218,10 @@ export function runWorkload(client: VhostUserBlkClient, o: WorkloadOptions): Wor
       for (let qi = 0; qi < qs.length; qi++) n += qs[qi].reap();
       for (let qi = 0; qi < qs.length; qi++) qs[qi].notify();
       if (n === 0 && completed < submitted && !client.wait(waitMode)) {
-        throw new Error(`workload stalled: ${submitted - completed} requests never completed`);
+        const rings = qs.map((q) => `queue ${q.index}: ${q.ring.describe()}`).join("; ");
+        throw new Error(
+          `workload stalled: ${submitted - completed} requests never completed (${rings})`,
+        );
       }
     }
   } finally {

@@ -275,7 +275,8 @@ export function formatStats(s: HostStats): string {
           `${q.flushes} flushes, ${q.discards} discards, ${q.writeZeroes} write-zeroes, ` +
           `${q.getIds} get-id), ${q.errors} IOERR, ${q.unsupported} UNSUPP, ` +
           `${q.kicks} kicks, ${q.polls} poll hits, ${q.notifies} notifies` +
-          (q.broken ? `, BROKEN: ${q.broken}` : ""),
+          (q.broken ? `, BROKEN: ${q.broken}` : "") +
+          (q.ring ? `\n    ring: ${q.ring}` : ""),
       );
     }
   }

@@ -3,7 +3,8 @@
  * disk image to a VM over vhost-user-blk (QEMU `vhost-user-blk-pci`,
  * cloud-hypervisor `--disk vhost_user=on`). Logs one line per event and per
  * connection; on SIGINT/SIGTERM it stops accepting, lets in-flight requests
- * finish, closes the image and prints the counters. Exit status: 0 after a
+ * finish, closes the image and prints the counters; on SIGUSR1 it prints the
+ * counters and each running ring's indexes and carries on. Exit status: 0 after a
  * clean stop, 1 on a runtime error, 2 on a usage error.
  *
  * @module
@@ -65,7 +66,16 @@ export async function main(args: string[]): Promise<number> {
   const sigint = onSignal("SIGINT"), sigterm = onSignal("SIGTERM");
   Deno.addSignalListener("SIGINT", sigint);
   Deno.addSignalListener("SIGTERM", sigterm);
+  // SIGUSR1: print the counters and every running ring's state (a stuck
+  // IOThread shows as no answer).
+  const sigusr1 = () => {
+    host.stats().then((s) => log(`SIGUSR1: stats\n${formatStats(s)}`), (e) => {
+      log(`SIGUSR1: no stats: ${(e as Error).message}`);
+    });
+  };
+  Deno.addSignalListener("SIGUSR1", sigusr1);
   const sig = await signalled.promise;
+  Deno.removeSignalListener("SIGUSR1", sigusr1);
   log(`${sig}: stopping (waiting for in-flight requests)`);
   const stats = await host.stop();
   Deno.removeSignalListener("SIGINT", sigint);

@@ -116,6 +116,8 @@ export interface DataPlaneQueueStats {
   notifies: number;
   /** Why the ring was marked broken, or null. */
   broken: string | null;
+  /** The ring's state when the stats were taken (Virtqueue.describe), or null when stopped. */
+  ring?: string | null;
 }
 
 /** One request slot: the parsed request plus its preallocated completion. */
@@ -383,7 +385,12 @@ export class VirtioBlkDataPlane {
 
   /** Counters of every queue served so far (cumulative over restarts). */
   stats(): DataPlaneQueueStats[] {
-    return [...this.#stats.values()].map((s) => ({ ...s }));
+    return [...this.#stats.values()].map((s) => {
+      const q = this.#queues.get(s.index);
+      const ring = q === undefined ? null : `${q.vq.describe()} requests ${q.inFlight}` +
+        (q.attached ? "" : " detached") + (q.notifyBh.scheduled ? " notify-pending" : "");
+      return { ...s, ring };
+    });
   }
 
   /** Stops every queue (waiting for in-flight requests) and drops memory. */

@@ -229,6 +229,34 @@ export class Virtqueue {
     return this.#inFlightCount;
   }
 
+  /**
+   * The ring's state as one line, for diagnostics (a host's stats dump):
+   * the driver's avail idx against the next one to take, used idx, chains in
+   * flight, whether kicks are asked for, and both event indexes (or flags).
+   *
+   * @example
+   * ```ts
+   * import { GuestMemory, Virtqueue } from "./mod.ts";
+   * import { mmapAnonymous } from "../sys/mod.ts";
+   * const m = mmapAnonymous(65536);
+   * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0, size: 65536, userAddr: 0, hostAddr: m.addr }]);
+   * const vq = new Virtqueue({ mem, size: 4, desc: 0, avail: 0x100, used: 0x200, addressSpace: "guest" });
+   * console.assert(vq.describe().startsWith("avail 0 last_avail 0 used 0 in_flight 0"));
+   * m.unmap();
+   * ```
+   */
+  describe(): string {
+    const ev = this.eventIdx
+      ? `used_event ${Atomics.load(this.#avail, 2 + this.size)} avail_event ${
+        Atomics.load(this.#used16, 2 + 4 * this.size)
+      }`
+      : `avail.flags ${Atomics.load(this.#avail, 0)} used.flags ${Atomics.load(this.#used16, 0)}`;
+    return `avail ${Atomics.load(this.#avail, 1)} last_avail ${this.#lastAvail} ` +
+      `used ${this.#usedIdx} in_flight ${this.#inFlightCount} ` +
+      `kicks ${this.#notificationsEnabled ? "on" : "off"} ${ev}` +
+      (this.#broken ? ` broken: ${this.#broken.message}` : "");
+  }
+
   #fail(reason: DescriptorChainError | VirtqueueError): null {
     this.#broken ??= reason;
     return null;

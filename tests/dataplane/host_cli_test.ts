@@ -190,6 +190,12 @@ Deno.test("host CLI: a stale socket is replaced; SIGTERM after a session exits 0
     assert.equal(await c.execute(1, (q) => q.read(0, 8192, 4096)), VIRTIO_BLK_S_OK);
     assert.ok(c.queues[1].data(0).subarray(0, 4096).every((b) => b === 0x42));
     assert.equal(await c.execute(1, (q) => q.flush(0)), VIRTIO_BLK_S_OK);
+    // SIGUSR1 dumps the counters and each running ring's indexes, and the host carries on.
+    host.child.kill("SIGUSR1");
+    await host.waitFor(
+      /queue 1: 2 requests[^\n]*\n {4}ring: avail 2 last_avail 2 used 2 in_flight 0 kicks on/,
+    );
+    assert.match(host.stderr, /queue 0: 1 requests[^\n]*\n {4}ring: avail 1 last_avail 1 used 1/);
     await c.close();
     await host.waitFor(/front-end #1 disconnected: 3 requests/);
     host.child.kill("SIGTERM");

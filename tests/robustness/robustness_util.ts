@@ -91,6 +91,18 @@ export class HostProcess extends ServerProcess {
     return Number(m[1]);
   }
 
+  /**
+   * SIGUSR1: the host logs its counters and every ring's state. Returns that
+   * dump, or a note that none came within 3 s (a stuck IOThread).
+   */
+  async dumpState(): Promise<string> {
+    const before = this.stderr.length;
+    Deno.kill(this.pid, "SIGUSR1");
+    const ok = await waitFor(() => this.stderr.indexOf("SIGUSR1: ", before) >= 0, 3000);
+    await sleep(200); // the rest of the dump
+    return ok ? this.stderr.slice(before) : `(no SIGUSR1 dump in 3 s)\n${this.stderr.slice(-2000)}`;
+  }
+
   /** SIGTERM and expect a clean exit (status 0, no signal). */
   async stopCleanly(): Promise<void> {
     const st = await this.stop("SIGTERM", 15000);

@@ -45,15 +45,21 @@ Deno.test(`soak: ${SECONDS} s of mixed I/O with flushes, 2 queues, cache=none ai
       let ops = 0, errors = 0;
       const end = Date.now() + SECONDS * 1000;
       for (let round = 0; Date.now() < end; round++) {
-        const r = runWorkload(c, {
-          pattern: "randrw",
-          blockSize: [4096, 16384, 65536][round % 3],
-          queueDepth: round % 2 ? 32 : 8,
-          durationMs: ROUND_MS,
-          readPercent: 60,
-          span: SPAN,
-          seed: round + 1,
-        });
+        let r;
+        try {
+          r = runWorkload(c, {
+            pattern: "randrw",
+            blockSize: [4096, 16384, 65536][round % 3],
+            queueDepth: round % 2 ? 32 : 8,
+            durationMs: ROUND_MS,
+            readPercent: 60,
+            span: SPAN,
+            seed: round + 1,
+          });
+        } catch (e) {
+          // A stall: say what the host's rings looked like.
+          throw new Error(`round ${round}: ${(e as Error).message}\n${await host.dumpState()}`);
+        }
         ops += r.ops;
         errors += r.errors;
         for (const qi of [0, 1]) assert.equal(await c.execute(qi, (q) => q.flush(0)), 0, "flush");
