@@ -84,6 +84,7 @@ export class IOThread {
   #stopped = false;
   #stopResolve: (() => void) | undefined;
   #failure: Error | undefined;
+  readonly #failed = Promise.withResolvers<Error>();
 
   private constructor(
     name: string,
@@ -104,6 +105,30 @@ export class IOThread {
       e.preventDefault();
       this.#fail(new Error(`IOThread ${name}: ${e.message}`));
     };
+    // The loop posts { error } when a handler threw out of it: the thread no
+    // longer serves its fds, which must not go unnoticed.
+    worker.onmessage = (e: MessageEvent<{ error?: string }>) => {
+      if (e.data?.error !== undefined) {
+        this.#fail(new Error(`IOThread ${name}: event loop died: ${e.data.error}`));
+      }
+    };
+  }
+
+  /**
+   * Resolves with the error once the thread's event loop has died (a handler
+   * threw, or the Worker failed); never resolves for a thread that only
+   * stops. What a host logs and acts on.
+   *
+   * @example
+   * ```ts
+   * import { IOThread } from "./mod.ts";
+   * const t = await IOThread.start({ name: "io0", modules: [] });
+   * t.failed.then((e) => console.error(e.message));
+   * await t.stop();
+   * ```
+   */
+  get failed(): Promise<Error> {
+    return this.#failed.promise;
   }
 
   /**
@@ -196,7 +221,9 @@ export class IOThread {
   }
 
   #fail(e: Error): void {
+    if (this.#failure) return;
     this.#failure = e;
+    this.#failed.resolve(e);
     for (const p of this.#pending.values()) p.reject(e);
     this.#pending.clear();
     this.#stopResolve?.();

@@ -41,6 +41,11 @@ function errorText(e: unknown): string {
   return e instanceof Error ? e.message : String(e);
 }
 
+/** The error with its stack (for a loop that died: where matters). */
+function errorWithStack(e: unknown): string {
+  return e instanceof Error && e.stack ? e.stack : String(e);
+}
+
 /** Drains microtasks fully: a macrotask turn runs after every queued microtask. */
 function macrotask(): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, 0));
@@ -118,5 +123,5 @@ async function run(init: IOThreadInit): Promise<void> {
 
 scope.onmessage = (e) => {
   scope.onmessage = null;
-  run(e.data).catch((err) => scope.postMessage({ error: errorText(err) }));
+  run(e.data).catch((err) => scope.postMessage({ error: errorWithStack(err) }));
 };

@@ -20,6 +20,8 @@ export interface IoEngineStats {
   completed: number;
   /** Times a request had to wait in the pending queue (kernel or ring full). */
   queued: number;
+  /** Short reads whose rest was resubmitted (io_uring). */
+  shortReads?: number;
 }
 
 /**

@@ -96,6 +96,9 @@ export class IoUringEngine implements IoEngine {
   /** Requests in the ring (SQ or in the kernel), bounded by the CQ size. */
   #inKernel = 0;
   #plugged = 0;
+  /** Short reads being completed: bytes done so far and the vector of the rest, per slot. */
+  readonly #resubDone: number[] = [];
+  readonly #resubIov: (IoVector | null)[] = [];
   #blocked = false;
   #closed = false;
 
@@ -200,11 +203,16 @@ export class IoUringEngine implements IoEngine {
     w[b + (IO_URING_SQE.fd >> 2)] = s.fd[slot];
     w[b + (IO_URING_SQE.user_data >> 2)] = slot;
     if (op === OP_READ || op === OP_WRITE) {
-      const q = s.qiov[slot]!;
+      let q = s.qiov[slot]!, off = s.offset[slot];
+      const rest = this.#resubIov[slot];
+      if (rest) { // the rest of a short read
+        q = rest;
+        off += this.#resubDone[slot];
+      }
       u8[idx * IO_URING_SQE.size + IO_URING_SQE.opcode] = op === OP_READ
         ? IORING_OP_READV
         : IORING_OP_WRITEV;
-      const off = s.offset[slot], addr = q.iovAddr;
+      const addr = q.iovAddr;
       w[b + (IO_URING_SQE.off >> 2)] = off >>> 0;
       w[b + (IO_URING_SQE.off >> 2) + 1] = Math.floor(off / 0x100000000);
       w[b + (IO_URING_SQE.addr >> 2)] = addr >>> 0;
@@ -270,10 +278,27 @@ export class IoUringEngine implements IoEngine {
       if (head === Atomics.load(cq, this.#cqTail)) break;
       const b = this.#cqes + (head & r.cqMask) * CQE_WORDS;
       const slot = cq[b + (IO_URING_CQE.user_data >> 2)];
-      const res = cq[b + (IO_URING_CQE.res >> 2)] | 0;
+      let res = cq[b + (IO_URING_CQE.res >> 2)] | 0;
       Atomics.store(cq, this.#cqHead, head + 1);
       this.#inKernel--;
       reaped++;
+      if (s.op[slot] === OP_READ && res > 0) {
+        // io_uring may read less than asked before EOF (a buffered read cut
+        // short): read the rest (luring_resubmit_short_read). 0 means EOF.
+        const done = (this.#resubIov[slot] ? this.#resubDone[slot] : 0) + res;
+        if (done < s.len[slot]) {
+          this.#resubDone[slot] = done;
+          this.#resubIov[slot] = s.qiov[slot]!.tail(done);
+          this.stats.shortReads = (this.stats.shortReads ?? 0) + 1;
+          this.#pending.push(slot);
+          continue;
+        }
+        res = done;
+      }
+      if (this.#resubIov[slot]) {
+        if (res === 0) res = this.#resubDone[slot]; // EOF after a short read: pad the rest
+        this.#resubIov[slot] = null;
+      }
       this.stats.completed++;
       s.complete(slot, res);
     }

@@ -102,6 +102,37 @@ export class IoVector {
     this.#keep.push(buf);
   }
 
+  /**
+   * A new vector over this one's bytes from `from` on (qemu_iovec_concat of
+   * the tail): what resubmitting the rest of a short read needs. Allocates
+   * (a rare path). The memory stays owned by this vector's buffers.
+   *
+   * @example
+   * ```ts
+   * import { IoVector } from "./io_vector.ts";
+   * const q = new IoVector(2);
+   * q.add(4096, 512);
+   * q.add(8192, 512);
+   * const t = q.tail(600);
+   * console.assert(t.niov === 1 && t.base(0) === 8192 + 88 && t.size === 424);
+   * ```
+   */
+  tail(from: number): IoVector {
+    if (!(from >= 0 && from <= this.#size)) throw new RangeError(`IoVector.tail: ${from}`);
+    const t = new IoVector(Math.max(1, this.#niov));
+    let skip = from;
+    for (let i = 0; i < this.#niov; i++) {
+      const len = this.#lens[i];
+      if (skip >= len) {
+        skip -= len;
+        continue;
+      }
+      t.add(this.#bases[i] + skip, len - skip);
+      skip = 0;
+    }
+    return t;
+  }
+
   /** Host address of entry `i`. */
   base(i: number): number {
     return this.#bases[i];

@@ -184,6 +184,14 @@ export class VhostUserBlkHost {
     }
   }
 
+  /**
+   * Resolves with the first IOThread failure (its event loop died: a bug);
+   * the device can no longer serve those queues, so the CLI logs it and exits.
+   */
+  get failed(): Promise<Error> {
+    return Promise.race(this.#threads.map((t) => t.failed));
+  }
+
   /** Counters of every IOThread (queues, AioContext, broken rings). */
   async stats(): Promise<HostStats> {
     const threads: BlkThreadStats[] = [];

@@ -4,7 +4,8 @@
  * cloud-hypervisor `--disk vhost_user=on`). Logs one line per event and per
  * connection; on SIGINT/SIGTERM it stops accepting, lets in-flight requests
  * finish, closes the image and prints the counters; on SIGUSR1 it prints the
- * counters and each running ring's indexes and carries on. Exit status: 0 after a
+ * counters and each running ring's indexes and carries on. If an IOThread's
+ * event loop dies (a bug) it logs why and exits 1. Exit status: 0 after a
  * clean stop, 1 on a runtime error, 2 on a usage error.
  *
  * @module
@@ -74,8 +75,19 @@ export async function main(args: string[]): Promise<number> {
     });
   };
   Deno.addSignalListener("SIGUSR1", sigusr1);
-  const sig = await signalled.promise;
+  let failure: Error | null = null;
+  const failed = host.failed.then((e) => failure = e);
+  const sig = await Promise.race([signalled.promise, failed.then(() => "failure")]);
   Deno.removeSignalListener("SIGUSR1", sigusr1);
+  if (failure !== null) {
+    // An IOThread's loop died (a bug): its queues are dead. Say so and exit
+    // rather than leave the guest waiting on a disk that never answers.
+    log(`fatal: ${(failure as Error).message}`);
+    await host.server.close().catch(() => {});
+    Deno.removeSignalListener("SIGINT", sigint);
+    Deno.removeSignalListener("SIGTERM", sigterm);
+    return 1;
+  }
   log(`${sig}: stopping (waiting for in-flight requests)`);
   const stats = await host.stop();
   Deno.removeSignalListener("SIGINT", sigint);

@@ -104,3 +104,17 @@ Deno.test("IOThread: bursts far beyond the channel's slots all get replies (back
     await t.stop();
   }
 });
+
+Deno.test("IOThread: a handler throwing out of the loop is reported, not a silent hang", async () => {
+  const t = await IOThread.start({ name: "crash", modules: [FNS] });
+  try {
+    // The reply may lose the race with the failure: either way is fine.
+    await t.call("crashLoop", { msg: "handler bug" }).catch(() => {});
+    const e = await t.failed;
+    assert.match(e.message, /IOThread crash: event loop died: Error: handler bug/);
+    assert.match(e.message, /iothread_fns\.ts:\d+/, "with the stack");
+    await assert.rejects(t.call("add", { a: 1, b: 1 }), /event loop died/);
+  } finally {
+    await t.stop();
+  }
+});

@@ -7,7 +7,7 @@ import {
   LinuxAioEngine,
   ThreadPoolEngine,
 } from "../../block/mod.ts";
-import { close, O_DIRECT, O_RDWR, open } from "../../sys/mod.ts";
+import { close, O_DIRECT, O_RDWR, open, pipe, write } from "../../sys/mod.ts";
 import { aligned, fillPattern, makeImage, patternByte, pollWhile } from "./helpers.ts";
 
 const BS = 4096;
@@ -149,3 +149,42 @@ for (const kind of ["threads", "native", "io_uring"] as const) {
     close(fd);
   });
 }
+
+Deno.test("io_uring: a short read before EOF is resubmitted for the rest, not zero-padded", async () => {
+  // A pipe returns what it holds (a short read) and blocks for the rest:
+  // io_uring hands back 1000 of 4096+4096 bytes; the rest must be read, not padded.
+  const [rd, wr] = pipe();
+  const ctx = new AioContext();
+  const e = new IoUringEngine(ctx);
+  const mem = aligned(2 * BS);
+  const q = new IoVector(2);
+  q.add(mem.addr, BS);
+  q.add(mem.addr + BS, BS);
+  const data = new Uint8Array(2 * BS).map((_, i) => (i * 7 + 3) & 0xff);
+  write(wr, data.subarray(0, 1000));
+  let r = 1;
+  e.preadv(rd, q, 0, (x) => r = x);
+  await pollWhile(ctx, () => e.stats.shortReads === undefined && r === 1);
+  assert.equal(r, 1, "completed after a short read (zero-padded?)");
+  write(wr, data.subarray(1000, 5000));
+  write(wr, data.subarray(5000));
+  await pollWhile(ctx, () => r === 1);
+  assert.equal(r, 0);
+  assert.deepEqual(mem.bytes.slice(0, 2 * BS), data);
+  assert.ok(e.stats.shortReads! >= 1);
+  // EOF after a short read: the rest is zero padding, the request succeeds.
+  mem.bytes.fill(0xee);
+  write(wr, data.subarray(0, 100));
+  r = 1;
+  e.preadv(rd, q, 0, (x) => r = x);
+  await pollWhile(ctx, () => e.stats.shortReads! < 2);
+  close(wr);
+  await pollWhile(ctx, () => r === 1);
+  assert.equal(r, 0);
+  assert.deepEqual(mem.bytes.slice(0, 100), data.slice(0, 100));
+  assert.ok(mem.bytes.subarray(100, 2 * BS).every((x) => x === 0), "rest zeroed at EOF");
+  mem.unmap();
+  await e.close();
+  ctx.close();
+  close(rd);
+});
