@@ -22,6 +22,8 @@ export interface IoEngineStats {
   queued: number;
   /** Short reads whose rest was resubmitted (io_uring). */
   shortReads?: number;
+  /** Requests the kernel completed with -EAGAIN/-EINTR and that went again (io_uring). */
+  resubmitted?: number;
 }
 
 /**

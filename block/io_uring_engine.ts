@@ -56,7 +56,9 @@ const CQE_WORDS = IO_URING_CQE.size >> 2;
  * busy polling sees them without a system call). Requests are prepared from a
  * pending queue at submit time, batched under plug/unplug; when the SQ (or the
  * CQ budget) is full they wait there until completions make room. READV,
- * WRITEV, FSYNC(DATASYNC) and FALLOCATE all go through the ring.
+ * WRITEV, FSYNC(DATASYNC) and FALLOCATE all go through the ring. A short
+ * read is continued for the rest (zero padding only at EOF) and a request the
+ * kernel completes with -EAGAIN or -EINTR is submitted again, as QEMU does.
  *
  * @example
  * ```ts
@@ -282,6 +284,13 @@ export class IoUringEngine implements IoEngine {
       Atomics.store(cq, this.#cqHead, head + 1);
       this.#inKernel--;
       reaped++;
+      if (res === -EAGAIN || res === -EINTR) {
+        // The kernel gave up on this one (some kernels do for O_DIRECT under
+        // load): submit it again, as luring_process_completions does.
+        this.stats.resubmitted = (this.stats.resubmitted ?? 0) + 1;
+        this.#pending.push(slot);
+        continue;
+      }
       if (s.op[slot] === OP_READ && res > 0) {
         // io_uring may read less than asked before EOF (a buffered read cut
         // short): read the rest (luring_resubmit_short_read). 0 means EOF.

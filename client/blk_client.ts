@@ -505,12 +505,16 @@ export class VhostUserBlkClient {
         if ((spins & 1023) === 1023 && performance.now() > deadline) return false;
       }
     }
+    const deadline = performance.now() + timeoutMs;
     for (;;) {
       let ready = false;
       for (let i = 0; i < qs.length; i++) if (qs[i].ring.enableInterrupts()) ready = true;
       if (ready) return true;
-      if (this.#epoll.wait(timeoutMs) === 0) return false;
-      if (eventfdRead(this.callFd) > 0) this.interrupts++;
+      // epoll_wait also returns 0 when a signal interrupts it (EINTR): only
+      // the clock says whether the time is up.
+      const left = Math.ceil(deadline - performance.now());
+      if (left <= 0) return false;
+      if (this.#epoll.wait(left) > 0 && eventfdRead(this.callFd) > 0) this.interrupts++;
     }
   }
 

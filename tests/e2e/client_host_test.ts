@@ -408,3 +408,26 @@ for (const driver of ["null-co", "null-aio"]) {
     await s.remove();
   });
 }
+
+Deno.test("client: a signal during a blocking wait (EINTR) is not a timeout", async () => {
+  const s = await hostScratch("e2e-eintr", 0);
+  try {
+    const out = await new Deno.Command(Deno.execPath(), {
+      args: [
+        "run",
+        "-A",
+        "--no-check",
+        new URL("./fixtures/wait_eintr.ts", import.meta.url).pathname,
+        s.socket,
+      ],
+      stderr: "inherit",
+    }).output();
+    assert.ok(out.success, "fixture exit status");
+    const r = JSON.parse(new TextDecoder().decode(out.stdout).trim());
+    // Nothing was in flight: the wait lasts its whole timeout despite the signals.
+    assert.equal(r.woke, false);
+    assert.ok(r.ms >= 590, `wait("block", 600) returned after ${r.ms.toFixed(0)} ms`);
+  } finally {
+    await s.remove();
+  }
+});
