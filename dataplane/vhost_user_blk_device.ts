@@ -11,7 +11,7 @@
  */
 
 import type { IOThread } from "../aio/mod.ts";
-import { close, eventfdWrite } from "../sys/mod.ts";
+import { close, eventfdWrite, setNonBlocking } from "../sys/mod.ts";
 import {
   encodeVirtioBlkConfig,
   featureBit,
@@ -235,6 +235,10 @@ export class VhostUserBlkDevice implements VhostUserBackend {
       if (fd === null) {
         throw new Error(`queue ${index}: polling without a kick fd (NOFD) is not supported`);
       }
+      // The IOThread reads the kick fd when epoll says it is readable; a
+      // blocking fd that something else drains first (or a pipe) would hang
+      // it there. QEMU's eventfds are non-blocking already: make sure.
+      setNonBlocking(fd, true);
       if (r.addr === null || r.num === 0) {
         throw new Error(`queue ${index}: SET_VRING_KICK before SET_VRING_NUM/ADDR`);
       }

@@ -87,6 +87,21 @@ export function setNonBlocking(fd: number, on: boolean): void {
 }
 
 /**
+ * The file status flags of `fd` (fcntl F_GETFL: O_NONBLOCK, O_APPEND, access mode).
+ *
+ * @example
+ * ```ts
+ * import { fileStatusFlags, O_NONBLOCK, pipe, setNonBlocking } from "./fd.ts";
+ * const [r] = pipe();
+ * setNonBlocking(r, true);
+ * console.assert((fileStatusFlags(r) & O_NONBLOCK) !== 0);
+ * ```
+ */
+export function fileStatusFlags(fd: number): number {
+  return check("fcntl", libc.fcntl(fd, F_GETFL, 0));
+}
+
+/**
  * Whether `fd` is an open descriptor (fcntl F_GETFD succeeds).
  *
  * @example

@@ -27,11 +27,14 @@ import type { VhostUserPayload } from "../../dataplane/vhost_user/mod.ts";
 import {
   close,
   ECONNRESET,
+  EFD_CLOEXEC,
   eventfd,
   eventfdRead,
   eventfdWrite,
+  fileStatusFlags,
   ftruncate,
   memfdCreate,
+  O_NONBLOCK,
   SysError,
 } from "../../sys/mod.ts";
 import {
@@ -454,6 +457,21 @@ async function rawAck(c: VhostUserBlkClient, request: number, bytes: Uint8Array)
 function msg(request: number, payload: VhostUserPayload, flags = VHOST_USER_NEED_REPLY_MASK) {
   return encodeMessage(request, VHOST_USER_VERSION | flags, payload);
 }
+
+Deno.test("a blocking kick fd is made non-blocking: the IOThread never blocks reading it", async () => {
+  const c = await connect(SOCK, { numQueues: 1 });
+  const ev = eventfd(0, EFD_CLOEXEC); // blocking
+  try {
+    assert.equal(fileStatusFlags(ev) & O_NONBLOCK, 0);
+    assert.ok(c.frontend.replyAck, "REPLY_ACK negotiated: a refusal would throw");
+    await c.frontend.request(VHOST_USER_SET_VRING_KICK, { kind: "u64", value: 0n }, [ev]);
+    // Same open file description on both ends of SCM_RIGHTS: the host's change shows here.
+    assert.notEqual(fileStatusFlags(ev) & O_NONBLOCK, 0, "O_NONBLOCK set by the host");
+  } finally {
+    close(ev);
+    await c.close();
+  }
+});
 
 Deno.test("malformed messages with a known length get an error reply; the session goes on", async () => {
   const c = await connect(SOCK, { numQueues: 2 });
