@@ -37,6 +37,11 @@ Deno.test(`soak: ${SECONDS} s of mixed I/O with flushes, 2 queues, cache=none ai
       queueSize: 128,
       slots: 32,
       maxBlockSize: 64 * 1024,
+      // What this test looks for is a request that never completes (a lost
+      // kick or interrupt, a dead IOThread), not slow storage: O_DIRECT writes
+      // on a shared CI disk can take seconds, so wait a minute before calling
+      // it lost. A stall report carries both sides' ring indexes.
+      timeoutMs: 60_000,
     });
     try {
       const keep = { offset: SPAN, span: 8 * MiB, blockSize: 64 * 1024, queueDepth: 8, seed: 66 };
