@@ -75,20 +75,21 @@ export async function main(args: string[]): Promise<number> {
     });
   };
   Deno.addSignalListener("SIGUSR1", sigusr1);
-  let failure: Error | null = null;
-  const failed = host.failed.then((e) => failure = e);
-  const sig = await Promise.race([signalled.promise, failed.then(() => "failure")]);
+  const end = await Promise.race([
+    signalled.promise.then((sig) => ({ sig, error: null })),
+    host.failed.then((error) => ({ sig: null, error })),
+  ]);
   Deno.removeSignalListener("SIGUSR1", sigusr1);
-  if (failure !== null) {
+  if (end.error !== null) {
     // An IOThread's loop died (a bug): its queues are dead. Say so and exit
     // rather than leave the guest waiting on a disk that never answers.
-    log(`fatal: ${(failure as Error).message}`);
+    log(`fatal: ${end.error.message}`);
     await host.server.close().catch(() => {});
     Deno.removeSignalListener("SIGINT", sigint);
     Deno.removeSignalListener("SIGTERM", sigterm);
     return 1;
   }
-  log(`${sig}: stopping (waiting for in-flight requests)`);
+  log(`${end.sig}: stopping (waiting for in-flight requests)`);
   const stats = await host.stop();
   Deno.removeSignalListener("SIGINT", sigint);
   Deno.removeSignalListener("SIGTERM", sigterm);
