@@ -70,9 +70,14 @@ export async function main(args: string[]): Promise<number> {
   // SIGUSR1: print the counters and every running ring's state (a stuck
   // IOThread shows as no answer).
   const sigusr1 = () => {
-    host.stats().then((s) => log(`SIGUSR1: stats\n${formatStats(s)}`), (e) => {
-      log(`SIGUSR1: no stats: ${(e as Error).message}`);
+    let timer: ReturnType<typeof setTimeout> | undefined;
+    const stuck = new Promise<never>((_, reject) => {
+      timer = setTimeout(() => reject(new Error("an IOThread did not answer in 2 s")), 2000);
     });
+    Promise.race([host.stats(), stuck]).then(
+      (s) => log(`SIGUSR1: stats\n${formatStats(s)}`),
+      (e) => log(`SIGUSR1: no stats: ${(e as Error).message}`),
+    ).finally(() => clearTimeout(timer));
   };
   Deno.addSignalListener("SIGUSR1", sigusr1);
   const end = await Promise.race([
