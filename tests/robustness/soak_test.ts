@@ -3,7 +3,8 @@
 // aio=io_uring, host in its own process. Zero errors; a pattern written
 // before the soak (outside the soaked span) is intact after it; a verify pass
 // at the end; the host's VmRSS is stable (last quarter within 20% of the
-// first). SOAK_SECONDS lengthens it (default 25 s of load).
+// first); the host's SIGUSR1 dump answers under load. SOAK_SECONDS lengthens it
+// (default 25 s of load).
 
 import assert from "node:assert/strict";
 import { runWorkload, verify } from "../../client/workload.ts";
@@ -69,6 +70,13 @@ Deno.test(`soak: ${SECONDS} s of mixed I/O with flushes, 2 queues, cache=none ai
         errors += r.errors;
         for (const qi of [0, 1]) assert.equal(await c.execute(qi, (q) => q.flush(0)), 0, "flush");
         rss.push(host.rssKiB());
+        if (round === 3) {
+          // The SIGUSR1 dump works on a loaded host (and so will on a stall).
+          const dump = await host.dumpState();
+          for (const qi of [0, 1]) {
+            assert.match(dump, new RegExp(`queue ${qi}: \\d+ requests.*\\n {4}ring: avail \\d+`));
+          }
+        }
       }
       assert.equal(errors, 0, `${errors} of ${ops} requests failed`);
       assert.ok(ops > 1000, `only ${ops} requests in ${SECONDS} s`);
