@@ -16,7 +16,7 @@ import {
   VHOST_USER_SET_VRING_ERR,
 } from "../../dataplane/vhost_user/mod.ts";
 import { close, eventfd, eventfdRead, eventfdWrite } from "../../sys/mod.ts";
-import { makeScratchDir, ServerProcess } from "../harness/mod.ts";
+import { ServerProcess } from "../harness/mod.ts";
 
 export const MiB = 1 << 20;
 /** Reply / completion timeout of the tests' clients (the host may share 2 CPUs with others). */
@@ -24,30 +24,11 @@ export const TIMEOUT_MS = 20000;
 const REPO = new URL("../../", import.meta.url).pathname;
 const HOST_MAIN = new URL("../../dataplane/main.ts", import.meta.url).pathname;
 
-/** A scratch directory (on the repository's file system: O_DIRECT works) with an image path. */
-export interface Scratch {
-  dir: string;
-  image: string;
-  socket: string;
-  remove(): Promise<void>;
-}
-
-/** Creates a scratch directory and a sparse image of `size` bytes (0: no image). */
-export async function scratch(prefix: string, size: number): Promise<Scratch> {
-  const dir = await makeScratchDir(prefix);
-  const image = `${dir}/disk.raw`;
-  if (size > 0) {
-    const f = await Deno.open(image, { create: true, write: true });
-    await f.truncate(size);
-    f.close();
-  }
-  return {
-    dir,
-    image,
-    socket: `${dir}/blk.sock`,
-    remove: () => Deno.remove(dir, { recursive: true }),
-  };
-}
+/**
+ * A scratch directory (on the repository's file system: O_DIRECT works) with a
+ * sparse image of `size` bytes and a socket path: the e2e tests' helper.
+ */
+export { type HostScratch as Scratch, hostScratch as scratch } from "../e2e/host_util.ts";
 
 /** Starts a host in this process from CLI-style flags; log lines are collected. */
 export { startHost } from "../e2e/host_util.ts";
