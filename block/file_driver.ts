@@ -179,19 +179,7 @@ export class FileDriver implements BlockDriver {
       this.#ctx.scheduleOneshot(() => cb(0));
       return;
     }
-    this.engine.fallocate(
-      this.fd,
-      FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-      offset,
-      bytes,
-      (ret) => {
-        if (ret === -EOPNOTSUPP) {
-          this.#hasPunchHole = false;
-          ret = 0;
-        }
-        cb(ret);
-      },
-    );
+    this.#punchHole(offset, bytes, cb, () => cb(0));
   }
 
   /**
@@ -200,20 +188,23 @@ export class FileDriver implements BlockDriver {
    */
   pwriteZeroes(offset: number, bytes: number, unmap: boolean, cb: BlockCompletion): void {
     if (unmap && this.#discardUnmap && this.#hasPunchHole && !this.isBlockDevice) {
-      this.engine.fallocate(
-        this.fd,
-        FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-        offset,
-        bytes,
-        (ret) => {
-          if (ret !== -EOPNOTSUPP) return cb(ret);
-          this.#hasPunchHole = false;
-          this.#zeroRange(offset, bytes, cb);
-        },
-      );
+      this.#punchHole(offset, bytes, cb, () => this.#zeroRange(offset, bytes, cb));
       return;
     }
     this.#zeroRange(offset, bytes, cb);
+  }
+
+  /**
+   * fallocate(PUNCH_HOLE|KEEP_SIZE); on EOPNOTSUPP remembers that the file
+   * cannot and runs `unsupported` instead of completing.
+   */
+  #punchHole(offset: number, bytes: number, cb: BlockCompletion, unsupported: () => void): void {
+    const mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
+    this.engine.fallocate(this.fd, mode, offset, bytes, (ret) => {
+      if (ret !== -EOPNOTSUPP) return cb(ret);
+      this.#hasPunchHole = false;
+      unsupported();
+    });
   }
 
   /** Forwards to the engine. */
