@@ -21,9 +21,10 @@ import { AioTimer, TimerList } from "./aio_timer.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { AioHandler } from "./mod.ts";
  * const h: AioHandler = { read() {}, poll: () => false };
- * console.assert(typeof h.read === "function");
+ * assert.equal(typeof h.read, "function");
  * ```
  */
 export interface AioHandler {
@@ -68,10 +69,11 @@ export interface AioContextOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "./mod.ts";
  * const ctx = new AioContext();
  * ctx.poll(false);
- * console.assert(ctx.stats.polls === 1);
+ * assert.equal(ctx.stats.polls, 1);
  * ctx.close();
  * ```
  */
@@ -130,10 +132,11 @@ const NOTIFIED = 1; // set by aio_notify, cleared by the owner when it wakes
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext, aioNotify } from "./mod.ts";
  * const ctx = new AioContext();
  * aioNotify(ctx.notifyHandle);
- * console.assert(!ctx.poll(true)); // woke at once; a wake-up is not progress
+ * assert(!ctx.poll(true)); // woke at once; a wake-up is not progress
  * ctx.close();
  * ```
  */
@@ -177,13 +180,15 @@ function timeoutMs(ns: number): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext, EventNotifier } from "./mod.ts";
  * const ctx = new AioContext();
  * const n = new EventNotifier();
  * let hits = 0;
  * ctx.setEventNotifier(n, () => { n.testAndClear(); hits++; });
  * n.set();
- * console.assert(ctx.poll(true) && hits === 1);
+ * assert(ctx.poll(true));
+ * assert.equal(hits, 1);
  * ctx.setEventNotifier(n, null);
  * n.close(); ctx.close();
  * ```
@@ -298,9 +303,10 @@ export class AioContext {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
-   * console.assert(ctx.now() > 0);
+   * assert(ctx.now() > 0);
    * ctx.close();
    * ```
    */
@@ -315,6 +321,7 @@ export class AioContext {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * import { pipe, write, close } from "../sys/mod.ts";
    * const ctx = new AioContext();
@@ -323,7 +330,7 @@ export class AioContext {
    * ctx.setFdHandler(r, { read() { got = true; ctx.setFdHandler(r, null); } });
    * write(w, new Uint8Array([1]));
    * ctx.poll(true);
-   * console.assert(got);
+   * assert(got);
    * close(r); close(w); ctx.close();
    * ```
    */
@@ -401,13 +408,14 @@ export class AioContext {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
    * const order: number[] = [];
    * const a = ctx.bhNew(() => order.push(1)), b = ctx.bhNew(() => order.push(2));
    * b.schedule(); a.schedule();
    * ctx.poll(false);
-   * console.assert(order.join() === "2,1");
+   * assert.equal(order.join(), "2,1");
    * ctx.close();
    * ```
    */
@@ -420,12 +428,13 @@ export class AioContext {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
    * let ran = false;
    * ctx.scheduleOneshot(() => ran = true);
    * ctx.poll(false);
-   * console.assert(ran);
+   * assert(ran);
    * ctx.close();
    * ```
    */
@@ -438,10 +447,11 @@ export class AioContext {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
    * const t = ctx.timerNew(() => {});
-   * console.assert(!t.pending);
+   * assert(!t.pending);
    * ctx.close();
    * ```
    */
@@ -465,9 +475,10 @@ export class AioContext {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
-   * console.assert(ctx.poll(false) === false);
+   * assert.equal(ctx.poll(false), false);
    * ctx.close();
    * ```
    */

@@ -7,13 +7,14 @@
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "./mod.ts";
  * const ctx = new AioContext();
  * let fired = false;
  * const t = ctx.timerNew(() => fired = true);
  * t.modNs(ctx.now() + 1_000_000); // in 1 ms
  * while (!fired) ctx.poll(true);
- * console.assert(!t.pending);
+ * assert(!t.pending);
  * ctx.close();
  * ```
  */
@@ -48,11 +49,12 @@ export class AioTimer {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
    * const t = ctx.timerNew(() => {});
    * t.modNs(ctx.now() + 1e9);
-   * console.assert(t.pending);
+   * assert(t.pending);
    * t.del();
    * ctx.close();
    * ```
@@ -68,11 +70,12 @@ export class AioTimer {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
    * const t = ctx.timerNew(() => {});
    * t.modNs(0); t.del();
-   * console.assert(!ctx.poll(false));
+   * assert(!ctx.poll(false));
    * ctx.close();
    * ```
    */

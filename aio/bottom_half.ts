@@ -7,13 +7,15 @@
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "./mod.ts";
  * const ctx = new AioContext();
  * let runs = 0;
  * const bh = ctx.bhNew(() => runs++, "example");
  * bh.schedule(); bh.schedule();
  * ctx.poll(false);
- * console.assert(runs === 1 && !bh.scheduled);
+ * assert.equal(runs, 1);
+ * assert(!bh.scheduled);
  * ctx.close();
  * ```
  */
@@ -54,11 +56,12 @@ export class BottomHalf {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
    * const bh = ctx.bhNew(() => {});
    * bh.schedule();
-   * console.assert(bh.scheduled);
+   * assert(bh.scheduled);
    * ctx.close();
    * ```
    */
@@ -73,13 +76,14 @@ export class BottomHalf {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
    * let ran = false;
    * const bh = ctx.bhNew(() => ran = true);
    * bh.schedule(); bh.cancel();
    * ctx.poll(false);
-   * console.assert(!ran);
+   * assert(!ran);
    * ctx.close();
    * ```
    */
@@ -92,11 +96,13 @@ export class BottomHalf {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext } from "./mod.ts";
    * const ctx = new AioContext();
    * const bh = ctx.bhNew(() => {});
    * bh.schedule(); bh.delete();
-   * console.assert(!ctx.poll(false) && bh.deleted);
+   * assert(!ctx.poll(false));
+   * assert(bh.deleted);
    * ctx.close();
    * ```
    */

@@ -10,9 +10,10 @@ import { EventNotifier } from "./event_notifier.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { createChannel } from "./mod.ts";
  * const init = createChannel({ slots: 4, slotBytes: 1024 });
- * console.assert(init.slotBytes === 1024);
+ * assert.equal(init.slotBytes, 1024);
  * ```
  */
 export interface ChannelInit {
@@ -63,6 +64,7 @@ const decoder = new TextDecoder();
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext, ChannelEndpoint, createChannel } from "./mod.ts";
  * const init = createChannel();
  * const a = new ChannelEndpoint(init, 0), b = new ChannelEndpoint(init, 1);
@@ -71,7 +73,7 @@ const decoder = new TextDecoder();
  * b.attach(ctx, (m) => got.push(m));
  * a.send({ hello: 1 });
  * ctx.poll(true);
- * console.assert(JSON.stringify(got) === '[{"hello":1}]');
+ * assert.equal(JSON.stringify(got), '[{"hello":1}]');
  * b.detach(); ctx.close(); b.close(); a.close();
  * ```
  */
@@ -117,12 +119,11 @@ export class ChannelEndpoint {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { ChannelEndpoint, createChannel } from "./mod.ts";
    * const init = createChannel({ slotBytes: 64 });
    * const a = new ChannelEndpoint(init, 0);
-   * let threw = false;
-   * try { a.send("x".repeat(100)); } catch (e) { threw = e instanceof RangeError; }
-   * console.assert(threw);
+   * assert.throws(() => a.send("x".repeat(100)), RangeError);
    * a.close();
    * ```
    */
@@ -225,9 +226,10 @@ export class ChannelEndpoint {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { ChannelEndpoint, createChannel } from "./mod.ts";
    * const a = new ChannelEndpoint(createChannel(), 0);
-   * console.assert(a.receive() === 0);
+   * assert.equal(a.receive(), 0);
    * a.close();
    * ```
    */

@@ -17,10 +17,12 @@ import {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { EventNotifier } from "./mod.ts";
  * const n = new EventNotifier();
  * n.set();
- * console.assert(n.testAndClear() && !n.testAndClear());
+ * assert(n.testAndClear());
+ * assert(!n.testAndClear());
  * n.close();
  * ```
  */
@@ -41,11 +43,12 @@ export class EventNotifier {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { EventNotifier } from "./mod.ts";
    * const owner = new EventNotifier();
    * const peer = EventNotifier.fromFd(owner.fd);
    * peer.set();
-   * console.assert(owner.testAndClear());
+   * assert(owner.testAndClear());
    * peer.close(); owner.close();
    * ```
    */
@@ -59,10 +62,11 @@ export class EventNotifier {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { EventNotifier } from "./mod.ts";
    * const n = new EventNotifier();
    * n.set(); n.set();
-   * console.assert(n.testAndClear());
+   * assert(n.testAndClear());
    * n.close();
    * ```
    */
@@ -76,9 +80,10 @@ export class EventNotifier {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { EventNotifier } from "./mod.ts";
    * const n = new EventNotifier();
-   * console.assert(!n.testAndClear());
+   * assert(!n.testAndClear());
    * n.close();
    * ```
    */

@@ -7,9 +7,10 @@ import type { IOThreadInit } from "./iothread_worker.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { IOThreadOptions } from "./mod.ts";
  * const o: IOThreadOptions = { name: "io0", modules: [] };
- * console.assert(o.name === "io0");
+ * assert.equal(o.name, "io0");
  * ```
  */
 export interface IOThreadOptions {
@@ -60,11 +61,12 @@ function moduleUrl(m: string): string {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { IOThread } from "./mod.ts";
  * const t = await IOThread.start({ name: "io0", modules: [] });
  * let err = "";
  * await t.call("missing").catch((e) => err = e.message);
- * console.assert(err.includes("no exported function missing"));
+ * assert(err.includes("no exported function missing"));
  * await t.stop();
  * ```
  */
@@ -136,9 +138,10 @@ export class IOThread {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { IOThread } from "./mod.ts";
    * const t = await IOThread.start({ name: "io1", modules: [], pollMaxNs: 0 });
-   * console.assert(t.startupMs > 0);
+   * assert(t.startupMs > 0);
    * await t.stop();
    * ```
    */

@@ -25,9 +25,10 @@ export type ThreadPoolCompletion = (ret: number) => void;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { ThreadPoolOptions } from "./mod.ts";
  * const o: ThreadPoolOptions = { maxThreads: 4, idleTimeoutMs: 1000 };
- * console.assert(o.maxThreads === 4);
+ * assert.equal(o.maxThreads, 4);
  * ```
  */
 export interface ThreadPoolOptions {
@@ -51,9 +52,10 @@ export interface ThreadPoolOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { ThreadPoolRequest } from "./mod.ts";
  * const isDone = (r: ThreadPoolRequest) => r.done;
- * console.assert(typeof isDone === "function");
+ * assert.equal(typeof isDone, "function");
  * ```
  */
 export class ThreadPoolRequest {
@@ -94,13 +96,14 @@ const WORKER_URL = new URL("./thread_pool_worker.ts", import.meta.url);
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext, ThreadPool } from "./mod.ts";
  * const ctx = new AioContext();
  * const pool = new ThreadPool(ctx, { maxThreads: 1 });
  * let ret = 1;
  * pool.submitFdatasync(-1, (r) => ret = r); // a bad fd
  * while (ret === 1) await ctx.pollAsync();
- * console.assert(ret === -9); // -EBADF, delivered in ctx's thread
+ * assert.equal(ret, -9); // -EBADF, delivered in ctx's thread
  * await pool.close();
  * ctx.close();
  * ```
@@ -185,12 +188,13 @@ export class ThreadPool {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext, ThreadPool } from "./mod.ts";
    * const ctx = new AioContext(), pool = new ThreadPool(ctx);
    * let ret = 1;
    * pool.submitPreadv(-1, 0, 0, 0, (r) => ret = r);
    * while (ret === 1) await ctx.pollAsync();
-   * console.assert(ret === -9);
+   * assert.equal(ret, -9);
    * await pool.close(); ctx.close();
    * ```
    */
@@ -209,12 +213,13 @@ export class ThreadPool {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext, ThreadPool } from "./mod.ts";
    * const ctx = new AioContext(), pool = new ThreadPool(ctx);
    * let ret = 1;
    * pool.submitPwritev(-1, 0, 0, 0, (r) => ret = r);
    * while (ret === 1) await ctx.pollAsync();
-   * console.assert(ret === -9);
+   * assert.equal(ret, -9);
    * await pool.close(); ctx.close();
    * ```
    */
@@ -233,12 +238,13 @@ export class ThreadPool {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext, ThreadPool } from "./mod.ts";
    * const ctx = new AioContext(), pool = new ThreadPool(ctx);
    * let ret = 1;
    * pool.submitFdatasync(-1, (r) => ret = r);
    * while (ret === 1) await ctx.pollAsync();
-   * console.assert(ret === -9);
+   * assert.equal(ret, -9);
    * await pool.close(); ctx.close();
    * ```
    */
@@ -251,12 +257,13 @@ export class ThreadPool {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext, ThreadPool } from "./mod.ts";
    * const ctx = new AioContext(), pool = new ThreadPool(ctx);
    * let ret = 1;
    * pool.submitFallocate(-1, 0, 0, 4096, (r) => ret = r);
    * while (ret === 1) await ctx.pollAsync();
-   * console.assert(ret === -9);
+   * assert.equal(ret, -9);
    * await pool.close(); ctx.close();
    * ```
    */
@@ -328,11 +335,12 @@ export class ThreadPool {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { AioContext, ThreadPool } from "./mod.ts";
    * const ctx = new AioContext(), pool = new ThreadPool(ctx);
    * let ret = 1;
    * const req = pool.submitFdatasync(-1, (r) => ret = r);
-   * if (pool.cancel(req)) { ctx.poll(false); console.assert(ret === -125); }
+   * if (pool.cancel(req)) { ctx.poll(false); assert.equal(ret, -125); }
    * while (ret === 1) await ctx.pollAsync();
    * await pool.close(); ctx.close();
    * ```

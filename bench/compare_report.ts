@@ -47,8 +47,10 @@ export interface Cell {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { median } from "./compare_report.ts";
- * console.assert(median([3, 1, 2]) === 2 && median([4, 1, 2, 3]) === 2.5);
+ * assert.equal(median([3, 1, 2]), 2);
+ * assert.equal(median([4, 1, 2, 3]), 2.5);
  * ```
  */
 export function median(xs: number[]): number {
@@ -107,8 +109,9 @@ function fmtUs(n: number | undefined): string {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { formatTable } from "./compare_report.ts";
- * console.assert(formatTable([]).split("\n").length === 2);
+ * assert.equal(formatTable([]).split("\n").length, 2);
  * ```
  */
 export function formatTable(cells: Cell[]): string {

@@ -62,8 +62,9 @@ const USER_HZ = 100;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { processCpuMs } from "./compare_servers.ts";
- * console.assert(processCpuMs(Deno.pid) >= 0);
+ * assert(processCpuMs(Deno.pid) >= 0);
  * ```
  */
 export function processCpuMs(pid: number): number {

@@ -109,9 +109,11 @@ function panel(
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { renderCompareSvg } from "./compare_svg.ts";
  * const svg = renderCompareSvg([], "empty");
- * console.assert(svg.startsWith("<svg") && svg.trimEnd().endsWith("</svg>"));
+ * assert(svg.startsWith("<svg"));
+ * assert(svg.trimEnd().endsWith("</svg>"));
  * ```
  */
 export function renderCompareSvg(cells: Cell[], subtitle: string): string {

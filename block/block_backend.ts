@@ -15,11 +15,12 @@ import { RawDriver } from "./raw_driver.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { BlockDevOps } from "./block_backend.ts";
  * let paused = false;
  * const ops: BlockDevOps = { drainedBegin: () => paused = true, drainedEnd: () => paused = false };
  * ops.drainedBegin!();
- * console.assert(paused);
+ * assert(paused);
  * ```
  */
 export interface BlockDevOps {
@@ -33,9 +34,10 @@ export interface BlockDevOps {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { BlockBackendExtras } from "./block_backend.ts";
  * const x: BlockBackendExtras = {};
- * console.assert(x.engine === undefined);
+ * assert.equal(x.engine, undefined);
  * ```
  */
 export interface BlockBackendExtras {
@@ -78,6 +80,7 @@ const OP_READ = 0, OP_WRITE = 1;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { BlockBackend } from "./block_backend.ts";
  * import { IoVector } from "./io_vector.ts";
@@ -87,7 +90,8 @@ const OP_READ = 0, OP_WRITE = 1;
  * let ret = 1;
  * blk.aioPreadv(0, IoVector.fromBuffers([buf]), (r) => ret = r);
  * while (blk.inFlight > 0) ctx.poll(true);
- * console.assert(ret === 0 && buf[0] === 0);
+ * assert.equal(ret, 0);
+ * assert.equal(buf[0], 0);
  * await blk.close();
  * ctx.close();
  * ```

@@ -5,8 +5,9 @@ import type { IoVector } from "./io_vector.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { BlockCompletion } from "./block_driver.ts";
- * const cb: BlockCompletion = (ret) => console.assert(ret <= 0);
+ * const cb: BlockCompletion = (ret) => assert(ret <= 0);
  * cb(0);
  * ```
  */
@@ -24,11 +25,12 @@ export type BlockCompletion = (ret: number) => void;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { BlockDriver } from "./block_driver.ts";
  * function describe(d: BlockDriver): string {
  *   return `${d.name}: ${d.length} bytes, align ${d.requestAlignment}`;
  * }
- * console.assert(typeof describe === "function");
+ * assert.equal(typeof describe, "function");
  * ```
  */
 export interface BlockDriver {

@@ -7,9 +7,10 @@
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { BlockOptions } from "./block_options.ts";
  * const o: BlockOptions = { driver: "file", filename: "disk.img", cache: "none", aio: "native" };
- * console.assert(o.cache === "none");
+ * assert.equal(o.cache, "none");
  * ```
  */
 export interface BlockOptions {
@@ -66,9 +67,11 @@ const ALIASES: Record<string, string> = {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parseBlockOptions } from "./block_options.ts";
  * const o = parseBlockOptions("driver=file,filename=/tmp/x.img,cache=none,aio=native,read-only=on");
- * console.assert(o.aio === "native" && o.readOnly === true);
+ * assert.equal(o.aio, "native");
+ * assert.equal(o.readOnly, true);
  * ```
  */
 export function parseBlockOptions(spec: string): BlockOptions {
@@ -98,10 +101,9 @@ export function parseBlockOptions(spec: string): BlockOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { validateBlockOptions } from "./block_options.ts";
- * let failed = false;
- * try { validateBlockOptions({ driver: "file" }); } catch { failed = true; }
- * console.assert(failed); // no filename
+ * assert.throws(() => validateBlockOptions({ driver: "file" }), /filename is required/);
  * ```
  */
 export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {

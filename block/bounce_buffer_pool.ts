@@ -10,12 +10,14 @@ const GRANULE = 64 * 1024;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { BounceBufferPool } from "./bounce_buffer_pool.ts";
  * const p = new BounceBufferPool();
  * const b = p.get(1000);
- * console.assert(b.length >= 1000 && b.addr % 4096 === 0);
+ * assert(b.length >= 1000);
+ * assert.equal(b.addr % 4096, 0);
  * p.put(b);
- * console.assert(p.get(10) === b);
+ * assert.equal(p.get(10), b);
  * p.close();
  * ```
  */

@@ -31,9 +31,10 @@ import { BounceBufferPool } from "./bounce_buffer_pool.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { FileDriverOptions } from "./file_driver.ts";
  * const o: FileDriverOptions = { filename: "disk.img", direct: true, aio: "io_uring" };
- * console.assert(o.direct);
+ * assert(o.direct);
  * ```
  */
 export interface FileDriverOptions {
@@ -67,13 +68,15 @@ const ZERO_CHUNK = 1 << 20;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { FileDriver } from "./file_driver.ts";
  * const path = Deno.makeTempFileSync();
  * Deno.truncateSync(path, 1 << 20);
  * const ctx = new AioContext();
  * const d = FileDriver.open(ctx, { filename: path, aio: "io_uring" });
- * console.assert(d.length === 1 << 20 && d.requestAlignment === 1);
+ * assert.equal(d.length, 1 << 20);
+ * assert.equal(d.requestAlignment, 1);
  * await d.close();
  * ctx.close();
  * ```

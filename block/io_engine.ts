@@ -6,9 +6,10 @@ import type { BlockCompletion } from "./block_driver.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { IoEngineStats } from "./io_engine.ts";
  * const s: IoEngineStats = { submitCalls: 0, submitted: 0, completed: 0, queued: 0 };
- * console.assert(s.submitCalls === 0);
+ * assert.equal(s.submitCalls, 0);
  * ```
  */
 export interface IoEngineStats {
@@ -38,11 +39,12 @@ export interface IoEngineStats {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { IoEngine } from "./io_engine.ts";
  * function batched(e: IoEngine, submit: () => void): void {
  *   e.plug(); submit(); e.unplug();
  * }
- * console.assert(typeof batched === "function");
+ * assert.equal(typeof batched, "function");
  * ```
  */
 export interface IoEngine {
@@ -71,9 +73,10 @@ export interface IoEngine {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { IoEngineKind } from "./io_engine.ts";
  * const k: IoEngineKind = "io_uring";
- * console.assert(k.length > 0);
+ * assert(k.length > 0);
  * ```
  */
 export type IoEngineKind = "threads" | "native" | "io_uring";

@@ -42,10 +42,11 @@ export function createIoEngine(ctx: AioContext, kind: IoEngineKind): IoEngine {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { acquireIoEngine, releaseIoEngine } from "./io_engine_registry.ts";
  * const ctx = new AioContext();
- * console.assert(acquireIoEngine(ctx, "native") === acquireIoEngine(ctx, "native"));
+ * assert.equal(acquireIoEngine(ctx, "native"), acquireIoEngine(ctx, "native"));
  * await releaseIoEngine(ctx, "native"); await releaseIoEngine(ctx, "native");
  * ctx.close();
  * ```

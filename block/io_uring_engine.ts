@@ -33,9 +33,10 @@ import {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { IoUringOptions } from "./io_uring_engine.ts";
  * const o: IoUringOptions = { entries: 4 }; // tiny SQ: exercises the overflow queue
- * console.assert(o.entries === 4);
+ * assert.equal(o.entries, 4);
  * ```
  */
 export interface IoUringOptions {
@@ -62,11 +63,12 @@ const CQE_WORDS = IO_URING_CQE.size >> 2;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { IoUringEngine } from "./io_uring_engine.ts";
  * const ctx = new AioContext();
  * const e = new IoUringEngine(ctx, { entries: 8 });
- * console.assert(e.kind === "io_uring");
+ * assert.equal(e.kind, "io_uring");
  * await e.close();
  * ctx.close();
  * ```

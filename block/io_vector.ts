@@ -12,10 +12,12 @@ import { addressOf, copyMemory, fillMemory, IOVEC } from "../sys/mod.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { IoVector } from "./io_vector.ts";
  * const a = new Uint8Array(4096), b = new Uint8Array(512);
  * const qiov = IoVector.fromBuffers([a, b]);
- * console.assert(qiov.niov === 2 && qiov.size === 4608);
+ * assert.equal(qiov.niov, 2);
+ * assert.equal(qiov.size, 4608);
  * ```
  */
 export class IoVector {
@@ -50,8 +52,9 @@ export class IoVector {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { IoVector } from "./io_vector.ts";
-   * console.assert(IoVector.fromBuffers([new Uint8Array(8)]).size === 8);
+   * assert.equal(IoVector.fromBuffers([new Uint8Array(8)]).size, 8);
    * ```
    */
   static fromBuffers(bufs: Uint8Array[]): IoVector {
@@ -109,12 +112,15 @@ export class IoVector {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { IoVector } from "./io_vector.ts";
    * const q = new IoVector(2);
    * q.add(4096, 512);
    * q.add(8192, 512);
    * const t = q.tail(600);
-   * console.assert(t.niov === 1 && t.base(0) === 8192 + 88 && t.size === 424);
+   * assert.equal(t.niov, 1);
+   * assert.equal(t.base(0), 8192 + 88);
+   * assert.equal(t.size, 424);
    * ```
    */
   tail(from: number): IoVector {
@@ -150,10 +156,12 @@ export class IoVector {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { IoVector } from "./io_vector.ts";
    * const q = new IoVector(2);
    * q.add(4096, 512);
-   * console.assert(q.isAligned(512, 512) && !q.isAligned(4096, 4096));
+   * assert(q.isAligned(512, 512));
+   * assert(!q.isAligned(4096, 4096));
    * ```
    */
   isAligned(memAlign: number, lenAlign: number): boolean {
@@ -169,12 +177,13 @@ export class IoVector {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { IoVector } from "./io_vector.ts";
    * import { addressOf } from "../sys/mod.ts";
    * const q = IoVector.fromBuffers([new Uint8Array([1, 2]), new Uint8Array([3])]);
    * const out = new Uint8Array(3);
    * q.copyTo(addressOf(out));
-   * console.assert(out.join() === "1,2,3");
+   * assert.equal(out.join(), "1,2,3");
    * ```
    */
   copyTo(dst: number): void {
@@ -191,11 +200,13 @@ export class IoVector {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { IoVector } from "./io_vector.ts";
    * import { addressOf } from "../sys/mod.ts";
    * const a = new Uint8Array(2), b = new Uint8Array(1);
    * IoVector.fromBuffers([a, b]).copyFrom(addressOf(new Uint8Array([7, 8, 9])));
-   * console.assert(a.join() === "7,8" && b[0] === 9);
+   * assert.equal(a.join(), "7,8");
+   * assert.equal(b[0], 9);
    * ```
    */
   copyFrom(src: number): void {
@@ -212,10 +223,12 @@ export class IoVector {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { IoVector } from "./io_vector.ts";
    * const a = new Uint8Array([1, 1]), b = new Uint8Array([1, 1]);
    * IoVector.fromBuffers([a, b]).fill(1, 0);
-   * console.assert(a.join() === "1,0" && b.join() === "0,0");
+   * assert.equal(a.join(), "1,0");
+   * assert.equal(b.join(), "0,0");
    * ```
    */
   fill(from: number, byte: number): void {

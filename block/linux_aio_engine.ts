@@ -24,9 +24,10 @@ import { acquireThreadPool, releaseThreadPool } from "./thread_pool_registry.ts"
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { LinuxAioOptions } from "./linux_aio_engine.ts";
  * const o: LinuxAioOptions = { maxEvents: 2 }; // tiny queue: exercises the pending path
- * console.assert(o.maxEvents === 2);
+ * assert.equal(o.maxEvents, 2);
  * ```
  */
 export interface LinuxAioOptions {
@@ -56,11 +57,13 @@ export interface LinuxAioOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { LinuxAioEngine } from "./linux_aio_engine.ts";
  * const ctx = new AioContext();
  * const e = new LinuxAioEngine(ctx, { maxEvents: 8 });
- * console.assert(e.kind === "native" && e.usesRing);
+ * assert.equal(e.kind, "native");
+ * assert(e.usesRing);
  * await e.close();
  * ctx.close();
  * ```

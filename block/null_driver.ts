@@ -7,9 +7,10 @@ import type { BlockCompletion, BlockDriver } from "./block_driver.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { NullDriverOptions } from "./null_driver.ts";
  * const o: NullDriverOptions = { size: 1 << 30, readZeroes: true };
- * console.assert(o.readZeroes);
+ * assert(o.readZeroes);
  * ```
  */
 export interface NullDriverOptions {
@@ -27,6 +28,7 @@ export interface NullDriverOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { NullCoDriver } from "./null_driver.ts";
  * import { IoVector } from "./io_vector.ts";
@@ -34,9 +36,9 @@ export interface NullDriverOptions {
  * const d = new NullCoDriver(ctx, { size: 4096 });
  * let got = 1;
  * d.preadv(0, IoVector.fromBuffers([new Uint8Array(512)]), (r) => got = r);
- * console.assert(got === 1); // not yet: completes from the BH
+ * assert.equal(got, 1); // not yet: completes from the BH
  * ctx.poll(false);
- * console.assert(got === 0);
+ * assert.equal(got, 0);
  * await d.close();
  * ctx.close();
  * ```
@@ -126,6 +128,7 @@ export class NullCoDriver implements BlockDriver {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { NullAioDriver } from "./null_driver.ts";
  * import { IoVector } from "./io_vector.ts";
@@ -135,7 +138,8 @@ export class NullCoDriver implements BlockDriver {
  * let got = 1;
  * d.preadv(0, IoVector.fromBuffers([buf]), (r) => got = r);
  * ctx.poll(false);
- * console.assert(got === 0 && buf[0] === 0);
+ * assert.equal(got, 0);
+ * assert.equal(buf[0], 0);
  * await d.close();
  * ctx.close();
  * ```

@@ -6,9 +6,10 @@ import type { BlockCompletion, BlockDriver } from "./block_driver.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { RawDriverOptions } from "./raw_driver.ts";
  * const o: RawDriverOptions = { offset: 1 << 20, size: 64 << 20 }; // a partition
- * console.assert(o.offset === 1048576);
+ * assert.equal(o.offset, 1048576);
  * ```
  */
 export interface RawDriverOptions {
@@ -26,12 +27,13 @@ export interface RawDriverOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { NullCoDriver } from "./null_driver.ts";
  * import { RawDriver } from "./raw_driver.ts";
  * const ctx = new AioContext();
  * const raw = new RawDriver(new NullCoDriver(ctx, { size: 8192 }), { offset: 4096 });
- * console.assert(raw.length === 4096);
+ * assert.equal(raw.length, 4096);
  * await raw.close();
  * ctx.close();
  * ```

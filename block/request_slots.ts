@@ -20,12 +20,14 @@ export const OP_FALLOCATE = 3;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { RequestSlots, OP_READ } from "./request_slots.ts";
  * const s = new RequestSlots();
  * const slot = s.alloc(OP_READ, 3, null, 0, 0, 0, () => {});
- * console.assert(s.inUse === 1);
+ * assert.equal(s.inUse, 1);
  * s.release(slot);
- * console.assert(s.inUse === 0 && s.alloc(OP_READ, 3, null, 0, 0, 0, () => {}) === slot);
+ * assert.equal(s.inUse, 0);
+ * assert.equal(s.alloc(OP_READ, 3, null, 0, 0, 0, () => {}), slot);
  * ```
  */
 export class RequestSlots {
@@ -125,10 +127,13 @@ export class RequestSlots {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { SlotFifo } from "./request_slots.ts";
  * const q = new SlotFifo(2);
  * q.push(1); q.push(2); q.push(3);
- * console.assert(q.length === 3 && q.peek(0) === 1 && q.shift() === 1);
+ * assert.equal(q.length, 3);
+ * assert.equal(q.peek(0), 1);
+ * assert.equal(q.shift(), 1);
  * ```
  */
 export class SlotFifo {

@@ -14,11 +14,12 @@ import { acquireThreadPool, releaseThreadPool } from "./thread_pool_registry.ts"
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { ThreadPoolEngine } from "./thread_pool_engine.ts";
  * const ctx = new AioContext();
  * const e = new ThreadPoolEngine(ctx);
- * console.assert(e.kind === "threads");
+ * assert.equal(e.kind, "threads");
  * await e.close();
  * ctx.close();
  * ```

@@ -21,11 +21,12 @@ const POOL_MIN_THREADS = 8;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { acquireThreadPool, releaseThreadPool } from "./thread_pool_registry.ts";
  * import { AioContext } from "../aio/mod.ts";
  * const ctx = new AioContext();
  * const a = acquireThreadPool(ctx), b = acquireThreadPool(ctx);
- * console.assert(a === b);
+ * assert.equal(a, b);
  * await releaseThreadPool(ctx); await releaseThreadPool(ctx);
  * ctx.close();
  * ```

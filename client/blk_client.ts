@@ -276,9 +276,10 @@ export type WaitMode = "poll" | "block" | "async";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VhostUserBlkClient } from "./blk_client.ts";
  * // Needs a back-end; see tests/client/client_qsd_test.ts.
- * console.assert(typeof VhostUserBlkClient.connect === "function");
+ * assert.equal(typeof VhostUserBlkClient.connect, "function");
  * ```
  */
 export class VhostUserBlkClient {

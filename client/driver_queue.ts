@@ -23,13 +23,14 @@ import {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { GuestRam } from "./guest_ram.ts";
  * import { DriverQueue } from "./driver_queue.ts";
  * const ram = GuestRam.create(1 << 20, 1);
  * const q = new DriverQueue(ram, 0, 8, true);
  * q.setDesc(0, 0x1000, 16, 0, 0);
  * q.addAvail(0);
- * console.assert(q.publish() === true); // avail_event is 0: the device wants a kick
+ * assert.equal(q.publish(), true); // avail_event is 0: the device wants a kick
  * ram.close();
  * ```
  */
@@ -167,11 +168,12 @@ export class DriverQueue {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestRam } from "./guest_ram.ts";
    * import { DriverQueue } from "./driver_queue.ts";
    * const ram = GuestRam.create(1 << 20, 1);
    * const q = new DriverQueue(ram, 0, 8, true);
-   * console.assert(q.describe().startsWith("avail 0/0 used 0"));
+   * assert(q.describe().startsWith("avail 0/0 used 0"));
    * ram.close();
    * ```
    */

@@ -37,9 +37,11 @@ import {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { FrontendError } from "./frontend.ts";
  * const e = new FrontendError("nack", "SET_MEM_TABLE failed", 22);
- * console.assert(e.kind === "nack" && e.ackCode === 22);
+ * assert.equal(e.kind, "nack");
+ * assert.equal(e.ackCode, 22);
  * ```
  */
 export class FrontendError extends Error {
@@ -69,12 +71,9 @@ export interface FrontendReply {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VhostUserFrontend } from "./frontend.ts";
- * try {
- *   await VhostUserFrontend.connect("/nonexistent/socket", 10);
- * } catch (err) {
- *   console.assert((err as Error).message.includes("ENOENT"));
- * }
+ * await assert.rejects(VhostUserFrontend.connect("/nonexistent/socket", 10), /ENOENT/);
  * ```
  */
 export class VhostUserFrontend {

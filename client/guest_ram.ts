@@ -52,10 +52,12 @@ export interface GuestBuffer {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { GuestRam } from "./guest_ram.ts";
  * const ram = GuestRam.create(1 << 20, 2);
  * const b = ram.alloc(1, 4096, 4096);
- * console.assert(b.gpa !== b.addr && ram.regions.length === 2);
+ * assert.notEqual(b.gpa, b.addr);
+ * assert.equal(ram.regions.length, 2);
  * ram.close();
  * ```
  */

@@ -55,8 +55,10 @@ export {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { vringNeedEvent } from "./virtio_blk_defs.ts";
- * console.assert(vringNeedEvent(5, 6, 5) && !vringNeedEvent(9, 6, 5));
+ * assert(vringNeedEvent(5, 6, 5));
+ * assert(!vringNeedEvent(9, 6, 5));
  * ```
  */
 export function vringNeedEvent(eventIdx: number, newIdx: number, oldIdx: number): boolean {

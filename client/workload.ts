@@ -21,11 +21,13 @@ const SUB = 64;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { LatencyHistogram } from "./workload.ts";
  * const h = new LatencyHistogram();
  * for (let i = 1; i <= 100; i++) h.record(i * 1000);
  * const p50 = h.percentile(50);
- * console.assert(p50 > 48_000 && p50 < 52_000);
+ * assert(p50 > 48_000);
+ * assert(p50 < 52_000);
  * ```
  */
 export class LatencyHistogram {
@@ -139,9 +141,10 @@ function xorshift(s: number): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { runWorkload } from "./workload.ts";
  * // Needs a connected client; see tests/client/client_qsd_test.ts.
- * console.assert(typeof runWorkload === "function");
+ * assert.equal(typeof runWorkload, "function");
  * ```
  */
 export function runWorkload(client: VhostUserBlkClient, o: WorkloadOptions): WorkloadResult {
@@ -263,8 +266,9 @@ function cpuTimes(): { user: number; system: number } {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { patternWord } from "./workload.ts";
- * console.assert(patternWord(0, 1) !== patternWord(4, 1));
+ * assert.notEqual(patternWord(0, 1), patternWord(4, 1));
  * ```
  */
 export function patternWord(offset: number, seed: number): number {
@@ -303,9 +307,10 @@ export interface VerifyResult {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { verify } from "./workload.ts";
  * // Needs a connected client; see tests/client/client_qsd_test.ts.
- * console.assert(typeof verify === "function");
+ * assert.equal(typeof verify, "function");
  * ```
  */
 export async function verify(

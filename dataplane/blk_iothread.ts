@@ -31,9 +31,10 @@ let brokenLog: string[] = [];
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { BlkImageInfo } from "./blk_iothread.ts";
  * const i: BlkImageInfo = { length: 1 << 20, requestAlignment: 1, memAlignment: 1, readOnly: false };
- * console.assert(i.length === 1048576);
+ * assert.equal(i.length, 1048576);
  * ```
  */
 export interface BlkImageInfo {
@@ -187,9 +188,10 @@ export function blkStats(ctx: AioContext): BlkThreadStats {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { BlkThreadStats } from "./blk_iothread.ts";
  * const s: BlkThreadStats = { queues: [], inFlight: 0, aio: {}, broken: [] };
- * console.assert(s.inFlight === 0);
+ * assert.equal(s.inFlight, 0);
  * ```
  */
 export interface BlkThreadStats {

@@ -68,9 +68,11 @@ export interface DemoOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parseDemoArgs } from "./demo.ts";
  * const o = parseDemoArgs(["--duration-ms", "300", "--image-size", "64M"]);
- * console.assert(o.durationMs === 300 && o.imageSize === 64 << 20);
+ * assert.equal(o.durationMs, 300);
+ * assert.equal(o.imageSize, 64 << 20);
  * ```
  */
 export function parseDemoArgs(args: string[]): DemoOptions {

@@ -23,9 +23,10 @@ const BLK_IOTHREAD_MODULE = new URL("./blk_iothread.ts", import.meta.url).href;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { HostStats } from "./host.ts";
  * const s: HostStats = { connections: 0, threads: [] };
- * console.assert(s.connections === 0);
+ * assert.equal(s.connections, 0);
  * ```
  */
 export interface HostStats {
@@ -41,11 +42,13 @@ export interface HostStats {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { deviceModel } from "./host.ts";
  * import { parseHostArgs } from "./host_options.ts";
  * const o = parseHostArgs(["--image", "null-co:1M", "--socket", "/tmp/s"]);
  * const d = deviceModel(o, { length: 1 << 20, requestAlignment: 1, memAlignment: 1, readOnly: false });
- * console.assert(d.capacity === 2048 && d.numQueues === 1);
+ * assert.equal(d.capacity, 2048);
+ * assert.equal(d.numQueues, 1);
  * ```
  */
 export function deviceModel(opts: HostOptions, image: BlkImageInfo): VirtioBlkOptions {
@@ -80,13 +83,14 @@ export function deviceModel(opts: HostOptions, image: BlkImageInfo): VirtioBlkOp
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VhostUserBlkHost } from "./host.ts";
  * import { parseHostArgs } from "./host_options.ts";
  * const dir = Deno.makeTempDirSync();
  * const host = await VhostUserBlkHost.start(
  *   parseHostArgs(["--image", "null-co:1M", "--socket", `${dir}/blk.sock`]),
  * );
- * console.assert(host.device.capacity === 2048);
+ * assert.equal(host.device.capacity, 2048);
  * await host.stop();
  * Deno.removeSync(dir, { recursive: true });
  * ```
@@ -270,8 +274,9 @@ function totals(s: HostStats) {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { formatStats } from "./host.ts";
- * console.assert(formatStats({ connections: 1, threads: [] }).includes("total"));
+ * assert(formatStats({ connections: 1, threads: [] }).includes("total"));
  * ```
  */
 export function formatStats(s: HostStats): string {

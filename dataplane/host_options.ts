@@ -71,8 +71,9 @@ const SIZE_SUFFIX: Record<string, number> = {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parseSize } from "./host_options.ts";
- * console.assert(parseSize("1G") === 1073741824);
+ * assert.equal(parseSize("1G"), 1073741824);
  * ```
  */
 export function parseSize(text: string): number {
@@ -105,9 +106,12 @@ function choice<T extends string>(name: string, text: string | undefined, def: T
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { parseHostArgs } from "./host_options.ts";
  * const o = parseHostArgs(["--image", "null-co:1G", "--socket", "/tmp/x.sock", "--queues", "2"]);
- * console.assert(o.block.driver === "null-co" && o.block.size === 1 << 30 && o.queues === 2);
+ * assert.equal(o.block.driver, "null-co");
+ * assert.equal(o.block.size, 1 << 30);
+ * assert.equal(o.queues, 2);
  * ```
  */
 export function parseHostArgs(args: string[]): HostOptions {

@@ -80,9 +80,10 @@ function closeFd(fd: number | null): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { VhostUserBlkDeviceOptions } from "./vhost_user_blk_device.ts";
  * const o: VhostUserBlkDeviceOptions = { device: { capacity: 2048, numQueues: 1 }, iothreads: [] };
- * console.assert(o.device.capacity === 2048);
+ * assert.equal(o.device.capacity, 2048);
  * ```
  */
 export interface VhostUserBlkDeviceOptions {
@@ -101,10 +102,11 @@ export interface VhostUserBlkDeviceOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
  * const dev = new VhostUserBlkDevice({ device: { capacity: 2048, numQueues: 2 }, iothreads: [] });
- * console.assert(dev.numQueues() === 2);
- * console.assert(dev.getConfig(0, 8)[1] === 8); // capacity 2048 = 0x800, little-endian
+ * assert.equal(dev.numQueues(), 2);
+ * assert.equal(dev.getConfig(0, 8)[1], 8); // capacity 2048 = 0x800, little-endian
  * ```
  */
 export class VhostUserBlkDevice implements VhostUserBackend {

@@ -45,12 +45,13 @@ import {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { DataPlaneQueueSetup } from "./virtio_blk_dataplane.ts";
  * const s: DataPlaneQueueSetup = {
  *   index: 0, size: 256, desc: 0x1000, avail: 0x2000, used: 0x3000, base: 0,
  *   kickFd: 7, callFd: 8, errFd: null, eventIdx: true, indirectDesc: true, enabled: true,
  * };
- * console.assert(s.size === 256);
+ * assert.equal(s.size, 256);
  * ```
  */
 export interface DataPlaneQueueSetup {
@@ -83,13 +84,14 @@ export interface DataPlaneQueueSetup {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { DataPlaneQueueStats } from "./virtio_blk_dataplane.ts";
  * const s: DataPlaneQueueStats = {
  *   index: 0, requests: 0, reads: 0, writes: 0, flushes: 0, discards: 0,
  *   writeZeroes: 0, getIds: 0, errors: 0, unsupported: 0, readBytes: 0, writtenBytes: 0,
  *   kicks: 0, polls: 0, notifies: 0, broken: null,
  * };
- * console.assert(s.requests === 0);
+ * assert.equal(s.requests, 0);
  * ```
  */
 export interface DataPlaneQueueStats {
@@ -195,9 +197,10 @@ function newStats(index: number): DataPlaneQueueStats {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { DataPlaneOptions } from "./virtio_blk_dataplane.ts";
  * const o: DataPlaneOptions = { device: { capacity: 2048 }, serial: "disk0", writeback: true };
- * console.assert(o.serial === "disk0");
+ * assert.equal(o.serial, "disk0");
  * ```
  */
 export interface DataPlaneOptions {
@@ -218,6 +221,7 @@ export interface DataPlaneOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { AioContext } from "../aio/mod.ts";
  * import { BlockBackend } from "../block/mod.ts";
  * import { VirtioBlkDataPlane } from "./virtio_blk_dataplane.ts";
@@ -226,7 +230,7 @@ export interface DataPlaneOptions {
  * const dp = new VirtioBlkDataPlane(ctx, blk, {
  *   device: { capacity: 2048 }, serial: "x", writeback: true,
  * });
- * console.assert(dp.inFlight === 0);
+ * assert.equal(dp.inFlight, 0);
  * await dp.close();
  * await blk.close();
  * ctx.close();

@@ -23,9 +23,11 @@ const tsBytes = new Uint8Array(ts.buffer);
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { clockNs } from "./mod.ts";
  * const a = clockNs(), b = clockNs();
- * console.assert(b >= a && a > 0);
+ * assert(b >= a);
+ * assert(a > 0);
  * ```
  */
 export function clockNs(clockId = CLOCK_MONOTONIC): number {

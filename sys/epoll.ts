@@ -44,9 +44,11 @@ const WORDS = EPOLL_EVENT.size / 4; // a packed epoll_event is three u32 words
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { EpollEvents } from "./mod.ts";
  * const ev = new EpollEvents(8);
- * console.assert(ev.count === 0 && ev.bytes.byteLength === 96);
+ * assert.equal(ev.count, 0);
+ * assert.equal(ev.bytes.byteLength, 96);
  * ```
  */
 export class EpollEvents {
@@ -86,12 +88,14 @@ export class EpollEvents {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { Epoll, EPOLLIN, eventfd, eventfdWrite, close } from "./mod.ts";
  * const ep = new Epoll();
  * const fd = eventfd();
  * ep.add(fd, EPOLLIN);
  * eventfdWrite(fd);
- * console.assert(ep.wait(0) === 1 && ep.ready.fd(0) === fd);
+ * assert.equal(ep.wait(0), 1);
+ * assert.equal(ep.ready.fd(0), fd);
  * ep.close(); close(fd);
  * ```
  */
@@ -136,11 +140,12 @@ export class Epoll {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { Epoll, EPOLLIN, EPOLLOUT, eventfd } from "./mod.ts";
    * const ep = new Epoll(), fd = eventfd();
    * ep.add(fd, EPOLLIN);
    * ep.modify(fd, EPOLLIN | EPOLLOUT);
-   * console.assert(ep.wait(0) === 1); // an eventfd is writable
+   * assert.equal(ep.wait(0), 1); // an eventfd is writable
    * ep.close();
    * ```
    */
@@ -171,9 +176,10 @@ export class Epoll {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { Epoll } from "./mod.ts";
    * const ep = new Epoll();
-   * console.assert(ep.wait(0) === 0);
+   * assert.equal(ep.wait(0), 0);
    * ep.close();
    * ```
    */
@@ -197,9 +203,10 @@ export class Epoll {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { Epoll } from "./mod.ts";
    * const ep = new Epoll();
-   * console.assert(await ep.waitAsync(1) === 0);
+   * assert.equal(await ep.waitAsync(1), 0);
    * ep.close();
    * ```
    */

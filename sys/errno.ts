@@ -117,8 +117,9 @@ const NAMES: Record<number, string> = {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { errnoName, EAGAIN } from "./errno.ts";
- * console.assert(errnoName(EAGAIN) === "EAGAIN");
+ * assert.equal(errnoName(EAGAIN), "EAGAIN");
  * ```
  */
 export function errnoName(errno: number): string {

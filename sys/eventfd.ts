@@ -44,10 +44,11 @@ export function eventfd(init = 0, flags = EFD_NONBLOCK | EFD_CLOEXEC): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { eventfd, eventfdRead, eventfdWrite, close } from "./mod.ts";
  * const fd = eventfd();
  * eventfdWrite(fd, 2);
- * console.assert(eventfdRead(fd) === 2);
+ * assert.equal(eventfdRead(fd), 2);
  * close(fd);
  * ```
  */
@@ -67,9 +68,11 @@ export function eventfdWrite(fd: number, n = 1): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { eventfd, eventfdRead, close } from "./mod.ts";
  * const fd = eventfd(3);
- * console.assert(eventfdRead(fd) === 3 && eventfdRead(fd) === 0);
+ * assert.equal(eventfdRead(fd), 3);
+ * assert.equal(eventfdRead(fd), 0);
  * close(fd);
  * ```
  */

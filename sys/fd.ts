@@ -29,11 +29,12 @@ export function close(fd: number): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { read, write, close } from "./fd.ts";
  * import { pipe } from "./fd.ts";
  * const [r, w] = pipe();
  * write(w, new Uint8Array([1]));
- * console.assert(read(r, new Uint8Array(1)) === 1);
+ * assert.equal(read(r, new Uint8Array(1)), 1);
  * close(r); close(w);
  * ```
  */
@@ -46,9 +47,10 @@ export function read(fd: number, buf: Uint8Array, length = buf.byteLength): numb
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { pipe, write } from "./fd.ts";
  * const [, w] = pipe();
- * console.assert(write(w, new Uint8Array(3)) === 3);
+ * assert.equal(write(w, new Uint8Array(3)), 3);
  * ```
  */
 export function write(fd: number, buf: Uint8Array, length = buf.byteLength): number {
@@ -60,9 +62,10 @@ export function write(fd: number, buf: Uint8Array, length = buf.byteLength): num
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { pipe } from "./fd.ts";
  * const [r, w] = pipe();
- * console.assert(r !== w);
+ * assert.notEqual(r, w);
  * ```
  */
 export function pipe(flags = 0): [number, number] {
@@ -91,10 +94,11 @@ export function setNonBlocking(fd: number, on: boolean): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { fileStatusFlags, O_NONBLOCK, pipe, setNonBlocking } from "./fd.ts";
  * const [r] = pipe();
  * setNonBlocking(r, true);
- * console.assert((fileStatusFlags(r) & O_NONBLOCK) !== 0);
+ * assert.notEqual(fileStatusFlags(r) & O_NONBLOCK, 0);
  * ```
  */
 export function fileStatusFlags(fd: number): number {
@@ -106,8 +110,9 @@ export function fileStatusFlags(fd: number): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { isOpen } from "./fd.ts";
- * console.assert(!isOpen(-1));
+ * assert(!isOpen(-1));
  * ```
  */
 export function isOpen(fd: number): boolean {

@@ -100,9 +100,10 @@ export function unlink(path: string): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, pread, O_RDONLY } from "./file.ts";
  * const fd = open("/proc/self/stat", O_RDONLY);
- * console.assert(pread(fd, new Uint8Array(8), 0) > 0);
+ * assert(pread(fd, new Uint8Array(8), 0) > 0);
  * ```
  */
 export function pread(fd: number, buf: Uint8Array, offset: number): number {
@@ -114,9 +115,10 @@ export function pread(fd: number, buf: Uint8Array, offset: number): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, pwrite, O_RDWR, O_CREAT } from "./file.ts";
  * const fd = open(Deno.makeTempFileSync(), O_RDWR | O_CREAT);
- * console.assert(pwrite(fd, new Uint8Array(3), 10) === 3);
+ * assert.equal(pwrite(fd, new Uint8Array(3), 10), 3);
  * ```
  */
 export function pwrite(fd: number, buf: Uint8Array, offset: number): number {
@@ -128,10 +130,11 @@ export function pwrite(fd: number, buf: Uint8Array, offset: number): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, preadAt, O_RDONLY } from "./file.ts";
  * import { addressOf } from "./pointer.ts";
  * const buf = new Uint8Array(8);
- * console.assert(preadAt(open("/proc/self/stat", O_RDONLY), addressOf(buf), 8, 0) > 0);
+ * assert(preadAt(open("/proc/self/stat", O_RDONLY), addressOf(buf), 8, 0) > 0);
  * ```
  */
 export function preadAt(fd: number, addr: number, len: number, offset: number): number {
@@ -143,11 +146,12 @@ export function preadAt(fd: number, addr: number, len: number, offset: number): 
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, pwriteAt, O_RDWR } from "./file.ts";
  * import { addressOf } from "./pointer.ts";
  * const buf = new Uint8Array(4);
  * const fd = open(Deno.makeTempFileSync(), O_RDWR);
- * console.assert(pwriteAt(fd, addressOf(buf), 4, 0) === 4);
+ * assert.equal(pwriteAt(fd, addressOf(buf), 4, 0), 4);
  * ```
  */
 export function pwriteAt(fd: number, addr: number, len: number, offset: number): number {
@@ -159,12 +163,14 @@ export function pwriteAt(fd: number, addr: number, len: number, offset: number):
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, preadv, O_RDONLY } from "./file.ts";
  * import { addressOf, IOVEC } from "./mod.ts";
  * const buf = new Uint8Array(16);
  * const iov = new BigUint64Array([BigInt(addressOf(buf)), 16n]);
  * const n = preadv(open("/proc/self/stat", O_RDONLY), new Uint8Array(iov.buffer), 1, 0);
- * console.assert(n === 16 && IOVEC.size === 16);
+ * assert.equal(n, 16);
+ * assert.equal(IOVEC.size, 16);
  * ```
  */
 export function preadv(fd: number, iov: Uint8Array, iovcnt: number, offset: number): number {
@@ -176,12 +182,13 @@ export function preadv(fd: number, iov: Uint8Array, iovcnt: number, offset: numb
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, pwritev, O_RDWR } from "./file.ts";
  * import { addressOf } from "./mod.ts";
  * const buf = new Uint8Array(16);
  * const iov = new BigUint64Array([BigInt(addressOf(buf)), 16n]);
  * const fd = open(Deno.makeTempFileSync(), O_RDWR);
- * console.assert(pwritev(fd, new Uint8Array(iov.buffer), 1, 0) === 16);
+ * assert.equal(pwritev(fd, new Uint8Array(iov.buffer), 1, 0), 16);
  * ```
  */
 export function pwritev(fd: number, iov: Uint8Array, iovcnt: number, offset: number): number {
@@ -193,11 +200,12 @@ export function pwritev(fd: number, iov: Uint8Array, iovcnt: number, offset: num
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, preadvAt, O_RDONLY } from "./file.ts";
  * import { addressOf } from "./mod.ts";
  * const buf = new Uint8Array(4);
  * const iov = new BigUint64Array([BigInt(addressOf(buf)), 4n]);
- * console.assert(preadvAt(open("/proc/self/stat", O_RDONLY), addressOf(iov), 1, 0) === 4);
+ * assert.equal(preadvAt(open("/proc/self/stat", O_RDONLY), addressOf(iov), 1, 0), 4);
  * ```
  */
 export function preadvAt(fd: number, iovAddr: number, iovcnt: number, offset: number): number {
@@ -209,12 +217,13 @@ export function preadvAt(fd: number, iovAddr: number, iovcnt: number, offset: nu
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, pwritevAt, O_RDWR } from "./file.ts";
  * import { addressOf } from "./mod.ts";
  * const buf = new Uint8Array(4);
  * const iov = new BigUint64Array([BigInt(addressOf(buf)), 4n]);
  * const fd = open(Deno.makeTempFileSync(), O_RDWR);
- * console.assert(pwritevAt(fd, addressOf(iov), 1, 0) === 4);
+ * assert.equal(pwritevAt(fd, addressOf(iov), 1, 0), 4);
  * ```
  */
 export function pwritevAt(fd: number, iovAddr: number, iovcnt: number, offset: number): number {
@@ -240,10 +249,11 @@ export function fdatasync(fd: number): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, fallocate, fstat, O_RDWR } from "./file.ts";
  * const fd = open(Deno.makeTempFileSync(), O_RDWR);
  * fallocate(fd, 0, 0, 8192);
- * console.assert(fstat(fd).size === 8192);
+ * assert.equal(fstat(fd).size, 8192);
  * ```
  */
 export function fallocate(fd: number, mode: number, offset: number, len: number): void {
@@ -271,8 +281,9 @@ export interface FileStat {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, fstat, O_RDONLY } from "./file.ts";
- * console.assert(fstat(open("/dev/null", O_RDONLY)).isRegularFile === false);
+ * assert.equal(fstat(open("/dev/null", O_RDONLY)).isRegularFile, false);
  * ```
  */
 export function fstat(fd: number): FileStat {
@@ -311,9 +322,10 @@ export interface StatxResult {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, statx, O_RDWR } from "./file.ts";
  * const st = statx(open(Deno.makeTempFileSync(), O_RDWR));
- * console.assert(st.size === 0);
+ * assert.equal(st.size, 0);
  * ```
  */
 export function statx(fd: number, mask = STATX_BASIC_STATS | STATX_DIOALIGN): StatxResult {
@@ -337,11 +349,10 @@ export function statx(fd: number, mask = STATX_BASIC_STATS | STATX_DIOALIGN): St
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, blkGetSize64, O_RDONLY } from "./file.ts";
  * import { SysError } from "./sys_error.ts";
- * try { blkGetSize64(open("/dev/null", O_RDONLY)); } catch (e) {
- *   console.assert(e instanceof SysError);
- * }
+ * assert.throws(() => blkGetSize64(open("/dev/null", O_RDONLY)), SysError);
  * ```
  */
 export function blkGetSize64(fd: number): number {
@@ -355,11 +366,10 @@ export function blkGetSize64(fd: number): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { open, blkSszGet, O_RDONLY } from "./file.ts";
  * import { SysError } from "./sys_error.ts";
- * try { blkSszGet(open("/dev/null", O_RDONLY)); } catch (e) {
- *   console.assert(e instanceof SysError);
- * }
+ * assert.throws(() => blkSszGet(open("/dev/null", O_RDONLY)), SysError);
  * ```
  */
 export function blkSszGet(fd: number): number {
@@ -374,8 +384,9 @@ export function blkSszGet(fd: number): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { fsFilesystemType } from "./file.ts";
- * console.assert(fsFilesystemType("/proc") === 0x9fa0); // PROC_SUPER_MAGIC
+ * assert.equal(fsFilesystemType("/proc"), 0x9fa0); // PROC_SUPER_MAGIC
  * ```
  */
 export function fsFilesystemType(path: string): number {
@@ -390,11 +401,12 @@ export function fsFilesystemType(path: string): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { copyMemory } from "./file.ts";
  * import { addressOf } from "./pointer.ts";
  * const a = new Uint8Array([1, 2, 3]), b = new Uint8Array(3);
  * copyMemory(addressOf(b), addressOf(a), 3);
- * console.assert(b[2] === 3);
+ * assert.equal(b[2], 3);
  * ```
  */
 export function copyMemory(dst: number, src: number, len: number): void {
@@ -407,11 +419,14 @@ export function copyMemory(dst: number, src: number, len: number): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { fillMemory } from "./file.ts";
  * import { addressOf } from "./pointer.ts";
  * const a = new Uint8Array([1, 2, 3]);
  * fillMemory(addressOf(a) + 1, 0, 2);
- * console.assert(a[0] === 1 && a[1] === 0 && a[2] === 0);
+ * assert.equal(a[0], 1);
+ * assert.equal(a[1], 0);
+ * assert.equal(a[2], 0);
  * ```
  */
 export function fillMemory(addr: number, byte: number, len: number): void {

@@ -91,10 +91,11 @@ export function ioUringSetup(entries: number, params: Uint8Array): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { ioUringSetup, ioUringEnter } from "./io_uring.ts";
  * import { IO_URING_PARAMS } from "./layout.ts";
  * const fd = ioUringSetup(4, new Uint8Array(IO_URING_PARAMS.size));
- * console.assert(ioUringEnter(BigInt(fd), 0, 0, 0) === 0);
+ * assert.equal(ioUringEnter(BigInt(fd), 0, 0, 0), 0);
  * ```
  */
 export function ioUringEnter(
@@ -157,9 +158,11 @@ export interface IoUringRingsOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { IoUringRings } from "./io_uring.ts";
  * const r = IoUringRings.create({ entries: 8 });
- * console.assert(r.sqEntries === 8 && r.cqEntries === 16);
+ * assert.equal(r.sqEntries, 8);
+ * assert.equal(r.cqEntries, 16);
  * r.close();
  * ```
  */

@@ -85,9 +85,10 @@ export function ioDestroy(ctx: bigint): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { ioSetup, ioSubmit, ioDestroy } from "./linux_aio.ts";
  * const ctx = ioSetup(1);
- * console.assert(ioSubmit(ctx, 0, 0n) === 0);
+ * assert.equal(ioSubmit(ctx, 0, 0n), 0);
  * ioDestroy(ctx);
  * ```
  */
@@ -102,11 +103,12 @@ export function ioSubmit(ctx: bigint, nr: number, iocbppAddr: bigint): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { ioSetup, ioGetevents, ioDestroy } from "./linux_aio.ts";
  * import { addressOf } from "./pointer.ts";
  * const ctx = ioSetup(1);
  * const ev = new Uint8Array(32), ts = new BigInt64Array(2); // zero timeout
- * console.assert(ioGetevents(ctx, 0, 1, BigInt(addressOf(ev)), BigInt(addressOf(ts))) === 0);
+ * assert.equal(ioGetevents(ctx, 0, 1, BigInt(addressOf(ev)), BigInt(addressOf(ts))), 0);
  * ioDestroy(ctx);
  * ```
  */
@@ -130,11 +132,13 @@ export function ioGetevents(
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { IocbArray, IOCB_CMD_PREADV } from "./linux_aio.ts";
  * const a = new IocbArray(4);
  * a.prepare(0, IOCB_CMD_PREADV, 3, 0x1000, 2, 8192, 0, -1);
  * a.setPointer(0, 0); // submission order position 0 -> iocb 0
- * console.assert(a.data(0) === 0 && a.ptrsAddr > 0);
+ * assert.equal(a.data(0), 0);
+ * assert(a.ptrsAddr > 0);
  * ```
  */
 export class IocbArray {
@@ -220,10 +224,12 @@ export class IocbArray {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { ioSetup, ioDestroy, AioRing } from "./linux_aio.ts";
  * const ctx = ioSetup(4);
  * const ring = AioRing.open(ctx)!;
- * console.assert(ring.nr >= 4 && ring.head === ring.tail);
+ * assert(ring.nr >= 4);
+ * assert.equal(ring.head, ring.tail);
  * ioDestroy(ctx);
  * ```
  */

@@ -140,9 +140,10 @@ export function mprotect(addr: number, length: number, prot: number): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { mmapAnonymous } from "./mman.ts";
  * const m = mmapAnonymous(1 << 20);
- * console.assert(m.addr % 4096 === 0);
+ * assert.equal(m.addr % 4096, 0);
  * m.unmap();
  * ```
  */
@@ -176,9 +177,10 @@ export function mmapShared(fd: number, length: number, offset: number): MappedRe
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { memfdCreate } from "./mman.ts";
  * const fd = memfdCreate("ram");
- * console.assert(fd >= 0);
+ * assert(fd >= 0);
  * ```
  */
 export function memfdCreate(name: string, flags = 0): number {
@@ -194,14 +196,13 @@ export function memfdCreate(name: string, flags = 0): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { ftruncate, MFD_ALLOW_SEALING, memfdCreate, sealShrink } from "./mman.ts";
  * const fd = memfdCreate("ram", MFD_ALLOW_SEALING);
  * ftruncate(fd, 8192);
- * console.assert(sealShrink(fd));
- * let refused = false;
- * try { ftruncate(fd, 4096); } catch { refused = true; }
- * console.assert(refused);
- * console.assert(!sealShrink(memfdCreate("plain")));
+ * assert(sealShrink(fd));
+ * assert.throws(() => ftruncate(fd, 4096), { code: "EPERM" });
+ * assert(!sealShrink(memfdCreate("plain")));
  * ```
  */
 export function sealShrink(fd: number): boolean {

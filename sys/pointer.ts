@@ -16,9 +16,10 @@
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { addressOf } from "./pointer.ts";
  * const buf = new Uint8Array(16);
- * console.assert(addressOf(buf) > 0);
+ * assert(addressOf(buf) > 0);
  * ```
  */
 export function addressOf(buf: ArrayBufferView | ArrayBuffer): number {
@@ -32,8 +33,9 @@ export function addressOf(buf: ArrayBufferView | ArrayBuffer): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { pointerFrom } from "./pointer.ts";
- * console.assert(pointerFrom(0) === null);
+ * assert.equal(pointerFrom(0), null);
  * ```
  */
 export function pointerFrom(addr: number | bigint): Deno.PointerValue {
@@ -47,9 +49,10 @@ export function pointerFrom(addr: number | bigint): Deno.PointerValue {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { addressOf, viewAt } from "./pointer.ts";
  * const src = new Uint8Array([1, 2, 3]);
- * console.assert(new Uint8Array(viewAt(addressOf(src), 3))[2] === 3);
+ * assert.equal(new Uint8Array(viewAt(addressOf(src), 3))[2], 3);
  * ```
  */
 export function viewAt(addr: number, len: number): ArrayBuffer {
@@ -63,8 +66,9 @@ const encoder = new TextEncoder();
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { cString } from "./pointer.ts";
- * console.assert(cString("ab").length === 3);
+ * assert.equal(cString("ab").length, 3);
  * ```
  */
 export function cString(s: string): Uint8Array<ArrayBuffer> {

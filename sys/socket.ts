@@ -60,9 +60,11 @@ const encoder = new TextEncoder();
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { sockaddrUn } from "./socket.ts";
  * const sa = sockaddrUn("/tmp/x.sock");
- * console.assert(sa[0] === 1 && sa[2] === "/".charCodeAt(0));
+ * assert.equal(sa[0], 1);
+ * assert.equal(sa[2], "/".charCodeAt(0));
  * ```
  */
 export function sockaddrUn(path: string, call = "sockaddr_un"): Uint8Array<ArrayBuffer> {
@@ -136,12 +138,13 @@ export function listen(fd: number, backlog = 16): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { accept4, bindUnix, listen, socketUnix, close, SOCK_NONBLOCK, WOULD_BLOCK } from "./mod.ts";
  * const dir = Deno.makeTempDirSync();
  * const fd = socketUnix(SOCK_NONBLOCK);
  * bindUnix(fd, `${dir}/s`);
  * listen(fd);
- * console.assert(accept4(fd) === WOULD_BLOCK);
+ * assert.equal(accept4(fd), WOULD_BLOCK);
  * close(fd);
  * Deno.removeSync(dir, { recursive: true });
  * ```
@@ -237,11 +240,13 @@ function cmsgSpace(nfds: number): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { recvMsg, sendMsg, socketpair, close } from "./mod.ts";
  * const [a, b] = socketpair();
- * console.assert(sendMsg(a, new Uint8Array([1, 2]), [a]) === 2);
+ * assert.equal(sendMsg(a, new Uint8Array([1, 2]), [a]), 2);
  * const r = recvMsg(b, new Uint8Array(8), 4);
- * console.assert(r.n === 2 && r.fds.length === 1);
+ * assert.equal(r.n, 2);
+ * assert.equal(r.fds.length, 1);
  * close(r.fds[0]); close(a); close(b);
  * ```
  */
@@ -300,11 +305,12 @@ export interface RecvResult {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { recvMsg, sendMsg, socketpair, close, SOCK_NONBLOCK, WOULD_BLOCK } from "./mod.ts";
  * const [a, b] = socketpair(SOCK_NONBLOCK);
- * console.assert(recvMsg(b, new Uint8Array(4), 0).n === WOULD_BLOCK);
+ * assert.equal(recvMsg(b, new Uint8Array(4), 0).n, WOULD_BLOCK);
  * sendMsg(a, new Uint8Array([9]));
- * console.assert(recvMsg(b, new Uint8Array(4), 0).n === 1);
+ * assert.equal(recvMsg(b, new Uint8Array(4), 0).n, 1);
  * close(a); close(b);
  * ```
  */

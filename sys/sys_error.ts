@@ -7,9 +7,11 @@ import { libc } from "./libc.ts";
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { SysError, EBADF } from "./mod.ts";
  * const err = new SysError("close", EBADF);
- * console.assert(err.code === "EBADF" && err.message === "close: EBADF (errno 9)");
+ * assert.equal(err.code, "EBADF");
+ * assert.equal(err.message, "close: EBADF (errno 9)");
  * ```
  */
 export class SysError extends Error {
@@ -38,9 +40,10 @@ let errnoView: Deno.UnsafePointerView | undefined;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { lastErrno } from "./sys_error.ts";
  * const e = lastErrno(); // whatever the last failed libc call left
- * console.assert(typeof e === "number");
+ * assert.equal(typeof e, "number");
  * ```
  */
 export function lastErrno(): number {
@@ -56,8 +59,9 @@ export function lastErrno(): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { check } from "./sys_error.ts";
- * console.assert(check("getpid", 42) === 42);
+ * assert.equal(check("getpid", 42), 42);
  * ```
  */
 export function check(call: string, ret: number | bigint, detail?: string): number {
@@ -71,8 +75,9 @@ export function check(call: string, ret: number | bigint, detail?: string): numb
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { retOrErrno } from "./sys_error.ts";
- * console.assert(retOrErrno(4096n) === 4096);
+ * assert.equal(retOrErrno(4096n), 4096);
  * ```
  */
 export function retOrErrno(ret: number | bigint): number {

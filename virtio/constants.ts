@@ -50,8 +50,9 @@ export const VIRTQUEUE_MAX_SIZE = 32768;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { featureBit, VIRTIO_F_VERSION_1 } from "./constants.ts";
- * console.assert(featureBit(VIRTIO_F_VERSION_1) === 1n << 32n);
+ * assert.equal(featureBit(VIRTIO_F_VERSION_1), 1n << 32n);
  * ```
  */
 export function featureBit(bit: number): bigint {
@@ -63,8 +64,9 @@ export function featureBit(bit: number): bigint {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { featureBit, hasFeature, VIRTIO_RING_F_EVENT_IDX } from "./constants.ts";
- * console.assert(hasFeature(featureBit(VIRTIO_RING_F_EVENT_IDX), VIRTIO_RING_F_EVENT_IDX));
+ * assert(hasFeature(featureBit(VIRTIO_RING_F_EVENT_IDX), VIRTIO_RING_F_EVENT_IDX));
  * ```
  */
 export function hasFeature(features: bigint, bit: number): boolean {

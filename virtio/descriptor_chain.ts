@@ -30,9 +30,11 @@ export type DescriptorChainErrorKind =
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { DescriptorChainError } from "./descriptor_chain.ts";
  * const e = new DescriptorChainError("Loop", 3);
- * console.assert(e.kind === "Loop" && e.message.includes("head 3"));
+ * assert.equal(e.kind, "Loop");
+ * assert(e.message.includes("head 3"));
  * ```
  */
 export class DescriptorChainError extends Error {
@@ -63,12 +65,16 @@ export class DescriptorChainError extends Error {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { DescriptorChain } from "./descriptor_chain.ts";
  * const c = new DescriptorChain(4);
  * c.reset(2);
  * c.add(0x10000, 16, false, 0, 0x10000);
  * c.add(0x20000, 1, true, 0, 0x20000);
- * console.assert(c.head === 2 && c.outNum === 1 && c.inNum === 1 && c.isWritable(1));
+ * assert.equal(c.head, 2);
+ * assert.equal(c.outNum, 1);
+ * assert.equal(c.inNum, 1);
+ * assert(c.isWritable(1));
  * ```
  */
 export class DescriptorChain {
@@ -162,6 +168,7 @@ const HI_LIMIT = 0x200000;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { DescriptorChain, walkChain } from "./descriptor_chain.ts";
  * import { GuestMemory } from "./guest_memory.ts";
  * import { mmapAnonymous } from "../sys/mod.ts";
@@ -171,7 +178,7 @@ const HI_LIMIT = 0x200000;
  * desc.set([0x800, 0, 16, 1 | (1 << 16)], 0); // NEXT -> 1
  * desc.set([0x800, 0, 16, 1 | (0 << 16)], 4); // NEXT -> 0: a loop
  * const chain = new DescriptorChain(2);
- * console.assert(walkChain(chain, mem, desc, 2, 0, true) === "Loop");
+ * assert.equal(walkChain(chain, mem, desc, 2, 0, true), "Loop");
  * m.unmap();
  * ```
  */

@@ -10,9 +10,10 @@ import { fstat, type MappedRegion, mmapShared, sealShrink, viewAt } from "../sys
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { MemoryRegion } from "./guest_memory.ts";
  * const r: MemoryRegion = { guestPhysAddr: 0, size: 1 << 20, userAddr: 0x7f0000000000, mmapOffset: 0, fd: 3 };
- * console.assert(r.size === 1 << 20);
+ * assert.equal(r.size, 1 << 20);
  * ```
  */
 export interface MemoryRegion {
@@ -31,9 +32,10 @@ export interface MemoryRegion {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { MappedMemoryRegion } from "./guest_memory.ts";
  * const r: MappedMemoryRegion = { guestPhysAddr: 0, size: 4096, userAddr: 0, hostAddr: 0x10000 };
- * console.assert(r.hostAddr === 0x10000);
+ * assert.equal(r.hostAddr, 0x10000);
  * ```
  */
 export interface MappedMemoryRegion {
@@ -56,12 +58,12 @@ export type GuestMemoryErrorKind =
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { GuestMemory, GuestMemoryError } from "./guest_memory.ts";
- * try {
- *   GuestMemory.fromMapped([{ guestPhysAddr: 0, size: 0, userAddr: 0, hostAddr: 4096 }]);
- * } catch (e) {
- *   console.assert(e instanceof GuestMemoryError && e.kind === "Empty");
- * }
+ * assert.throws(
+ *   () => GuestMemory.fromMapped([{ guestPhysAddr: 0, size: 0, userAddr: 0, hostAddr: 4096 }]),
+ *   (e) => e instanceof GuestMemoryError && e.kind === "Empty",
+ * );
  * ```
  */
 export class GuestMemoryError extends Error {
@@ -114,6 +116,7 @@ function checkEnd(start: number | bigint, size: number | bigint, what: string): 
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { GuestMemory } from "./guest_memory.ts";
  * import { close, ftruncate, memfdCreate } from "../sys/mod.ts";
  * const fd = memfdCreate("ram");
@@ -122,8 +125,8 @@ function checkEnd(start: number | bigint, size: number | bigint, what: string): 
  *   { guestPhysAddr: 0x100000, size: 1 << 16, userAddr: 0x7f0000000000, mmapOffset: 0, fd },
  * ]);
  * close(fd); // the mapping stays
- * console.assert(mem.hostAddr(0x100000, 16) > 0);
- * console.assert(mem.hostAddr(0x100000 + (1 << 16) - 8, 16) === -1);
+ * assert(mem.hostAddr(0x100000, 16) > 0);
+ * assert.equal(mem.hostAddr(0x100000 + (1 << 16) - 8, 16), -1);
  * mem.bytes(0x100010, 4)!.set([1, 2, 3, 4]);
  * mem.close();
  * ```
@@ -214,12 +217,13 @@ export class GuestMemory {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory } from "./guest_memory.ts";
    * import { ftruncate, memfdCreate } from "../sys/mod.ts";
    * const fd = memfdCreate("ram");
    * ftruncate(fd, 8192);
    * const mem = GuestMemory.map([{ guestPhysAddr: 0, size: 4096, userAddr: 0, mmapOffset: 4096, fd }]);
-   * console.assert(mem.regionCount === 1);
+   * assert.equal(mem.regionCount, 1);
    * mem.close();
    * ```
    */
@@ -285,11 +289,12 @@ export class GuestMemory {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory } from "./guest_memory.ts";
    * import { mmapAnonymous } from "../sys/mod.ts";
    * const m = mmapAnonymous(4096);
    * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0x1000, size: 4096, userAddr: 0, hostAddr: m.addr }]);
-   * console.assert(mem.hostAddr(0x1000, 4096) === m.addr);
+   * assert.equal(mem.hostAddr(0x1000, 4096), m.addr);
    * mem.close();
    * m.unmap();
    * ```
@@ -316,11 +321,12 @@ export class GuestMemory {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory } from "./guest_memory.ts";
    * import { mmapAnonymous } from "../sys/mod.ts";
    * const m = mmapAnonymous(4096);
    * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0, size: 4096, userAddr: 8192, hostAddr: m.addr }]);
-   * console.assert(mem.regions()[0].userAddr === 8192);
+   * assert.equal(mem.regions()[0].userAddr, 8192);
    * m.unmap();
    * ```
    */
@@ -346,13 +352,14 @@ export class GuestMemory {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory } from "./guest_memory.ts";
    * import { mmapAnonymous } from "../sys/mod.ts";
    * const m = mmapAnonymous(4096);
    * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0x1000, size: 4096, userAddr: 0, hostAddr: m.addr }]);
-   * console.assert(mem.hostAddr(0x1ff0, 16) === m.addr + 0xff0);
-   * console.assert(mem.hostAddr(0x1ff0, 17) === -1);
-   * console.assert(mem.hostAddr(0x2000, 0) === -1);
+   * assert.equal(mem.hostAddr(0x1ff0, 16), m.addr + 0xff0);
+   * assert.equal(mem.hostAddr(0x1ff0, 17), -1);
+   * assert.equal(mem.hostAddr(0x2000, 0), -1);
    * m.unmap();
    * ```
    */
@@ -381,12 +388,13 @@ export class GuestMemory {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory } from "./guest_memory.ts";
    * import { mmapAnonymous } from "../sys/mod.ts";
    * const m = mmapAnonymous(4096);
    * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0, size: 4096, userAddr: 0x7f00000000, hostAddr: m.addr }]);
-   * console.assert(mem.userToHost(0x7f00000010, 8) === m.addr + 16);
-   * console.assert(mem.userToHost(0x10, 8) === -1);
+   * assert.equal(mem.userToHost(0x7f00000010, 8), m.addr + 16);
+   * assert.equal(mem.userToHost(0x10, 8), -1);
    * m.unmap();
    * ```
    */
@@ -413,11 +421,12 @@ export class GuestMemory {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory } from "./guest_memory.ts";
    * import { mmapAnonymous } from "../sys/mod.ts";
    * const m = mmapAnonymous(4096);
    * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0x5000, size: 4096, userAddr: 0x9000, hostAddr: m.addr }]);
-   * console.assert(mem.userToGuest(0x9010, 4) === 0x5010);
+   * assert.equal(mem.userToGuest(0x9010, 4), 0x5010);
    * m.unmap();
    * ```
    */
@@ -444,11 +453,13 @@ export class GuestMemory {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory } from "./guest_memory.ts";
    * import { mmapAnonymous } from "../sys/mod.ts";
    * const m = mmapAnonymous(4096);
    * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0, size: 4096, userAddr: 0, hostAddr: m.addr }]);
-   * console.assert(mem.regionBytes(0).length === 4096 && mem.regionBytes(0) === mem.regionBytes(0));
+   * assert.equal(mem.regionBytes(0).length, 4096);
+   * assert.equal(mem.regionBytes(0), mem.regionBytes(0));
    * m.unmap();
    * ```
    */
@@ -481,12 +492,14 @@ export class GuestMemory {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory } from "./guest_memory.ts";
    * import { mmapAnonymous } from "../sys/mod.ts";
    * const m = mmapAnonymous(4096);
    * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0x1000, size: 4096, userAddr: 0, hostAddr: m.addr }]);
    * mem.bytes(0x1004, 1)![0] = 9;
-   * console.assert(m.bytes[4] === 9 && mem.bytes(0x1ffc, 8) === null);
+   * assert.equal(m.bytes[4], 9);
+   * assert.equal(mem.bytes(0x1ffc, 8), null);
    * m.unmap();
    * ```
    */
@@ -503,12 +516,13 @@ export class GuestMemory {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory } from "./guest_memory.ts";
    * import { mmapAnonymous } from "../sys/mod.ts";
    * const m = mmapAnonymous(4096);
    * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0, size: 4096, userAddr: 0, hostAddr: m.addr }]);
    * mem.close();
-   * console.assert(mem.hostAddr(0, 1) === -1);
+   * assert.equal(mem.hostAddr(0, 1), -1);
    * m.unmap();
    * ```
    */

@@ -31,9 +31,10 @@ export type VirtqueueErrorKind =
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VirtqueueError } from "./virtqueue.ts";
  * const e = new VirtqueueError("BadSize", "size 3");
- * console.assert(e.kind === "BadSize");
+ * assert.equal(e.kind, "BadSize");
  * ```
  */
 export class VirtqueueError extends Error {
@@ -109,6 +110,7 @@ function vringNeedEvent(event: number, newIdx: number, oldIdx: number): boolean 
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { GuestMemory, Virtqueue } from "./mod.ts";
  * import { mmapAnonymous } from "../sys/mod.ts";
  * const m = mmapAnonymous(65536);
@@ -121,9 +123,11 @@ function vringNeedEvent(event: number, newIdx: number, oldIdx: number): boolean 
  * dv.setUint16(0x104, 0, true); // avail.ring[0] = 0
  * dv.setUint16(0x102, 1, true); // avail.idx = 1
  * const chain = vq.pop()!;
- * console.assert(chain.head === 0 && chain.inLen === 512);
+ * assert.equal(chain.head, 0);
+ * assert.equal(chain.inLen, 512);
  * vq.push(chain.head, 512);
- * console.assert(dv.getUint16(0x202, true) === 1 && vq.notifyNeeded());
+ * assert.equal(dv.getUint16(0x202, true), 1);
+ * assert(vq.notifyNeeded());
  * m.unmap();
  * ```
  */
@@ -236,12 +240,13 @@ export class Virtqueue {
    *
    * @example
    * ```ts
+   * import assert from "node:assert/strict";
    * import { GuestMemory, Virtqueue } from "./mod.ts";
    * import { mmapAnonymous } from "../sys/mod.ts";
    * const m = mmapAnonymous(65536);
    * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0, size: 65536, userAddr: 0, hostAddr: m.addr }]);
    * const vq = new Virtqueue({ mem, size: 4, desc: 0, avail: 0x100, used: 0x200, addressSpace: "guest" });
-   * console.assert(vq.describe().startsWith("avail 0 last_avail 0 used 0 in_flight 0"));
+   * assert(vq.describe().startsWith("avail 0 last_avail 0 used 0 in_flight 0"));
    * m.unmap();
    * ```
    */

@@ -60,6 +60,7 @@ export interface VhostUserVringAddr {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import type { VhostUserBackend } from "./backend.ts";
  * const nullBackend: VhostUserBackend = {
  *   features: () => 1n << 32n,
@@ -80,7 +81,7 @@ export interface VhostUserVringAddr {
  *   setVringEnable() {},
  *   reset() {},
  * };
- * console.assert(nullBackend.numQueues() === 1);
+ * assert.equal(nullBackend.numQueues(), 1);
  * ```
  */
 export interface VhostUserBackend {

@@ -141,6 +141,7 @@ function asError(err: unknown): Error {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VhostUserConnection } from "./connection.ts";
  * import type { VhostUserBackend } from "./backend.ts";
  * import { encodeMessage } from "./message.ts";
@@ -152,7 +153,7 @@ function asError(err: unknown): Error {
  * sendMsg(front, encodeMessage(VHOST_USER_GET_FEATURES, VHOST_USER_VERSION, { kind: "empty" }));
  * conn.onReadable();
  * const r = recvMsg(front, new Uint8Array(64), 0);
- * console.assert(r.n === 20);
+ * assert.equal(r.n, 20);
  * await conn.close();
  * close(front);
  * ```

@@ -214,9 +214,10 @@ export const VHOST_USER_MAX_REQUEST = REQUEST_NAMES.length - 1;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { requestName, VHOST_USER_SET_MEM_TABLE } from "./constants.ts";
- * console.assert(requestName(VHOST_USER_SET_MEM_TABLE) === "VHOST_USER_SET_MEM_TABLE");
- * console.assert(requestName(999) === "REQUEST_999");
+ * assert.equal(requestName(VHOST_USER_SET_MEM_TABLE), "VHOST_USER_SET_MEM_TABLE");
+ * assert.equal(requestName(999), "REQUEST_999");
  * ```
  */
 export function requestName(request: number): string {

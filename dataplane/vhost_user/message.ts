@@ -80,9 +80,11 @@ export type VhostUserErrorKind =
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VhostUserError } from "./message.ts";
  * const e = new VhostUserError("Oversized", 5, "size 9999");
- * console.assert(e.kind === "Oversized" && e.message.includes("SET_MEM_TABLE"));
+ * assert.equal(e.kind, "Oversized");
+ * assert(e.message.includes("SET_MEM_TABLE"));
  * ```
  */
 export class VhostUserError extends Error {
@@ -205,10 +207,11 @@ const SPECS: ReadonlyMap<number, RequestSpec> = new Map<number, RequestSpec>([
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { payloadKindOf } from "./message.ts";
  * import { VHOST_USER_SET_VRING_ADDR } from "./constants.ts";
- * console.assert(payloadKindOf(VHOST_USER_SET_VRING_ADDR) === "vringAddr");
- * console.assert(payloadKindOf(0) === undefined);
+ * assert.equal(payloadKindOf(VHOST_USER_SET_VRING_ADDR), "vringAddr");
+ * assert.equal(payloadKindOf(0), undefined);
  * ```
  */
 export function payloadKindOf(request: number): VhostUserPayloadKind | undefined {
@@ -227,9 +230,12 @@ export function payloadKindOf(request: number): VhostUserPayloadKind | undefined
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { decodeHeader } from "./message.ts";
  * const h = decodeHeader(new Uint8Array([1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0]));
- * console.assert(h.request === 1 && h.flags === 1 && h.size === 0);
+ * assert.equal(h.request, 1);
+ * assert.equal(h.flags, 1);
+ * assert.equal(h.size, 0);
  * ```
  */
 export function decodeHeader(bytes: Uint8Array): VhostUserHeader {
@@ -280,9 +286,12 @@ function readRegion(dv: DataView, off: number): MemoryRegionDesc {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { decodePayload } from "./message.ts";
  * const p = decodePayload(8, "vringState", new Uint8Array([1, 0, 0, 0, 0, 1, 0, 0]));
- * console.assert(p.kind === "vringState" && p.index === 1 && p.num === 256);
+ * assert.equal(p.kind, "vringState");
+ * assert.equal(p.index, 1);
+ * assert.equal(p.num, 256);
  * ```
  */
 export function decodePayload(
@@ -393,11 +402,13 @@ function expectedFds(
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { encodeMessage, parseMessage } from "./message.ts";
  * import { VHOST_USER_SET_VRING_NUM } from "./constants.ts";
  * const bytes = encodeMessage(VHOST_USER_SET_VRING_NUM, 1, { kind: "vringState", index: 0, num: 256 });
  * const m = parseMessage(bytes.subarray(0, 12), bytes.subarray(12), []);
- * console.assert(m.payload.kind === "vringState" && m.payload.num === 256);
+ * assert.equal(m.payload.kind, "vringState");
+ * assert.equal(m.payload.num, 256);
  * ```
  */
 export function parseMessage(
@@ -460,10 +471,13 @@ function writeRegion(dv: DataView, off: number, r: MemoryRegionDesc): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { encodeMessage } from "./message.ts";
  * import { VHOST_USER_GET_FEATURES, VHOST_USER_VERSION } from "./constants.ts";
  * const b = encodeMessage(VHOST_USER_GET_FEATURES, VHOST_USER_VERSION, { kind: "empty" });
- * console.assert(b.length === 12 && b[0] === 1 && b[4] === 1);
+ * assert.equal(b.length, 12);
+ * assert.equal(b[0], 1);
+ * assert.equal(b[4], 1);
  * ```
  */
 export function encodeMessage(
@@ -523,8 +537,10 @@ export function encodeMessage(
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { vringFdPayload } from "./message.ts";
- * console.assert(vringFdPayload(0x101n).index === 1 && vringFdPayload(0x101n).noFd);
+ * assert.equal(vringFdPayload(0x101n).index, 1);
+ * assert(vringFdPayload(0x101n).noFd);
  * ```
  */
 export function vringFdPayload(value: bigint): { index: number; noFd: boolean } {

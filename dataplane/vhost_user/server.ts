@@ -84,14 +84,15 @@ function clearStaleSocket(path: string): void {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VhostUserServer, type FdWatcher } from "./server.ts";
  * import type { VhostUserBackend } from "./backend.ts";
  * const handlers = new Map<number, { read?(): void }>();
  * const watcher: FdWatcher = { setFdHandler: (fd, h) => h ? handlers.set(fd, h) : handlers.delete(fd) };
  * const dir = Deno.makeTempDirSync();
  * const server = VhostUserServer.listen(`${dir}/vhost.sock`, {} as VhostUserBackend, watcher);
- * console.assert(handlers.has(server.listenFd));
- * console.assert((Deno.statSync(`${dir}/vhost.sock`).mode! & 0o777) === 0o600);
+ * assert(handlers.has(server.listenFd));
+ * assert.equal(Deno.statSync(`${dir}/vhost.sock`).mode! & 0o777, 0o600);
  * await server.close();
  * Deno.removeSync(dir, { recursive: true });
  * ```

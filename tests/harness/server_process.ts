@@ -19,10 +19,12 @@ export interface ServerProcessOptions {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { ServerProcess } from "./server_process.ts";
  * const p = new ServerProcess("sh", ["-c", "echo hello >&2; exec sleep 60"]);
  * const status = await p.stop("SIGTERM", 5_000);
- * console.assert(status.signal === "SIGTERM" && p.exited);
+ * assert.equal(status.signal, "SIGTERM");
+ * assert(p.exited);
  * ```
  */
 export class ServerProcess {

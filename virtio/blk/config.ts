@@ -28,8 +28,10 @@ import {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VIRTIO_BLK_CONFIG } from "./config.ts";
- * console.assert(VIRTIO_BLK_CONFIG.writeback === 32 && VIRTIO_BLK_CONFIG.size === 60);
+ * assert.equal(VIRTIO_BLK_CONFIG.writeback, 32);
+ * assert.equal(VIRTIO_BLK_CONFIG.size, 60);
  * ```
  */
 export const VIRTIO_BLK_CONFIG = {
@@ -107,10 +109,11 @@ export const DEFAULT_SEG_MAX = 126;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { virtioBlkFeatures } from "./config.ts";
  * import { hasFeature } from "../constants.ts";
  * import { VIRTIO_BLK_F_RO } from "./constants.ts";
- * console.assert(hasFeature(virtioBlkFeatures({ capacity: 8, readOnly: true }), VIRTIO_BLK_F_RO));
+ * assert(hasFeature(virtioBlkFeatures({ capacity: 8, readOnly: true }), VIRTIO_BLK_F_RO));
  * ```
  */
 export function virtioBlkFeatures(opts: VirtioBlkOptions): bigint {
@@ -144,11 +147,12 @@ function u(v: number, bits: number, what: string): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { encodeVirtioBlkConfig, VIRTIO_BLK_CONFIG } from "./config.ts";
  * const b = encodeVirtioBlkConfig({ capacity: 2 ** 33, numQueues: 2 });
  * const dv = new DataView(b.buffer);
- * console.assert(dv.getBigUint64(0, true) === 2n ** 33n);
- * console.assert(dv.getUint16(VIRTIO_BLK_CONFIG.num_queues, true) === 2);
+ * assert.equal(dv.getBigUint64(0, true), 2n ** 33n);
+ * assert.equal(dv.getUint16(VIRTIO_BLK_CONFIG.num_queues, true), 2);
  * ```
  */
 export function encodeVirtioBlkConfig(opts: VirtioBlkOptions): Uint8Array<ArrayBuffer> {
@@ -222,9 +226,12 @@ export interface BlkRequestLimits {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { blkRequestLimits } from "./config.ts";
  * const l = blkRequestLimits({ capacity: 2048, discard: { maxSectors: 1024, maxSeg: 1, sectorAlignment: 8 } });
- * console.assert(l.maxDiscardSeg === 1 && l.maxWriteZeroesSeg === 0 && l.blkSize === 512);
+ * assert.equal(l.maxDiscardSeg, 1);
+ * assert.equal(l.maxWriteZeroesSeg, 0);
+ * assert.equal(l.blkSize, 512);
  * ```
  */
 export function blkRequestLimits(opts: VirtioBlkOptions): BlkRequestLimits {

@@ -11,10 +11,13 @@ const encoder = new TextEncoder();
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { blkIdBytes } from "./id.ts";
  * const id = blkIdBytes("disk0");
- * console.assert(id.length === 20 && id[4] === 0x30 && id[5] === 0);
- * console.assert(blkIdBytes("x".repeat(25)).every((b) => b === 0x78));
+ * assert.equal(id.length, 20);
+ * assert.equal(id[4], 0x30);
+ * assert.equal(id[5], 0);
+ * assert(blkIdBytes("x".repeat(25)).every((b) => b === 0x78));
  * ```
  */
 export function blkIdBytes(serial: string): Uint8Array {
@@ -31,6 +34,7 @@ export function blkIdBytes(serial: string): Uint8Array {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { blkIdBytes, writeBlkId } from "./id.ts";
  * import { blkRequestLimits } from "./config.ts";
  * import { VirtioBlkRequest } from "./request.ts";
@@ -38,7 +42,8 @@ export function blkIdBytes(serial: string): Uint8Array {
  * const buf = new Uint8Array(20);
  * req.qiov.addBuffer(buf);
  * req.inLen = 20;
- * console.assert(writeBlkId(req, blkIdBytes("abc")) === 20 && buf[2] === 0x63);
+ * assert.equal(writeBlkId(req, blkIdBytes("abc")), 20);
+ * assert.equal(buf[2], 0x63);
  * ```
  */
 export function writeBlkId(req: VirtioBlkRequest, id: Uint8Array): number {

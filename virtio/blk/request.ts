@@ -48,11 +48,12 @@ export const REQUEST_BROKEN = -1;
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { requestErrorStatus, REQUEST_BROKEN } from "./request.ts";
  * import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP } from "./constants.ts";
- * console.assert(requestErrorStatus("Unsupported") === VIRTIO_BLK_S_UNSUPP);
- * console.assert(requestErrorStatus("OutOfRange") === VIRTIO_BLK_S_IOERR);
- * console.assert(requestErrorStatus("NoStatus") === REQUEST_BROKEN);
+ * assert.equal(requestErrorStatus("Unsupported"), VIRTIO_BLK_S_UNSUPP);
+ * assert.equal(requestErrorStatus("OutOfRange"), VIRTIO_BLK_S_IOERR);
+ * assert.equal(requestErrorStatus("NoStatus"), REQUEST_BROKEN);
  * ```
  */
 export function requestErrorStatus(kind: RequestErrorKind): number {
@@ -74,9 +75,11 @@ export function requestErrorStatus(kind: RequestErrorKind): number {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { RequestError } from "./request.ts";
  * const e = new RequestError("TooLarge", 7);
- * console.assert(e.status === 1 && e.message.includes("TooLarge"));
+ * assert.equal(e.status, 1);
+ * assert(e.message.includes("TooLarge"));
  * ```
  */
 export class RequestError extends Error {
@@ -107,10 +110,12 @@ export class RequestError extends Error {
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { VirtioBlkRequest } from "./request.ts";
  * import { blkRequestLimits } from "./config.ts";
  * const req = new VirtioBlkRequest(blkRequestLimits({ capacity: 8, segMax: 4 }));
- * console.assert(req.qiov.capacity === 4 && req.usedLen === 1);
+ * assert.equal(req.qiov.capacity, 4);
+ * assert.equal(req.usedLen, 1);
  * ```
  */
 export class VirtioBlkRequest {
@@ -215,6 +220,7 @@ const HI_LIMIT = 0x200000; // sector >= 2^53 is beyond any capacity
  *
  * @example
  * ```ts
+ * import assert from "node:assert/strict";
  * import { blkRequestLimits, DescriptorChain, GuestMemory, parseBlkRequest, VirtioBlkRequest } from "../mod.ts";
  * import { mmapAnonymous } from "../../sys/mod.ts";
  * const m = mmapAnonymous(8192);
@@ -225,8 +231,10 @@ const HI_LIMIT = 0x200000; // sector >= 2^53 is beyond any capacity
  * chain.add(m.addr, 16, false, 0, 0); // header
  * chain.add(m.addr + 4096, 513, true, 0, 4096); // 512 data bytes + status
  * const req = new VirtioBlkRequest(blkRequestLimits({ capacity: 8 }));
- * console.assert(parseBlkRequest(chain, mem, blkRequestLimits({ capacity: 8 }), req) === null);
- * console.assert(req.sector === 3 && req.qiov.size === 512 && req.inLen === 512);
+ * assert.equal(parseBlkRequest(chain, mem, blkRequestLimits({ capacity: 8 }), req), null);
+ * assert.equal(req.sector, 3);
+ * assert.equal(req.qiov.size, 512);
+ * assert.equal(req.inLen, 512);
  * req.writeStatus(0);
  * m.unmap();
  * ```
