@@ -117,7 +117,9 @@ export class Epoll {
     this.#ev[0] = events >>> 0;
     this.#ev[1] = fd;
     this.#ev[2] = 0;
-    check("epoll_ctl", libc.epoll_ctl(this.fd, op, fd, this.#evBytes), `${name} fd ${fd}`);
+    if (libc.epoll_ctl(this.fd, op, fd, this.#evBytes) < 0) {
+      throw new SysError("epoll_ctl", lastErrno(), `${name} fd ${fd}`); // errno before the string
+    }
   }
 
   /**
@@ -170,9 +172,20 @@ export class Epoll {
   }
 
   /**
+   * Errors epoll_wait cannot legitimately return on a live epoll fd (anything
+   * but EINTR) that were taken for a spurious wake-up: see {@link wait}.
+   */
+  strayErrors = 0;
+  #strayInARow = 0;
+
+  /**
    * epoll_wait for up to `timeoutMs` (-1: forever, 0: just look); returns the
    * number of ready events, stored in `out` (default {@link ready}). EINTR
-   * counts as zero events. Hot path: no allocation.
+   * counts as zero events. Any other error is one epoll_wait cannot return
+   * on a live fd and a correct buffer (EBADF, EFAULT, EINVAL), so a single one
+   * is counted in {@link strayErrors} and taken for a wake-up with no events;
+   * only a second in a row throws. An event loop must not die of one misread
+   * errno (see sys/sys_error.ts). Hot path: no allocation.
    *
    * @example
    * ```ts
@@ -189,8 +202,11 @@ export class Epoll {
       const e = lastErrno();
       out.count = 0;
       if (e === EINTR) return 0;
+      this.strayErrors++;
+      if (++this.#strayInARow < 2) return 0;
       throw new SysError("epoll_wait", e);
     }
+    this.#strayInARow = 0;
     out.count = n;
     return n;
   }

@@ -1,5 +1,5 @@
 import { libc } from "./libc.ts";
-import { check } from "./sys_error.ts";
+import { check, lastErrno, SysError } from "./sys_error.ts";
 import { cString, pointerFrom, viewAt } from "./pointer.ts";
 
 /** mmap protection: readable (sys/mman.h). */
@@ -99,9 +99,11 @@ export function mmap(
   hint = 0,
 ): number {
   const p = libc.mmap(pointerFrom(hint), BigInt(length), prot, flags, fd, BigInt(offset));
+  // errno first: UnsafePointer.value is a Deno op, which can clobber it.
+  const errno = lastErrno();
   const v = BigInt(Deno.UnsafePointer.value(p));
   if (v === (MAP_FAILED & 0xffffffffffffffffn) || v === 0n) {
-    check("mmap", -1, `length ${length} offset ${offset}`);
+    throw new SysError("mmap", errno, `length ${length} offset ${offset}`);
   }
   return Number(v);
 }

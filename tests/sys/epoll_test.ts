@@ -66,3 +66,12 @@ Deno.test("epoll: waitAsync lets the event loop run and fills the buffer", async
   ep.close();
   close(fd);
 });
+
+Deno.test("epoll: one impossible error is a spurious wake-up, a second in a row throws", () => {
+  const ep = new Epoll();
+  close(ep.fd); // from now on epoll_wait fails with EBADF, which a live fd never does
+  assert.equal(ep.wait(0), 0);
+  assert.equal(ep.strayErrors, 1);
+  assert.throws(() => ep.wait(0), (e: unknown) => e instanceof SysError && e.code === "EBADF");
+  assert.equal(ep.strayErrors, 2);
+});
