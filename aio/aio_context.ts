@@ -95,6 +95,10 @@ export interface AioStats {
   /** Times the polling window grew / shrank. */
   pollGrows: number;
   pollShrinks: number;
+  /** epoll_wait calls that ended with EINTR (signals, io_uring task work). */
+  readonly interruptedWaits: number;
+  /** epoll_wait errors taken for spurious wake-ups (see sys/ `Epoll.wait`). */
+  readonly strayWaitErrors: number;
 }
 
 /**
@@ -160,6 +164,27 @@ function eventsOf(h: AioHandler): number {
   return (h.read ? EPOLLIN : 0) | (h.write ? EPOLLOUT : 0);
 }
 
+/** Zeroed counters; the epoll_wait ones are read from the context's Epoll. */
+function newAioStats(epoll: () => Epoll): AioStats {
+  return {
+    polls: 0,
+    blockingWaits: 0,
+    pollLoops: 0,
+    pollSuccesses: 0,
+    handlerCalls: 0,
+    bhRuns: 0,
+    timerRuns: 0,
+    pollGrows: 0,
+    pollShrinks: 0,
+    get interruptedWaits(): number {
+      return epoll().interrupted;
+    },
+    get strayWaitErrors(): number {
+      return epoll().strayErrors;
+    },
+  };
+}
+
 /** ns -> epoll_wait ms, rounded up so a timer never fires early. */
 function timeoutMs(ns: number): number {
   if (ns < 0) return -1;
@@ -203,17 +228,7 @@ export class AioContext {
   /** Shrink divisor of the window (0: reset to 0). */
   pollShrink: number;
   /** Counters for benchmarks and tests. */
-  readonly stats: AioStats = {
-    polls: 0,
-    blockingWaits: 0,
-    pollLoops: 0,
-    pollSuccesses: 0,
-    handlerCalls: 0,
-    bhRuns: 0,
-    timerRuns: 0,
-    pollGrows: 0,
-    pollShrinks: 0,
-  };
+  readonly stats: AioStats = newAioStats(() => this.#epoll);
 
   readonly #epoll: Epoll;
   readonly #notifier: EventNotifier;

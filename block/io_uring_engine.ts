@@ -12,7 +12,12 @@ import {
   IORING_OP_FSYNC,
   IORING_OP_READV,
   IORING_OP_WRITEV,
+  IORING_SETUP_COOP_TASKRUN,
+  IORING_SETUP_DEFER_TASKRUN,
+  IORING_SETUP_SINGLE_ISSUER,
+  IORING_SETUP_TASKRUN_FLAG,
   IORING_SQ_CQ_OVERFLOW,
+  IORING_SQ_TASKRUN,
   ioUringEnter,
   IoUringRings,
 } from "../sys/mod.ts";
@@ -44,7 +49,30 @@ export interface IoUringOptions {
   entries?: number;
   /** Under plug, submit as soon as this many are queued (default 32). */
   maxBatch?: number;
+  /**
+   * How completion task work reaches this thread (default "defer", falling
+   * back to "coop", then "interrupt", on kernels that lack the flags):
+   * - "defer": IORING_SETUP_DEFER_TASKRUN | SINGLE_ISSUER | TASKRUN_FLAG. Task
+   *   work waits for io_uring_enter(GETEVENTS), announced by the eventfd and
+   *   the IORING_SQ_TASKRUN flag; nothing interrupts the thread's epoll_wait.
+   *   Fits because one IOThread creates, submits to and reaps its ring.
+   * - "coop": IORING_SETUP_COOP_TASKRUN | TASKRUN_FLAG: no IPI to a running
+   *   thread, but a sleeping epoll_wait is still woken with EINTR.
+   * - "interrupt": no flags (every completion interrupts the thread).
+   */
+  taskrun?: IoUringTaskrun;
 }
+
+/** See {@link IoUringOptions.taskrun}. */
+export type IoUringTaskrun = "defer" | "coop" | "interrupt";
+
+const DEFER = IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_TASKRUN_FLAG;
+const COOP = IORING_SETUP_COOP_TASKRUN | IORING_SETUP_TASKRUN_FLAG;
+const SETUP_TRIES: Record<IoUringTaskrun, readonly number[]> = {
+  defer: [DEFER, COOP, 0],
+  coop: [COOP, 0],
+  interrupt: [0],
+};
 
 const SQE_WORDS = IO_URING_SQE.size >> 2;
 const CQE_WORDS = IO_URING_CQE.size >> 2;
@@ -105,12 +133,19 @@ export class IoUringEngine implements IoEngine {
   readonly #resubIov: (IoVector | null)[] = [];
   #blocked = false;
   #closed = false;
+  /** Completions wait as deferred task work until GETEVENTS (IORING_SETUP_DEFER_TASKRUN). */
+  readonly #deferred: boolean;
 
   constructor(ctx: AioContext, opts: IoUringOptions = {}) {
     this.#ctx = ctx;
     this.#maxBatch = opts.maxBatch ?? 32;
     const entries = opts.entries ?? 128;
-    const r = this.#rings = IoUringRings.create({ entries, cqEntries: entries * 2 });
+    const r = this.#rings = IoUringRings.create({
+      entries,
+      cqEntries: entries * 2,
+      setupFlags: SETUP_TRIES[opts.taskrun ?? "defer"],
+    });
+    this.#deferred = (r.setupFlags & IORING_SETUP_DEFER_TASKRUN) !== 0;
     this.#sq = r.sqRing;
     this.#cq = r.cqRing;
     this.#sqes32 = r.sqes32;
@@ -128,7 +163,9 @@ export class IoUringEngine implements IoEngine {
         this.#notifier.testAndClear();
         this.#processCompletions();
       },
-      poll: () => Atomics.load(this.#cq, this.#cqHead) !== Atomics.load(this.#cq, this.#cqTail),
+      poll: () =>
+        Atomics.load(this.#cq, this.#cqHead) !== Atomics.load(this.#cq, this.#cqTail) ||
+        (this.#deferred && (Atomics.load(this.#sq, this.#sqFlags) & IORING_SQ_TASKRUN) !== 0),
       pollReady: () => this.#processCompletions(),
     });
   }
@@ -141,6 +178,11 @@ export class IoUringEngine implements IoEngine {
   /** SQ size. */
   get sqEntries(): number {
     return this.#rings.sqEntries;
+  }
+
+  /** The IORING_SETUP_* flags the kernel accepted for this ring. */
+  get setupFlags(): number {
+    return this.#rings.setupFlags;
   }
 
   /** Hot path: queues an IORING_OP_READV. */
@@ -276,6 +318,11 @@ export class IoUringEngine implements IoEngine {
   /** luring_process_completions: reaps the CQ. */
   #processCompletions(): void {
     const r = this.#rings, cq = this.#cq, s = this.#slots;
+    if (this.#deferred && (Atomics.load(this.#sq, this.#sqFlags) & IORING_SQ_TASKRUN)) {
+      // Deferred task work turns finished I/O into CQEs only inside
+      // io_uring_enter(GETEVENTS); the kernel clears the flag as it runs it.
+      ioUringEnter(r.fdBig, 0, 0, IORING_ENTER_GETEVENTS);
+    }
     let reaped = 0;
     for (;;) {
       const head = Atomics.load(cq, this.#cqHead);

@@ -19,5 +19,5 @@ export { FileDriver, type FileDriverOptions } from "./file_driver.ts";
 export { NullAioDriver, NullCoDriver, type NullDriverOptions } from "./null_driver.ts";
 export { RawDriver, type RawDriverOptions } from "./raw_driver.ts";
 export { LinuxAioEngine, type LinuxAioOptions } from "./linux_aio_engine.ts";
-export { IoUringEngine, type IoUringOptions } from "./io_uring_engine.ts";
+export { IoUringEngine, type IoUringOptions, type IoUringTaskrun } from "./io_uring_engine.ts";
 export { ThreadPoolEngine } from "./thread_pool_engine.ts";

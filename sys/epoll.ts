@@ -177,6 +177,8 @@ export class Epoll {
    */
   strayErrors = 0;
   #strayInARow = 0;
+  /** Waits that ended with EINTR (a signal, or io_uring task work). */
+  interrupted = 0;
 
   /**
    * epoll_wait for up to `timeoutMs` (-1: forever, 0: just look); returns the
@@ -201,7 +203,10 @@ export class Epoll {
     if (n < 0) {
       const e = lastErrno();
       out.count = 0;
-      if (e === EINTR) return 0;
+      if (e === EINTR) {
+        this.interrupted++;
+        return 0;
+      }
       this.strayErrors++;
       if (++this.#strayInARow < 2) return 0;
       throw new SysError("epoll_wait", e);

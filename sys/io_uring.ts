@@ -8,7 +8,8 @@
  */
 
 import { libc } from "./libc.ts";
-import { check, retOrErrno } from "./sys_error.ts";
+import { check, retOrErrno, SysError } from "./sys_error.ts";
+import { EINVAL } from "./errno.ts";
 import { addressOf, viewAt } from "./pointer.ts";
 import {
   IO_CQRING_OFFSETS,
@@ -42,6 +43,24 @@ export const IORING_ENTER_GETEVENTS = 1;
 export const IORING_SETUP_CQSIZE = 1 << 3;
 /** io_uring_setup flag: clamp sizes instead of failing. */
 export const IORING_SETUP_CLAMP = 1 << 4;
+/**
+ * io_uring_setup flag: completion task work does not interrupt the task with an
+ * IPI; it runs at the task's next kernel transition (Linux 5.19).
+ */
+export const IORING_SETUP_COOP_TASKRUN = 1 << 8;
+/** io_uring_setup flag: the kernel sets IORING_SQ_TASKRUN while task work waits. */
+export const IORING_SETUP_TASKRUN_FLAG = 1 << 9;
+/** io_uring_setup flag: only the creating task submits (Linux 6.0). */
+export const IORING_SETUP_SINGLE_ISSUER = 1 << 12;
+/**
+ * io_uring_setup flag: completion task work waits until the task enters with
+ * IORING_ENTER_GETEVENTS; the registered eventfd is signalled when work
+ * arrives, and no signal-like wake-up interrupts the task's other waits
+ * (Linux 6.1; needs SINGLE_ISSUER).
+ */
+export const IORING_SETUP_DEFER_TASKRUN = 1 << 13;
+/** SQ ring flag (with TASKRUN_FLAG): task work is pending; enter with GETEVENTS to run it. */
+export const IORING_SQ_TASKRUN = 1 << 2;
 /** Feature: the SQ and CQ rings share one mapping. */
 export const IORING_FEAT_SINGLE_MMAP = 1 << 0;
 /** Feature: CQ overflow is never dropped. */
@@ -148,6 +167,11 @@ export interface IoUringRingsOptions {
   entries: number;
   /** CQ size; default twice the SQ size. */
   cqEntries?: number;
+  /**
+   * io_uring_setup flag sets to try in order; the first the kernel accepts
+   * (one that does not fail with EINVAL) is used. Default `[0]`.
+   */
+  setupFlags?: readonly number[];
 }
 
 /**
@@ -181,6 +205,8 @@ export class IoUringRings {
   readonly cqMask: number;
   /** Kernel features (IORING_FEAT_*). */
   readonly features: number;
+  /** The IORING_SETUP_* flags the ring was created with. */
+  readonly setupFlags: number;
   /** SQ ring words (head, tail, flags, dropped, array live here). */
   readonly sqRing: Uint32Array;
   /** CQ ring words (head, tail, overflow, cqes live here). */
@@ -212,6 +238,7 @@ export class IoUringRings {
     this.sqEntries = u(IO_URING_PARAMS.sq_entries);
     this.cqEntries = u(IO_URING_PARAMS.cq_entries);
     this.features = u(IO_URING_PARAMS.features);
+    this.setupFlags = u(IO_URING_PARAMS.flags);
     this.sqRing = new Uint32Array(sqRing);
     this.cqRing = new Uint32Array(cqRing);
     this.sqMask = this.sqRing[u(sq + IO_SQRING_OFFSETS.ring_mask) >> 2];
@@ -237,11 +264,23 @@ export class IoUringRings {
   static create(opts: IoUringRingsOptions): IoUringRings {
     const params = new Uint8Array(IO_URING_PARAMS.size);
     const pv = new DataView(params.buffer);
-    if (opts.cqEntries) {
-      pv.setUint32(IO_URING_PARAMS.flags, IORING_SETUP_CQSIZE, true);
-      pv.setUint32(IO_URING_PARAMS.cq_entries, opts.cqEntries, true);
+    const tries = opts.setupFlags ?? [0];
+    let fd = -1;
+    for (let i = 0; fd < 0; i++) {
+      params.fill(0);
+      let flags = tries[i];
+      if (opts.cqEntries) {
+        flags |= IORING_SETUP_CQSIZE;
+        pv.setUint32(IO_URING_PARAMS.cq_entries, opts.cqEntries, true);
+      }
+      pv.setUint32(IO_URING_PARAMS.flags, flags, true);
+      try {
+        fd = ioUringSetup(opts.entries, params);
+      } catch (e) {
+        // An older kernel refuses flags it does not know with EINVAL.
+        if (!(e instanceof SysError && e.errno === EINVAL) || i === tries.length - 1) throw e;
+      }
     }
-    const fd = ioUringSetup(opts.entries, params);
     const maps: [number, number][] = [];
     try {
       const u = (o: number) => pv.getUint32(o, true);

@@ -7,13 +7,30 @@ import {
   LinuxAioEngine,
   ThreadPoolEngine,
 } from "../../block/mod.ts";
-import { close, O_DIRECT, O_RDWR, open, pipe, write } from "../../sys/mod.ts";
+import {
+  close,
+  IORING_SETUP_COOP_TASKRUN,
+  IORING_SETUP_DEFER_TASKRUN,
+  IORING_SETUP_SINGLE_ISSUER,
+  O_DIRECT,
+  O_RDWR,
+  open,
+  pipe,
+  write,
+} from "../../sys/mod.ts";
 import { aligned, fillPattern, makeImage, patternByte, pollWhile } from "./helpers.ts";
 
 const BS = 4096;
 
 /** Reads `n` blocks concurrently (block i from offset i*BS), verifying each. */
-async function concurrentReads(ctx: AioContext, e: IoEngine, fd: number, n: number, seed: number) {
+async function concurrentReads(
+  ctx: AioContext,
+  e: IoEngine,
+  fd: number,
+  n: number,
+  seed: number,
+  blocking = false,
+) {
   const mem = aligned(n * BS);
   const rets: number[] = [];
   const qs: IoVector[] = [];
@@ -25,7 +42,10 @@ async function concurrentReads(ctx: AioContext, e: IoEngine, fd: number, n: numb
     e.preadv(fd, q, ((i * 7) % n) * BS, (r) => rets.push(r));
   }
   e.unplug();
-  await pollWhile(ctx, () => rets.length < n);
+  // blocking: sleep in this thread's epoll_wait, as an IOThread does
+  // (pollAsync waits on another thread).
+  if (blocking) { while (rets.length < n) ctx.poll(true); }
+  else await pollWhile(ctx, () => rets.length < n);
   assert.ok(rets.every((r) => r === 0), `rets ${rets}`);
   const b = mem.bytes;
   for (let i = 0; i < n; i++) {
@@ -75,6 +95,55 @@ Deno.test("native: io_getevents fallback when the ring is not used", async () =>
   ctx.close();
   close(fd);
 });
+
+/** Linux release as [major, minor]. */
+function kernelRelease(): [number, number] {
+  const [maj, min] = Deno.osRelease().split(".").map((x) => parseInt(x, 10));
+  return [maj, min];
+}
+
+Deno.test("io_uring: rings defer completion task work where the kernel can (6.1+)", async () => {
+  const ctx = new AioContext();
+  const e = new IoUringEngine(ctx);
+  const [maj, min] = kernelRelease();
+  if (maj > 6 || (maj === 6 && min >= 1)) {
+    assert.equal(e.setupFlags & IORING_SETUP_DEFER_TASKRUN, IORING_SETUP_DEFER_TASKRUN);
+    assert.equal(e.setupFlags & IORING_SETUP_SINGLE_ISSUER, IORING_SETUP_SINGLE_ISSUER);
+  } else {
+    console.warn(`SKIP part: kernel ${Deno.osRelease()} has no IORING_SETUP_DEFER_TASKRUN`);
+  }
+  const coop = new IoUringEngine(ctx, { taskrun: "coop" });
+  assert.equal(coop.setupFlags & IORING_SETUP_DEFER_TASKRUN, 0);
+  if (maj > 5 || (maj === 5 && min >= 19)) {
+    assert.equal(coop.setupFlags & IORING_SETUP_COOP_TASKRUN, IORING_SETUP_COOP_TASKRUN);
+  }
+  const plain = new IoUringEngine(ctx, { taskrun: "interrupt" });
+  assert.equal(plain.setupFlags & (IORING_SETUP_COOP_TASKRUN | IORING_SETUP_DEFER_TASKRUN), 0);
+  await Promise.all([e.close(), coop.close(), plain.close()]);
+  ctx.close();
+});
+
+// O_DIRECT completions arrive from the disk interrupt as task work for the
+// submitting thread. Without flags they wake the thread's epoll_wait with
+// EINTR; with DEFER_TASKRUN they signal the eventfd and wait for GETEVENTS.
+for (const taskrun of ["defer", "coop", "interrupt"] as const) {
+  Deno.test(`io_uring (${taskrun}): O_DIRECT reads complete with the right data`, async () => {
+    const n = 256;
+    const path = makeImage(n * BS, 9);
+    const fd = open(path, O_RDWR | O_DIRECT);
+    const ctx = new AioContext();
+    const e = new IoUringEngine(ctx, { taskrun });
+    for (let round = 0; round < 8; round++) await concurrentReads(ctx, e, fd, n, 9, true);
+    assert.equal(e.stats.completed, 8 * n);
+    console.log(`${taskrun}: ${ctx.stats.interruptedWaits} epoll_wait EINTR in ${8 * n} reads`);
+    if (taskrun === "defer" && e.setupFlags & IORING_SETUP_DEFER_TASKRUN) {
+      assert.equal(ctx.stats.interruptedWaits, 0);
+    }
+    await e.close();
+    ctx.close();
+    close(fd);
+  });
+}
 
 Deno.test("io_uring: SQ of 4 entries with 32 concurrent requests uses the overflow queue", async () => {
   const path = makeImage(32 * BS, 5);
