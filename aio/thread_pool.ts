@@ -44,6 +44,14 @@ export interface ThreadPoolOptions {
   minThreads?: number;
   /** Job slots in shared memory (default 256, a power of two); more jobs wait in a JS queue. */
   slots?: number;
+  /**
+   * Tests only: an Int32Array(2)'s buffer that makes a Worker stop in its
+   * idle-exit path, after it found the queue empty and before it gives up its
+   * place in `workers`, so a test can submit in exactly that window. The
+   * Worker sets element 0 to 1 (and notifies it) when it arrives, then waits
+   * until element 1 is non-zero; once element 1 is set, it never stops again.
+   */
+  idleExitGate?: SharedArrayBuffer;
 }
 
 /**
@@ -150,6 +158,8 @@ export class ThreadPool {
       notifyFd: this.#notifier.fd,
       idleTimeoutMs: this.idleTimeoutMs,
       minThreads: this.minThreads,
+      maxThreads: this.maxThreads,
+      idleExitGate: opts.idleExitGate,
     };
     this.#ctl = new Int32Array(this.#init.ctl);
     this.#ring = new Int32Array(this.#init.ring);

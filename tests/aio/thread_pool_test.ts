@@ -183,3 +183,41 @@ Deno.test("ThreadPool: minThreads start at once and survive the idle timeout; ex
     while (done < 1) await ctx.pollAsync();
   });
 });
+
+/**
+ * Polls `ctx` (without blocking, so a context that busy-polls cannot hang the
+ * test) until `cond()` holds or `ms` pass; returns whether it holds.
+ */
+async function within(ctx: AioContext, ms: number, cond: () => boolean): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (!cond() && Date.now() < end) {
+    ctx.poll(false);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  return cond();
+}
+
+Deno.test("ThreadPool: a job submitted while the last worker decides to exit on idle still runs", () => {
+  // The gate stops the worker after it found the queue empty and before it
+  // leaves `workers`: the submission then sees no idle worker and no room to
+  // spawn one, so only the exiting worker can still notice the job.
+  const gateBuf = new SharedArrayBuffer(8);
+  const gate = new Int32Array(gateBuf);
+  return withPool(
+    { maxThreads: 1, idleTimeoutMs: 30, idleExitGate: gateBuf },
+    async ({ ctx, pool }) => {
+      let first = 1;
+      pool.submitFdatasync(-1, (r) => first = r);
+      assert.ok(await within(ctx, 5000, () => first !== 1), "the first job ran");
+      assert.ok(await within(ctx, 5000, () => Atomics.load(gate, 0) === 1), "worker at the gate");
+      assert.equal(pool.threads, 1);
+      let second = 1;
+      pool.submitFdatasync(-1, (r) => second = r);
+      Atomics.store(gate, 1, 1);
+      Atomics.notify(gate, 1);
+      const ran = await within(ctx, 3000, () => second !== 1);
+      assert.ok(ran, `the job was stranded: threads ${pool.threads}, inFlight ${pool.inFlight}`);
+      assert.equal(second, -EBADF);
+    },
+  );
+});
