@@ -389,8 +389,10 @@ export class ThreadPool {
         this.stats.completed++;
         req.cb(ret);
       } else if (st === S_RELEASED) {
+        // The worker counted it in `done` (and woke us) when it skipped it.
         s[i + I32.state] = S_FREE;
         this.#free.push(slot);
+        this.#reaped++;
       } else {
         keep.push(slot);
       }

@@ -64,6 +64,18 @@ function pauseAtGate(gate: Int32Array | null): void {
 }
 
 /**
+ * Hands a cancelled slot back to the pool. It counts as done and sets the
+ * EventNotifier like a finished job: otherwise the pool would only notice it
+ * when some other job completes, and with every slot taken (slots: 1) the jobs
+ * waiting for one would never run.
+ */
+function release(ctl: Int32Array, s: Int32Array, i: number, notifyFd: number): void {
+  Atomics.store(s, i + I32.state, S_RELEASED);
+  Atomics.add(ctl, CTL.done, 1);
+  eventfdWrite(notifyFd, 1);
+}
+
+/**
  * An idle Worker's exit (worker_thread's timed-out branch): leaves `workers`
  * unless that would leave fewer than minThreads, and returns whether it left.
  *
@@ -120,7 +132,7 @@ function loop(init: ThreadPoolInit): void {
     const i = slot * I32.size, j = slot * F64.size;
     const st = Atomics.compareExchange(s, i + I32.state, S_QUEUED, S_RUNNING);
     if (st !== S_QUEUED) {
-      if (st === S_CANCELLED) Atomics.store(s, i + I32.state, S_RELEASED);
+      if (st === S_CANCELLED) release(ctl, s, i, init.notifyFd);
       continue;
     }
     f[j + F64.result] = runJob(s[i + I32.op], s, f, i, j);

@@ -197,6 +197,21 @@ async function within(ctx: AioContext, ms: number, cond: () => boolean): Promise
   return cond();
 }
 
+Deno.test("ThreadPool: a cancelled job's slot is freed when a worker skips it, not at the next completion", () =>
+  withPool({ maxThreads: 1, slots: 1 }, async ({ ctx, pool }) => {
+    // The first worker needs tens of ms to start: the job is still queued in its slot.
+    const rets: number[] = [];
+    const a = pool.submitFdatasync(-1, (r) => rets.push(r));
+    assert.equal(pool.cancel(a), true);
+    let b = 1;
+    pool.submitFdatasync(-1, (r) => b = r); // waits in the JS queue for the one slot
+    const ran = await within(ctx, 3000, () => b !== 1);
+    assert.ok(ran, `the second job never ran; inFlight ${pool.inFlight}`);
+    assert.deepEqual(rets, [-ECANCELED]);
+    assert.equal(b, -EBADF);
+    assert.equal(pool.inFlight, 0);
+  }));
+
 Deno.test("ThreadPool: a job submitted while the last worker decides to exit on idle still runs", () => {
   // The gate stops the worker after it found the queue empty and before it
   // leaves `workers`: the submission then sees no idle worker and no room to
