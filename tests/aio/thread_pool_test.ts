@@ -212,6 +212,39 @@ Deno.test("ThreadPool: a cancelled job's slot is freed when a worker skips it, n
     assert.equal(pool.inFlight, 0);
   }));
 
+Deno.test("ThreadPool: a completion callback that polls nested gets the later completions delivered inside", async () => {
+  const ctx = new AioContext();
+  const pool = new ThreadPool(ctx, { maxThreads: 1 });
+  const order: string[] = [];
+  let bDone = false;
+  pool.submitFdatasync(-1, (r) => {
+    assert.equal(r, -EBADF);
+    order.push("a");
+    // Wait for the next job in a nested event loop (as a synchronous drain does).
+    const end = Date.now() + 3000;
+    const guard = ctx.timerNew(() => {}); // bounds each blocking poll if b is lost
+    while (!bDone && Date.now() < end) {
+      guard.modNs(ctx.now() + 100e6);
+      ctx.poll(true);
+    }
+    guard.del();
+    order.push("a-end");
+  });
+  pool.submitFdatasync(-1, (r) => {
+    assert.equal(r, -EBADF);
+    bDone = true;
+    order.push("b");
+  });
+  await within(ctx, 5000, () => order.length === 3);
+  // Before the fix the nested reap emptied the list the outer one walked: b was
+  // lost, done > reaped stayed true and the context busy-polled (close() spun).
+  assert.deepEqual(order, ["a", "b", "a-end"], `inFlight ${pool.inFlight}`);
+  assert.equal(pool.inFlight, 0);
+  assert.equal(ctx.poll(false), false, "nothing left to reap: the context may sleep");
+  await pool.close();
+  ctx.close();
+});
+
 Deno.test("ThreadPool: a job submitted while the last worker decides to exit on idle still runs", () => {
   // The gate stops the worker after it found the queue empty and before it
   // leaves `workers`: the submission then sees no idle worker and no room to
