@@ -92,7 +92,11 @@ export class LinuxAioEngine implements IoEngine {
   #evCount = 0;
   readonly #slots = new RequestSlots();
   readonly #pending = new SlotFifo(64);
+  /** Requests io_submit refused, and their -errno: completed from #failBh. */
+  readonly #failed = new SlotFifo(8);
+  readonly #failedRet = new SlotFifo(8);
   readonly #retryBh;
+  readonly #failBh;
   #inKernel = 0;
   #plugged = 0;
   #blocked = false;
@@ -112,6 +116,7 @@ export class LinuxAioEngine implements IoEngine {
     this.#eventsAddr = BigInt(addressOf(this.#events));
     this.#zeroTimeoutAddr = BigInt(addressOf(this.#zeroTimeout));
     this.#retryBh = ctx.bhNew(() => this.#submit(), "linux-aio-retry");
+    this.#failBh = ctx.bhNew(() => this.#completeFailed(), "linux-aio-fail");
     const onEvent = () => {
       this.#notifier.testAndClear();
       this.#processCompletions();
@@ -172,6 +177,7 @@ export class LinuxAioEngine implements IoEngine {
     this.#closed = true;
     this.#ctx.setFdHandler(this.#notifier.fd, null);
     this.#retryBh.delete();
+    this.#failBh.delete();
     ioDestroy(this.#ioctx);
     this.#notifier.close();
     if (this.#threadPool) await releaseThreadPool(this.#ctx);
@@ -217,9 +223,9 @@ export class LinuxAioEngine implements IoEngine {
       this.stats.submitCalls++;
       if (ret === -EAGAIN) break;
       if (ret < 0) {
-        // Fail the first request and retry the rest (as QEMU's ioq_submit).
-        s.complete(pending.shift(), ret);
-        this.stats.completed++;
+        // Fail the first request and retry the rest (as QEMU's ioq_submit),
+        // but complete it later: this may run inside preadv/pwritev/unplug.
+        this.#fail(pending.shift(), ret);
         continue;
       }
       pending.drop(ret);
@@ -232,6 +238,29 @@ export class LinuxAioEngine implements IoEngine {
       this.stats.queued++;
       // Nothing in the kernel would wake us up: retry from a bottom half.
       if (this.#inKernel === 0) this.#retryBh.schedule();
+    }
+  }
+
+  /**
+   * Queues a request io_submit refused for #failBh. QEMU's laio completes it
+   * at once, which is fine for its coroutine (it does not yield when the
+   * result is already there); a callback must never run before the
+   * submitting call returns (the BlockDriver contract). No allocation once
+   * the FIFOs have grown.
+   */
+  #fail(slot: number, ret: number): void {
+    this.#failed.push(slot);
+    this.#failedRet.push(ret);
+    this.#failBh.schedule();
+  }
+
+  /** Completes the refused requests; each is taken off the FIFOs first, so nesting is safe. */
+  #completeFailed(): void {
+    while (this.#failed.length > 0) {
+      const slot = this.#failed.shift();
+      const ret = this.#failedRet.shift();
+      this.stats.completed++;
+      this.#slots.complete(slot, ret);
     }
   }
 

@@ -7,7 +7,7 @@ import {
   LinuxAioEngine,
   ThreadPoolEngine,
 } from "../../block/mod.ts";
-import { close, O_DIRECT, O_RDWR, open, pipe, write } from "../../sys/mod.ts";
+import { close, EBADF, O_DIRECT, O_RDWR, open, pipe, write } from "../../sys/mod.ts";
 import { aligned, fillPattern, makeImage, patternByte, pollWhile } from "./helpers.ts";
 
 const BS = 4096;
@@ -231,3 +231,33 @@ for (const useRing of [false, true]) {
     close(fd);
   });
 }
+
+Deno.test("native: an io_submit error completes the request later, never inside preadv/pwritev", async () => {
+  const path = makeImage(4 * BS, 10);
+  const fd = open(path, O_RDWR);
+  const ctx = new AioContext();
+  const e = new LinuxAioEngine(ctx);
+  const mem = aligned(2 * BS);
+  const bad = new IoVector(1), good = new IoVector(1);
+  bad.add(mem.addr, BS);
+  good.add(mem.addr + BS, BS);
+  const rets: string[] = [];
+  e.preadv(-1, bad, 0, (r) => rets.push(`read ${r}`)); // io_submit: EBADF
+  e.pwritev(-1, bad, 0, (r) => rets.push(`write ${r}`));
+  assert.deepEqual(rets, [], "completed inside the submitting call");
+  // Under plug, the failed first request does not hold back the rest of the batch.
+  e.plug();
+  e.preadv(-1, bad, 0, (r) => rets.push(`plugged ${r}`));
+  e.preadv(fd, good, BS, (r) => rets.push(`good ${r}`));
+  e.unplug();
+  assert.deepEqual(rets, [], "completed inside unplug");
+  await pollWhile(ctx, () => rets.length < 4);
+  const want = [`read ${-EBADF}`, `write ${-EBADF}`, `plugged ${-EBADF}`, "good 0"];
+  assert.deepEqual([...rets].sort(), want.sort());
+  assert.equal(mem.bytes[BS + 7], patternByte(10, BS + 7));
+  assert.equal(e.inFlight, 0);
+  mem.unmap();
+  await e.close();
+  ctx.close();
+  close(fd);
+});
