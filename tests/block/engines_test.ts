@@ -244,13 +244,13 @@ Deno.test("native: an io_submit error completes the request later, never inside 
   const rets: string[] = [];
   e.preadv(-1, bad, 0, (r) => rets.push(`read ${r}`)); // io_submit: EBADF
   e.pwritev(-1, bad, 0, (r) => rets.push(`write ${r}`));
-  assert.deepEqual(rets, [], "completed inside the submitting call");
+  assert.deepEqual([...rets], [], "completed inside the submitting call");
   // Under plug, the failed first request does not hold back the rest of the batch.
   e.plug();
   e.preadv(-1, bad, 0, (r) => rets.push(`plugged ${r}`));
   e.preadv(fd, good, BS, (r) => rets.push(`good ${r}`));
   e.unplug();
-  assert.deepEqual(rets, [], "completed inside unplug");
+  assert.deepEqual([...rets], [], "completed inside unplug");
   await pollWhile(ctx, () => rets.length < 4);
   const want = [`read ${-EBADF}`, `write ${-EBADF}`, `plugged ${-EBADF}`, "good 0"];
   assert.deepEqual([...rets].sort(), want.sort());
