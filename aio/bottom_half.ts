@@ -125,6 +125,12 @@ export class BhQueue {
   #mask = 63;
   #head = 0;
   #tail = 0;
+  /**
+   * Where the running batch ends (exclusive). A field, not a local, so that a
+   * nested poll (a BH that calls ctx.poll) extends the batch the outer call
+   * walks, and a grow or reset moves it along with head and tail.
+   */
+  #end = 0;
   #nextSeq = 1;
   /** Number of BHs that are scheduled (live entries). */
   #live = 0;
@@ -161,6 +167,7 @@ export class BhQueue {
       seqs[k] = this.#seqs[j & this.#mask];
     }
     this.#tail -= this.#head;
+    this.#end = this.#end > this.#head ? this.#end - this.#head : 0;
     this.#head = 0;
     this.#bhs = bhs;
     this.#seqs = seqs;
@@ -170,12 +177,18 @@ export class BhQueue {
   /**
    * Runs the BHs that were queued when the call started (aio_bh_poll); ones
    * scheduled meanwhile run in the next call. Returns how many BHs ran.
+   *
+   * Nest-safe like QEMU's aio_bh_poll, which moves the list to a slice on the
+   * stack and lets nested calls drain every open slice: here head and the
+   * batch end are fields, so a BH that polls nested runs the rest of the outer
+   * batch (and what was scheduled since) in order, and the outer call, back
+   * from the BH, finds them run and stops. Nothing runs twice or is skipped.
    * Hot path: no allocation.
    */
   poll(): number {
-    const end = this.#tail;
+    this.#end = this.#tail;
     let ran = 0;
-    while (this.#head !== end) {
+    while (this.#head < this.#end) {
       const i = this.#head & this.#mask;
       const bh = this.#bhs[i]!;
       const seq = this.#seqs[i];
@@ -187,7 +200,7 @@ export class BhQueue {
       ran++;
       bh._cb();
     }
-    if (this.#head === this.#tail) this.#head = this.#tail = 0;
+    if (this.#head === this.#tail) this.#head = this.#tail = this.#end = 0;
     return ran;
   }
 }

@@ -45,6 +45,14 @@ export interface ThreadPoolOptions {
   minThreads?: number;
   /** Job slots in shared memory (default 256, a power of two); more jobs wait in a JS queue. */
   slots?: number;
+  /**
+   * Tests only: an Int32Array(2)'s buffer that makes a Worker stop in its
+   * idle-exit path, after it found the queue empty and before it gives up its
+   * place in `workers`, so a test can submit in exactly that window. The
+   * Worker sets element 0 to 1 (and notifies it) when it arrives, then waits
+   * until element 1 is non-zero; once element 1 is set, it never stops again.
+   */
+  idleExitGate?: SharedArrayBuffer;
 }
 
 /**
@@ -127,9 +135,16 @@ export class ThreadPool {
   readonly #init: ThreadPoolInit;
   readonly #reqs: (ThreadPoolRequest | undefined)[];
   readonly #free: number[] = [];
-  /** Slots submitted and not yet reaped. */
-  #inflight: number[] = [];
-  #spare: number[] = [];
+  /** Slots submitted and not yet reaped, in submission order. */
+  readonly #inflight: number[] = [];
+  /**
+   * Finished slots whose callback has not run yet, in completion order: a
+   * ring with one entry per slot at most (a slot stays S_DONE until its
+   * callback is taken). Head is a field so nested reaps share it.
+   */
+  readonly #completed: Int32Array;
+  #completedHead = 0;
+  #completedTail = 0;
   /** Jobs waiting for a free slot. */
   readonly #overflow: ThreadPoolRequest[] = [];
   #reaped = 0;
@@ -153,12 +168,15 @@ export class ThreadPool {
       notifyFd: this.#notifier.fd,
       idleTimeoutMs: this.idleTimeoutMs,
       minThreads: this.minThreads,
+      maxThreads: this.maxThreads,
+      idleExitGate: opts.idleExitGate,
     };
     this.#ctl = new Int32Array(this.#init.ctl);
     this.#ring = new Int32Array(this.#init.ring);
     this.#s = new Int32Array(this.#init.slotsI32);
     this.#f = new Float64Array(this.#init.slotsF64);
     this.#reqs = new Array(slots);
+    this.#completed = new Int32Array(slots);
     for (let i = slots - 1; i >= 0; i--) this.#free.push(i);
     const n = this.#notifier;
     ctx.setEventNotifier(
@@ -167,7 +185,9 @@ export class ThreadPool {
         n.testAndClear();
         this.#reap();
       },
-      () => Atomics.load(this.#ctl, CTL.done) > this.#reaped,
+      () =>
+        Atomics.load(this.#ctl, CTL.done) > this.#reaped ||
+        this.#completedHead !== this.#completedTail,
       () => this.#reap(),
     );
     for (let k = 0; k < this.minThreads; k++) this.#spawn();
@@ -175,7 +195,8 @@ export class ThreadPool {
 
   /** Jobs submitted whose callback has not run yet. */
   get inFlight(): number {
-    return this.#inflight.length + this.#overflow.length;
+    return this.#inflight.length + this.#overflow.length +
+      (this.#completedTail - this.#completedHead);
   }
 
   /** Workers alive (or starting). */
@@ -364,39 +385,62 @@ export class ThreadPool {
     return true;
   }
 
-  /** Calls the callbacks of finished jobs in submission order; frees their slots. */
+  /**
+   * Calls the callbacks of finished jobs; frees their slots and fills them
+   * from the JS queue (thread_pool_completion_bh).
+   *
+   * Reentrant: a callback may poll the context nested, which reaps again.
+   * QEMU's completion BH restarts its walk after every callback for that
+   * reason. Here the walk over the in-flight list calls nothing, it only
+   * moves finished slots to the completed ring; callbacks then run from the
+   * ring's shared head, so a nested reap delivers the outer one's remaining
+   * completions first, in order, and the outer one finds them gone.
+   * Hot path: no allocation.
+   */
   #reap(): void {
-    const s = this.#s, f = this.#f;
-    const list = this.#inflight;
-    const keep = this.#spare;
-    keep.length = 0;
-    this.#inflight = keep;
-    this.#spare = list;
-    for (let k = 0; k < list.length; k++) {
-      const slot = list[k];
-      const i = slot * I32.size;
-      const st = Atomics.load(s, i + I32.state);
-      if (st === S_DONE) {
-        const req = this.#reqs[slot]!;
-        const ret = f[slot * F64.size + F64.result];
-        this.#reqs[slot] = undefined;
-        s[i + I32.state] = S_FREE;
-        this.#free.push(slot);
-        this.#reaped++;
-        req.done = true;
-        this.stats.completed++;
-        req.cb(ret);
-      } else if (st === S_RELEASED) {
-        s[i + I32.state] = S_FREE;
-        this.#free.push(slot);
-      } else {
-        keep.push(slot);
-      }
+    this.#collect();
+    const s = this.#s, f = this.#f, ring = this.#completed, mask = ring.length - 1;
+    while (this.#completedHead !== this.#completedTail) {
+      const slot = ring[this.#completedHead++ & mask];
+      const req = this.#reqs[slot]!;
+      const ret = f[slot * F64.size + F64.result];
+      this.#reqs[slot] = undefined;
+      s[slot * I32.size + I32.state] = S_FREE;
+      this.#free.push(slot);
+      req.done = true;
+      this.stats.completed++;
+      req.cb(ret);
     }
     while (this.#overflow.length && this.#free.length) {
       this.#enqueue(this.#overflow.shift()!, this.#free.pop()!);
     }
     if (this.#inflight.length) this.#maybeSpawn();
+  }
+
+  /**
+   * Takes finished and released slots out of the in-flight list (compacting
+   * it in place, order kept): finished ones go to the completed ring, released
+   * (cancelled) ones straight to the free list. Each counts against `done`.
+   */
+  #collect(): void {
+    const s = this.#s, list = this.#inflight, ring = this.#completed, mask = ring.length - 1;
+    let kept = 0;
+    for (let k = 0; k < list.length; k++) {
+      const slot = list[k];
+      const i = slot * I32.size;
+      const st = Atomics.load(s, i + I32.state);
+      if (st === S_DONE) {
+        ring[this.#completedTail++ & mask] = slot;
+        this.#reaped++;
+      } else if (st === S_RELEASED) {
+        s[i + I32.state] = S_FREE;
+        this.#free.push(slot);
+        this.#reaped++;
+      } else {
+        list[kept++] = slot;
+      }
+    }
+    list.length = kept;
   }
 
   /**

@@ -46,7 +46,11 @@ export const I32 = { op: 0, fd: 1, iovcnt: 2, mode: 3, state: 4, size: 8 } as co
 /** Float64 fields of a slot (addresses, offsets, lengths as exact doubles). */
 export const F64 = { iovAddr: 0, offset: 1, len: 2, result: 3, size: 4 } as const;
 
-/** What a pool posts to each new Worker. */
+/**
+ * What a pool posts to each new Worker.
+ *
+ * @see ThreadPoolOptions (thread_pool.ts) for idleExitGate.
+ */
 export interface ThreadPoolInit {
   ctl: SharedArrayBuffer;
   ring: SharedArrayBuffer;
@@ -56,4 +60,8 @@ export interface ThreadPoolInit {
   idleTimeoutMs: number;
   /** Workers that never exit on idle (thread-pool-min). */
   minThreads: number;
+  /** Most Workers at once: a Worker that changes its mind about exiting may not exceed it. */
+  maxThreads: number;
+  /** Tests only: see {@link ThreadPoolOptions.idleExitGate}. */
+  idleExitGate?: SharedArrayBuffer;
 }

@@ -86,9 +86,20 @@ export class LinuxAioEngine implements IoEngine {
   readonly #eventsAddr: bigint;
   readonly #zeroTimeout = new BigInt64Array(2);
   readonly #zeroTimeoutAddr: bigint;
+  /**
+   * Events io_getevents stored in #events not yet completed: `[#evHead,
+   * #evCount)`. Fields, so a nested reap (a callback that polls) completes the
+   * outer one's remaining events before it overwrites the array.
+   */
+  #evHead = 0;
+  #evCount = 0;
   readonly #slots = new RequestSlots();
   readonly #pending = new SlotFifo(64);
+  /** Requests io_submit refused, and their -errno: completed from #failBh. */
+  readonly #failed = new SlotFifo(8);
+  readonly #failedRet = new SlotFifo(8);
   readonly #retryBh;
+  readonly #failBh;
   #inKernel = 0;
   #plugged = 0;
   #blocked = false;
@@ -108,6 +119,7 @@ export class LinuxAioEngine implements IoEngine {
     this.#eventsAddr = BigInt(addressOf(this.#events));
     this.#zeroTimeoutAddr = BigInt(addressOf(this.#zeroTimeout));
     this.#retryBh = ctx.bhNew(() => this.#submit(), "linux-aio-retry");
+    this.#failBh = ctx.bhNew(() => this.#completeFailed(), "linux-aio-fail");
     const onEvent = () => {
       this.#notifier.testAndClear();
       this.#processCompletions();
@@ -168,6 +180,7 @@ export class LinuxAioEngine implements IoEngine {
     this.#closed = true;
     this.#ctx.setFdHandler(this.#notifier.fd, null);
     this.#retryBh.delete();
+    this.#failBh.delete();
     ioDestroy(this.#ioctx);
     this.#notifier.close();
     if (this.#threadPool) await releaseThreadPool(this.#ctx);
@@ -213,9 +226,9 @@ export class LinuxAioEngine implements IoEngine {
       this.stats.submitCalls++;
       if (ret === -EAGAIN) break;
       if (ret < 0) {
-        // Fail the first request and retry the rest (as QEMU's ioq_submit).
-        s.complete(pending.shift(), ret);
-        this.stats.completed++;
+        // Fail the first request and retry the rest (as QEMU's ioq_submit),
+        // but complete it later: this may run inside preadv/pwritev/unplug.
+        this.#fail(pending.shift(), ret);
         continue;
       }
       pending.drop(ret);
@@ -228,6 +241,29 @@ export class LinuxAioEngine implements IoEngine {
       this.stats.queued++;
       // Nothing in the kernel would wake us up: retry from a bottom half.
       if (this.#inKernel === 0) this.#retryBh.schedule();
+    }
+  }
+
+  /**
+   * Queues a request io_submit refused for #failBh. QEMU's laio completes it
+   * at once, which is fine for its coroutine (it does not yield when the
+   * result is already there); a callback must never run before the
+   * submitting call returns (the BlockDriver contract). No allocation once
+   * the FIFOs have grown.
+   */
+  #fail(slot: number, ret: number): void {
+    this.#failed.push(slot);
+    this.#failedRet.push(ret);
+    this.#failBh.schedule();
+  }
+
+  /** Completes the refused requests; each is taken off the FIFOs first, so nesting is safe. */
+  #completeFailed(): void {
+    while (this.#failed.length > 0) {
+      const slot = this.#failed.shift();
+      const ret = this.#failedRet.shift();
+      this.stats.completed++;
+      this.#slots.complete(slot, ret);
     }
   }
 
@@ -251,7 +287,26 @@ export class LinuxAioEngine implements IoEngine {
         s.complete(slot, res);
       }
     } else {
-      for (;;) {
+      reaped = this.#processEvents();
+    }
+    if (reaped > 0 && this.#pending.length > 0) {
+      this.#blocked = false;
+      if (this.#plugged === 0) this.#submit();
+    }
+  }
+
+  /**
+   * The io_getevents form of the reap: refills #events only when every event
+   * in it has been completed, and takes each off through the shared #evHead
+   * before its callback runs, so a nested reap neither completes an event
+   * twice nor overwrites ones the outer reap has not reached. Returns how many
+   * events were fetched. Hot path: no allocation.
+   */
+  #processEvents(): number {
+    const ev = this.#events32, s = this.#slots;
+    let fetched = 0;
+    for (;;) {
+      if (this.#evHead === this.#evCount) {
         const n = ioGetevents(
           this.#ioctx,
           0,
@@ -260,22 +315,17 @@ export class LinuxAioEngine implements IoEngine {
           this.#zeroTimeoutAddr,
         );
         if (n <= 0) break;
-        const ev = this.#events32;
+        this.#evHead = 0;
+        this.#evCount = n;
         this.#inKernel -= n;
-        reaped += n;
-        for (let i = 0; i < n; i++) {
-          const w = (i * IO_EVENT.size) >> 2;
-          const slot = ev[w + (IO_EVENT.data >> 2)];
-          const res = (ev[w + (IO_EVENT.res >> 2) + 1] | 0) * 0x100000000 +
-            ev[w + (IO_EVENT.res >> 2)];
-          this.stats.completed++;
-          s.complete(slot, res);
-        }
+        fetched += n;
       }
+      const w = (this.#evHead++ * IO_EVENT.size) >> 2;
+      const slot = ev[w + (IO_EVENT.data >> 2)];
+      const res = (ev[w + (IO_EVENT.res >> 2) + 1] | 0) * 0x100000000 + ev[w + (IO_EVENT.res >> 2)];
+      this.stats.completed++;
+      s.complete(slot, res);
     }
-    if (reaped > 0 && this.#pending.length > 0) {
-      this.#blocked = false;
-      if (this.#plugged === 0) this.#submit();
-    }
+    return fetched;
   }
 }

@@ -55,8 +55,17 @@ export class NullCoDriver implements BlockDriver {
   /** Whether reads zero the buffer (read-zeroes). */
   readonly readZeroes: boolean;
   readonly #bh: BottomHalf;
-  #cbs: BlockCompletion[] = [];
-  #spare: BlockCompletion[] = [];
+  /**
+   * Queued completions: a growable ring, live between the absolute indexes
+   * `#head` and `#tail`. The indexes are fields so that a nested run (a
+   * callback that polls) shares them. No allocation once it has grown.
+   */
+  #cbs: (BlockCompletion | undefined)[] = new Array(16);
+  #mask = 15;
+  #head = 0;
+  #tail = 0;
+  /** Where the running batch ends (exclusive); nested runs extend it. */
+  #end = 0;
 
   constructor(ctx: AioContext, opts: NullDriverOptions = {}) {
     this.length = opts.size ?? 1 << 30;
@@ -107,18 +116,41 @@ export class NullCoDriver implements BlockDriver {
     return Promise.resolve();
   }
 
+  /** Hot path: queues `cb` and schedules the BH (a no-op when it is scheduled). */
   #complete(cb: BlockCompletion): void {
-    this.#cbs.push(cb);
-    if (this.#cbs.length === 1) this.#bh.schedule();
+    if (this.#tail - this.#head > this.#mask) this.#grow();
+    this.#cbs[this.#tail++ & this.#mask] = cb;
+    this.#bh.schedule();
   }
 
-  /** Runs the completions queued so far; ones queued meanwhile wait for the next run. */
+  /** Doubles the ring, rebasing the indexes (and the running batch's end) to 0. */
+  #grow(): void {
+    const n = (this.#mask + 1) * 2;
+    const cbs: (BlockCompletion | undefined)[] = new Array(n);
+    for (let k = 0, j = this.#head; j < this.#tail; j++, k++) cbs[k] = this.#cbs[j & this.#mask];
+    this.#end = this.#end > this.#head ? this.#end - this.#head : 0;
+    this.#tail -= this.#head;
+    this.#head = 0;
+    this.#cbs = cbs;
+    this.#mask = n - 1;
+  }
+
+  /**
+   * Runs the completions queued so far; ones queued meanwhile wait for the
+   * next run (their #complete scheduled the BH again). Nest-safe like
+   * aio_bh_poll: a callback that polls nested runs the rest of this batch and
+   * what was queued since, in order, and this run then finds them gone.
+   * Hot path: no allocation.
+   */
   #run(): void {
-    const cbs = this.#cbs;
-    this.#cbs = this.#spare;
-    for (let i = 0; i < cbs.length; i++) cbs[i](0);
-    cbs.length = 0;
-    this.#spare = cbs;
+    this.#end = this.#tail;
+    while (this.#head < this.#end) {
+      const i = this.#head++ & this.#mask;
+      const cb = this.#cbs[i]!;
+      this.#cbs[i] = undefined;
+      cb(0);
+    }
+    if (this.#head === this.#tail) this.#head = this.#tail = this.#end = 0;
   }
 }
 

@@ -83,3 +83,61 @@ Deno.test("BH: many BHs grow the queue and keep order", () => {
   assert.deepEqual(out, Array.from({ length: 1000 }, (_, i) => 999 - i));
   ctx.close();
 });
+
+Deno.test("BH: a BH that polls nested runs the rest of the batch inside, none twice or lost (aio_bh_poll is nest-safe)", () => {
+  const ctx = new AioContext();
+  const log: string[] = [];
+  const c = ctx.bhNew(() => log.push("c"), "c");
+  const d = ctx.bhNew(() => log.push("d"), "d");
+  const late = ctx.bhNew(() => log.push("late"), "late");
+  const a = ctx.bhNew(() => {
+    log.push("a");
+    late.schedule();
+    ctx.poll(false); // runs b, c, d (queued before) and late
+    log.push("a-end");
+  }, "a");
+  const b = ctx.bhNew(() => log.push("b"), "b");
+  a.schedule();
+  b.schedule();
+  c.schedule();
+  d.schedule();
+  assert.ok(ctx.poll(false));
+  assert.deepEqual(log, ["a", "b", "c", "d", "late", "a-end"]);
+  assert.equal(ctx.poll(false), false);
+  assert.equal(ctx.stats.bhRuns, 5);
+  ctx.close();
+});
+
+Deno.test("BH: the queue grows while a batch runs: the batch keeps its place", () => {
+  const ctx = new AioContext();
+  let ran = 0;
+  // A BH that reschedules itself keeps the queue from emptying, so the ring
+  // indexes keep rising instead of going back to 0 after each poll.
+  const link = ctx.bhNew(() => {
+    ran++;
+    link.schedule();
+  }, "link");
+  const filler = Array.from({ length: 40 }, () => ctx.bhNew(() => ran++, "filler"));
+  link.schedule();
+  for (let i = 0; i < 100; i++) {
+    for (const f of filler) f.schedule();
+    ctx.poll(false);
+  }
+  // A BH late in the batch schedules enough to grow the ring mid-walk.
+  const extra = Array.from({ length: 200 }, () => ctx.bhNew(() => ran++, "extra"));
+  const grower = ctx.bhNew(() => {
+    ran++;
+    for (const e of extra) e.schedule();
+  }, "grower");
+  for (const f of filler) f.schedule();
+  grower.schedule();
+  let before = ran;
+  ctx.poll(false);
+  assert.equal(ran - before, 1 + 40 + 1); // link, fillers, grower: what was queued at the start
+  before = ran;
+  ctx.poll(false);
+  assert.equal(ran - before, 1 + 200); // link and the extras
+  link.delete();
+  assert.equal(ctx.poll(false), false);
+  ctx.close();
+});

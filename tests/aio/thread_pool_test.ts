@@ -183,3 +183,89 @@ Deno.test("ThreadPool: minThreads start at once and survive the idle timeout; ex
     while (done < 1) await ctx.pollAsync();
   });
 });
+
+/**
+ * Polls `ctx` (without blocking, so a context that busy-polls cannot hang the
+ * test) until `cond()` holds or `ms` pass; returns whether it holds.
+ */
+async function within(ctx: AioContext, ms: number, cond: () => boolean): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (!cond() && Date.now() < end) {
+    ctx.poll(false);
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  return cond();
+}
+
+Deno.test("ThreadPool: a cancelled job's slot is freed when a worker skips it, not at the next completion", () =>
+  withPool({ maxThreads: 1, slots: 1 }, async ({ ctx, pool }) => {
+    // The first worker needs tens of ms to start: the job is still queued in its slot.
+    const rets: number[] = [];
+    const a = pool.submitFdatasync(-1, (r) => rets.push(r));
+    assert.equal(pool.cancel(a), true);
+    let b = 1;
+    pool.submitFdatasync(-1, (r) => b = r); // waits in the JS queue for the one slot
+    const ran = await within(ctx, 3000, () => b !== 1);
+    assert.ok(ran, `the second job never ran; inFlight ${pool.inFlight}`);
+    assert.deepEqual(rets, [-ECANCELED]);
+    assert.equal(b, -EBADF);
+    assert.equal(pool.inFlight, 0);
+  }));
+
+Deno.test("ThreadPool: a completion callback that polls nested gets the later completions delivered inside", async () => {
+  const ctx = new AioContext();
+  const pool = new ThreadPool(ctx, { maxThreads: 1 });
+  const order: string[] = [];
+  let bDone = false;
+  pool.submitFdatasync(-1, (r) => {
+    assert.equal(r, -EBADF);
+    order.push("a");
+    // Wait for the next job in a nested event loop (as a synchronous drain does).
+    const end = Date.now() + 3000;
+    const guard = ctx.timerNew(() => {}); // bounds each blocking poll if b is lost
+    while (!bDone && Date.now() < end) {
+      guard.modNs(ctx.now() + 100e6);
+      ctx.poll(true);
+    }
+    guard.del();
+    order.push("a-end");
+  });
+  pool.submitFdatasync(-1, (r) => {
+    assert.equal(r, -EBADF);
+    bDone = true;
+    order.push("b");
+  });
+  await within(ctx, 5000, () => order.length === 3);
+  // Before the fix the nested reap emptied the list the outer one walked: b was
+  // lost, done > reaped stayed true and the context busy-polled (close() spun).
+  assert.deepEqual(order, ["a", "b", "a-end"], `inFlight ${pool.inFlight}`);
+  assert.equal(pool.inFlight, 0);
+  assert.equal(ctx.poll(false), false, "nothing left to reap: the context may sleep");
+  await pool.close();
+  ctx.close();
+});
+
+Deno.test("ThreadPool: a job submitted while the last worker decides to exit on idle still runs", () => {
+  // The gate stops the worker after it found the queue empty and before it
+  // leaves `workers`: the submission then sees no idle worker and no room to
+  // spawn one, so only the exiting worker can still notice the job.
+  const gateBuf = new SharedArrayBuffer(8);
+  const gate = new Int32Array(gateBuf);
+  return withPool(
+    { maxThreads: 1, idleTimeoutMs: 30, idleExitGate: gateBuf },
+    async ({ ctx, pool }) => {
+      let first = 1;
+      pool.submitFdatasync(-1, (r) => first = r);
+      assert.ok(await within(ctx, 5000, () => first !== 1), "the first job ran");
+      assert.ok(await within(ctx, 5000, () => Atomics.load(gate, 0) === 1), "worker at the gate");
+      assert.equal(pool.threads, 1);
+      let second = 1;
+      pool.submitFdatasync(-1, (r) => second = r);
+      Atomics.store(gate, 1, 1);
+      Atomics.notify(gate, 1);
+      const ran = await within(ctx, 3000, () => second !== 1);
+      assert.ok(ran, `the job was stranded: threads ${pool.threads}, inFlight ${pool.inFlight}`);
+      assert.equal(second, -EBADF);
+    },
+  );
+});

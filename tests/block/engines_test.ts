@@ -9,6 +9,7 @@ import {
 } from "../../block/mod.ts";
 import {
   close,
+  EBADF,
   IORING_SETUP_COOP_TASKRUN,
   IORING_SETUP_DEFER_TASKRUN,
   IORING_SETUP_SINGLE_ISSUER,
@@ -256,4 +257,77 @@ Deno.test("io_uring: a short read before EOF is resubmitted for the rest, not ze
   await e.close();
   ctx.close();
   close(rd);
+});
+
+for (const useRing of [false, true]) {
+  const how = useRing ? "aio_ring" : "io_getevents";
+  Deno.test(`native (${how}): a callback that polls nested reaps later events, none twice or lost`, async () => {
+    // Buffered reads complete inside io_submit, so every event is ready at once.
+    const path = makeImage(8 * BS, 9);
+    const fd = open(path, O_RDWR);
+    const ctx = new AioContext();
+    const e = new LinuxAioEngine(ctx, { useRing });
+    const mem = aligned(8 * BS);
+    const qs = Array.from({ length: 5 }, (_, i) => {
+      const q = new IoVector(1);
+      q.add(mem.addr + i * BS, BS);
+      return q;
+    });
+    const log: string[] = [];
+    const read = (i: number, then = () => {}) =>
+      e.preadv(fd, qs[i], i * BS, (r) => {
+        log.push(`${"abcde"[i]}${r === 0 ? "" : `=${r}`}`);
+        then();
+      });
+    e.plug();
+    read(0, () => {
+      e.plug();
+      read(3);
+      read(4);
+      e.unplug();
+      ctx.poll(false); // reaps nested while the outer reap still holds b and c
+    });
+    read(1);
+    read(2);
+    e.unplug();
+    await pollWhile(ctx, () => log.length < 5, 3000).catch(() => {});
+    assert.deepEqual(log, ["a", "b", "c", "d", "e"]);
+    assert.equal(e.inFlight, 0);
+    const b = mem.bytes;
+    for (let i = 0; i < 5; i++) assert.equal(b[i * BS + 1], patternByte(9, i * BS + 1));
+    mem.unmap();
+    await e.close();
+    ctx.close();
+    close(fd);
+  });
+}
+
+Deno.test("native: an io_submit error completes the request later, never inside preadv/pwritev", async () => {
+  const path = makeImage(4 * BS, 10);
+  const fd = open(path, O_RDWR);
+  const ctx = new AioContext();
+  const e = new LinuxAioEngine(ctx);
+  const mem = aligned(2 * BS);
+  const bad = new IoVector(1), good = new IoVector(1);
+  bad.add(mem.addr, BS);
+  good.add(mem.addr + BS, BS);
+  const rets: string[] = [];
+  e.preadv(-1, bad, 0, (r) => rets.push(`read ${r}`)); // io_submit: EBADF
+  e.pwritev(-1, bad, 0, (r) => rets.push(`write ${r}`));
+  assert.deepEqual([...rets], [], "completed inside the submitting call");
+  // Under plug, the failed first request does not hold back the rest of the batch.
+  e.plug();
+  e.preadv(-1, bad, 0, (r) => rets.push(`plugged ${r}`));
+  e.preadv(fd, good, BS, (r) => rets.push(`good ${r}`));
+  e.unplug();
+  assert.deepEqual([...rets], [], "completed inside unplug");
+  await pollWhile(ctx, () => rets.length < 4);
+  const want = [`read ${-EBADF}`, `write ${-EBADF}`, `plugged ${-EBADF}`, "good 0"];
+  assert.deepEqual([...rets].sort(), want.sort());
+  assert.equal(mem.bytes[BS + 7], patternByte(10, BS + 7));
+  assert.equal(e.inFlight, 0);
+  mem.unmap();
+  await e.close();
+  ctx.close();
+  close(fd);
 });

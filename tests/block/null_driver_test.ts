@@ -87,3 +87,52 @@ Deno.test("parseBlockOptions: QEMU vocabulary and validation", () => {
   assert.throws(() => parseBlockOptions("driver=null-co,bogus=1"), TypeError);
   assert.throws(() => parseBlockOptions("driver=null-co,size=12x"), TypeError);
 });
+
+for (const driver of ["null-co", "null-aio"] as const) {
+  Deno.test(`${driver}: a callback that polls nested gets completions queued meanwhile, each once`, async () => {
+    const ctx = new AioContext();
+    const blk = await BlockBackend.open(ctx, { driver });
+    const q = IoVector.fromBuffers([new Uint8Array(512)]);
+    const log: string[] = [];
+    /** Submits `name` and polls nested (a bounded synchronous wait) until it completes. */
+    const waitFor = (name: string, then: () => void) => {
+      let done = false;
+      blk.aioPreadv(0, q, () => {
+        log.push(name);
+        done = true;
+        then();
+      });
+      for (let i = 0; i < 100 && !done; i++) ctx.poll(false);
+      if (!done) log.push(`${name} not delivered by nested poll`);
+    };
+    blk.aioPreadv(0, q, () => {
+      log.push("a");
+      waitFor("x", () => waitFor("y", () => {}));
+    });
+    blk.aioPreadv(0, q, () => log.push("b"));
+    for (let i = 0; i < 10; i++) ctx.poll(false);
+    assert.deepEqual(log, ["a", "b", "x", "y"]);
+    assert.equal(blk.inFlight, 0);
+    await runUntil(ctx, blk.close());
+    ctx.close();
+  });
+}
+
+Deno.test("null-co: many completions queued from inside a batch grow the queue in order", async () => {
+  const ctx = new AioContext();
+  const blk = await BlockBackend.open(ctx, { driver: "null-co" });
+  const q = IoVector.fromBuffers([new Uint8Array(512)]);
+  const order: number[] = [];
+  for (let i = 0; i < 10; i++) {
+    blk.aioPreadv(0, q, () => {
+      order.push(i);
+      if (i === 5) { for (let k = 10; k < 100; k++) blk.aioPreadv(0, q, () => order.push(k)); }
+    });
+  }
+  ctx.poll(false);
+  assert.deepEqual(order, Array.from({ length: 10 }, (_, i) => i), "the batch, not what it queued");
+  ctx.poll(false);
+  assert.deepEqual(order, Array.from({ length: 100 }, (_, i) => i));
+  await runUntil(ctx, blk.close());
+  ctx.close();
+});
