@@ -256,6 +256,27 @@ class Rig {
     }
   }
 
+  /**
+   * Like {@link until}, but only with blocking polls, as an IOThread runs its
+   * context: with polling off (pollMaxNs 0) no poll callback looks at the ring,
+   * so only the kick fd, bottom halves and timers can start a request. A 2 ms
+   * timer bounds each wait.
+   */
+  async untilBlocking(cond: () => boolean, what: string, limitMs = 5000): Promise<void> {
+    const end = Date.now() + limitMs;
+    const guard = this.ctx.timerNew(() => {});
+    try {
+      while (!cond()) {
+        if (Date.now() > end) assert.fail(`timed out: ${what}`);
+        guard.modNs(this.ctx.now() + 2e6);
+        this.ctx.poll(true);
+        await new Promise((r) => setTimeout(r, 0));
+      }
+    } finally {
+      guard.del();
+    }
+  }
+
   /** Runs the context for a while without expecting anything (to show nothing happens). */
   async idle(rounds = 20): Promise<void> {
     for (let i = 0; i < rounds; i++) {
@@ -763,7 +784,7 @@ Deno.test("dataplane: drainedEnd finds a request whose kick was consumed meanwhi
     await r.idle();
     assert.equal(r.engine.stats.submitted, 0);
     r.blk.drainedEnd();
-    await r.until(() => r.driver.usedIdx() === 1, "found by the check after drainedEnd");
+    await r.untilBlocking(() => r.driver.usedIdx() === 1, "found by the check after drainedEnd");
     assert.equal(r.status(s), VIRTIO_BLK_S_OK);
     assert.equal(r.dp.stats()[0].kicks, 0, "no kick was seen");
   } finally {
@@ -880,4 +901,31 @@ Deno.test({
       fs.unmount();
     }
   },
+});
+
+Deno.test("dataplane: drainedBegin returns at once; waitIdle in the section is bdrv_drained_begin's wait", async () => {
+  const r = await Rig.create();
+  try {
+    r.request(VIRTIO_BLK_T_IN, 0, 4096, true);
+    r.kick();
+    await r.until(() => r.engine.held.length === 1, "submitted");
+    r.blk.drainedBegin(); // no nested event loop: returns with the read in flight
+    assert.equal(r.blk.inFlight, 1);
+    let idle = false;
+    const w = r.blk.waitIdle().then(() => idle = true);
+    r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.idle(5);
+    assert.equal(idle, false, "waits for the in-flight read");
+    r.engine.release();
+    await r.until(() => idle, "idle");
+    await w;
+    assert.equal(r.blk.inFlight, 0, "quiescent, as after bdrv_drained_begin");
+    assert.equal(r.engine.stats.submitted, 1, "the flush waits for drainedEnd");
+    r.engine.autoRelease = true;
+    r.blk.drainedEnd();
+    await r.until(() => r.driver.usedIdx() === 2, "flush served after drainedEnd");
+  } finally {
+    await r.close();
+  }
 });
