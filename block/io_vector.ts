@@ -1,14 +1,31 @@
 import { addressOf, copyMemory, fillMemory, IOVEC } from "../sys/mod.ts";
 
 /**
+ * Linux's IOV_MAX (UIO_MAXIOV, <limits.h>): the most entries preadv/pwritev,
+ * Linux AIO (IOCB_CMD_PREADV) and io_uring (IORING_OP_READV) accept in one
+ * iovec; more fails with EINVAL. QEMU's block layer uses it as the default
+ * `bs->bl.max_iov` (blk_get_max_iov) that devices keep their requests under.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { IOV_MAX } from "./io_vector.ts";
+ * assert.equal(IOV_MAX, 1024);
+ * ```
+ */
+export const IOV_MAX = 1024;
+
+/**
  * QEMU's QEMUIOVector: a scatter-gather list kept as a real C `struct iovec`
  * array, so it can be handed to preadv/pwritev, Linux AIO (IOCB_CMD_PREADV)
  * and io_uring (IORING_OP_READV) without conversion.
  *
- * The array is allocated once with a fixed capacity; `reset()` and `add()` reuse
- * it, so a request object can own one IoVector for its whole life (hot path: no
- * allocation). Entries are host addresses: the caller keeps the memory alive
- * until the request completes.
+ * The array is allocated with a capacity; `reset()` and `add()` reuse it, so a
+ * request object can own one IoVector for its whole life (hot path: no
+ * allocation). {@link reserve} grows it (a cold path: a request slot that
+ * meets a longer request than ever before), so slots need not be sized for
+ * the largest request up front. Entries are host addresses: the caller keeps
+ * the memory alive until the request completes.
  *
  * @example
  * ```ts
@@ -21,15 +38,12 @@ import { addressOf, copyMemory, fillMemory, IOVEC } from "../sys/mod.ts";
  * ```
  */
 export class IoVector {
-  /** The C iovec array (`capacity * 16` bytes), for FFI `buffer` parameters. */
-  readonly iov: Uint8Array<ArrayBuffer>;
-  /** Host address of {@link iov}, for raw-pointer parameters (iocb, SQE). */
-  readonly iovAddr: number;
-  /** Maximum number of entries. */
-  readonly capacity: number;
-  readonly #bases: Float64Array;
-  readonly #lens: Float64Array;
-  readonly #words: Uint32Array;
+  #iov: Uint8Array<ArrayBuffer>;
+  #iovAddr: number;
+  #capacity: number;
+  #bases: Float64Array;
+  #lens: Float64Array;
+  #words: Uint32Array;
   #niov = 0;
   #size = 0;
   /** Buffers handed to fromBuffers/addBuffer, kept alive with the vector. */
@@ -39,12 +53,66 @@ export class IoVector {
     if (!Number.isInteger(capacity) || capacity < 1) {
       throw new RangeError(`IoVector: bad capacity ${capacity}`);
     }
-    this.capacity = capacity;
-    this.iov = new Uint8Array(capacity * IOVEC.size);
-    this.iovAddr = addressOf(this.iov);
-    this.#words = new Uint32Array(this.iov.buffer);
+    this.#capacity = capacity;
+    this.#iov = new Uint8Array(capacity * IOVEC.size);
+    this.#iovAddr = addressOf(this.#iov);
+    this.#words = new Uint32Array(this.#iov.buffer);
     this.#bases = new Float64Array(capacity);
     this.#lens = new Float64Array(capacity);
+  }
+
+  /**
+   * The C iovec array (`capacity * 16` bytes), for FFI `buffer` parameters.
+   * Replaced by {@link reserve}: read it when submitting, do not keep it.
+   */
+  get iov(): Uint8Array<ArrayBuffer> {
+    return this.#iov;
+  }
+
+  /** Host address of {@link iov}, for raw-pointer parameters (iocb, SQE); see {@link iov}. */
+  get iovAddr(): number {
+    return this.#iovAddr;
+  }
+
+  /** Entries the vector holds without growing. */
+  get capacity(): number {
+    return this.#capacity;
+  }
+
+  /**
+   * Grows the capacity to at least `n` entries, keeping the entries added
+   * so far (a new C array: never while the vector is part of a request in
+   * flight). No-op when it is large enough, so callers may call it per
+   * request: it allocates only the first time a slot meets a request that
+   * long.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * import { IoVector } from "./io_vector.ts";
+   * const q = new IoVector(1);
+   * q.add(4096, 512);
+   * q.reserve(8);
+   * q.add(8192, 512);
+   * assert.equal(q.capacity, 8);
+   * assert.equal(q.niov, 2);
+   * assert.equal(q.base(0), 4096);
+   * ```
+   */
+  reserve(n: number): void {
+    if (n <= this.#capacity) return;
+    if (!Number.isInteger(n)) throw new RangeError(`IoVector: bad capacity ${n}`);
+    const iov = new Uint8Array(n * IOVEC.size);
+    iov.set(this.#iov.subarray(0, this.#niov * IOVEC.size));
+    const bases = new Float64Array(n), lens = new Float64Array(n);
+    bases.set(this.#bases.subarray(0, this.#niov));
+    lens.set(this.#lens.subarray(0, this.#niov));
+    this.#iov = iov;
+    this.#iovAddr = addressOf(iov);
+    this.#words = new Uint32Array(iov.buffer);
+    this.#bases = bases;
+    this.#lens = lens;
+    this.#capacity = n;
   }
 
   /**
@@ -82,11 +150,12 @@ export class IoVector {
 
   /**
    * Appends `len` bytes at host address `addr`. Hot path: no allocation.
-   * Throws RangeError when full; callers bound the count first (seg_max).
+   * Throws RangeError when full; callers bound the count first (seg_max) and
+   * {@link reserve} what they need.
    */
   add(addr: number, len: number): void {
     const i = this.#niov;
-    if (i >= this.capacity) throw new RangeError("IoVector: capacity exceeded");
+    if (i >= this.#capacity) throw new RangeError("IoVector: capacity exceeded");
     // 64-bit fields as two u32 halves: no BigInt allocation on the hot path.
     const w = (i * IOVEC.size) >> 2, words = this.#words;
     words[w + (IOVEC.iov_base >> 2)] = addr >>> 0;

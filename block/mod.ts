@@ -9,7 +9,7 @@
  * @module
  */
 
-export { IoVector } from "./io_vector.ts";
+export { IOV_MAX, IoVector } from "./io_vector.ts";
 export { BlockBackend, type BlockBackendExtras, type BlockDevOps } from "./block_backend.ts";
 export type { BlockCompletion, BlockDriver } from "./block_driver.ts";
 export { type BlockOptions, parseBlockOptions, validateBlockOptions } from "./block_options.ts";

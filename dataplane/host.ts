@@ -9,7 +9,7 @@
 
 import { AioContext, IOThread } from "../aio/mod.ts";
 import type { BlockOptions } from "../block/mod.ts";
-import type { VirtioBlkOptions } from "../virtio/mod.ts";
+import { segMaxForQueueSize, type VirtioBlkOptions } from "../virtio/mod.ts";
 import type { BlkImageInfo, BlkThreadStats } from "./blk_iothread.ts";
 import type { HostOptions } from "./host_options.ts";
 import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
@@ -62,7 +62,8 @@ export function deviceModel(opts: HostOptions, image: BlkImageInfo): VirtioBlkOp
     capacity,
     readOnly,
     blkSize: lbs,
-    segMax: Math.max(1, opts.queueSize - 2),
+    // QEMU's queue_size - 2, bounded by IOV_MAX (what one preadv/io_submit takes).
+    segMax: segMaxForQueueSize(opts.queueSize),
     topology: {
       physicalBlockExp: Math.log2(align / lbs),
       alignmentOffset: 0,

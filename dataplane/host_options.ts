@@ -1,4 +1,5 @@
 import { parseArgs } from "node:util";
+import { DEFAULT_MAX_QUEUE_SIZE, VIRTQUEUE_MAX_SIZE } from "../virtio/mod.ts";
 
 /** Block-layer options as the host passes them to every IOThread's BlockBackend. */
 export interface HostBlockOptions {
@@ -51,7 +52,9 @@ cloud-hypervisor --disk vhost_user=on).
   --serial STRING          GET_ID serial, at most 20 bytes          [dataplane]
   --queues N               virtqueues, 1..64                        [1]
   --iothreads N            IOThreads the queues are spread over     [1]
-  --queue-size N           maximum virtqueue size (power of two)    [256]
+  --queue-size N           largest virtqueue a front-end may set up
+                           (power of two, up to 32768; seg_max is
+                           min(N, 1024) - 2)                        [1024]
   --logical-block-size N   512 or 4096                              [512]
   --poll-max-ns NS         adaptive polling window, 0 disables      [32768]
   --socket-mode MODE       octal mode of the socket file            [0600]
@@ -184,7 +187,14 @@ export function parseHostArgs(args: string[]): HostOptions {
   }
   const queues = intOption("queues", v.queues, 1, 1, 64);
   const iothreads = intOption("iothreads", v.iothreads, 1, 1, 64);
-  const queueSize = intOption("queue-size", v["queue-size"], 256, 1, 32768);
+  // QEMU's VIRTQUEUE_MAX_SIZE by default: front-ends ask for 512-1024 entries.
+  const queueSize = intOption(
+    "queue-size",
+    v["queue-size"],
+    DEFAULT_MAX_QUEUE_SIZE,
+    1,
+    VIRTQUEUE_MAX_SIZE,
+  );
   if ((queueSize & (queueSize - 1)) !== 0) {
     throw new UsageError("--queue-size must be a power of two");
   }
@@ -231,7 +241,7 @@ function defaults(): HostOptions {
     queues: 1,
     iothreads: 1,
     logicalBlockSize: 512,
-    queueSize: 256,
+    queueSize: DEFAULT_MAX_QUEUE_SIZE,
     pollMaxNs: 32768,
     help: false,
   };

@@ -13,6 +13,7 @@
 import type { IOThread } from "../aio/mod.ts";
 import { close, eventfdWrite, setNonBlocking } from "../sys/mod.ts";
 import {
+  DEFAULT_MAX_QUEUE_SIZE,
   encodeVirtioBlkConfig,
   featureBit,
   GuestMemory,
@@ -91,7 +92,7 @@ export interface VhostUserBlkDeviceOptions {
   device: VirtioBlkOptions;
   /** IOThreads with the virtio-blk module loaded and configured (blk_iothread.ts). */
   iothreads: IOThread[];
-  /** Largest ring the front-end may set up (default 32768). */
+  /** Largest ring the front-end may set up (default 1024, QEMU's VIRTQUEUE_MAX_SIZE). */
   maxQueueSize?: number;
   /** Log lines (ring start/stop, memory, errors). */
   log?: (line: string) => void;
@@ -124,7 +125,7 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     this.#device = opts.device;
     this.#threads = opts.iothreads;
     this.#log = opts.log ?? (() => {});
-    this.#maxQueueSize = opts.maxQueueSize ?? 32768;
+    this.#maxQueueSize = opts.maxQueueSize ?? DEFAULT_MAX_QUEUE_SIZE;
     this.#config = encodeVirtioBlkConfig(opts.device);
     this.#features = virtioBlkFeatures(opts.device) | featureBit(VHOST_USER_F_PROTOCOL_FEATURES);
     this.#rings = Array.from({ length: this.numQueues() }, newRing);

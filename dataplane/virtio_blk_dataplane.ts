@@ -122,9 +122,15 @@ export interface DataPlaneQueueStats {
   ring?: string | null;
 }
 
-/** One request slot: the parsed request plus its preallocated completion. */
+/**
+ * One request slot: the parsed request plus its completion, created once and
+ * recycled through the dataplane's free list (shared by its queues and kept
+ * across queue restarts).
+ */
 class DataPlaneRequest {
   readonly req: VirtioBlkRequest;
+  /** The queue the request was popped from (set per request). */
+  queue: DataPlaneQueue | null = null;
   /** Sub-requests still running (discard / write zeroes ranges). */
   pending = 0;
   /** First error of the sub-requests (0 or -errno). */
@@ -139,7 +145,6 @@ class DataPlaneRequest {
 /** One virtqueue served by this thread. */
 class DataPlaneQueue {
   readonly stats: DataPlaneQueueStats;
-  readonly free: DataPlaneRequest[] = [];
   vq: Virtqueue;
   kickFd: number | null;
   callFd: number | null;
@@ -249,6 +254,22 @@ export class VirtioBlkDataPlane {
   readonly #stats = new Map<number, DataPlaneQueueStats>();
   /** Inside a drained section: host notifiers detached (BlockDevOps). */
   #drained = false;
+  /**
+   * A guest memory swap waiting for the requests on the old mapping: no host
+   * notifier may be attached until it is done (drainedEnd, setEnabled and
+   * startQueue meanwhile only record their state).
+   */
+  #memorySwap: Promise<void> | null = null;
+  /** Queues stopped (out of #queues) whose in-flight requests have not finished. */
+  readonly #stopping = new Set<DataPlaneQueue>();
+  /**
+   * Free request slots. Grown on demand (a new slot only when more requests
+   * are in flight than ever before) instead of ring-size x seg_max iovecs
+   * per queue start: 33 MB for one 1024-entry ring.
+   */
+  readonly #free: DataPlaneRequest[] = [];
+  #slots = 0;
+  readonly #subDoneCb = (r: DataPlaneRequest, ret: number) => this.#subDone(r.queue!, r, ret);
 
   constructor(ctx: AioContext, blk: BlockBackend, opts: DataPlaneOptions) {
     this.ctx = ctx;
@@ -272,6 +293,11 @@ export class VirtioBlkDataPlane {
     return n;
   }
 
+  /** Request slots allocated so far (each holds one request in flight at a time). */
+  get requestSlots(): number {
+    return this.#slots;
+  }
+
   /** Indexes of the queues this dataplane serves. */
   get queueIndexes(): number[] {
     return [...this.#queues.keys()];
@@ -289,19 +315,30 @@ export class VirtioBlkDataPlane {
    * The caller unmaps the old memory after this resolves.
    */
   async setMemory(mem: GuestMemory | null): Promise<void> {
-    for (const q of this.#queues.values()) this.#detach(q);
-    await this.#waitIdle();
-    this.#mem = mem;
-    for (const [i, q] of this.#queues) {
-      if (mem === null) {
-        this.#queues.delete(i);
-        this.#dropQueue(q);
-        continue;
+    while (this.#memorySwap !== null) await this.#memorySwap;
+    let done!: () => void;
+    this.#memorySwap = new Promise<void>((r) => done = r);
+    try {
+      // Nothing attaches while #memorySwap is set, so no request can start on
+      // the old mapping once this wait began (QEMU's vhost-user-blk export
+      // does the same under vu_blk_drained_begin ... end).
+      for (const q of this.#queues.values()) this.#detach(q);
+      await this.#waitIdle();
+      this.#mem = mem;
+      for (const [i, q] of this.#queues) {
+        if (mem === null) {
+          this.#queues.delete(i);
+          this.#dropQueue(q);
+          continue;
+        }
+        const s = { ...q.setup, base: q.vq.lastAvailIdx };
+        q.vq = this.#newVirtqueue(s, mem);
       }
-      const s = { ...q.setup, base: q.vq.lastAvailIdx };
-      q.vq = this.#newVirtqueue(s, mem);
-      this.#attach(q);
+    } finally {
+      this.#memorySwap = null;
+      done();
     }
+    for (const q of this.#queues.values()) this.#attach(q);
   }
 
   #newVirtqueue(s: DataPlaneQueueSetup, mem: GuestMemory): Virtqueue {
@@ -328,12 +365,19 @@ export class VirtioBlkDataPlane {
    * that already runs is restarted from `setup.base`.
    */
   async startQueue(setup: DataPlaneQueueSetup): Promise<void> {
-    const mem = this.#mem;
-    if (mem === null) throw new Error(`queue ${setup.index}: no guest memory (SET_MEM_TABLE)`);
+    // A ring started during a memory swap would be built on the mapping
+    // that is about to go: start it on the new one.
+    while (this.#memorySwap !== null) await this.#memorySwap;
     if (this.#queues.has(setup.index)) {
       const current = await this.stopQueue(setup.index);
       // A new kick fd without SET_VRING_BASE: go on from where the ring is.
       if (setup.base < 0) setup = { ...setup, base: current };
+      while (this.#memorySwap !== null) await this.#memorySwap;
+    }
+    const mem = this.#mem;
+    if (mem === null) throw new Error(`queue ${setup.index}: no guest memory (SET_MEM_TABLE)`);
+    if (this.#queues.has(setup.index)) {
+      throw new Error(`queue ${setup.index}: started twice at once`);
     }
     if (setup.base < 0) setup = { ...setup, base: 0 };
     const vq = this.#newVirtqueue(setup, mem);
@@ -342,9 +386,6 @@ export class VirtioBlkDataPlane {
     let stats = this.#stats.get(setup.index);
     if (stats === undefined) this.#stats.set(setup.index, stats = newStats(setup.index));
     q = new DataPlaneQueue({ ...setup }, vq, bh, stats);
-    for (let i = 0; i < setup.size; i++) {
-      q.free.push(new DataPlaneRequest(this.#limits, (r, ret) => this.#subDone(q!, r, ret)));
-    }
     this.#queues.set(setup.index, q);
     this.#attach(q);
   }
@@ -359,7 +400,12 @@ export class VirtioBlkDataPlane {
     if (!q) throw new Error(`queue ${index} is not running`);
     this.#detach(q);
     this.#queues.delete(index);
-    await this.#whenIdle(q);
+    this.#stopping.add(q);
+    try {
+      await this.#whenIdle(q);
+    } finally {
+      this.#stopping.delete(q);
+    }
     this.#notifyGuest(q);
     const base = q.vq.lastAvailIdx;
     this.#dropQueue(q);
@@ -407,7 +453,9 @@ export class VirtioBlkDataPlane {
   // ---- host notifier ----------------------------------------------------------------
 
   #attach(q: DataPlaneQueue): void {
-    if (q.attached || this.#drained || !q.enabled || q.vq.broken) return;
+    if (q.attached || this.#drained || this.#memorySwap !== null || !q.enabled || q.vq.broken) {
+      return;
+    }
     q.attached = true;
     const handler = {
       read: () => {
@@ -468,11 +516,8 @@ export class VirtioBlkDataPlane {
         for (;;) {
           const chain = vq.pop();
           if (chain === null) break;
-          const r = q.free.pop();
-          if (r === undefined) { // cannot happen: at most `size` chains in flight
-            vq.undoPop();
-            return;
-          }
+          const r = this.#free.pop() ?? this.#newRequest();
+          r.queue = q;
           const req = r.req;
           const err = parseBlkRequest(chain, mem, this.#limits, req);
           q.inFlight++;
@@ -481,7 +526,7 @@ export class VirtioBlkDataPlane {
             if (status === REQUEST_BROKEN) {
               // No status byte to write: the driver is broken (virtio_error).
               q.inFlight--;
-              q.free.push(r);
+              this.#free.push(r);
               this.#markBroken(q, `request ${req.head}: ${err}`);
               return;
             }
@@ -573,7 +618,8 @@ export class VirtioBlkDataPlane {
     else if (status !== VIRTIO_BLK_S_OK) stats.unsupported++;
     req.writeStatus(status);
     q.vq.push(req.head, status === VIRTIO_BLK_S_OK ? req.usedLen : 1);
-    q.free.push(r);
+    r.queue = null;
+    this.#free.push(r);
     if (--q.inFlight === 0 && !q.handling) {
       // Nothing else outstanding: no batch to wait for (QD1 latency).
       if (q.notifyBh.scheduled) q.notifyBh.cancel();
@@ -609,8 +655,21 @@ export class VirtioBlkDataPlane {
     this.#opts.onBroken?.(q.setup.index, reason);
   }
 
+  /** A new request slot: only when every slot is in flight (cold path once warm). */
+  #newRequest(): DataPlaneRequest {
+    this.#slots++;
+    return new DataPlaneRequest(this.#limits, this.#subDoneCb);
+  }
+
+  /** Resolves once no queue, running or being stopped, has a request in flight. */
   async #waitIdle(): Promise<void> {
-    for (const q of this.#queues.values()) await this.#whenIdle(q);
+    for (;;) {
+      let busy: DataPlaneQueue | null = null;
+      for (const q of this.#queues.values()) if (q.inFlight > 0) busy = q;
+      for (const q of this.#stopping) if (q.inFlight > 0) busy = q;
+      if (busy === null) return;
+      await this.#whenIdle(busy);
+    }
   }
 
   /** Resolves once `q` has no request in flight (woken from #complete). */

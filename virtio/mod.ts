@@ -40,14 +40,17 @@ export {
 export {
   type BlkRequestLimits,
   blkRequestLimits,
+  DEFAULT_MAX_QUEUE_SIZE,
   DEFAULT_SEG_MAX,
   encodeVirtioBlkConfig,
   MAX_RANGE_SEG,
+  segMaxForQueueSize,
   VIRTIO_BLK_CONFIG,
   virtioBlkFeatures,
   type VirtioBlkOptions,
 } from "./blk/config.ts";
 export {
+  INITIAL_SEGMENTS,
   parseBlkRequest,
   REQUEST_BROKEN,
   RequestError,

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { deviceModel } from "../../dataplane/host.ts";
 import { parseHostArgs, parseSize, UsageError } from "../../dataplane/host_options.ts";
 
 Deno.test("host options: file image with every flag", () => {
@@ -39,6 +40,21 @@ Deno.test("host options: null-co size and defaults", () => {
   assert.equal(o.queues, 1);
   assert.equal(o.socketMode, 0o600);
   assert.equal(o.iothreads, 1);
+  assert.equal(o.queueSize, 1024, "QEMU's VIRTQUEUE_MAX_SIZE: front-ends ask for 512-1024");
+});
+
+Deno.test("host options: seg_max is queue size - 2, never above IOV_MAX - 2", () => {
+  const info = { length: 1 << 20, requestAlignment: 1, memAlignment: 1, readOnly: false };
+  const segMax = (size: string) =>
+    deviceModel(
+      parseHostArgs(["--image", "null-co:1M", "--socket", "s", "--queue-size", size]),
+      info,
+    ).segMax;
+  assert.equal(segMax("128"), 126);
+  assert.equal(segMax("1024"), 1022);
+  assert.equal(segMax("2048"), 1022);
+  assert.equal(segMax("32768"), 1022);
+  assert.equal(segMax("2"), 1);
 });
 
 Deno.test("host options: iothreads never exceed queues", () => {

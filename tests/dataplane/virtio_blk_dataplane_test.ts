@@ -19,6 +19,8 @@ import {
   type DataPlaneQueueSetup,
   VirtioBlkDataPlane,
 } from "../../dataplane/virtio_blk_dataplane.ts";
+import { deviceModel } from "../../dataplane/host.ts";
+import { parseHostArgs } from "../../dataplane/host_options.ts";
 import {
   close,
   eventfd,
@@ -26,10 +28,17 @@ import {
   eventfdWrite,
   fallocate,
   fdatasync,
+  MAP_ANONYMOUS,
+  MAP_PRIVATE,
+  mmap,
+  mmapShared,
   preadvAt,
+  PROT_READ,
+  PROT_WRITE,
   pwritevAt,
 } from "../../sys/mod.ts";
 import {
+  GuestMemory,
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
   VIRTIO_BLK_S_UNSUPP,
@@ -48,6 +57,9 @@ import {
 } from "../virtio/guest_driver.ts";
 
 const QSIZE = 64;
+/** Linux's UIO_MAXIOV: the most iovecs one preadv/io_submit/io_uring READV takes. */
+const IOV_MAX = 1024;
+const MAP_FIXED = 0x10;
 const IMAGE = 1 << 20;
 /** Guest-physical bases: rings + headers low, data above 4 GiB (front-end VAs differ from both). */
 const RING_GPA = 0x10000;
@@ -132,18 +144,32 @@ class Rig {
   setup!: DataPlaneQueueSetup;
   #slot = 0;
 
-  constructor() {
-    this.image = Deno.makeTempFileSync({ prefix: "dp-test-", suffix: ".raw" });
+  constructor(image?: string) {
+    this.image = image ?? Deno.makeTempFileSync({ prefix: "dp-test-", suffix: ".raw" });
+    Deno.writeFileSync(this.image, new Uint8Array(0), { append: true });
     Deno.truncateSync(this.image, IMAGE);
   }
 
+  /**
+   * `image`: serve this file (removed on close) instead of a temporary one;
+   * `realEngine`: through the context's thread-pool engine instead of the
+   * held one (completions are then not under the test's control).
+   */
   static async create(
-    opts: { eventIdx?: boolean; enabled?: boolean; device?: Partial<VirtioBlkOptions> } = {},
+    opts: {
+      eventIdx?: boolean;
+      enabled?: boolean;
+      device?: Partial<VirtioBlkOptions>;
+      image?: string;
+      realEngine?: boolean;
+    } = {},
   ): Promise<Rig> {
-    const r = new Rig();
-    r.blk = await BlockBackend.open(r.ctx, { driver: "file", filename: r.image }, {
-      engine: r.engine,
-    });
+    const r = new Rig(opts.image);
+    r.blk = await BlockBackend.open(
+      r.ctx,
+      { driver: "file", filename: r.image },
+      opts.realEngine ? {} : { engine: r.engine },
+    );
     r.dp = new VirtioBlkDataPlane(r.ctx, r.blk, {
       device: { capacity: IMAGE / 512, flush: true, ...opts.device },
       serial: "unit-serial",
@@ -230,6 +256,27 @@ class Rig {
     }
   }
 
+  /**
+   * Like {@link until}, but only with blocking polls, as an IOThread runs its
+   * context: with polling off (pollMaxNs 0) no poll callback looks at the ring,
+   * so only the kick fd, bottom halves and timers can start a request. A 2 ms
+   * timer bounds each wait.
+   */
+  async untilBlocking(cond: () => boolean, what: string, limitMs = 5000): Promise<void> {
+    const end = Date.now() + limitMs;
+    const guard = this.ctx.timerNew(() => {});
+    try {
+      while (!cond()) {
+        if (Date.now() > end) assert.fail(`timed out: ${what}`);
+        guard.modNs(this.ctx.now() + 2e6);
+        this.ctx.poll(true);
+        await new Promise((r) => setTimeout(r, 0));
+      }
+    } finally {
+      guard.del();
+    }
+  }
+
   /** Runs the context for a while without expecting anything (to show nothing happens). */
   async idle(rounds = 20): Promise<void> {
     for (let i = 0; i < rounds; i++) {
@@ -244,7 +291,10 @@ class Rig {
     const closing = this.dp.close();
     await this.until(() => this.dp.inFlight === 0, "close");
     await closing;
-    await this.blk.close();
+    let closed = false;
+    const blkClosed = this.blk.close().then(() => closed = true);
+    await this.until(() => closed, "image closed");
+    await blkClosed;
     this.tm.close();
     for (const fd of [this.kickFd, this.callFd, this.errFd]) close(fd);
     this.ctx.close();
@@ -594,6 +644,287 @@ Deno.test("dataplane: setMemory waits for in-flight requests, then serves on the
     r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
     r.kick();
     await r.until(() => r.driver.usedIdx() === 2, "served after the swap");
+  } finally {
+    await r.close();
+  }
+});
+
+/**
+ * The guest's memory mapped a second time (the same memfds at new host
+ * addresses), as a new SET_MEM_TABLE would give the dataplane; `retireOld()`
+ * then puts zero pages over the old host mapping (what unmapping it means to
+ * a queue still using it, without a crash), so from then on only the new
+ * mapping reaches the guest's memory.
+ */
+function remapGuest(tm: TestMemory): {
+  mem: GuestMemory;
+  u16(gpa: number): number;
+  u8(gpa: number): number;
+  retireOld(): void;
+  close(): void;
+} {
+  const maps = tm.regions.map((r) => mmapShared(r.fd, r.size, 0));
+  const mem = GuestMemory.fromMapped(tm.regions.map((r, i) => ({
+    guestPhysAddr: r.gpa,
+    size: r.size,
+    userAddr: r.uva,
+    hostAddr: maps[i].addr,
+  })));
+  const view = (gpa: number, len: number) => {
+    const b = mem.bytes(gpa, len)!;
+    return new DataView(b.buffer, b.byteOffset, len);
+  };
+  return {
+    mem,
+    u16: (gpa) => view(gpa, 2).getUint16(0, true),
+    u8: (gpa) => view(gpa, 1).getUint8(0),
+    retireOld: () => {
+      for (const r of tm.regions) {
+        mmap(
+          r.size,
+          PROT_READ | PROT_WRITE,
+          MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED,
+          -1,
+          0,
+          r.host,
+        );
+      }
+    },
+    close: () => {
+      for (const m of maps) m.unmap();
+    },
+  };
+}
+
+for (
+  const [what, meanwhile] of [
+    ["a drained section ends", (r: Rig) => {
+      r.blk.drainedBegin();
+      r.blk.drainedEnd();
+    }],
+    ["the ring is disabled and enabled again", (r: Rig) => {
+      r.dp.setEnabled(0, false);
+      r.dp.setEnabled(0, true);
+    }],
+    ["the ring is restarted (new kick fd)", (r: Rig) => {
+      void r.dp.startQueue({ ...r.setup, base: -1 });
+    }],
+  ] as const
+) {
+  Deno.test(`dataplane: nothing runs on the old mapping while setMemory waits and ${what}`, async () => {
+    const r = await Rig.create();
+    const next = remapGuest(r.tm);
+    try {
+      const a = r.request(VIRTIO_BLK_T_IN, 0, 4096, true);
+      r.kick();
+      await r.until(() => r.engine.held.length === 1, "first read submitted");
+      let swapped = false;
+      const p = r.dp.setMemory(next.mem).then(() => swapped = true);
+      meanwhile(r);
+      const b = r.request(VIRTIO_BLK_T_IN, 8, 4096, true);
+      r.kick();
+      await r.idle(10);
+      assert.equal(r.engine.stats.submitted, 1, "no request taken while the old mapping drains");
+      assert.equal(swapped, false);
+      r.engine.autoRelease = true;
+      r.engine.release();
+      await r.until(() => swapped, "swapped");
+      await p;
+      // The caller unmaps the old memory as soon as setMemory resolves.
+      next.retireOld();
+      const used = ringLayout(RING_GPA, QSIZE).used;
+      await r.until(() => next.u16(used + 2) === 2, "the second read served on the new mapping");
+      assert.equal(next.u8(r.meta(a) + 16), VIRTIO_BLK_S_OK);
+      assert.equal(next.u8(r.meta(b) + 16), VIRTIO_BLK_S_OK);
+      assert.deepEqual(r.broken, []);
+    } finally {
+      await r.close();
+      next.close();
+    }
+  });
+}
+
+Deno.test("dataplane: a queue stopped, started and given new memory while drained waits for drainedEnd", async () => {
+  const r = await Rig.create();
+  try {
+    r.engine.autoRelease = true;
+    r.blk.drainedBegin();
+    const base = await r.dp.stopQueue(0);
+    assert.equal(base, 0);
+    await r.dp.startQueue({ ...r.setup, base });
+    const s = r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.idle();
+    assert.equal(r.engine.stats.submitted, 0, "a queue started while drained does not run");
+    await r.dp.setMemory(r.tm.mem);
+    r.kick();
+    await r.idle();
+    assert.equal(r.engine.stats.submitted, 0, "nor after setMemory inside the drained section");
+    r.dp.setEnabled(0, false);
+    r.dp.setEnabled(0, true);
+    await r.idle();
+    assert.equal(r.engine.stats.submitted, 0, "nor after SET_VRING_ENABLE");
+    r.blk.drainedEnd();
+    await r.until(() => r.driver.usedIdx() === 1, "served after drainedEnd");
+    assert.equal(r.status(s), VIRTIO_BLK_S_OK);
+  } finally {
+    await r.close();
+  }
+});
+
+Deno.test("dataplane: drainedEnd finds a request whose kick was consumed meanwhile", async () => {
+  const r = await Rig.create();
+  try {
+    r.engine.autoRelease = true;
+    r.blk.drainedBegin();
+    const s = r.request(VIRTIO_BLK_T_IN, 0, 4096, true);
+    r.kick();
+    // The kick eventfd is empty again: only drainedEnd's own ring check can find the request.
+    assert.equal(eventfdRead(r.kickFd), 1);
+    await r.idle();
+    assert.equal(r.engine.stats.submitted, 0);
+    r.blk.drainedEnd();
+    await r.untilBlocking(() => r.driver.usedIdx() === 1, "found by the check after drainedEnd");
+    assert.equal(r.status(s), VIRTIO_BLK_S_OK);
+    assert.equal(r.dp.stats()[0].kicks, 0, "no kick was seen");
+  } finally {
+    await r.close();
+  }
+});
+
+Deno.test("dataplane: request slots are allocated on demand and reused across restarts", async () => {
+  const r = await Rig.create();
+  try {
+    assert.equal(r.dp.requestSlots, 0, "starting a ring allocates no request slots");
+    for (let i = 0; i < 8; i++) r.request(VIRTIO_BLK_T_IN, 8 * i, 4096, true);
+    r.kick();
+    await r.until(() => r.engine.held.length === 8, "8 submitted");
+    assert.equal(r.dp.requestSlots, 8, "one slot per request in flight");
+    r.engine.release();
+    await r.until(() => r.driver.usedIdx() === 8, "8 used");
+    const base = await r.dp.stopQueue(0);
+    await r.dp.startQueue({ ...r.setup, base });
+    await r.dp.setMemory(r.tm.mem);
+    for (let i = 0; i < 8; i++) r.request(VIRTIO_BLK_T_OUT, 8 * i, 4096, false);
+    r.kick();
+    await r.until(() => r.engine.held.length === 8, "8 more submitted");
+    assert.equal(r.dp.requestSlots, 8, "slots survive the restart and the memory swap");
+    r.engine.release();
+    await r.until(() => r.driver.usedIdx() === 16, "16 used");
+  } finally {
+    await r.close();
+  }
+});
+
+Deno.test("dataplane: a request with seg_max segments (as advertised for --queue-size 2048) completes", async () => {
+  const device = deviceModel(
+    parseHostArgs(["--image", "null-co:1M", "--socket", "/unused", "--queue-size", "2048"]),
+    { length: IMAGE, requestAlignment: 1, memAlignment: 1, readOnly: false },
+  );
+  const segMax = device.segMax!;
+  const r = await Rig.create({ device: { segMax } });
+  try {
+    r.engine.autoRelease = true;
+    const pattern = new Uint8Array(512 * segMax).map((_, i) => (i * 7) >> 9);
+    const f = Deno.openSync(r.image, { write: true });
+    f.writeSync(pattern);
+    f.close();
+    // One indirect table: header, seg_max 512-byte buffers, status.
+    const meta = r.meta(100);
+    const h = r.tm.view(meta, 17);
+    h.setUint32(0, VIRTIO_BLK_T_IN, true);
+    h.setUint8(16, 0xff);
+    const bufs: Buf[] = [{ gpa: meta, len: 16 }];
+    for (let i = 0; i < segMax; i++) bufs.push({ gpa: DATA_GPA + 512 * i, len: 512, write: true });
+    bufs.push({ gpa: meta + 16, len: 1, write: true });
+    const head = r.driver.writeIndirect(bufs, RING_GPA + 0x10000);
+    r.driver.makeAvailable(head);
+    r.kick();
+    await r.until(() => r.driver.usedIdx() === 1, "used");
+    assert.deepEqual(r.broken, []);
+    assert.equal(r.tm.view(meta + 16, 1).getUint8(0), VIRTIO_BLK_S_OK, "a full-size request");
+    assert.equal(r.driver.used(0).len, 512 * segMax + 1);
+    assert.deepEqual(r.tm.mem.bytes(DATA_GPA, 512 * segMax), pattern);
+    assert.ok(segMax <= IOV_MAX - 2, `seg_max ${segMax}: the whole chain fits IOV_MAX`);
+  } finally {
+    await r.close();
+  }
+});
+
+/** Mounts a tmpfs of `kib` KiB (root only); returns its path and how to unmount it. */
+function tinyFilesystem(kib: number): { dir: string; unmount(): void } {
+  const dir = Deno.makeTempDirSync({ prefix: "dp-enospc-" });
+  const run = (cmd: string, args: string[]) => {
+    const out = new Deno.Command(cmd, { args, stderr: "piped" }).outputSync();
+    if (!out.success) throw new Error(`${cmd}: ${new TextDecoder().decode(out.stderr)}`);
+  };
+  run("mount", ["-t", "tmpfs", "-o", `size=${kib}k`, "tmpfs", dir]);
+  return {
+    dir,
+    unmount: () => {
+      run("umount", [dir]);
+      Deno.removeSync(dir);
+    },
+  };
+}
+
+Deno.test({
+  name: "dataplane: a short write (full filesystem) completes as ENOSPC: IOERR, used length 1",
+  ignore: Deno.uid() !== 0, // mounting the tiny tmpfs needs root
+  fn: async () => {
+    const fs = tinyFilesystem(64);
+    const r = await Rig.create({ image: `${fs.dir}/disk.raw`, realEngine: true });
+    try {
+      // 128 KiB into a sparse image on a 64 KiB filesystem: pwritev stores what fits
+      // and returns a short count; the engine completes it as -ENOSPC.
+      const s = r.raw((slot) => {
+        const h = r.tm.view(r.meta(slot), 16);
+        h.setUint32(0, VIRTIO_BLK_T_OUT, true);
+        h.setUint32(8, 0, true);
+        return [
+          { gpa: r.meta(slot), len: 16 },
+          { gpa: DATA_GPA, len: 128 * 1024 },
+          { gpa: r.meta(slot) + 16, len: 1, write: true },
+        ];
+      });
+      const after = r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+      r.kick();
+      await r.until(() => r.driver.usedIdx() === 2, "both requests used");
+      assert.equal(r.status(s), VIRTIO_BLK_S_IOERR);
+      assert.equal(r.driver.used(0).len, 1, "an error's used length is the status byte");
+      assert.ok(Deno.statSync(r.image).blocks! > 0, "part of the write reached the file");
+      assert.equal(r.status(after), VIRTIO_BLK_S_OK, "the ring carries on");
+      assert.equal(r.dp.stats()[0].errors, 1);
+      assert.deepEqual(r.broken, []);
+    } finally {
+      await r.close();
+      fs.unmount();
+    }
+  },
+});
+
+Deno.test("dataplane: drainedBegin returns at once; waitIdle in the section is bdrv_drained_begin's wait", async () => {
+  const r = await Rig.create();
+  try {
+    r.request(VIRTIO_BLK_T_IN, 0, 4096, true);
+    r.kick();
+    await r.until(() => r.engine.held.length === 1, "submitted");
+    r.blk.drainedBegin(); // no nested event loop: returns with the read in flight
+    assert.equal(r.blk.inFlight, 1);
+    let idle = false;
+    const w = r.blk.waitIdle().then(() => idle = true);
+    r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.idle(5);
+    assert.equal(idle, false, "waits for the in-flight read");
+    r.engine.release();
+    await r.until(() => idle, "idle");
+    await w;
+    assert.equal(r.blk.inFlight, 0, "quiescent, as after bdrv_drained_begin");
+    assert.equal(r.engine.stats.submitted, 1, "the flush waits for drainedEnd");
+    r.engine.autoRelease = true;
+    r.blk.drainedEnd();
+    await r.until(() => r.driver.usedIdx() === 2, "flush served after drainedEnd");
   } finally {
     await r.close();
   }

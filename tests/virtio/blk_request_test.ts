@@ -275,3 +275,34 @@ Deno.test("DISCARD / WRITE_ZEROES segments", () => {
     assert.equal(parse(c, [hdr, { gpa: SEGS, len: 16 }, status]).err, "Unsupported");
   });
 });
+
+Deno.test("a request's I/O vector starts small, grows once to what a request needs, then stays", () => {
+  withQueue((c) => {
+    const limits = blkRequestLimits({ capacity: CAPACITY, segMax: 1022 });
+    const req = new VirtioBlkRequest(limits);
+    assert.ok(req.qiov.capacity <= 16, `a fresh slot holds ${req.qiov.capacity} iovecs, not 1022`);
+    const run = (n: number) => {
+      header(c, HDR, VIRTIO_BLK_T_IN, 0);
+      const data: Buf[] = Array.from({ length: n }, (_, k) => ({
+        gpa: DATA + 512 * k,
+        len: 512,
+        write: true,
+      }));
+      c.drv.add([hdr, ...data, status]);
+      const chain = c.vq.pop()!;
+      const err = parseBlkRequest(chain, c.tm.mem, limits, req);
+      c.vq.push(chain.head, 1);
+      return err;
+    };
+    assert.equal(run(40), null);
+    assert.equal(req.qiov.niov, 40);
+    assert.equal(req.qiov.size, 40 * 512);
+    const grown = req.qiov.capacity, addr = req.qiov.iovAddr;
+    assert.ok(grown >= 40 && grown <= 1022);
+    assert.equal(run(40), null);
+    assert.equal(run(3), null);
+    assert.equal(req.qiov.iovAddr, addr, "warm: the same iovec array is reused");
+    assert.equal(req.qiov.capacity, grown);
+    assert.equal(req.qiov.base(2), c.tm.mem.hostAddr(DATA + 1024, 512));
+  });
+});

@@ -4,6 +4,7 @@ import {
   VIRTIO_RING_F_EVENT_IDX,
   VIRTIO_RING_F_INDIRECT_DESC,
 } from "../constants.ts";
+import { IOV_MAX } from "../../block/mod.ts";
 import {
   VIRTIO_BLK_F_BLK_SIZE,
   VIRTIO_BLK_F_CONFIG_WCE,
@@ -70,7 +71,10 @@ export interface VirtioBlkOptions {
   readOnly?: boolean;
   /** VIRTIO_BLK_F_SIZE_MAX: largest single segment in bytes. */
   sizeMax?: number;
-  /** VIRTIO_BLK_F_SEG_MAX: most data segments in one request (QEMU: queue size - 2). Default 126. */
+  /**
+   * VIRTIO_BLK_F_SEG_MAX: most data segments in one request (QEMU: queue size
+   * - 2, see {@link segMaxForQueueSize}); at most IOV_MAX. Default 126.
+   */
   segMax?: number;
   /** VIRTIO_BLK_F_GEOMETRY (legacy CHS). */
   geometry?: { cylinders: number; heads: number; sectors: number };
@@ -102,6 +106,34 @@ export const MAX_RANGE_SEG = 4096;
 
 /** Default seg_max: QEMU's queue size (128) minus header and status. */
 export const DEFAULT_SEG_MAX = 126;
+
+/**
+ * The largest ring a device accepts by default: QEMU's VIRTQUEUE_MAX_SIZE
+ * (1024; the spec allows 32768). Front-ends ask for up to this much (QEMU's
+ * vhost-user-blk-pci uses 128 by default, cloud-hypervisor and others 256-1024).
+ */
+export const DEFAULT_MAX_QUEUE_SIZE = 1024;
+
+/**
+ * seg_max for a device whose rings are at most `queueSize` entries, as QEMU's
+ * virtio-blk computes it (`queue_size - 2`: one descriptor each for header and
+ * status), except that it never exceeds IOV_MAX - 2: QEMU cannot exceed it
+ * because its rings stop at VIRTQUEUE_MAX_SIZE = 1024 = IOV_MAX, ours may be
+ * larger, and a request with more data segments than IOV_MAX fails in
+ * preadv/io_submit/io_uring with EINVAL. So the guest never builds a request
+ * the engines cannot take, and each request needs at most IOV_MAX - 2 iovecs.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { segMaxForQueueSize } from "./config.ts";
+ * assert.equal(segMaxForQueueSize(256), 254);
+ * assert.equal(segMaxForQueueSize(32768), 1022);
+ * ```
+ */
+export function segMaxForQueueSize(queueSize: number): number {
+  return Math.max(1, Math.min(queueSize, IOV_MAX) - 2);
+}
 
 /**
  * The feature bits a device with `opts` offers: VIRTIO_F_VERSION_1, the ring
@@ -240,8 +272,9 @@ export function blkRequestLimits(opts: VirtioBlkOptions): BlkRequestLimits {
     throw new RangeError(`virtio-blk: blk_size ${blkSize} is not a power of two >= 512`);
   }
   const segMax = opts.segMax ?? DEFAULT_SEG_MAX;
-  if (!Number.isInteger(segMax) || segMax < 1) {
-    throw new RangeError(`virtio-blk: seg_max ${segMax}`);
+  if (!Number.isInteger(segMax) || segMax < 1 || segMax > IOV_MAX) {
+    // More than IOV_MAX buffers cannot be submitted in one preadv/pwritev.
+    throw new RangeError(`virtio-blk: seg_max ${segMax} (1..${IOV_MAX})`);
   }
   for (
     const [what, seg] of [["discard", opts.discard?.maxSeg], [

@@ -97,12 +97,22 @@ export class RequestError extends Error {
 }
 
 /**
+ * Data segments a {@link VirtioBlkRequest}'s I/O vector has room for before
+ * it grows: enough for the 4-64 KiB requests guests send most (Linux merges
+ * bios into few segments), 512 bytes of iovec.
+ */
+export const INITIAL_SEGMENTS = 16;
+
+/**
  * A parsed virtio-blk request (QEMU's VirtIOBlockReq): reusable, one per
  * request slot, refilled by {@link parseBlkRequest} without allocating.
  *
  * - `qiov`: the data buffers as host addresses into guest memory (device-
  *   readable for OUT, device-writable for IN and GET_ID, header and status
- *   byte excluded); empty for other types.
+ *   byte excluded); empty for other types. It starts with room for
+ *   {@link INITIAL_SEGMENTS} and grows (up to seg_max) the first time the
+ *   request object meets a longer request, so a slot costs what the requests
+ *   it served needed, not seg_max x 32 bytes.
  * - `inLen`: bytes the device writes besides the status byte (IN: the data
  *   length; GET_ID: up to 20); the used length on success is `inLen + 1`.
  * - discard / write zeroes: `rangeCount` ranges in `rangeSector`,
@@ -113,8 +123,8 @@ export class RequestError extends Error {
  * import assert from "node:assert/strict";
  * import { VirtioBlkRequest } from "./request.ts";
  * import { blkRequestLimits } from "./config.ts";
- * const req = new VirtioBlkRequest(blkRequestLimits({ capacity: 8, segMax: 4 }));
- * assert.equal(req.qiov.capacity, 4);
+ * const req = new VirtioBlkRequest(blkRequestLimits({ capacity: 8, segMax: 1022 }));
+ * assert.equal(req.qiov.capacity, 16);
  * assert.equal(req.usedLen, 1);
  * ```
  */
@@ -145,7 +155,7 @@ export class VirtioBlkRequest {
   #statusOffset = 0;
 
   constructor(limits: BlkRequestLimits) {
-    this.qiov = new IoVector(limits.segMax);
+    this.qiov = new IoVector(Math.min(limits.segMax, INITIAL_SEGMENTS));
     const ranges = Math.max(1, limits.maxDiscardSeg, limits.maxWriteZeroesSeg);
     this.rangeSector = new Float64Array(ranges);
     this.rangeSectors = new Uint32Array(ranges);
@@ -216,7 +226,8 @@ const HI_LIMIT = 0x200000; // sector >= 2^53 is beyond any capacity
  *
  * Extra buffers in the unused direction (readable bytes after the header of a
  * read, writable bytes before the status of a write) are ignored, like QEMU.
- * Hot path: no allocation.
+ * Hot path: no allocation (except growing `req.qiov` the first time this
+ * request object meets a request with more buffers than ever before).
  *
  * @example
  * ```ts
@@ -283,9 +294,9 @@ export function parseBlkRequest(
       if (sector + dataLen / VIRTIO_BLK_SECTOR_SIZE > limits.capacity) return "OutOfRange";
       if (isWrite && limits.readOnly) return "ReadOnly";
       if (isWrite) {
-        if (!addOutData(chain, qiov)) return "TooManySegments";
+        if (!addOutData(chain, qiov, limits.segMax)) return "TooManySegments";
       } else {
-        if (!addInData(chain, qiov)) return "TooManySegments";
+        if (!addInData(chain, qiov, limits.segMax)) return "TooManySegments";
         req.inLen = dataLen;
       }
       return null;
@@ -293,7 +304,7 @@ export function parseBlkRequest(
     case VIRTIO_BLK_T_FLUSH:
       return limits.flush ? null : "Unsupported";
     case VIRTIO_BLK_T_GET_ID: {
-      if (!addInData(chain, qiov)) return "TooManySegments";
+      if (!addInData(chain, qiov, limits.segMax)) return "TooManySegments";
       req.inLen = Math.min(VIRTIO_BLK_ID_BYTES, chain.inLen - 1);
       return null;
     }
@@ -305,25 +316,37 @@ export function parseBlkRequest(
   }
 }
 
-/** Device-readable bytes after the header (cursor position) into `qiov`. */
-function addOutData(chain: DescriptorChain, qiov: IoVector): boolean {
+/**
+ * Makes room in `qiov` for `n` buffers (at most `segMax`: more fail as
+ * TooManySegments anyway). Doubles at least, so a slot grows a few times in
+ * its life, then never again (no allocation once warm).
+ */
+function reserveSegments(qiov: IoVector, n: number, segMax: number): void {
+  if (n <= qiov.capacity) return;
+  qiov.reserve(Math.min(segMax, Math.max(n, 2 * qiov.capacity)));
+}
+
+/** Device-readable bytes after the header (cursor position) into `qiov`, at most `segMax` buffers. */
+function addOutData(chain: DescriptorChain, qiov: IoVector, segMax: number): boolean {
+  reserveSegments(qiov, chain.outNum - curSeg, segMax);
   for (let s = curSeg; s < chain.outNum; s++) {
     const off = s === curSeg ? curOff : 0;
     const len = chain.len[s] - off;
     if (len === 0) continue;
-    if (qiov.niov >= qiov.capacity) return false;
+    if (qiov.niov >= segMax) return false;
     qiov.add(chain.addr[s] + off, len);
   }
   return true;
 }
 
-/** Device-writable bytes except the final status byte into `qiov`. */
-function addInData(chain: DescriptorChain, qiov: IoVector): boolean {
+/** Device-writable bytes except the final status byte into `qiov`, at most `segMax` buffers. */
+function addInData(chain: DescriptorChain, qiov: IoVector, segMax: number): boolean {
   const last = chain.count - 1;
+  reserveSegments(qiov, chain.inNum, segMax);
   for (let s = chain.outNum; s <= last; s++) {
     const len = s === last ? chain.len[s] - 1 : chain.len[s];
     if (len === 0) continue;
-    if (qiov.niov >= qiov.capacity) return false;
+    if (qiov.niov >= segMax) return false;
     qiov.add(chain.addr[s], len);
   }
   return true;
