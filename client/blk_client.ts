@@ -24,6 +24,7 @@ import {
   VHOST_USER_PROTOCOL_F_CONFIG,
   VHOST_USER_PROTOCOL_F_MQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
+  VHOST_USER_SET_CONFIG,
   VHOST_USER_SET_FEATURES,
   VHOST_USER_SET_MEM_TABLE,
   VHOST_USER_SET_OWNER,
@@ -432,6 +433,25 @@ export class VhostUserBlkClient {
       writeback: dv.getUint8(C.writeback) !== 0,
     };
     return this.config;
+  }
+
+  /**
+   * Turns the device's write cache on or off through the config space's
+   * `writeback` byte (VIRTIO_BLK_F_CONFIG_WCE, SET_CONFIG), as a guest driver
+   * does for `echo "write through" > /sys/block/vda/queue/write_cache`. Off
+   * (writethrough) means every write is durable before it completes.
+   */
+  async setWriteback(on: boolean): Promise<void> {
+    if (!this.hasFeature(VIRTIO_BLK_F_CONFIG_WCE)) {
+      throw new FrontendError("badReply", "the device does not offer CONFIG_WCE");
+    }
+    await this.frontend.request(VHOST_USER_SET_CONFIG, {
+      kind: "config",
+      offset: VIRTIO_BLK_CONFIG.writeback,
+      flags: 0,
+      data: new Uint8Array([on ? 1 : 0]),
+    });
+    this.config.writeback = on;
   }
 
   /** Allocates guest RAM and sends SET_MEM_TABLE (one fd per region, the same memfd). */

@@ -3,7 +3,10 @@
 # the pinned Deno (from the npm registry, through ./deno) and npm-side tools;
 # with --test also what the test suite and benchmarks use: QEMU,
 # qemu-storage-daemon, qemu-img, busybox-static, fio, gcc + libc headers
-# (Debian packages) and a Debian Linux kernel image unpacked into .cache/kernel/.
+# (Debian packages), e2fsprogs + xfsprogs (the error-path tests' loop-mounted
+# ext4 and its shutdown through xfs_io) and a Debian Linux kernel image unpacked
+# into .cache/kernel/. The sync oracle of the durability tests needs tracefs
+# (mounted by the tests at /sys/kernel/tracing if it is not), not a package.
 # Idempotent: a second run installs nothing. Run as root or with sudo.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,8 +49,10 @@ fi
 
 if [ "$want_test" = 1 ]; then
   # qemu-system-x86: the guest VM (TCG); qemu-system-common: qemu-storage-daemon;
-  # busybox-static: the guest userland; gcc + libc6-dev: struct layout tests.
-  apt_install qemu-system-x86 qemu-utils qemu-system-common busybox-static fio gcc libc6-dev
+  # busybox-static: the guest userland; gcc + libc6-dev: struct layout tests;
+  # e2fsprogs (mkfs.ext4) + xfsprogs (xfs_io shutdown): real EIO in error-path tests.
+  apt_install qemu-system-x86 qemu-utils qemu-system-common busybox-static fio gcc libc6-dev \
+    e2fsprogs xfsprogs
 
   kdir=.cache/kernel
   if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then

@@ -1,7 +1,8 @@
 import assert from "node:assert/strict";
 import { AioContext } from "../../aio/mod.ts";
 import { BlockBackend, type BlockOptions, IoVector } from "../../block/mod.ts";
-import { EINVAL, EROFS } from "../../sys/mod.ts";
+import { clockNs, EINVAL, EROFS } from "../../sys/mod.ts";
+import { SyncTrace, syncTraceUnavailable } from "../harness/sync_trace.ts";
 import { aligned, fillPattern, makeImage, onDisk, patternByte, runUntil } from "./helpers.ts";
 
 const MiB = 1 << 20;
@@ -132,11 +133,59 @@ Deno.test("raw offset/size window maps onto the file", async () => {
   );
 });
 
-Deno.test("cache=unsafe makes flush a no-op; discard=ignore a successful no-op", async () => {
+const NO_TRACE = syncTraceUnavailable();
+if (NO_TRACE) console.warn(`SKIPPING the sync-oracle flush tests: ${NO_TRACE}`);
+
+// Flush reaches the kernel as a sync (fdatasync, or IORING_OP_FSYNC) except under
+// cache=unsafe, where none may: seen from the kernel's tracepoints, not from a
+// return value a no-op would give too. The cache=writeback/none cases show the
+// oracle sees this process's syncs at all.
+for (
+  const [aio, cache] of [
+    ["threads", "unsafe"],
+    ["io_uring", "unsafe"],
+    ["threads", "writeback"],
+    ["io_uring", "writeback"],
+    ["native", "none"],
+  ] as const
+) {
+  const what = cache === "unsafe" ? "makes flush a no-op" : "flushes through the kernel";
+  Deno.test({
+    name: `cache=${cache} aio=${aio} ${what} (sync oracle)`,
+    ignore: NO_TRACE !== null,
+    fn: async () => {
+      const path = makeImage(MiB, 2);
+      const ctx = new AioContext();
+      const blk = await BlockBackend.open(ctx, { driver: "file", filename: path, cache, aio });
+      const trace = SyncTrace.start(Deno.pid);
+      const region = aligned(4096);
+      try {
+        const q = new IoVector(1);
+        q.add(region.addr, 4096);
+        assert.equal(await runUntil(ctx, blk.pwritev(0, q)), 0);
+        const t0 = clockNs();
+        assert.equal(await runUntil(ctx, blk.flush()), 0);
+        assert.equal(await runUntil(ctx, blk.flush()), 0);
+        const syncs = trace.between(t0, clockNs());
+        if (cache === "unsafe") assert.deepEqual(syncs, [], "a sync reached the kernel");
+        else {assert.ok(
+            syncs.length >= 2,
+            `2 flushes, ${syncs.length} syncs: ${JSON.stringify(syncs)}`,
+          );}
+      } finally {
+        trace.close();
+        region.unmap();
+        await runUntil(ctx, blk.close());
+        ctx.close();
+      }
+    },
+  });
+}
+
+Deno.test("discard=ignore is a successful no-op", async () => {
   const path = makeImage(MiB, 2);
   const ctx = new AioContext();
   const blk = await BlockBackend.open(ctx, { driver: "file", filename: path, cache: "unsafe" });
-  assert.equal(await runUntil(ctx, blk.flush()), 0);
   assert.equal(await runUntil(ctx, blk.pdiscard(0, 65536)), 0);
   // discard=ignore (the default): the data is still there
   assert.deepEqual(onDisk(path, 0, 64), fillPattern(new Uint8Array(64), 2));

@@ -11,6 +11,7 @@ import { AioContext } from "../../aio/mod.ts";
 import {
   BlockBackend,
   type BlockCompletion,
+  type BlockOptions,
   type IoEngine,
   type IoEngineStats,
   type IoVector,
@@ -23,6 +24,7 @@ import { deviceModel } from "../../dataplane/host.ts";
 import { parseHostArgs } from "../../dataplane/host_options.ts";
 import {
   close,
+  EIO,
   eventfd,
   eventfdRead,
   eventfdWrite,
@@ -42,6 +44,7 @@ import {
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
   VIRTIO_BLK_S_UNSUPP,
+  VIRTIO_BLK_T_DISCARD,
   VIRTIO_BLK_T_FLUSH,
   VIRTIO_BLK_T_GET_ID,
   VIRTIO_BLK_T_IN,
@@ -78,13 +81,18 @@ class HeldEngine implements IoEngine {
   readonly held: { cb: BlockCompletion; ret: number }[] = [];
   /** Complete immediately (next bottom half) instead of holding. */
   autoRelease = false;
+  /** Every operation submitted, in order ("pwritev@4096", "fdatasync"...). */
+  readonly ops: string[] = [];
+  /** Fault injection: a -errno for an operation ("fallocate@8192") instead of doing it. */
+  readonly fail = new Map<string, number>();
   constructor(readonly ctx: AioContext) {}
 
-  #add(cb: BlockCompletion, run: () => number): void {
+  #add(op: string, cb: BlockCompletion, run: () => number): void {
     this.stats.submitted++;
-    let ret: number;
+    this.ops.push(op);
+    let ret = this.fail.get(op) ?? 0;
     try {
-      ret = run();
+      if (ret === 0) ret = run();
     } catch (e) {
       ret = -((e as { errno?: number }).errno ?? 5);
     }
@@ -92,24 +100,32 @@ class HeldEngine implements IoEngine {
     if (this.autoRelease) this.release();
   }
   preadv(fd: number, qiov: IoVector, offset: number, cb: BlockCompletion): void {
-    this.#add(cb, () => preadvAt(fd, qiov.iovAddr, qiov.niov, offset) === qiov.size ? 0 : -5);
+    this.#add(
+      `preadv@${offset}`,
+      cb,
+      () => preadvAt(fd, qiov.iovAddr, qiov.niov, offset) === qiov.size ? 0 : -5,
+    );
   }
   pwritev(fd: number, qiov: IoVector, offset: number, cb: BlockCompletion): void {
-    this.#add(cb, () => pwritevAt(fd, qiov.iovAddr, qiov.niov, offset) === qiov.size ? 0 : -28);
+    this.#add(
+      `pwritev@${offset}`,
+      cb,
+      () => pwritevAt(fd, qiov.iovAddr, qiov.niov, offset) === qiov.size ? 0 : -28,
+    );
   }
   fdatasync(fd: number, cb: BlockCompletion): void {
-    this.#add(cb, () => (fdatasync(fd), 0));
+    this.#add("fdatasync", cb, () => (fdatasync(fd), 0));
   }
   fallocate(fd: number, mode: number, offset: number, len: number, cb: BlockCompletion): void {
-    this.#add(cb, () => (fallocate(fd, mode, offset, len), 0));
+    this.#add(`fallocate@${offset}`, cb, () => (fallocate(fd, mode, offset, len), 0));
   }
   plug(): void {}
   unplug(): void {
     this.stats.submitCalls++;
   }
-  /** Completes every held request in one bottom half of the context. */
-  release(): void {
-    const batch = this.held.splice(0);
+  /** Completes the `n` oldest held requests (default all) in one bottom half of the context. */
+  release(n = this.held.length): void {
+    const batch = this.held.splice(0, n);
     this.ctx.scheduleOneshot(() => {
       for (const h of batch) {
         this.stats.completed++;
@@ -162,12 +178,13 @@ class Rig {
       device?: Partial<VirtioBlkOptions>;
       image?: string;
       realEngine?: boolean;
+      block?: Partial<BlockOptions>;
     } = {},
   ): Promise<Rig> {
     const r = new Rig(opts.image);
     r.blk = await BlockBackend.open(
       r.ctx,
-      { driver: "file", filename: r.image },
+      { driver: "file", filename: r.image, ...opts.block },
       opts.realEngine ? {} : { engine: r.engine },
     );
     r.dp = new VirtioBlkDataPlane(r.ctx, r.blk, {
@@ -536,6 +553,81 @@ Deno.test("dataplane: bad requests get IOERR/UNSUPP, the ring keeps going", asyn
     await r.close();
   }
 });
+
+// A discard of several ranges is one submission per range: an error in any of
+// them fails the request, which completes once, after the last range, as IOERR
+// with the status byte only; the ring goes on.
+for (const bad of [0, 1, 2]) {
+  Deno.test(`dataplane: a 3-range discard whose range ${bad} fails completes once, IOERR`, async () => {
+    const r = await Rig.create({
+      device: { discard: { maxSectors: 2048, maxSeg: 4, sectorAlignment: 1 } },
+      block: { discard: "unmap" },
+    });
+    try {
+      const ranges = [0, 64, 128]; // sectors, 8 each
+      r.engine.fail.set(`fallocate@${ranges[bad] * 512}`, -EIO);
+      const s = r.request(VIRTIO_BLK_T_DISCARD, 0, 16 * ranges.length, false);
+      const seg = r.tm.view(r.data(s), 16 * ranges.length);
+      ranges.forEach((sector, i) => {
+        seg.setBigUint64(16 * i, BigInt(sector), true);
+        seg.setUint32(16 * i + 8, 8, true);
+        seg.setUint32(16 * i + 12, 0, true);
+      });
+      r.kick();
+      await r.until(() => r.engine.held.length === 3, "3 ranges submitted");
+      for (let k = 0; k < 2; k++) {
+        r.engine.release(1);
+        await r.idle(3);
+        assert.equal(r.driver.usedIdx(), 0, `completed after ${k + 1} of 3 ranges`);
+      }
+      r.engine.release(1);
+      await r.until(() => r.driver.usedIdx() === 1, "used");
+      assert.equal(r.status(s), VIRTIO_BLK_S_IOERR);
+      assert.equal(r.driver.used(0).len, 1, "error: status byte only");
+      r.engine.autoRelease = true;
+      const next = r.request(VIRTIO_BLK_T_IN, 0, 4096, true);
+      r.kick();
+      await r.until(() => r.driver.usedIdx() === 2, "next request");
+      assert.equal(r.status(next), VIRTIO_BLK_S_OK);
+      assert.equal(r.dp.stats()[0].errors, 1);
+    } finally {
+      await r.close();
+    }
+  });
+}
+
+// Writethrough (WCE=0): a write completes only after its flush. A failing flush
+// fails the write; a failing write is not followed by a flush. Both reach the
+// guest as IOERR with the status byte only, and the ring goes on.
+for (const failing of ["fdatasync", "pwritev@8192"]) {
+  Deno.test(`dataplane: writethrough, ${failing} fails: the write gets IOERR`, async () => {
+    const r = await Rig.create();
+    try {
+      r.dp.setWriteback(false);
+      r.engine.autoRelease = true;
+      const good = r.request(VIRTIO_BLK_T_OUT, 0, 4096, false);
+      r.kick();
+      await r.until(() => r.driver.usedIdx() === 1, "first write");
+      assert.equal(r.status(good), VIRTIO_BLK_S_OK);
+      assert.deepEqual(r.engine.ops, ["pwritev@0", "fdatasync"], "write, then its flush");
+      r.engine.fail.set(failing, -EIO);
+      const bad = r.request(VIRTIO_BLK_T_OUT, 16, 4096, false);
+      r.kick();
+      await r.until(() => r.driver.usedIdx() === 2, "failing write");
+      assert.equal(r.status(bad), VIRTIO_BLK_S_IOERR);
+      assert.equal(r.driver.used(1).len, 1, "error: status byte only");
+      const want = failing === "fdatasync" ? ["pwritev@8192", "fdatasync"] : ["pwritev@8192"];
+      assert.deepEqual(r.engine.ops.slice(2), want);
+      r.engine.fail.clear();
+      const next = r.request(VIRTIO_BLK_T_IN, 0, 4096, true);
+      r.kick();
+      await r.until(() => r.driver.usedIdx() === 3, "next request");
+      assert.equal(r.status(next), VIRTIO_BLK_S_OK);
+    } finally {
+      await r.close();
+    }
+  });
+}
 
 for (
   const [what, chain] of [

@@ -49,3 +49,4 @@ export {
 export { QemuStorageDaemon, qsdArgs, type QsdBlockdev, type QsdOptions } from "./qsd.ts";
 export { makeScratchDir } from "./scratch_dir.ts";
 export { ServerProcess, type ServerProcessOptions } from "./server_process.ts";
+export { type SyncEvent, type SyncKind, SyncTrace, syncTraceUnavailable } from "./sync_trace.ts";
