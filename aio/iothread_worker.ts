@@ -9,8 +9,13 @@
  * @module
  */
 
+import { blockAsyncSignals } from "../sys/mod.ts";
 import { AioContext } from "./aio_context.ts";
 import { ChannelEndpoint, type ChannelInit } from "./channel.ts";
+
+// Signals belong to the main thread: none interrupts this thread's epoll_wait
+// or its engines' system calls (SIGUSR1/SIGINT/SIGTERM go to the main thread).
+blockAsyncSignals();
 
 /** What the main thread posts to a new IOThread Worker. */
 export interface IOThreadInit {

@@ -9,6 +9,7 @@
  */
 
 import {
+  blockAsyncSignals,
   EIO,
   eventfdWrite,
   fallocate,
@@ -142,6 +143,9 @@ function loop(init: ThreadPoolInit): void {
   }
   Atomics.sub(ctl, CTL.workers, 1);
 }
+
+// Signals belong to the main thread: none interrupts a blocking job here.
+blockAsyncSignals();
 
 /** The Worker global scope, typed without the deno.worker lib. */
 const scope = self as unknown as {

@@ -282,7 +282,12 @@ function totals(s: HostStats) {
  */
 export function formatStats(s: HostStats): string {
   const lines: string[] = [];
-  for (const t of s.threads) {
+  for (const [i, t] of s.threads.entries()) {
+    // EINTR here means a signal or io_uring task work reached the IOThread.
+    lines.push(
+      `  iothread ${i}: ${t.aio.interruptedWaits ?? 0} interrupted waits, ` +
+        `${t.aio.strayWaitErrors ?? 0} stray wait errors`,
+    );
     for (const q of t.queues) {
       lines.push(
         `  queue ${q.index}: ${q.requests} requests (${q.reads} reads, ${q.writes} writes, ` +

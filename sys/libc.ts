@@ -97,6 +97,9 @@ const SYMBOLS = {
   sendmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
 
+  // signals (pthread_sigmask returns an errno value: no errno involved)
+  pthread_sigmask: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+
   // raw system calls (Linux AIO, io_uring, anything glibc does not wrap)
   syscall: { parameters: ["i64", "i64", "i64", "i64", "i64", "i64", "i64"], result: "i64" },
 } as const;

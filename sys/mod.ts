@@ -23,3 +23,4 @@ export * from "./socket.ts";
 export * from "./file.ts";
 export * from "./linux_aio.ts";
 export * from "./io_uring.ts";
+export * from "./signal.ts";
