@@ -7,6 +7,7 @@ import { type BlockOptions, validateBlockOptions } from "./block_options.ts";
 import { FileDriver } from "./file_driver.ts";
 import { NullAioDriver, NullCoDriver } from "./null_driver.ts";
 import { RawDriver } from "./raw_driver.ts";
+import type { RangeLockTable } from "./range_lock_table.ts";
 
 /**
  * Callbacks a device registers on its BlockBackend (QEMU's BlockDevOps):
@@ -43,6 +44,12 @@ export interface BlockDevOps {
 export interface BlockBackendExtras {
   /** Use this engine for the file driver instead of the context's shared one. */
   engine?: IoEngine;
+  /**
+   * The range-lock table shared by every driver of this image (one per
+   * IOThread): read-modify-write cycles are serialised across all of them.
+   * Without one, the file driver serialises only its own requests.
+   */
+  rangeLocks?: RangeLockTable;
 }
 
 /** A request object recycled through the backend's pool (hot path: no closures). */
@@ -148,6 +155,7 @@ export class BlockBackend {
         readOnly: opts.readOnly ?? false,
         discardUnmap: opts.discard === "unmap",
         engine: extras.engine,
+        rangeLocks: extras.rangeLocks,
       });
     } else if (opts.driver === "null-co") {
       proto = new NullCoDriver(ctx, { size: opts.size, readZeroes: opts.readZeroes });

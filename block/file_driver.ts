@@ -24,6 +24,11 @@ import type { BlockCompletion, BlockDriver } from "./block_driver.ts";
 import type { IoEngine, IoEngineKind } from "./io_engine.ts";
 import { acquireIoEngine, releaseIoEngine } from "./io_engine_registry.ts";
 import { BounceBufferPool } from "./bounce_buffer_pool.ts";
+import { BounceRequest } from "./bounce_request.ts";
+import type { FileRequestHost } from "./file_request_host.ts";
+import { RangeLockTable } from "./range_lock_table.ts";
+import { RequestSerialiser } from "./request_serialiser.ts";
+import { TrackedWrite } from "./tracked_write.ts";
 
 /**
  * Options of {@link FileDriver} (QEMU's file driver: filename, cache.direct,
@@ -50,6 +55,8 @@ export interface FileDriverOptions {
   discardUnmap?: boolean;
   /** Use this engine instead of the context's shared one (tests, benchmarks). */
   engine?: IoEngine;
+  /** Shared with the image's other drivers (other IOThreads); else a private one. */
+  rangeLocks?: RangeLockTable;
 }
 
 const ZERO_CHUNK = 1 << 20;
@@ -59,12 +66,19 @@ const ZERO_CHUNK = 1 << 20;
  * block devices. Size from fstat or BLKGETSIZE64; under O_DIRECT the request
  * and buffer alignment come from statx(STATX_DIOALIGN), BLKSSZGET for block
  * devices, or a probe (512, else 4096). Unaligned requests are staged in an
- * aligned bounce buffer: reads are copied back on completion, writes with an
- * unaligned offset or length are read-modify-write cycles serialised against
- * each other. Discard punches holes (PUNCH_HOLE|KEEP_SIZE); write-zeroes uses
- * ZERO_RANGE (or a hole when unmapping is allowed) and remembers EOPNOTSUPP,
- * falling back to writing zeroes. Flush is fdatasync. All I/O goes through an
- * {@link IoEngine}.
+ * aligned bounce buffer ({@link BounceRequest}): reads are copied back on
+ * completion, writes with an unaligned offset or length are read-modify-write
+ * cycles. Under O_DIRECT every write-like request (write, discard,
+ * write-zeroes) is locked in a {@link RangeLockTable} shared with the image's
+ * other drivers (one per IOThread), so a read-modify-write never overlaps
+ * another write of the same blocks in any thread; while none is in flight an
+ * aligned write pays a per-driver counter. Discard punches holes
+ * (PUNCH_HOLE|KEEP_SIZE; on a block device only the whole blocks inside the
+ * range, as QEMU drops a rejected unaligned head and tail); write-zeroes uses
+ * ZERO_RANGE (or a hole when unmapping is allowed) on the aligned part and
+ * writes the unaligned head and tail as zeroes (read-modify-write), and
+ * remembers EOPNOTSUPP, falling back to writing zeroes. Flush is fdatasync.
+ * All I/O goes through an {@link IoEngine}.
  *
  * @example
  * ```ts
@@ -81,7 +95,7 @@ const ZERO_CHUNK = 1 << 20;
  * ctx.close();
  * ```
  */
-export class FileDriver implements BlockDriver {
+export class FileDriver implements BlockDriver, FileRequestHost {
   /** Always "file". */
   readonly name = "file";
   /** Offset/length alignment (1 without O_DIRECT). */
@@ -99,9 +113,11 @@ export class FileDriver implements BlockDriver {
   readonly #discardUnmap: boolean;
   readonly #bounce = new BounceBufferPool();
   readonly #pool: BounceRequest[] = [];
-  /** Read-modify-write requests in progress (serialised on overlap). */
-  readonly #rmwActive: BounceRequest[] = [];
-  readonly #rmwWaiting: BounceRequest[] = [];
+  readonly #recycleBounce = (r: BounceRequest) => this.#pool.push(r);
+  readonly #writes: TrackedWrite[] = [];
+  readonly #recycleWrite = (w: TrackedWrite) => this.#writes.push(w);
+  /** Locks write-like requests; null without O_DIRECT (no read-modify-write ever). */
+  readonly serialiser: RequestSerialiser | null;
   #length: number;
   #hasPunchHole = true;
   #hasZeroRange = true;
@@ -124,12 +140,20 @@ export class FileDriver implements BlockDriver {
       this.requestAlignment = 1;
       this.memAlignment = 1;
     }
+    this.serialiser = this.requestAlignment > 1
+      ? new RequestSerialiser(ctx, opts.rangeLocks ?? RangeLockTable.create({ participants: 1 }))
+      : null;
     if (opts.engine) {
       this.engine = opts.engine;
       this.#sharedEngine = null;
     } else {
       this.#sharedEngine = opts.aio ?? "threads";
-      this.engine = acquireIoEngine(ctx, this.#sharedEngine);
+      try {
+        this.engine = acquireIoEngine(ctx, this.#sharedEngine);
+      } catch (e) {
+        this.serialiser?.close();
+        throw e;
+      }
     }
   }
 
@@ -165,10 +189,15 @@ export class FileDriver implements BlockDriver {
     else this.#req(offset, qiov, cb).startRead();
   }
 
-  /** Hot path when aligned: straight to the engine; otherwise via a bounce buffer. */
+  /**
+   * Hot path when aligned: straight to the engine (locked under O_DIRECT,
+   * a counter while no read-modify-write exists); otherwise via a bounce buffer.
+   */
   pwritev(offset: number, qiov: IoVector, cb: BlockCompletion): void {
-    if (this.#aligned(offset, qiov)) this.engine.pwritev(this.fd, qiov, offset, cb);
-    else this.#req(offset, qiov, cb).startWrite();
+    if (!this.#aligned(offset, qiov)) return this.#req(offset, qiov, cb).startWrite();
+    if (this.serialiser === null) return this.engine.pwritev(this.fd, qiov, offset, cb);
+    const w = this.#writes.pop() ?? new TrackedWrite(this, this.#recycleWrite);
+    w.write(offset, qiov, cb);
   }
 
   /** fdatasync through the engine. */
@@ -176,9 +205,19 @@ export class FileDriver implements BlockDriver {
     this.engine.fdatasync(this.fd, cb);
   }
 
-  /** fallocate(PUNCH_HOLE|KEEP_SIZE); unsupported discard succeeds as a no-op. */
+  /**
+   * fallocate(PUNCH_HOLE|KEEP_SIZE); unsupported discard succeeds as a no-op.
+   * A block device rejects a range that is not block-aligned, so only the
+   * whole blocks inside it are discarded (discard is advisory).
+   */
   pdiscard(offset: number, bytes: number, cb: BlockCompletion): void {
-    if (!this.#hasPunchHole) {
+    const ra = this.requestAlignment;
+    if (this.isBlockDevice && ra > 1) {
+      const lo = Math.ceil(offset / ra) * ra, hi = Math.floor((offset + bytes) / ra) * ra;
+      offset = lo;
+      bytes = hi > lo ? hi - lo : 0;
+    }
+    if (!this.#hasPunchHole || bytes === 0) {
       this.#ctx.scheduleOneshot(() => cb(0));
       return;
     }
@@ -190,6 +229,11 @@ export class FileDriver implements BlockDriver {
    * fallocate(ZERO_RANGE); on EOPNOTSUPP (remembered) writes zeroes.
    */
   pwriteZeroes(offset: number, bytes: number, unmap: boolean, cb: BlockCompletion): void {
+    const ra = this.requestAlignment;
+    if (ra > 1 && (offset % ra !== 0 || bytes % ra !== 0)) {
+      this.#zeroesUnaligned(offset, bytes, unmap, cb);
+      return;
+    }
     if (unmap && this.#discardUnmap && this.#hasPunchHole && !this.isBlockDevice) {
       this.#punchHole(offset, bytes, cb, () => this.#zeroRange(offset, bytes, cb));
       return;
@@ -203,11 +247,50 @@ export class FileDriver implements BlockDriver {
    */
   #punchHole(offset: number, bytes: number, cb: BlockCompletion, unsupported: () => void): void {
     const mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE;
-    this.engine.fallocate(this.fd, mode, offset, bytes, (ret) => {
+    this.#fallocate(mode, offset, bytes, (ret) => {
       if (ret !== -EOPNOTSUPP) return cb(ret);
       this.#hasPunchHole = false;
       unsupported();
     });
+  }
+
+  /** fallocate through the engine, locked like a write under O_DIRECT. */
+  #fallocate(mode: number, offset: number, bytes: number, cb: BlockCompletion): void {
+    if (this.serialiser === null) return this.engine.fallocate(this.fd, mode, offset, bytes, cb);
+    const w = this.#writes.pop() ?? new TrackedWrite(this, this.#recycleWrite);
+    w.fallocate(mode, offset, bytes, cb);
+  }
+
+  /**
+   * Write-zeroes of a range that is not aligned (QEMU's
+   * bdrv_co_do_zero_pwritev): the whole blocks inside it as usual, the
+   * partial head and tail as writes of zeroes (read-modify-write cycles,
+   * serialised like any other); completes once all parts did, with the
+   * first error.
+   */
+  #zeroesUnaligned(offset: number, bytes: number, unmap: boolean, cb: BlockCompletion): void {
+    const ra = this.requestAlignment, end = offset + bytes;
+    const lo = Math.ceil(offset / ra) * ra, hi = Math.floor(end / ra) * ra;
+    const zero = this.#zeroBuf ??= mmapAnonymous(ZERO_CHUNK);
+    let left = 0, err = 0;
+    const one = (ret: number) => {
+      if (ret < 0 && err === 0) err = ret;
+      if (--left === 0) cb(err);
+    };
+    const writeZeroes = (pos: number, n: number) => {
+      const q = new IoVector(1);
+      q.add(zero.addr, n);
+      this.pwritev(pos, q, one);
+    };
+    if (lo >= hi) {
+      left = 1;
+      writeZeroes(offset, bytes); // within one block, or two partial ones
+      return;
+    }
+    left = (offset < lo ? 1 : 0) + 1 + (hi < end ? 1 : 0);
+    if (offset < lo) writeZeroes(offset, lo - offset);
+    this.pwriteZeroes(lo, hi - lo, unmap, one);
+    if (hi < end) writeZeroes(hi, end - hi);
   }
 
   /** Forwards to the engine. */
@@ -223,6 +306,7 @@ export class FileDriver implements BlockDriver {
   /** Releases the engine reference, bounce buffers and the fd. */
   async close(): Promise<void> {
     if (this.#sharedEngine) await releaseIoEngine(this.#ctx, this.#sharedEngine);
+    this.serialiser?.close();
     this.#bounce.close();
     this.#zeroBuf?.unmap();
     close(this.fd);
@@ -233,7 +317,7 @@ export class FileDriver implements BlockDriver {
       this.#writeZeroes(offset, bytes, cb);
       return;
     }
-    this.engine.fallocate(this.fd, FALLOC_FL_ZERO_RANGE, offset, bytes, (ret) => {
+    this.#fallocate(FALLOC_FL_ZERO_RANGE, offset, bytes, (ret) => {
       if (ret !== -EOPNOTSUPP) return cb(ret);
       this.#hasZeroRange = false;
       this.#writeZeroes(offset, bytes, cb);
@@ -264,7 +348,7 @@ export class FileDriver implements BlockDriver {
   }
 
   #req(offset: number, qiov: IoVector, cb: BlockCompletion): BounceRequest {
-    const r = this.#pool.pop() ?? new BounceRequest(this);
+    const r = this.#pool.pop() ?? new BounceRequest(this, this.#recycleBounce);
     r.offset = offset;
     r.qiov = qiov;
     r.cb = cb;
@@ -277,127 +361,10 @@ export class FileDriver implements BlockDriver {
     return this.#bounce.get(len);
   }
 
-  /** @internal Finishes a bounce request and recycles it. */
-  bounceDone(r: BounceRequest, ret: number): void {
-    if (r.buf) this.#bounce.put(r.buf);
-    r.buf = null;
-    const cb = r.cb!;
-    r.cb = null;
-    r.qiov = null;
-    if (r.rmw) {
-      r.rmw = false;
-      this.#rmwActive.splice(this.#rmwActive.indexOf(r), 1);
-      this.#pool.push(r);
-      // Start waiters that no longer overlap anything active.
-      for (let i = 0; i < this.#rmwWaiting.length;) {
-        const w = this.#rmwWaiting[i];
-        if (this.#rmwOverlaps(w)) i++;
-        else {
-          this.#rmwWaiting.splice(i, 1);
-          this.#rmwActive.push(w);
-          w.rmwStart();
-        }
-      }
-    } else this.#pool.push(r);
-    cb(ret);
+  /** @internal */
+  bouncePut(buf: MappedRegion): void {
+    this.#bounce.put(buf);
   }
-
-  /** @internal Registers an RMW write; starts it unless it overlaps one in progress. */
-  rmwBegin(r: BounceRequest): void {
-    r.rmw = true;
-    if (this.#rmwOverlaps(r)) this.#rmwWaiting.push(r);
-    else {
-      this.#rmwActive.push(r);
-      r.rmwStart();
-    }
-  }
-
-  #rmwOverlaps(r: BounceRequest): boolean {
-    for (const a of this.#rmwActive) if (a.alo < r.ahi && r.alo < a.ahi) return true;
-    return false;
-  }
-}
-
-/** One unaligned request staged through a bounce buffer (pooled per driver). */
-class BounceRequest {
-  offset = 0;
-  qiov: IoVector | null = null;
-  cb: BlockCompletion | null = null;
-  buf: MappedRegion | null = null;
-  alo = 0;
-  ahi = 0;
-  rmw = false;
-  #reads = 0;
-  #err = 0;
-  readonly #drv: FileDriver;
-  readonly #whole = new IoVector(1);
-  readonly #head = new IoVector(1);
-  readonly #tail = new IoVector(1);
-
-  constructor(drv: FileDriver) {
-    this.#drv = drv;
-  }
-
-  #span(): void {
-    const ra = this.#drv.requestAlignment;
-    this.alo = Math.floor(this.offset / ra) * ra;
-    this.ahi = Math.ceil((this.offset + this.qiov!.size) / ra) * ra;
-    if (this.ahi === this.alo) this.ahi = this.alo + ra;
-    this.buf = this.#drv.bounceGet(this.ahi - this.alo);
-    this.#whole.reset();
-    this.#whole.add(this.buf.addr, this.ahi - this.alo);
-  }
-
-  startRead(): void {
-    this.#span();
-    this.#drv.engine.preadv(this.#drv.fd, this.#whole, this.alo, this.#readDone);
-  }
-
-  #readDone = (ret: number): void => {
-    if (ret === 0) this.qiov!.copyFrom(this.buf!.addr + (this.offset - this.alo));
-    this.#drv.bounceDone(this, ret);
-  };
-
-  startWrite(): void {
-    this.#span();
-    const ra = this.#drv.requestAlignment;
-    if (this.offset % ra === 0 && this.qiov!.size % ra === 0) {
-      // Only the memory is misaligned: copy and write.
-      this.qiov!.copyTo(this.buf!.addr);
-      this.#drv.engine.pwritev(this.#drv.fd, this.#whole, this.alo, this.#writeDone);
-    } else this.#drv.rmwBegin(this);
-  }
-
-  /** Reads the partially covered head and tail blocks, then merges and writes. */
-  rmwStart(): void {
-    const ra = this.#drv.requestAlignment, end = this.offset + this.qiov!.size;
-    const readHead = this.offset !== this.alo;
-    const readTail = end !== this.ahi && (!readHead || this.ahi - ra !== this.alo);
-    this.#reads = (readHead ? 1 : 0) + (readTail ? 1 : 0);
-    this.#err = 0;
-    if (readHead) {
-      this.#head.reset();
-      this.#head.add(this.buf!.addr, ra);
-      this.#drv.engine.preadv(this.#drv.fd, this.#head, this.alo, this.#rmwReadDone);
-    }
-    if (readTail) {
-      this.#tail.reset();
-      this.#tail.add(this.buf!.addr + (this.ahi - ra - this.alo), ra);
-      this.#drv.engine.preadv(this.#drv.fd, this.#tail, this.ahi - ra, this.#rmwReadDone);
-    }
-  }
-
-  #rmwReadDone = (ret: number): void => {
-    if (ret < 0 && this.#err === 0) this.#err = ret;
-    if (--this.#reads > 0) return;
-    if (this.#err < 0) return this.#drv.bounceDone(this, this.#err);
-    this.qiov!.copyTo(this.buf!.addr + (this.offset - this.alo));
-    this.#drv.engine.pwritev(this.#drv.fd, this.#whole, this.alo, this.#writeDone);
-  };
-
-  #writeDone = (ret: number): void => {
-    this.#drv.bounceDone(this, ret);
-  };
 }
 
 /**

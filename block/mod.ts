@@ -16,6 +16,7 @@ export { type BlockOptions, parseBlockOptions, validateBlockOptions } from "./bl
 export type { IoEngine, IoEngineKind, IoEngineStats } from "./io_engine.ts";
 export { createIoEngine } from "./io_engine_registry.ts";
 export { FileDriver, type FileDriverOptions } from "./file_driver.ts";
+export { RangeLockTable, type RangeLockTableOptions } from "./range_lock_table.ts";
 export { NullAioDriver, NullCoDriver, type NullDriverOptions } from "./null_driver.ts";
 export { RawDriver, type RawDriverOptions } from "./raw_driver.ts";
 export { LinuxAioEngine, type LinuxAioOptions } from "./linux_aio_engine.ts";

@@ -13,7 +13,7 @@
  */
 
 import type { AioContext } from "../aio/mod.ts";
-import { BlockBackend, type BlockOptions } from "../block/mod.ts";
+import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
   type DataPlaneQueueSetup,
@@ -44,6 +44,22 @@ export interface BlkImageInfo {
   readOnly: boolean;
 }
 
+/**
+ * What the host gives every IOThread at start (IOThread `data`): the image's
+ * range-lock table, shared by all threads' drivers.
+ *
+ * @example
+ * ```ts
+ * import type { BlkThreadData } from "./blk_iothread.ts";
+ * import { RangeLockTable } from "../block/mod.ts";
+ * const d: BlkThreadData = { rangeLocks: RangeLockTable.create().shared };
+ * if (!(d.rangeLocks instanceof SharedArrayBuffer)) throw new Error("shared");
+ * ```
+ */
+export interface BlkThreadData {
+  rangeLocks?: SharedArrayBuffer;
+}
+
 function need(): VirtioBlkDataPlane {
   if (dataplane === null) throw new Error("virtio-blk IOThread: device not configured");
   return dataplane;
@@ -51,16 +67,22 @@ function need(): VirtioBlkDataPlane {
 
 /**
  * Opens this thread's BlockBackend on the image (each IOThread has its own
- * engine instance, as QEMU's blk in the IOThread's AioContext).
+ * engine instance, as QEMU's blk in the IOThread's AioContext), attached to
+ * the image's shared range-lock table when the host gave one.
  *
  * @example
  * ```ts ignore
  * const info = await iothread.call<BlkImageInfo>("blkOpen", { driver: "null-co", size: 4096 });
  * ```
  */
-export async function blkOpen(ctx: AioContext, opts: BlockOptions): Promise<BlkImageInfo> {
+export async function blkOpen(
+  ctx: AioContext,
+  opts: BlockOptions,
+  data?: BlkThreadData,
+): Promise<BlkImageInfo> {
   if (blk !== null) throw new Error("virtio-blk IOThread: image already open");
-  blk = await BlockBackend.open(ctx, opts);
+  const rangeLocks = data?.rangeLocks ? new RangeLockTable(data.rangeLocks) : undefined;
+  blk = await BlockBackend.open(ctx, opts, { rangeLocks });
   return {
     length: blk.length,
     requestAlignment: blk.requestAlignment,

@@ -8,9 +8,9 @@
  */
 
 import { AioContext, IOThread } from "../aio/mod.ts";
-import type { BlockOptions } from "../block/mod.ts";
+import { type BlockOptions, RangeLockTable } from "../block/mod.ts";
 import { segMaxForQueueSize, type VirtioBlkOptions } from "../virtio/mod.ts";
-import type { BlkImageInfo, BlkThreadStats } from "./blk_iothread.ts";
+import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
 import type { HostOptions } from "./host_options.ts";
 import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
 import { VhostUserServer } from "./vhost_user/mod.ts";
@@ -155,6 +155,9 @@ export class VhostUserBlkHost {
   ): Promise<VhostUserBlkHost> {
     const threads: IOThread[] = [];
     const ctx = new AioContext();
+    // One range-lock table for the image, shared by every IOThread's driver:
+    // read-modify-write cycles are serialised across all of them.
+    const data: BlkThreadData = { rangeLocks: RangeLockTable.create().shared };
     try {
       for (let i = 0; i < options.iothreads; i++) {
         threads.push(
@@ -162,6 +165,7 @@ export class VhostUserBlkHost {
             name: `iothread${i}`,
             modules: [BLK_IOTHREAD_MODULE],
             pollMaxNs: options.pollMaxNs,
+            data,
           }),
         );
       }
