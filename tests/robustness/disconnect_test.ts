@@ -8,7 +8,15 @@
 import assert from "node:assert/strict";
 import type { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { verify } from "../../client/workload.ts";
-import { assertPattern, connect, HostProcess, MiB, scratch, sleep } from "./robustness_util.ts";
+import {
+  assertPattern,
+  cacheNoneHost,
+  connect,
+  HostProcess,
+  MiB,
+  scratch,
+  sleep,
+} from "./robustness_util.ts";
 
 const IMAGE = 64 * MiB;
 const KEPT = 4 * MiB; // written and flushed first, read back at the end
@@ -33,18 +41,7 @@ function floodAndLeave(c: VhostUserBlkClient, round: number): void {
 for (const aio of ["native", "threads"]) {
   Deno.test(`front-end disconnects at QD${QD} with cache=none aio=${aio}: no crash, next connection works`, async () => {
     const s = await scratch(`robust-disc-${aio}`, IMAGE);
-    const host = new HostProcess([
-      "--image",
-      s.image,
-      "--socket",
-      s.socket,
-      "--cache",
-      "none",
-      "--aio",
-      aio,
-      "--queues",
-      "2",
-    ]);
+    const host = new HostProcess(cacheNoneHost(s, aio, 2));
     try {
       await host.ready();
       const opts = { numQueues: 2, queueSize: 128, slots: QD, maxBlockSize: BS };

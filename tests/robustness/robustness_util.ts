@@ -49,6 +49,23 @@ export async function waitFor(cond: () => boolean, ms = TIMEOUT_MS): Promise<boo
  * `deno run -A dataplane/main.ts ...` as a child process: stderr is collected,
  * {@link ready} resolves once it logs that it serves.
  */
+/**
+ * The host command line the robustness tests share: serve `s.image` on
+ * `s.socket` with cache=none, engine `aio`, `queues` queues (and `iothreads`
+ * IOThreads when given).
+ */
+export function cacheNoneHost(
+  s: { image: string; socket: string },
+  aio: string,
+  queues: number,
+  iothreads?: number,
+): string[] {
+  const args = ["--image", s.image, "--socket", s.socket, "--cache", "none", "--aio", aio];
+  args.push("--queues", String(queues));
+  if (iothreads !== undefined) args.push("--iothreads", String(iothreads));
+  return args;
+}
+
 export class HostProcess extends ServerProcess {
   readonly socket: string;
 

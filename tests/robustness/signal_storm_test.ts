@@ -5,27 +5,14 @@
 
 import assert from "node:assert/strict";
 import { runWorkload, verify } from "../../client/workload.ts";
-import { connect, HostProcess, MiB, scratch } from "./robustness_util.ts";
+import { cacheNoneHost, connect, HostProcess, MiB, scratch } from "./robustness_util.ts";
 
 const SECONDS = Number(Deno.env.get("SIGNAL_STORM_SECONDS") ?? 30);
 const IMAGE = 64 * MiB;
 
 Deno.test(`signals: SIGUSR1 every 20 ms for ${SECONDS} s at a loaded host`, async () => {
   const s = await scratch("robust-sigstorm", IMAGE);
-  const host = new HostProcess([
-    "--image",
-    s.image,
-    "--socket",
-    s.socket,
-    "--cache",
-    "none",
-    "--aio",
-    "io_uring",
-    "--queues",
-    "2",
-    "--iothreads",
-    "2",
-  ]);
+  const host = new HostProcess(cacheNoneHost(s, "io_uring", 2, 2));
   let storm: Deno.ChildProcess | undefined;
   try {
     await host.ready();

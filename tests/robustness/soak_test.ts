@@ -8,7 +8,14 @@
 
 import assert from "node:assert/strict";
 import { runWorkload, verify } from "../../client/workload.ts";
-import { assertPattern, connect, HostProcess, MiB, scratch } from "./robustness_util.ts";
+import {
+  assertPattern,
+  cacheNoneHost,
+  connect,
+  HostProcess,
+  MiB,
+  scratch,
+} from "./robustness_util.ts";
 
 const SECONDS = Number(Deno.env.get("SOAK_SECONDS") ?? 25);
 const IMAGE = 128 * MiB;
@@ -17,20 +24,7 @@ const ROUND_MS = 1000;
 
 Deno.test(`soak: ${SECONDS} s of mixed I/O with flushes, 2 queues, cache=none aio=io_uring`, async () => {
   const s = await scratch("robust-soak", IMAGE);
-  const host = new HostProcess([
-    "--image",
-    s.image,
-    "--socket",
-    s.socket,
-    "--cache",
-    "none",
-    "--aio",
-    "io_uring",
-    "--queues",
-    "2",
-    "--iothreads",
-    "2",
-  ]);
+  const host = new HostProcess(cacheNoneHost(s, "io_uring", 2, 2));
   try {
     await host.ready();
     const c = await connect(s.socket, {
