@@ -129,7 +129,8 @@ const SYS_TGKILL = 234n;
  * ```ts
  * import assert from "node:assert/strict";
  * import { threadId } from "./signal.ts";
- * assert.equal(threadId(), Deno.pid); // the main thread's tid is the pid
+ * const [, , tid] = Deno.readLinkSync("/proc/thread-self").split("/"); // "<pid>/task/<tid>"
+ * assert.equal(threadId(), Number(tid));
  * ```
  */
 export function threadId(): number {
