@@ -175,6 +175,8 @@ export class VhostUserConnection {
 
   readonly #queue: Item[] = [];
   #busy = false;
+  /** The asynchronous handler running now (settles, never rejects), or null. */
+  #running: Promise<void> | null = null;
   #closed = false;
   #closing: Promise<void> | null = null;
   #idleWaiters: (() => void)[] = [];
@@ -234,8 +236,9 @@ export class VhostUserConnection {
   }
 
   /**
-   * Closes the socket and every fd not handed to the backend, resets the
-   * backend, then calls `onClose`. Idempotent; resolves when done.
+   * Closes the socket and every fd not handed to the backend, waits for the
+   * handler still running (a GET_VRING_BASE waiting for in-flight requests),
+   * resets the backend, then calls `onClose`. Idempotent; resolves when done.
    */
   close(): Promise<void> {
     if (this.#closing) return this.#closing;
@@ -250,6 +253,9 @@ export class VhostUserConnection {
       this.#fds = [];
       for (const item of this.#queue.splice(0)) if ("msg" in item) this.#closeFds(item.msg.fds);
       this.#wakeIdle();
+      // Backend calls never overlap: a reset while a handler still runs would
+      // tear down what it works on (a stopping ring's fds and memory).
+      if (this.#running !== null) await this.#running;
       try {
         await this.#backend.reset();
       } catch (err) {
@@ -339,11 +345,12 @@ export class VhostUserConnection {
       }
       if (r instanceof Promise) {
         this.#busy = true;
-        r.then(
+        this.#running = r.then(
           (reply) => this.#finish(item.header, reply),
           (err) => this.#fail(item.header, err),
         ).finally(() => {
           this.#busy = false;
+          this.#running = null;
           this.#pump();
         });
         return;

@@ -360,3 +360,26 @@ Deno.test("server: a backend failure without REPLY_ACK is reported, not fatal", 
     fe.close();
   });
 });
+
+// Issue 10 item 2a: the EOF path reset the backend while GET_VRING_BASE still
+// waited for the ring's in-flight requests (the reset then closed that ring's
+// fds and unmapped memory under the requests still running).
+Deno.test("server: a front-end that leaves during GET_VRING_BASE is reset only after the handler finishes", async () => {
+  await withServer(async ({ server, backend }) => {
+    let open!: () => void;
+    backend.vringBaseGate = new Promise<void>((r) => open = r);
+    const fe = await rawFrontend(server.path);
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_GET_VRING_BASE, V, { kind: "vringState", index: 0, num: 0 }),
+    );
+    await until(() => backend.calls.includes("getVringBase 0"));
+    fe.close();
+    await until(() => server.connection === null || server.connection.closed);
+    await new Promise((r) => setTimeout(r, 30));
+    assert.equal(backend.resets, 0, "reset while GET_VRING_BASE still runs");
+    open();
+    await until(() => backend.resets === 1);
+    const i = backend.calls.indexOf("getVringBase 0 done");
+    assert.ok(i >= 0 && i < backend.calls.indexOf("reset"), backend.calls.join(", "));
+  });
+});

@@ -73,6 +73,8 @@ export class StubBackend implements VhostUserBackend {
   err = new Map<number, number | null>();
   resets = 0;
   failNext: Error | null = null;
+  /** When set, getVringBase waits for it (a ring whose requests are still in flight). */
+  vringBaseGate: Promise<void> | null = null;
 
   constructor() {
     new DataView(this.config.buffer).setBigUint64(0, 2048n, true); // capacity
@@ -133,7 +135,8 @@ export class StubBackend implements VhostUserBackend {
   }
   async getVringBase(i: number): Promise<number> {
     this.#log(`getVringBase ${i}`);
-    await new Promise((r) => setTimeout(r, 5)); // "wait for in-flight requests"
+    await (this.vringBaseGate ?? new Promise((r) => setTimeout(r, 5))); // "wait for in-flight requests"
+    this.calls.push(`getVringBase ${i} done`);
     return this.vringBase.get(i) ?? 0;
   }
   #swap(m: Map<number, number | null>, i: number, fd: number | null): void {
