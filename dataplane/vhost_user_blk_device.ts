@@ -120,6 +120,12 @@ export class VhostUserBlkDevice implements VhostUserBackend {
   #acked = 0n;
   #mem: GuestMemory | null = null;
   #rings: RingState[];
+  /**
+   * Operations still running in an IOThread (each settles, never rejects).
+   * {@link reset} waits for them: a ring stopped by GET_VRING_BASE has
+   * requests in flight that still write its call fd and guest memory.
+   */
+  readonly #inProgress = new Set<Promise<void>>();
 
   constructor(opts: VhostUserBlkDeviceOptions) {
     this.#device = opts.device;
@@ -174,7 +180,11 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     this.#log(`write cache ${on ? "enabled" : "disabled (writethrough)"} by the guest`);
   }
 
-  async setMemTable(regions: VhostUserMemoryRegion[]): Promise<void> {
+  setMemTable(regions: VhostUserMemoryRegion[]): Promise<void> {
+    return this.#track(this.#setMemTable(regions));
+  }
+
+  async #setMemTable(regions: VhostUserMemoryRegion[]): Promise<void> {
     const next = GuestMemory.map(regions);
     try {
       for (const t of this.#threads) {
@@ -218,7 +228,11 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     this.#rings[index].baseSet = true;
   }
 
-  async getVringBase(index: number): Promise<number> {
+  getVringBase(index: number): Promise<number> {
+    return this.#track(this.#getVringBase(index));
+  }
+
+  async #getVringBase(index: number): Promise<number> {
     const r = this.#rings[index];
     if (r.started) {
       r.started = false;
@@ -230,7 +244,11 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     return r.base;
   }
 
-  async setVringKick(index: number, fd: number | null): Promise<void> {
+  setVringKick(index: number, fd: number | null): Promise<void> {
+    return this.#track(this.#setVringKick(index, fd));
+  }
+
+  async #setVringKick(index: number, fd: number | null): Promise<void> {
     const r = this.#rings[index];
     const old = r.kickFd;
     r.kickFd = fd;
@@ -283,11 +301,11 @@ export class VhostUserBlkDevice implements VhostUserBackend {
   }
 
   setVringCall(index: number, fd: number | null): Promise<void> {
-    return this.#replaceRingFd(index, "callFd", fd);
+    return this.#track(this.#replaceRingFd(index, "callFd", fd));
   }
 
   setVringErr(index: number, fd: number | null): Promise<void> {
-    return this.#replaceRingFd(index, "errFd", fd);
+    return this.#track(this.#replaceRingFd(index, "errFd", fd));
   }
 
   /** Tells a running ring's IOThread about the new fd first, then closes the old one. */
@@ -299,14 +317,30 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     if (old !== null && old !== fd) closeFd(old);
   }
 
-  async setVringEnable(index: number, enabled: boolean): Promise<void> {
+  setVringEnable(index: number, enabled: boolean): Promise<void> {
     const r = this.#rings[index];
     r.enabled = enabled;
-    if (r.started) await this.threadOf(index).call("blkSetVring", { index, enabled });
+    if (!r.started) return Promise.resolve();
+    return this.#track(this.threadOf(index).call("blkSetVring", { index, enabled }));
   }
 
-  /** Stops every ring (after its in-flight requests), unmaps memory, closes fds. */
+  /** Remembers `p` until it settles, for {@link reset}. */
+  #track<T>(p: Promise<T>): Promise<T> {
+    const settled = p.then(() => {}, () => {});
+    this.#inProgress.add(settled);
+    void settled.then(() => this.#inProgress.delete(settled));
+    return p;
+  }
+
+  /**
+   * Stops every ring (after its in-flight requests), unmaps memory, closes
+   * fds. Operations still running are waited for first: a ring stopping
+   * (GET_VRING_BASE) or starting (SET_VRING_KICK) when the front-end left
+   * is no longer marked started, yet its IOThread may still complete
+   * requests into its call fd and guest memory, or poll its kick fd.
+   */
   async reset(): Promise<void> {
+    while (this.#inProgress.size > 0) await Promise.all(this.#inProgress);
     for (let i = 0; i < this.#rings.length; i++) {
       const r = this.#rings[i];
       if (r.started) {
