@@ -251,7 +251,7 @@ export class VhostUserBlkDevice implements VhostUserBackend {
   async #setVringKick(index: number, fd: number | null): Promise<void> {
     const r = this.#rings[index];
     const old = r.kickFd;
-    r.kickFd = fd;
+    const wasStarted = r.started;
     try {
       if (fd === null) {
         throw new Error(`queue ${index}: polling without a kick fd (NOFD) is not supported`);
@@ -284,15 +284,21 @@ export class VhostUserBlkDevice implements VhostUserBackend {
       };
       r.started = false;
       await this.threadOf(index).call("blkStartQueue", setup);
-      r.started = true;
-      r.baseSet = false;
     } catch (e) {
+      // Refused: nothing changed. A running ring goes on with its old kick
+      // fd, which its IOThread still polls (blkStartQueue restores a queue
+      // whose restart it refuses): only the refused fd is closed.
+      r.started = wasStarted;
+      closeFd(fd);
       // Report through the error eventfd too, as a ring that cannot run.
       if (r.errFd !== null) eventfdWrite(r.errFd, 1);
       throw e;
-    } finally {
-      if (old !== null && old !== fd) closeFd(old);
     }
+    // The IOThread polls the new fd now: the old one may go.
+    r.kickFd = fd;
+    r.started = true;
+    r.baseSet = false;
+    if (old !== null && old !== fd) closeFd(old);
     this.#log(
       `queue ${index}: started on ${this.threadOf(index).name} (size ${r.num}, base ${r.base}${
         r.enabled ? "" : ", disabled"

@@ -362,18 +362,49 @@ export class VirtioBlkDataPlane {
   /**
    * Starts serving a queue (vhost-user: SET_VRING_KICK after NUM/ADDR/BASE).
    * Throws a VirtqueueError when the ring does not fit guest memory. A queue
-   * that already runs is restarted from `setup.base`.
+   * that already runs is restarted from `setup.base`; a restart that is
+   * refused leaves it running as before (its kick fd, addresses and
+   * position), so the caller may keep using the old kick fd.
    */
   async startQueue(setup: DataPlaneQueueSetup): Promise<void> {
     // A ring started during a memory swap would be built on the mapping
     // that is about to go: start it on the new one.
     while (this.#memorySwap !== null) await this.#memorySwap;
-    if (this.#queues.has(setup.index)) {
+    let previous: DataPlaneQueueSetup | null = null;
+    const running = this.#queues.get(setup.index);
+    if (running !== undefined) {
+      const broken = running.vq.broken;
       const current = await this.stopQueue(setup.index);
+      // The fds and enable state as they are now (SET_VRING_CALL/ERR/ENABLE
+      // since the start changed the queue, not its setup).
+      if (!broken) {
+        previous = {
+          ...running.setup,
+          base: current,
+          kickFd: running.kickFd,
+          callFd: running.callFd,
+          errFd: running.errFd,
+          enabled: running.enabled,
+        };
+      }
       // A new kick fd without SET_VRING_BASE: go on from where the ring is.
       if (setup.base < 0) setup = { ...setup, base: current };
       while (this.#memorySwap !== null) await this.#memorySwap;
     }
+    try {
+      this.#start(setup);
+    } catch (e) {
+      if (previous !== null && !this.#queues.has(setup.index)) {
+        try {
+          this.#start(previous);
+        } catch { /* guest memory changed while the queue stopped: it stays stopped */ }
+      }
+      throw e;
+    }
+  }
+
+  /** Builds a queue's virtqueue on the current memory and attaches it (throws if it does not fit). */
+  #start(setup: DataPlaneQueueSetup): void {
     const mem = this.#mem;
     if (mem === null) throw new Error(`queue ${setup.index}: no guest memory (SET_MEM_TABLE)`);
     if (this.#queues.has(setup.index)) {

@@ -1021,3 +1021,33 @@ Deno.test("dataplane: drainedBegin returns at once; waitIdle in the section is b
     await r.close();
   }
 });
+
+// Issue 10 item 2c: a restart the dataplane refuses (the new ring is outside
+// guest memory) had already stopped the running queue; the main thread, told
+// the restart failed, then closed the kick fd the queue was started with.
+Deno.test("dataplane: a refused restart leaves the queue running with its old setup and position", async () => {
+  const r = await Rig.create();
+  try {
+    r.engine.autoRelease = true;
+    r.request(VIRTIO_BLK_T_IN, 0, 4096, true);
+    r.kick();
+    await r.until(() => r.driver.usedIdx() === 1, "first read");
+    const otherKick = eventfd();
+    try {
+      await assert.rejects(
+        r.dp.startQueue({ ...r.setup, desc: 2 ** 45, kickFd: otherKick, base: -1 }),
+        /RingOutOfRange|desc/,
+      );
+    } finally {
+      close(otherKick);
+    }
+    assert.deepEqual(r.dp.queueIndexes, [0], "the queue still runs");
+    r.request(VIRTIO_BLK_T_IN, 8, 4096, true);
+    r.kick(); // the old kick fd
+    await r.until(() => r.driver.usedIdx() === 2, "served after the refused restart");
+    assert.equal(await r.dp.stopQueue(0), 2, "position kept, nothing replayed");
+    assert.equal(r.engine.stats.submitted, 2);
+  } finally {
+    await r.close();
+  }
+});

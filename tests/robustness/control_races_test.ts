@@ -4,11 +4,16 @@
 
 import assert from "node:assert/strict";
 import type { VhostUserBlkClient } from "../../client/blk_client.ts";
+import { FrontendError } from "../../client/frontend.ts";
 import {
   encodeMessage,
   VHOST_USER_GET_VRING_BASE,
+  VHOST_USER_SET_VRING_ADDR,
+  VHOST_USER_SET_VRING_KICK,
   VHOST_USER_VERSION,
+  VHOST_USER_VRING_NOFD_MASK,
 } from "../../dataplane/vhost_user/mod.ts";
+import { close, eventfd } from "../../sys/mod.ts";
 import { cacheNoneHost, connect, HostProcess, MiB, scratch, sleep } from "./robustness_util.ts";
 
 const IMAGE = 64 * MiB;
@@ -64,6 +69,69 @@ Deno.test("front-end disconnects while GET_VRING_BASE waits for in-flight reques
       /event loop died|fatal:|EBADF|EINVAL|ring broken/,
       host.stderr,
     );
+  } finally {
+    await host.stop("SIGKILL", 15000);
+    await s.remove();
+  }
+});
+
+// 2c: a SET_VRING_KICK the host refuses on a running ring changed nothing
+// but closed the old kick fd, which the IOThread still polled: the ring then
+// never saw another kick (or read an fd number reused meanwhile), and a
+// refusal from the IOThread (ring outside memory) had stopped the ring.
+Deno.test("a refused SET_VRING_KICK on a running ring leaves it running on its old kick fd", async () => {
+  const s = await scratch("robust-kick-refused", IMAGE);
+  const host = new HostProcess(cacheNoneHost(s, "threads", 1));
+  try {
+    await host.ready();
+    const c = await connect(s.socket, { numQueues: 1, queueSize: 64, slots: 8 });
+    try {
+      const fe = c.frontend;
+      let served = 0;
+      const read = async (what: string) => {
+        const st = await c.execute(0, (q) => q.read(0, 0, 4096), 3000).catch((e) => {
+          throw new Error(`${what}: ${e.message}\n${host.stderr}`);
+        });
+        assert.equal(st, 0, what);
+        served++;
+      };
+      await read("before");
+      // Refused by the device: NOFD (polling) is not supported.
+      await assert.rejects(
+        fe.request(VHOST_USER_SET_VRING_KICK, {
+          kind: "u64",
+          value: BigInt(VHOST_USER_VRING_NOFD_MASK),
+        }),
+        FrontendError,
+      );
+      await read("after a refused NOFD kick");
+      // Refused by the IOThread: the ring's new addresses are outside guest memory.
+      const ring = c.queues[0].ring;
+      const addr = (base: bigint) => ({
+        kind: "vringAddr" as const,
+        index: 0,
+        flags: 0,
+        descUserAddr: base + BigInt(ring.desc.addr),
+        usedUserAddr: base + BigInt(ring.used.addr),
+        availUserAddr: base + BigInt(ring.avail.addr),
+        logGuestAddr: 0n,
+      });
+      await fe.request(VHOST_USER_SET_VRING_ADDR, addr(1n << 40n));
+      const refused = eventfd();
+      await assert.rejects(
+        fe.request(VHOST_USER_SET_VRING_KICK, { kind: "u64", value: 0n }, [refused]),
+        FrontendError,
+      );
+      close(refused);
+      await read("after a kick the IOThread refused");
+      await fe.request(VHOST_USER_SET_VRING_ADDR, addr(0n));
+      assert.deepEqual(await c.stopQueues(), [served], "the ring's position is kept");
+    } finally {
+      await c.close();
+    }
+    assert.ok(!host.exited, host.stderr);
+    await host.stopCleanly();
+    assert.doesNotMatch(host.stderr, /event loop died|fatal:|EBADF/, host.stderr);
   } finally {
     await host.stop("SIGKILL", 15000);
     await s.remove();
