@@ -186,17 +186,26 @@ export class VhostUserBlkDevice implements VhostUserBackend {
 
   async #setMemTable(regions: VhostUserMemoryRegion[]): Promise<void> {
     const next = GuestMemory.map(regions);
+    const moved: IOThread[] = [];
     try {
       for (const t of this.#threads) {
         await t.call("blkSetMemory", { regions: next.regions() });
+        moved.push(t);
       }
     } catch (e) {
-      // Some threads may use `next` already: give every thread no memory, then unmap.
-      for (const t of this.#threads) {
-        await t.call("blkSetMemory", { regions: null }).catch(() => {});
+      // All or nothing. A thread refuses a table that does not hold one of
+      // its running rings and changes nothing; the threads that took it go
+      // back to the old table (their rings ran on it), so every ring goes on
+      // where it was. Dropping memory instead lost the IOThreads' queues
+      // while the rings stayed started: the next SET_VRING_KICK restarted
+      // them from 0 and replayed answered requests.
+      try {
+        const old = this.#mem?.regions() ?? null;
+        for (const t of moved) await t.call("blkSetMemory", { regions: old });
+      } catch (e2) {
+        this.#log(`memory: cannot restore the previous table: ${(e2 as Error).message}`);
+        await this.#dropMemory();
       }
-      this.#mem?.close();
-      this.#mem = null;
       next.close();
       throw e;
     }
@@ -328,6 +337,28 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     r.enabled = enabled;
     if (!r.started) return Promise.resolve();
     return this.#track(this.threadOf(index).call("blkSetVring", { index, enabled }));
+  }
+
+  /**
+   * Stops every running ring where it is (its base kept for the next
+   * SET_VRING_KICK), then gives every thread no memory and unmaps it.
+   */
+  async #dropMemory(): Promise<void> {
+    for (let i = 0; i < this.#rings.length; i++) {
+      const r = this.#rings[i];
+      if (!r.started) continue;
+      r.started = false;
+      try {
+        r.base = await this.threadOf(i).call<number>("blkStopQueue", { index: i });
+      } catch (e) {
+        this.#log(`queue ${i}: stop failed: ${(e as Error).message}`);
+      }
+    }
+    for (const t of this.#threads) {
+      await t.call("blkSetMemory", { regions: null }).catch(() => {});
+    }
+    this.#mem?.close();
+    this.#mem = null;
   }
 
   /** Remembers `p` until it settles, for {@link reset}. */

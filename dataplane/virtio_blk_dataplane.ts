@@ -312,7 +312,9 @@ export class VirtioBlkDataPlane {
    * Replaces guest memory (SET_MEM_TABLE): stops taking requests, waits for
    * the in-flight ones (they point into the old mapping), swaps, and rebuilds
    * the running queues on the new mapping at their current ring positions.
-   * The caller unmaps the old memory after this resolves.
+   * The caller unmaps the old memory after this resolves. All or nothing: a
+   * mapping that does not hold every running ring is refused (VirtqueueError)
+   * and the queues go on on the old one.
    */
   async setMemory(mem: GuestMemory | null): Promise<void> {
     while (this.#memorySwap !== null) await this.#memorySwap;
@@ -324,6 +326,14 @@ export class VirtioBlkDataPlane {
       // does the same under vu_blk_drained_begin ... end).
       for (const q of this.#queues.values()) this.#detach(q);
       await this.#waitIdle();
+      // Every ring on the new mapping first: one that does not fit throws
+      // before anything changed.
+      const rings = new Map<DataPlaneQueue, Virtqueue>();
+      if (mem !== null) {
+        for (const q of this.#queues.values()) {
+          rings.set(q, this.#newVirtqueue({ ...q.setup, base: q.vq.lastAvailIdx }, mem));
+        }
+      }
       this.#mem = mem;
       for (const [i, q] of this.#queues) {
         if (mem === null) {
@@ -331,14 +341,13 @@ export class VirtioBlkDataPlane {
           this.#dropQueue(q);
           continue;
         }
-        const s = { ...q.setup, base: q.vq.lastAvailIdx };
-        q.vq = this.#newVirtqueue(s, mem);
+        q.vq = rings.get(q)!;
       }
     } finally {
       this.#memorySwap = null;
       done();
+      for (const q of this.#queues.values()) this.#attach(q);
     }
-    for (const q of this.#queues.values()) this.#attach(q);
   }
 
   #newVirtqueue(s: DataPlaneQueueSetup, mem: GuestMemory): Virtqueue {

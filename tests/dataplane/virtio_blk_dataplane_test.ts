@@ -1051,3 +1051,33 @@ Deno.test("dataplane: a refused restart leaves the queue running with its old se
     await r.close();
   }
 });
+
+// Issue 10 item 2d: setMemory with a mapping that does not hold a running
+// ring threw half-way (memory swapped, that queue left on the old mapping and
+// detached for good); the main thread then dropped every queue.
+Deno.test("dataplane: setMemory refuses a mapping without a running ring and changes nothing", async () => {
+  const r = await Rig.create();
+  try {
+    r.engine.autoRelease = true;
+    r.request(VIRTIO_BLK_T_IN, 0, 4096, true);
+    r.kick();
+    await r.until(() => r.driver.usedIdx() === 1, "first read");
+    const noRings = GuestMemory.fromMapped(
+      r.tm.regions.slice(1).map((m) => ({
+        guestPhysAddr: m.gpa,
+        size: m.size,
+        userAddr: m.uva,
+        hostAddr: m.host,
+      })),
+    );
+    await assert.rejects(r.dp.setMemory(noRings), /RingOutOfRange/);
+    assert.deepEqual(r.dp.queueIndexes, [0]);
+    r.request(VIRTIO_BLK_T_IN, 8, 4096, true);
+    r.kick();
+    await r.until(() => r.driver.usedIdx() === 2, "served on the old mapping");
+    assert.equal(r.engine.stats.submitted, 2, "nothing replayed");
+    assert.deepEqual(r.broken, []);
+  } finally {
+    await r.close();
+  }
+});

@@ -8,13 +8,22 @@ import { FrontendError } from "../../client/frontend.ts";
 import {
   encodeMessage,
   VHOST_USER_GET_VRING_BASE,
+  VHOST_USER_SET_MEM_TABLE,
   VHOST_USER_SET_VRING_ADDR,
   VHOST_USER_SET_VRING_KICK,
   VHOST_USER_VERSION,
   VHOST_USER_VRING_NOFD_MASK,
 } from "../../dataplane/vhost_user/mod.ts";
 import { close, eventfd } from "../../sys/mod.ts";
-import { cacheNoneHost, connect, HostProcess, MiB, scratch, sleep } from "./robustness_util.ts";
+import {
+  cacheNoneHost,
+  connect,
+  HostProcess,
+  MiB,
+  scratch,
+  sleep,
+  waitFor,
+} from "./robustness_util.ts";
 
 const IMAGE = 64 * MiB;
 const BS = 1 * MiB;
@@ -132,6 +141,64 @@ Deno.test("a refused SET_VRING_KICK on a running ring leaves it running on its o
     assert.ok(!host.exited, host.stderr);
     await host.stopCleanly();
     assert.doesNotMatch(host.stderr, /event loop died|fatal:|EBADF/, host.stderr);
+  } finally {
+    await host.stop("SIGKILL", 15000);
+    await s.remove();
+  }
+});
+
+// 2d: a SET_MEM_TABLE an IOThread refused (it does not hold a running ring)
+// dropped every IOThread's queues while the rings stayed started; the next
+// SET_VRING_KICK then restarted them from avail index 0 and replayed the
+// requests already answered (used idx 3 -> 6 with no new request).
+Deno.test("a refused SET_MEM_TABLE on running rings changes nothing: no request is replayed", async () => {
+  const s = await scratch("robust-memtable-refused", IMAGE);
+  const host = new HostProcess(cacheNoneHost(s, "threads", 1));
+  try {
+    await host.ready();
+    const c = await connect(s.socket, { numQueues: 1, queueSize: 64, slots: 8 });
+    try {
+      const fe = c.frontend;
+      const q = c.queues[0];
+      const usedIdx = () => {
+        const u = q.ring.used.bytes;
+        return new DataView(u.buffer, u.byteOffset, 4).getUint16(2, true);
+      };
+      // Three reads on three slots (three descriptor chains), all answered.
+      for (let i = 0; i < 3; i++) q.read(i, 4096 * i, 4096);
+      q.notify();
+      assert.ok(await waitFor(() => usedIdx() === 3, 5000), "3 reads answered");
+      q.reap();
+      const ram = c.ram!;
+      const table = (rs: typeof ram.regions) => ({
+        kind: "memTable" as const,
+        regions: rs.map((r) => ({
+          guestPhysAddr: BigInt(r.guestPhysAddr),
+          size: BigInt(r.size),
+          userAddr: BigInt(r.userAddr),
+          mmapOffset: BigInt(r.mmapOffset),
+        })),
+      });
+      // Only the data region: the rings (in region 0) are not in it.
+      const dataOnly = ram.regions.slice(1);
+      await assert.rejects(
+        fe.request(VHOST_USER_SET_MEM_TABLE, table(dataOnly), dataOnly.map(() => ram.fd)),
+        FrontendError,
+      );
+      // The same table again, and the same kick eventfd again (no SET_VRING_BASE).
+      await fe.request(VHOST_USER_SET_MEM_TABLE, table(ram.regions), ram.regions.map(() => ram.fd));
+      await fe.request(VHOST_USER_SET_VRING_KICK, { kind: "u64", value: 0n }, [q.kickFd]);
+      q.notify();
+      await sleep(300);
+      assert.equal(usedIdx(), 3, "requests replayed with no new request");
+      assert.equal(await c.execute(0, (q) => q.read(0, 0, 4096), 5000), 0);
+      assert.equal(usedIdx(), 4);
+      assert.deepEqual(await c.stopQueues(), [4]);
+    } finally {
+      await c.close();
+    }
+    await host.stopCleanly();
+    assert.doesNotMatch(host.stderr, /event loop died|fatal:/, host.stderr);
   } finally {
     await host.stop("SIGKILL", 15000);
     await s.remove();
