@@ -1081,3 +1081,28 @@ Deno.test("dataplane: setMemory refuses a mapping without a running ring and cha
     await r.close();
   }
 });
+
+// Issue 10 item 2a (fixed with the memory-swap change): stopQueue takes the
+// queue out of the running set before it waits for its requests; a
+// setMemory(null) meanwhile (a reset) must still wait for them, or the main
+// thread unmaps memory they complete into.
+Deno.test("dataplane: setMemory(null) waits for the requests of a queue being stopped", async () => {
+  const r = await Rig.create();
+  try {
+    r.request(VIRTIO_BLK_T_IN, 0, 4096, true);
+    r.kick();
+    await r.until(() => r.engine.held.length === 1, "submitted");
+    const stopped = r.dp.stopQueue(0);
+    let dropped = false;
+    const drop = r.dp.setMemory(null).then(() => dropped = true);
+    await r.idle(5);
+    assert.equal(dropped, false, "memory dropped under a request in flight");
+    r.engine.release();
+    await r.until(() => dropped, "memory dropped after the request");
+    assert.equal(await stopped, 1);
+    await drop;
+    assert.equal(r.driver.usedIdx(), 1);
+  } finally {
+    await r.close();
+  }
+});
