@@ -113,7 +113,8 @@ export function blkConfigure(
 
 /**
  * Installs the guest memory the main thread mapped (null: none). Resolves
- * once no request uses the previous mapping, so the main thread may unmap it.
+ * once no request uses the previous mapping, so the main thread may unmap it;
+ * rejects, changing nothing, when a running ring is not in the new mapping.
  *
  * @example
  * ```ts ignore
@@ -132,7 +133,8 @@ export async function blkSetMemory(
 }
 
 /**
- * Starts (or restarts) a queue.
+ * Starts (or restarts) a queue. A refused restart leaves the queue running
+ * as before (old kick fd, addresses, position).
  *
  * @example
  * ```ts ignore

@@ -6,7 +6,9 @@
  * enable rules), and calls these methods with checked, typed values.
  *
  * Methods may return a Promise (a backend that forwards to an IOThread);
- * the connection awaits it before handling the next message. A method that
+ * the connection awaits it before handling the next message, and before
+ * {@link VhostUserBackend.reset} when the front-end leaves: calls never
+ * overlap. A method that
  * throws (or rejects) makes the request fail: an error reply when the
  * front-end asked for one (REPLY_ACK), otherwise the error is reported
  * through the server's `onError`.
