@@ -10,6 +10,7 @@ import {
   VHOST_USER_GET_VRING_BASE,
   VHOST_USER_SET_MEM_TABLE,
   VHOST_USER_SET_VRING_ADDR,
+  VHOST_USER_SET_VRING_CALL,
   VHOST_USER_SET_VRING_KICK,
   VHOST_USER_VERSION,
   VHOST_USER_VRING_NOFD_MASK,
@@ -49,9 +50,22 @@ Deno.test("front-end disconnects while GET_VRING_BASE waits for in-flight reques
     const opts = { numQueues: 1, queueSize: 128, slots: QD, maxBlockSize: BS };
     for (let round = 0; round < 8; round++) {
       assert.ok(!host.exited, `host exited before round ${round}:\n${host.stderr}`);
-      const c = await connect(s.socket, opts).catch((e) => {
-        throw new Error(`round ${round}: ${e.message}; host:\n${host.stderr}`);
+      const c = await connect(s.socket, opts).catch(async (e) => {
+        const st = host.exited ? await host.status : null;
+        throw new Error(
+          `round ${round}: ${e.message}; host ${
+            st ? `exited (signal ${st.signal}, code ${st.code})` : "running"
+          }:\n${host.stderr}`,
+        );
       });
+      if (round % 2 === 1) {
+        // No call fd (a polling driver): nothing fails early on a closed fd,
+        // so a completion into unmapped memory shows as SIGSEGV.
+        await c.frontend.request(VHOST_USER_SET_VRING_CALL, {
+          kind: "u64",
+          value: BigInt(VHOST_USER_VRING_NOFD_MASK),
+        });
+      }
       flood(c);
       await sleep(1);
       await c.frontend.sendRaw(
