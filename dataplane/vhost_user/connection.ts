@@ -11,6 +11,9 @@
  * one) and the connection goes on; an oversized or unversioned header, a
  * socket error, or a front-end that does not read its replies closes the
  * connection. Every fd that arrives and is not handed to the backend is closed.
+ * A front-end that sends faster than the backend handles (a pipelined
+ * set-up) is slowed down, not disconnected: a bounded number of messages is
+ * read ahead, then reading stops until the backend catches up.
  *
  * @module
  */
@@ -83,7 +86,16 @@ const REPLYING = new Set([
   VHOST_USER_GET_STATUS,
 ]);
 
-/** Messages parsed but not yet handled before the connection gives up on the front-end. */
+/**
+ * Messages read ahead of the one being handled (back-pressure). A front-end
+ * without REPLY_ACK pipelines its whole set-up (QEMU: SET_VRING_NUM/BASE/
+ * ADDR/KICK/CALL for every queue without waiting); once this many are
+ * queued the connection stops reading the socket, which leaves the rest in
+ * the kernel's socket buffer and, when that fills, blocks the front-end's
+ * sendmsg. Reading resumes when the queue is down to half. Memory stays
+ * bounded: at most this many parsed messages (each at most
+ * VHOST_USER_MAX_PAYLOAD bytes and 8 fds) are held.
+ */
 const MAX_QUEUED = 64;
 
 /** A queued unit of work: a parsed message or one that failed to parse. */
@@ -102,6 +114,14 @@ export interface VhostUserConnectionOptions {
   detach?: () => void;
   /** Called once after the connection closed and the backend was reset. */
   onClose?: () => void;
+  /**
+   * Back-pressure: called with `true` when the connection stops reading its
+   * socket (the queue of unhandled messages is full), `false` when it wants
+   * to read again. A level-triggered watcher stops watching the fd
+   * meanwhile (else it would wake up for data nobody reads) and resumes with
+   * `false`; without this option the connection reads again by itself.
+   */
+  pauseReading?: (paused: boolean) => void;
 }
 
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
@@ -175,6 +195,7 @@ export class VhostUserConnection {
 
   readonly #queue: Item[] = [];
   #busy = false;
+  #paused = false;
   #closed = false;
   #closing: Promise<void> | null = null;
   #idleWaiters: (() => void)[] = [];
@@ -210,21 +231,39 @@ export class VhostUserConnection {
     return this.#owner;
   }
 
+  /** Whether reading is paused because {@link MAX_QUEUED} messages wait to be handled. */
+  get readingPaused(): boolean {
+    return this.#paused;
+  }
+
   /**
-   * Reads everything the socket has (whole or partial messages), queues the
-   * complete ones and handles them in order. Safe to call when nothing is
-   * pending (a spurious wake-up).
+   * Reads what the socket has (whole or partial messages) until it is empty
+   * or the queue is full, queues the complete ones and handles them in
+   * order. Safe to call when nothing is pending (a spurious wake-up) or
+   * while paused (reads nothing then).
    */
   onReadable(): void {
-    if (this.#closed) return;
+    if (this.#closed || this.#paused) return;
     try {
-      while (this.#readSome()) { /* keep reading */ }
+      while (this.#queue.length < MAX_QUEUED && this.#readSome()) { /* keep reading */ }
     } catch (err) {
       this.#report(asError(err));
       void this.close();
       return;
     }
+    if (!this.#closed && this.#queue.length >= MAX_QUEUED) {
+      this.#paused = true;
+      this.#opts.pauseReading?.(true);
+    }
     this.#pump();
+  }
+
+  /** Resumes reading once the queue is down to half (hysteresis: no epoll_ctl per message). */
+  #maybeResume(): void {
+    if (!this.#paused || this.#closed || this.#queue.length > MAX_QUEUED / 2) return;
+    this.#paused = false;
+    if (this.#opts.pauseReading) this.#opts.pauseReading(false);
+    else queueMicrotask(() => this.onReadable());
   }
 
   /** Resolves when every message received so far has been handled. */
@@ -314,10 +353,6 @@ export class VhostUserConnection {
       if (!(err instanceof VhostUserError)) throw err;
       item = { error: err, header };
     }
-    if (this.#queue.length >= MAX_QUEUED) {
-      if ("msg" in item) this.#closeFds(item.msg.fds);
-      throw new VhostUserError("BadValue", header.request, "front-end floods the connection");
-    }
     this.#queue.push(item);
   }
 
@@ -346,10 +381,12 @@ export class VhostUserConnection {
           this.#busy = false;
           this.#pump();
         });
+        this.#maybeResume();
         return;
       }
       this.#finish(item.header, r);
     }
+    this.#maybeResume();
     if (!this.#busy && this.#queue.length === 0) this.#wakeIdle();
   }
 

@@ -182,13 +182,15 @@ export class VhostUserServer {
     if (fd === WOULD_BLOCK) return;
     // One front-end at a time: stop accepting until this one leaves.
     this.#watcher.setFdHandler(this.listenFd, null);
-    const conn = new VhostUserConnection(fd, this.#backend, {
+    const handler = { read: () => conn.onReadable() };
+    const conn: VhostUserConnection = new VhostUserConnection(fd, this.#backend, {
       onError: this.#opts.onError,
       detach: () => this.#watcher.setFdHandler(fd, null),
       onClose: () => this.#onConnectionClosed(conn),
+      pauseReading: (paused) => this.#watcher.setFdHandler(fd, paused ? null : handler),
     });
     this.#conn = conn;
-    this.#watcher.setFdHandler(fd, { read: () => conn.onReadable() });
+    this.#watcher.setFdHandler(fd, handler);
     this.#opts.onConnect?.(conn);
     conn.onReadable();
   }

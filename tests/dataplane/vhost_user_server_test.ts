@@ -1,19 +1,37 @@
 import assert from "node:assert/strict";
 import {
   encodeMessage,
+  VHOST_USER_GET_CONFIG,
   VHOST_USER_GET_FEATURES,
+  VHOST_USER_GET_PROTOCOL_FEATURES,
   VHOST_USER_GET_VRING_BASE,
   VHOST_USER_NEED_REPLY_MASK,
+  VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_SET_MEM_TABLE,
+  VHOST_USER_SET_OWNER,
+  VHOST_USER_SET_PROTOCOL_FEATURES,
+  VHOST_USER_SET_VRING_ADDR,
+  VHOST_USER_SET_VRING_BASE,
   VHOST_USER_SET_VRING_CALL,
   VHOST_USER_SET_VRING_KICK,
   VHOST_USER_SET_VRING_NUM,
   VHOST_USER_VERSION,
   VhostUserServer,
+  type VhostUserServerOptions,
 } from "../../dataplane/vhost_user/mod.ts";
 import { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { FrontendError, VhostUserFrontend } from "../../client/frontend.ts";
-import { bindUnix, close, eventfd, listen, pipe, socketUnix, SysError } from "../../sys/mod.ts";
+import {
+  bindUnix,
+  close,
+  connectUnix,
+  eventfd,
+  listen,
+  pipe,
+  sendMsg,
+  socketUnix,
+  SysError,
+} from "../../sys/mod.ts";
 import { openFdCount, StubBackend, TestLoop, until } from "./vhost_user_test_util.ts";
 
 const V = VHOST_USER_VERSION;
@@ -29,13 +47,17 @@ async function withServer(
       errors: Error[];
     },
   ) => Promise<void>,
+  opts: VhostUserServerOptions = {},
 ): Promise<void> {
   const dir = Deno.makeTempDirSync();
   const path = `${dir}/vhost.sock`;
   const backend = new StubBackend();
   const loop = new TestLoop();
   const errors: Error[] = [];
-  const server = VhostUserServer.listen(path, backend, loop, { onError: (e) => errors.push(e) });
+  const server = VhostUserServer.listen(path, backend, loop, {
+    onError: (e) => errors.push(e),
+    ...opts,
+  });
   try {
     await fn({ server, backend, loop, path, errors });
   } finally {
@@ -45,9 +67,29 @@ async function withServer(
   }
 }
 
-/** Raw front-end: negotiated enough for REPLY_ACK so malformed requests get answers. */
-async function rawFrontend(path: string): Promise<VhostUserFrontend> {
+/**
+ * Raw front-end. `session`: negotiate REPLY_ACK (so malformed requests get
+ * answers) and send SET_OWNER (so the back-end takes session messages);
+ * `owner`: SET_OWNER only, no REPLY_ACK.
+ */
+async function rawFrontend(
+  path: string,
+  setup: "none" | "owner" | "session" = "none",
+): Promise<VhostUserFrontend> {
   const fe = await VhostUserFrontend.connect(path, 2000);
+  if (setup === "session") {
+    await fe.request(VHOST_USER_GET_FEATURES, { kind: "empty" }, [], "u64");
+    await fe.request(VHOST_USER_GET_PROTOCOL_FEATURES, { kind: "empty" }, [], "u64");
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_PROTOCOL_FEATURES, V | NEED, {
+        kind: "u64",
+        value: 1n << BigInt(VHOST_USER_PROTOCOL_F_REPLY_ACK),
+      }),
+    );
+    assert.equal(await ack(fe, VHOST_USER_SET_PROTOCOL_FEATURES), 0n);
+    fe.replyAck = true;
+  }
+  if (setup !== "none") await fe.request(VHOST_USER_SET_OWNER, { kind: "empty" });
   return fe;
 }
 
@@ -131,7 +173,7 @@ Deno.test("server: without protocol features rings start enabled", async () => {
 Deno.test("server: malformed messages get error replies and the connection keeps working", async () => {
   const fds0 = openFdCount();
   await withServer(async ({ server, backend, errors }) => {
-    const fe = await rawFrontend(server.path);
+    const fe = await rawFrontend(server.path, "session");
     const offered = await getFeatures(fe);
     assert.equal(offered, backend.featureBits);
 
@@ -350,13 +392,95 @@ Deno.test("server: socket path handling (mode 0600, stale socket, in use, not a 
 
 Deno.test("server: a backend failure without REPLY_ACK is reported, not fatal", async () => {
   await withServer(async ({ server, backend, errors }) => {
-    const fe = await rawFrontend(server.path);
+    const fe = await rawFrontend(server.path, "owner");
     backend.failNext = new Error("device says no");
     await fe.sendRaw(
       encodeMessage(VHOST_USER_SET_VRING_NUM, V, { kind: "vringState", index: 0, num: 8 }),
     );
     assert.equal(await getFeatures(fe), backend.featureBits);
     assert.ok(errors.some((e) => e.message === "device says no"));
+    fe.close();
+  });
+});
+
+/** Sends one whole message now (synchronously): the socket buffer must take it. */
+function sendNow(fe: VhostUserFrontend, bytes: Uint8Array, fds: number[] = []): void {
+  assert.equal(sendMsg(fe.fd, bytes, fds), bytes.byteLength);
+}
+
+Deno.test("server: a QEMU-like start pipelining 16 queues' ring set-up is served, not disconnected", async () => {
+  await withServer(async ({ server, backend, errors }) => {
+    backend.queues = 16;
+    const fe = await rawFrontend(server.path, "owner"); // no REPLY_ACK: nothing waits
+    const fds: number[] = [];
+    // All in one turn of this thread's event loop: the server finds 80
+    // messages in its socket at once, as when QEMU starts the device.
+    for (let i = 0; i < 16; i++) {
+      const state = (num: number) => ({ kind: "vringState" as const, index: i, num });
+      sendNow(fe, encodeMessage(VHOST_USER_SET_VRING_NUM, V, state(64)));
+      sendNow(fe, encodeMessage(VHOST_USER_SET_VRING_BASE, V, state(0)));
+      sendNow(
+        fe,
+        encodeMessage(VHOST_USER_SET_VRING_ADDR, V, {
+          kind: "vringAddr",
+          index: i,
+          flags: 0,
+          descUserAddr: 0x1000n,
+          usedUserAddr: 0x2000n,
+          availUserAddr: 0x3000n,
+          logGuestAddr: 0n,
+        }),
+      );
+      for (const req of [VHOST_USER_SET_VRING_KICK, VHOST_USER_SET_VRING_CALL]) {
+        const e = eventfd();
+        fds.push(e);
+        sendNow(fe, encodeMessage(req, V, { kind: "u64", value: BigInt(i) }), [e]);
+      }
+    }
+    for (const fd of fds) close(fd); // the server holds its own copies
+    // Answered after everything before it was handled, in order.
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    for (let i = 0; i < 16; i++) {
+      assert.equal(backend.vringNum.get(i), 64);
+      assert.ok(backend.kick.get(i) != null && backend.call.get(i) != null, `ring ${i} fds`);
+    }
+    assert.equal(backend.calls.filter((c) => c.startsWith("setVring")).length, 80);
+    assert.deepEqual(errors, []);
+    fe.close();
+  });
+});
+
+Deno.test("server: while a handler waits, reading stops at the queue bound and resumes after", async () => {
+  await withServer(async ({ server, backend, loop, errors }) => {
+    const fe = await rawFrontend(server.path, "owner");
+    let release!: () => void;
+    const gate = new Promise<void>((r) => release = r);
+    backend.setVringNum = (i: number, n: number) => {
+      backend.calls.push(`setVringNum ${i} ${n}`);
+      return gate; // a backend that forwards to an IOThread and waits
+    };
+    sendNow(
+      fe,
+      encodeMessage(VHOST_USER_SET_VRING_NUM, V, { kind: "vringState", index: 0, num: 8 }),
+    );
+    for (let i = 0; i < 200; i++) { // fits the socket buffer (~270 such messages)
+      sendNow(
+        fe,
+        encodeMessage(VHOST_USER_SET_VRING_BASE, V, { kind: "vringState", index: 1, num: i }),
+      );
+    }
+    await until(() => server.connection?.readingPaused === true);
+    const conn = server.connection!;
+    await new Promise((r) => setTimeout(r, 50));
+    assert.ok(!conn.closed, "still connected");
+    assert.ok(!loop.watched.includes(conn.fd), "the socket is not watched while paused");
+    assert.ok(!backend.calls.some((c) => c.startsWith("setVringBase")), "nothing overtook");
+    release();
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    assert.equal(backend.vringBase.get(1), 199);
+    assert.equal(backend.calls.filter((c) => c.startsWith("setVringBase")).length, 200);
+    assert.ok(loop.watched.includes(conn.fd), "watched again");
+    assert.deepEqual(errors, []);
     fe.close();
   });
 });
