@@ -45,6 +45,7 @@ import {
   VHOST_USER_HDR_SIZE,
   VHOST_USER_MAX_PAYLOAD,
   VHOST_USER_NEED_REPLY_MASK,
+  VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_REPLY_MASK,
   VHOST_USER_RESET_DEVICE,
   VHOST_USER_RESET_OWNER,
@@ -84,6 +85,23 @@ const REPLYING = new Set([
   VHOST_USER_GET_CONFIG,
   VHOST_USER_GET_MAX_MEM_SLOTS,
   VHOST_USER_GET_STATUS,
+]);
+
+/**
+ * Requests a front-end may send before SET_OWNER: feature negotiation and
+ * the queries QEMU's vhost_user_backend_init makes before vhost_dev_init
+ * sends SET_OWNER. Everything else belongs to a session, which SET_OWNER
+ * starts ("Issued when a new connection is established. It marks the sender
+ * as the front-end that owns the session", docs/interop/vhost-user.rst).
+ */
+const BEFORE_OWNER = new Set([
+  VHOST_USER_GET_FEATURES,
+  VHOST_USER_GET_PROTOCOL_FEATURES,
+  VHOST_USER_SET_PROTOCOL_FEATURES,
+  VHOST_USER_GET_QUEUE_NUM,
+  VHOST_USER_GET_MAX_MEM_SLOTS,
+  VHOST_USER_SET_OWNER,
+  VHOST_USER_RESET_OWNER,
 ]);
 
 /**
@@ -406,6 +424,10 @@ export class VhostUserConnection {
     const b = this.#backend;
     const p = m.payload;
     const req = m.request;
+    if (!this.#owner && !BEFORE_OWNER.has(req)) {
+      this.#closeFds(m.fds);
+      throw new VhostUserError("BadValue", req, "refused before SET_OWNER (no session yet)");
+    }
     switch (req) {
       case VHOST_USER_GET_FEATURES:
         return { kind: "u64", value: b.features() };
@@ -566,11 +588,23 @@ export class VhostUserConnection {
 
   // ---- replies --------------------------------------------------------------------
 
+  /**
+   * Whether a request without a reply of its own gets a REPLY_ACK: only when
+   * NEED_REPLY is set and REPLY_ACK was negotiated ("REPLY_ACK" in
+   * docs/interop/vhost-user.rst; libvhost-user's vu_dispatch checks both).
+   * A front-end that did not negotiate it does not expect the reply, and an
+   * unexpected one would be taken for the answer to its next getter.
+   */
+  #wantsAck(header: VhostUserHeader): boolean {
+    return (header.flags & VHOST_USER_NEED_REPLY_MASK) !== 0 &&
+      (this.#ackedProtocolFeatures & (1n << BigInt(VHOST_USER_PROTOCOL_F_REPLY_ACK))) !== 0n;
+  }
+
   #finish(header: VhostUserHeader, reply: Reply): void {
     if (this.#closed) return;
     if (REPLYING.has(header.request)) {
       this.#send(header.request, reply ?? { kind: "empty" });
-    } else if (header.flags & VHOST_USER_NEED_REPLY_MASK) {
+    } else if (this.#wantsAck(header)) {
       this.#send(header.request, { kind: "u64", value: 0n });
     }
   }
@@ -584,7 +618,7 @@ export class VhostUserConnection {
       // failed GET_CONFIG; for the other getters the front-end sees a
       // malformed reply and gives up on the back-end, which is what we want.
       this.#send(header.request, { kind: "empty" });
-    } else if (header.flags & VHOST_USER_NEED_REPLY_MASK) {
+    } else if (this.#wantsAck(header)) {
       this.#send(header.request, { kind: "u64", value: BigInt(errnoOf(err)) });
     }
   }

@@ -484,3 +484,64 @@ Deno.test("server: while a handler waits, reading stops at the queue bound and r
     fe.close();
   });
 });
+
+Deno.test("server: NEED_REPLY without REPLY_ACK negotiated gets no ack", async () => {
+  await withServer(async ({ server, backend }) => {
+    const fe = await rawFrontend(server.path, "owner");
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_NUM, V | NEED, { kind: "vringState", index: 0, num: 8 }),
+    );
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_NUM, V | NEED, { kind: "raw", bytes: new Uint8Array(4) }),
+    );
+    // The next reply on the socket is the answer to GET_FEATURES, not an ack.
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    assert.equal(backend.vringNum.get(0), 8);
+    fe.close();
+  });
+});
+
+Deno.test("server: session messages before SET_OWNER are refused; negotiation is not", async () => {
+  await withServer(async ({ server, backend }) => {
+    const fe = await rawFrontend(server.path);
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    const p = await fe.request(VHOST_USER_GET_PROTOCOL_FEATURES, { kind: "empty" }, [], "u64");
+    assert.equal(p.payload.kind === "u64" && p.payload.value, backend.protocolBits);
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_PROTOCOL_FEATURES, V | NEED, {
+        kind: "u64",
+        value: 1n << BigInt(VHOST_USER_PROTOCOL_F_REPLY_ACK),
+      }),
+    );
+    assert.equal(await ack(fe, VHOST_USER_SET_PROTOCOL_FEATURES), 0n);
+    const setNum = encodeMessage(VHOST_USER_SET_VRING_NUM, V | NEED, {
+      kind: "vringState",
+      index: 0,
+      num: 8,
+    });
+    await fe.sendRaw(setNum);
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_NUM), 0n, "refused before SET_OWNER");
+    const e = eventfd();
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_KICK, V | NEED, { kind: "u64", value: 0n }),
+      [e],
+    );
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_KICK), 0n);
+    close(e);
+    const cfg = await fe.request(
+      VHOST_USER_GET_CONFIG,
+      { kind: "config", offset: 0, flags: 0, data: new Uint8Array(8) },
+      [],
+      "config",
+    );
+    assert.equal(cfg.payload.kind, "empty", "GET_CONFIG fails before SET_OWNER");
+    assert.equal(backend.vringNum.size, 0);
+    assert.equal(backend.kick.size, 0);
+    await fe.sendRaw(encodeMessage(VHOST_USER_SET_OWNER, V | NEED, { kind: "empty" }));
+    assert.equal(await ack(fe, VHOST_USER_SET_OWNER), 0n);
+    await fe.sendRaw(setNum);
+    assert.equal(await ack(fe, VHOST_USER_SET_VRING_NUM), 0n);
+    assert.equal(backend.vringNum.get(0), 8);
+    fe.close();
+  });
+});
