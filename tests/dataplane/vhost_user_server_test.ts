@@ -545,3 +545,43 @@ Deno.test("server: session messages before SET_OWNER are refused; negotiation is
     fe.close();
   });
 });
+
+Deno.test("server: a front-end that never sends SET_OWNER is disconnected after the handshake timeout", async () => {
+  await withServer(async ({ server, backend, errors }) => {
+    const idle = await rawFrontend(server.path);
+    assert.equal(await getFeatures(idle), backend.featureBits); // then silence
+    assert.ok(await idle.waitClosed(2000), "disconnected");
+    idle.close();
+    assert.ok(errors.some((e) => /SET_OWNER within 100 ms/.test(e.message)));
+    // The slot is free; an owner is kept past the timeout.
+    const fe = await rawFrontend(server.path, "owner");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    assert.ok(!server.connection!.closed);
+    fe.close();
+  }, { handshakeTimeoutMs: 100 });
+});
+
+Deno.test("server: accept4 failing with EMFILE backs off instead of spinning", async () => {
+  await withServer(async ({ server, errors }) => {
+    const client = socketUnix(); // before the fd table is full
+    const filler: number[] = [];
+    try {
+      for (;;) filler.push(eventfd());
+    } catch (err) {
+      assert.ok(err instanceof SysError && err.code === "EMFILE", String(err));
+    }
+    try {
+      connectUnix(client, server.path); // queued in the backlog; accept4 has no fd to give
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal(server.connection, null);
+      const emfile = errors.filter((e) => e instanceof SysError && e.code === "EMFILE").length;
+      assert.ok(emfile >= 1 && emfile <= 10, `accept4 EMFILE reported ${emfile} times in 300 ms`);
+    } finally {
+      for (const fd of filler) close(fd);
+    }
+    await until(() => server.connection !== null, 2000);
+    close(client);
+    await until(() => server.connection === null);
+  });
+});
