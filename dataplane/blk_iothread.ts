@@ -25,6 +25,19 @@ let blk: BlockBackend | null = null;
 let dataplane: VirtioBlkDataPlane | null = null;
 let memory: GuestMemory | null = null;
 let brokenLog: string[] = [];
+let brokenDropped = 0;
+
+/**
+ * Broken-ring reports kept between two {@link blkStats} calls. A front-end
+ * may restart a broken ring (GET_VRING_BASE, SET_VRING_KICK) and break it
+ * again forever; past this many only a count is kept.
+ */
+const BROKEN_LOG_MAX = 64;
+
+function logBroken(index: number, reason: string): void {
+  if (brokenLog.length < BROKEN_LOG_MAX) brokenLog.push(`queue ${index}: ${reason}`);
+  else brokenDropped++;
+}
 
 /**
  * What {@link blkOpen} learns about the image.
@@ -107,7 +120,7 @@ export function blkConfigure(
   if (dataplane !== null) throw new Error("virtio-blk IOThread: already configured");
   dataplane = new VirtioBlkDataPlane(ctx, blk, {
     ...args,
-    onBroken: (index, reason) => brokenLog.push(`queue ${index}: ${reason}`),
+    onBroken: logBroken,
   });
 }
 
@@ -189,7 +202,7 @@ export function blkSetWriteback(_ctx: AioContext, args: { on: boolean }): void {
 
 /**
  * Counters of this thread's queues, its AioContext, and broken-ring reports
- * since the last call.
+ * since the last call (at most 64, then one line counting the rest).
  *
  * @example
  * ```ts ignore
@@ -198,7 +211,9 @@ export function blkSetWriteback(_ctx: AioContext, args: { on: boolean }): void {
  */
 export function blkStats(ctx: AioContext): BlkThreadStats {
   const broken = brokenLog;
+  if (brokenDropped > 0) broken.push(`and ${brokenDropped} more broken-ring reports`);
   brokenLog = [];
+  brokenDropped = 0;
   return {
     queues: dataplane?.stats() ?? [],
     inFlight: dataplane?.inFlight ?? 0,

@@ -56,6 +56,7 @@ export {
   RequestError,
   type RequestErrorKind,
   requestErrorStatus,
+  VIRTIO_BLK_MAX_REQUEST_BYTES,
   VirtioBlkRequest,
 } from "./blk/request.ts";
 export { blkIdBytes, writeBlkId } from "./blk/id.ts";

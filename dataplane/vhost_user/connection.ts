@@ -11,6 +11,9 @@
  * one) and the connection goes on; an oversized or unversioned header, a
  * socket error, or a front-end that does not read its replies closes the
  * connection. Every fd that arrives and is not handed to the backend is closed.
+ * A front-end that sends faster than the backend handles (a pipelined
+ * set-up) is slowed down, not disconnected: a bounded number of messages is
+ * read ahead, then reading stops until the backend catches up.
  *
  * @module
  */
@@ -42,6 +45,7 @@ import {
   VHOST_USER_HDR_SIZE,
   VHOST_USER_MAX_PAYLOAD,
   VHOST_USER_NEED_REPLY_MASK,
+  VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_REPLY_MASK,
   VHOST_USER_RESET_DEVICE,
   VHOST_USER_RESET_OWNER,
@@ -83,7 +87,33 @@ const REPLYING = new Set([
   VHOST_USER_GET_STATUS,
 ]);
 
-/** Messages parsed but not yet handled before the connection gives up on the front-end. */
+/**
+ * Requests a front-end may send before SET_OWNER: feature negotiation and
+ * the queries QEMU's vhost_user_backend_init makes before vhost_dev_init
+ * sends SET_OWNER. Everything else belongs to a session, which SET_OWNER
+ * starts ("Issued when a new connection is established. It marks the sender
+ * as the front-end that owns the session", docs/interop/vhost-user.rst).
+ */
+const BEFORE_OWNER = new Set([
+  VHOST_USER_GET_FEATURES,
+  VHOST_USER_GET_PROTOCOL_FEATURES,
+  VHOST_USER_SET_PROTOCOL_FEATURES,
+  VHOST_USER_GET_QUEUE_NUM,
+  VHOST_USER_GET_MAX_MEM_SLOTS,
+  VHOST_USER_SET_OWNER,
+  VHOST_USER_RESET_OWNER,
+]);
+
+/**
+ * Messages read ahead of the one being handled (back-pressure). A front-end
+ * without REPLY_ACK pipelines its whole set-up (QEMU: SET_VRING_NUM/BASE/
+ * ADDR/KICK/CALL for every queue without waiting); once this many are
+ * queued the connection stops reading the socket, which leaves the rest in
+ * the kernel's socket buffer and, when that fills, blocks the front-end's
+ * sendmsg. Reading resumes when the queue is down to half. Memory stays
+ * bounded: at most this many parsed messages (each at most
+ * VHOST_USER_MAX_PAYLOAD bytes and 8 fds) are held.
+ */
 const MAX_QUEUED = 64;
 
 /** A queued unit of work: a parsed message or one that failed to parse. */
@@ -102,6 +132,14 @@ export interface VhostUserConnectionOptions {
   detach?: () => void;
   /** Called once after the connection closed and the backend was reset. */
   onClose?: () => void;
+  /**
+   * Back-pressure: called with `true` when the connection stops reading its
+   * socket (the queue of unhandled messages is full), `false` when it wants
+   * to read again. A level-triggered watcher stops watching the fd
+   * meanwhile (else it would wake up for data nobody reads) and resumes with
+   * `false`; without this option the connection reads again by itself.
+   */
+  pauseReading?: (paused: boolean) => void;
 }
 
 const MAX_SAFE = BigInt(Number.MAX_SAFE_INTEGER);
@@ -177,6 +215,7 @@ export class VhostUserConnection {
   #busy = false;
   /** The asynchronous handler running now (settles, never rejects), or null. */
   #running: Promise<void> | null = null;
+  #paused = false;
   #closed = false;
   #closing: Promise<void> | null = null;
   #idleWaiters: (() => void)[] = [];
@@ -212,21 +251,39 @@ export class VhostUserConnection {
     return this.#owner;
   }
 
+  /** Whether reading is paused because {@link MAX_QUEUED} messages wait to be handled. */
+  get readingPaused(): boolean {
+    return this.#paused;
+  }
+
   /**
-   * Reads everything the socket has (whole or partial messages), queues the
-   * complete ones and handles them in order. Safe to call when nothing is
-   * pending (a spurious wake-up).
+   * Reads what the socket has (whole or partial messages) until it is empty
+   * or the queue is full, queues the complete ones and handles them in
+   * order. Safe to call when nothing is pending (a spurious wake-up) or
+   * while paused (reads nothing then).
    */
   onReadable(): void {
-    if (this.#closed) return;
+    if (this.#closed || this.#paused) return;
     try {
-      while (this.#readSome()) { /* keep reading */ }
+      while (this.#queue.length < MAX_QUEUED && this.#readSome()) { /* keep reading */ }
     } catch (err) {
       this.#report(asError(err));
       void this.close();
       return;
     }
+    if (!this.#closed && this.#queue.length >= MAX_QUEUED) {
+      this.#paused = true;
+      this.#opts.pauseReading?.(true);
+    }
     this.#pump();
+  }
+
+  /** Resumes reading once the queue is down to half (hysteresis: no epoll_ctl per message). */
+  #maybeResume(): void {
+    if (!this.#paused || this.#closed || this.#queue.length > MAX_QUEUED / 2) return;
+    this.#paused = false;
+    if (this.#opts.pauseReading) this.#opts.pauseReading(false);
+    else queueMicrotask(() => this.onReadable());
   }
 
   /** Resolves when every message received so far has been handled. */
@@ -320,10 +377,6 @@ export class VhostUserConnection {
       if (!(err instanceof VhostUserError)) throw err;
       item = { error: err, header };
     }
-    if (this.#queue.length >= MAX_QUEUED) {
-      if ("msg" in item) this.#closeFds(item.msg.fds);
-      throw new VhostUserError("BadValue", header.request, "front-end floods the connection");
-    }
     this.#queue.push(item);
   }
 
@@ -353,10 +406,12 @@ export class VhostUserConnection {
           this.#running = null;
           this.#pump();
         });
+        this.#maybeResume();
         return;
       }
       this.#finish(item.header, r);
     }
+    this.#maybeResume();
     if (!this.#busy && this.#queue.length === 0) this.#wakeIdle();
   }
 
@@ -376,6 +431,10 @@ export class VhostUserConnection {
     const b = this.#backend;
     const p = m.payload;
     const req = m.request;
+    if (!this.#owner && !BEFORE_OWNER.has(req)) {
+      this.#closeFds(m.fds);
+      throw new VhostUserError("BadValue", req, "refused before SET_OWNER (no session yet)");
+    }
     switch (req) {
       case VHOST_USER_GET_FEATURES:
         return { kind: "u64", value: b.features() };
@@ -536,11 +595,23 @@ export class VhostUserConnection {
 
   // ---- replies --------------------------------------------------------------------
 
+  /**
+   * Whether a request without a reply of its own gets a REPLY_ACK: only when
+   * NEED_REPLY is set and REPLY_ACK was negotiated ("REPLY_ACK" in
+   * docs/interop/vhost-user.rst; libvhost-user's vu_dispatch checks both).
+   * A front-end that did not negotiate it does not expect the reply, and an
+   * unexpected one would be taken for the answer to its next getter.
+   */
+  #wantsAck(header: VhostUserHeader): boolean {
+    return (header.flags & VHOST_USER_NEED_REPLY_MASK) !== 0 &&
+      (this.#ackedProtocolFeatures & (1n << BigInt(VHOST_USER_PROTOCOL_F_REPLY_ACK))) !== 0n;
+  }
+
   #finish(header: VhostUserHeader, reply: Reply): void {
     if (this.#closed) return;
     if (REPLYING.has(header.request)) {
       this.#send(header.request, reply ?? { kind: "empty" });
-    } else if (header.flags & VHOST_USER_NEED_REPLY_MASK) {
+    } else if (this.#wantsAck(header)) {
       this.#send(header.request, { kind: "u64", value: 0n });
     }
   }
@@ -554,7 +625,7 @@ export class VhostUserConnection {
       // failed GET_CONFIG; for the other getters the front-end sees a
       // malformed reply and gives up on the back-end, which is what we want.
       this.#send(header.request, { kind: "empty" });
-    } else if (header.flags & VHOST_USER_NEED_REPLY_MASK) {
+    } else if (this.#wantsAck(header)) {
       this.#send(header.request, { kind: "u64", value: BigInt(errnoOf(err)) });
     }
   }

@@ -1,7 +1,11 @@
 /**
  * The vhost-user back-end's listening socket: serves one front-end at a time
  * and accepts the next after a disconnect (the back-end is reset in between),
- * like qemu-storage-daemon's vhost-user-blk export.
+ * like qemu-storage-daemon's vhost-user-blk export. Unlike it, a front-end
+ * that has not sent SET_OWNER within `handshakeTimeoutMs` is disconnected,
+ * so a silent client cannot keep the only slot; an owner keeps it until it
+ * disconnects. accept4 failures (EMFILE...) pause accepting for a while
+ * rather than spinning on the still-readable listening socket.
  *
  * Event-driven: the server registers its fds with an {@link FdWatcher} (an
  * `AioContext` fits: `setFdHandler(fd, { read })`), so the main thread's
@@ -46,7 +50,29 @@ export interface VhostUserServerOptions {
   onConnect?: (conn: VhostUserConnection) => void;
   /** The front-end disconnected and the backend was reset. */
   onDisconnect?: () => void;
+  /**
+   * A front-end that has not sent SET_OWNER this many milliseconds after it
+   * was accepted is disconnected, so a client that connects and stays silent
+   * (or never gets past feature negotiation) does not hold the only
+   * connection slot forever (default 10000; 0: wait forever, as
+   * qemu-storage-daemon does). Once SET_OWNER arrived the session belongs to
+   * that front-end until it disconnects.
+   */
+  handshakeTimeoutMs?: number;
 }
+
+/** Default of {@link VhostUserServerOptions.handshakeTimeoutMs}. */
+const VHOST_USER_HANDSHAKE_TIMEOUT_MS = 10_000;
+
+/**
+ * How long the listening socket rests after accept4 failed (EMFILE, ENFILE,
+ * ENOBUFS, ENOMEM...). The pending connection stays in the backlog, so a
+ * level-triggered watcher would report the fd readable again at once and the
+ * loop would spin on the same error. Servers stop watching the listening
+ * socket and retry after a delay instead (nginx disables its accept events
+ * for `accept_mutex_delay` after EMFILE/ENFILE).
+ */
+const ACCEPT_RETRY_MS = 100;
 
 /**
  * Prepares `path` for bind: a stale socket (nobody listening) is removed;
@@ -107,6 +133,8 @@ export class VhostUserServer {
   readonly #opts: VhostUserServerOptions;
   #conn: VhostUserConnection | null = null;
   #closed = false;
+  #acceptRetry: ReturnType<typeof setTimeout> | null = null;
+  #handshakeTimer: ReturnType<typeof setTimeout> | null = null;
   /** Inode of the socket file we bound, so close() removes only that file. */
   readonly #ino: number | null;
 
@@ -161,7 +189,7 @@ export class VhostUserServer {
       throw err;
     }
     const server = new VhostUserServer(path, fd, backend, watcher, opts, ino);
-    watcher.setFdHandler(fd, { read: () => server.#onListenReadable() });
+    server.#watchListen();
     return server;
   }
 
@@ -170,34 +198,73 @@ export class VhostUserServer {
     return this.#conn;
   }
 
+  #watchListen(): void {
+    this.#watcher.setFdHandler(this.listenFd, { read: () => this.#onListenReadable() });
+  }
+
   #onListenReadable(): void {
-    if (this.#conn || this.#closed) return;
+    if (this.#conn || this.#closed || this.#acceptRetry !== null) return;
     let fd: number;
     try {
       fd = accept4(this.listenFd, SOCK_NONBLOCK);
     } catch (err) {
       this.#opts.onError?.(err instanceof Error ? err : new Error(String(err)));
+      // Out of fds (or memory): rest, then try again; see ACCEPT_RETRY_MS.
+      this.#watcher.setFdHandler(this.listenFd, null);
+      this.#acceptRetry = setTimeout(() => {
+        this.#acceptRetry = null;
+        if (this.#closed || this.#conn) return;
+        this.#watchListen();
+        this.#onListenReadable();
+      }, ACCEPT_RETRY_MS);
       return;
     }
     if (fd === WOULD_BLOCK) return;
     // One front-end at a time: stop accepting until this one leaves.
     this.#watcher.setFdHandler(this.listenFd, null);
-    const conn = new VhostUserConnection(fd, this.#backend, {
+    const handler = { read: () => conn.onReadable() };
+    const conn: VhostUserConnection = new VhostUserConnection(fd, this.#backend, {
       onError: this.#opts.onError,
       detach: () => this.#watcher.setFdHandler(fd, null),
       onClose: () => this.#onConnectionClosed(conn),
+      pauseReading: (paused) => this.#watcher.setFdHandler(fd, paused ? null : handler),
     });
     this.#conn = conn;
-    this.#watcher.setFdHandler(fd, { read: () => conn.onReadable() });
+    this.#startHandshakeTimer(conn);
+    this.#watcher.setFdHandler(fd, handler);
     this.#opts.onConnect?.(conn);
     conn.onReadable();
   }
 
+  #startHandshakeTimer(conn: VhostUserConnection): void {
+    const ms = this.#opts.handshakeTimeoutMs ?? VHOST_USER_HANDSHAKE_TIMEOUT_MS;
+    if (!(ms > 0)) return;
+    const timer = setTimeout(() => {
+      this.#handshakeTimer = null;
+      if (this.#conn !== conn || conn.owner || conn.closed) return;
+      this.#opts.onError?.(
+        new Error(`vhost-user front-end sent no SET_OWNER within ${ms} ms: disconnecting it`),
+      );
+      void conn.close();
+    }, ms);
+    Deno.unrefTimer(timer);
+    this.#handshakeTimer = timer;
+  }
+
+  #clearTimers(): void {
+    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
+    this.#handshakeTimer = null;
+    if (this.#acceptRetry !== null) clearTimeout(this.#acceptRetry);
+    this.#acceptRetry = null;
+  }
+
   #onConnectionClosed(conn: VhostUserConnection): void {
+    if (this.#handshakeTimer !== null) clearTimeout(this.#handshakeTimer);
+    this.#handshakeTimer = null;
     if (this.#conn === conn) this.#conn = null;
     this.#opts.onDisconnect?.();
-    if (this.#closed) return;
-    this.#watcher.setFdHandler(this.listenFd, { read: () => this.#onListenReadable() });
+    if (this.#closed || this.#acceptRetry !== null) return;
+    this.#watchListen();
     // A front-end may already be waiting in the backlog.
     this.#onListenReadable();
   }
@@ -209,6 +276,7 @@ export class VhostUserServer {
   async close(): Promise<void> {
     if (this.#closed) return;
     this.#closed = true;
+    this.#clearTimers();
     this.#watcher.setFdHandler(this.listenFd, null);
     const conn = this.#conn;
     if (conn) await conn.close();

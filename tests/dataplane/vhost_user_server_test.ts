@@ -1,19 +1,37 @@
 import assert from "node:assert/strict";
 import {
   encodeMessage,
+  VHOST_USER_GET_CONFIG,
   VHOST_USER_GET_FEATURES,
+  VHOST_USER_GET_PROTOCOL_FEATURES,
   VHOST_USER_GET_VRING_BASE,
   VHOST_USER_NEED_REPLY_MASK,
+  VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_SET_MEM_TABLE,
+  VHOST_USER_SET_OWNER,
+  VHOST_USER_SET_PROTOCOL_FEATURES,
+  VHOST_USER_SET_VRING_ADDR,
+  VHOST_USER_SET_VRING_BASE,
   VHOST_USER_SET_VRING_CALL,
   VHOST_USER_SET_VRING_KICK,
   VHOST_USER_SET_VRING_NUM,
   VHOST_USER_VERSION,
   VhostUserServer,
+  type VhostUserServerOptions,
 } from "../../dataplane/vhost_user/mod.ts";
 import { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { FrontendError, VhostUserFrontend } from "../../client/frontend.ts";
-import { bindUnix, close, eventfd, listen, pipe, socketUnix, SysError } from "../../sys/mod.ts";
+import {
+  bindUnix,
+  close,
+  connectUnix,
+  eventfd,
+  listen,
+  pipe,
+  sendMsg,
+  socketUnix,
+  SysError,
+} from "../../sys/mod.ts";
 import { openFdCount, StubBackend, TestLoop, until } from "./vhost_user_test_util.ts";
 
 const V = VHOST_USER_VERSION;
@@ -29,13 +47,17 @@ async function withServer(
       errors: Error[];
     },
   ) => Promise<void>,
+  opts: VhostUserServerOptions = {},
 ): Promise<void> {
   const dir = Deno.makeTempDirSync();
   const path = `${dir}/vhost.sock`;
   const backend = new StubBackend();
   const loop = new TestLoop();
   const errors: Error[] = [];
-  const server = VhostUserServer.listen(path, backend, loop, { onError: (e) => errors.push(e) });
+  const server = VhostUserServer.listen(path, backend, loop, {
+    onError: (e) => errors.push(e),
+    ...opts,
+  });
   try {
     await fn({ server, backend, loop, path, errors });
   } finally {
@@ -45,9 +67,29 @@ async function withServer(
   }
 }
 
-/** Raw front-end: negotiated enough for REPLY_ACK so malformed requests get answers. */
-async function rawFrontend(path: string): Promise<VhostUserFrontend> {
+/**
+ * Raw front-end. `session`: negotiate REPLY_ACK (so malformed requests get
+ * answers) and send SET_OWNER (so the back-end takes session messages);
+ * `owner`: SET_OWNER only, no REPLY_ACK.
+ */
+async function rawFrontend(
+  path: string,
+  setup: "none" | "owner" | "session" = "none",
+): Promise<VhostUserFrontend> {
   const fe = await VhostUserFrontend.connect(path, 2000);
+  if (setup === "session") {
+    await fe.request(VHOST_USER_GET_FEATURES, { kind: "empty" }, [], "u64");
+    await fe.request(VHOST_USER_GET_PROTOCOL_FEATURES, { kind: "empty" }, [], "u64");
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_PROTOCOL_FEATURES, V | NEED, {
+        kind: "u64",
+        value: 1n << BigInt(VHOST_USER_PROTOCOL_F_REPLY_ACK),
+      }),
+    );
+    assert.equal(await ack(fe, VHOST_USER_SET_PROTOCOL_FEATURES), 0n);
+    fe.replyAck = true;
+  }
+  if (setup !== "none") await fe.request(VHOST_USER_SET_OWNER, { kind: "empty" });
   return fe;
 }
 
@@ -131,7 +173,7 @@ Deno.test("server: without protocol features rings start enabled", async () => {
 Deno.test("server: malformed messages get error replies and the connection keeps working", async () => {
   const fds0 = openFdCount();
   await withServer(async ({ server, backend, errors }) => {
-    const fe = await rawFrontend(server.path);
+    const fe = await rawFrontend(server.path, "session");
     const offered = await getFeatures(fe);
     assert.equal(offered, backend.featureBits);
 
@@ -350,7 +392,7 @@ Deno.test("server: socket path handling (mode 0600, stale socket, in use, not a 
 
 Deno.test("server: a backend failure without REPLY_ACK is reported, not fatal", async () => {
   await withServer(async ({ server, backend, errors }) => {
-    const fe = await rawFrontend(server.path);
+    const fe = await rawFrontend(server.path, "owner");
     backend.failNext = new Error("device says no");
     await fe.sendRaw(
       encodeMessage(VHOST_USER_SET_VRING_NUM, V, { kind: "vringState", index: 0, num: 8 }),
@@ -368,7 +410,7 @@ Deno.test("server: a front-end that leaves during GET_VRING_BASE is reset only a
   await withServer(async ({ server, backend }) => {
     let open!: () => void;
     backend.vringBaseGate = new Promise<void>((r) => open = r);
-    const fe = await rawFrontend(server.path);
+    const fe = await rawFrontend(server.path, "owner");
     await fe.sendRaw(
       encodeMessage(VHOST_USER_GET_VRING_BASE, V, { kind: "vringState", index: 0, num: 0 }),
     );
@@ -381,5 +423,188 @@ Deno.test("server: a front-end that leaves during GET_VRING_BASE is reset only a
     await until(() => backend.resets === 1);
     const i = backend.calls.indexOf("getVringBase 0 done");
     assert.ok(i >= 0 && i < backend.calls.indexOf("reset"), backend.calls.join(", "));
+  });
+});
+
+/** Sends one whole message now (synchronously): the socket buffer must take it. */
+function sendNow(fe: VhostUserFrontend, bytes: Uint8Array, fds: number[] = []): void {
+  assert.equal(sendMsg(fe.fd, bytes, fds), bytes.byteLength);
+}
+
+Deno.test("server: a QEMU-like start pipelining 16 queues' ring set-up is served, not disconnected", async () => {
+  await withServer(async ({ server, backend, errors }) => {
+    backend.queues = 16;
+    const fe = await rawFrontend(server.path, "owner"); // no REPLY_ACK: nothing waits
+    const fds: number[] = [];
+    // All in one turn of this thread's event loop: the server finds 80
+    // messages in its socket at once, as when QEMU starts the device.
+    for (let i = 0; i < 16; i++) {
+      const state = (num: number) => ({ kind: "vringState" as const, index: i, num });
+      sendNow(fe, encodeMessage(VHOST_USER_SET_VRING_NUM, V, state(64)));
+      sendNow(fe, encodeMessage(VHOST_USER_SET_VRING_BASE, V, state(0)));
+      sendNow(
+        fe,
+        encodeMessage(VHOST_USER_SET_VRING_ADDR, V, {
+          kind: "vringAddr",
+          index: i,
+          flags: 0,
+          descUserAddr: 0x1000n,
+          usedUserAddr: 0x2000n,
+          availUserAddr: 0x3000n,
+          logGuestAddr: 0n,
+        }),
+      );
+      for (const req of [VHOST_USER_SET_VRING_KICK, VHOST_USER_SET_VRING_CALL]) {
+        const e = eventfd();
+        fds.push(e);
+        sendNow(fe, encodeMessage(req, V, { kind: "u64", value: BigInt(i) }), [e]);
+      }
+    }
+    for (const fd of fds) close(fd); // the server holds its own copies
+    // Answered after everything before it was handled, in order.
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    for (let i = 0; i < 16; i++) {
+      assert.equal(backend.vringNum.get(i), 64);
+      assert.ok(backend.kick.get(i) != null && backend.call.get(i) != null, `ring ${i} fds`);
+    }
+    assert.equal(backend.calls.filter((c) => c.startsWith("setVring")).length, 80);
+    assert.deepEqual(errors, []);
+    fe.close();
+  });
+});
+
+Deno.test("server: while a handler waits, reading stops at the queue bound and resumes after", async () => {
+  await withServer(async ({ server, backend, loop, errors }) => {
+    const fe = await rawFrontend(server.path, "owner");
+    let release!: () => void;
+    const gate = new Promise<void>((r) => release = r);
+    backend.setVringNum = (i: number, n: number) => {
+      backend.calls.push(`setVringNum ${i} ${n}`);
+      return gate; // a backend that forwards to an IOThread and waits
+    };
+    sendNow(
+      fe,
+      encodeMessage(VHOST_USER_SET_VRING_NUM, V, { kind: "vringState", index: 0, num: 8 }),
+    );
+    for (let i = 0; i < 200; i++) { // fits the socket buffer (~270 such messages)
+      sendNow(
+        fe,
+        encodeMessage(VHOST_USER_SET_VRING_BASE, V, { kind: "vringState", index: 1, num: i }),
+      );
+    }
+    await until(() => server.connection?.readingPaused === true);
+    const conn = server.connection!;
+    await new Promise((r) => setTimeout(r, 50));
+    assert.ok(!conn.closed, "still connected");
+    assert.ok(!loop.watched.includes(conn.fd), "the socket is not watched while paused");
+    assert.ok(!backend.calls.some((c) => c.startsWith("setVringBase")), "nothing overtook");
+    release();
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    assert.equal(backend.vringBase.get(1), 199);
+    assert.equal(backend.calls.filter((c) => c.startsWith("setVringBase")).length, 200);
+    assert.ok(loop.watched.includes(conn.fd), "watched again");
+    assert.deepEqual(errors, []);
+    fe.close();
+  });
+});
+
+Deno.test("server: NEED_REPLY without REPLY_ACK negotiated gets no ack", async () => {
+  await withServer(async ({ server, backend }) => {
+    const fe = await rawFrontend(server.path, "owner");
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_NUM, V | NEED, { kind: "vringState", index: 0, num: 8 }),
+    );
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_NUM, V | NEED, { kind: "raw", bytes: new Uint8Array(4) }),
+    );
+    // The next reply on the socket is the answer to GET_FEATURES, not an ack.
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    assert.equal(backend.vringNum.get(0), 8);
+    fe.close();
+  });
+});
+
+Deno.test("server: session messages before SET_OWNER are refused; negotiation is not", async () => {
+  await withServer(async ({ server, backend }) => {
+    const fe = await rawFrontend(server.path);
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    const p = await fe.request(VHOST_USER_GET_PROTOCOL_FEATURES, { kind: "empty" }, [], "u64");
+    assert.equal(p.payload.kind === "u64" && p.payload.value, backend.protocolBits);
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_PROTOCOL_FEATURES, V | NEED, {
+        kind: "u64",
+        value: 1n << BigInt(VHOST_USER_PROTOCOL_F_REPLY_ACK),
+      }),
+    );
+    assert.equal(await ack(fe, VHOST_USER_SET_PROTOCOL_FEATURES), 0n);
+    const setNum = encodeMessage(VHOST_USER_SET_VRING_NUM, V | NEED, {
+      kind: "vringState",
+      index: 0,
+      num: 8,
+    });
+    await fe.sendRaw(setNum);
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_NUM), 0n, "refused before SET_OWNER");
+    const e = eventfd();
+    await fe.sendRaw(
+      encodeMessage(VHOST_USER_SET_VRING_KICK, V | NEED, { kind: "u64", value: 0n }),
+      [e],
+    );
+    assert.notEqual(await ack(fe, VHOST_USER_SET_VRING_KICK), 0n);
+    close(e);
+    const cfg = await fe.request(
+      VHOST_USER_GET_CONFIG,
+      { kind: "config", offset: 0, flags: 0, data: new Uint8Array(8) },
+      [],
+      "config",
+    );
+    assert.equal(cfg.payload.kind, "empty", "GET_CONFIG fails before SET_OWNER");
+    assert.equal(backend.vringNum.size, 0);
+    assert.equal(backend.kick.size, 0);
+    await fe.sendRaw(encodeMessage(VHOST_USER_SET_OWNER, V | NEED, { kind: "empty" }));
+    assert.equal(await ack(fe, VHOST_USER_SET_OWNER), 0n);
+    await fe.sendRaw(setNum);
+    assert.equal(await ack(fe, VHOST_USER_SET_VRING_NUM), 0n);
+    assert.equal(backend.vringNum.get(0), 8);
+    fe.close();
+  });
+});
+
+Deno.test("server: a front-end that never sends SET_OWNER is disconnected after the handshake timeout", async () => {
+  await withServer(async ({ server, backend, errors }) => {
+    const idle = await rawFrontend(server.path);
+    assert.equal(await getFeatures(idle), backend.featureBits); // then silence
+    assert.ok(await idle.waitClosed(2000), "disconnected");
+    idle.close();
+    assert.ok(errors.some((e) => /SET_OWNER within 100 ms/.test(e.message)));
+    // The slot is free; an owner is kept past the timeout.
+    const fe = await rawFrontend(server.path, "owner");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(await getFeatures(fe), backend.featureBits);
+    assert.ok(!server.connection!.closed);
+    fe.close();
+  }, { handshakeTimeoutMs: 100 });
+});
+
+Deno.test("server: accept4 failing with EMFILE backs off instead of spinning", async () => {
+  await withServer(async ({ server, errors }) => {
+    const client = socketUnix(); // before the fd table is full
+    const filler: number[] = [];
+    try {
+      for (;;) filler.push(eventfd());
+    } catch (err) {
+      assert.ok(err instanceof SysError && err.code === "EMFILE", String(err));
+    }
+    try {
+      connectUnix(client, server.path); // queued in the backlog; accept4 has no fd to give
+      await new Promise((r) => setTimeout(r, 300));
+      assert.equal(server.connection, null);
+      const emfile = errors.filter((e) => e instanceof SysError && e.code === "EMFILE").length;
+      assert.ok(emfile >= 1 && emfile <= 10, `accept4 EMFILE reported ${emfile} times in 300 ms`);
+    } finally {
+      for (const fd of filler) close(fd);
+    }
+    await until(() => server.connection !== null, 2000);
+    close(client);
+    await until(() => server.connection === null);
   });
 });

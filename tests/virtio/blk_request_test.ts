@@ -6,6 +6,7 @@ import {
   REQUEST_BROKEN,
   RequestError,
   requestErrorStatus,
+  VIRTIO_BLK_MAX_REQUEST_BYTES,
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
   VIRTIO_BLK_S_UNSUPP,
@@ -305,4 +306,47 @@ Deno.test("a request's I/O vector starts small, grows once to what a request nee
     assert.equal(req.qiov.capacity, grown);
     assert.equal(req.qiov.base(2), c.tm.mem.hostAddr(DATA + 1024, 512));
   });
+});
+
+Deno.test("IN/OUT data over VIRTIO_BLK_MAX_REQUEST_BYTES is TooLarge: the used length stays a true u32", () => {
+  const GIB = 2 ** 30;
+  // A sparse 1 GiB region: nothing here touches the data pages.
+  const tm = new TestMemory([
+    { gpa: A, size: 0x100000 },
+    { gpa: 0x4000_0000, size: GIB },
+  ]);
+  try {
+    const l = ringLayout(A, 64);
+    const drv = new GuestDriver(tm, 64, l);
+    const vq = new Virtqueue({
+      mem: tm.mem,
+      size: 64,
+      desc: tm.uva(l.desc),
+      avail: tm.uva(l.avail),
+      used: tm.uva(l.used),
+    });
+    const c = { tm, drv, vq };
+    const big = { capacity: 2 ** 40 };
+    const io = (type: number, lens: number[]) => {
+      header(c, HDR, type, 0);
+      const data = lens.map((len) => ({ gpa: 0x4000_0000, len, write: type === VIRTIO_BLK_T_IN }));
+      return parse(c, [hdr, ...data, status], big);
+    };
+    // Five 1 GiB buffers (u32 lengths each): 5 GiB, whose used length
+    // (5 GiB + 1) a 32-bit used element would have truncated to 1 GiB + 1.
+    let r = io(VIRTIO_BLK_T_IN, [GIB, GIB, GIB, GIB, GIB]);
+    assert.equal(r.err, "TooLarge", `accepted; used len ${drv.used(0).len}`);
+    assert.equal(drv.used(0).len, 1);
+    assert.equal(requestErrorStatus("TooLarge"), VIRTIO_BLK_S_IOERR);
+    r = io(VIRTIO_BLK_T_OUT, [GIB, GIB, GIB]);
+    assert.equal(r.err, "TooLarge", "a 3 GiB write would come back short from pwritev");
+    // The limit itself is served, one sector more is not.
+    const max = VIRTIO_BLK_MAX_REQUEST_BYTES;
+    r = io(VIRTIO_BLK_T_IN, [GIB, max - GIB]);
+    assert.equal(r.err, null);
+    assert.equal(drv.used(2).len, max + 1);
+    assert.equal(io(VIRTIO_BLK_T_IN, [GIB, max - GIB + 512]).err, "TooLarge");
+  } finally {
+    tm.close();
+  }
 });

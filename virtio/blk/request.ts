@@ -34,8 +34,20 @@ export type RequestErrorKind =
   | "OutOfRange" // beyond capacity (including 64-bit overflow): IOERR
   | "TooManySegments" // more data segments than seg_max / max_*_seg: IOERR
   | "BadSegments" // discard/write-zeroes payload empty or not a multiple of 16: IOERR
-  | "TooLarge" // num_sectors beyond max_discard_sectors / max_write_zeroes_sectors: IOERR
+  | "TooLarge" // IN/OUT data over VIRTIO_BLK_MAX_REQUEST_BYTES, or num_sectors beyond
+  //              max_discard_sectors / max_write_zeroes_sectors: IOERR
   | "ReadOnly"; // a write, discard or write zeroes on a read-only device: IOERR
+
+/**
+ * The most data one IN/OUT request may carry: Linux's MAX_RW_COUNT
+ * (INT_MAX & PAGE_MASK), the most one preadv/pwritev, IOCB_CMD_PREADV or
+ * io_uring READV transfers (more comes back short), and under QEMU's
+ * BDRV_REQUEST_MAX_BYTES, beyond which blk_aio_preadv fails with EINVAL (an
+ * IOERR to the guest). It also keeps the used length (data + status byte) in
+ * the used ring's 32-bit `len`: descriptor lengths are u32 each, so a chain
+ * can describe far more than 4 GiB.
+ */
+export const VIRTIO_BLK_MAX_REQUEST_BYTES = 0x7ffff000;
 
 /** {@link requestErrorStatus} for errors that leave no way to complete the request. */
 export const REQUEST_BROKEN = -1;
@@ -292,6 +304,7 @@ export function parseBlkRequest(
       if (dataLen % limits.blkSize !== 0) return "BadLength";
       if (sector % (limits.blkSize >> VIRTIO_BLK_SECTOR_BITS) !== 0) return "Unaligned";
       if (sector + dataLen / VIRTIO_BLK_SECTOR_SIZE > limits.capacity) return "OutOfRange";
+      if (dataLen > VIRTIO_BLK_MAX_REQUEST_BYTES) return "TooLarge";
       if (isWrite && limits.readOnly) return "ReadOnly";
       if (isWrite) {
         if (!addOutData(chain, qiov, limits.segMax)) return "TooManySegments";
