@@ -14,6 +14,7 @@
 
 import type { AioContext } from "../aio/mod.ts";
 import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
+import { eventfdWrite } from "../sys/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
   type DataPlaneQueueSetup,
@@ -106,6 +107,9 @@ export async function blkOpen(
 
 /**
  * Creates the dataplane once the main thread has decided the device model.
+ * `brokenNotifyFd` is an eventfd of the main thread, written when a running
+ * queue breaks: the main thread then asks {@link blkBrokenQueues} and ends
+ * the session (closes the vhost-user connection).
  *
  * @example
  * ```ts ignore
@@ -114,14 +118,34 @@ export async function blkOpen(
  */
 export function blkConfigure(
   ctx: AioContext,
-  args: { device: VirtioBlkOptions; serial: string; writeback: boolean },
+  args: { device: VirtioBlkOptions; serial: string; writeback: boolean; brokenNotifyFd?: number },
 ): void {
   if (blk === null) throw new Error("virtio-blk IOThread: blkOpen first");
   if (dataplane !== null) throw new Error("virtio-blk IOThread: already configured");
+  const { brokenNotifyFd, ...opts } = args;
   dataplane = new VirtioBlkDataPlane(ctx, blk, {
-    ...args,
-    onBroken: logBroken,
+    ...opts,
+    onBroken: (index, reason) => {
+      logBroken(index, reason);
+      if (brokenNotifyFd === undefined) return;
+      try {
+        eventfdWrite(brokenNotifyFd, 1);
+      } catch { /* the host is stopping: it closed the eventfd */ }
+    },
   });
+}
+
+/**
+ * Running queues of this thread that broke and wait for a restart (what the
+ * main thread checks when the broken-ring eventfd fires).
+ *
+ * @example
+ * ```ts ignore
+ * const broken = await iothread.call<{ index: number; reason: string }[]>("blkBrokenQueues");
+ * ```
+ */
+export function blkBrokenQueues(_ctx: AioContext): { index: number; reason: string }[] {
+  return dataplane?.brokenQueues ?? [];
 }
 
 /**

@@ -7,7 +7,7 @@
  * @module
  */
 
-import { AioContext, IOThread } from "../aio/mod.ts";
+import { AioContext, EventNotifier, IOThread } from "../aio/mod.ts";
 import { type BlockOptions, RangeLockTable } from "../block/mod.ts";
 import { segMaxForQueueSize, type VirtioBlkOptions } from "../virtio/mod.ts";
 import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
@@ -107,6 +107,8 @@ export class VhostUserBlkHost {
   readonly #ctx: AioContext;
   readonly #loop: Promise<void>;
   readonly #backend: VhostUserBlkDevice;
+  /** Written by an IOThread when one of its running rings breaks. */
+  readonly #ringBroken: EventNotifier;
   #running = true;
   #connections = 0;
   #reported = { requests: 0, errors: 0, readBytes: 0, writtenBytes: 0 };
@@ -118,9 +120,11 @@ export class VhostUserBlkHost {
     image: BlkImageInfo,
     threads: IOThread[],
     ctx: AioContext,
+    ringBroken: EventNotifier,
     log: (line: string) => void,
   ) {
     this.options = options;
+    this.#ringBroken = ringBroken;
     this.device = device;
     this.image = image;
     this.#threads = threads;
@@ -140,6 +144,7 @@ export class VhostUserBlkHost {
       },
       onDisconnect: () => void this.#logDisconnect(log),
     });
+    ctx.setEventNotifier(ringBroken, () => void this.#onRingBroken(log));
     this.#loop = (async () => {
       while (this.#running) await ctx.pollAsync();
     })();
@@ -158,6 +163,7 @@ export class VhostUserBlkHost {
     // One range-lock table for the image, shared by every IOThread's driver:
     // read-modify-write cycles are serialised across all of them.
     const data: BlkThreadData = { rangeLocks: RangeLockTable.create().shared };
+    const ringBroken = new EventNotifier();
     try {
       for (let i = 0; i < options.iothreads; i++) {
         threads.push(
@@ -179,15 +185,22 @@ export class VhostUserBlkHost {
         );
       }
       const device = deviceModel(options, image);
+      const brokenNotifyFd = ringBroken.fd;
       for (const t of threads) {
-        await t.call("blkConfigure", { device, serial: options.serial, writeback: true });
+        await t.call("blkConfigure", {
+          device,
+          serial: options.serial,
+          writeback: true,
+          brokenNotifyFd,
+        });
       }
-      return new VhostUserBlkHost(options, device, image, threads, ctx, log);
+      return new VhostUserBlkHost(options, device, image, threads, ctx, ringBroken, log);
     } catch (e) {
       for (const t of threads) {
         await t.call("blkClose").catch(() => {});
         await t.stop();
       }
+      ringBroken.close();
       ctx.close();
       throw e;
     }
@@ -206,6 +219,31 @@ export class VhostUserBlkHost {
     const threads: BlkThreadStats[] = [];
     for (const t of this.#threads) threads.push(await t.call<BlkThreadStats>("blkStats"));
     return { connections: this.#connections, threads };
+  }
+
+  /**
+   * A ring broke (virtio_error in its IOThread; the err eventfd was written):
+   * close the connection that runs it, so the VMM resets and reconnects
+   * rather than waiting forever on a ring nobody serves. Only rings still
+   * running count: a ring of a connection that already left was stopped by
+   * its reset, and the next front-end must not pay for it.
+   */
+  async #onRingBroken(log: (line: string) => void): Promise<void> {
+    this.#ringBroken.testAndClear();
+    const broken: string[] = [];
+    try {
+      for (const t of this.#threads) {
+        for (const b of await t.call<{ index: number; reason: string }[]>("blkBrokenQueues")) {
+          broken.push(`queue ${b.index}: ${b.reason}`);
+        }
+      }
+    } catch {
+      return; // stopping
+    }
+    const conn = this.server.connection;
+    if (broken.length === 0 || conn === null || conn.closed) return;
+    log(`ring broken (${broken.join("; ")}): closing the connection (device needs reset)`);
+    await conn.close();
   }
 
   /** The one-line summary of a connection: what it did since the previous one left. */
@@ -248,6 +286,9 @@ export class VhostUserBlkHost {
         await t.call("blkClose");
         await t.stop();
       }
+      // After the IOThreads stopped: none of them writes it any more.
+      this.#ctx.setEventNotifier(this.#ringBroken, null);
+      this.#ringBroken.close();
       this.#running = false;
       this.#ctx.close();
       await this.#loop;

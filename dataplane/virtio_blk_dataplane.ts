@@ -156,6 +156,12 @@ class DataPlaneQueue {
   inFlight = 0;
   /** Inside handle_output: completions there are notified at the batch's end. */
   handling = false;
+  /**
+   * Why the ring broke (virtio_error), or null. Kept for the life of this
+   * queue, across memory swaps: only a restart by the front-end (stop, then
+   * SET_VRING_KICK, or a reset) makes a new, unbroken queue.
+   */
+  broken: string | null = null;
   idleWaiters: (() => void)[] = [];
   readonly notifyBh: BottomHalf;
 
@@ -215,7 +221,11 @@ export interface DataPlaneOptions {
   serial: string;
   /** Write cache enabled; false = flush after every write (writethrough). */
   writeback: boolean;
-  /** Called once when a queue breaks (virtio_error): index and reason. */
+  /**
+   * Called once when a running queue breaks (virtio_error): index and reason.
+   * The queue stays stopped until it is restarted; the owner should end the
+   * session (a vhost-user host closes the connection, so the VMM resets).
+   */
   onBroken?: (index: number, reason: string) => void;
 }
 
@@ -301,6 +311,15 @@ export class VirtioBlkDataPlane {
   /** Indexes of the queues this dataplane serves. */
   get queueIndexes(): number[] {
     return [...this.#queues.keys()];
+  }
+
+  /** Running queues that broke (virtio_error) and wait for the front-end to restart them. */
+  get brokenQueues(): { index: number; reason: string }[] {
+    const out: { index: number; reason: string }[] = [];
+    for (const [index, q] of this.#queues) {
+      if (q.broken !== null) out.push({ index, reason: q.broken });
+    }
+    return out;
   }
 
   /** Changes the write cache mode (virtio-blk config `writeback`, CONFIG_WCE). */
@@ -478,7 +497,8 @@ export class VirtioBlkDataPlane {
     return [...this.#stats.values()].map((s) => {
       const q = this.#queues.get(s.index);
       const ring = q === undefined ? null : `${q.vq.describe()} requests ${q.inFlight}` +
-        (q.attached ? "" : " detached") + (q.notifyBh.scheduled ? " notify-pending" : "");
+        (q.attached ? "" : " detached") + (q.notifyBh.scheduled ? " notify-pending" : "") +
+        (q.broken === null ? "" : " broken");
       return { ...s, ring };
     });
   }
@@ -493,7 +513,10 @@ export class VirtioBlkDataPlane {
   // ---- host notifier ----------------------------------------------------------------
 
   #attach(q: DataPlaneQueue): void {
-    if (q.attached || this.#drained || this.#memorySwap !== null || !q.enabled || q.vq.broken) {
+    if (
+      q.attached || this.#drained || this.#memorySwap !== null || !q.enabled ||
+      q.broken !== null || q.vq.broken
+    ) {
       return;
     }
     q.attached = true;
@@ -567,7 +590,8 @@ export class VirtioBlkDataPlane {
               // No status byte to write: the driver is broken (virtio_error).
               q.inFlight--;
               this.#free.push(r);
-              this.#markBroken(q, `request ${req.head}: ${err}`);
+              const why = chain.error === null ? err : `${err} (${chain.error})`;
+              this.#markBroken(q, `request ${req.head}: ${why}`);
               return;
             }
             this.#complete(q, r, status);
@@ -682,11 +706,16 @@ export class VirtioBlkDataPlane {
     }
   }
 
-  /** virtio_error: stop the queue, tell the front-end through the error eventfd. */
+  /**
+   * virtio_error: stop the queue for good (until the front-end restarts it),
+   * tell the front-end through the error eventfd, and the owner through
+   * `onBroken` (the host closes the connection: the VMM resets the device).
+   */
   #markBroken(q: DataPlaneQueue, reason: string): void {
-    if (q.stats.broken !== null) return;
-    q.stats.broken = reason;
     this.#detach(q);
+    if (q.broken !== null) return;
+    q.broken = reason;
+    q.stats.broken = reason;
     if (q.errFd !== null) {
       try {
         eventfdWrite(q.errFd, 1);

@@ -7,22 +7,54 @@ import {
 import type { GuestMemory } from "./guest_memory.ts";
 
 /**
- * Why a descriptor chain could not be walked (virtio 1.2 section 2.7.5). Every
- * one of them means the driver broke the ring: the device marks the queue
- * broken (needs reset) in one place, {@link Virtqueue.pop}.
+ * What is wrong with a descriptor chain (virtio 1.2 section 2.7.5). Two
+ * families:
+ *
+ * - The chain cannot be followed (head or next index out of range, a loop, an
+ *   unusable indirect table): nothing after the bad link can be trusted, not
+ *   even where the chain ends. {@link walkChain} returns the kind and
+ *   {@link Virtqueue.pop} marks the ring broken (the device needs reset).
+ * - The chain can be followed to its end but a buffer in it is unusable
+ *   ({@link BUFFER_ERRORS}: outside guest memory, zero length, out of order,
+ *   too many): the walk goes on to the last descriptor and records the kind
+ *   in {@link DescriptorChain.error}, plus where the last descriptor's last
+ *   byte is if that descriptor is a valid device-writable buffer. The device
+ *   decides: virtio-blk answers IOERR in that byte, or breaks the ring when
+ *   there is none.
  */
 export type DescriptorChainErrorKind =
   | "HeadOutOfRange" // the avail ring names a head >= queue size
   | "NextOutOfRange" // `next` >= table size
   | "Loop" // more descriptors than the table holds: a cycle
-  | "TooLong" // more descriptors than the chain capacity (queue size)
-  | "OutOfRange" // buffer (or indirect table) not inside one guest memory region
-  | "ZeroLength" // a buffer of length 0 (QEMU rejects these too)
-  | "BadOrder" // a device-readable buffer after a device-writable one (2.7.4.2)
+  | "TooLong" // more descriptors than the chain capacity (buffer error)
+  | "OutOfRange" // buffer not inside one guest memory region (buffer error)
+  | "ZeroLength" // a buffer of length 0, QEMU rejects these too (buffer error)
+  | "BadOrder" // a device-readable buffer after a device-writable one, 2.7.4.2 (buffer error)
   | "IndirectNotNegotiated" // VRING_DESC_F_INDIRECT without VIRTIO_RING_F_INDIRECT_DESC
   | "IndirectBadLength" // indirect table length 0 or not a multiple of 16 (2.7.5.3.1)
+  | "IndirectOutOfRange" // indirect table not inside one guest memory region
   | "IndirectWithNext" // VRING_DESC_F_INDIRECT together with VRING_DESC_F_NEXT
   | "NestedIndirect"; // VRING_DESC_F_INDIRECT inside an indirect table
+
+/**
+ * The kinds that leave the chain walkable to its end (see
+ * {@link DescriptorChainErrorKind}): recorded in {@link DescriptorChain.error}
+ * rather than breaking the ring.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { BUFFER_ERRORS } from "./descriptor_chain.ts";
+ * assert(BUFFER_ERRORS.includes("ZeroLength"));
+ * assert(!BUFFER_ERRORS.includes("Loop"));
+ * ```
+ */
+export const BUFFER_ERRORS: readonly DescriptorChainErrorKind[] = [
+  "TooLong",
+  "OutOfRange",
+  "ZeroLength",
+  "BadOrder",
+];
 
 /**
  * A descriptor chain that breaks the ring rules; `head` is the chain's head
@@ -98,6 +130,22 @@ export class DescriptorChain {
   readonly region: Uint32Array;
   /** Offset of each buffer inside its region. */
   readonly offset: Float64Array;
+  /**
+   * The first unusable buffer of a chain that was still walked to its end
+   * (a buffer error, see {@link DescriptorChainErrorKind}), or null. When
+   * set, the buffer arrays are incomplete: only the status fields below may
+   * be used.
+   */
+  error: DescriptorChainErrorKind | null = null;
+  /**
+   * With {@link error} set: host address of the last byte of the chain's last
+   * descriptor when that descriptor is a valid device-writable buffer (where a
+   * virtio-blk status byte goes), else -1.
+   */
+  statusAddr = -1;
+  /** With {@link statusAddr} >= 0: its region index and offset in the region. */
+  statusRegion = 0;
+  statusOffset = 0;
 
   constructor(capacity: number) {
     if (!Number.isInteger(capacity) || capacity < 1) {
@@ -127,6 +175,8 @@ export class DescriptorChain {
     this.outNum = 0;
     this.outLen = 0;
     this.inLen = 0;
+    this.error = null;
+    this.statusAddr = -1;
   }
 
   /**
@@ -158,10 +208,12 @@ const HI_LIMIT = 0x200000;
 /**
  * Walks the chain that starts at `head` of the descriptor table `desc` (a
  * Uint32Array over the table: 4 words a descriptor) into `chain`, validating
- * every index, flag and buffer against `mem`. Returns null on success or what
- * was wrong. Walking is bounded: at most `size` steps in the table and at
- * most `len / 16` in an indirect table (more means a loop), at most
- * `chain.capacity` buffers in all. Internal to virtio/ (Virtqueue.pop).
+ * every index, flag and buffer against `mem`. Returns null when the chain
+ * could be followed to its end (check `chain.error` for an unusable buffer
+ * in it), or the kind of link that could not be followed. Walking is
+ * bounded: at most `size` steps in the table and at most `len / 16` in an
+ * indirect table (more means a loop), at most `chain.capacity` buffers in
+ * all. Internal to virtio/ (Virtqueue.pop).
  *
  * Hot path: no allocation (indirect tables are read through the region's
  * DataView).
@@ -179,6 +231,11 @@ const HI_LIMIT = 0x200000;
  * desc.set([0x800, 0, 16, 1 | (0 << 16)], 4); // NEXT -> 0: a loop
  * const chain = new DescriptorChain(2);
  * assert.equal(walkChain(chain, mem, desc, 2, 0, true), "Loop");
+ * desc.set([0x9000, 0, 16, 1 | (1 << 16)], 0); // outside memory, NEXT -> 1
+ * desc.set([0x800, 0, 1, 2], 4); // a writable byte, the end
+ * assert.equal(walkChain(chain, mem, desc, 2, 0, true), null);
+ * assert.equal(chain.error, "OutOfRange");
+ * assert.equal(chain.statusAddr, m.addr + 0x800);
  * m.unmap();
  * ```
  */
@@ -197,6 +254,7 @@ export function walkChain(
   let steps = 0;
   let table: DataView | null = null; // the indirect table's region view, when inside one
   let tableBase = 0;
+  let failed: DescriptorChainErrorKind | null = null; // first buffer error: walk on to the end
   for (;;) {
     if (i >= limit) return "NextOutOfRange";
     if (++steps > limit) return "Loop";
@@ -225,7 +283,7 @@ export function walkChain(
       if (flags & VRING_DESC_F_NEXT) return "IndirectWithNext";
       if (len === 0 || len % VRING_DESC_SIZE !== 0) return "IndirectBadLength";
       const host = mem.hostAddr(gpa, len);
-      if (host < 0) return "OutOfRange";
+      if (host < 0) return "IndirectOutOfRange";
       const r = mem.lastRegion;
       table = mem.regionView(r);
       tableBase = host - mem.regionHostAddr(r);
@@ -234,15 +292,34 @@ export function walkChain(
       i = 0;
       continue;
     }
-    if (len === 0) return "ZeroLength";
-    const host = mem.hostAddr(gpa, len);
-    if (host < 0) return "OutOfRange";
-    const r = mem.lastRegion;
     const writable = (flags & VRING_DESC_F_WRITE) !== 0;
-    if (!chain.add(host, len, writable, r, host - mem.regionHostAddr(r))) {
-      return chain.count >= chain.capacity ? "TooLong" : "BadOrder";
+    const last = (flags & VRING_DESC_F_NEXT) === 0;
+    if (failed === null) {
+      const host = len === 0 ? -1 : mem.hostAddr(gpa, len);
+      if (len === 0) failed = "ZeroLength";
+      else if (host < 0) failed = "OutOfRange";
+      else {
+        const r = mem.lastRegion;
+        if (!chain.add(host, len, writable, r, host - mem.regionHostAddr(r))) {
+          failed = chain.count >= chain.capacity ? "TooLong" : "BadOrder";
+        }
+      }
     }
-    if (!(flags & VRING_DESC_F_NEXT)) return null;
+    if (last) {
+      if (failed !== null) {
+        chain.error = failed;
+        // Where a status byte could still be written: the last byte of a
+        // valid device-writable last descriptor.
+        const host = writable && len > 0 ? mem.hostAddr(gpa, len) : -1;
+        if (host >= 0) {
+          const r = mem.lastRegion;
+          chain.statusAddr = host + len - 1;
+          chain.statusRegion = r;
+          chain.statusOffset = host + len - 1 - mem.regionHostAddr(r);
+        }
+      }
+      return null;
+    }
     i = next;
   }
 }

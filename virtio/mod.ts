@@ -6,10 +6,12 @@
  * EVENT_IDX), and the virtio-blk device model (section 5.2: request parsing,
  * config space, feature bits, GET_ID).
  *
- * Everything that comes from the guest is untrusted here: a bad chain breaks
- * the ring (typed {@link DescriptorChainError} / {@link VirtqueueError}), a bad
- * request gets IOERR/UNSUPP ({@link requestErrorStatus}); nothing is ever
- * read or written outside the guest's memory regions.
+ * Everything that comes from the guest is untrusted here: a chain that cannot
+ * be followed breaks the ring (typed {@link DescriptorChainError} /
+ * {@link VirtqueueError}); a chain with an unusable buffer, or a bad request,
+ * gets IOERR/UNSUPP when its status byte can be written
+ * ({@link requestErrorStatus}); nothing is ever read or written outside the
+ * guest's memory regions.
  *
  * Not for: executing requests (block/), threads, sockets and the vhost-user
  * protocol (dataplane/). Packed virtqueues are not implemented.
@@ -27,6 +29,7 @@ export {
   type MemoryRegion,
 } from "./guest_memory.ts";
 export {
+  BUFFER_ERRORS,
   DescriptorChain,
   DescriptorChainError,
   type DescriptorChainErrorKind,

@@ -278,9 +278,12 @@ export class Virtqueue {
   /**
    * Takes the next available chain (virtqueue_pop), or null when the ring is
    * empty or broken (check {@link broken}). The chain is the queue's own
-   * object, valid until the next pop(). A malformed chain, an avail idx more
-   * than `size` ahead or a head that is already in flight breaks the ring.
-   * Hot path: no allocation.
+   * object, valid until the next pop(). A chain that cannot be followed (see
+   * `DescriptorChainErrorKind`), an avail idx more than `size` ahead or
+   * a head that is already in flight breaks the ring. A chain that can be
+   * followed but holds an unusable buffer is returned, in flight like any
+   * other, with `chain.error` set: the device answers it (or breaks the ring
+   * itself when it cannot). Hot path: no allocation.
    */
   pop(): DescriptorChain | null {
     if (this.#broken !== null) return null;

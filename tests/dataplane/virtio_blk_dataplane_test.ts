@@ -629,12 +629,11 @@ for (const failing of ["fdatasync", "pwritev@8192"]) {
   });
 }
 
+// Malformed chains whose status byte can be written are answered with IOERR
+// and the ring goes on (QEMU would call virtio_error for these; the guest
+// would wait forever on a ring nobody serves).
 for (
   const [what, chain] of [
-    [
-      "a chain without a device-writable status byte",
-      (r: Rig, s: number): Buf[] => [{ gpa: r.meta(s), len: 16 }, { gpa: r.data(s), len: 512 }],
-    ],
     [
       "a header shorter than 16 bytes",
       (r: Rig, s: number): Buf[] => [
@@ -657,6 +656,60 @@ for (
         { gpa: r.meta(s) + 16, len: 1, write: true },
       ],
     ],
+    [
+      "a zero-length data descriptor",
+      (r: Rig, s: number): Buf[] => [
+        { gpa: r.meta(s), len: 16 },
+        { gpa: r.data(s), len: 0, write: true },
+        { gpa: r.meta(s) + 16, len: 1, write: true },
+      ],
+    ],
+  ] as const
+) {
+  Deno.test(`dataplane: ${what} gets IOERR, the ring goes on`, async () => {
+    const r = await Rig.create();
+    try {
+      r.engine.autoRelease = true;
+      const good = r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+      const bad = r.raw((s) => chain(r, s));
+      const after = r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+      r.kick();
+      await r.until(() => r.driver.usedIdx() === 3, "all three answered");
+      assert.equal(r.status(good), VIRTIO_BLK_S_OK);
+      assert.equal(r.status(bad), VIRTIO_BLK_S_IOERR);
+      assert.equal(r.status(after), VIRTIO_BLK_S_OK);
+      const u = [0, 1, 2].map((i) => r.driver.used(i)).find((e) => e.id === r.heads.get(bad));
+      assert.equal(u?.len, 1, "error: status byte only");
+      assert.equal(eventfdRead(r.errFd), 0, "not broken");
+      assert.deepEqual(r.broken, []);
+      assert.equal(r.dp.stats()[0].errors, 1);
+    } finally {
+      await r.close();
+    }
+  });
+}
+
+// No status byte the device may write: the ring breaks (virtio_error).
+for (
+  const [what, chain] of [
+    [
+      "a chain without a device-writable status byte",
+      (r: Rig, s: number): Buf[] => [{ gpa: r.meta(s), len: 16 }, { gpa: r.data(s), len: 512 }],
+    ],
+    [
+      "a status descriptor outside guest memory",
+      (r: Rig, s: number): Buf[] => [
+        { gpa: r.meta(s), len: 16 },
+        { gpa: 0x7000_0000, len: 1, write: true },
+      ],
+    ],
+    [
+      "a zero-length status descriptor",
+      (r: Rig, s: number): Buf[] => [
+        { gpa: r.meta(s), len: 16 },
+        { gpa: r.meta(s) + 16, len: 0, write: true },
+      ],
+    ],
   ] as const
 ) {
   Deno.test(`dataplane: ${what} breaks the ring (err fd written, no more requests)`, async () => {
@@ -673,12 +726,10 @@ for (
       assert.equal(r.status(good), VIRTIO_BLK_S_OK, "the request before it completed");
       assert.equal(r.status(bad), 0xff, "no status for the bad chain");
       assert.equal(r.status(after), 0xff, "nothing after it is processed");
-      // A chain the Virtqueue itself rejects marks the ring broken, and a broken
-      // ring publishes no used element (as QEMU's virtqueue_fill once
-      // vdev->broken); a request the parser rejects leaves the ring writable.
       const used = r.driver.usedIdx();
       assert.ok(used <= 1, `used idx ${used}: only the good request may be published`);
       assert.ok(r.dp.stats()[0].broken, "stats say broken");
+      assert.deepEqual(r.dp.brokenQueues.map((b) => b.index), [0]);
       // a kick on a broken ring does nothing
       r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
       r.kick();
@@ -691,6 +742,42 @@ for (
     }
   });
 }
+
+Deno.test("dataplane: a broken ring stays broken across setMemory until the front-end restarts it", async () => {
+  const r = await Rig.create();
+  try {
+    r.engine.autoRelease = true;
+    r.raw((s) => [{ gpa: r.meta(s), len: 16 }]); // no status byte
+    r.kick();
+    await r.until(() => r.broken.length > 0, "broken");
+    assert.equal(eventfdRead(r.errFd), 1);
+    // SET_MEM_TABLE again (same memory): the ring must not run again.
+    await r.dp.setMemory(r.tm.mem);
+    const pending = r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.idle(10);
+    assert.equal(r.status(pending), 0xff, "a broken ring served a request after setMemory");
+    assert.equal(r.driver.usedIdx(), 0);
+    assert.equal(r.broken.length, 1);
+    assert.ok(r.dp.stats()[0].ring?.includes("detached"), r.dp.stats()[0].ring ?? "stopped");
+    // The front-end resets the ring (GET_VRING_BASE, then SET_VRING_KICK from a new base).
+    const base = await r.dp.stopQueue(0);
+    assert.deepEqual(r.dp.brokenQueues, []);
+    await r.dp.startQueue({ ...r.setup, base });
+    await r.until(() => r.driver.usedIdx() === 1, "served after the restart");
+    assert.equal(r.status(pending), VIRTIO_BLK_S_OK);
+    // A second break detaches it again and is reported again.
+    r.raw((s) => [{ gpa: r.meta(s), len: 16 }]);
+    const late = r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.until(() => r.broken.length === 2, "second break reported");
+    await r.idle(10);
+    assert.equal(r.status(late), 0xff, "a request after the second break was served");
+    assert.equal(eventfdRead(r.errFd), 1);
+  } finally {
+    await r.close();
+  }
+});
 
 Deno.test("dataplane: a disabled queue is not processed until enabled", async () => {
   const r = await Rig.create({ enabled: false });

@@ -273,11 +273,16 @@ export class HostileGuest {
     }
   }
 
-  /** Sends one chain and returns the answer (throws if none comes). */
-  async roundTrip(qi: number, head: number, status: GuestBuffer): Promise<RawResult> {
+  /** Sends one chain and returns the answer (throws if none comes within `ms`). */
+  async roundTrip(
+    qi: number,
+    head: number,
+    status: GuestBuffer,
+    ms = TIMEOUT_MS,
+  ): Promise<RawResult> {
     this.submit(qi, head);
-    const u = await this.nextUsed(qi);
-    if (u === null) throw new Error(`queue ${qi}: no used entry for head ${head}`);
+    const u = await this.nextUsed(qi, ms);
+    if (u === null) throw new Error(`queue ${qi}: no used entry for head ${head} in ${ms} ms`);
     assert.equal(u.head, head, "used entry for another head");
     return { head, usedLen: u.usedLen, status: status.bytes[0] };
   }

@@ -144,7 +144,7 @@ Deno.test("OUT: header split over two descriptors, data begins mid-descriptor", 
   });
 });
 
-Deno.test("missing status or short header leave the request uncompletable", () => {
+Deno.test("a missing status is uncompletable; a short header is answered with IOERR", () => {
   withQueue((c) => {
     header(c, HDR, VIRTIO_BLK_T_IN, 0);
     let r = parse(c, [hdr, { gpa: DATA, len: 512 }]);
@@ -153,9 +153,42 @@ Deno.test("missing status or short header leave the request uncompletable", () =
     assert.throws(() => new VirtioBlkRequest(blkRequestLimits({ capacity: 8 })).writeStatus(0));
     r = parse(c, [{ gpa: HDR, len: 15 }, status]);
     assert.equal(r.err, "HeaderTooShort");
+    assert.equal(r.req.statusAddr, c.tm.mem.hostAddr(STATUS, 1));
     r = parse(c, [{ gpa: HDR, len: 8 }, { gpa: HDR + 8, len: 7 }, status]);
     assert.equal(r.err, "HeaderTooShort");
-    assert.equal(new RequestError("HeaderTooShort", 1).status, REQUEST_BROKEN);
+    assert.equal(new RequestError("HeaderTooShort", 1).status, VIRTIO_BLK_S_IOERR);
+    r.req.writeStatus(VIRTIO_BLK_S_IOERR);
+    assert.equal(c.tm.view(STATUS, 1).getUint8(0), VIRTIO_BLK_S_IOERR);
+  });
+});
+
+Deno.test("a chain with an unusable buffer: IOERR in a writable last byte, else no status", () => {
+  withQueue((c) => {
+    header(c, HDR, VIRTIO_BLK_T_IN, 0);
+    c.tm.view(STATUS, 1).setUint8(0, 0xff);
+    // data outside guest memory, status fine: answerable
+    let r = parse(c, [hdr, { gpa: 0x1000, len: 512, write: true }, status]);
+    assert.equal(r.err, "BadDescriptor");
+    assert.equal(requestErrorStatus("BadDescriptor"), VIRTIO_BLK_S_IOERR);
+    assert.equal(r.req.statusAddr, c.tm.mem.hostAddr(STATUS, 1));
+    r.req.writeStatus(VIRTIO_BLK_S_IOERR);
+    assert.equal(c.tm.view(STATUS, 1).getUint8(0), VIRTIO_BLK_S_IOERR);
+    // zero-length data, readable after writable: answerable
+    r = parse(c, [hdr, { gpa: DATA, len: 0, write: true }, status]);
+    assert.equal(r.err, "BadDescriptor");
+    r = parse(c, [hdr, { gpa: DATA, len: 512, write: true }, { gpa: DATA, len: 8 }, status]);
+    assert.equal(r.err, "BadDescriptor");
+    // the status itself unusable: zero length, read-only after writable, outside memory
+    r = parse(c, [hdr, { gpa: DATA, len: 512, write: true }, { ...status, len: 0 }]);
+    assert.equal(r.err, "NoStatus");
+    r = parse(c, [hdr, { gpa: DATA, len: 512, write: true }, { gpa: STATUS, len: 1 }]);
+    assert.equal(r.err, "NoStatus");
+    r = parse(c, [hdr, { gpa: 0x1000, len: 512, write: true }, {
+      gpa: 0x2000,
+      len: 1,
+      write: true,
+    }]);
+    assert.equal(r.err, "NoStatus");
   });
 });
 

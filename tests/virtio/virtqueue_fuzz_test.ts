@@ -100,15 +100,23 @@ function regionOf(gpa: bigint, len: number): number {
 
 type RefBuf = { gpa: bigint; len: number; write: boolean };
 
+/**
+ * What the reference walk found: the buffers, or (a buffer error) the first
+ * unusable buffer's kind and the status byte's address when the last
+ * descriptor is a valid device-writable buffer.
+ */
+type RefChain = { bufs: RefBuf[]; error: string | null; status: bigint | null };
+
 /** Reference walker: the rules of virtio/descriptor_chain.ts, written plainly. */
 function referenceWalk(
   head: number,
   size: number,
   indirectOk: boolean,
   cap: number,
-): RefBuf[] | string {
+): RefChain | string {
   if (head >= size) return "HeadOutOfRange";
   const bufs: RefBuf[] = [];
+  let error: string | null = null;
   let tableGpa = BigInt(tm.regions[0].gpa), tableLen = size, inIndirect = false;
   let i = head, seen = 0;
   while (true) {
@@ -120,7 +128,7 @@ function referenceWalk(
       if (!indirectOk) return "IndirectNotNegotiated";
       if (d.flags & 1) return "IndirectWithNext";
       if (d.len === 0 || d.len % 16) return "IndirectBadLength";
-      if (regionOf(d.addr, d.len) < 0) return "OutOfRange";
+      if (regionOf(d.addr, d.len) < 0) return "IndirectOutOfRange";
       tableGpa = d.addr;
       tableLen = d.len / 16;
       inIndirect = true;
@@ -128,13 +136,19 @@ function referenceWalk(
       seen = 0;
       continue;
     }
-    if (d.len === 0) return "ZeroLength";
-    if (regionOf(d.addr, d.len) < 0) return "OutOfRange";
     const write = (d.flags & 2) !== 0;
-    if (bufs.length >= cap) return "TooLong";
-    if (!write && bufs.some((b) => b.write)) return "BadOrder";
-    bufs.push({ gpa: d.addr, len: d.len, write });
-    if (!(d.flags & 1)) return bufs;
+    if (error === null) {
+      if (d.len === 0) error = "ZeroLength";
+      else if (regionOf(d.addr, d.len) < 0) error = "OutOfRange";
+      else if (bufs.length >= cap) error = "TooLong";
+      else if (!write && bufs.some((b) => b.write)) error = "BadOrder";
+      else bufs.push({ gpa: d.addr, len: d.len, write });
+    }
+    if (!(d.flags & 1)) {
+      if (error === null) return { bufs, error, status: null };
+      const ok = write && d.len > 0 && regionOf(d.addr, d.len) >= 0;
+      return { bufs, error, status: ok ? d.addr + BigInt(d.len) - 1n : null };
+    }
     i = d.next;
   }
 }
@@ -205,16 +219,32 @@ function checkCase(c: Case): void {
       else assert.equal(reason.kind, "HeadInUse");
       break;
     }
-    assert.ok(Array.isArray(ref), `walker accepted what the reference rejects: ${ref}`);
-    count(chain.count > 1 ? "chain" : "single");
+    assert.ok(
+      ref !== null && typeof ref === "object",
+      `walker accepted what the reference rejects: ${ref}`,
+    );
     assert.equal(chain.head, head);
     assert.ok(!inFlight.includes(head));
-    assert.equal(chain.count, ref.length);
+    assert.equal(chain.error, ref.error);
+    if (ref.error !== null) {
+      count(ref.error);
+      count(ref.status === null ? "error:no-status" : "error:status");
+      const want = ref.status === null ? -1 : tm.mem.hostAddr(Number(ref.status), 1);
+      assert.equal(chain.statusAddr, want);
+      if (want >= 0) {
+        assert.ok(tm.containsHost(chain.statusAddr, 1));
+        assert.equal(tm.mem.regionHostAddr(chain.statusRegion) + chain.statusOffset, want);
+      }
+    } else {
+      count(chain.count > 1 ? "chain" : "single");
+      assert.equal(chain.count, ref.bufs.length);
+    }
     for (let i = 0; i < chain.count; i++) {
       assert.ok(tm.containsHost(chain.addr[i], chain.len[i]), "buffer outside the regions");
-      assert.equal(chain.addr[i], tm.mem.hostAddr(Number(ref[i].gpa), ref[i].len));
-      assert.equal(chain.len[i], ref[i].len);
-      assert.equal(chain.isWritable(i), ref[i].write);
+      if (ref.error !== null) continue; // the walker stops collecting at the bad buffer
+      assert.equal(chain.addr[i], tm.mem.hostAddr(Number(ref.bufs[i].gpa), ref.bufs[i].len));
+      assert.equal(chain.len[i], ref.bufs[i].len);
+      assert.equal(chain.isWritable(i), ref.bufs[i].write);
       const r: number = chain.region[i];
       assert.equal(tm.mem.regionHostAddr(r) + chain.offset[i], chain.addr[i]);
     }
@@ -246,7 +276,8 @@ function checkCase(c: Case): void {
 Deno.test("fuzz: pop() over arbitrary rings never throws and stays inside the regions", () => {
   seen.clear();
   fc.assert(fc.property(caseArb, checkCase), { numRuns: 3000 });
-  for (const k of ["AvailIdxJump", "OutOfRange", "NextOutOfRange", "ZeroLength", "single"]) {
+  const want = ["AvailIdxJump", "OutOfRange", "NextOutOfRange", "ZeroLength", "single"];
+  for (const k of [...want, "error:status", "error:no-status"]) {
     assert.ok(seen.has(k), `generator never produced ${k}: ${[...seen.keys()]}`);
   }
 });

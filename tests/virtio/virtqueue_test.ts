@@ -167,7 +167,7 @@ Deno.test("indirect descriptors: table walked with NEXT inside it", () => {
   }
 });
 
-// Each malformed chain breaks the ring with its own typed reason.
+// Each chain that cannot be followed breaks the ring with its own typed reason.
 const malformed: [string, (drv: GuestDriver) => void, Partial<VirtqueueOptions>?][] = [
   ["Loop", (d) => {
     d.setDesc(0, A + 0x10000, 16, VRING_DESC_F_NEXT, 1);
@@ -183,14 +183,6 @@ const malformed: [string, (drv: GuestDriver) => void, Partial<VirtqueueOptions>?
     d.makeAvailable(0);
   }],
   ["HeadOutOfRange", (d) => d.makeAvailable(SIZE + 3)],
-  ["OutOfRange", (d) => d.add([{ gpa: 0x1000, len: 16 }])], // below every region
-  ["OutOfRange", (d) => d.add([{ gpa: B + 0x40000 - 8, len: 16 }])], // runs off B into the hole
-  ["OutOfRange", (d) => d.add([{ gpa: B - 8, len: 16, write: true }])], // straddles A and B
-  ["OutOfRange", (d) => d.add([{ gpa: 2 ** 60, len: 16 }])],
-  ["OutOfRange", (d) => d.add([{ gpa: 2 ** 53 + A, len: 16 }])],
-  ["OutOfRange", (d) => d.add([{ gpa: C, len: 0xffffffff }])],
-  ["ZeroLength", (d) => d.add([{ gpa: A + 0x10000, len: 0 }])],
-  ["BadOrder", (d) => d.add([{ gpa: A, len: 8, write: true }, { gpa: A, len: 8 }])],
   ["IndirectNotNegotiated", (d) => {
     d.setDesc(0, A + 0x30000, 16, VRING_DESC_F_INDIRECT, 0);
     d.makeAvailable(0);
@@ -212,7 +204,7 @@ const malformed: [string, (drv: GuestDriver) => void, Partial<VirtqueueOptions>?
     d.setDesc(0, A + 0x30000, 16, VRING_DESC_F_INDIRECT, 0);
     d.makeAvailable(0);
   }],
-  ["OutOfRange", (d) => { // indirect table runs past region C
+  ["IndirectOutOfRange", (d) => { // indirect table runs past region C
     d.setDesc(0, C + 0x10000 - 16, 32, VRING_DESC_F_INDIRECT, 0);
     d.makeAvailable(0);
   }],
@@ -227,18 +219,13 @@ const malformed: [string, (drv: GuestDriver) => void, Partial<VirtqueueOptions>?
     d.setDesc(0, A + 0x30000, 32, VRING_DESC_F_INDIRECT, 0);
     d.makeAvailable(0);
   }],
-  ["TooLong", (d) => d.add([1, 2, 3, 4, 5].map((k) => ({ gpa: A + k * 0x1000, len: 64 })))],
   ["AvailIdxJump", (d) => d.setAvailIdx(SIZE + 1)],
   ["AvailIdxJump", (d) => d.setAvailIdx(0xffff)],
 ];
 
 for (const [kind, build, opts] of malformed) {
   Deno.test(`malformed ring: ${kind} breaks the ring (${build.toString().slice(0, 60)})`, () => {
-    const { tm, drv, vq } = setup({
-      indirectDesc: true,
-      maxChainLength: kind === "TooLong" ? 4 : undefined,
-      ...opts,
-    });
+    const { tm, drv, vq } = setup({ indirectDesc: true, ...opts });
     try {
       build(drv);
       assert.equal(vq.pop(), null);
@@ -254,6 +241,56 @@ for (const [kind, build, opts] of malformed) {
       tm.close();
     }
   });
+}
+
+// A chain that can be followed to its end but holds an unusable buffer is
+// handed out (in flight) with `error` set and, when its last descriptor is a
+// valid device-writable buffer, where that buffer's last byte is; the ring
+// carries on.
+type Buf = { gpa: number; len: number; write?: boolean };
+const STATUS: Buf = { gpa: C + 0x20, len: 1, write: true };
+const bufferErrors: [string, Buf[]][] = [
+  ["OutOfRange", [{ gpa: 0x1000, len: 16 }]], // below every region
+  ["OutOfRange", [{ gpa: B + 0x40000 - 8, len: 16 }]], // runs off B into the hole
+  ["OutOfRange", [{ gpa: B - 8, len: 16, write: true }]], // straddles A and B
+  ["OutOfRange", [{ gpa: 2 ** 60, len: 16 }]],
+  ["OutOfRange", [{ gpa: 2 ** 53 + A, len: 16 }]],
+  ["OutOfRange", [{ gpa: C, len: 0xffffffff }]],
+  ["ZeroLength", [{ gpa: A + 0x10000, len: 0 }]],
+  ["BadOrder", [{ gpa: A, len: 8, write: true }, { gpa: A, len: 8 }]],
+  ["TooLong", [1, 2, 3, 4, 5].map((k) => ({ gpa: A + k * 0x1000, len: 64 }))],
+];
+
+for (const [kind, bufs] of bufferErrors) {
+  for (const withStatus of [false, true]) {
+    const what = `${JSON.stringify(bufs).slice(0, 60)}${withStatus ? " + status" : ""}`;
+    Deno.test(`unusable buffer: ${kind} is handed out with error set (${what})`, () => {
+      const { tm, drv, vq } = setup({ maxChainLength: kind === "TooLong" ? 4 : undefined });
+      try {
+        const head = drv.add(withStatus ? [...bufs, STATUS] : bufs);
+        const chain = vq.pop();
+        assert.ok(chain !== null, String(vq.brokenReason));
+        assert.equal(chain.head, head);
+        assert.equal(chain.error, kind);
+        assert.equal(chain.statusAddr, withStatus ? hostOf(tm, STATUS.gpa) : -1);
+        if (withStatus) {
+          assert.equal(
+            tm.mem.regionHostAddr(chain.statusRegion) + chain.statusOffset,
+            chain.statusAddr,
+          );
+        }
+        assert.ok(!vq.broken);
+        assert.equal(vq.inFlight, 1);
+        vq.push(head, 1);
+        assert.equal(drv.usedIdx(), 1);
+        // the next chain is fine again
+        drv.add([{ gpa: A + 0x10000, len: 16 }]);
+        assert.equal(vq.pop()?.error, null);
+      } finally {
+        tm.close();
+      }
+    });
+  }
 }
 
 Deno.test("an avail idx exactly queue-size ahead is fine; one more is a jump", () => {

@@ -25,8 +25,9 @@ import {
  * or to {@link REQUEST_BROKEN} when the request cannot even be completed.
  */
 export type RequestErrorKind =
-  | "NoStatus" // no device-writable buffer for the status byte: broken
-  | "HeaderTooShort" // fewer than 16 device-readable bytes for the outhdr: broken
+  | "NoStatus" // no device-writable byte for the status: broken
+  | "BadDescriptor" // a buffer the device cannot use (DescriptorChain.error), status writable: IOERR
+  | "HeaderTooShort" // fewer than 16 device-readable bytes for the outhdr: IOERR
   | "Unsupported" // unknown type, or a feature not offered: UNSUPP
   | "UnsupportedFlags" // unknown discard/write-zeroes flags, UNMAP on discard: UNSUPP
   | "BadLength" // IN/OUT data not a multiple of the logical block size: IOERR
@@ -54,9 +55,12 @@ export const REQUEST_BROKEN = -1;
 
 /**
  * The status byte for a request that failed with `kind`, or
- * {@link REQUEST_BROKEN} when there is no status byte to write or no header
- * (QEMU calls virtio_error: the device needs reset). The one place where
- * request errors become statuses.
+ * {@link REQUEST_BROKEN} when there is no status byte to write (the device
+ * needs reset, QEMU's virtio_error). The one place where request errors
+ * become statuses. QEMU also breaks the device for a short header and for
+ * unusable buffers; here a request whose status byte can be written is
+ * answered instead (IOERR), so the guest is never left waiting on a live
+ * ring (docs/design.md, "Malformed chains").
  *
  * @example
  * ```ts
@@ -65,13 +69,14 @@ export const REQUEST_BROKEN = -1;
  * import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP } from "./constants.ts";
  * assert.equal(requestErrorStatus("Unsupported"), VIRTIO_BLK_S_UNSUPP);
  * assert.equal(requestErrorStatus("OutOfRange"), VIRTIO_BLK_S_IOERR);
+ * assert.equal(requestErrorStatus("HeaderTooShort"), VIRTIO_BLK_S_IOERR);
+ * assert.equal(requestErrorStatus("BadDescriptor"), VIRTIO_BLK_S_IOERR);
  * assert.equal(requestErrorStatus("NoStatus"), REQUEST_BROKEN);
  * ```
  */
 export function requestErrorStatus(kind: RequestErrorKind): number {
   switch (kind) {
     case "NoStatus":
-    case "HeaderTooShort":
       return REQUEST_BROKEN;
     case "Unsupported":
     case "UnsupportedFlags":
@@ -234,7 +239,9 @@ const HI_LIMIT = 0x200000; // sector >= 2^53 is beyond any capacity
  * buffer) and, for discard / write zeroes, the ranges. Everything is checked
  * against `limits`. Returns null when the request can be executed, else what
  * is wrong: complete it with {@link requestErrorStatus} (after
- * `req.writeStatus`), or treat the ring as broken for REQUEST_BROKEN.
+ * `req.writeStatus`), or treat the ring as broken for REQUEST_BROKEN. A
+ * chain with an unusable buffer (`chain.error`) is "BadDescriptor" when its
+ * last buffer can take the status byte, else "NoStatus".
  *
  * Extra buffers in the unused direction (readable bytes after the header of a
  * read, writable bytes before the status of a write) are ignored, like QEMU.
@@ -275,6 +282,17 @@ export function parseBlkRequest(
   req.rangeCount = 0;
   req.type = 0;
   req.sector = 0;
+  if (chain.error !== null) {
+    // The chain was walked to its end but a buffer in it is unusable: answer
+    // IOERR in the last byte of a valid device-writable last buffer, if any.
+    if (chain.statusAddr < 0) return "NoStatus";
+    req.setStatusLocation(
+      mem.regionBytes(chain.statusRegion),
+      chain.statusOffset,
+      chain.statusAddr,
+    );
+    return "BadDescriptor";
+  }
   if (chain.inNum === 0) return "NoStatus";
   const last = chain.count - 1;
   const statusRegion = chain.region[last];
