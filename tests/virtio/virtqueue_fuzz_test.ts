@@ -277,7 +277,9 @@ Deno.test("fuzz: pop() over arbitrary rings never throws and stays inside the re
   seen.clear();
   fc.assert(fc.property(caseArb, checkCase), { numRuns: 3000 });
   const want = ["AvailIdxJump", "OutOfRange", "NextOutOfRange", "ZeroLength", "single"];
-  for (const k of [...want, "error:status", "error:no-status"]) {
+  // A usable status behind an unusable buffer is rare in arbitrary rings
+  // (about 1 run in 3 of 3000 cases had none): the biased test below requires it.
+  for (const k of [...want, "error:no-status"]) {
     assert.ok(seen.has(k), `generator never produced ${k}: ${[...seen.keys()]}`);
   }
 });
@@ -302,7 +304,7 @@ Deno.test("fuzz: mostly well-formed chains (biased to valid addresses and length
   seen.clear();
   fc.assert(fc.property(arb, checkCase), { numRuns: 3000 });
   if (Deno.env.get("FUZZ_STATS")) console.log(Object.fromEntries(seen));
-  for (const k of ["chain", "Loop", "BadOrder", "HeadOutOfRange", "blk:NoStatus"]) {
+  for (const k of ["chain", "Loop", "BadOrder", "HeadOutOfRange", "blk:NoStatus", "error:status"]) {
     assert.ok(seen.has(k), `generator never produced ${k}: ${[...seen.keys()]}`);
   }
 });
