@@ -270,7 +270,11 @@ export class VhostUserBlkDevice implements VhostUserBackend {
       r.baseSet = false;
     } catch (e) {
       // Report through the error eventfd too, as a ring that cannot run.
-      if (r.errFd !== null) eventfdWrite(r.errFd, 1);
+      if (r.errFd !== null) {
+        try {
+          eventfdWrite(r.errFd, 1);
+        } catch { /* a failing err fd must not hide the error being reported */ }
+      }
       throw e;
     } finally {
       if (old !== null && old !== fd) closeFd(old);
