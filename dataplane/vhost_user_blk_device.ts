@@ -300,7 +300,11 @@ export class VhostUserBlkDevice implements VhostUserBackend {
       r.started = wasStarted;
       closeFd(fd);
       // Report through the error eventfd too, as a ring that cannot run.
-      if (r.errFd !== null) eventfdWrite(r.errFd, 1);
+      if (r.errFd !== null) {
+        try {
+          eventfdWrite(r.errFd, 1);
+        } catch { /* a failing err fd must not hide the error being reported */ }
+      }
       throw e;
     }
     // The IOThread polls the new fd now: the old one may go.

@@ -522,7 +522,18 @@ export class VirtioBlkDataPlane {
     q.attached = true;
     const handler = {
       read: () => {
-        if (q.kickFd !== null && eventfdRead(q.kickFd) !== 0) q.stats.kicks++;
+        if (q.kickFd !== null) {
+          let n: number;
+          try {
+            n = eventfdRead(q.kickFd);
+          } catch (e) {
+            // A kick fd that fails (closed under us, not an eventfd) breaks
+            // this ring and detaches it, never the IOThread.
+            this.#markBroken(q, `kick fd ${q.kickFd}: ${(e as Error).message}`);
+            return;
+          }
+          if (n !== 0) q.stats.kicks++;
+        }
         this.#handleOutput(q);
       },
       poll: () => q.vq.availPending(),
@@ -701,7 +712,17 @@ export class VirtioBlkDataPlane {
   /** One guest notification for everything pushed since the last one. */
   #notifyGuest(q: DataPlaneQueue): void {
     if (q.callFd !== null && q.vq.notifyNeeded()) {
-      eventfdWrite(q.callFd, 1);
+      try {
+        eventfdWrite(q.callFd, 1);
+      } catch (e) {
+        // The connection only accepts non-blocking eventfds, whose writes
+        // cannot fail; one that does anyway (closed, reused) breaks this
+        // ring, not the IOThread (an exception out of a completion would).
+        const fd = q.callFd;
+        q.callFd = null;
+        this.#markBroken(q, `call fd ${fd}: ${(e as Error).message}`);
+        return;
+      }
       q.stats.notifies++;
     }
   }

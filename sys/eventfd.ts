@@ -8,6 +8,7 @@
 import { libc } from "./libc.ts";
 import { EAGAIN } from "./errno.ts";
 import { check, lastErrno, SysError } from "./sys_error.ts";
+import { fdTarget } from "./fd.ts";
 
 /** eventfd flag: non-blocking reads and writes. */
 export const EFD_NONBLOCK = 0o4000;
@@ -84,4 +85,24 @@ export function eventfdRead(fd: number): number {
     throw new SysError("read", e, "eventfd");
   }
   return scratchLo[0] + scratchLo[1] * 0x1_0000_0000;
+}
+
+/**
+ * Whether `fd` is an eventfd (its /proc/self/fd link is `anon_inode:[eventfd]`,
+ * see {@link fdTarget}). Used to check the ring fds a vhost-user front-end
+ * sends before anything reads or writes them. Control plane only.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { close, eventfd, isEventfd, pipe } from "./mod.ts";
+ * const e = eventfd();
+ * const [r, w] = pipe();
+ * assert(isEventfd(e));
+ * assert(!isEventfd(r));
+ * close(e); close(r); close(w);
+ * ```
+ */
+export function isEventfd(fd: number): boolean {
+  return fdTarget(fd) === "anon_inode:[eventfd]";
 }

@@ -118,3 +118,30 @@ export function fileStatusFlags(fd: number): number {
 export function isOpen(fd: number): boolean {
   return libc.fcntl(fd, F_GETFD, 0) >= 0;
 }
+
+/**
+ * What `fd` refers to, as the kernel names it in /proc/self/fd (readlink):
+ * `anon_inode:[eventfd]`, `pipe:[123]`, `socket:[45]`, `/memfd:ram (deleted)`,
+ * a path; null when it cannot be read (`fd` not open, no /proc). fstat
+ * cannot tell anonymous-inode fds apart (eventfd, timerfd, signalfd, epoll
+ * and io_uring share one inode of mode 0600): this can. Control plane only
+ * (a Deno fs op, not on the hot path).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { close, fdTarget, pipe } from "./fd.ts";
+ * const [r, w] = pipe();
+ * assert.match(fdTarget(r)!, /^pipe:\[\d+\]$/);
+ * close(r); close(w);
+ * assert.equal(fdTarget(-1), null);
+ * ```
+ */
+export function fdTarget(fd: number): string | null {
+  if (!Number.isInteger(fd) || fd < 0) return null;
+  try {
+    return Deno.readLinkSync(`/proc/self/fd/${fd}`);
+  } catch {
+    return null;
+  }
+}

@@ -207,8 +207,10 @@ export class GuestMemory {
   /**
    * Validates a vhost-user memory table and mmaps every region (MAP_SHARED,
    * read-write). Throws {@link GuestMemoryError} for an empty table, empty,
-   * wrapping or overlapping regions, a region beyond the end of its (regular)
-   * file, and SysError when fstat or mmap fails; nothing
+   * wrapping or overlapping regions, an fd that is not a regular file (a
+   * memfd is one; a block or character device is not: its size cannot be
+   * checked), a region beyond the end of its file, and SysError when fstat
+   * or mmap fails; nothing
    * stays mapped after a throw. The fds are not closed: the caller may close
    * them once this returns.
    *
@@ -238,9 +240,19 @@ export class GuestMemory {
       // SIGBUS on first access (the whole process dies): refuse them here,
       // and seal the file against shrinking first where it allows (a memfd
       // with MFD_ALLOW_SEALING; QEMU's memory-backend-memfd seals it itself).
+      // Only a regular file (memfds, tmpfs and hugetlbfs files are) has a
+      // size that says which pages exist: a block device's size is not
+      // fstat's (an unbound loop device maps with size 0 and faults), a
+      // character device's is unknown. Those are refused.
       const sealed = sealShrink(r.fd);
       const st = fstat(r.fd);
-      if (st.isRegularFile && off + n.size > st.size) {
+      if (!st.isRegularFile) {
+        throw new GuestMemoryError(
+          "BadValue",
+          `fd ${r.fd} is not a regular file or memfd (st_mode 0o${st.mode.toString(8)})`,
+        );
+      }
+      if (off + n.size > st.size) {
         throw new GuestMemoryError(
           "BadValue",
           `region [${off}, +${n.size}) of fd ${r.fd} ends beyond the file (${st.size} bytes)`,

@@ -17,7 +17,8 @@
  * closed by the connection after the call returns (mmap keeps its own
  * reference; dup them to keep them). The kick/call/err fds belong to the
  * backend from the call on, whether it returns or throws: it closes them when
- * they are replaced, on {@link VhostUserBackend.reset}, or on error.
+ * they are replaced, on {@link VhostUserBackend.reset}, or on error. They are
+ * always non-blocking eventfds: the connection refuses any other fd.
  *
  * @module
  */

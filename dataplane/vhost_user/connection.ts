@@ -10,10 +10,11 @@
  * is known gets an error reply (when the request has a reply or asked for
  * one) and the connection goes on; an oversized or unversioned header, a
  * socket error, or a front-end that does not read its replies closes the
- * connection. Every fd that arrives and is not handed to the backend is closed.
- * A front-end that sends faster than the backend handles (a pipelined
- * set-up) is slowed down, not disconnected: a bounded number of messages is
- * read ahead, then reading stops until the backend catches up.
+ * connection. Every fd that arrives and is not handed to the backend is closed;
+ * a ring fd (kick/call/err) is handed over only if it is an eventfd, made
+ * non-blocking first. A front-end that sends faster than the backend handles
+ * (a pipelined set-up) is slowed down, not disconnected: a bounded number of
+ * messages is read ahead, then reading stops until the backend catches up.
  *
  * @module
  */
@@ -22,8 +23,11 @@ import {
   close,
   EINVAL,
   EPROTO,
+  fdTarget,
+  isEventfd,
   recvMsg,
   sendMsg,
+  setNonBlocking,
   SHUT_RDWR,
   shutdown,
   SysError,
@@ -163,6 +167,24 @@ function checkRegion(request: number, r: MemoryRegionDesc, fd: number): VhostUse
     }
   }
   return { guestPhysAddr: gpa, size, userAddr: uva, mmapOffset: off, fd };
+}
+
+/**
+ * A kick, call or err fd must be an eventfd (the spec says so, and the data
+ * path relies on it): anything else fails in ways that are not the ring's
+ * own (a pipe's read end makes the call-fd write fail with EBADF, a full
+ * blocking pipe blocks the writing thread forever, a pipe whose writer
+ * closed is readable at EOF forever). Type checked through /proc/self/fd
+ * (fstat cannot tell an eventfd from other anonymous-inode fds), then made
+ * non-blocking: the front-end shares the open file description, and a
+ * blocking eventfd whose counter it set near 2^64 - 1 would block our write.
+ */
+function checkRingFd(request: number, fd: number): void {
+  if (!isEventfd(fd)) {
+    const what = fdTarget(fd) ?? "unreadable";
+    throw new VhostUserError("BadValue", request, `fd is not an eventfd (${what})`);
+  }
+  setNonBlocking(fd, true);
 }
 
 function errnoOf(err: unknown): number {
@@ -544,6 +566,7 @@ export class VhostUserConnection {
         const fd = noFd ? null : m.fds[0];
         try {
           this.#ringIndex(req, index);
+          if (fd !== null) checkRingFd(req, fd);
         } catch (err) {
           this.#closeFds(m.fds);
           throw err;

@@ -13,6 +13,7 @@ import {
   VHOST_USER_SET_VRING_ADDR,
   VHOST_USER_SET_VRING_BASE,
   VHOST_USER_SET_VRING_CALL,
+  VHOST_USER_SET_VRING_ERR,
   VHOST_USER_SET_VRING_KICK,
   VHOST_USER_SET_VRING_NUM,
   VHOST_USER_VERSION,
@@ -26,7 +27,12 @@ import {
   close,
   connectUnix,
   eventfd,
+  fileStatusFlags,
   listen,
+  memfdCreate,
+  O_NONBLOCK,
+  O_RDWR,
+  open,
   pipe,
   sendMsg,
   socketUnix,
@@ -607,4 +613,44 @@ Deno.test("server: accept4 failing with EMFILE backs off instead of spinning", a
     close(client);
     await until(() => server.connection === null);
   });
+});
+
+Deno.test("server: ring fds must be eventfds; accepted ones are made non-blocking", async () => {
+  const fds0 = openFdCount();
+  await withServer(async ({ server, backend, errors }) => {
+    const fe = await rawFrontend(server.path, "session");
+    await getFeatures(fe);
+    const send = async (request: number, fd: number): Promise<bigint> => {
+      await fe.sendRaw(encodeMessage(request, V | NEED, { kind: "u64", value: 0n }), [fd]);
+      return await ack(fe, request);
+    };
+    // A pipe (either end), a socket, a memfd, a regular file: refused before
+    // the backend sees them, and closed.
+    const [pr, pw] = pipe();
+    const mfd = memfdCreate("not-an-eventfd");
+    const file = open("/dev/null", O_RDWR);
+    const others = [pr, pw, fe.fd, mfd, file];
+    for (
+      const req of [VHOST_USER_SET_VRING_KICK, VHOST_USER_SET_VRING_CALL, VHOST_USER_SET_VRING_ERR]
+    ) {
+      for (const fd of others) assert.notEqual(await send(req, fd), 0n, `request ${req}, fd ${fd}`);
+    }
+    assert.equal(
+      backend.kick.size + backend.call.size + backend.err.size,
+      0,
+      "backend never saw them",
+    );
+    assert.ok(errors.some((e) => /not an eventfd \(pipe:\[\d+\]\)/.test(e.message)));
+    // A blocking eventfd is accepted, and non-blocking from then on (the
+    // open file description is shared with the front-end).
+    const blocking = eventfd(0, 0);
+    assert.equal(fileStatusFlags(blocking) & O_NONBLOCK, 0);
+    assert.equal(await send(VHOST_USER_SET_VRING_CALL, blocking), 0n);
+    assert.notEqual(fileStatusFlags(blocking) & O_NONBLOCK, 0);
+    assert.ok(backend.call.get(0) != null);
+    fe.close();
+    for (const fd of [pr, pw, mfd, file, blocking]) close(fd);
+    await until(() => server.connection === null && backend.resets === 1);
+  });
+  assert.equal(openFdCount(), fds0, "the server closed every fd it did not keep");
 });

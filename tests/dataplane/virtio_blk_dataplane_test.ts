@@ -34,6 +34,7 @@ import {
   MAP_PRIVATE,
   mmap,
   mmapShared,
+  pipe,
   preadvAt,
   PROT_READ,
   PROT_WRITE,
@@ -776,6 +777,47 @@ Deno.test("dataplane: a broken ring stays broken across setMemory until the fron
     assert.equal(eventfdRead(r.errFd), 1);
   } finally {
     await r.close();
+  }
+});
+
+Deno.test("dataplane: a call fd whose write fails breaks that ring, not the event loop", async () => {
+  const r = await Rig.create();
+  const [pr, pw] = pipe();
+  try {
+    r.engine.autoRelease = true;
+    r.dp.setCallFd(0, pr); // write(2) on a pipe's read end: EBADF
+    const s = r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.until(() => r.broken.length > 0, "broken"); // ctx.poll threw EBADF before
+    assert.equal(r.status(s), VIRTIO_BLK_S_OK, "answered before the notification failed");
+    assert.match(r.broken[0], /call fd .*EBADF/);
+    assert.equal(eventfdRead(r.errFd), 1, "the front-end is told through the err fd");
+    r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.idle(5);
+    assert.equal(r.driver.usedIdx(), 1, "a broken ring takes nothing more");
+  } finally {
+    await r.close();
+    close(pr);
+    close(pw);
+  }
+});
+
+Deno.test("dataplane: a kick fd whose read fails breaks that ring and is detached (no spinning)", async () => {
+  const r = await Rig.create();
+  const [pr, pw] = pipe();
+  close(pr); // the write end now polls EPOLLERR forever; read(2) on it is EBADF
+  try {
+    r.engine.autoRelease = true;
+    await r.dp.startQueue({ ...r.setup, kickFd: pw, base: -1 });
+    await r.until(() => r.broken.length > 0, "broken"); // ctx.poll threw EBADF before
+    assert.match(r.broken[0], /kick fd .*EBADF/);
+    const calls = r.ctx.stats.handlerCalls;
+    await r.idle(20);
+    assert.ok(r.ctx.stats.handlerCalls - calls < 3, "the failing kick fd is no longer polled");
+  } finally {
+    await r.close();
+    close(pw);
   }
 });
 

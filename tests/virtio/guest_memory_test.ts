@@ -5,6 +5,9 @@ import {
   memfdCreate,
   MFD_ALLOW_SEALING,
   mmapShared,
+  O_RDONLY,
+  O_RDWR,
+  open,
   SysError,
 } from "../../sys/mod.ts";
 import { GuestMemory, GuestMemoryError, type MemoryRegion } from "../../virtio/mod.ts";
@@ -189,5 +192,26 @@ Deno.test("GuestMemory.map seals sealable memfds against shrinking and counts th
     mem.close();
     close(sealable);
     close(plain);
+  }
+});
+
+Deno.test("GuestMemory.map accepts only regular files: a device's size cannot be checked", () => {
+  // /dev/zero maps fine (MAP_SHARED gives shmem pages) but is a character
+  // device; a block device maps too and faults beyond its real size (an
+  // unbound loop device: on the first access). Neither has a size fstat
+  // reports, so neither is guest memory (tests/robustness/hostile_fds_test.ts
+  // runs the block-device case against a host process).
+  const dir = Deno.makeTempDirSync();
+  const fds = [open("/dev/zero", O_RDWR), open("/dev/null", O_RDWR), open(dir, O_RDONLY)];
+  try {
+    for (const fd of fds) {
+      assert.throws(
+        () => GuestMemory.map([{ guestPhysAddr: 0, size: 4096, userAddr: 0, mmapOffset: 0, fd }]),
+        (e: unknown) => isKind("BadValue")(e) && /not a regular file/.test((e as Error).message),
+      );
+    }
+  } finally {
+    for (const fd of fds) close(fd);
+    Deno.removeSync(dir);
   }
 });
