@@ -61,7 +61,6 @@ export async function main(args: string[]): Promise<number> {
     console.error(`dataplane host: ${(e as Error).message}`);
     return 1;
   }
-  log(describe(opts, host));
   const signalled = Promise.withResolvers<string>();
   const onSignal = (name: string) => () => signalled.resolve(name);
   const sigint = onSignal("SIGINT"), sigterm = onSignal("SIGTERM");
@@ -80,6 +79,9 @@ export async function main(args: string[]): Promise<number> {
     ).finally(() => clearTimeout(timer));
   };
   Deno.addSignalListener("SIGUSR1", sigusr1);
+  // "serving" only once every handler is in place: whoever waits for it may
+  // signal at once, and a signal without a listener would kill the process.
+  log(describe(opts, host));
   const end = await Promise.race([
     signalled.promise.then((sig) => ({ sig, error: null })),
     host.failed.then((error) => ({ sig: null, error })),
