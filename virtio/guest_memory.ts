@@ -430,15 +430,20 @@ export class GuestMemory {
     if (!Number.isInteger(gpa) || !Number.isInteger(len) || len < 0) return -1;
     const start = this.#gpaStart, end = this.#gpaEnd;
     const n = this.#closed ? 0 : this.#count;
-    for (let i = 0; i < n; i++) {
-      if (gpa >= start[i] && gpa < end[i]) {
-        const left = end[i] - gpa;
-        this.#prefixLength = len < left ? len : left;
-        this.#last = i;
-        return this.#host[i] + (gpa - start[i]);
+    // The region of the last hit, then the next one (where the next piece of
+    // a range being split lies), then a scan.
+    let i = this.#last;
+    if (!(i < n && gpa >= start[i] && gpa < end[i])) {
+      i++;
+      if (!(i < n && gpa >= start[i] && gpa < end[i])) {
+        for (i = 0; i < n; i++) if (gpa >= start[i] && gpa < end[i]) break;
+        if (i === n) return -1;
       }
     }
-    return -1;
+    const left = end[i] - gpa;
+    this.#prefixLength = len < left ? len : left;
+    this.#last = i;
+    return this.#host[i] + (gpa - start[i]);
   }
 
   /** Bytes of the range the last successful {@link hostAddrPrefix} covered. Hot path. */
@@ -452,8 +457,8 @@ export class GuestMemory {
    * no region (a hole, below or beyond guest memory) or `len` is 0. Regions
    * never overlap, so a range in more than one region crosses from each to
    * the next at a shared boundary: they are guest-physically adjacent. Hot
-   * path: no allocation (callers try {@link hostAddr} first; this runs only
-   * for ranges that are not inside one region).
+   * path: no allocation, O(regions) (callers try {@link hostAddr} first;
+   * this runs only for ranges that are not inside one region).
    *
    * @example
    * ```ts
@@ -474,19 +479,21 @@ export class GuestMemory {
    */
   pieceCount(gpa: number, len: number): number {
     if (!Number.isInteger(gpa) || !Number.isInteger(len) || len <= 0) return -1;
-    const saved = this.#last;
-    let pieces = 0;
-    let g = gpa, left = len;
+    const start = this.#gpaStart, end = this.#gpaEnd;
+    const n = this.#closed ? 0 : this.#count;
+    let i = 0;
+    while (i < n && !(gpa >= start[i] && gpa < end[i])) i++;
+    if (i === n) return -1;
+    // Sorted and disjoint: the rest of the range must lie in the regions that
+    // follow, each starting where the previous one ends.
+    let pieces = 1;
+    let left = len - (end[i] - gpa);
     while (left > 0) {
-      if (this.hostAddrPrefix(g, left) < 0) {
-        this.#last = saved;
-        return -1;
-      }
-      g += this.#prefixLength;
-      left -= this.#prefixLength;
+      i++;
+      if (i === n || start[i] !== end[i - 1]) return -1;
       pieces++;
+      left -= end[i] - start[i];
     }
-    this.#last = saved;
     return pieces;
   }
 
