@@ -37,7 +37,7 @@ import {
   VHOST_USER_SET_VRING_NUM,
 } from "../dataplane/vhost_user/mod.ts";
 import { FrontendError, VhostUserFrontend } from "./frontend.ts";
-import { type GuestBuffer, GuestRam } from "./guest_ram.ts";
+import { GPA_GAP, type GuestBuffer, GuestRam } from "./guest_ram.ts";
 import { DriverQueue } from "./driver_queue.ts";
 import {
   SECTOR_SIZE,
@@ -92,6 +92,8 @@ export interface BlkClientOptions {
   maxBlockSize?: number;
   /** Guest RAM regions (default 2: rings in the first, data in the last). */
   regions?: number;
+  /** Guest-physical hole after each region (default GPA_GAP; 0: adjacent regions). */
+  regionGap?: number;
   /** Negotiate VIRTIO_RING_F_EVENT_IDX when offered (default true). */
   eventIdx?: boolean;
   /** Per-reply timeout in ms (default 5000). */
@@ -334,6 +336,7 @@ export class VhostUserBlkClient {
       slots: opts.slots ?? Math.min(64, Math.floor(queueSize / 3)),
       maxBlockSize: opts.maxBlockSize ?? 128 * 1024,
       regions: opts.regions ?? 2,
+      regionGap: opts.regionGap ?? GPA_GAP,
       eventIdx: opts.eventIdx ?? true,
       timeoutMs: opts.timeoutMs ?? 5000,
       negotiateOnly: opts.negotiateOnly ?? false,
@@ -462,7 +465,7 @@ export class VhostUserBlkClient {
     const dataBytes = o.numQueues * o.slots * o.maxBlockSize + 4096;
     const per = (o.regions === 1 ? ringBytes + dataBytes : Math.max(ringBytes, dataBytes)) +
       (1 << 20);
-    this.ram = GuestRam.create(per * o.regions, o.regions);
+    this.ram = GuestRam.create(per * o.regions, o.regions, o.regionGap);
     const regions = this.ram.regions.map((r) => ({
       guestPhysAddr: BigInt(r.guestPhysAddr),
       size: BigInt(r.size),

@@ -76,8 +76,12 @@ export class GuestRam {
     this.#next = regions.map(() => 0);
   }
 
-  /** Creates `size` bytes (rounded up to 2 MiB per region) split in `regionCount` regions. */
-  static create(size: number, regionCount = 2): GuestRam {
+  /**
+   * Creates `size` bytes (rounded up to 2 MiB per region) split in
+   * `regionCount` regions, `gap` bytes of guest-physical hole after each
+   * (0: adjacent regions, as memory hotplug makes them).
+   */
+  static create(size: number, regionCount = 2, gap = GPA_GAP): GuestRam {
     const unit = 2 << 20;
     const per = Math.max(unit, Math.ceil(size / regionCount / unit) * unit);
     const total = per * regionCount;
@@ -89,7 +93,7 @@ export class GuestRam {
       const regions: GuestRamRegion[] = [];
       for (let i = 0; i < regionCount; i++) {
         regions.push({
-          guestPhysAddr: GPA_BASE + i * (per + GPA_GAP),
+          guestPhysAddr: GPA_BASE + i * (per + gap),
           size: per,
           userAddr: map.addr + i * per,
           mmapOffset: i * per,
@@ -118,6 +122,33 @@ export class GuestRam {
       length,
       bytes: new Uint8Array(this.#map.buffer, addr - this.#map.addr, length),
     };
+  }
+
+  /**
+   * The bytes of guest-physical `[gpa, gpa + length)` without allocating from
+   * the regions (tests place buffers themselves, e.g. across two adjacent
+   * regions: this process maps the regions back to back). Throws unless every
+   * byte is in a region.
+   */
+  at(gpa: number, length: number): GuestBuffer {
+    for (let i = 0; i < this.regions.length; i++) {
+      const r = this.regions[i];
+      if (gpa < r.guestPhysAddr || gpa >= r.guestPhysAddr + r.size) continue;
+      let end = r.guestPhysAddr + r.size;
+      for (let j = i + 1; end < gpa + length && j < this.regions.length; j++) {
+        if (this.regions[j].guestPhysAddr !== end) break;
+        end += this.regions[j].size;
+      }
+      if (gpa + length > end) break;
+      const addr = r.userAddr + (gpa - r.guestPhysAddr);
+      return {
+        gpa,
+        addr,
+        length,
+        bytes: new Uint8Array(this.#map.buffer, addr - this.#map.addr, length),
+      };
+    }
+    throw new RangeError(`GuestRam: [${gpa}, +${length}) is not all guest memory`);
   }
 
   /** Unmaps the memory and closes the memfd (drop every view first). */

@@ -26,8 +26,8 @@ export type DescriptorChainErrorKind =
   | "HeadOutOfRange" // the avail ring names a head >= queue size
   | "NextOutOfRange" // `next` >= table size
   | "Loop" // more descriptors than the table holds: a cycle
-  | "TooLong" // more descriptors than the chain capacity (buffer error)
-  | "OutOfRange" // buffer not inside one guest memory region (buffer error)
+  | "TooLong" // more entries (descriptors, or their pieces) than the chain capacity (buffer error)
+  | "OutOfRange" // buffer not inside guest memory: touches a hole or no region (buffer error)
   | "ZeroLength" // a buffer of length 0, QEMU rejects these too (buffer error)
   | "BadOrder" // a device-readable buffer after a device-writable one, 2.7.4.2 (buffer error)
   | "IndirectNotNegotiated" // VRING_DESC_F_INDIRECT without VIRTIO_RING_F_INDIRECT_DESC
@@ -89,7 +89,10 @@ export class DescriptorChainError extends Error {
  * length, device-readable buffers first (`0 .. outNum`), then device-writable
  * ones (`outNum .. count`), each also as (region index, offset in region) so
  * its bytes can be read through {@link GuestMemory.regionBytes} without
- * allocating.
+ * allocating. An entry lies in one region: a descriptor that spans
+ * guest-physically adjacent regions is one entry per region (like the
+ * iovecs of QEMU's VirtQueueElement), so entries and descriptors are counted
+ * apart only then.
  *
  * The arrays are allocated once with a fixed capacity; {@link Virtqueue.pop}
  * refills one object per queue (hot path: no allocation), so a chain is valid
@@ -112,7 +115,7 @@ export class DescriptorChainError extends Error {
 export class DescriptorChain {
   /** Head descriptor index: what {@link Virtqueue.push} returns to the driver. */
   head = 0;
-  /** Number of buffers. */
+  /** Number of entries (buffers, or their pieces in adjacent regions). */
   count = 0;
   /** Number of device-readable buffers (they come first). */
   outNum = 0;
@@ -120,7 +123,7 @@ export class DescriptorChain {
   outLen = 0;
   /** Total bytes of the device-writable buffers. */
   inLen = 0;
-  /** Maximum number of buffers. */
+  /** Maximum number of entries. */
   readonly capacity: number;
   /** Host address of each buffer. */
   readonly addr: Float64Array;
@@ -202,6 +205,37 @@ export class DescriptorChain {
   }
 }
 
+/**
+ * Adds buffer `[gpa, gpa + len)`, which is not inside one region, as one
+ * entry per region when it spans guest-physically adjacent regions (QEMU's
+ * virtqueue_map_desc maps a descriptor in as many iovecs as dma_memory_map
+ * needs; libvhost-user's does the same). Returns the buffer error, or null.
+ * Each entry counts against the chain capacity, as each of QEMU's iovecs
+ * counts against max_num_sg ("too many write descriptors"). Runs only when
+ * the single-region translation failed: the common case never gets here.
+ */
+function addPieces(
+  chain: DescriptorChain,
+  mem: GuestMemory,
+  gpa: number,
+  len: number,
+  writable: boolean,
+): DescriptorChainErrorKind | null {
+  // All of it mapped first: a span into a hole is OutOfRange whatever else.
+  if (mem.pieceCount(gpa, len) < 0) return "OutOfRange";
+  let g = gpa, left = len;
+  while (left > 0) {
+    const host = mem.hostAddrPrefix(g, left);
+    const piece = mem.prefixLength, r = mem.lastRegion;
+    if (!chain.add(host, piece, writable, r, host - mem.regionHostAddr(r))) {
+      return chain.count >= chain.capacity ? "TooLong" : "BadOrder";
+    }
+    g += piece;
+    left -= piece;
+  }
+  return null;
+}
+
 /** Guest addresses at or above 2^53 cannot be in any region (GuestMemory rejects them). */
 const HI_LIMIT = 0x200000;
 
@@ -212,11 +246,15 @@ const HI_LIMIT = 0x200000;
  * could be followed to its end (check `chain.error` for an unusable buffer
  * in it), or the kind of link that could not be followed. Walking is
  * bounded: at most `size` steps in the table and at most `len / 16` in an
- * indirect table (more means a loop), at most `chain.capacity` buffers in
- * all. Internal to virtio/ (Virtqueue.pop).
+ * indirect table (more means a loop), at most `chain.capacity` entries in
+ * all. A buffer that spans guest-physically adjacent regions becomes one
+ * entry per region; one that touches a hole is OutOfRange. An indirect
+ * table must lie in one region (QEMU: "Cannot map indirect buffer").
+ * Internal to virtio/ (Virtqueue.pop).
  *
  * Hot path: no allocation (indirect tables are read through the region's
- * DataView).
+ * DataView). A buffer inside one region costs one {@link GuestMemory.hostAddr}
+ * as before; only one that is not pays for the split.
  *
  * @example
  * ```ts
@@ -297,7 +335,7 @@ export function walkChain(
     if (failed === null) {
       const host = len === 0 ? -1 : mem.hostAddr(gpa, len);
       if (len === 0) failed = "ZeroLength";
-      else if (host < 0) failed = "OutOfRange";
+      else if (host < 0) failed = addPieces(chain, mem, gpa, len, writable);
       else {
         const r = mem.lastRegion;
         if (!chain.add(host, len, writable, r, host - mem.regionHostAddr(r))) {
@@ -309,13 +347,16 @@ export function walkChain(
       if (failed !== null) {
         chain.error = failed;
         // Where a status byte could still be written: the last byte of a
-        // valid device-writable last descriptor.
-        const host = writable && len > 0 ? mem.hostAddr(gpa, len) : -1;
+        // valid device-writable last descriptor (which may span adjacent
+        // regions: the byte itself is in one).
+        const host = writable && len > 0 && mem.pieceCount(gpa, len) > 0
+          ? mem.hostAddr(gpa + len - 1, 1)
+          : -1;
         if (host >= 0) {
           const r = mem.lastRegion;
-          chain.statusAddr = host + len - 1;
+          chain.statusAddr = host;
           chain.statusRegion = r;
-          chain.statusOffset = host + len - 1 - mem.regionHostAddr(r);
+          chain.statusOffset = host - mem.regionHostAddr(r);
         }
       }
       return null;

@@ -106,10 +106,15 @@ function checkEnd(start: number | bigint, size: number | bigint, what: string): 
  * frontend-virtual addresses (ring addresses from VHOST_USER_SET_VRING_ADDR)
  * into host addresses, with bounds checks. Like rust-vmm's `GuestMemoryMmap`.
  *
- * A translation succeeds only when the whole range lies inside ONE region; a
- * range that touches a hole or straddles two regions gets -1 (QEMU would
- * split it; no guest driver needs that for virtio-blk buffers, which lie in
- * one RAM block). Nothing is ever read or written outside a region.
+ * {@link hostAddr} succeeds only when the whole range lies inside ONE region
+ * (what rings and indirect tables need: one contiguous host view). A range
+ * that spans guest-physically adjacent regions (memory hotplug, RAM split
+ * around a PCI hole) is not contiguous in this process, whose mappings of the
+ * regions are separate: {@link pieceCount} and {@link hostAddrPrefix}
+ * translate it one region at a time, as QEMU's dma_memory_map loop in
+ * virtqueue_map_desc does, so a descriptor becomes one iovec per region. A
+ * range that touches a hole is an error either way. Nothing is ever read or
+ * written outside a region.
  *
  * Lifetime: views handed out (and Virtqueues built on this memory) become
  * invalid at {@link close}; drop them first, or the process faults.
@@ -143,6 +148,7 @@ export class GuestMemory {
   readonly #views: (DataView | undefined)[];
   #last = 0;
   #lastUser = 0;
+  #prefixLength = 0;
   #closed = false;
 
   #unsealed = 0;
@@ -391,6 +397,104 @@ export class GuestMemory {
       }
     }
     return -1;
+  }
+
+  /**
+   * Host address of guest-physical `gpa` when it lies in a region, or -1; on
+   * success {@link prefixLength} says how many of the `len` bytes from `gpa`
+   * lie in that region (all of them, or up to the region's end) and
+   * {@link lastRegion} names it. One step of translating a range that spans
+   * adjacent regions (QEMU's address_space_map, which shortens `*plen` the
+   * same way); call {@link pieceCount} first to know the whole range is
+   * mapped. Hot path: no allocation.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * import { GuestMemory } from "./guest_memory.ts";
+   * import { mmapAnonymous } from "../sys/mod.ts";
+   * const a = mmapAnonymous(4096), b = mmapAnonymous(4096);
+   * const mem = GuestMemory.fromMapped([
+   *   { guestPhysAddr: 0x1000, size: 4096, userAddr: 0, hostAddr: a.addr },
+   *   { guestPhysAddr: 0x2000, size: 4096, userAddr: 4096, hostAddr: b.addr }, // adjacent
+   * ]);
+   * assert.equal(mem.hostAddrPrefix(0x1ff0, 32), a.addr + 0xff0);
+   * assert.equal(mem.prefixLength, 16);
+   * assert.equal(mem.hostAddrPrefix(0x2000, 16), b.addr);
+   * assert.equal(mem.prefixLength, 16);
+   * a.unmap();
+   * b.unmap();
+   * ```
+   */
+  hostAddrPrefix(gpa: number, len: number): number {
+    if (!Number.isInteger(gpa) || !Number.isInteger(len) || len < 0) return -1;
+    const start = this.#gpaStart, end = this.#gpaEnd;
+    const n = this.#closed ? 0 : this.#count;
+    // The region of the last hit, then the next one (where the next piece of
+    // a range being split lies), then a scan.
+    let i = this.#last;
+    if (!(i < n && gpa >= start[i] && gpa < end[i])) {
+      i++;
+      if (!(i < n && gpa >= start[i] && gpa < end[i])) {
+        for (i = 0; i < n; i++) if (gpa >= start[i] && gpa < end[i]) break;
+        if (i === n) return -1;
+      }
+    }
+    const left = end[i] - gpa;
+    this.#prefixLength = len < left ? len : left;
+    this.#last = i;
+    return this.#host[i] + (gpa - start[i]);
+  }
+
+  /** Bytes of the range the last successful {@link hostAddrPrefix} covered. Hot path. */
+  get prefixLength(): number {
+    return this.#prefixLength;
+  }
+
+  /**
+   * How many regions guest-physical `[gpa, gpa + len)` spans (1 when
+   * {@link hostAddr} would translate it), or -1 when any byte of it is in
+   * no region (a hole, below or beyond guest memory) or `len` is 0. Regions
+   * never overlap, so a range in more than one region crosses from each to
+   * the next at a shared boundary: they are guest-physically adjacent. Hot
+   * path: no allocation, O(regions) (callers try {@link hostAddr} first;
+   * this runs only for ranges that are not inside one region).
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * import { GuestMemory } from "./guest_memory.ts";
+   * import { mmapAnonymous } from "../sys/mod.ts";
+   * const a = mmapAnonymous(4096), b = mmapAnonymous(4096);
+   * const mem = GuestMemory.fromMapped([
+   *   { guestPhysAddr: 0x1000, size: 4096, userAddr: 0, hostAddr: a.addr },
+   *   { guestPhysAddr: 0x2000, size: 4096, userAddr: 4096, hostAddr: b.addr },
+   * ]);
+   * assert.equal(mem.pieceCount(0x1000, 16), 1);
+   * assert.equal(mem.pieceCount(0x1ff0, 32), 2);
+   * assert.equal(mem.pieceCount(0x2ff0, 32), -1); // runs off the end
+   * a.unmap();
+   * b.unmap();
+   * ```
+   */
+  pieceCount(gpa: number, len: number): number {
+    if (!Number.isInteger(gpa) || !Number.isInteger(len) || len <= 0) return -1;
+    const start = this.#gpaStart, end = this.#gpaEnd;
+    const n = this.#closed ? 0 : this.#count;
+    let i = 0;
+    while (i < n && !(gpa >= start[i] && gpa < end[i])) i++;
+    if (i === n) return -1;
+    // Sorted and disjoint: the rest of the range must lie in the regions that
+    // follow, each starting where the previous one ends.
+    let pieces = 1;
+    let left = len - (end[i] - gpa);
+    while (left > 0) {
+      i++;
+      if (i === n || start[i] !== end[i - 1]) return -1;
+      pieces++;
+      left -= end[i] - start[i];
+    }
+    return pieces;
   }
 
   /**

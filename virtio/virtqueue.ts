@@ -76,7 +76,10 @@ export interface VirtqueueOptions {
   indirectDesc?: boolean;
   /** Where to start taking requests (vhost-user SET_VRING_BASE); default 0. */
   lastAvailIdx?: number;
-  /** Most buffers one chain may have (direct + indirect); default `size`. */
+  /**
+   * Most entries one chain may have (direct + indirect; a buffer spanning
+   * adjacent regions counts once per region); default `size`.
+   */
   maxChainLength?: number;
 }
 

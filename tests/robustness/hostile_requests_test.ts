@@ -282,14 +282,22 @@ const HOSTILE_CASES: HostileCase[] = [
     { addr: g.alloc(512, 512).gpa, len: 0xffffffff, flags: WRITE },
     wr(st),
   ]),
-  chainCase("buffer straddling the end of a region", "IOERR", undefined, (g, st) => {
-    const r = g.client.ram!.regions[0];
-    return [rd(g.header(T_IN, 0n)), {
-      addr: r.guestPhysAddr + r.size - 256,
-      len: 512,
-      flags: WRITE,
-    }, wr(st)];
-  }),
+  // GuestRam leaves a GPA_GAP hole after every region, so this runs into a
+  // hole: still IOERR. (A buffer spanning adjacent regions is split and served,
+  // issue 10 section 3: tests/virtio/blk_request_test.ts "adjacent regions".)
+  chainCase(
+    "buffer straddling the end of a region (into the hole)",
+    "IOERR",
+    undefined,
+    (g, st) => {
+      const r = g.client.ram!.regions[0];
+      return [rd(g.header(T_IN, 0n)), {
+        addr: r.guestPhysAddr + r.size - 256,
+        len: 512,
+        flags: WRITE,
+      }, wr(st)];
+    },
+  ),
   chainCase("header shorter than 16 bytes", "IOERR", undefined, (g, st) => [
     rd(g.header(T_IN, 0n), 8),
     wr(g.alloc(512, 512)),

@@ -172,8 +172,18 @@ export class HostileGuest {
    * Connects with `numQueues` rings of 64 (8 request slots each),
    * negotiates INDIRECT_DESC too, and installs an err eventfd per ring.
    */
-  static async connect(socket: string, numQueues = 2): Promise<HostileGuest> {
-    const c = await connect(socket, { numQueues, queueSize: 64, slots: 8, negotiateOnly: true });
+  static async connect(
+    socket: string,
+    numQueues = 2,
+    opts: { regions?: number; regionGap?: number } = {},
+  ): Promise<HostileGuest> {
+    const c = await connect(socket, {
+      numQueues,
+      queueSize: 64,
+      slots: 8,
+      negotiateOnly: true,
+      ...opts,
+    });
     try {
       if ((c.offeredFeatures & INDIRECT_DESC_BIT) !== 0n) {
         c.features |= INDIRECT_DESC_BIT;

@@ -1,7 +1,8 @@
 // Property-based tests of the virtio-blk request parser: arbitrary headers,
 // payloads and buffer layouts (header split anywhere, buffers at region edges
-// next to guard pages). parseBlkRequest must never throw, must return a known
-// error kind, and an accepted request must be consistent and inside guest memory.
+// next to guard pages, buffers spanning the two adjacent regions). parseBlkRequest
+// must never throw, must return a known error kind, and an accepted request must
+// be consistent and inside guest memory.
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import {
@@ -21,10 +22,14 @@ import {
 import { TestMemory } from "./guest_driver.ts";
 
 const REGION = 0x10000;
+// Adjacent in guest-physical space (not in the host: guard pages between), so a
+// buffer may span them; walkChain then hands the parser one entry per region.
 const tm = new TestMemory([
   { gpa: 0, size: REGION, uva: 0x7c0000000000 },
-  { gpa: 0x40000, size: REGION, uva: 0x7b0000000000 },
+  { gpa: REGION, size: REGION, uva: 0x7b0000000000 },
 ]);
+/** Bytes at the start of region 1 kept for the second piece of a spanning buffer. */
+const SPAN_ROOM = 0x100;
 addEventListener("unload", () => tm.close());
 
 const KINDS: ReadonlySet<string> = new Set<RequestErrorKind>([
@@ -54,6 +59,10 @@ const segArb = fc.record({
 const bufArb = fc.record({
   region: fc.integer({ min: 0, max: 1 }),
   atEnd: fc.boolean(), // place the buffer flush against the region's end (guard page)
+  span: fc.oneof({ arbitrary: fc.constant(false), weight: 3 }, {
+    arbitrary: fc.constant(true),
+    weight: 1,
+  }), // across the end of region 0 into region 1 (once a case)
   len: fc.oneof(
     fc.integer({ min: 1, max: 40 }),
     fc.constantFrom(1, 16, 17, 512, 513, 4096, 4097),
@@ -90,6 +99,7 @@ const shapedArb: fc.Arbitrary<Case> = fc.record({
     fc.record({
       region: fc.integer({ min: 0, max: 1 }),
       atEnd: fc.boolean(),
+      span: fc.boolean(),
       len: fc.oneof(
         fc.integer({ min: 1, max: 8 }).map((k) => 512 * k),
         fc.integer({ min: 1, max: 4096 }),
@@ -99,6 +109,7 @@ const shapedArb: fc.Arbitrary<Case> = fc.record({
   ),
   segSplit: fc.integer({ min: 0, max: 80 }),
   statusWithData: fc.boolean(),
+  spanHeader: fc.boolean(),
   sector: fc.oneof(fc.bigInt({ min: 0n, max: 8200n }), u64),
   segs: fc.array(
     fc.record({
@@ -108,20 +119,26 @@ const shapedArb: fc.Arbitrary<Case> = fc.record({
     }),
     { minLength: 1, maxLength: 4 },
   ),
-}).map(({ base, split, data, segSplit, statusWithData, sector, segs }) => {
+}).map(({ base, split, data, segSplit, statusWithData, spanHeader, sector, segs }) => {
   const write = base.type === VIRTIO_BLK_T_IN || base.type === VIRTIO_BLK_T_GET_ID;
   const ranges = base.type === VIRTIO_BLK_T_DISCARD || base.type === VIRTIO_BLK_T_WRITE_ZEROES;
-  const bufs: Case["bufs"] = [{ region: 0, atEnd: false, len: split, write: false }];
-  if (split < 16) bufs.push({ region: 1, atEnd: false, len: 16 - split, write: false });
+  const no = { span: false };
+  const bufs: Case["bufs"] = [];
+  // the header in one buffer spanning the regions (split bytes in region 0), or split in two
+  if (spanHeader) bufs.push({ region: 0, atEnd: true, len: 16, write: false, span: true });
+  else {
+    bufs.push({ region: 0, atEnd: false, len: split, write: false, ...no });
+    if (split < 16) bufs.push({ region: 1, atEnd: false, len: 16 - split, write: false, ...no });
+  }
   if (ranges) {
     const total = 16 * segs.length, cut = Math.min(segSplit, total);
-    if (cut > 0) bufs.push({ region: 0, atEnd: false, len: cut, write: false });
-    if (total > cut) bufs.push({ region: 1, atEnd: true, len: total - cut, write: false });
+    if (cut > 0) bufs.push({ region: 0, atEnd: false, len: cut, write: false, ...no });
+    if (total > cut) bufs.push({ region: 1, atEnd: true, len: total - cut, write: false, ...no });
   } else {
-    for (const d of data) bufs.push({ ...d, write });
+    for (const d of data) bufs.push({ ...d, write, span: d.span && !spanHeader });
   }
   if (statusWithData && bufs[bufs.length - 1].write) bufs[bufs.length - 1].len += 1;
-  else bufs.push({ region: 0, atEnd: true, len: 1, write: true });
+  else bufs.push({ region: 0, atEnd: true, len: 1, write: true, ...no });
   return { ...base, sector, segs, bufs, sortWrites: true };
 });
 
@@ -158,7 +175,28 @@ function run(c: Case): void {
   // buffers never overlap: from 0x100 upwards, or from the region end downwards
   const cursor = [0x100, 0x100];
   const endCursor = [REGION, REGION];
+  let spanned = false;
   for (const b of bufs) {
+    if (b.span && !spanned && b.len >= 2 && endCursor[0] === REGION) {
+      // What walkChain makes of one descriptor across the regions' shared
+      // boundary: an entry at the end of region 0, then one at the start of region 1.
+      spanned = true;
+      const second = Math.min(SPAN_ROOM, b.len >> 1), first = b.len - second;
+      if (REGION - first < cursor[0]) continue;
+      endCursor[0] = REGION - first;
+      const pieces = [[0, REGION - first, first], [1, 0, second]];
+      for (const [region, off, len] of pieces) {
+        if (!b.write) {
+          const part = stream.subarray(streamOff, streamOff + len);
+          const dst = tm.mem.bytes(tm.regions[region].gpa + off, len)!;
+          dst.fill(0);
+          dst.set(part);
+          streamOff += part.length;
+        }
+        if (!chain.add(tm.regions[region].host + off, len, b.write, region, off)) return;
+      }
+      continue;
+    }
     const base = tm.regions[b.region];
     const off = b.atEnd ? endCursor[b.region] - b.len : cursor[b.region];
     if (off < cursor[b.region] || off + b.len > endCursor[b.region]) continue;
@@ -180,6 +218,7 @@ function run(c: Case): void {
   assert.ok(err === null || KINDS.has(err), `unknown result ${err}`);
   const key = `${c.type}:${err}`;
   seen.set(key, (seen.get(key) ?? 0) + 1);
+  if (spanned) seen.set(`span:${key}`, (seen.get(`span:${key}`) ?? 0) + 1);
   if (chain.inNum === 0) {
     assert.equal(err, "NoStatus");
     return;
@@ -249,6 +288,9 @@ Deno.test("fuzz: parseBlkRequest never throws, and what it accepts is in range",
   for (const t of [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_GET_ID]) {
     assert.ok(seen.has(`${t}:null`), `no accepted request of type ${t}`);
   }
+  for (const t of [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT]) {
+    assert.ok(seen.has(`span:${t}:null`), `no accepted type ${t} with a spanning buffer`);
+  }
 });
 
 Deno.test("fuzz: well-formed IN/OUT requests are accepted", () => {
@@ -266,10 +308,12 @@ Deno.test("fuzz: well-formed IN/OUT requests are accepted", () => {
         sector: BigInt(sector),
         segs: [],
         bufs: [
-          { region: 0, atEnd: false, len: split, write: false },
-          ...(split < 16 ? [{ region: 1, atEnd: false, len: 16 - split, write: false }] : []),
-          ...(bytes ? [{ region: 1, atEnd: true, len: bytes, write: !write }] : []),
-          { region: 0, atEnd: true, len: 1, write: true },
+          { region: 0, atEnd: false, len: split, write: false, span: false },
+          ...(split < 16
+            ? [{ region: 1, atEnd: false, len: 16 - split, write: false, span: false }]
+            : []),
+          ...(bytes ? [{ region: 1, atEnd: true, len: bytes, write: !write, span: false }] : []),
+          { region: 0, atEnd: true, len: 1, write: true, span: false },
         ],
         sortWrites: true,
         readOnly: false,

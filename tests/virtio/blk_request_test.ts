@@ -23,6 +23,15 @@ import {
   writeBlkId,
 } from "../../virtio/mod.ts";
 import { type Buf, GuestDriver, ringLayout, TestMemory } from "./guest_driver.ts";
+import {
+  close,
+  ftruncate,
+  memfdCreate,
+  pread,
+  preadvAt,
+  pwrite,
+  pwritevAt,
+} from "../../sys/mod.ts";
 
 const A = 0x100000, B = 0x800000;
 const HDR = A + 0x10000, DATA = B, STATUS = A + 0x20000, SEGS = A + 0x30000;
@@ -382,4 +391,186 @@ Deno.test("IN/OUT data over VIRTIO_BLK_MAX_REQUEST_BYTES is TooLarge: the used l
   } finally {
     tm.close();
   }
+});
+
+// ---- buffers spanning guest-physically adjacent regions (issue 10 section 3) ----
+//
+// Memory hotplug (and a VMM that splits RAM at 4 GiB) gives adjacent regions
+// whose host mappings are not adjacent: QEMU's virtqueue_map_desc and
+// libvhost-user split a descriptor that spans them into one iovec per region.
+// TestMemory puts a PROT_NONE guard page after each region's mapping, so a
+// request that ran on from the first region's host address would fault here.
+
+const ADJ_A = 0x100000, ADJ_B = 0x200000, ADJ_C = 0x800000; // A, B adjacent; hole after B
+
+function withAdjacent(fn: (c: Ctx) => void): void {
+  const tm = new TestMemory([
+    { gpa: ADJ_A, size: 0x100000, uva: 0x7f4400000000 },
+    { gpa: ADJ_B, size: 0x100000, uva: 0x7f2200000000 },
+    { gpa: ADJ_C, size: 0x10000, uva: 0x7f3300000000 },
+  ]);
+  try {
+    const l = ringLayout(ADJ_A, 64);
+    const drv = new GuestDriver(tm, 64, l);
+    const vq = new Virtqueue({
+      mem: tm.mem,
+      size: 64,
+      desc: tm.uva(l.desc),
+      avail: tm.uva(l.avail),
+      used: tm.uva(l.used),
+    });
+    fn({ tm, drv, vq });
+  } finally {
+    tm.close();
+  }
+}
+
+/** Guest bytes [gpa, gpa+len) read through each region they lie in (never across). */
+function guestBytes(c: Ctx, gpa: number, len: number): Uint8Array {
+  const out = new Uint8Array(len);
+  for (let done = 0; done < len;) {
+    const g = gpa + done;
+    const r = c.tm.regions.find((r) => g >= r.gpa && g < r.gpa + r.size)!;
+    const n = Math.min(len - done, r.gpa + r.size - g);
+    out.set(c.tm.mem.bytes(g, n)!, done);
+    done += n;
+  }
+  return out;
+}
+
+function setGuestBytes(c: Ctx, gpa: number, data: Uint8Array): void {
+  for (let done = 0; done < data.length;) {
+    const g = gpa + done;
+    const r = c.tm.regions.find((r) => g >= r.gpa && g < r.gpa + r.size)!;
+    const n = Math.min(data.length - done, r.gpa + r.size - g);
+    c.tm.mem.bytes(g, n)!.set(data.subarray(done, done + n));
+    done += n;
+  }
+}
+
+function pattern(len: number, seed: number): Uint8Array {
+  const b = new Uint8Array(len);
+  for (let i = 0; i < len; i++) b[i] = (i * 31 + seed + (i >> 8)) & 0xff;
+  return b;
+}
+
+Deno.test("adjacent regions: a data buffer spanning them is split, written and read through both", () => {
+  withAdjacent((c) => {
+    const img = memfdCreate("image");
+    try {
+      ftruncate(img, CAPACITY * 512);
+      const st = { gpa: ADJ_C + 0x100, len: 1, write: true };
+      const hdrAt = ADJ_C;
+      const data = ADJ_B - 1024; // 1024 bytes in A, 3072 in B
+      // OUT: the guest's bytes, taken from both regions, land in the image
+      const out = pattern(4096, 7);
+      setGuestBytes(c, data, out);
+      header(c, hdrAt, VIRTIO_BLK_T_OUT, 8);
+      let r = parse(c, [{ gpa: hdrAt, len: 16 }, { gpa: data, len: 4096 }, st]);
+      assert.equal(r.err, null);
+      assert.equal(r.req.qiov.niov, 2, "one iovec per region");
+      assert.equal(r.req.qiov.base(0), c.tm.mem.hostAddr(data, 1024));
+      assert.equal(r.req.qiov.len(0), 1024);
+      assert.equal(r.req.qiov.base(1), c.tm.mem.hostAddr(ADJ_B, 3072));
+      assert.equal(r.req.qiov.len(1), 3072);
+      assert.equal(pwritevAt(img, r.req.qiov.iovAddr, r.req.qiov.niov, 8 * 512), 4096);
+      const back = new Uint8Array(4096);
+      assert.equal(pread(img, back, 8 * 512), 4096);
+      assert.deepEqual(back, out);
+      // IN: the image's bytes land in both regions; data and status in one descriptor
+      const inp = pattern(4096, 99);
+      pwrite(img, inp, 16 * 512);
+      setGuestBytes(c, data, new Uint8Array(4097).fill(0xee));
+      header(c, hdrAt, VIRTIO_BLK_T_IN, 16);
+      r = parse(c, [{ gpa: hdrAt, len: 16 }, { gpa: data, len: 4097, write: true }]);
+      assert.equal(r.err, null);
+      assert.equal(r.req.qiov.niov, 2);
+      assert.equal(r.req.inLen, 4096);
+      assert.equal(r.req.statusAddr, c.tm.mem.hostAddr(data + 4096, 1), "status in B");
+      assert.equal(preadvAt(img, r.req.qiov.iovAddr, r.req.qiov.niov, 16 * 512), 4096);
+      r.req.writeStatus(VIRTIO_BLK_S_OK);
+      assert.deepEqual(guestBytes(c, data, 4096), inp);
+      assert.equal(guestBytes(c, data + 4096, 1)[0], VIRTIO_BLK_S_OK);
+      assert.equal(guestBytes(c, data - 1, 1)[0], 0, "nothing before the buffer");
+      assert.equal(guestBytes(c, data + 4097, 1)[0], 0, "nothing after it");
+    } finally {
+      close(img);
+    }
+  });
+});
+
+Deno.test("adjacent regions: a header spanning them is read piecewise", () => {
+  withAdjacent((c) => {
+    const hv = new DataView(new ArrayBuffer(16));
+    hv.setUint32(0, VIRTIO_BLK_T_IN, true);
+    hv.setBigUint64(8, 0x123n, true);
+    setGuestBytes(c, ADJ_B - 8, new Uint8Array(hv.buffer)); // type in A, sector in B
+    const r = parse(c, [
+      { gpa: ADJ_B - 8, len: 16 },
+      { gpa: ADJ_A + 0x40000, len: 513, write: true },
+    ]);
+    assert.equal(r.err, null);
+    assert.equal(r.req.type, VIRTIO_BLK_T_IN);
+    assert.equal(r.req.sector, 0x123);
+    // header and write data in one readable descriptor spanning A and B
+    hv.setUint32(0, VIRTIO_BLK_T_OUT, true);
+    setGuestBytes(c, ADJ_B - 4, new Uint8Array(hv.buffer));
+    const w = parse(c, [
+      { gpa: ADJ_B - 4, len: 16 + 512 },
+      { gpa: ADJ_C, len: 1, write: true },
+    ]);
+    assert.equal(w.err, null);
+    assert.equal(w.req.type, VIRTIO_BLK_T_OUT);
+    assert.equal(w.req.sector, 0x123);
+    assert.equal(w.req.qiov.niov, 1, "the data lies in B only");
+    assert.equal(w.req.qiov.base(0), c.tm.mem.hostAddr(ADJ_B + 12, 512));
+  });
+});
+
+Deno.test("adjacent regions: a span that runs on into a hole stays IOERR", () => {
+  withAdjacent((c) => {
+    header(c, ADJ_C, VIRTIO_BLK_T_IN, 0);
+    const st = { gpa: ADJ_C + 0x100, len: 1, write: true };
+    c.tm.view(st.gpa, 1).setUint8(0, 0xff);
+    // from A through all of B into the hole after B
+    const r = parse(c, [{ gpa: ADJ_C, len: 16 }, {
+      gpa: ADJ_B - 512,
+      len: 512 + 0x100000 + 512,
+      write: true,
+    }, st]);
+    assert.equal(r.err, "BadDescriptor");
+    r.req.writeStatus(requestErrorStatus("BadDescriptor"));
+    assert.equal(c.tm.view(st.gpa, 1).getUint8(0), VIRTIO_BLK_S_IOERR);
+    // a status descriptor running from B into the hole: no status byte
+    const n = parse(c, [{ gpa: ADJ_C, len: 16 }, { gpa: ADJ_B + 0x100000 - 512, len: 1024 }]);
+    assert.equal(n.err, "NoStatus");
+    // an unusable buffer elsewhere, status descriptor spanning A and B: IOERR in B
+    const s = parse(c, [{ gpa: 0x1000, len: 16 }, { gpa: ADJ_B - 4, len: 8, write: true }]);
+    assert.equal(s.err, "BadDescriptor");
+    assert.equal(s.req.statusAddr, c.tm.mem.hostAddr(ADJ_B + 3, 1));
+  });
+});
+
+Deno.test("adjacent regions: a split beyond seg_max is TooManySegments (IOERR)", () => {
+  withAdjacent((c) => {
+    header(c, ADJ_C, VIRTIO_BLK_T_IN, 0);
+    const st = { gpa: ADJ_C + 0x100, len: 1, write: true };
+    const span = { gpa: ADJ_B - 512, len: 1024, write: true };
+    // two descriptors' worth of iovecs: fits seg_max 2
+    let r = parse(c, [{ gpa: ADJ_C, len: 16 }, span, st], { segMax: 2 });
+    assert.equal(r.err, null);
+    assert.equal(r.req.qiov.niov, 2);
+    // two descriptors, three iovecs: beyond seg_max 2
+    r = parse(c, [
+      { gpa: ADJ_C, len: 16 },
+      span,
+      { gpa: ADJ_A + 0x40000, len: 512, write: true },
+      st,
+    ], {
+      segMax: 2,
+    });
+    assert.equal(r.err, "TooManySegments");
+    assert.equal(requestErrorStatus("TooManySegments"), VIRTIO_BLK_S_IOERR);
+    assert.equal(r.req.statusAddr, c.tm.mem.hostAddr(st.gpa, 1));
+  });
 });

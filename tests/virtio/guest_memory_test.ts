@@ -68,6 +68,8 @@ Deno.test("hostAddr: bounds, len 0, bad numbers, region cache", () => {
   try {
     assert.equal(mem.hostAddr(0x1000, 0x1000), r0.host);
     assert.equal(mem.hostAddr(0x1fff, 1), r0.host + 0xfff);
+    // hostAddr stays one-region (rings, indirect tables need one host view);
+    // a span of adjacent regions is translated piecewise: see "pieceCount" below.
     assert.equal(mem.hostAddr(0x1fff, 2), -1, "straddles two regions");
     assert.equal(mem.hostAddr(0x1000, 0x3000), -1);
     assert.equal(mem.hostAddr(0x2000, 0x2000), r1.host);
@@ -108,6 +110,52 @@ Deno.test("hostAddr: bounds, len 0, bad numbers, region cache", () => {
     assert.equal(mem.userToHost(0x801000, 0x1000), r1.host + 0x1000);
     assert.equal(mem.bytes(0x1ff0, 0x20), null);
     assert.equal(mem.bytes(0x2000, 0x2000)?.length, 0x2000);
+  } finally {
+    tm.close();
+  }
+});
+
+Deno.test("pieceCount / hostAddrPrefix: adjacent regions piecewise, holes refused", () => {
+  const tm = new TestMemory([
+    { gpa: 0x1000, size: 0x1000 },
+    { gpa: 0x2000, size: 0x2000 }, // adjacent to the first
+    { gpa: 0x4000, size: 0x1000 }, // adjacent to the second
+    { gpa: 0x8000, size: 0x1000 }, // after a hole
+  ]);
+  const { mem } = tm;
+  const [r0, r1, r2, r3] = tm.regions;
+  try {
+    assert.equal(mem.pieceCount(0x1000, 0x1000), 1);
+    assert.equal(mem.pieceCount(0x1fff, 2), 2);
+    assert.equal(mem.pieceCount(0x1fff, 0x3001), 3, "through all of r1 into r2");
+    assert.equal(mem.pieceCount(0x1000, 0x4000), 3);
+    assert.equal(mem.pieceCount(0x1000, 0x4001), -1, "r2 ends in a hole");
+    assert.equal(mem.pieceCount(0x4fff, 2), -1);
+    assert.equal(mem.pieceCount(0x7fff, 2), -1, "starts in the hole");
+    assert.equal(mem.pieceCount(0x8000, 0x1000), 1);
+    assert.equal(mem.pieceCount(0xfff, 2), -1);
+    for (const [g, l] of [[0x1000, 0], [NaN, 1], [0x1000, -1], [-1, 2], [0x1000, 0.5]]) {
+      assert.equal(mem.pieceCount(g, l), -1, `${g} +${l}`);
+    }
+    // the pieces of 0x1ff0 + 0x2020: 16 bytes of r0, all of r1, 16 of r2
+    const got: [number, number, number][] = [];
+    for (let g = 0x1ff0, left = 0x2020; left > 0;) {
+      const h = mem.hostAddrPrefix(g, left);
+      got.push([h, mem.prefixLength, mem.lastRegion]);
+      g += mem.prefixLength;
+      left -= mem.prefixLength;
+    }
+    assert.deepEqual(got, [[r0.host + 0xff0, 16, 0], [r1.host, 0x2000, 1], [r2.host, 16, 2]]);
+    assert.equal(mem.hostAddrPrefix(0x8010, 0x10000), r3.host + 0x10);
+    assert.equal(mem.prefixLength, 0x1000 - 0x10);
+    assert.equal(mem.hostAddrPrefix(0x5000, 1), -1);
+    // pieceCount leaves the hostAddr cache where it was
+    mem.hostAddr(0x8000, 1);
+    mem.pieceCount(0x1ff0, 32);
+    assert.equal(mem.lastRegion, 3);
+    mem.close();
+    assert.equal(mem.pieceCount(0x1000, 1), -1, "nothing after close");
+    assert.equal(mem.hostAddrPrefix(0x1000, 1), -1);
   } finally {
     tm.close();
   }

@@ -2,7 +2,8 @@
 // indirect tables and avail rings in guard-paged guest memory. pop() must never
 // throw, every buffer it returns must lie inside one region, a broken ring must
 // carry a typed reason, and the result must agree with a simple reference
-// walker written independently here.
+// walker written independently here. R0 and R1 are adjacent: a buffer that
+// spans them is split into one entry per region (issue 10 section 3).
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import {
@@ -101,11 +102,30 @@ function regionOf(gpa: bigint, len: number): number {
 type RefBuf = { gpa: bigint; len: number; write: boolean };
 
 /**
+ * [gpa, gpa+len) cut at region boundaries, or null when a byte of it is in no
+ * region (QEMU's virtqueue_map_desc loop over dma_memory_map).
+ */
+function piecesOf(gpa: bigint, len: number): { gpa: bigint; len: number }[] | null {
+  const out: { gpa: bigint; len: number }[] = [];
+  let g = gpa, left = BigInt(len);
+  while (left > 0n) {
+    const r = regionOf(g, 1);
+    if (r < 0) return null;
+    const room = BigInt(BASES[r] + SIZES[r]) - g;
+    const n = room < left ? room : left;
+    out.push({ gpa: g, len: Number(n) });
+    g += n;
+    left -= n;
+  }
+  return out;
+}
+
+/**
  * What the reference walk found: the buffers, or (a buffer error) the first
  * unusable buffer's kind and the status byte's address when the last
  * descriptor is a valid device-writable buffer.
  */
-type RefChain = { bufs: RefBuf[]; error: string | null; status: bigint | null };
+type RefChain = { bufs: RefBuf[]; error: string | null; status: bigint | null; split: number };
 
 /** Reference walker: the rules of virtio/descriptor_chain.ts, written plainly. */
 function referenceWalk(
@@ -117,6 +137,7 @@ function referenceWalk(
   if (head >= size) return "HeadOutOfRange";
   const bufs: RefBuf[] = [];
   let error: string | null = null;
+  let split = 0; // descriptors spanning adjacent regions
   let tableGpa = BigInt(tm.regions[0].gpa), tableLen = size, inIndirect = false;
   let i = head, seen = 0;
   while (true) {
@@ -137,17 +158,27 @@ function referenceWalk(
       continue;
     }
     const write = (d.flags & 2) !== 0;
+    const pieces = d.len === 0 ? null : piecesOf(d.addr, d.len);
     if (error === null) {
       if (d.len === 0) error = "ZeroLength";
-      else if (regionOf(d.addr, d.len) < 0) error = "OutOfRange";
-      else if (bufs.length >= cap) error = "TooLong";
-      else if (!write && bufs.some((b) => b.write)) error = "BadOrder";
-      else bufs.push({ gpa: d.addr, len: d.len, write });
+      else if (pieces === null) error = "OutOfRange";
+      else {
+        if (pieces.length > 1) split++;
+        for (const p of pieces) {
+          if (bufs.length >= cap) error = "TooLong";
+          else if (!write && bufs.some((b) => b.write)) error = "BadOrder";
+          else {
+            bufs.push({ gpa: p.gpa, len: p.len, write });
+            continue;
+          }
+          break;
+        }
+      }
     }
     if (!(d.flags & 1)) {
-      if (error === null) return { bufs, error, status: null };
-      const ok = write && d.len > 0 && regionOf(d.addr, d.len) >= 0;
-      return { bufs, error, status: ok ? d.addr + BigInt(d.len) - 1n : null };
+      if (error === null) return { bufs, error, status: null, split };
+      const ok = write && pieces !== null;
+      return { bufs, error, status: ok ? d.addr + BigInt(d.len) - 1n : null, split };
     }
     i = d.next;
   }
@@ -237,6 +268,7 @@ function checkCase(c: Case): void {
       }
     } else {
       count(chain.count > 1 ? "chain" : "single");
+      if (ref.split > 0) count("split");
       assert.equal(chain.count, ref.bufs.length);
     }
     for (let i = 0; i < chain.count; i++) {
@@ -286,8 +318,12 @@ Deno.test("fuzz: pop() over arbitrary rings never throws and stays inside the re
 
 Deno.test("fuzz: mostly well-formed chains (biased to valid addresses and lengths)", () => {
   const goodDesc = fc.record({
-    addr: fc.tuple(fc.integer({ min: 0, max: 2 }), fc.integer({ min: 0, max: 0xff0 }))
-      .map(([r, off]) => BigInt(BASES[r] + 0xa000 * (r === 0 ? 1 : 0) + off)),
+    addr: fc.oneof(
+      fc.tuple(fc.integer({ min: 0, max: 2 }), fc.integer({ min: 0, max: 0xff0 }))
+        .map(([r, off]) => BigInt(BASES[r] + 0xa000 * (r === 0 ? 1 : 0) + off)),
+      // the end of R0, so that longer buffers span R0 and R1
+      fc.integer({ min: 1, max: 0x400 }).map((k) => BigInt(R1 - k)),
+    ),
     len: fc.oneof(fc.integer({ min: 1, max: 16 }), fc.constantFrom(16, 513, 1024, 4097)),
     flags: fc.constantFrom(0, 1, 2, 3, 1, 3),
     next: fc.integer({ min: 0, max: 15 }),
@@ -304,7 +340,8 @@ Deno.test("fuzz: mostly well-formed chains (biased to valid addresses and length
   seen.clear();
   fc.assert(fc.property(arb, checkCase), { numRuns: 3000 });
   if (Deno.env.get("FUZZ_STATS")) console.log(Object.fromEntries(seen));
-  for (const k of ["chain", "Loop", "BadOrder", "HeadOutOfRange", "blk:NoStatus", "error:status"]) {
+  const want = ["chain", "Loop", "BadOrder", "HeadOutOfRange", "blk:NoStatus", "error:status"];
+  for (const k of [...want, "split"]) {
     assert.ok(seen.has(k), `generator never produced ${k}: ${[...seen.keys()]}`);
   }
 });

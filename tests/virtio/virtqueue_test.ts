@@ -252,7 +252,9 @@ const STATUS: Buf = { gpa: C + 0x20, len: 1, write: true };
 const bufferErrors: [string, Buf[]][] = [
   ["OutOfRange", [{ gpa: 0x1000, len: 16 }]], // below every region
   ["OutOfRange", [{ gpa: B + 0x40000 - 8, len: 16 }]], // runs off B into the hole
-  ["OutOfRange", [{ gpa: B - 8, len: 16, write: true }]], // straddles A and B
+  // (A buffer straddling the adjacent A and B was OutOfRange here until issue 10
+  // section 3: it is split now, as QEMU does; see "adjacent regions" below.)
+  ["OutOfRange", [{ gpa: B - 8, len: 0x40000 + 16, write: true }]], // A, all of B, the hole
   ["OutOfRange", [{ gpa: 2 ** 60, len: 16 }]],
   ["OutOfRange", [{ gpa: 2 ** 53 + A, len: 16 }]],
   ["OutOfRange", [{ gpa: C, len: 0xffffffff }]],
@@ -492,6 +494,96 @@ Deno.test("EVENT_IDX: disableNotification leaves avail_event behind", () => {
     assert.equal(drv.usedFlags(), 0, "NO_NOTIFY is not used with EVENT_IDX");
     vq.enableNotification();
     assert.equal(drv.availEvent(), 2);
+  } finally {
+    tm.close();
+  }
+});
+
+// Issue 10 section 3: a buffer spanning guest-physically adjacent regions is
+// split into one chain entry per region, as QEMU's virtqueue_map_desc (and
+// libvhost-user's virtqueue_map_desc) split it into iovecs. A span that
+// touches a hole stays OutOfRange.
+Deno.test("adjacent regions: a buffer spanning A and B is one entry per region", () => {
+  const { tm, drv, vq } = setup();
+  try {
+    const head = drv.add([
+      { gpa: B - 16, len: 24 }, // 16 bytes in A, 8 in B
+      { gpa: B - 0x100, len: 0x200, write: true },
+      STATUS,
+    ]);
+    const c = vq.pop();
+    assert.ok(c, String(vq.brokenReason));
+    assert.equal(c.head, head);
+    assert.equal(c.error, null);
+    assert.equal(c.count, 5);
+    assert.equal(c.outNum, 2);
+    assert.equal(c.outLen, 24);
+    assert.equal(c.inLen, 0x201);
+    const want = [
+      [A + 0x100000 - 16, 16, 0],
+      [B, 8, 1],
+      [B - 0x100, 0x100, 0],
+      [B, 0x100, 1],
+      [C + 0x20, 1, 2],
+    ];
+    want.forEach(([gpa, len, region], i) => {
+      assert.equal(c.addr[i], hostOf(tm, gpa), `entry ${i}`);
+      assert.equal(c.len[i], len);
+      assert.equal(c.region[i], region);
+      assert.equal(tm.mem.regionHostAddr(region) + c.offset[i], c.addr[i]);
+      assert.ok(tm.containsHost(c.addr[i], c.len[i]));
+    });
+    vq.push(head, 0x201);
+  } finally {
+    tm.close();
+  }
+});
+
+Deno.test("adjacent regions: a split beyond the chain capacity is TooLong", () => {
+  const { tm, drv, vq } = setup({ maxChainLength: 3 });
+  try {
+    // 2 descriptors, 3 entries: fits
+    drv.add([{ gpa: B - 8, len: 16 }, STATUS]);
+    let c = vq.pop();
+    assert.equal(c?.error, null);
+    assert.equal(c?.count, 3);
+    vq.push(c!.head, 1);
+    // 3 descriptors, 4 entries: too many
+    drv.add([{ gpa: A + 0x1000, len: 16 }, { gpa: B - 8, len: 16 }, STATUS]);
+    c = vq.pop();
+    assert.equal(c?.error, "TooLong");
+    assert.equal(c?.statusAddr, hostOf(tm, STATUS.gpa));
+    vq.push(c!.head, 1);
+    assert.ok(!vq.broken);
+  } finally {
+    tm.close();
+  }
+});
+
+Deno.test("adjacent regions: a last descriptor spanning A and B still locates the status byte", () => {
+  const { tm, drv, vq } = setup();
+  try {
+    drv.add([{ gpa: 0x1000, len: 16 }, { gpa: B - 8, len: 16, write: true }]);
+    const c = vq.pop();
+    assert.equal(c?.error, "OutOfRange");
+    assert.equal(c?.statusAddr, hostOf(tm, B + 7));
+    assert.equal(c?.statusRegion, 1);
+    assert.equal(c?.statusOffset, 7);
+  } finally {
+    tm.close();
+  }
+});
+
+Deno.test("adjacent regions: an indirect table must still lie in one region", () => {
+  const { tm, drv, vq } = setup({ indirectDesc: true });
+  try {
+    const table = B - 16; // two descriptors: one in A, one in B
+    drv.setDesc(0, A + 0x1000, 16, VRING_DESC_F_NEXT, 1, table);
+    drv.setDesc(1, C, 1, VRING_DESC_F_WRITE, 0, table);
+    drv.setDesc(0, table, 32, VRING_DESC_F_INDIRECT, 0);
+    drv.makeAvailable(0);
+    assert.equal(vq.pop(), null);
+    assert.equal(brokenKind(vq), "IndirectOutOfRange");
   } finally {
     tm.close();
   }

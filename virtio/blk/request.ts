@@ -234,9 +234,12 @@ const HI_LIMIT = 0x200000; // sector >= 2^53 is beyond any capacity
 /**
  * Parses the chain of one virtio-blk request into `req` (as QEMU's
  * virtio_blk_handle_request does before submitting): the 16-byte outhdr
- * (type, ioprio, sector; it may span buffers), the data buffers into
- * `req.qiov`, the status byte (the last byte of the last device-writable
- * buffer) and, for discard / write zeroes, the ranges. Everything is checked
+ * (type, ioprio, sector; it may span buffers, including the pieces of one
+ * descriptor in adjacent regions), the data buffers into `req.qiov` (one
+ * iovec per chain entry: a descriptor split over adjacent regions counts
+ * once per piece against seg_max, like QEMU's iovecs), the status byte (the
+ * last byte of the last device-writable buffer: one byte, so always in one
+ * region) and, for discard / write zeroes, the ranges. Everything is checked
  * against `limits`. Returns null when the request can be executed, else what
  * is wrong: complete it with {@link requestErrorStatus} (after
  * `req.writeStatus`), or treat the ring as broken for REQUEST_BROKEN. A
