@@ -230,6 +230,10 @@ export class VhostUserBlkHost {
    */
   async #onRingBroken(log: (line: string) => void): Promise<void> {
     this.#ringBroken.testAndClear();
+    // The connection whose rings are asked about: another may be accepted
+    // while the IOThreads answer, and it must not be closed for this one.
+    const conn = this.server.connection;
+    if (conn === null) return;
     const broken: string[] = [];
     try {
       for (const t of this.#threads) {
@@ -240,8 +244,7 @@ export class VhostUserBlkHost {
     } catch {
       return; // stopping
     }
-    const conn = this.server.connection;
-    if (broken.length === 0 || conn === null || conn.closed) return;
+    if (broken.length === 0 || conn.closed || this.server.connection !== conn) return;
     log(`ring broken (${broken.join("; ")}): closing the connection (device needs reset)`);
     await conn.close();
   }
