@@ -43,13 +43,21 @@ interface Ctx {
   vq: Virtqueue;
 }
 
-function withQueue(fn: (c: Ctx) => void): void {
-  const tm = new TestMemory([
-    { gpa: A, size: 0x100000, uva: 0x7f4400000000 },
-    { gpa: B, size: 0x100000, uva: 0x7f2200000000 },
-  ]);
+type Region = { gpa: number; size: number; uva: number };
+const TWO_REGIONS: Region[] = [
+  { gpa: A, size: 0x100000, uva: 0x7f4400000000 },
+  { gpa: B, size: 0x100000, uva: 0x7f2200000000 },
+];
+
+/** A 64-entry queue with its rings at the first region's start. */
+function withQueue(
+  fn: (c: Ctx) => void,
+  regions: Region[] = TWO_REGIONS,
+  indirectDesc = true,
+): void {
+  const tm = new TestMemory(regions);
   try {
-    const l = ringLayout(A, 64);
+    const l = ringLayout(regions[0].gpa, 64);
     const drv = new GuestDriver(tm, 64, l);
     const vq = new Virtqueue({
       mem: tm.mem,
@@ -57,7 +65,7 @@ function withQueue(fn: (c: Ctx) => void): void {
       desc: tm.uva(l.desc),
       avail: tm.uva(l.avail),
       used: tm.uva(l.used),
-      indirectDesc: true,
+      indirectDesc,
     });
     fn({ tm, drv, vq });
   } finally {
@@ -404,25 +412,11 @@ Deno.test("IN/OUT data over VIRTIO_BLK_MAX_REQUEST_BYTES is TooLarge: the used l
 const ADJ_A = 0x100000, ADJ_B = 0x200000, ADJ_C = 0x800000; // A, B adjacent; hole after B
 
 function withAdjacent(fn: (c: Ctx) => void): void {
-  const tm = new TestMemory([
+  withQueue(fn, [
     { gpa: ADJ_A, size: 0x100000, uva: 0x7f4400000000 },
     { gpa: ADJ_B, size: 0x100000, uva: 0x7f2200000000 },
     { gpa: ADJ_C, size: 0x10000, uva: 0x7f3300000000 },
-  ]);
-  try {
-    const l = ringLayout(ADJ_A, 64);
-    const drv = new GuestDriver(tm, 64, l);
-    const vq = new Virtqueue({
-      mem: tm.mem,
-      size: 64,
-      desc: tm.uva(l.desc),
-      avail: tm.uva(l.avail),
-      used: tm.uva(l.used),
-    });
-    fn({ tm, drv, vq });
-  } finally {
-    tm.close();
-  }
+  ], false);
 }
 
 /** Guest bytes [gpa, gpa+len) read through each region they lie in (never across). */
