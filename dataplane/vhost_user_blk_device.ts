@@ -11,7 +11,7 @@
  */
 
 import type { IOThread } from "../aio/mod.ts";
-import { close, eventfdWrite, setNonBlocking } from "../sys/mod.ts";
+import { close, eventfdWrite } from "../sys/mod.ts";
 import {
   DEFAULT_MAX_QUEUE_SIZE,
   encodeVirtioBlkConfig,
@@ -265,10 +265,8 @@ export class VhostUserBlkDevice implements VhostUserBackend {
       if (fd === null) {
         throw new Error(`queue ${index}: polling without a kick fd (NOFD) is not supported`);
       }
-      // The IOThread reads the kick fd when epoll says it is readable; a
-      // blocking fd that something else drains first (or a pipe) would hang
-      // it there. QEMU's eventfds are non-blocking already: make sure.
-      setNonBlocking(fd, true);
+      // The connection handed over only an eventfd made non-blocking (a
+      // blocking one that something else drains would hang the IOThread).
       if (r.addr === null || r.num === 0) {
         throw new Error(`queue ${index}: SET_VRING_KICK before SET_VRING_NUM/ADDR`);
       }
