@@ -283,6 +283,12 @@ function fillPattern(buf: Uint8Array, offset: number, len: number, seed: number)
   for (let i = 0; i < w.length; i++) w[i] = patternWord(offset + 4 * i, seed);
 }
 
+/** Fills `buf` with the complement of the pattern: every word differs from what a read must bring. */
+function poisonPattern(buf: Uint8Array, offset: number, len: number, seed: number): void {
+  const w = new Uint32Array(buf.buffer, buf.byteOffset, len / 4);
+  for (let i = 0; i < w.length; i++) w[i] = ~patternWord(offset + 4 * i, seed);
+}
+
 function checkPattern(buf: Uint8Array, offset: number, len: number, seed: number): boolean {
   const w = new Uint32Array(buf.buffer, buf.byteOffset, len / 4);
   for (let i = 0; i < w.length; i++) if (w[i] !== patternWord(offset + 4 * i, seed)) return false;
@@ -302,8 +308,9 @@ export interface VerifyResult {
 /**
  * Writes a pattern over `[offset, offset + span)` in `blockSize` requests
  * spread over every queue with up to `queueDepth` in flight each, flushes,
- * reads everything back (through a different queue than wrote it) and
- * compares. Awaits between waits so a back-end in this thread can run.
+ * reads everything back (through a different queue than wrote it, into
+ * buffers poisoned with the pattern's complement, so a read that transfers
+ * nothing counts as a mismatch) and compares. Awaits between waits so a back-end in this thread can run.
  *
  * @example
  * ```ts
@@ -334,6 +341,9 @@ export async function verify(
         fillPattern(q.data(slot), off, o.blockSize, o.seed);
         q.write(slot, off, o.blockSize);
       } else {
+        // Poison first: a read the device answers OK without transferring
+        // anything must not find the pattern a write left in this slot.
+        poisonPattern(q.data(slot), off, o.blockSize, o.seed);
         q.read(slot, off, o.blockSize);
       }
       inflight++;
