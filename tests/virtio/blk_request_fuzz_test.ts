@@ -1,8 +1,9 @@
 // Property-based tests of the virtio-blk request parser: arbitrary headers,
 // payloads and buffer layouts (header split anywhere, buffers at region edges
 // next to guard pages, buffers spanning the two adjacent regions). parseBlkRequest
-// must never throw, must return a known error kind, and an accepted request must
-// be consistent and inside guest memory.
+// must never throw, must return the error kind an oracle derives from the
+// request (the malformation it holds), and an accepted request must be
+// consistent and inside guest memory.
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import {
@@ -143,6 +144,102 @@ const shapedArb: fc.Arbitrary<Case> = fc.record({
 });
 
 const CAPACITY = 8192;
+
+/** The status each kind is answered with (virtio 1.2 5.2.6: UNSUPP only for what is not supported). */
+const STATUS_OF: Record<RequestErrorKind, number> = {
+  NoStatus: -1,
+  BadDescriptor: 1,
+  HeaderTooShort: 1,
+  Unsupported: 2,
+  UnsupportedFlags: 2,
+  BadLength: 1,
+  Unaligned: 1,
+  OutOfRange: 1,
+  TooManySegments: 1,
+  BadSegments: 1,
+  TooLarge: 1,
+  ReadOnly: 1,
+};
+
+/**
+ * Oracle: the error kind (or null) for the request laid out as `chain`,
+ * whose device-readable bytes are `stream` followed by zeroes. Written from
+ * the spec's rules (5.2.6) in the parser's order of checks: status, header,
+ * then per type the sector range and sizes, then the segment count.
+ */
+function expectedKind(
+  chain: DescriptorChain,
+  stream: Uint8Array,
+  limits: ReturnType<typeof blkRequestLimits>,
+): RequestErrorKind | null {
+  if (chain.inNum === 0) return "NoStatus";
+  if (chain.outLen < 16) return "HeaderTooShort";
+  const readable = new Uint8Array(chain.outLen);
+  readable.set(stream.subarray(0, chain.outLen));
+  const rv = new DataView(readable.buffer);
+  const type = rv.getUint32(0, true);
+  const sector = rv.getBigUint64(8, true);
+  const cap = BigInt(limits.capacity);
+  // data entries: readable bytes after the 16-byte header, or writable bytes before the status
+  const outEntries = () => {
+    let n = 0, skip = 16;
+    for (let i = 0; i < chain.outNum; i++) {
+      const used = Math.min(skip, chain.len[i]);
+      skip -= used;
+      if (chain.len[i] - used > 0) n++;
+    }
+    return n;
+  };
+  const inEntries = () => {
+    let n = 0;
+    for (let i = chain.outNum; i < chain.count; i++) {
+      if ((i === chain.count - 1 ? chain.len[i] - 1 : chain.len[i]) > 0) n++;
+    }
+    return n;
+  };
+  switch (type) {
+    case VIRTIO_BLK_T_IN:
+    case VIRTIO_BLK_T_OUT: {
+      const write = type === VIRTIO_BLK_T_OUT;
+      const dataLen = write ? chain.outLen - 16 : chain.inLen - 1;
+      if (sector >= 1n << 53n) return "OutOfRange";
+      if (dataLen % limits.blkSize !== 0) return "BadLength";
+      if (sector % BigInt(limits.blkSize / 512) !== 0n) return "Unaligned";
+      if (sector + BigInt(dataLen / 512) > cap) return "OutOfRange";
+      if (write && limits.readOnly) return "ReadOnly";
+      if ((write ? outEntries() : inEntries()) > limits.segMax) return "TooManySegments";
+      return null;
+    }
+    case VIRTIO_BLK_T_FLUSH:
+      return null;
+    case VIRTIO_BLK_T_GET_ID:
+      return inEntries() > limits.segMax ? "TooManySegments" : null;
+    case VIRTIO_BLK_T_DISCARD:
+    case VIRTIO_BLK_T_WRITE_ZEROES: {
+      const discard = type === VIRTIO_BLK_T_DISCARD;
+      if (limits.readOnly) return "ReadOnly";
+      const dataLen = chain.outLen - 16;
+      if (dataLen === 0 || dataLen % 16 !== 0) return "BadSegments";
+      const n = dataLen / 16;
+      if (n > (discard ? limits.maxDiscardSeg : limits.maxWriteZeroesSeg)) {
+        return "TooManySegments";
+      }
+      for (let i = 0; i < n; i++) {
+        const s = rv.getBigUint64(16 + 16 * i, true);
+        const num = rv.getUint32(24 + 16 * i, true);
+        const flags = rv.getUint32(28 + 16 * i, true);
+        if ((flags & ~1) !== 0 || (discard && flags !== 0)) return "UnsupportedFlags";
+        if (num > (discard ? limits.maxDiscardSectors : limits.maxWriteZeroesSectors)) {
+          return "TooLarge";
+        }
+        if (s >= 1n << 53n || s + BigInt(num) > cap) return "OutOfRange";
+      }
+      return null;
+    }
+    default:
+      return "Unsupported";
+  }
+}
 /** Outcomes seen, so the test can check the generator reaches accepted requests. */
 const seen = new Map<string, number>();
 
@@ -216,6 +313,10 @@ function run(c: Case): void {
   }
   const err = parseBlkRequest(chain, tm.mem, limits, req);
   assert.ok(err === null || KINDS.has(err), `unknown result ${err}`);
+  // The kind must be the one the malformation calls for, not just any error.
+  const want = expectedKind(chain, stream, limits);
+  assert.equal(err, want, `type ${c.type}: ${err} where the request calls for ${want}`);
+  if (want !== null) assert.equal(requestErrorStatus(err!), STATUS_OF[want], `status of ${want}`);
   const key = `${c.type}:${err}`;
   seen.set(key, (seen.get(key) ?? 0) + 1);
   if (spanned) seen.set(`span:${key}`, (seen.get(`span:${key}`) ?? 0) + 1);
@@ -291,6 +392,9 @@ Deno.test("fuzz: parseBlkRequest never throws, and what it accepts is in range",
   for (const t of [VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT]) {
     assert.ok(seen.has(`span:${t}:null`), `no accepted type ${t} with a spanning buffer`);
   }
+  // every malformation the parser knows (BadDescriptor comes from the walker) was generated
+  const reached = new Set([...seen.keys()].map((k) => k.split(":").at(-1)));
+  for (const k of KINDS) assert.ok(reached.has(k), `generator never produced ${k}`);
 });
 
 Deno.test("fuzz: well-formed IN/OUT requests are accepted", () => {
