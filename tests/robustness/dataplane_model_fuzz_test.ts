@@ -28,7 +28,7 @@ import fc from "fast-check";
 import { AioContext } from "../../aio/mod.ts";
 import { BlockBackend } from "../../block/mod.ts";
 import { VirtioBlkDataPlane } from "../../dataplane/virtio_blk_dataplane.ts";
-import { close, eventfd, eventfdRead } from "../../sys/mod.ts";
+import { close, eventfd, eventfdRead, eventfdWrite } from "../../sys/mod.ts";
 import { blkIdBytes, VirtioBlkRequest } from "../../virtio/mod.ts";
 import { ringLayout, TestMemory } from "../virtio/guest_driver.ts";
 import {
@@ -209,6 +209,11 @@ const caseArb = fc.record({
     weight: 1,
   }),
   seed: fc.integer({ min: 1, max: 0x7fffffff }),
+  /** Where the second batch starts (half the cases have one). */
+  split: fc.oneof({ arbitrary: fc.constant(0xffff), weight: 1 }, {
+    arbitrary: fc.nat({ max: MAX_CHAINS }),
+    weight: 1,
+  }),
 });
 type Case = typeof caseArb extends fc.Arbitrary<infer T> ? T : never;
 
@@ -609,7 +614,10 @@ async function checkCase(ctx: AioContext, c: Case, t: Tally, mutant?: DriverMuta
   const pending = c.availJump
     ? size + 1 + ((c.availJump - 1) % (0x10000 - size - 1))
     : heads.length;
-  const availIdx = (c.lastAvail + pending) & 0xffff;
+  // Two batches in some cases: the first chains before the queue starts,
+  // the rest published (and kicked) once the first batch is answered.
+  const first = c.availJump || c.split === 0xffff ? heads.length : Math.min(c.split, heads.length);
+  const availIdx = (c.lastAvail + (c.availJump ? pending : first)) & 0xffff;
   avail.setUint16(2, availIdx, true);
   const used = tm.view(l.used, 6 + 8 * size);
   used.setUint16(0, 0, true);
@@ -635,15 +643,18 @@ async function checkCase(ctx: AioContext, c: Case, t: Tally, mutant?: DriverMuta
     badSector: f.badSector,
     id: blkIdBytes(SERIAL),
   };
-  const model = runModel(
-    features,
-    mm,
-    modelImage,
-    table,
-    indirect,
-    c.availJump ? null : heads,
-    capacity,
-  );
+  const run = (hs: number[] | null) =>
+    runModel(features, mm, modelImage, table, indirect, hs, capacity);
+  const model = run(c.availJump ? null : heads.slice(0, first));
+  if (first < heads.length) {
+    if (model.broken === null) {
+      const second = run(heads.slice(first));
+      model.answers.push(...second.answers);
+      model.used.push(...second.used);
+      model.broken = second.broken;
+      model.unanswered = second.unanswered;
+    } else model.unanswered += heads.length - first;
+  }
 
   // The dataplane.
   const driver = new MemoryImageDriver(ctx, image);
@@ -666,6 +677,7 @@ async function checkCase(ctx: AioContext, c: Case, t: Tally, mutant?: DriverMuta
     onBroken: (_i, reason) => broken.push(reason),
   });
   eventfdRead(errFd);
+  eventfdRead(kickFd);
   let hung = 0, calls = 0;
   try {
     await dp.setMemory(tm.mem);
@@ -684,6 +696,17 @@ async function checkCase(ctx: AioContext, c: Case, t: Tally, mutant?: DriverMuta
       enabled: true,
     });
     settle(ctx, dp);
+    if (first < heads.length && dp.inFlight === 0) {
+      // the driver consumed the first answers: interrupt it for the next ones
+      avail.setUint16(4 + 2 * size, (c.lastAvail + first) & 0xffff, true);
+      avail.setUint16(2, (c.lastAvail + heads.length) & 0xffff, true);
+      // (the driver's own writes: the model's memory has them too)
+      for (const o of [l.avail + 2, l.avail + 4 + 2 * size]) {
+        mm.bytes.set(tm.mem.bytes(o, 2)!, o - R0);
+      }
+      eventfdWrite(kickFd, 1);
+      settle(ctx, dp);
+    }
     hung = dp.inFlight;
   } finally {
     // A request that never completes is a failure below; release what a
