@@ -3,7 +3,8 @@
 // vhost-user-blk export, each over a raw file image with the same content,
 // through the same hostile-guest front-end: a seeded random stream of
 // requests (reads, writes, flushes, GET_ID, discard, write zeroes, unknown
-// types, bad lengths, sectors beyond the end), the status catalogue, and
+// types, bad lengths, sectors beyond the end) one at a time and in batches
+// in flight together, the status catalogue, and
 // every malformed chain of the hostile catalogue on a fresh connection.
 // Compared: status bytes, used lengths, the data read, and the final images.
 // Where qemu-storage-daemon's answer is not the one we give on purpose, the
@@ -14,6 +15,7 @@ import assert from "node:assert/strict";
 import { VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID } from "../../client/virtio_blk_defs.ts";
 import type { GuestBuffer } from "../../client/guest_ram.ts";
 import { makeScratchDir, QemuStorageDaemon } from "../harness/mod.ts";
+import { eventfdWrite } from "../../sys/mod.ts";
 import { firstDifference, randomBytes } from "../e2e/host_util.ts";
 import {
   CAPACITY,
@@ -56,14 +58,21 @@ const show = (o: Observed) =>
 /** The buffers one server's guest reuses for every request (one at a time). */
 interface Slot {
   g: HostileGuest;
-  hdr: GuestBuffer;
-  data: GuestBuffer;
-  status: GuestBuffer;
+  /** Header, data and status buffers of request `i` of a batch (0 when one at a time). */
+  bufs: { hdr: GuestBuffer; data: GuestBuffer; status: GuestBuffer }[];
 }
+
+/** Requests in flight at once in the batched part (on disjoint sectors). */
+const BATCH = 6;
 
 async function slot(socket: string): Promise<Slot> {
   const g = await HostileGuest.connect(socket, 1);
-  return { g, hdr: g.alloc(16 + 64), data: g.alloc(64 * 1024, 4096), status: g.alloc(1) };
+  const bufs = Array.from({ length: BATCH }, () => ({
+    hdr: g.alloc(16 + 64),
+    data: g.alloc(16 * 1024, 4096),
+    status: g.alloc(1),
+  }));
+  return { g, bufs };
 }
 
 /** One request of the random stream. */
@@ -120,8 +129,8 @@ function stream(seed: number, n: number): Req[] {
 }
 
 /** Lays `q` out on `s`'s queue 0 (same bytes on both servers). */
-function build(s: Slot, q: Req): number {
-  const { g, hdr, data, status } = s;
+function build(s: Slot, q: Req, i = 0): number {
+  const g = s.g, { hdr, data, status } = s.bufs[i];
   const dv = new DataView(hdr.bytes.buffer, hdr.bytes.byteOffset, hdr.length);
   hdr.bytes.fill(0);
   dv.setUint32(0, q.type, true);
@@ -165,14 +174,40 @@ async function observe(s: Slot, head: number, dataLen: number, ms: number): Prom
   s.g.submit(0, head);
   const r = await watch(s.g, head, ms);
   if (typeof r !== "number") return { kind: r };
-  const d = s.data.bytes.subarray(0, dataLen);
+  return answered(s, 0, r, dataLen);
+}
+
+function answered(s: Slot, i: number, usedLen: number, dataLen: number): Observed {
+  const d = s.bufs[i].data.bytes.subarray(0, dataLen);
   return {
     kind: "answered",
-    status: s.status.bytes[0],
-    usedLen: r,
+    status: s.bufs[i].status.bytes[0],
+    usedLen,
     data: d.every((b) => b === 0xcc) ? "" : d.length <= 64 ? hex(d) : hash(d),
   };
 }
+
+/** Makes `qs` available at once (one kick) and collects every answer, by head. */
+async function observeBatch(s: Slot, qs: Req[]): Promise<Observed[]> {
+  const heads = qs.map((q, i) => build(s, q, i));
+  const q0 = s.g.client.queues[0];
+  for (const h of heads) q0.ring.addAvail(h);
+  q0.ring.publish();
+  eventfdWrite(q0.kickFd, 1);
+  const got = new Map<number, number>();
+  const end = Date.now() + TIMEOUT_MS;
+  while (got.size < heads.length && Date.now() < end) {
+    const u = await s.g.nextUsed(0, 20);
+    if (u !== null) got.set(u.head, u.usedLen);
+  }
+  return heads.map((h, i) => {
+    const len = got.get(h);
+    return len === undefined ? { kind: "hang" } : answered(s, i, len, dataLenOf(qs[i]));
+  });
+}
+
+/** Bytes of a request's data buffer to compare afterwards (what the device may write). */
+const dataLenOf = (q: Req) => q.type === T_OUT ? 0 : q.len;
 
 function hex(b: Uint8Array): string {
   return [...b].map((x) => x.toString(16).padStart(2, "0")).join("");
@@ -289,17 +324,30 @@ Deno.test("differential: our host and qemu-storage-daemon answer the same stream
       for (const q of stream(seed, REQUESTS)) {
         compared++;
         const what = `type ${q.type} sector ${q.sector} len ${q.len} num ${q.num} flags ${q.flags}`;
-        const dataLen = q.type === T_OUT ? 0 : q.len;
+        const dataLen = dataLenOf(q);
         const a = await observe(ours, build(ours, q), dataLen, TIMEOUT_MS);
         const b = await observe(them, build(them, q), dataLen, TIMEOUT_MS);
         compare(what, q, a, b);
         if (a.kind !== "answered" || b.kind !== "answered") break;
       }
-      // 2. the status catalogue
+      // 2. batches of requests in flight together, each in its own window of sectors
+      const batched = stream(seed ^ 0x5a5a, 20 * BATCH).map((q, k) => {
+        const window = BigInt((k % BATCH) * 320);
+        return q.sector < SPAN_SECTORS ? { ...q, sector: window + (q.sector % 300n) } : q;
+      });
+      for (let k = 0; k < batched.length; k += BATCH) {
+        const qs = batched.slice(k, k + BATCH);
+        compared += qs.length;
+        const a = await observeBatch(ours, qs), b = await observeBatch(them, qs);
+        qs.forEach((q, i) =>
+          compare(`batch ${k / BATCH} request ${i}: type ${q.type}`, q, a[i], b[i])
+        );
+      }
+      // 3. the status catalogue
       for (const c of STATUS_CASES) {
         const sa = ours.g.statusByte(), sb = them.g.statusByte();
-        ours.status = sa;
-        them.status = sb;
+        ours.bufs[0].status = sa;
+        them.bufs[0].status = sb;
         const a = await observe(ours, c.build(ours.g, 0, sa), 0, ANSWER_MS);
         const b = await observe(them, c.build(them.g, 0, sb), 0, TIMEOUT_MS);
         compare(`status catalogue: ${c.name}`, null, a, b);
@@ -308,7 +356,7 @@ Deno.test("differential: our host and qemu-storage-daemon answer the same stream
       await ours.g.close();
       await them.g.close();
     }
-    // 3. each malformed chain on a fresh connection to both
+    // 4. each malformed chain on a fresh connection to both
     for (const c of HOSTILE_CASES) {
       const obs: Observed[] = [];
       for (
@@ -352,7 +400,7 @@ Deno.test("differential: our host and qemu-storage-daemon answer the same stream
       `${HOSTILE_CASES.length} malformed cases; listed differences seen: ` +
       JSON.stringify(Object.fromEntries(seen)),
   );
-  // 4. the final images
+  // 5. the final images
   const a = await Deno.readFile(images.ours), b = await Deno.readFile(images.qsd);
   const at = firstDifference(a, b);
   assert.equal(at, -1, `images differ at byte ${at}`);
