@@ -491,7 +491,7 @@ function settle(ctx: AioContext, dp: VirtioBlkDataPlane): void {
 }
 
 /** Counts over one fc run, so the bias of the generator is visible. */
-export interface Tally {
+interface Tally {
   cases: number;
   chains: number;
   answered: number;
