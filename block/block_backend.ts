@@ -196,6 +196,32 @@ export class BlockBackend {
     return this.#quiesce > 0;
   }
 
+  /**
+   * Allows (on) or forbids (off, the default) completion callbacks from
+   * inside the submitting call, for a caller whose callbacks are safe to run
+   * there (the virtio-blk dataplane, like QEMU's coroutine-based exports).
+   * Only drivers that can finish at once use it (null-co). Returns whether
+   * completions may now be inline.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * import { AioContext } from "../aio/mod.ts";
+   * import { BlockBackend, IoVector } from "./mod.ts";
+   * const ctx = new AioContext();
+   * const blk = await BlockBackend.open(ctx, { driver: "null-co", size: 1 << 20 });
+   * assert.equal(blk.setInlineCompletion(true), true);
+   * let ret = 1;
+   * blk.aioPreadv(0, IoVector.fromBuffers([new Uint8Array(512)]), (r) => ret = r);
+   * assert.equal(ret, 0); // completed before aioPreadv returned
+   * await blk.close();
+   * ctx.close();
+   * ```
+   */
+  setInlineCompletion(on: boolean): boolean {
+    return this.driver.setInlineCompletion?.(on) ?? false;
+  }
+
   /** Reads `qiov.size` bytes at `offset`. Hot path: no allocation. */
   aioPreadv(offset: number, qiov: IoVector, cb: BlockCompletion): void {
     if (!this.#inRange(offset, qiov.size)) return this.#fail(-EINVAL, cb);

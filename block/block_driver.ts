@@ -19,7 +19,8 @@ export type BlockCompletion = (ret: number) => void;
  * format drivers (raw) that sit on top of a child driver.
  *
  * Contract: a driver never calls `cb` before the submitting call returns (it
- * completes from an fd handler, a bottom half or a thread-pool completion),
+ * completes from an fd handler, a bottom half or a thread-pool completion)
+ * unless its caller turned on `setInlineCompletion`,
  * validates nothing the BlockBackend already checked (range, read-only), and
  * owns no memory of the caller's IoVector, which stays alive until `cb`.
  *
@@ -60,4 +61,12 @@ export interface BlockDriver {
   refreshLength(): number;
   /** Releases files and engines. No request may be in flight. */
   close(): Promise<void>;
+  /**
+   * Lets the driver call `cb` from inside the submitting call (on) or not
+   * (off, the default), for a caller that allows it: QEMU's null-co finishes
+   * inside the request's own coroutine, so its caller sees the completion
+   * before the submission returns. Returns whether completions are now
+   * inline; a driver without this method never completes inline.
+   */
+  setInlineCompletion?(on: boolean): boolean;
 }

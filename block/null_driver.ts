@@ -66,6 +66,8 @@ export class NullCoDriver implements BlockDriver {
   #tail = 0;
   /** Where the running batch ends (exclusive); nested runs extend it. */
   #end = 0;
+  /** Completions inside the submitting call (setInlineCompletion). */
+  #inline = false;
 
   constructor(ctx: AioContext, opts: NullDriverOptions = {}) {
     this.length = opts.size ?? 1 << 30;
@@ -99,6 +101,16 @@ export class NullCoDriver implements BlockDriver {
     this.#complete(cb);
   }
 
+  /**
+   * On: every request completes inside its submitting call, as QEMU's
+   * null-co does in the request's coroutine (no BH round between the
+   * submission and the completion). Off (the default): from the BH.
+   */
+  setInlineCompletion(on: boolean): boolean {
+    this.#inline = on;
+    return on;
+  }
+
   /** Nothing to batch. */
   ioPlug(): void {}
 
@@ -116,8 +128,9 @@ export class NullCoDriver implements BlockDriver {
     return Promise.resolve();
   }
 
-  /** Hot path: queues `cb` and schedules the BH (a no-op when it is scheduled). */
+  /** Hot path: calls `cb` (inline) or queues it and schedules the BH (a no-op when scheduled). */
   #complete(cb: BlockCompletion): void {
+    if (this.#inline) return cb(0);
     if (this.#tail - this.#head > this.#mask) this.#grow();
     this.#cbs[this.#tail++ & this.#mask] = cb;
     this.#bh.schedule();
@@ -186,6 +199,11 @@ export class NullAioDriver extends NullCoDriver {
   constructor(ctx: AioContext, opts: NullDriverOptions = {}) {
     super(ctx, opts);
     this.#ctx = ctx;
+  }
+
+  /** Never inline: null-aio completes every request from its own BH, as QEMU's. */
+  override setInlineCompletion(_on: boolean): boolean {
+    return false;
   }
 
   /** Hot path: one pooled AIOCB and its BH. */

@@ -105,6 +105,11 @@ export class RawDriver implements BlockDriver {
   }
 
   /** Forwards. */
+  /** Passes through to the child (the raw format adds no work of its own). */
+  setInlineCompletion(on: boolean): boolean {
+    return this.child.setInlineCompletion?.(on) ?? false;
+  }
+
   ioPlug(): void {
     this.child.ioPlug();
   }

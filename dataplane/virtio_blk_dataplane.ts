@@ -294,6 +294,11 @@ export class VirtioBlkDataPlane {
       drainedBegin: () => this.#drainedBegin(),
       drainedEnd: () => this.#drainedEnd(),
     });
+    // Completions may run inside a submission (null-co, as in QEMU's
+    // coroutine exports): the first answers of a batch reach the ring while
+    // the rest is still being popped, so a guest reaping them overlaps with
+    // us instead of waiting for the whole batch.
+    blk.setInlineCompletion(true);
   }
 
   /** Requests in flight over every queue. */
@@ -508,6 +513,7 @@ export class VirtioBlkDataPlane {
     for (const i of [...this.#queues.keys()]) await this.stopQueue(i);
     this.#mem = null;
     this.blk.setDevOps(null);
+    this.blk.setInlineCompletion(false);
   }
 
   // ---- host notifier ----------------------------------------------------------------
@@ -699,7 +705,15 @@ export class VirtioBlkDataPlane {
       // Nothing else outstanding: no batch to wait for (QD1 latency).
       if (q.notifyBh.scheduled) q.notifyBh.cancel();
       this.#notifyGuest(q);
+    } else if (q.vq.eventIdx) {
+      // EVENT_IDX: the driver asks for exactly one notification, when used
+      // idx passes its used_event; tell it at once, as libvhost-user's
+      // vu_queue_notify after each push does. A sleeping driver then wakes
+      // while the rest of the batch completes, instead of after it.
+      this.#notifyGuest(q);
     } else if (!q.notifyBh.scheduled) {
+      // Without EVENT_IDX every check with interrupts enabled says yes: one
+      // notification per batch, from the BH.
       q.notifyBh.schedule();
     }
     if (q.inFlight === 0 && q.idleWaiters.length > 0) {

@@ -136,3 +136,42 @@ Deno.test("null-co: many completions queued from inside a batch grow the queue i
   await runUntil(ctx, blk.close());
   ctx.close();
 });
+
+Deno.test("null-co completes inside the submitting call only when the caller allows it; null-aio never", async () => {
+  const ctx = new AioContext();
+  const co = await BlockBackend.open(ctx, { driver: "null-co", size: 1 << 20 });
+  const aio = await BlockBackend.open(ctx, { driver: "null-aio", size: 1 << 20 });
+  try {
+    const qiov = IoVector.fromBuffers([new Uint8Array(512)]);
+    const order: string[] = [];
+    co.aioPreadv(0, qiov, (r) => order.push(`default ${r}`));
+    order.push("returned");
+    assert.equal(co.setInlineCompletion(true), true);
+    co.aioPwritev(0, qiov, (r) => order.push(`inline write ${r}`));
+    co.aioFlush((r) => order.push(`inline flush ${r}`));
+    order.push("returned");
+    assert.equal(co.setInlineCompletion(false), false);
+    co.aioPreadv(0, qiov, (r) => order.push(`off again ${r}`));
+    order.push("returned");
+    assert.equal(aio.setInlineCompletion(true), false, "null-aio completes from a BH");
+    aio.aioPreadv(0, qiov, (r) => order.push(`null-aio ${r}`));
+    order.push("returned");
+    while (order.length < 9) ctx.poll(false);
+    assert.deepEqual(order, [
+      "returned",
+      "inline write 0",
+      "inline flush 0",
+      "returned",
+      "returned",
+      "returned",
+      "default 0",
+      "off again 0",
+      "null-aio 0",
+    ]);
+    assert.equal(co.inFlight, 0);
+  } finally {
+    await co.close();
+    await aio.close();
+    ctx.close();
+  }
+});

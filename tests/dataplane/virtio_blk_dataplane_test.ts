@@ -1268,3 +1268,47 @@ Deno.test("dataplane: a restart that straddles a memory swap starts on the new m
     next.close();
   }
 });
+
+Deno.test("dataplane: with EVENT_IDX the completion that passes used_event notifies at once, not after the batch", async () => {
+  const r = await Rig.create();
+  try {
+    r.driver.setUsedEvent(0); // the driver sleeps: "interrupt me after the first used element"
+    for (let i = 0; i < 4; i++) r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.until(() => r.engine.held.length === 4, "4 flushes submitted");
+    // Complete them one by one inside one bottom half, looking at the call fd
+    // after each: a driver woken by the first answer overlaps with the rest.
+    const batch = r.engine.held.splice(0);
+    const signalled: number[] = [];
+    r.ctx.scheduleOneshot(() => {
+      for (const h of batch) {
+        h.cb(h.ret);
+        signalled.push(eventfdRead(r.callFd));
+      }
+    });
+    await r.until(() => signalled.length === 4, "4 completed");
+    await r.idle(3);
+    assert.deepEqual(signalled, [1, 0, 0, 0], "signalled at the first completion, once");
+    assert.equal(eventfdRead(r.callFd), 0, "and not again at the batch's end");
+    assert.equal(r.dp.stats()[0].notifies, 1);
+  } finally {
+    await r.close();
+  }
+});
+
+Deno.test("dataplane: null-co completes inside the submission, so one kick's batch needs one request slot", async () => {
+  const r = await Rig.create({ block: { driver: "null-co", size: IMAGE } });
+  try {
+    r.driver.setUsedEvent(0);
+    const slots: number[] = [];
+    for (let i = 0; i < 8; i++) slots.push(r.request(VIRTIO_BLK_T_IN, 8 * i, 4096, true));
+    r.kick();
+    await r.until(() => r.driver.usedIdx() === 8, "8 used");
+    await r.idle(3);
+    for (const s of slots) assert.equal(r.status(s), VIRTIO_BLK_S_OK);
+    assert.equal(r.dp.requestSlots, 1, "each request completed before the next was popped");
+    assert.equal(eventfdRead(r.callFd), 1, "one notification");
+  } finally {
+    await r.close();
+  }
+});
