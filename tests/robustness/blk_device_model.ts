@@ -37,6 +37,12 @@ export interface ModelFeatures {
   discard: { maxSectors: number; maxSeg: number } | null;
   writeZeroes: { maxSectors: number; maxSeg: number } | null;
   indirectDesc: boolean;
+  /**
+   * The block layer completes inside the submission (null-co's inline
+   * completion): a request it serves is answered before the next chain is
+   * popped, as a parse error is.
+   */
+  inline: boolean;
   /** A sector whose reads, writes, discards and write zeroes fail (EIO: IOERR), or null. */
   badSector: number | null;
   /** GET_ID answer (20 bytes, zero padded). */
@@ -330,7 +336,8 @@ function parse(f: ModelFeatures, m: ModelMemory, entries: Entry[]): Parsed {
  * that cannot be followed, a head still in flight), the block-layer
  * answers of the batch have their data and status written but no used
  * entry; when the ring breaks for want of a status byte (the ring itself
- * is still sound), every earlier answer is published.
+ * is still sound), every earlier answer is published. With
+ * `f.inline` the block layer answers at once too, so nothing waits.
  *
  * @example
  * ```ts
@@ -339,7 +346,7 @@ function parse(f: ModelFeatures, m: ModelMemory, entries: Entry[]): Parsed {
  * const mem = { base: 0, split: 4096, bytes: new Uint8Array(4096) };
  * const table = [{ addr: 0x100n, len: 1, flags: F_WRITE, next: 0 }]; // a status byte, no header
  * const f = {
- *   capacity: 8, blkSize: 512, segMax: 4, readOnly: false, flush: true, badSector: null,
+ *   capacity: 8, blkSize: 512, segMax: 4, readOnly: false, flush: true, badSector: null, inline: false,
  *   discard: null, writeZeroes: null, indirectDesc: false, id: new Uint8Array(20),
  * };
  * const r = runModel(f, mem, new Uint8Array(4096), table, new Map(), [0], 4);
@@ -387,12 +394,13 @@ export function runModel(
     if (p.status === S_OK) inLen = p.run!(image);
     if (inLen === null) p = { ...p, status: S_IOERR }; // the block layer failed it
     mem.bytes[w.status - mem.base] = p.status;
-    if (p.async) inFlight.add(head);
+    const async = p.async && !f.inline;
+    if (async) inFlight.add(head);
     answers.push({
       head,
       status: p.status,
       usedLen: p.status === S_OK ? inLen! + 1 : 1,
-      async: p.async,
+      async,
       carriesData: p.status === S_OK && p.type !== T_FLUSH,
       type: p.type,
     });

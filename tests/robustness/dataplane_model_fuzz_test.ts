@@ -176,6 +176,8 @@ const featuresArb = fc.record({
   }),
   writeback: fc.boolean(),
   eventIdx: fc.boolean(),
+  // the block layer completes inside the submission (null-co does) or from a bottom half
+  inline: fc.boolean(),
   // a medium error in one case out of five: I/O touching it fails with EIO
   badSector: fc.oneof({ arbitrary: fc.constant(null), weight: 4 }, {
     arbitrary: fc.integer({ min: 0, max: SECTORS - 1 }),
@@ -641,6 +643,7 @@ async function checkCase(ctx: AioContext, c: Case, t: Tally, mutant?: DriverMuta
     writeZeroes: f.writeZeroes,
     indirectDesc: f.indirectDesc,
     badSector: f.badSector,
+    inline: f.inline,
     id: blkIdBytes(SERIAL),
   };
   const run = (hs: number[] | null) =>
@@ -660,6 +663,7 @@ async function checkCase(ctx: AioContext, c: Case, t: Tally, mutant?: DriverMuta
   const driver = new MemoryImageDriver(ctx, image);
   driver.mutant = mutant ?? null;
   driver.badSector = f.badSector;
+  driver.inlineAllowed = f.inline;
   const blk = new BlockBackend(ctx, driver, { readOnly: f.readOnly, discard: "unmap" });
   const broken: string[] = [];
   const dp = new VirtioBlkDataPlane(ctx, blk, {

@@ -3,7 +3,10 @@
  * model: every operation takes effect at submission, in submission order
  * (so a model that applies requests in pop order predicts the image
  * exactly), and completes from one bottom half in FIFO order, never before
- * the submitting call returns (the BlockDriver contract). A {@link DriverMutant}
+ * the submitting call returns (the BlockDriver contract), unless
+ * {@link MemoryImageDriver.inlineAllowed} lets a caller's
+ * `setInlineCompletion(true)` make it complete inside the submission, as
+ * null-co does. A {@link DriverMutant}
  * makes it misbehave on purpose, so a test can show that the fuzz's
  * properties catch a device that does.
  *
@@ -63,10 +66,13 @@ export class MemoryImageDriver implements BlockDriver {
    * zeroes touching it with -EIO, changing nothing (a medium error), or null.
    */
   badSector: number | null = null;
+  /** Whether `setInlineCompletion(true)` is honoured (set before the caller asks). */
+  inlineAllowed = false;
   /** Completions withheld by a mutant. */
   readonly held: BlockCompletion[] = [];
   readonly #bh: BottomHalf;
   #queue: BlockCompletion[] = [];
+  #inline = false;
 
   constructor(ctx: AioContext, image: Uint8Array) {
     this.image = image;
@@ -82,6 +88,7 @@ export class MemoryImageDriver implements BlockDriver {
   }
 
   #complete(cb: BlockCompletion, ret = 0): void {
+    if (this.#inline) return cb(ret);
     this.#queue.push(ret === 0 ? cb : () => cb(ret));
     this.#bh.schedule();
   }
@@ -138,6 +145,12 @@ export class MemoryImageDriver implements BlockDriver {
     if (this.#bad(offset, bytes)) return this.#complete(cb, -EIO);
     if (this.mutant !== "writeZeroesIgnored") this.image.fill(0, offset, offset + bytes);
     this.#complete(cb);
+  }
+
+  /** Completes inside the submission from now on (if {@link inlineAllowed}); returns whether. */
+  setInlineCompletion(on: boolean): boolean {
+    this.#inline = on && this.inlineAllowed;
+    return this.#inline;
   }
 
   ioPlug(): void {}
