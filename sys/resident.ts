@@ -117,3 +117,26 @@ export function releaseExecutablePages(): ReleasedPages {
   }
   return out;
 }
+
+/**
+ * The V8 heap of the calling isolate (Deno.memoryUsage), in bytes.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { isolateHeap } from "./resident.ts";
+ * const h = isolateHeap();
+ * assert.ok(h.used > 0 && h.used <= h.total);
+ * ```
+ */
+export function isolateHeap(): IsolateHeap {
+  const m = Deno.memoryUsage();
+  return { used: m.heapUsed, total: m.heapTotal, external: m.external };
+}
+
+/** One isolate's V8 heap in bytes: used and reserved (heapTotal), and external (ArrayBuffers). */
+export interface IsolateHeap {
+  used: number;
+  total: number;
+  external: number;
+}
