@@ -210,12 +210,14 @@ function publish(
 }
 
 /**
- * The Worker's loop. A job found alone (the ring empty behind it, nothing of
- * this Worker's in flight) runs synchronously: the QD1 path, woken straight
- * from Atomics.wait. A job with others queued behind it, or found waiting
- * when a synchronous job ended, or taken while jobs are in flight, goes to a
- * Deno blocking thread, so one Worker keeps any queue depth busy: a Worker
- * is a V8 isolate (~10 MB), a blocking thread is not.
+ * The Worker's loop. A read or write found alone (the ring empty behind it,
+ * nothing of this Worker's in flight) runs synchronously: the QD1 path, woken
+ * straight from Atomics.wait. A job with others queued behind it, or found
+ * waiting when a synchronous job ended, or taken while jobs are in flight,
+ * goes to a Deno blocking thread, and so do fdatasync and fallocate (slow
+ * calls: the Worker stays free for reads and writes meanwhile). One Worker
+ * thus keeps any queue depth busy: a Worker is a V8 isolate (~10 MB), a
+ * blocking thread is not.
  */
 async function loop(init: ThreadPoolInit): Promise<void> {
   const ctl = new Int32Array(init.ctl);
@@ -259,7 +261,10 @@ async function loop(init: ThreadPoolInit): Promise<void> {
       continue;
     }
     const op = s[i + I32.op];
-    if (d.inFlight > 0 || afterSyncJob || Atomics.load(ctl, CTL.tail) !== h + 1) {
+    if (
+      d.inFlight > 0 || afterSyncJob || Atomics.load(ctl, CTL.tail) !== h + 1 ||
+      op === OP_FDATASYNC || op === OP_FALLOCATE
+    ) {
       d.start(op, slot);
       continue;
     }

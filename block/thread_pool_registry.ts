@@ -17,11 +17,11 @@ const pools = new WeakMap<AioContext, Entry>();
 const POOL_MIN_THREADS = 1;
 
 /**
- * Most Workers of a pool (thread-pool-max): a second one starts while the
- * first is inside a synchronous call and a job waits, so two jobs at a time
- * (QD2, a flush beside a read) still run without a blocking-thread hop.
+ * Most Workers of a pool (thread-pool-max): one. Its synchronous calls are
+ * reads and writes found alone, which are short; every other job runs on a
+ * blocking thread, so a second Worker (another isolate) would only add memory.
  */
-const POOL_MAX_THREADS = 2;
+const POOL_MAX_THREADS = 1;
 
 /**
  * The ThreadPool of `ctx`, created on first use and shared by every driver and
