@@ -15,7 +15,10 @@
  *
  * `flock /tmp/bench.lock ./deno run -A bench/memory.ts [--image FILE]
  *   [--engines io_uring,native,threads] [--iothreads 1,2] [--iodepth 32]
- *   [--seconds 3] [--no-qsd]`
+ *   [--seconds 3] [--no-qsd] [--host FILE] [--v8-flags FLAGS]`
+ *
+ * `--host FILE` measures another host entry point (an older checkout's
+ * dataplane/main.ts), `--v8-flags ""` runs it without V8 flags.
  *
  * Without `--image`, a 1 GiB file of random data is made in .cache/ (O_DIRECT
  * needs a real filesystem, not tmpfs) and kept for the next run.
@@ -35,6 +38,8 @@ const a = parseArgs({
     iodepth: { type: "string", default: "32" },
     seconds: { type: "string", default: "3" },
     "no-qsd": { type: "boolean", default: false },
+    host: { type: "string" },
+    "v8-flags": { type: "string" },
   },
 }).values;
 
@@ -58,8 +63,9 @@ interface CellResult extends Cell {
   iops: number;
 }
 
-/** The `--v8-flags=...` argument of the host task in deno.json, if any. */
+/** The `--v8-flags=...` argument of the host task in deno.json, if any (or of `--v8-flags`). */
 function hostV8Flags(): string[] {
+  if (a["v8-flags"] !== undefined) return a["v8-flags"] ? [`--v8-flags=${a["v8-flags"]}`] : [];
   const cfg = JSON.parse(Deno.readTextFileSync(`${root}deno.json`)) as {
     tasks: Record<string, string>;
   };
@@ -93,7 +99,7 @@ function serverCommand(c: Cell, image: string, socket: string): Deno.Command {
         "run",
         "-A",
         ...hostV8Flags(),
-        `${root}dataplane/main.ts`,
+        a.host ?? `${root}dataplane/main.ts`,
         ...["--image", image, "--cache", "none", "--aio", c.aio, "--socket", socket],
         ...["--queues", String(c.iothreads), "--iothreads", String(c.iothreads)],
       ],
@@ -129,7 +135,7 @@ async function measure(c: Cell, image: string): Promise<CellResult> {
   const dir = Deno.makeTempDirSync({ prefix: "bench-memory-" });
   const socket = `${dir}/s.sock`;
   const child = serverCommand(c, image, socket).spawn();
-  // Ours logs "released ..." right after it serves; qsd only creates the socket.
+  // Ours logs "serving ..." once it serves; qsd only creates the socket.
   let stderr = "";
   const reader = (async () => {
     const dec = new TextDecoder();
@@ -137,7 +143,7 @@ async function measure(c: Cell, image: string): Promise<CellResult> {
   })();
   try {
     await waitFor(
-      () => c.server === "qsd" ? exists(socket) : /released/.test(stderr),
+      () => c.server === "qsd" ? exists(socket) : /serving /.test(stderr),
       30_000,
     );
     await new Promise((r) => setTimeout(r, 1000));
