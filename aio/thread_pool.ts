@@ -94,9 +94,12 @@ const WORKER_URL = new URL("./thread_pool_worker.ts", import.meta.url);
  * reaps completions (on that fd, or sooner while busy polling) and calls each
  * callback in its own thread with `ret` or `-errno`.
  *
- * The pool starts with no Worker and grows on demand up to `maxThreads`
- * (starting a Worker takes tens of ms); idle Workers exit after
- * `idleTimeoutMs`. Addresses in iovecs are raw host addresses valid in every
+ * The pool starts with `minThreads` Workers and grows on demand up to
+ * `maxThreads` (starting a Worker takes tens of ms), only while every Worker
+ * is inside a synchronous call; idle Workers exit after `idleTimeoutMs`. A
+ * Worker runs a job found alone itself (the low-latency QD1 path) and hands
+ * jobs that queue up to Deno blocking threads, so one Worker (one V8 isolate,
+ * ~10 MB resident) keeps any queue depth in flight. Addresses in iovecs are raw host addresses valid in every
  * thread; the caller keeps the memory (and the iovec array) alive until the
  * callback. Beware: a typed array whose address was taken but that no live
  * code references is garbage, and the GC frees its memory while a worker
@@ -324,8 +327,13 @@ export class ThreadPool {
     const t = Atomics.load(ctl, CTL.tail);
     Atomics.store(this.#ring, t & (this.#ring.length - 1), slot);
     Atomics.store(ctl, CTL.tail, t + 1);
-    if (Atomics.load(ctl, CTL.idle) > 0) Atomics.notify(ctl, CTL.tail, 1);
-    else this.#maybeSpawn();
+    if (Atomics.load(ctl, CTL.idle) > 0) {
+      Atomics.notify(ctl, CTL.tail, 1);
+      if (Atomics.load(ctl, CTL.dispatching) > 0) {
+        Atomics.add(ctl, CTL.kick, 1);
+        Atomics.notify(ctl, CTL.kick);
+      }
+    } else this.#maybeSpawn();
   }
 
   /** Spawns a Worker when queued jobs outnumber idle and starting ones (spawn_thread). */

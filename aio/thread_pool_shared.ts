@@ -12,7 +12,7 @@ export const CTL = {
   head: 0,
   /** Ring producer index; idle workers Atomics.wait on it. */
   tail: 1,
-  /** Workers in Atomics.wait. */
+  /** Workers able to take a job now: alive and not inside a synchronous job. */
   idle: 2,
   /** Workers alive (counted by the pool at spawn, decremented by a worker at exit). */
   workers: 3,
@@ -22,7 +22,11 @@ export const CTL = {
   shutdown: 5,
   /** Completed jobs (workers add 1 after publishing a result). */
   done: 6,
-  size: 8,
+  /** Workers with jobs on Deno blocking threads: they wait on `kick`, not on `tail`. */
+  dispatching: 7,
+  /** Bumped (and notified) by the pool when it queues a job while a Worker dispatches. */
+  kick: 8,
+  size: 10,
 } as const;
 
 /** Job operations. */

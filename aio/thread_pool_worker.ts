@@ -1,21 +1,27 @@
 /**
  * A thread-pool Worker (QEMU util/thread-pool.c worker_thread): takes queued
- * jobs from the shared ring, runs the blocking system call, publishes the
- * result (ret or -errno), counts it done and sets the pool's EventNotifier.
- * Idle, it sleeps in Atomics.wait (it never needs its event loop) and exits
- * after the idle timeout.
+ * jobs from the shared ring, runs the blocking system call (itself, or on a
+ * Deno blocking thread when jobs queue up: see `loop`), publishes the result
+ * (ret or -errno), counts it done and sets the pool's EventNotifier. Idle,
+ * it sleeps in Atomics.wait and exits after the idle timeout.
  *
  * @module
  */
 
 import {
   blockAsyncSignals,
+  EBADF,
   EIO,
   eventfdWrite,
   fallocate,
+  fallocateAsync,
   fdatasync,
+  fdatasyncAsync,
+  isOpen,
   preadvAt,
+  preadvAtAsync,
   pwritevAt,
+  pwritevAtAsync,
   SysError,
 } from "../sys/mod.ts";
 import {
@@ -103,27 +109,145 @@ function idleExit(ctl: Int32Array, init: ThreadPoolInit, gate: Int32Array | null
   }
 }
 
-function loop(init: ThreadPoolInit): void {
+/**
+ * Jobs this Worker runs on Deno blocking threads, and how its loop waits for
+ * them. While any is in flight the loop must not block in Atomics.wait (their
+ * completions arrive through the event loop), so it waits with
+ * Atomics.waitAsync for new jobs and with a promise for completions.
+ */
+class Dispatcher {
+  inFlight = 0;
+  #wakeLoop: (() => void) | null = null;
+  /** An Atomics.waitAsync of this Worker not resolved yet (at most one). */
+  #waiting = false;
+
+  constructor(
+    readonly ctl: Int32Array,
+    readonly s: Int32Array,
+    readonly f: Float64Array,
+    readonly notifyFd: number,
+  ) {}
+
+  #wake = (): void => {
+    const w = this.#wakeLoop;
+    this.#wakeLoop = null;
+    w?.();
+  };
+
+  /** Runs the job in `slot` on a blocking thread; publishes its result when it ends. */
+  start(op: number, slot: number): void {
+    const s = this.s, f = this.f, i = slot * I32.size, j = slot * F64.size;
+    const fd = s[i + I32.fd];
+    let p: Promise<number>;
+    switch (op) {
+      case OP_PREADV:
+        p = preadvAtAsync(fd, f[j + F64.iovAddr], s[i + I32.iovcnt], f[j + F64.offset]);
+        break;
+      case OP_PWRITEV:
+        p = pwritevAtAsync(fd, f[j + F64.iovAddr], s[i + I32.iovcnt], f[j + F64.offset]);
+        break;
+      case OP_FDATASYNC:
+        p = fdatasyncAsync(fd);
+        break;
+      case OP_FALLOCATE:
+        p = fallocateAsync(fd, s[i + I32.mode], f[j + F64.offset], f[j + F64.len]);
+        break;
+      default:
+        p = Promise.resolve(-1);
+    }
+    if (this.inFlight++ === 0) Atomics.add(this.ctl, CTL.dispatching, 1);
+    p.then((ret) => {
+      // errno stayed in the blocking thread. Positioned I/O and fallocate are
+      // idempotent: run them again here to learn it (the file driver needs
+      // EOPNOTSUPP, the guest's error path ENOSPC). A failed fdatasync is not:
+      // the kernel reports a writeback error once per open file, so the
+      // repeat could succeed after data was lost; it fails with EBADF if the
+      // fd is not open (fcntl has no side effect), else EIO.
+      if (ret < 0) {
+        if (op !== OP_FDATASYNC) ret = runJob(op, s, f, i, j);
+        else ret = isOpen(fd) ? -EIO : -EBADF;
+      }
+      if (--this.inFlight === 0) Atomics.sub(this.ctl, CTL.dispatching, 1);
+      publish(this.ctl, s, f, i, j, ret, this.notifyFd);
+      this.#wake();
+    });
+  }
+
+  /**
+   * Resolves when a job of this Worker completes or the pool kicks: `kick` is
+   * CTL.kick as read before the ring was found empty, so a job queued since
+   * then resolves it at once. A waitAsync still pending from an earlier call
+   * is reused: it can only be older than `kick`'s value if a kick resolved it.
+   */
+  wait(kick: number): Promise<void> {
+    if (!this.#waiting) {
+      const r = Atomics.waitAsync(this.ctl, CTL.kick, kick);
+      if (!r.async) return Promise.resolve();
+      this.#waiting = true;
+      r.value.then(() => {
+        this.#waiting = false;
+        this.#wake();
+      });
+    }
+    return new Promise((resolve) => this.#wakeLoop = resolve);
+  }
+}
+
+/** Stores a job's result, marks it done and wakes the pool's context. */
+function publish(
+  ctl: Int32Array,
+  s: Int32Array,
+  f: Float64Array,
+  i: number,
+  j: number,
+  ret: number,
+  notifyFd: number,
+): void {
+  f[j + F64.result] = ret;
+  Atomics.store(s, i + I32.state, S_DONE); // publishes the result
+  Atomics.add(ctl, CTL.done, 1);
+  eventfdWrite(notifyFd, 1);
+}
+
+/**
+ * The Worker's loop. A read or write found alone (the ring empty behind it,
+ * nothing of this Worker's in flight) runs synchronously: the QD1 path, woken
+ * straight from Atomics.wait. A job with others queued behind it, or found
+ * waiting when a synchronous job ended, or taken while jobs are in flight,
+ * goes to a Deno blocking thread, and so do fdatasync and fallocate (slow
+ * calls: the Worker stays free for reads and writes meanwhile). One Worker
+ * thus keeps any queue depth busy: a Worker is a V8 isolate (~10 MB), a
+ * blocking thread is not.
+ */
+async function loop(init: ThreadPoolInit): Promise<void> {
   const ctl = new Int32Array(init.ctl);
   const ring = new Int32Array(init.ring);
   const mask = ring.length - 1;
   const s = new Int32Array(init.slotsI32);
   const f = new Float64Array(init.slotsF64);
   const gate = init.idleExitGate ? new Int32Array(init.idleExitGate) : null;
+  const d = new Dispatcher(ctl, s, f, init.notifyFd);
+  // Counted as idle (able to take a job) except inside a synchronous job.
+  Atomics.add(ctl, CTL.idle, 1);
   Atomics.sub(ctl, CTL.starting, 1);
+  let afterSyncJob = false;
   for (;;) {
     if (Atomics.load(ctl, CTL.shutdown) !== 0) break;
+    const kick = Atomics.load(ctl, CTL.kick);
     const h = Atomics.load(ctl, CTL.head);
     const t = Atomics.load(ctl, CTL.tail);
     if (h === t) {
-      Atomics.add(ctl, CTL.idle, 1);
+      afterSyncJob = false;
+      if (d.inFlight > 0) {
+        await d.wait(kick);
+        continue;
+      }
       const r = Atomics.wait(ctl, CTL.tail, t, init.idleTimeoutMs);
-      Atomics.sub(ctl, CTL.idle, 1);
-      if (
-        r === "timed-out" && Atomics.load(ctl, CTL.head) === Atomics.load(ctl, CTL.tail) &&
-        idleExit(ctl, init, gate)
-      ) {
-        return;
+      if (r === "timed-out" && Atomics.load(ctl, CTL.head) === Atomics.load(ctl, CTL.tail)) {
+        // Not idle while deciding: a job queued meanwhile makes the pool spawn.
+        Atomics.sub(ctl, CTL.idle, 1);
+        if (idleExit(ctl, init, gate)) return;
+        Atomics.add(ctl, CTL.idle, 1);
       }
       continue;
     }
@@ -136,11 +260,22 @@ function loop(init: ThreadPoolInit): void {
       if (st === S_CANCELLED) release(ctl, s, i, init.notifyFd);
       continue;
     }
-    f[j + F64.result] = runJob(s[i + I32.op], s, f, i, j);
-    Atomics.store(s, i + I32.state, S_DONE); // publishes the result
-    Atomics.add(ctl, CTL.done, 1);
-    eventfdWrite(init.notifyFd, 1);
+    const op = s[i + I32.op];
+    if (
+      d.inFlight > 0 || afterSyncJob || Atomics.load(ctl, CTL.tail) !== h + 1 ||
+      op === OP_FDATASYNC || op === OP_FALLOCATE
+    ) {
+      d.start(op, slot);
+      continue;
+    }
+    Atomics.sub(ctl, CTL.idle, 1);
+    const ret = runJob(op, s, f, i, j);
+    Atomics.add(ctl, CTL.idle, 1);
+    publish(ctl, s, f, i, j, ret, init.notifyFd);
+    afterSyncJob = true;
   }
+  while (d.inFlight > 0) await d.wait(Atomics.load(ctl, CTL.kick));
+  Atomics.sub(ctl, CTL.idle, 1);
   Atomics.sub(ctl, CTL.workers, 1);
 }
 
@@ -154,6 +289,5 @@ const scope = self as unknown as {
 };
 scope.onmessage = (e) => {
   scope.onmessage = null;
-  loop(e.data);
-  scope.close();
+  loop(e.data).then(() => scope.close());
 };

@@ -9,10 +9,19 @@ const pools = new WeakMap<AioContext, Entry>();
 
 /**
  * Workers each pool starts up front and keeps (thread-pool-min): a Worker
- * started from an IOThread takes about a second to run, so growing on
- * demand would stall the first I/O bursts; more still start up to 64.
+ * started from an IOThread takes about a second to run, so the one that
+ * serves the first (QD1) request is ready when the image opens. One Worker
+ * serves any queue depth (jobs queued behind others run on Deno blocking
+ * threads), and each Worker is a V8 isolate of about 10 MB resident.
  */
-const POOL_MIN_THREADS = 8;
+const POOL_MIN_THREADS = 1;
+
+/**
+ * Most Workers of a pool (thread-pool-max): one. Its synchronous calls are
+ * reads and writes found alone, which are short; every other job runs on a
+ * blocking thread, so a second Worker (another isolate) would only add memory.
+ */
+const POOL_MAX_THREADS = 1;
 
 /**
  * The ThreadPool of `ctx`, created on first use and shared by every driver and
@@ -34,7 +43,10 @@ const POOL_MIN_THREADS = 8;
 export function acquireThreadPool(ctx: AioContext): ThreadPool {
   let e = pools.get(ctx);
   if (!e) {
-    e = { pool: new ThreadPool(ctx, { minThreads: POOL_MIN_THREADS }), refs: 0 };
+    e = {
+      pool: new ThreadPool(ctx, { minThreads: POOL_MIN_THREADS, maxThreads: POOL_MAX_THREADS }),
+      refs: 0,
+    };
     pools.set(ctx, e);
   }
   e.refs++;

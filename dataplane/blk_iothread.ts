@@ -14,7 +14,7 @@
 
 import type { AioContext } from "../aio/mod.ts";
 import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
-import { eventfdWrite } from "../sys/mod.ts";
+import { eventfdWrite, type IsolateHeap, isolateHeap } from "../sys/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
   type DataPlaneQueueSetup,
@@ -243,6 +243,7 @@ export function blkStats(ctx: AioContext): BlkThreadStats {
     inFlight: dataplane?.inFlight ?? 0,
     aio: { ...ctx.stats },
     broken,
+    heap: isolateHeap(),
   };
 }
 
@@ -262,6 +263,8 @@ export interface BlkThreadStats {
   inFlight: number;
   aio: Record<string, number>;
   broken: string[];
+  /** This IOThread's V8 heap. */
+  heap?: IsolateHeap;
 }
 
 /**

@@ -12,6 +12,7 @@ import { type BlockOptions, RangeLockTable } from "../block/mod.ts";
 import { segMaxForQueueSize, type VirtioBlkOptions } from "../virtio/mod.ts";
 import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
 import type { HostOptions } from "./host_options.ts";
+import { type IsolateHeap, isolateHeap, type ResidentMemory, residentMemory } from "../sys/mod.ts";
 import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
 import { VhostUserServer } from "./vhost_user/mod.ts";
 
@@ -34,6 +35,8 @@ export interface HostStats {
   connections: number;
   /** Per IOThread: its queues' counters and its AioContext's. */
   threads: BlkThreadStats[];
+  /** The process's resident memory and the main isolate's V8 heap. */
+  memory?: { resident: ResidentMemory; mainHeap: IsolateHeap };
 }
 
 /**
@@ -218,7 +221,11 @@ export class VhostUserBlkHost {
   async stats(): Promise<HostStats> {
     const threads: BlkThreadStats[] = [];
     for (const t of this.#threads) threads.push(await t.call<BlkThreadStats>("blkStats"));
-    return { connections: this.#connections, threads };
+    return {
+      connections: this.#connections,
+      threads,
+      memory: { resident: residentMemory(), mainHeap: isolateHeap() },
+    };
   }
 
   /**
@@ -346,6 +353,17 @@ export function formatStats(s: HostStats): string {
           (q.ring ? `\n    ring: ${q.ring}` : ""),
       );
     }
+  }
+  if (s.memory) {
+    const r = s.memory.resident,
+      heap = (h?: IsolateHeap) =>
+        h ? `${mib(h.used)}/${mib(h.total)} MiB (external ${mib(h.external)})` : "?";
+    lines.push(
+      `  memory: rss ${mib(r.rssKiB * 1024)} MiB (anon ${mib(r.anonKiB * 1024)}, file ` +
+        `${mib(r.fileKiB * 1024)}, shmem ${mib(r.shmemKiB * 1024)}), V8 heap used/total: main ` +
+        `${heap(s.memory.mainHeap)}` +
+        s.threads.map((t, i) => `, iothread ${i} ${heap(t.heap)}`).join(""),
+    );
   }
   const t = totals(s);
   lines.push(

@@ -260,6 +260,98 @@ export function fallocate(fd: number, mode: number, offset: number, len: number)
   check("fallocate", libc.fallocate(fd, mode, BigInt(offset), BigInt(len)));
 }
 
+/**
+ * {@link preadvAt} on a Deno blocking thread: the calling thread's event loop
+ * keeps running, and one thread can have many calls in flight (the thread
+ * pool's dispatching Worker). Resolves the byte count, or -1 when the call
+ * failed: errno was set in the blocking thread and is lost here, so a caller
+ * that needs it repeats the call with {@link preadvAt} (positioned I/O is
+ * idempotent). Costs a thread hand-off each way (~36 us a round trip).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { open, preadvAtAsync, O_RDONLY } from "./file.ts";
+ * import { addressOf } from "./mod.ts";
+ * const buf = new Uint8Array(4);
+ * const iov = new BigUint64Array([BigInt(addressOf(buf)), 4n]);
+ * assert.equal(await preadvAtAsync(open("/proc/self/stat", O_RDONLY), addressOf(iov), 1, 0), 4);
+ * assert.equal(await preadvAtAsync(-1, addressOf(iov), 1, 0), -1);
+ * ```
+ */
+export async function preadvAtAsync(
+  fd: number,
+  iovAddr: number,
+  iovcnt: number,
+  offset: number,
+): Promise<number> {
+  return Number(await libc.preadv_async(fd, pointerFrom(iovAddr), iovcnt, BigInt(offset)));
+}
+
+/**
+ * {@link pwritevAt} on a Deno blocking thread; resolves the byte count or -1
+ * (errno lost: see {@link preadvAtAsync}).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { open, pwritevAtAsync, O_RDWR } from "./file.ts";
+ * import { addressOf } from "./mod.ts";
+ * const buf = new Uint8Array(4);
+ * const iov = new BigUint64Array([BigInt(addressOf(buf)), 4n]);
+ * const fd = open(Deno.makeTempFileSync(), O_RDWR);
+ * assert.equal(await pwritevAtAsync(fd, addressOf(iov), 1, 0), 4);
+ * ```
+ */
+export async function pwritevAtAsync(
+  fd: number,
+  iovAddr: number,
+  iovcnt: number,
+  offset: number,
+): Promise<number> {
+  return Number(await libc.pwritev_async(fd, pointerFrom(iovAddr), iovcnt, BigInt(offset)));
+}
+
+/**
+ * fdatasync(2) on a Deno blocking thread; resolves 0 or -1. Unlike the I/O
+ * forms, a failed fdatasync must not be repeated to learn errno: the kernel
+ * reports a writeback error once per open file, so the second call may
+ * succeed although data was lost.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { fdatasyncAsync, open, O_RDWR } from "./file.ts";
+ * assert.equal(await fdatasyncAsync(open(Deno.makeTempFileSync(), O_RDWR)), 0);
+ * assert.equal(await fdatasyncAsync(-1), -1);
+ * ```
+ */
+export function fdatasyncAsync(fd: number): Promise<number> {
+  return libc.fdatasync_async(fd);
+}
+
+/**
+ * fallocate(2) on a Deno blocking thread; resolves 0 or -1 (errno lost:
+ * repeat with {@link fallocate}, which is idempotent, to learn it).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { fallocateAsync, fstat, open, O_RDWR } from "./file.ts";
+ * const fd = open(Deno.makeTempFileSync(), O_RDWR);
+ * assert.equal(await fallocateAsync(fd, 0, 0, 4096), 0);
+ * assert.equal(fstat(fd).size, 4096);
+ * ```
+ */
+export function fallocateAsync(
+  fd: number,
+  mode: number,
+  offset: number,
+  len: number,
+): Promise<number> {
+  return libc.fallocate_async(fd, mode, BigInt(offset), BigInt(len));
+}
+
 /** The fields of `struct stat` the block layer uses. */
 export interface FileStat {
   /** st_mode (type and permissions). */

@@ -76,6 +76,30 @@ const SYMBOLS = {
     nonblocking: true,
   },
 
+  /**
+   * File I/O on a Deno blocking thread (Promise): many calls in flight from one
+   * thread-pool Worker. errno stays in the blocking thread; see file.ts.
+   */
+  preadv_async: {
+    name: "preadv",
+    parameters: ["i32", "pointer", "i32", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  pwritev_async: {
+    name: "pwritev",
+    parameters: ["i32", "pointer", "i32", "i64"],
+    result: "isize",
+    nonblocking: true,
+  },
+  fdatasync_async: { name: "fdatasync", parameters: ["i32"], result: "i32", nonblocking: true },
+  fallocate_async: {
+    name: "fallocate",
+    parameters: ["i32", "i32", "i64", "i64"],
+    result: "i32",
+    nonblocking: true,
+  },
+
   // memory
   mmap: { parameters: ["pointer", "usize", "i32", "i32", "i32", "i64"], result: "pointer" },
   munmap: { parameters: ["pointer", "usize"], result: "i32" },

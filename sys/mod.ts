@@ -24,3 +24,4 @@ export * from "./file.ts";
 export * from "./linux_aio.ts";
 export * from "./io_uring.ts";
 export * from "./signal.ts";
+export * from "./resident.ts";

@@ -269,3 +269,35 @@ Deno.test("ThreadPool: a job submitted while the last worker decides to exit on 
     },
   );
 });
+
+Deno.test("ThreadPool: one Worker serves a deep queue (on blocking threads), each job keeps its errno", () =>
+  withPool({ maxThreads: 1 }, async ({ ctx, pool, fd }) => {
+    // Queued before the Worker starts (that takes ms), every job but the last
+    // has others behind it, so the Worker hands them to Deno blocking
+    // threads; the failing ones lose errno there and the Worker learns it.
+    const N = 48;
+    const bufs = Array.from({ length: N }, (_, i) => new Uint8Array(4096).fill(i + 1));
+    const rets = new Map<string, number>();
+    for (let i = 0; i < N; i++) {
+      pool.submitPwritev(fd, addressOf(iovec([bufs[i]])), 1, i * 4096, (r) => rets.set(`w${i}`, r));
+      if (i === 10) {
+        pool.submitPreadv(-1, addressOf(iovec([bufs[0]])), 1, 0, (r) => rets.set("bad read", r));
+      }
+      if (i === 20) pool.submitFdatasync(-1, (r) => rets.set("bad sync", r));
+      if (i === 30) pool.submitFallocate(-1, 0, 0, 4096, (r) => rets.set("bad fallocate", r));
+    }
+    pool.submitFdatasync(fd, (r) => rets.set("sync", r));
+    await until(ctx, () => rets.size === N + 4);
+    for (let i = 0; i < N; i++) assert.equal(rets.get(`w${i}`), 4096, `write ${i}`);
+    assert.equal(rets.get("bad read"), -EBADF);
+    assert.equal(rets.get("bad sync"), -EBADF);
+    assert.equal(rets.get("bad fallocate"), -EBADF);
+    assert.equal(rets.get("sync"), 0);
+    assert.equal(pool.stats.spawned, 1);
+    const back = new Uint8Array(4096);
+    let r = 1;
+    pool.submitPreadv(fd, addressOf(iovec([back])), 1, 37 * 4096, (x) => r = x);
+    await until(ctx, () => r !== 1);
+    assert.equal(r, 4096);
+    assert.ok(back.every((x) => x === 38));
+  }));
