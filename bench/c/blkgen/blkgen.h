@@ -96,6 +96,7 @@ struct options {
   bool allow_errors;
   unsigned timeout_ms; /* no completion for this long with requests out: stalled */
   uint64_t seed;
+  int server_pid; /* 0 = none; else its CPU time over the measured window is reported */
 };
 
 /* ---- latency histogram (hist.c): log-linear buckets of nanoseconds ---- */
@@ -140,6 +141,7 @@ struct device {
   uint64_t offered;           /* GET_FEATURES */
   uint64_t protocol_features; /* acknowledged */
   bool reply_ack;
+  unsigned timeout_ms; /* for every reply */
   unsigned max_queues; /* GET_QUEUE_NUM, 1 without MQ */
   uint64_t capacity;   /* sectors */
   uint32_t blk_size;
@@ -177,6 +179,8 @@ struct queue_stats {
   uint64_t kicks;        /* kick eventfd writes, measured window */
   uint64_t waits;        /* blocking waits on the call eventfd that slept, measured window */
   uint64_t stale_wakeups; /* call eventfd already signalled when about to sleep */
+  uint64_t calls;        /* device notifications: the sum of the call eventfd's counts read */
+  uint64_t idle_spin_ns; /* poll mode: time spent spinning on an unchanged used idx, measured window */
   uint64_t mismatches;   /* verify: blocks read back different from what was written */
   uint64_t verified;     /* verify: blocks read back and compared */
   uint64_t total_ops;    /* every completion, warm-up and drain included */
@@ -236,6 +240,13 @@ enum phase { PHASE_WARMUP, PHASE_MEASURE, PHASE_STOP };
 extern int g_phase;       /* __atomic accessed */
 extern int g_signalled;   /* SIGINT/SIGTERM seen */
 uint64_t now_ns(void);
+
+/* A spin-wait hint to the CPU (x86 PAUSE), so a polling loop yields to the sibling thread. */
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#endif
+}
 _Noreturn void die(int status, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 #endif

@@ -58,6 +58,7 @@ static const char usage[] =
     "  --cpu N                pin every thread to CPU N\n"
     "  --timeout-ms MS        no completion for this long: stalled, exit 2  [5000]\n"
     "  --seed N               PRNG and verify pattern seed                [1]\n"
+    "  --server-pid PID       also report that process's CPU time (/proc/PID/stat) per I/O\n"
     "  --verify               write a pattern over --size, read it back, compare\n"
     "  --allow-errors         exit 0 even if requests failed\n"
     "  --json                 one JSON line instead of text\n"
@@ -89,7 +90,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
   };
   enum {
     O_SOCKET = 256, O_QUEUES, O_QD, O_BS, O_RW, O_MIX, O_MODE, O_EVIDX, O_INDIRECT, O_DURATION,
-    O_WARMUP, O_SIZE, O_RING, O_CPU, O_JSON, O_VERIFY, O_ALLOW, O_TIMEOUT, O_SEED, O_HELP,
+    O_WARMUP, O_SIZE, O_RING, O_CPU, O_JSON, O_VERIFY, O_ALLOW, O_TIMEOUT, O_SEED, O_SERVER_PID, O_HELP,
   };
   static const struct option longopts[] = {
       {"socket", required_argument, 0, O_SOCKET},   {"queues", required_argument, 0, O_QUEUES},
@@ -103,6 +104,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
       {"json", no_argument, 0, O_JSON},             {"verify", no_argument, 0, O_VERIFY},
       {"allow-errors", no_argument, 0, O_ALLOW},    {"timeout-ms", required_argument, 0, O_TIMEOUT},
       {"seed", required_argument, 0, O_SEED},       {"help", no_argument, 0, O_HELP},
+      {"server-pid", required_argument, 0, O_SERVER_PID},
       {0, 0, 0, 0},
   };
   int c;
@@ -136,6 +138,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
     case O_ALLOW: o->allow_errors = true; break;
     case O_TIMEOUT: o->timeout_ms = (unsigned)parse_num("timeout-ms", optarg, 1, 86400000); break;
     case O_SEED: o->seed = parse_num("seed", optarg, 0, 0xffff); break;
+    case O_SERVER_PID: o->server_pid = (int)parse_num("server-pid", optarg, 1, 0x7fffffff); break;
     case 'h':
     case O_HELP: fputs(usage, stdout); exit(0);
     default: fputs(usage, stderr); exit(1);
@@ -171,6 +174,25 @@ static void sleep_until(uint64_t deadline, struct queue *qs, unsigned n) {
     struct timespec ts = {(time_t)(step / 1000000000ULL), (long)(step % 1000000000ULL)};
     nanosleep(&ts, NULL);
   }
+}
+
+/* utime + stime of every thread of process pid in us (fields 14 and 15 of proc(5) stat); -1 if gone. */
+static double process_cpu_us(int pid) {
+  char path[64], buf[1024];
+  snprintf(path, sizeof path, "/proc/%d/stat", pid);
+  FILE *f = fopen(path, "r");
+  if (!f) return -1;
+  size_t n = fread(buf, 1, sizeof buf - 1, f);
+  fclose(f);
+  buf[n] = 0;
+  /* The command name (field 2) may contain spaces and parentheses: count from the last ')'. */
+  char *p = strrchr(buf, ')');
+  if (!p) return -1;
+  unsigned long long utime = 0, stime = 0;
+  if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime) != 2) {
+    return -1;
+  }
+  return (double)(utime + stime) * 1e6 / (double)sysconf(_SC_CLK_TCK);
 }
 
 static double tv_us(struct timeval tv) { return (double)tv.tv_sec * 1e6 + (double)tv.tv_usec; }
@@ -228,7 +250,7 @@ int main(int argc, char **argv) {
 
   size_t per_queue = queue_mem_size(&o, num, o.qd);
   dev.mem_size = per_queue * o.queues;
-  dev.memfd = memfd_create("blkgen-guest-ram", MFD_CLOEXEC);
+  dev.memfd = memfd_create("blkgen-guest-ram", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (dev.memfd < 0) die(1, "memfd_create: %s", strerror(errno));
   if (ftruncate(dev.memfd, (off_t)dev.mem_size) < 0) die(1, "ftruncate: %s", strerror(errno));
   dev.mem = mmap(NULL, dev.mem_size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, dev.memfd, 0);
@@ -262,6 +284,7 @@ int main(int argc, char **argv) {
   pthread_sigmask(SIG_SETMASK, &old, NULL);
 
   uint64_t t1;
+  double server0 = -1, server1 = -1;
   if (o.verify) {
     for (unsigned i = 0; i < o.queues; i++) pthread_join(threads[i], NULL);
     t1 = now_ns();
@@ -270,6 +293,7 @@ int main(int argc, char **argv) {
     sleep_until(t0 + (uint64_t)o.warmup_ms * 1000000ULL, qs, o.queues);
     t0 = now_ns();
     getrusage(RUSAGE_SELF, &ru0);
+    if (o.server_pid) server0 = process_cpu_us(o.server_pid);
     if (!__atomic_load_n(&g_signalled, __ATOMIC_RELAXED)) {
       __atomic_store_n(&g_phase, PHASE_MEASURE, __ATOMIC_RELAXED);
       sleep_until(t0 + (uint64_t)o.duration_ms * 1000000ULL, qs, o.queues);
@@ -277,6 +301,7 @@ int main(int argc, char **argv) {
     __atomic_store_n(&g_phase, PHASE_STOP, __ATOMIC_RELAXED);
     t1 = now_ns();
     getrusage(RUSAGE_SELF, &ru1);
+    if (o.server_pid) server1 = process_cpu_us(o.server_pid);
     for (unsigned i = 0; i < o.queues; i++) pthread_join(threads[i], NULL);
   }
 
@@ -308,6 +333,8 @@ int main(int argc, char **argv) {
     tot.kicks += s->kicks;
     tot.waits += s->waits;
     tot.stale_wakeups += s->stale_wakeups;
+    tot.calls += s->calls;
+    tot.idle_spin_ns += s->idle_spin_ns;
     tot.mismatches += s->mismatches;
     tot.verified += s->verified;
     tot.total_ops += s->total_ops;
@@ -317,6 +344,9 @@ int main(int argc, char **argv) {
   double user_us = tv_us(ru1.ru_utime) - tv_us(ru0.ru_utime);
   double sys_us = tv_us(ru1.ru_stime) - tv_us(ru0.ru_stime);
   double ops = tot.ops ? (double)tot.ops : 1;
+  /* CPU minus the time spent spinning on an empty used ring (poll mode): what the load costs. */
+  double busy_us = user_us + sys_us - (double)tot.idle_spin_ns / 1e3;
+  if (busy_us < 0) busy_us = 0;
   double iops = (double)tot.ops / secs;
   double mbps = iops * o.bs / 1e6;
   double mean = tot.lat.count ? (double)tot.lat.sum_ns / (double)tot.lat.count / 1e3 : 0;
@@ -330,12 +360,18 @@ int main(int argc, char **argv) {
            "\"errors\":%llu,\"seconds\":%.6f,"
            "\"lat_us\":{\"mean\":%.2f,\"p50\":%.2f,\"p90\":%.2f,\"p99\":%.2f,\"p999\":%.2f,"
            "\"max\":%.2f},"
-           "\"kicks_per_io\":%.4f,\"waits_per_io\":%.4f,\"stale_wakeups\":%llu,"
-           "\"cpu_us_per_io\":%.4f,\"cpu_ms\":{\"user\":%.1f,\"system\":%.1f},\"cpu_cores\":%.3f,",
+           "\"kicks_per_io\":%.4f,\"waits_per_io\":%.4f,\"calls_per_io\":%.4f,"
+           "\"stale_wakeups\":%llu,\"cpu_us_per_io\":%.4f,\"busy_us_per_io\":%.4f,"
+           "\"cpu_ms\":{\"user\":%.1f,\"system\":%.1f},\"cpu_cores\":%.3f,\"busy_cores\":%.3f,",
            iops, mbps, (unsigned long long)tot.ops, (unsigned long long)tot.reads,
            (unsigned long long)tot.writes, (unsigned long long)tot.errors, secs, mean, p50, p90,
-           p99, p999, max, tot.kicks / ops, tot.waits / ops, (unsigned long long)tot.stale_wakeups,
-           (user_us + sys_us) / ops, user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs);
+           p99, p999, max, tot.kicks / ops, tot.waits / ops, tot.calls / ops,
+           (unsigned long long)tot.stale_wakeups, (user_us + sys_us) / ops, busy_us / ops,
+           user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs, busy_us / 1e6 / secs);
+    if (o.server_pid && server0 >= 0 && server1 >= 0) {
+      printf("\"server_cpu_us_per_io\":%.4f,\"server_cores\":%.3f,", (server1 - server0) / ops,
+             (server1 - server0) / 1e6 / secs);
+    }
     if (o.verify) {
       printf("\"verified\":%llu,\"mismatches\":%llu,", (unsigned long long)tot.verified,
              (unsigned long long)tot.mismatches);
@@ -355,10 +391,15 @@ int main(int argc, char **argv) {
            (unsigned long long)tot.ops, secs, (unsigned long long)tot.errors);
     printf("  lat us: mean %.2f  p50 %.2f  p90 %.2f  p99 %.2f  p99.9 %.2f  max %.2f\n", mean, p50,
            p90, p99, p999, max);
-    printf("  kicks/io %.4f  waits/io %.4f  stale wakeups %llu\n", tot.kicks / ops,
-           tot.waits / ops, (unsigned long long)tot.stale_wakeups);
-    printf("  cpu us/io %.4f  (user %.1f ms, system %.1f ms, %.2f cores)\n",
-           (user_us + sys_us) / ops, user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs);
+    printf("  kicks/io %.4f  waits/io %.4f  calls/io %.4f  stale wakeups %llu\n", tot.kicks / ops,
+           tot.waits / ops, tot.calls / ops, (unsigned long long)tot.stale_wakeups);
+    printf("  cpu us/io %.4f  (user %.1f ms, system %.1f ms, %.2f cores)  busy us/io %.4f (%.2f cores)\n",
+           (user_us + sys_us) / ops, user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs,
+           busy_us / ops, busy_us / 1e6 / secs);
+    if (o.server_pid && server0 >= 0 && server1 >= 0) {
+      printf("  server (pid %d) cpu us/io %.4f  (%.2f cores)\n", o.server_pid,
+             (server1 - server0) / ops, (server1 - server0) / 1e6 / secs);
+    }
     if (o.verify) {
       printf("  verify: %llu blocks read back, %llu mismatches\n",
              (unsigned long long)tot.verified, (unsigned long long)tot.mismatches);

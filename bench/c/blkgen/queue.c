@@ -274,6 +274,7 @@ static void run_pass(struct queue *q, enum pass pass) {
   uint64_t last_progress = now_ns();
   uint64_t timeout_ns = (uint64_t)o->timeout_ms * 1000000ULL;
   unsigned spins = 0;
+  uint64_t spin_start = 0;
   for (;;) {
     bool measuring = __atomic_load_n(&g_phase, __ATOMIC_RELAXED) == PHASE_MEASURE;
     bool reaped = false;
@@ -316,6 +317,10 @@ static void run_pass(struct queue *q, enum pass pass) {
       last_progress = now;
       reaped = true;
       spins = 0;
+      if (spin_start) {
+        if (measuring) q->st.idle_spin_ns += now - spin_start;
+        spin_start = 0;
+      }
     }
     /* Refill the free slots: the requests the application submits now, one kick for all. */
     unsigned n_added = 0;
@@ -338,6 +343,8 @@ static void run_pass(struct queue *q, enum pass pass) {
     if (reaped) continue;
 
     if (poll_mode) {
+      if (!spin_start) spin_start = now_ns();
+      cpu_relax();
       if (++spins < 1024) continue;
       spins = 0;
     } else {
@@ -352,14 +359,18 @@ static void run_pass(struct queue *q, enum pass pass) {
       if (read(q->call_fd, &v, sizeof v) == sizeof v) {
         /* Signalled for entries already reaped: no sleep. */
         q->st.stale_wakeups++;
+        if (measuring) q->st.calls += v;
         disable_cb(q);
         continue;
       }
       struct pollfd p = {.fd = q->call_fd, .events = POLLIN};
       int r = poll(&p, 1, 100);
       if (r > 0) {
-        if (read(q->call_fd, &v, sizeof v) != sizeof v) { /* nothing left to clear */ }
-        if (measuring) q->st.waits++;
+        if (read(q->call_fd, &v, sizeof v) != sizeof v) v = 0;
+        if (measuring) {
+          q->st.waits++;
+          q->st.calls += v;
+        }
         disable_cb(q);
         continue;
       }

@@ -46,8 +46,6 @@ enum {
 #define VHOST_USER_PROTOCOL_F_CONFIG 9
 #define VHOST_USER_HDR_SIZE 12
 #define VHOST_USER_MAX_PAYLOAD 4096
-/* Answers to control messages should come back at once; this is "never". */
-#define VHOST_USER_REPLY_TIMEOUT_MS 5000
 
 static const char *request_name(uint32_t r) {
   switch (r) {
@@ -146,7 +144,7 @@ static void request_noreply(struct device *d, uint32_t request, const void *payl
   send_msg(d, request, d->reply_ack ? VHOST_USER_NEED_REPLY_MASK : 0, payload, size, fd);
   if (!d->reply_ack) return;
   uint64_t ack = 0;
-  if (read_reply(d, request, &ack, sizeof ack, VHOST_USER_REPLY_TIMEOUT_MS, NULL) != 8) {
+  if (read_reply(d, request, &ack, sizeof ack, d->timeout_ms, NULL) != 8) {
     die(1, "REPLY_ACK of %s has the wrong size", request_name(request));
   }
   if (ack != 0) die(1, "the back-end refused %s (ack %llu)", request_name(request), (unsigned long long)ack);
@@ -155,7 +153,7 @@ static void request_noreply(struct device *d, uint32_t request, const void *payl
 static uint64_t request_u64(struct device *d, uint32_t request) {
   uint64_t v = 0;
   send_msg(d, request, 0, NULL, 0, -1);
-  if (read_reply(d, request, &v, sizeof v, VHOST_USER_REPLY_TIMEOUT_MS, NULL) != 8) {
+  if (read_reply(d, request, &v, sizeof v, d->timeout_ms, NULL) != 8) {
     die(1, "reply to %s is not a u64", request_name(request));
   }
   return v;
@@ -180,7 +178,7 @@ static void read_config(struct device *d) {
   send_msg(d, VHOST_USER_GET_CONFIG, 0, msg, sizeof msg, -1);
   uint8_t reply[12 + VIRTIO_BLK_CONFIG_SIZE] = {0};
   uint32_t n = read_reply(d, VHOST_USER_GET_CONFIG, reply, sizeof reply,
-                          VHOST_USER_REPLY_TIMEOUT_MS, NULL);
+                          d->timeout_ms, NULL);
   if (n < sizeof reply) die(1, "GET_CONFIG failed (reply of %u bytes)", n);
   const uint8_t *c = reply + 12;
   memcpy(&d->capacity, c + VIRTIO_BLK_CONFIG_CAPACITY, 8);
@@ -191,6 +189,8 @@ static void read_config(struct device *d) {
 void device_connect(struct device *d, const struct options *o) {
   memset(d, 0, sizeof *d);
   d->memfd = -1;
+  /* Answers to control messages come back at once; --timeout-ms is "never". */
+  d->timeout_ms = o->timeout_ms;
   d->blk_size = VIRTIO_BLK_SECTOR;
   d->max_queues = 1;
   struct sockaddr_un sa = {.sun_family = AF_UNIX};
