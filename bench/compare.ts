@@ -29,7 +29,8 @@
  * - Server CPU per I/O: utime + stime (all threads) of the server process,
  *   read by blkgen from /proc at the start and end of its measured window,
  *   over the requests completed in it. blkgen's own CPU per I/O: getrusage
- *   over the same window, less the time it spent spinning on an empty ring.
+ *   over the same window; its busy time is that CPU in interrupt mode and, in
+ *   poll mode, the time of the passes that had completions (not the spinning).
  * - Both servers share one image (our host takes no lock, qsd's shared lock
  *   does not conflict), written once with non-zero data so no extent is
  *   unwritten; it lives on a disk-backed directory (cache=none needs O_DIRECT).

@@ -61,7 +61,7 @@ export interface RunSample {
   serverCpuUsPerIo: number;
   /** blkgen CPU per completed request, in us (poll mode: includes spinning on an empty ring). */
   clientCpuUsPerIo: number;
-  /** blkgen CPU per request minus the time it spun on an empty ring: what the load costs it. */
+  /** What the load costs blkgen per request: its CPU, in poll mode without the empty spinning. */
   clientBusyUsPerIo: number;
   /** Server CPU time over the measured window (cores busy). */
   serverCores: number;

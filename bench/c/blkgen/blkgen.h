@@ -180,7 +180,7 @@ struct queue_stats {
   uint64_t waits;        /* blocking waits on the call eventfd that slept, measured window */
   uint64_t stale_wakeups; /* call eventfd already signalled when about to sleep */
   uint64_t calls;        /* device notifications: the sum of the call eventfd's counts read */
-  uint64_t idle_spin_ns; /* poll mode: time spent spinning on an unchanged used idx, measured window */
+  uint64_t busy_ns;      /* poll mode: wall time of the passes that found completions, measured window */
   uint64_t mismatches;   /* verify: blocks read back different from what was written */
   uint64_t verified;     /* verify: blocks read back and compared */
   uint64_t total_ops;    /* every completion, warm-up and drain included */

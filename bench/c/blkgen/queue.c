@@ -274,7 +274,7 @@ static void run_pass(struct queue *q, enum pass pass) {
   uint64_t last_progress = now_ns();
   uint64_t timeout_ns = (uint64_t)o->timeout_ms * 1000000ULL;
   unsigned spins = 0;
-  uint64_t spin_start = 0;
+  uint64_t pass_start = 0;
   for (;;) {
     bool measuring = __atomic_load_n(&g_phase, __ATOMIC_RELAXED) == PHASE_MEASURE;
     bool reaped = false;
@@ -286,6 +286,7 @@ static void run_pass(struct queue *q, enum pass pass) {
         break;
       }
       uint64_t now = now_ns();
+      pass_start = now;
       while (q->last_used != used_idx) {
         struct vring_used_elem e = q->used_ring[q->last_used & (q->num - 1)];
         q->last_used++;
@@ -317,10 +318,6 @@ static void run_pass(struct queue *q, enum pass pass) {
       last_progress = now;
       reaped = true;
       spins = 0;
-      if (spin_start) {
-        if (measuring) q->st.idle_spin_ns += now - spin_start;
-        spin_start = 0;
-      }
     }
     /* Refill the free slots: the requests the application submits now, one kick for all. */
     unsigned n_added = 0;
@@ -339,11 +336,11 @@ static void run_pass(struct queue *q, enum pass pass) {
       for (unsigned i = 0; i < n_added; i++) q->slot[q->added[i]].t_submit = ts;
       publish_and_kick(q, measuring);
     }
+    if (reaped && poll_mode && measuring) q->st.busy_ns += now_ns() - pass_start;
     if (!submitting && q->inflight == 0) break;
     if (reaped) continue;
 
     if (poll_mode) {
-      if (!spin_start) spin_start = now_ns();
       cpu_relax();
       if (++spins < 1024) continue;
       spins = 0;
