@@ -177,8 +177,9 @@ struct queue_stats {
   uint64_t writes;
   uint64_t errors;       /* status byte != 0 (measured window and verify) */
   uint64_t kicks;        /* kick eventfd writes, measured window */
-  uint64_t waits;        /* blocking waits on the call eventfd that slept, measured window */
-  uint64_t stale_wakeups; /* call eventfd already signalled when about to sleep */
+  uint64_t waits;        /* sleeps on the call eventfd (voluntary context switches), measured window */
+  uint64_t polls;        /* poll() calls on the call eventfd; those that did not sleep found a
+                            signal left over from entries already reaped */
   uint64_t calls;        /* device notifications: the sum of the call eventfd's counts read */
   uint64_t busy_ns;      /* poll mode: wall time of the passes that found completions, measured window */
   uint64_t mismatches;   /* verify: blocks read back different from what was written */
@@ -221,6 +222,9 @@ struct queue {
   /* Verify: the blocks this queue owns are index, index+queues, ... */
   uint64_t next_block;
   struct queue_stats st;
+  /* The measured window as this thread saw it (for its sleep count). */
+  bool in_window;
+  long sleeps0;
   /* Set when the thread failed (stalled, bad used entry). */
   int failed;
   char failure[160];

@@ -332,7 +332,7 @@ int main(int argc, char **argv) {
     tot.errors += s->errors;
     tot.kicks += s->kicks;
     tot.waits += s->waits;
-    tot.stale_wakeups += s->stale_wakeups;
+    tot.polls += s->polls;
     tot.calls += s->calls;
     tot.busy_ns += s->busy_ns;
     tot.mismatches += s->mismatches;
@@ -344,6 +344,7 @@ int main(int argc, char **argv) {
   double user_us = tv_us(ru1.ru_utime) - tv_us(ru0.ru_utime);
   double sys_us = tv_us(ru1.ru_stime) - tv_us(ru0.ru_stime);
   double ops = tot.ops ? (double)tot.ops : 1;
+  uint64_t stale = tot.polls > tot.waits ? tot.polls - tot.waits : 0;
   /*
    * What the load costs blkgen. Interrupt mode: its CPU time (it never spins). Poll mode: the
    * wall time of the passes that had completions to reap, from reaping to the kick decision;
@@ -369,7 +370,7 @@ int main(int argc, char **argv) {
            iops, mbps, (unsigned long long)tot.ops, (unsigned long long)tot.reads,
            (unsigned long long)tot.writes, (unsigned long long)tot.errors, secs, mean, p50, p90,
            p99, p999, max, tot.kicks / ops, tot.waits / ops, tot.calls / ops,
-           (unsigned long long)tot.stale_wakeups, (user_us + sys_us) / ops, busy_us / ops,
+           (unsigned long long)stale, (user_us + sys_us) / ops, busy_us / ops,
            user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs, busy_us / 1e6 / secs);
     if (o.server_pid && server0 >= 0 && server1 >= 0) {
       printf("\"server_cpu_us_per_io\":%.4f,\"server_cores\":%.3f,", (server1 - server0) / ops,
@@ -395,7 +396,7 @@ int main(int argc, char **argv) {
     printf("  lat us: mean %.2f  p50 %.2f  p90 %.2f  p99 %.2f  p99.9 %.2f  max %.2f\n", mean, p50,
            p90, p99, p999, max);
     printf("  kicks/io %.4f  waits/io %.4f  calls/io %.4f  stale wakeups %llu\n", tot.kicks / ops,
-           tot.waits / ops, tot.calls / ops, (unsigned long long)tot.stale_wakeups);
+           tot.waits / ops, tot.calls / ops, (unsigned long long)stale);
     printf("  cpu us/io %.4f  (user %.1f ms, system %.1f ms, %.2f cores)  busy us/io %.4f (%.2f cores)\n",
            (user_us + sys_us) / ops, user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs,
            busy_us / ops, busy_us / 1e6 / secs);

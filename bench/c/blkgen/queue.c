@@ -23,6 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "blkgen.h"
@@ -260,6 +261,21 @@ static void check_data(struct queue *q, unsigned s) {
   }
 }
 
+/* This thread's voluntary context switches: each is a sleep (in poll(), on the call eventfd). */
+static long thread_sleeps(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_THREAD, &ru);
+  return ru.ru_nvcsw;
+}
+
+/* Opens or closes the thread's measured window as the phase moves (waits = sleeps in it). */
+static inline void track_window(struct queue *q, bool measuring) {
+  if (measuring == q->in_window) return;
+  q->in_window = measuring;
+  if (measuring) q->sleeps0 = thread_sleeps();
+  else q->st.waits += (uint64_t)(thread_sleeps() - q->sleeps0);
+}
+
 /* Runs one pass until its jobs are done (timed: until PHASE_STOP) and nothing is in flight. */
 static void run_pass(struct queue *q, enum pass pass) {
   const struct options *o = q->o;
@@ -277,6 +293,7 @@ static void run_pass(struct queue *q, enum pass pass) {
   uint64_t pass_start = 0;
   for (;;) {
     bool measuring = __atomic_load_n(&g_phase, __ATOMIC_RELAXED) == PHASE_MEASURE;
+    track_window(q, measuring);
     bool reaped = false;
     uint16_t used_idx = __atomic_load_n(&q->used[1], __ATOMIC_ACQUIRE);
     if (used_idx != q->last_used) {
@@ -352,22 +369,15 @@ static void run_pass(struct queue *q, enum pass pass) {
         disable_cb(q);
         continue;
       }
-      uint64_t v;
-      if (read(q->call_fd, &v, sizeof v) == sizeof v) {
-        /* Signalled for entries already reaped: no sleep. */
-        q->st.stale_wakeups++;
-        if (measuring) q->st.calls += v;
-        disable_cb(q);
-        continue;
-      }
+      /*
+       * Sleep until the device signals. A signal left over from entries already reaped makes
+       * poll() return at once; the thread's voluntary context switches count the real sleeps.
+       */
       struct pollfd p = {.fd = q->call_fd, .events = POLLIN};
-      int r = poll(&p, 1, 100);
-      if (r > 0) {
-        if (read(q->call_fd, &v, sizeof v) != sizeof v) v = 0;
-        if (measuring) {
-          q->st.waits++;
-          q->st.calls += v;
-        }
+      if (measuring) q->st.polls++;
+      if (poll(&p, 1, 100) > 0) {
+        uint64_t v;
+        if (read(q->call_fd, &v, sizeof v) == sizeof v && measuring) q->st.calls += v;
         disable_cb(q);
         continue;
       }
@@ -403,5 +413,6 @@ void *queue_thread(void *arg) {
   } else {
     run_pass(q, PASS_TIMED);
   }
+  track_window(q, false);
   return NULL;
 }
