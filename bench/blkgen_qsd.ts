@@ -22,7 +22,13 @@ interface Point {
   mode: WaitMode;
   qd: number;
   runs: RunSample[];
+  /** Runs thrown away because other processes used the CPUs meanwhile. */
+  discarded: number;
 }
+
+/** A run during which the rest of the machine used more than this (cores) is repeated. */
+const QUIET_CORES = 0.1;
+const MAX_DISCARDS = 20;
 
 function fmt(p: Point): string {
   const m = (f: (s: RunSample) => number) => median(p.runs.map(f));
@@ -37,6 +43,7 @@ function fmt(p: Point): string {
     `qsd ${m((s) => s.serverCpuUsPerIo).toFixed(3)} us/IO`,
     `kicks/IO ${m((s) => s.kicksPerIo).toFixed(3)}`,
     `waits/IO ${m((s) => s.waitsPerIo).toFixed(3)}`,
+    `others ${m((s) => s.otherCores).toFixed(2)} core (${p.discarded} noisy runs repeated)`,
   ].join("  ");
 }
 
@@ -62,21 +69,32 @@ if (import.meta.main) {
   });
   const points: Point[] = [];
   for (const qd of v.qd.split(",").map(Number)) {
-    for (const mode of ["interrupt", "poll"] as const) points.push({ mode, qd, runs: [] });
+    for (const mode of ["interrupt", "poll"] as const) {
+      points.push({ mode, qd, runs: [], discarded: 0 });
+    }
   }
   try {
     for (let r = 0; r < Number(v.rounds); r++) {
       for (const p of points) {
-        const s = await measureRun(exe, qsd, {
-          pattern: "randread",
-          queues: 1,
-          qd: p.qd,
-          mode: p.mode,
-          durationMs: Number(v["duration-ms"]),
-          cpu: pinned ? 1 : undefined,
-        });
-        if ("error" in s) throw new Error(`${p.mode} QD${p.qd}: ${s.error}`);
-        p.runs.push(s);
+        for (;;) {
+          const s = await measureRun(exe, qsd, {
+            pattern: "randread",
+            queues: 1,
+            qd: p.qd,
+            mode: p.mode,
+            durationMs: Number(v["duration-ms"]),
+            cpu: pinned ? 1 : undefined,
+          });
+          if ("error" in s) throw new Error(`${p.mode} QD${p.qd}: ${s.error}`);
+          // Another process competing for the CPUs makes a run meaningless: wait, run it again.
+          if (s.otherCores > QUIET_CORES && p.discarded < MAX_DISCARDS) {
+            p.discarded++;
+            await new Promise((res) => setTimeout(res, 2000));
+            continue;
+          }
+          p.runs.push(s);
+          break;
+        }
       }
     }
   } finally {

@@ -86,6 +86,9 @@ const PATTERNS: readonly ComparePattern[] = ["randread", "randwrite"];
 const SERVERS: readonly ServerName[] = ["ours", "theirs"];
 const MODES: readonly WaitMode[] = ["interrupt", "poll"];
 
+/** A run during which the rest of the machine used more CPU than this (cores) is noted as noisy. */
+const NOISY_CORES = 0.15;
+
 /** Runs one workload on the named server (restarting it first if it died). */
 type RunFn = (name: ServerName, w: Workload) => Promise<RunSample | RunFailure>;
 
@@ -372,9 +375,15 @@ export async function main(args: string[]): Promise<number> {
       }
       for (const name of SERVERS) {
         cell[name].median = summarize(cell[name].runs);
-        for (const f of cell[name].runs) {
+        cell[name].runs.forEach((f, r) => {
           if (!isSample(f)) odd.push(`${name} ${cellName(cell)}: ${f.error}`);
-        }
+          else if (f.otherCores > NOISY_CORES) {
+            odd.push(
+              `noisy: other processes used ${f.otherCores.toFixed(2)} core(s) during ` +
+                `${name} ${cellName(cell)} round ${r + 1}`,
+            );
+          }
+        });
         const errs = cell[name].median?.errors ?? 0;
         if (errs) odd.push(`${name} ${cellName(cell)}: ${errs} failed requests`);
       }

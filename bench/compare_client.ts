@@ -75,11 +75,26 @@ export interface RunSample {
   /** Requests that completed with a non-OK status. */
   errors: number;
   seconds: number;
+  /**
+   * CPU the rest of the machine used meanwhile (cores): every CPU's busy time
+   * from /proc/stat over the whole blkgen process, less blkgen's and the
+   * server's. Above ~0.1 something else competed for the CPUs.
+   */
+  otherCores: number;
 }
 
 /** A run that produced no result (blkgen failed, server died, timeout). */
 export interface RunFailure {
   error: string;
+}
+
+/** Busy (not idle, not iowait) time of all CPUs in seconds, from the first line of /proc/stat. */
+export function machineBusySeconds(): number {
+  const line = Deno.readTextFileSync("/proc/stat").split("\n")[0];
+  const f = line.trim().split(/\s+/).slice(1, 9).map(Number);
+  const total = f.reduce((a, b) => a + b, 0);
+  // USER_HZ is 100 on Linux.
+  return (total - f[3] - f[4]) / 100;
 }
 
 /**
@@ -134,6 +149,8 @@ export async function measureRun(
   w: Workload,
 ): Promise<RunSample | RunFailure> {
   if (server.exited) return { error: `${server.name} server is not running` };
+  const busy0 = machineBusySeconds();
+  const t0 = performance.now();
   const child = new Deno.Command(exe, {
     args: blkgenArgs(server.socket, server.pid, w),
     stdin: "null",
@@ -148,6 +165,7 @@ export async function measureRun(
   }, (w.warmupMs ?? 200) + w.durationMs + 30_000);
   const out = await child.output();
   clearTimeout(timer);
+  const machineCores = (machineBusySeconds() - busy0) / ((performance.now() - t0) / 1000);
   const dec = new TextDecoder();
   if (server.exited) {
     return { error: `${server.name} server exited during the run: ${lastLines(server.stderr)}` };
@@ -184,6 +202,7 @@ export async function measureRun(
     ops: r.ops,
     errors: r.errors,
     seconds: r.seconds,
+    otherCores: Math.max(0, machineCores - r.cpu_cores - r.server_cores),
   };
 }
 
