@@ -29,8 +29,8 @@
  * - Server CPU per I/O: utime + stime (all threads) of the server process,
  *   read by blkgen from /proc at the start and end of its measured window,
  *   over the requests completed in it. blkgen's own CPU per I/O: getrusage
- *   over the same window; its busy time is that CPU in interrupt mode and, in
- *   poll mode, the time of the passes that had completions (not the spinning).
+ *   over the same window; its busy time is the time of the passes that had
+ *   completions (reap, refill, publish, kick), not the waiting.
  * - Both servers share one image (our host takes no lock, qsd's shared lock
  *   does not conflict), written once with non-zero data so no extent is
  *   unwritten; it lives on a disk-backed directory (cache=none needs O_DIRECT).
@@ -280,6 +280,9 @@ export async function main(args: string[]): Promise<number> {
   const needsFile = o.backends.some((b) => b !== "null-co");
   const odd: string[] = [];
   const cells: Cell[] = [];
+  /** Cells with a run during which the rest of the machine was busy: the most it used (cores). */
+  const noisy = new Map<string, number>();
+  let noisyRuns = 0, runsDone = 0;
   let check: ClientCheck | null = null;
   if (o.pin && !pinned) odd.push(`only ${cpus} CPU: servers and blkgen are not pinned`);
   try {
@@ -375,15 +378,16 @@ export async function main(args: string[]): Promise<number> {
       }
       for (const name of SERVERS) {
         cell[name].median = summarize(cell[name].runs);
-        cell[name].runs.forEach((f, r) => {
+        for (const f of cell[name].runs) {
           if (!isSample(f)) odd.push(`${name} ${cellName(cell)}: ${f.error}`);
-          else if (f.otherCores > NOISY_CORES) {
-            odd.push(
-              `noisy: other processes used ${f.otherCores.toFixed(2)} core(s) during ` +
-                `${name} ${cellName(cell)} round ${r + 1}`,
-            );
+          else {
+            runsDone++;
+            if (f.otherCores > NOISY_CORES) {
+              noisy.set(cellName(cell), Math.max(noisy.get(cellName(cell)) ?? 0, f.otherCores));
+              noisyRuns++;
+            }
           }
-        });
+        }
         const errs = cell[name].median?.errors ?? 0;
         if (errs) odd.push(`${name} ${cellName(cell)}: ${errs} failed requests`);
       }
@@ -417,6 +421,16 @@ export async function main(args: string[]): Promise<number> {
     }
     check = clientCheck(checkCell, cpus);
 
+    if (noisyRuns) {
+      const worst = [...noisy.entries()].sort((a, b) => b[1] - a[1]);
+      odd.push(
+        `noisy: in ${noisyRuns} of ${runsDone} runs the rest of the machine (other processes, ` +
+          `or kernel work charged to neither server nor blkgen) used more than ${NOISY_CORES} ` +
+          `core, up to ${worst[0][1].toFixed(2)}; cells: ${
+            worst.slice(0, 8).map(([n, c]) => `${n} (${c.toFixed(2)})`).join(", ")
+          }${worst.length > 8 ? `, and ${worst.length - 8} more` : ""}`,
+      );
+    }
     for (const c of cells) {
       const ratio = iopsRatio(c);
       if (ratio < 0.5) odd.push(`slow: ours at ${ratio.toFixed(2)}x theirs on ${cellName(c)}`);

@@ -61,11 +61,11 @@ export interface RunSample {
   serverCpuUsPerIo: number;
   /** blkgen CPU per completed request, in us (poll mode: includes spinning on an empty ring). */
   clientCpuUsPerIo: number;
-  /** What the load costs blkgen per request: its CPU, in poll mode without the empty spinning. */
+  /** What the load costs blkgen per request: its passes with completions, not its waiting. */
   clientBusyUsPerIo: number;
   /** Server CPU time over the measured window (cores busy). */
   serverCores: number;
-  /** blkgen's busy CPU time over the window (cores). */
+  /** blkgen's busy time over the window (cores). */
   clientCores: number;
   /** Kick eventfd writes per request. */
   kicksPerIo: number;

@@ -184,7 +184,7 @@ export function formatTable(cells: Cell[]): string {
 export interface ClientLoad {
   server: ServerName;
   iops: number;
-  /** blkgen's busy time per request (its CPU; in poll mode without the empty spinning). */
+  /** blkgen's busy time per request (passes with completions, not waiting). */
   clientCpuUsPerIo: number;
   /** clientCpuUsPerIo x IOPS: cores blkgen kept busy. */
   clientCores: number;

@@ -181,7 +181,7 @@ struct queue_stats {
   uint64_t polls;        /* poll() calls on the call eventfd; those that did not sleep found a
                             signal left over from entries already reaped */
   uint64_t calls;        /* device notifications: the sum of the call eventfd's counts read */
-  uint64_t busy_ns;      /* poll mode: wall time of the passes that found completions, measured window */
+  uint64_t busy_ns;      /* wall time of the passes that found completions, measured window */
   uint64_t mismatches;   /* verify: blocks read back different from what was written */
   uint64_t verified;     /* verify: blocks read back and compared */
   uint64_t total_ops;    /* every completion, warm-up and drain included */

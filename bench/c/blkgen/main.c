@@ -346,11 +346,12 @@ int main(int argc, char **argv) {
   double ops = tot.ops ? (double)tot.ops : 1;
   uint64_t stale = tot.polls > tot.waits ? tot.polls - tot.waits : 0;
   /*
-   * What the load costs blkgen. Interrupt mode: its CPU time (it never spins). Poll mode: the
-   * wall time of the passes that had completions to reap, from reaping to the kick decision;
-   * spinning on an empty ring is not load. (Wall time: an overestimate if blkgen was preempted.)
+   * What the load costs blkgen: the wall time of the passes that had completions, from reaping
+   * to the kick decision. Waiting is not load: spinning on an empty ring (poll mode), or
+   * re-enabling interrupts and poll()/read() on the call eventfd (interrupt mode), which often
+   * return at once while the server is busy. (Wall time: an overestimate if blkgen was preempted.)
    */
-  double busy_us = o.mode == MODE_POLL ? (double)tot.busy_ns / 1e3 : user_us + sys_us;
+  double busy_us = (double)tot.busy_ns / 1e3;
   double iops = (double)tot.ops / secs;
   double mbps = iops * o.bs / 1e6;
   double mean = tot.lat.count ? (double)tot.lat.sum_ns / (double)tot.lat.count / 1e3 : 0;

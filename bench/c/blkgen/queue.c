@@ -353,7 +353,8 @@ static void run_pass(struct queue *q, enum pass pass) {
       for (unsigned i = 0; i < n_added; i++) q->slot[q->added[i]].t_submit = ts;
       publish_and_kick(q, measuring);
     }
-    if (reaped && poll_mode && measuring) q->st.busy_ns += now_ns() - pass_start;
+    /* Load is the passes that reaped something; waiting (spinning, poll(), read()) is not. */
+    if (reaped && measuring) q->st.busy_ns += now_ns() - pass_start;
     if (!submitting && q->inflight == 0) break;
     if (reaped) continue;
 
