@@ -39,7 +39,8 @@ function fmt(p: Point): string {
     `${p.mode.padEnd(9)} QD${String(p.qd).padEnd(3)}`,
     `${(iops / 1e6).toFixed(2)}M IOPS (${(lo / 1e6).toFixed(2)}-${(hi / 1e6).toFixed(2)}M)`,
     `p99 ${m((s) => s.p99Us).toFixed(1)} us`,
-    `blkgen ${busy.toFixed(3)} us/IO busy = ${(busy * iops / 1e6).toFixed(2)} core`,
+    `blkgen ${busy.toFixed(3)} us/IO busy = ${(busy * iops / 1e6).toFixed(2)} core ` +
+    `(CPU ${m((s) => s.clientCpuUsPerIo).toFixed(3)} us/IO)`,
     `qsd ${m((s) => s.serverCpuUsPerIo).toFixed(3)} us/IO`,
     `kicks/IO ${m((s) => s.kicksPerIo).toFixed(3)}`,
     `waits/IO ${m((s) => s.waitsPerIo).toFixed(3)}`,
