@@ -230,7 +230,8 @@ Deno.test("blkgen vs qemu-storage-daemon: every mode without errors, verify, a s
 
     // A server that stops completing requests: blkgen gives up after --timeout-ms with status 2.
     const run = blkgen(["--socket", qsd.socket, "--duration-ms", "5000", "--timeout-ms", "400"]);
-    await new Promise((r) => setTimeout(r, 300));
+    // Well after the set-up (a few ms unless the machine is very busy).
+    await new Promise((r) => setTimeout(r, 1000));
     qsd.signal("SIGSTOP");
     const stalled = await run;
     assert.equal(stalled.code, 2, stalled.stderr);
@@ -305,7 +306,7 @@ Deno.test("blkgen: SIGTERM ends a long run at once with the partial report", asy
       stdout: "piped",
       stderr: "piped",
     }).spawn();
-    await new Promise((r) => setTimeout(r, 500));
+    await new Promise((r) => setTimeout(r, 1000));
     const t0 = performance.now();
     child.kill("SIGTERM");
     const out = await child.output();
