@@ -5,7 +5,8 @@
  * bottleneck: blkgen's busy CPU per I/O x IOPS stays well under one core.
  * Part of `deno task bench`; the figure is quoted in the README.
  *
- * Run: `deno run -A bench/blkgen_qsd.ts [--rounds 5] [--duration-ms 1000] [--qd 32,128]`
+ * Run: `deno run -A bench/blkgen_qsd.ts [--rounds 5] [--duration-ms 1000] [--qd 32,128]
+ * [--event-idx on|off]`
  *
  * @module
  */
@@ -54,6 +55,7 @@ if (import.meta.main) {
       rounds: { type: "string", default: "5" },
       "duration-ms": { type: "string", default: "1000" },
       qd: { type: "string", default: "32" },
+      "event-idx": { type: "string", default: "on" },
     },
   });
   const exe = await buildBlkgen();
@@ -83,6 +85,7 @@ if (import.meta.main) {
             queues: 1,
             qd: p.qd,
             mode: p.mode,
+            eventIdx: v["event-idx"] !== "off",
             durationMs: Number(v["duration-ms"]),
             cpu: pinned ? 1 : undefined,
           });
@@ -105,7 +108,9 @@ if (import.meta.main) {
   console.log(
     `blkgen vs qemu-storage-daemon null-co, 4 KiB randread, 1 queue, ` +
       `${pinned ? "qsd on CPU 0, blkgen on CPU 1" : "not pinned (1 CPU)"}, ` +
-      `median of ${v.rounds} x ${v["duration-ms"]} ms (IOPS range in brackets):`,
+      `EVENT_IDX ${v["event-idx"]}, median of ${v.rounds} x ${
+        v["duration-ms"]
+      } ms (IOPS range in brackets):`,
   );
   for (const p of points) console.log(`  ${fmt(p)}`);
 }

@@ -31,6 +31,8 @@ export interface Workload {
   mode?: WaitMode;
   /** One INDIRECT descriptor per request (default false). */
   indirect?: boolean;
+  /** Negotiate VIRTIO_RING_F_EVENT_IDX (default true). */
+  eventIdx?: boolean;
   /** Pin blkgen's threads to this CPU (default: not pinned). */
   cpu?: number;
 }
@@ -128,6 +130,8 @@ export function blkgenArgs(socket: string, serverPid: number, w: Workload): stri
     w.mode ?? "interrupt",
     "--indirect",
     w.indirect ? "on" : "off",
+    "--event-idx",
+    w.eventIdx === false ? "off" : "on",
     "--duration-ms",
     String(w.durationMs),
     "--warmup-ms",
