@@ -1,40 +1,50 @@
 /**
  * `deno task compare`: our vhost-user-blk host against qemu-storage-daemon on
- * the same backends, driven by the built-in client with the same workload.
+ * the same backends, driven by blkgen (the C load generator in
+ * `bench/c/blkgen/`, docs/blkgen.md) with the same workload.
  *
  * Matrix (each restrictable by a flag): backends null-co, a raw file with
  * cache=none and aio=native, the same file with aio=io_uring; 4 KiB randread
- * and randwrite; queue depth 1, 8, 32, 128 per queue; 1 and 2 queues.
+ * and randwrite; queue depth 1, 32, 128 per queue, and 128 again with one
+ * INDIRECT descriptor per request; 1 and 2 queues. blkgen waits for
+ * completions as Linux's virtio_blk does (interrupt mode; `--mode poll`
+ * spins instead).
  *
  * How it runs, on a small machine (2 CPUs here):
  * - Both servers export the same node with one IOThread each (qsd
  *   `--object iothread` on the export; our host `--iothreads 1`), for 1 and
  *   2 queues alike. Our host runs as its own `./deno` process, so
  *   /proc/<pid>/stat gives its CPU time, as for qsd.
+ * - With 2 or more CPUs, every thread of both servers is pinned to CPU 0
+ *   (`taskset -c 0`) and blkgen to CPU 1 (`--cpu 1`), so neither competes
+ *   with the other for a core (`--pin off` leaves placement to the
+ *   scheduler).
  * - For each backend and queue count both servers are started and stay up;
  *   only one is driven at a time, the other sits idle (neither burns CPU
  *   idle). Each server first gets an unrecorded warm-up run (our host's JIT).
  * - Each cell runs `--rounds` times alternating ours, theirs, ours, ...; one
- *   client process per run (`client/main.ts`, one JSON line), so the client
- *   starts cold in every run for both servers alike. The table shows the
- *   median of each metric over the rounds.
- * - Server CPU per I/O: utime + stime (all threads) of the server process
- *   read before the client is spawned and after it exits, over the ops the
- *   client completed (so it includes the connection set-up, which is small
- *   against a run). Client CPU per I/O: the client's own measurement over the
- *   workload only.
+ *   blkgen process per run, each with its own short warm-up before its
+ *   measured window. The table shows the median of each metric over the
+ *   rounds.
+ * - Server CPU per I/O: utime + stime (all threads) of the server process,
+ *   read by blkgen from /proc at the start and end of its measured window,
+ *   over the requests completed in it. blkgen's own CPU per I/O: getrusage
+ *   over the same window; its busy time is the time of the passes that had
+ *   completions (reap, refill, publish, kick), not the waiting.
  * - Both servers share one image (our host takes no lock, qsd's shared lock
  *   does not conflict), written once with non-zero data so no extent is
  *   unwritten; it lives on a disk-backed directory (cache=none needs O_DIRECT).
  * - Client check: at null-co randread QD128 on one queue (the fastest cell)
- *   the client's cores busy (CPU per I/O x IOPS) say whether the client, not
- *   the server, limits the rate.
+ *   blkgen's cores busy (CPU per I/O x IOPS) say whether blkgen, not the
+ *   server, limits the rate.
  *
- * Output: the table on stdout, the chart (SVG) at --svg, every run at --json.
+ * Output: the table on stdout, the chart (SVG, cells without INDIRECT) at
+ * --svg, every run at --json.
  *
  * Run: `deno task compare [--quick] [--backend null-co,native,io_uring]
- * [--pattern randread,randwrite] [--qd 1,8,32,128] [--queues 1,2]
- * [--duration-ms 1000] [--rounds 5] [--svg bench/results/compare.svg]
+ * [--pattern randread,randwrite] [--qd 1,32,128] [--indirect-qd 128]
+ * [--queues 1,2] [--mode interrupt|poll] [--duration-ms 1000] [--rounds 5]
+ * [--pin on|off] [--svg bench/results/compare.svg]
  * [--json bench/results/compare.json]`
  *
  * @module
@@ -44,11 +54,13 @@ import { parseArgs } from "node:util";
 import { dirname, resolve } from "node:path";
 import { fsFilesystemType, TMPFS_MAGIC } from "../sys/mod.ts";
 import { makeScratchDir } from "../tests/harness/mod.ts";
+import { buildBlkgen } from "./blkgen_build.ts";
 import {
   type ComparePattern,
   measureRun,
   type RunFailure,
   type RunSample,
+  type WaitMode,
   type Workload,
 } from "./compare_client.ts";
 import {
@@ -72,6 +84,10 @@ import { renderCompareSvg } from "./compare_svg.ts";
 
 const PATTERNS: readonly ComparePattern[] = ["randread", "randwrite"];
 const SERVERS: readonly ServerName[] = ["ours", "theirs"];
+const MODES: readonly WaitMode[] = ["interrupt", "poll"];
+
+/** A run during which the rest of the machine used more CPU than this (cores) is noted as noisy. */
+const NOISY_CORES = 0.15;
 
 /** Runs one workload on the named server (restarting it first if it died). */
 type RunFn = (name: ServerName, w: Workload) => Promise<RunSample | RunFailure>;
@@ -81,20 +97,25 @@ interface CompareOptions {
   backends: BackendName[];
   patterns: ComparePattern[];
   qds: number[];
+  /** Queue depths run a second time with INDIRECT. */
+  indirectQds: number[];
   queues: number[];
+  mode: WaitMode;
   durationMs: number;
   warmupMs: number;
   rounds: number;
   iothreads: number;
   imageSize: number;
+  pin: boolean;
   dir?: string;
   svg: string;
   json: string;
 }
 
 const USAGE = `usage: deno task compare [--quick] [--backend null-co,native,io_uring]
-  [--pattern randread,randwrite] [--qd 1,8,32,128] [--queues 1,2] [--duration-ms 1000]
-  [--rounds 5] [--warmup-ms 500] [--iothreads 1] [--image-size-mib 1024] [--dir DIR]
+  [--pattern randread,randwrite] [--qd 1,32,128] [--indirect-qd 128] [--queues 1,2]
+  [--mode interrupt|poll] [--duration-ms 1000] [--rounds 5] [--warmup-ms 500] [--iothreads 1]
+  [--image-size-mib 1024] [--pin on|off] [--dir DIR]
   [--svg bench/results/compare.svg] [--json bench/results/compare.json]`;
 
 function list<T extends string>(flag: string, text: string, all: readonly T[]): T[] {
@@ -108,8 +129,8 @@ function list<T extends string>(flag: string, text: string, all: readonly T[]): 
 }
 
 function numbers(flag: string, text: string, max: number): number[] {
-  const xs = text.split(",").map((s) => Number(s.trim()));
-  if (xs.length === 0 || xs.some((x) => !Number.isInteger(x) || x < 1 || x > max)) {
+  const xs = text.split(",").filter((s) => s.trim()).map((s) => Number(s.trim()));
+  if (xs.some((x) => !Number.isInteger(x) || x < 1 || x > max)) {
     throw new RangeError(`--${flag} takes whole numbers 1..${max}, comma-separated`);
   }
   return xs;
@@ -128,13 +149,16 @@ function parseOptions(args: string[]): CompareOptions {
       quick: { type: "boolean", default: false },
       backend: { type: "string", default: BACKENDS.join(",") },
       pattern: { type: "string", default: PATTERNS.join(",") },
-      qd: { type: "string", default: "1,8,32,128" },
+      qd: { type: "string", default: "1,32,128" },
+      "indirect-qd": { type: "string", default: "128" },
       queues: { type: "string", default: "1,2" },
+      mode: { type: "string", default: "interrupt" },
       "duration-ms": { type: "string" },
       "warmup-ms": { type: "string" },
       rounds: { type: "string" },
       iothreads: { type: "string", default: "1" },
       "image-size-mib": { type: "string", default: "1024" },
+      pin: { type: "string", default: "on" },
       dir: { type: "string" },
       svg: { type: "string", default: "bench/results/compare.svg" },
       json: { type: "string", default: "bench/results/compare.json" },
@@ -145,17 +169,24 @@ function parseOptions(args: string[]): CompareOptions {
     console.log(USAGE);
     Deno.exit(0);
   }
+  if (v.pin !== "on" && v.pin !== "off") throw new RangeError("--pin takes on or off");
+  const qds = numbers("qd", v.qd, 1024);
+  const indirectQds = numbers("indirect-qd", v["indirect-qd"], 1024);
+  if (qds.length + indirectQds.length === 0) throw new RangeError("--qd: no queue depth");
   return {
     backends: list("backend", v.backend, BACKENDS),
     patterns: list("pattern", v.pattern, PATTERNS),
-    // QD128 needs a 512-entry ring; our host is started with --queue-size 1024.
-    qds: numbers("qd", v.qd, 256),
+    // QD128 without INDIRECT needs a 512-entry ring; our host is started with --queue-size 1024.
+    qds,
+    indirectQds,
     queues: numbers("queues", v.queues, 8),
+    mode: list("mode", v.mode, MODES)[0] ?? "interrupt",
     durationMs: positive("duration-ms", v["duration-ms"] ?? (v.quick ? "300" : "1000")),
     warmupMs: positive("warmup-ms", v["warmup-ms"] ?? (v.quick ? "200" : "500")),
     rounds: Math.max(1, positive("rounds", v.rounds ?? (v.quick ? "1" : "5"))),
     iothreads: numbers("iothreads", v.iothreads, 8)[0],
     imageSize: positive("image-size-mib", v["image-size-mib"]) * (1 << 20),
+    pin: v.pin === "on",
     dir: v.dir,
     svg: resolve(v.svg),
     json: resolve(v.json),
@@ -190,7 +221,43 @@ function brief(r: RunSample | RunFailure): string {
 /** Host stderr lines that are not the normal start/connect/stop log. */
 function anomalies(name: ServerName, stderr: string): string[] {
   const bad = /error|fail|warn|exception|panic|uncaught|abort|stall|IOERR [1-9]|[1-9]\d* IOERR/i;
-  return stderr.split("\n").filter((l) => l.trim() && (name === "theirs" || bad.test(l)));
+  // Counters that are zero ("0 stray wait errors") are the normal stop log.
+  const zero = /\b0 [a-z ]*(errors|failures)\b/gi;
+  return stderr.split("\n").filter((l) =>
+    l.trim() && (name === "theirs" || bad.test(l.replace(zero, "")))
+  );
+}
+
+/** The cell variants of one backend / pattern / queue count: (QD, INDIRECT) in run order. */
+function variants(o: CompareOptions): { qd: number; indirect: boolean }[] {
+  return [
+    ...o.qds.map((qd) => ({ qd, indirect: false })),
+    ...o.indirectQds.map((qd) => ({ qd, indirect: true })),
+  ].sort((a, b) => a.qd - b.qd || Number(a.indirect) - Number(b.indirect));
+}
+
+function cellName(
+  c: { backend: string; pattern: string; queues: number; qd: number; indirect: boolean },
+) {
+  return `${c.backend} ${c.pattern} q${c.queues} QD${c.qd}${c.indirect ? " INDIRECT" : ""}`;
+}
+
+function emptyCell(
+  backend: BackendName,
+  pattern: ComparePattern,
+  queues: number,
+  qd: number,
+  indirect: boolean,
+): Cell {
+  return {
+    backend,
+    pattern,
+    queues,
+    qd,
+    indirect,
+    ours: { runs: [], median: null },
+    theirs: { runs: [], median: null },
+  };
 }
 
 /** Runs the whole comparison; returns the process exit status. */
@@ -202,14 +269,22 @@ export async function main(args: string[]): Promise<number> {
     console.error(`compare: ${(e as Error).message}\n${USAGE}`);
     return 2;
   }
+  const exe = await buildBlkgen();
   const cpus = navigator.hardwareConcurrency;
+  const pinned = o.pin && cpus >= 2;
+  const serverCpus = pinned ? "0" : undefined;
+  const blkgenCpu = pinned ? 1 : undefined;
   const dir = o.dir ? resolve(o.dir) : await makeScratchDir("compare");
   await Deno.mkdir(dir, { recursive: true });
   const image = `${dir}/disk.raw`;
   const needsFile = o.backends.some((b) => b !== "null-co");
   const odd: string[] = [];
   const cells: Cell[] = [];
+  /** Cells with a run during which the rest of the machine was busy: the most it used (cores). */
+  const noisy = new Map<string, number>();
+  let noisyRuns = 0, runsDone = 0;
   let check: ClientCheck | null = null;
+  if (o.pin && !pinned) odd.push(`only ${cpus} CPU: servers and blkgen are not pinned`);
   try {
     if (needsFile) {
       if (fsFilesystemType(dir) === TMPFS_MAGIC) {
@@ -218,8 +293,24 @@ export async function main(args: string[]): Promise<number> {
       progress(`writing ${o.imageSize >> 20} MiB image ${image}`);
       await writeImage(image, o.imageSize);
     }
-    const perConfig = o.patterns.length * o.qds.length;
+    const perConfig = o.patterns.length * variants(o).length;
     const total = o.backends.length * o.queues.length * perConfig;
+    const workload = (
+      pattern: ComparePattern,
+      queues: number,
+      qd: number,
+      indirect: boolean,
+      durationMs: number,
+    ): Workload => ({
+      pattern,
+      queues,
+      qd,
+      indirect,
+      durationMs,
+      warmupMs: Math.min(200, o.warmupMs),
+      mode: o.mode,
+      cpu: blkgenCpu,
+    });
 
     /** Runs `body` with both servers started (and warmed up) for `backend` / `queues`. */
     const withServers = async (
@@ -234,6 +325,7 @@ export async function main(args: string[]): Promise<number> {
         queues,
         iothreads: o.iothreads,
         socket: `${dir}/${name}.sock`,
+        cpus: serverCpus,
       });
       const servers = new Map<ServerName, BlkServer>();
       const logs: Record<ServerName, string> = { ours: "", theirs: "" };
@@ -241,12 +333,11 @@ export async function main(args: string[]): Promise<number> {
         for (const name of SERVERS) servers.set(name, await startServer(name, config(name)));
         for (const name of SERVERS) {
           if (o.warmupMs === 0) break;
-          const w = await measureRun(servers.get(name)!, {
-            pattern: "randread",
-            queues,
-            qd: 32,
-            durationMs: o.warmupMs,
-          });
+          const w = await measureRun(
+            exe,
+            servers.get(name)!,
+            workload("randread", queues, 32, false, o.warmupMs),
+          );
           if (!isSample(w)) odd.push(`${name} ${backend} q${queues} warm-up: ${w.error}`);
         }
         await body(async (name, w) => {
@@ -258,7 +349,7 @@ export async function main(args: string[]): Promise<number> {
             s = await startServer(name, config(name));
             servers.set(name, s);
           }
-          return await measureRun(s, w);
+          return await measureRun(exe, s, w);
         });
       } finally {
         for (const [name, s] of servers) {
@@ -275,46 +366,43 @@ export async function main(args: string[]): Promise<number> {
       }
     };
 
+    /** Runs `cell` for `--rounds` rounds, alternating the servers, and takes the medians. */
+    const runCell = async (run: RunFn, cell: Cell, label: string) => {
+      const w = workload(cell.pattern, cell.queues, cell.qd, cell.indirect, o.durationMs);
+      for (let r = 0; r < o.rounds; r++) {
+        for (const name of SERVERS) cell[name].runs.push(await run(name, w));
+        progress(
+          `${label}${cellName(cell)} round ${r + 1}/${o.rounds}: ` +
+            `ours ${brief(cell.ours.runs[r])}, theirs ${brief(cell.theirs.runs[r])}`,
+        );
+      }
+      for (const name of SERVERS) {
+        cell[name].median = summarize(cell[name].runs);
+        for (const f of cell[name].runs) {
+          if (!isSample(f)) odd.push(`${name} ${cellName(cell)}: ${f.error}`);
+          else {
+            runsDone++;
+            if (f.otherCores > NOISY_CORES) {
+              noisy.set(cellName(cell), Math.max(noisy.get(cellName(cell)) ?? 0, f.otherCores));
+              noisyRuns++;
+            }
+          }
+        }
+        const errs = cell[name].median?.errors ?? 0;
+        if (errs) odd.push(`${name} ${cellName(cell)}: ${errs} failed requests`);
+      }
+    };
+
     let n = 0;
     for (const backend of o.backends) {
       for (const queues of o.queues) {
         progress(`${backend}, ${queues} queue(s): starting both servers`);
         await withServers(backend, queues, async (run) => {
           for (const pattern of o.patterns) {
-            for (const qd of o.qds) {
+            for (const { qd, indirect } of variants(o)) {
               n++;
-              const cell: Cell = {
-                backend,
-                pattern,
-                queues,
-                qd,
-                ours: { runs: [], median: null },
-                theirs: { runs: [], median: null },
-              };
-              const w = { pattern, queues, qd, durationMs: o.durationMs };
-              for (let r = 0; r < o.rounds; r++) {
-                for (const name of SERVERS) cell[name].runs.push(await run(name, w));
-                progress(
-                  `[${n}/${total}] ${backend} ${pattern} q${queues} QD${qd} round ${
-                    r + 1
-                  }/${o.rounds}: ` +
-                    `ours ${brief(cell.ours.runs[r])}, theirs ${brief(cell.theirs.runs[r])}`,
-                );
-              }
-              for (const name of SERVERS) {
-                cell[name].median = summarize(cell[name].runs);
-                for (const f of cell[name].runs) {
-                  if (!isSample(f)) {
-                    odd.push(`${name} ${backend} ${pattern} q${queues} QD${qd}: ${f.error}`);
-                  }
-                }
-                const errs = cell[name].median?.errors ?? 0;
-                if (errs) {
-                  odd.push(
-                    `${name} ${backend} ${pattern} q${queues} QD${qd}: ${errs} failed requests`,
-                  );
-                }
-              }
+              const cell = emptyCell(backend, pattern, queues, qd, indirect);
+              await runCell(run, cell, `[${n}/${total}] `);
               cells.push(cell);
             }
           }
@@ -323,45 +411,40 @@ export async function main(args: string[]): Promise<number> {
     }
 
     // The client check needs null-co randread, 1 queue, QD128: reuse the matrix's cell or run it.
-    let checkCell = cells.find((c) =>
-      c.backend === "null-co" && c.pattern === "randread" && c.queues === 1 && c.qd === 128
-    );
+    const fastest = (c: Cell) =>
+      c.backend === "null-co" && c.pattern === "randread" && c.queues === 1 && c.qd === 128;
+    let checkCell = cells.find((c) => fastest(c) && c.indirect) ?? cells.find(fastest);
     if (!checkCell) {
-      progress("client check: null-co randread q1 QD128");
-      const c: Cell = {
-        backend: "null-co",
-        pattern: "randread",
-        queues: 1,
-        qd: 128,
-        ours: { runs: [], median: null },
-        theirs: { runs: [], median: null },
-      };
-      await withServers("null-co", 1, async (run) => {
-        const w = { pattern: "randread" as const, queues: 1, qd: 128, durationMs: o.durationMs };
-        for (let r = 0; r < o.rounds; r++) {
-          for (const name of SERVERS) c[name].runs.push(await run(name, w));
-        }
-      });
-      for (const name of SERVERS) c[name].median = summarize(c[name].runs);
+      const c = emptyCell("null-co", "randread", 1, 128, false);
+      await withServers("null-co", 1, (run) => runCell(run, c, "client check: "));
       checkCell = c;
     }
     check = clientCheck(checkCell, cpus);
 
+    if (noisyRuns) {
+      const worst = [...noisy.entries()].sort((a, b) => b[1] - a[1]);
+      odd.push(
+        `noisy: in ${noisyRuns} of ${runsDone} runs the rest of the machine (other processes, ` +
+          `or kernel work charged to neither server nor blkgen) used more than ${NOISY_CORES} ` +
+          `core, up to ${worst[0][1].toFixed(2)}; cells: ${
+            worst.slice(0, 8).map(([n, c]) => `${n} (${c.toFixed(2)})`).join(", ")
+          }${worst.length > 8 ? `, and ${worst.length - 8} more` : ""}`,
+      );
+    }
     for (const c of cells) {
       const ratio = iopsRatio(c);
-      if (ratio < 0.5) {
-        odd.push(
-          `slow: ours at ${
-            ratio.toFixed(2)
-          }x theirs on ${c.backend} ${c.pattern} q${c.queues} QD${c.qd}`,
-        );
-      }
+      if (ratio < 0.5) odd.push(`slow: ours at ${ratio.toFixed(2)}x theirs on ${cellName(c)}`);
     }
 
-    const subtitle = `medians of ${o.rounds} round(s) x ${o.durationMs} ms, ${cpus} CPUs, ` +
-      `1 IOThread each (ours --iothreads ${o.iothreads}); QD is per queue`;
+    const placement = pinned ? "servers on CPU 0, blkgen on CPU 1" : "not pinned";
+    const subtitle = `medians of ${o.rounds} round(s) x ${o.durationMs} ms, ${cpus} CPUs ` +
+      `(${placement}), blkgen ${o.mode} mode, 1 IOThread each (ours --iothreads ${o.iothreads}); ` +
+      "QD is per queue";
     console.log(`\n${subtitle}; o = ours (dataplane), t = theirs (qemu-storage-daemon);`);
-    console.log("latency p50/p99 in us, cpu/IO = server CPU us per request (all threads)\n");
+    console.log(
+      "latency p50/p99 in us, cpu/IO = server CPU us per request (all threads), " +
+        "kick/wait per IO = blkgen's eventfd writes / sleeps\n",
+    );
     console.log(formatTable(cells));
     console.log(`\n${check.text}`);
     if (odd.length) {
@@ -370,7 +453,10 @@ export async function main(args: string[]): Promise<number> {
     }
 
     await Deno.mkdir(dirname(o.svg), { recursive: true });
-    await Deno.writeTextFile(o.svg, renderCompareSvg(cells, subtitle));
+    await Deno.writeTextFile(
+      o.svg,
+      renderCompareSvg(cells.filter((c) => !c.indirect), `${subtitle}; without INDIRECT`),
+    );
     await Deno.mkdir(dirname(o.json), { recursive: true });
     const qsdVersion = new TextDecoder().decode(
       (await new Deno.Command("qemu-storage-daemon", { args: ["--version"] }).output()).stdout,
@@ -381,7 +467,7 @@ export async function main(args: string[]): Promise<number> {
         {
           generated: new Date().toISOString(),
           machine: { cpus, kernel: Deno.osRelease(), deno: Deno.version.deno, qsd: qsdVersion },
-          options: { ...o, dir },
+          options: { ...o, dir, pinned },
           cells,
           clientCheck: check,
           noted: odd,

@@ -1,37 +1,57 @@
 /**
- * One measured run of `deno task compare`: the built-in client
- * (`client/main.ts`) as its own `./deno` process against one server, with the
- * server's CPU time read from /proc before the client starts and after it
- * exits.
+ * One measured run of `deno task compare`: blkgen (the C load generator,
+ * `bench/c/blkgen/`, docs/blkgen.md) as its own process against one server.
+ * blkgen measures everything over its measured window only: IOPS, latency,
+ * its own CPU per I/O, and (`--server-pid`) the server's CPU time from
+ * `/proc/<pid>/stat`, so connection set-up and warm-up count for neither.
  *
  * @module
  */
 
-import { REPO_ROOT } from "../tests/harness/mod.ts";
-import { type BlkServer, processCpuMs } from "./compare_servers.ts";
+import type { BlkServer } from "./compare_servers.ts";
 
 /** The I/O patterns the comparison runs. */
 export type ComparePattern = "randread" | "randwrite";
 
-/** What the client runs: 4 KiB requests, `qd` in flight on each of `queues` queues. */
+/** How blkgen waits for completions: as Linux's virtio_blk (interrupts) or by spinning. */
+export type WaitMode = "interrupt" | "poll";
+
+/** What blkgen runs: `blockSize` requests, `qd` in flight on each of `queues` queues. */
 export interface Workload {
   pattern: ComparePattern;
   queues: number;
   /** Requests in flight per queue. */
   qd: number;
   durationMs: number;
+  /** Unmeasured run inside blkgen before the window (default 200). */
+  warmupMs?: number;
   /** Bytes per request (default 4096). */
   blockSize?: number;
+  /** Default "interrupt". */
+  mode?: WaitMode;
+  /** One INDIRECT descriptor per request (default false). */
+  indirect?: boolean;
+  /** Negotiate VIRTIO_RING_F_EVENT_IDX (default true). */
+  eventIdx?: boolean;
+  /** Pin blkgen's threads to this CPU (default: not pinned). */
+  cpu?: number;
 }
 
-/** The fields of client/main.ts's JSON result that the comparison uses. */
-interface ClientJson {
+/** The fields of blkgen's `--json` line that the comparison uses. */
+interface BlkgenJson {
+  iops: number;
   ops: number;
   errors: number;
   seconds: number;
-  iops: number;
-  latUs: { p50: number; p99: number };
-  cpuMs: { user: number; system: number };
+  lat_us: { p50: number; p99: number };
+  kicks_per_io: number;
+  waits_per_io: number;
+  cpu_us_per_io: number;
+  busy_us_per_io: number;
+  cpu_cores: number;
+  busy_cores: number;
+  server_cpu_us_per_io?: number;
+  server_cores?: number;
 }
 
 /** One run's measurements. */
@@ -41,100 +61,152 @@ export interface RunSample {
   p99Us: number;
   /** Server CPU (all threads, user + system) per completed request, in us. */
   serverCpuUsPerIo: number;
-  /** Client CPU during the workload per completed request, in us. */
+  /** blkgen CPU per completed request, in us (poll mode: includes spinning on an empty ring). */
   clientCpuUsPerIo: number;
-  /** Server CPU time over the client's workload time (cores busy). */
+  /** What the load costs blkgen per request: its passes with completions, not its waiting. */
+  clientBusyUsPerIo: number;
+  /** Server CPU time over the measured window (cores busy). */
   serverCores: number;
-  /** Client CPU time over its workload time. */
+  /** blkgen's busy time over the window (cores). */
   clientCores: number;
+  /** Kick eventfd writes per request. */
+  kicksPerIo: number;
+  /** Sleeps on the call eventfd per request (0 in poll mode). */
+  waitsPerIo: number;
   ops: number;
   /** Requests that completed with a non-OK status. */
   errors: number;
   seconds: number;
+  /**
+   * CPU the rest of the machine used meanwhile (cores): every CPU's busy time
+   * from /proc/stat over the whole blkgen process, less blkgen's and the
+   * server's. Above ~0.1 something else competed for the CPUs.
+   */
+  otherCores: number;
 }
 
-/** A run that produced no result (client failed, server died, timeout). */
+/** A run that produced no result (blkgen failed, server died, timeout). */
 export interface RunFailure {
   error: string;
 }
 
-/** The client's command line for `w` (arguments after `./deno`). */
-export function clientArgs(socket: string, w: Workload): string[] {
-  // client/main.ts sizes the ring (>= 3 descriptors per slot) and slots = iodepth itself.
-  return [
-    "run",
-    "-A",
-    "client/main.ts",
-    "--socket",
-    socket,
-    "--pattern",
-    w.pattern,
-    "--bs",
-    String(w.blockSize ?? 4096),
-    "--iodepth",
-    String(w.qd),
-    "--queues",
-    String(w.queues),
-    "--duration-ms",
-    String(w.durationMs),
-  ];
+/** Busy (not idle, not iowait) time of all CPUs in seconds, from the first line of /proc/stat. */
+export function machineBusySeconds(): number {
+  const line = Deno.readTextFileSync("/proc/stat").split("\n")[0];
+  const f = line.trim().split(/\s+/).slice(1, 9).map(Number);
+  const total = f.reduce((a, b) => a + b, 0);
+  // USER_HZ is 100 on Linux.
+  return (total - f[3] - f[4]) / 100;
 }
 
 /**
- * Runs the client once against `server` and measures both. Never throws for a
- * failed run: the failure comes back as a {@link RunFailure} so one bad cell
- * does not lose the rest of the matrix.
+ * blkgen's command line for `w` against `socket`, reporting the CPU time of
+ * process `serverPid`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { blkgenArgs } from "./compare_client.ts";
+ * const a = blkgenArgs("/tmp/s.sock", 42, { pattern: "randread", queues: 1, qd: 32, durationMs: 500 });
+ * assert.deepEqual(a.slice(0, 4), ["--socket", "/tmp/s.sock", "--server-pid", "42"]);
+ * assert(a.includes("--json"));
+ * ```
  */
-export async function measureRun(server: BlkServer, w: Workload): Promise<RunSample | RunFailure> {
+export function blkgenArgs(socket: string, serverPid: number, w: Workload): string[] {
+  const args = [
+    "--socket",
+    socket,
+    "--server-pid",
+    String(serverPid),
+    "--rw",
+    w.pattern,
+    "--bs",
+    String(w.blockSize ?? 4096),
+    "--qd",
+    String(w.qd),
+    "--queues",
+    String(w.queues),
+    "--mode",
+    w.mode ?? "interrupt",
+    "--indirect",
+    w.indirect ? "on" : "off",
+    "--event-idx",
+    w.eventIdx === false ? "off" : "on",
+    "--duration-ms",
+    String(w.durationMs),
+    "--warmup-ms",
+    String(w.warmupMs ?? 200),
+    "--json",
+  ];
+  if (w.cpu !== undefined) args.push("--cpu", String(w.cpu));
+  return args;
+}
+
+/**
+ * Runs blkgen (`exe`) once against `server`. Never throws for a failed run:
+ * the failure comes back as a {@link RunFailure} so one bad cell does not
+ * lose the rest of the matrix.
+ */
+export async function measureRun(
+  exe: string,
+  server: BlkServer,
+  w: Workload,
+): Promise<RunSample | RunFailure> {
   if (server.exited) return { error: `${server.name} server is not running` };
-  const cpu0 = processCpuMs(server.pid);
-  const child = new Deno.Command(`${REPO_ROOT}/deno`, {
-    args: clientArgs(server.socket, w),
-    cwd: REPO_ROOT,
+  const busy0 = machineBusySeconds();
+  const t0 = performance.now();
+  const child = new Deno.Command(exe, {
+    args: blkgenArgs(server.socket, server.pid, w),
     stdin: "null",
     stdout: "piped",
     stderr: "piped",
   }).spawn();
-  // A stalled run must not hang the whole comparison.
+  // blkgen gives up on a stalled server by itself (5 s); this is for a blkgen that hangs.
   const timer = setTimeout(() => {
     try {
       child.kill("SIGKILL");
     } catch { /* exited */ }
-  }, w.durationMs + 60_000);
+  }, (w.warmupMs ?? 200) + w.durationMs + 30_000);
   const out = await child.output();
   clearTimeout(timer);
+  const machineCores = (machineBusySeconds() - busy0) / ((performance.now() - t0) / 1000);
+  const dec = new TextDecoder();
   if (server.exited) {
     return { error: `${server.name} server exited during the run: ${lastLines(server.stderr)}` };
   }
-  const cpu1 = processCpuMs(server.pid);
-  const dec = new TextDecoder();
   if (!out.success) {
     return {
-      error: `client exited with ${out.code}${out.signal ? ` (${out.signal})` : ""}: ${
+      error: `blkgen exited with ${out.code}${out.signal ? ` (${out.signal})` : ""}: ${
         lastLines(dec.decode(out.stderr))
       }`,
     };
   }
-  let r: ClientJson;
+  let r: BlkgenJson;
   try {
     const lines = dec.decode(out.stdout).trim().split("\n");
     r = JSON.parse(lines[lines.length - 1]);
   } catch {
-    return { error: `client printed no JSON: ${lastLines(dec.decode(out.stdout))}` };
+    return { error: `blkgen printed no JSON: ${lastLines(dec.decode(out.stdout))}` };
   }
-  if (!(r.ops > 0)) return { error: `client completed no requests: ${JSON.stringify(r)}` };
-  const clientMs = r.cpuMs.user + r.cpuMs.system;
+  if (!(r.ops > 0)) return { error: `blkgen completed no requests: ${JSON.stringify(r)}` };
+  if (r.server_cpu_us_per_io === undefined || r.server_cores === undefined) {
+    return { error: `blkgen could not read the server's CPU time (pid ${server.pid})` };
+  }
   return {
     iops: r.iops,
-    p50Us: r.latUs.p50,
-    p99Us: r.latUs.p99,
-    serverCpuUsPerIo: ((cpu1 - cpu0) * 1000) / r.ops,
-    clientCpuUsPerIo: (clientMs * 1000) / r.ops,
-    serverCores: (cpu1 - cpu0) / 1000 / r.seconds,
-    clientCores: clientMs / 1000 / r.seconds,
+    p50Us: r.lat_us.p50,
+    p99Us: r.lat_us.p99,
+    serverCpuUsPerIo: r.server_cpu_us_per_io,
+    clientCpuUsPerIo: r.cpu_us_per_io,
+    clientBusyUsPerIo: r.busy_us_per_io,
+    serverCores: r.server_cores,
+    clientCores: r.busy_cores,
+    kicksPerIo: r.kicks_per_io,
+    waitsPerIo: r.waits_per_io,
     ops: r.ops,
     errors: r.errors,
     seconds: r.seconds,
+    otherCores: Math.max(0, machineCores - r.cpu_cores - r.server_cores),
   };
 }
 

@@ -1,7 +1,7 @@
 /**
  * Results of `deno task compare`: one {@link Cell} per backend / pattern /
- * queues / queue depth with every run of both servers, the medians, the
- * printed table, and the client-bottleneck verdict.
+ * queues / queue depth / INDIRECT with every run of both servers, the
+ * medians, the printed table, and the load-generator-bottleneck verdict.
  *
  * @module
  */
@@ -16,8 +16,11 @@ export interface Summary {
   p99Us: number;
   serverCpuUsPerIo: number;
   clientCpuUsPerIo: number;
+  clientBusyUsPerIo: number;
   serverCores: number;
   clientCores: number;
+  kicksPerIo: number;
+  waitsPerIo: number;
   /** Successful runs the medians are over. */
   runs: number;
   /** Non-OK request completions over all runs. */
@@ -38,6 +41,8 @@ export interface Cell {
   queues: number;
   /** Requests in flight per queue. */
   qd: number;
+  /** One INDIRECT descriptor per request instead of a 3-descriptor chain. */
+  indirect: boolean;
   ours: ServerRuns;
   theirs: ServerRuns;
 }
@@ -76,8 +81,11 @@ export function summarize(runs: (RunSample | RunFailure)[]): Summary | null {
     p99Us: m((s) => s.p99Us),
     serverCpuUsPerIo: m((s) => s.serverCpuUsPerIo),
     clientCpuUsPerIo: m((s) => s.clientCpuUsPerIo),
+    clientBusyUsPerIo: m((s) => s.clientBusyUsPerIo),
     serverCores: m((s) => s.serverCores),
     clientCores: m((s) => s.clientCores),
+    kicksPerIo: m((s) => s.kicksPerIo),
+    waitsPerIo: m((s) => s.waitsPerIo),
     runs: ok.length,
     errors: ok.reduce((a, s) => a + s.errors, 0),
   };
@@ -103,9 +111,15 @@ function fmtUs(n: number | undefined): string {
   return n >= 1000 ? n.toFixed(0) : n >= 100 ? n.toFixed(1) : n.toFixed(2);
 }
 
+function fmtRate(n: number | undefined): string {
+  if (n === undefined || !Number.isFinite(n)) return "-";
+  return n.toFixed(n >= 1 ? 2 : 3);
+}
+
 /**
  * The comparison table: one row per cell, medians of both servers side by
- * side (o = ours, t = theirs, latencies and CPU per request in us).
+ * side (o = ours, t = theirs, latencies and CPU per request in us; kicks
+ * and waits are blkgen's eventfd writes and sleeps per request).
  *
  * @example
  * ```ts
@@ -120,6 +134,7 @@ export function formatTable(cells: Cell[]): string {
     "pattern",
     "q",
     "QD",
+    "ind",
     "IOPS o",
     "IOPS t",
     "o/t",
@@ -129,6 +144,10 @@ export function formatTable(cells: Cell[]): string {
     "p99 t",
     "cpu/IO o",
     "cpu/IO t",
+    "kick/IO o",
+    "kick/IO t",
+    "wait/IO o",
+    "wait/IO t",
   ];
   const rows = cells.map((c) => {
     const o = c.ours.median ?? undefined, t = c.theirs.median ?? undefined;
@@ -138,6 +157,7 @@ export function formatTable(cells: Cell[]): string {
       c.pattern,
       String(c.queues),
       String(c.qd),
+      c.indirect ? "on" : "off",
       fmtIops(o?.iops),
       fmtIops(t?.iops),
       Number.isFinite(ratio) ? ratio.toFixed(2) : "-",
@@ -147,6 +167,10 @@ export function formatTable(cells: Cell[]): string {
       fmtUs(t?.p99Us),
       fmtUs(o?.serverCpuUsPerIo),
       fmtUs(t?.serverCpuUsPerIo),
+      fmtRate(o?.kicksPerIo),
+      fmtRate(t?.kicksPerIo),
+      fmtRate(o?.waitsPerIo),
+      fmtRate(t?.waitsPerIo),
     ];
   });
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
@@ -156,22 +180,24 @@ export function formatTable(cells: Cell[]): string {
   return [line(head), widths.map((w) => "-".repeat(w)).join("  "), ...rows.map(line)].join("\n");
 }
 
-/** The client's load while driving one server at the check point. */
+/** blkgen's load while driving one server at the check point. */
 export interface ClientLoad {
   server: ServerName;
   iops: number;
+  /** blkgen's busy time per request (passes with completions, not waiting). */
   clientCpuUsPerIo: number;
-  /** clientCpuUsPerIo x IOPS: cores the client kept busy. */
+  /** clientCpuUsPerIo x IOPS: cores blkgen kept busy. */
   clientCores: number;
   serverCores: number;
 }
 
-/** Whether the client limited the measurement (null-co, QD128: the fastest cell). */
+/** Whether blkgen limited the measurement (null-co, QD128: the fastest cell). */
 export interface ClientCheck {
   backend: BackendName;
   pattern: ComparePattern;
   queues: number;
   qd: number;
+  indirect: boolean;
   loads: ClientLoad[];
   /** Some load had the client at or above {@link CLIENT_BOUND_CORES}. */
   clientBound: boolean;
@@ -179,10 +205,10 @@ export interface ClientCheck {
   text: string;
 }
 
-/** Client busy for this share of a core or more: it is (close to) the bottleneck. */
+/** blkgen busy for this share of a core or more: it is (close to) the bottleneck. */
 export const CLIENT_BOUND_CORES = 0.8;
 
-/** Builds the client-bottleneck verdict from the check cell's medians. */
+/** Builds the load-generator-bottleneck verdict from the check cell's medians. */
 export function clientCheck(c: Cell, cores: number): ClientCheck {
   const loads: ClientLoad[] = [];
   for (const name of ["ours", "theirs"] as const) {
@@ -191,14 +217,14 @@ export function clientCheck(c: Cell, cores: number): ClientCheck {
     loads.push({
       server: name,
       iops: m.iops,
-      clientCpuUsPerIo: m.clientCpuUsPerIo,
-      clientCores: (m.clientCpuUsPerIo * m.iops) / 1e6,
+      clientCpuUsPerIo: m.clientBusyUsPerIo,
+      clientCores: (m.clientBusyUsPerIo * m.iops) / 1e6,
       serverCores: (m.serverCpuUsPerIo * m.iops) / 1e6,
     });
   }
   const clientBound = loads.some((l) => l.clientCores >= CLIENT_BOUND_CORES);
   const lines = loads.map((l) =>
-    `  vs ${l.server.padEnd(6)}: ${fmtIops(l.iops)} IOPS, client ${
+    `  vs ${l.server.padEnd(6)}: ${fmtIops(l.iops)} IOPS, blkgen ${
       fmtUs(l.clientCpuUsPerIo)
     } us/IO = ${l.clientCores.toFixed(2)} core, server ${l.serverCores.toFixed(2)} core`
   );
@@ -206,16 +232,17 @@ export function clientCheck(c: Cell, cores: number): ClientCheck {
   if (loads.length === 0) {
     verdict = "  no result: cannot tell";
   } else if (clientBound) {
-    verdict = `  CLIENT-BOUND: the client uses >= ${CLIENT_BOUND_CORES} of a core; ` +
-      "results at this rate measure the client as much as the server";
+    verdict = `  CLIENT-BOUND: blkgen uses >= ${CLIENT_BOUND_CORES} of a core; ` +
+      "results at this rate measure blkgen as much as the server";
   } else if (loads.some((l) => l.clientCores + l.serverCores >= 0.9 * cores)) {
     verdict = `  the ${cores} CPUs are saturated by client + server together; ` +
-      "the client alone is not the bottleneck";
+      "blkgen alone is not the bottleneck";
   } else {
-    verdict = "  the client is not the bottleneck (well under one core)";
+    verdict = "  blkgen is not the bottleneck (well under one core)";
   }
   const text = [
-    `client check (${c.backend}, ${c.pattern}, ${c.queues} queue(s), QD${c.qd}):`,
+    `client check (${c.backend}, ${c.pattern}, ${c.queues} queue(s), QD${c.qd}` +
+    `${c.indirect ? ", INDIRECT" : ""}):`,
     ...lines,
     verdict,
   ].join("\n");
@@ -224,6 +251,7 @@ export function clientCheck(c: Cell, cores: number): ClientCheck {
     pattern: c.pattern,
     queues: c.queues,
     qd: c.qd,
+    indirect: c.indirect,
     loads,
     clientBound,
     text,

@@ -2,8 +2,9 @@
  * The two vhost-user-blk servers `deno task compare` measures, behind one
  * interface: our host (`dataplane/main.ts`, run as its own `./deno` process)
  * and qemu-storage-daemon (through the test harness). Both export the same
- * backend with one IOThread, and both report the CPU time of their whole
- * process (every thread) from `/proc/<pid>/stat`.
+ * backend with one IOThread, may be pinned to the same CPUs (`taskset`), and
+ * both report the CPU time of their whole process (every thread) from
+ * `/proc/<pid>/stat`.
  *
  * @module
  */
@@ -37,6 +38,8 @@ export interface ServerConfig {
   iothreads: number;
   /** Unix socket path of the export. */
   socket: string;
+  /** Pin every thread of the server to these CPUs (`taskset -c`, e.g. "0"); default not pinned. */
+  cpus?: string;
 }
 
 /** A started server. */
@@ -79,7 +82,7 @@ export function ourHostArgs(c: ServerConfig): string[] {
   const image = c.backend === "null-co" ? `null-co:${c.nullSize}` : c.image;
   const args = ["run", "-A", "dataplane/main.ts", "--image", image, "--socket", c.socket];
   if (c.backend !== "null-co") args.push("--cache", "none", "--aio", c.backend);
-  // The client asks for a ring of up to 512 entries at QD128 (3 descriptors a request).
+  // blkgen asks for a ring of 512 entries at QD128 without INDIRECT (3 descriptors a request).
   args.push("--queues", String(c.queues), "--iothreads", String(c.iothreads));
   args.push("--queue-size", "1024");
   return args;
@@ -129,7 +132,12 @@ export async function startOurs(c: ServerConfig): Promise<BlkServer> {
   try {
     await Deno.remove(c.socket);
   } catch { /* no stale socket */ }
-  const proc = new ServerProcess(`${REPO_ROOT}/deno`, ourHostArgs(c), { cwd: REPO_ROOT });
+  // taskset and ./deno both exec, so the pid is the Deno process itself.
+  const proc = c.cpus === undefined
+    ? new ServerProcess(`${REPO_ROOT}/deno`, ourHostArgs(c), { cwd: REPO_ROOT })
+    : new ServerProcess("taskset", ["-c", c.cpus, `${REPO_ROOT}/deno`, ...ourHostArgs(c)], {
+      cwd: REPO_ROOT,
+    });
   const host = new OurHost(c.socket, proc);
   if (!await proc.waitForSocket(c.socket, 60_000)) {
     await host.stop();
@@ -145,6 +153,7 @@ export async function startTheirs(c: ServerConfig): Promise<BlkServer> {
     blockdev: theirBlockdev(c),
     numQueues: c.queues,
     iothread: true,
+    cpus: c.cpus,
   });
   return {
     name: "theirs",
@@ -157,7 +166,8 @@ export async function startTheirs(c: ServerConfig): Promise<BlkServer> {
       return qsd.stderr;
     },
     stop: async () => {
-      await qsd.stop();
+      // qsd may not exit on SIGTERM after a front-end left with requests in flight.
+      await qsd.stop(1_000);
     },
   };
 }

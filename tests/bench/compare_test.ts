@@ -1,7 +1,8 @@
 // `deno task compare` end to end in its quick mode, cut down to null-co
-// randread at QD 1 and 32 on one queue: both servers start, both are driven,
-// and the table, JSON and SVG come out with positive IOPS for each. Not a
-// speed test: nothing here compares the two servers.
+// randread at QD 1 and 32 on one queue: both servers start, blkgen drives
+// both, and the table, JSON and SVG come out with positive IOPS, server CPU
+// and blkgen's notification counts for each. Not a speed test: nothing here
+// compares the two servers.
 
 import assert from "node:assert/strict";
 import type { Cell } from "../../bench/compare_report.ts";
@@ -24,6 +25,8 @@ Deno.test("compare --quick: table, JSON and SVG for both servers on null-co", as
         "randread",
         "--qd",
         "1,32",
+        "--indirect-qd",
+        "",
         "--queues",
         "1",
         "--duration-ms",
@@ -49,20 +52,23 @@ Deno.test("compare --quick: table, JSON and SVG for both servers on null-co", as
     const rows = stdout.split("\n").filter((l) => /^null-co\s+randread\s+1\s+(1|32)\s/.test(l));
     assert.equal(rows.length, 2, stdout);
     for (const r of rows) assert.doesNotMatch(r, /\s-\s/, `a missing value in: ${r}`);
-    assert.match(stdout, /IOPS o\s+IOPS t\s+o\/t/);
+    assert.match(stdout, /QD\s+ind\s+IOPS o\s+IOPS t\s+o\/t/);
+    assert.match(stdout, /kick\/IO o\s+kick\/IO t\s+wait\/IO o\s+wait\/IO t/);
     assert.match(stdout, /client check \(null-co, randread, 1 queue\(s\), QD128\)/);
 
     const report = JSON.parse(await Deno.readTextFile(json)) as {
       cells: Cell[];
       clientCheck: { loads: { server: string; iops: number }[] };
     };
-    assert.deepEqual(report.cells.map((c) => c.qd), [1, 32]);
+    assert.deepEqual(report.cells.map((c) => [c.qd, c.indirect]), [[1, false], [32, false]]);
     for (const c of report.cells) {
       for (const name of ["ours", "theirs"] as const) {
         const m = c[name].median;
         assert.ok(m && m.iops > 0, `${name} QD${c.qd}: ${JSON.stringify(c[name].runs)}`);
         assert.ok(m.p99Us >= m.p50Us && m.p50Us > 0);
-        assert.ok(m.serverCpuUsPerIo >= 0 && m.clientCpuUsPerIo >= 0);
+        assert.ok(m.serverCpuUsPerIo > 0 && m.clientCpuUsPerIo > 0);
+        assert.ok(m.clientBusyUsPerIo > 0 && m.clientBusyUsPerIo <= m.clientCpuUsPerIo);
+        assert.ok(m.kicksPerIo >= 0 && m.waitsPerIo >= 0);
       }
     }
     assert.deepEqual(report.clientCheck.loads.map((l) => l.server), ["ours", "theirs"]);

@@ -43,6 +43,8 @@ export interface QsdOptions {
   iothread?: boolean;
   /** qemu-storage-daemon binary (default from PATH). */
   binary?: string;
+  /** Pin every qsd thread to these CPUs (`taskset -c CPUS`, e.g. "0"); default not pinned. */
+  cpus?: string;
   /** Give up if the socket has not appeared after this long (default 10 s). */
   startTimeoutMs?: number;
 }
@@ -142,7 +144,10 @@ export class QemuStorageDaemon {
     const binary = opts.binary ?? "qemu-storage-daemon";
     let proc: ServerProcess;
     try {
-      proc = new ServerProcess(binary, qsdArgs(opts));
+      // taskset execs qsd, so the pid (for /proc/<pid>/stat) is qsd's own.
+      proc = opts.cpus === undefined
+        ? new ServerProcess(binary, qsdArgs(opts))
+        : new ServerProcess("taskset", ["-c", opts.cpus, binary, ...qsdArgs(opts)]);
     } catch (e) {
       // A test that needs the reference must fail with the fix, not a bare ENOENT.
       if (!(e instanceof Deno.errors.NotFound)) throw e;
@@ -166,8 +171,25 @@ export class QemuStorageDaemon {
    * socket. Returns the exit status. Safe to call twice.
    */
   async stop(graceMs = 5_000): Promise<Deno.CommandStatus> {
+    return await this.#end("SIGTERM", graceMs);
+  }
+
+  /**
+   * SIGKILL and wait; removes the socket. For tests whose front-end may have
+   * left requests in flight, after which qsd can hang on SIGTERM.
+   */
+  async kill(): Promise<Deno.CommandStatus> {
+    return await this.#end("SIGKILL", 5_000);
+  }
+
+  /** Sends `signal` to qsd without waiting for anything (SIGSTOP: it stops answering). */
+  signal(signal: Deno.Signal): void {
+    this.#process.kill(signal);
+  }
+
+  async #end(signal: Deno.Signal, graceMs: number): Promise<Deno.CommandStatus> {
     try {
-      return await this.#process.stop("SIGTERM", graceMs);
+      return await this.#process.stop(signal, graceMs);
     } finally {
       try {
         await Deno.remove(this.socket);

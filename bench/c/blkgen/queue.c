@@ -1,0 +1,419 @@
+/*
+ * blkgen: one split virtqueue (virtio 1.2, 2.7) driven by one thread, the
+ * way Linux's virtio_ring.c + virtio_blk.c drive it.
+ *
+ * Every slot has a fixed chain: header (device reads), data (device writes
+ * for a read, reads for a write), status (device writes); either as three
+ * descriptors 3s, 3s+1, 3s+2 or, with INDIRECT, as descriptor s pointing at a
+ * three-entry table of the slot's own. Submitting a request writes its
+ * header, status byte and avail entry; nothing is allocated per request.
+ *
+ * Interrupt mode (as virtio_blk with blk-mq): keep QD requests in flight;
+ * after a batch is added, publish avail idx (release) and kick only if the
+ * device asked for it (virtqueue_kick_prepare); reap every used entry; when
+ * none are left, re-enable interrupts (virtqueue_enable_cb_prepare), full
+ * fence, look again (virtqueue_poll) and only then sleep on the call eventfd;
+ * interrupts stay disabled while there is work. Poll mode: interrupts off,
+ * spin on used idx.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include "blkgen.h"
+
+#define SLOT_META 128 /* header @0 (16), indirect table @16 (48), status @64 */
+#define META_TABLE 16
+#define META_STATUS 64
+#define PAGE 4096
+
+static size_t align_up(size_t x, size_t a) { return (x + a - 1) & ~(a - 1); }
+
+/* Ring layout at offset 0 of the queue's area: desc | avail (+used_event) | used (+avail_event). */
+static size_t rings_size(unsigned num) {
+  size_t s = align_up(16u * num, PAGE);
+  s = align_up(s + 6 + 2u * num, PAGE);
+  return align_up(s + 6 + 8u * num, PAGE);
+}
+
+size_t queue_mem_size(const struct options *o, unsigned num, unsigned slots) {
+  return rings_size(num) + align_up((size_t)SLOT_META * slots, PAGE) +
+         align_up((size_t)o->bs, PAGE) * slots;
+}
+
+static uint64_t xorshift64s(uint64_t *s) {
+  uint64_t x = *s;
+  x ^= x >> 12;
+  x ^= x << 25;
+  x ^= x >> 27;
+  *s = x;
+  return x * 0x2545F4914F6CDD1DULL;
+}
+
+/* The verify pattern: word i of block b (docs/blkgen.md; tests check it in the image). */
+static inline uint64_t pattern_word(uint64_t seed, uint64_t block, uint64_t i) {
+  return (block << 32) ^ (seed << 16) ^ i;
+}
+
+void queue_init(struct queue *q, unsigned index, const struct options *o, struct device *d,
+                size_t off, unsigned num, unsigned slots, uint64_t nblocks) {
+  memset(q, 0, sizeof *q);
+  q->index = index;
+  q->o = o;
+  q->dev = d;
+  q->num = (uint16_t)num;
+  q->slots = slots;
+  q->event_idx = (d->features >> VIRTIO_RING_F_EVENT_IDX) & 1;
+  q->indirect = (d->features >> VIRTIO_RING_F_INDIRECT_DESC) & 1;
+  q->nblocks = nblocks;
+  q->next_block = index;
+  q->rng = (o->seed + 1) * 0x9E3779B97F4A7C15ULL ^ ((uint64_t)index << 40);
+  if (q->rng == 0) q->rng = 1;
+
+  uint8_t *base = d->mem + off;
+  q->desc_gpa = off;
+  q->desc = (struct vring_desc *)base;
+  size_t a = align_up(16u * num, PAGE);
+  q->avail_gpa = off + a;
+  q->avail = (uint16_t *)(base + a);
+  q->used_event = &q->avail[2 + num];
+  size_t u = align_up(a + 6 + 2u * num, PAGE);
+  q->used_gpa = off + u;
+  q->used = (uint16_t *)(base + u);
+  q->used_ring = (struct vring_used_elem *)(q->used + 2);
+  q->avail_event = (uint16_t *)(q->used_ring + num);
+  size_t m = rings_size(num);
+  q->meta = base + m;
+  q->meta_gpa = off + m;
+  size_t dd = m + align_up((size_t)SLOT_META * slots, PAGE);
+  q->data = base + dd;
+  q->data_gpa = off + dd;
+  size_t stride = align_up(o->bs, PAGE);
+
+  q->slot = calloc(slots, sizeof *q->slot);
+  q->added = calloc(slots, sizeof *q->added);
+  if (!q->slot || !q->added) die(1, "out of memory");
+
+  /* Fixed chains: only the data descriptor's WRITE flag changes per request. */
+  for (unsigned s = 0; s < slots; s++) {
+    uint64_t hdr = q->meta_gpa + (uint64_t)SLOT_META * s;
+    uint64_t data = q->data_gpa + (uint64_t)stride * s;
+    struct vring_desc chain[3] = {
+        {hdr, 16, VRING_DESC_F_NEXT, 1},
+        {data, o->bs, VRING_DESC_F_NEXT, 2},
+        {hdr + META_STATUS, 1, VRING_DESC_F_WRITE, 0},
+    };
+    if (q->indirect) {
+      struct vring_desc *t = (struct vring_desc *)(q->meta + (size_t)SLOT_META * s + META_TABLE);
+      memcpy(t, chain, sizeof chain);
+      q->desc[s] = (struct vring_desc){hdr + META_TABLE, sizeof chain, VRING_DESC_F_INDIRECT, 0};
+    } else {
+      for (unsigned i = 0; i < 3; i++) {
+        q->desc[3 * s + i] = chain[i];
+        if (i < 2) q->desc[3 * s + i].next = (uint16_t)(3 * s + i + 1);
+      }
+    }
+  }
+  q->kick_fd = eventfd(0, EFD_CLOEXEC);
+  q->call_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (q->kick_fd < 0 || q->call_fd < 0) die(1, "eventfd: %s", strerror(errno));
+}
+
+/* The data descriptor of slot s (in the ring or in its indirect table). */
+static inline struct vring_desc *data_desc(struct queue *q, unsigned s) {
+  if (q->indirect) {
+    return (struct vring_desc *)(q->meta + (size_t)SLOT_META * s + META_TABLE) + 1;
+  }
+  return &q->desc[3 * s + 1];
+}
+
+static inline uint8_t *slot_data(struct queue *q, unsigned s) {
+  return q->data + align_up(q->o->bs, PAGE) * s;
+}
+
+static inline uint8_t *slot_status(struct queue *q, unsigned s) {
+  return q->meta + (size_t)SLOT_META * s + META_STATUS;
+}
+
+/* Builds the request of slot s and adds it to the avail ring (not yet published). Hot path. */
+static inline void add_request(struct queue *q, unsigned s, bool is_read, uint64_t block) {
+  uint8_t *h = q->meta + (size_t)SLOT_META * s;
+  uint32_t type = is_read ? VIRTIO_BLK_T_IN : VIRTIO_BLK_T_OUT;
+  uint64_t sector = block * (q->o->bs / VIRTIO_BLK_SECTOR);
+  memcpy(h, &type, 4);
+  memset(h + 4, 0, 4);
+  memcpy(h + 8, &sector, 8);
+  h[META_STATUS] = 0xff; /* a completion that forgot the status shows up as an error */
+  struct vring_desc *dd = data_desc(q, s);
+  uint16_t flags = VRING_DESC_F_NEXT | (is_read ? VRING_DESC_F_WRITE : 0);
+  if (dd->flags != flags) dd->flags = flags;
+  q->slot[s].block = block;
+  q->slot[s].is_read = is_read;
+  uint16_t head = (uint16_t)(q->indirect ? s : 3 * s);
+  q->avail[2 + (q->avail_idx & (q->num - 1))] = head;
+  q->avail_idx++;
+  q->inflight++;
+}
+
+/* Publishes the added entries (release) and kicks if the device wants it (virtqueue_kick_prepare). */
+static inline void publish_and_kick(struct queue *q, bool measuring) {
+  __atomic_store_n(&q->avail[1], q->avail_idx, __ATOMIC_RELEASE);
+  /* The avail idx store must be visible before we read the device's suppression state. */
+  __atomic_thread_fence(__ATOMIC_SEQ_CST);
+  uint16_t old = q->kicked_idx, new_idx = q->avail_idx;
+  q->kicked_idx = new_idx;
+  bool need;
+  if (q->event_idx) {
+    need = vring_need_event(__atomic_load_n(q->avail_event, __ATOMIC_RELAXED), new_idx, old);
+  } else {
+    need = !(__atomic_load_n(&q->used[0], __ATOMIC_RELAXED) & VRING_USED_F_NO_NOTIFY);
+  }
+  if (!need) return;
+  uint64_t one = 1;
+  if (write(q->kick_fd, &one, sizeof one) != sizeof one) die(1, "kick: %s", strerror(errno));
+  if (measuring) q->st.kicks++;
+}
+
+/* Interrupts off (virtqueue_disable_cb): no flag with EVENT_IDX, used_event one behind us. */
+static inline void disable_cb(struct queue *q) {
+  if (q->event_idx) {
+    __atomic_store_n(q->used_event, (uint16_t)(q->last_used - 1), __ATOMIC_RELAXED);
+  } else {
+    __atomic_store_n(&q->avail[0], VRING_AVAIL_F_NO_INTERRUPT, __ATOMIC_RELAXED);
+  }
+}
+
+/* Interrupts on for the next used entry (virtqueue_enable_cb_prepare); the caller fences and re-checks. */
+static inline void enable_cb(struct queue *q) {
+  if (q->event_idx) {
+    __atomic_store_n(q->used_event, q->last_used, __ATOMIC_RELAXED);
+  } else {
+    __atomic_store_n(&q->avail[0], 0, __ATOMIC_RELAXED);
+  }
+}
+
+static void fail(struct queue *q, const char *fmt, unsigned long long a, unsigned long long b) {
+  snprintf(q->failure, sizeof q->failure, fmt, a, b);
+  q->failed = 1;
+  __atomic_store_n(&g_phase, PHASE_STOP, __ATOMIC_RELAXED);
+}
+
+/* What the next request of a pass is: false when the workload has no more. */
+struct job {
+  bool is_read;
+  uint64_t block;
+};
+
+enum pass { PASS_TIMED, PASS_VERIFY_WRITE, PASS_VERIFY_READ };
+
+static inline bool next_job(struct queue *q, enum pass pass, struct job *j) {
+  if (pass == PASS_TIMED) {
+    if (__atomic_load_n(&g_phase, __ATOMIC_RELAXED) == PHASE_STOP) return false;
+    uint64_t r = xorshift64s(&q->rng);
+    j->block = (uint64_t)(((unsigned __int128)r * q->nblocks) >> 64);
+    switch (q->o->rw) {
+    case RW_READ: j->is_read = true; break;
+    case RW_WRITE: j->is_read = false; break;
+    default: j->is_read = (xorshift64s(&q->rng) % 100) < q->o->rwmixread; break;
+    }
+    return true;
+  }
+  if (__atomic_load_n(&g_signalled, __ATOMIC_RELAXED) || q->failed) return false;
+  if (q->next_block >= q->nblocks) return false;
+  /* Blocks index, index+queues, ... in a scattered order: block = k * P mod n (P prime > n). */
+  uint64_t k = q->next_block;
+  q->next_block += q->o->queues;
+  j->block = (k * 2147483647ULL) % q->nblocks;
+  j->is_read = pass == PASS_VERIFY_READ;
+  return true;
+}
+
+static void prepare_data(struct queue *q, unsigned s, enum pass pass, const struct job *j) {
+  if (pass == PASS_TIMED) return;
+  uint64_t *w = (uint64_t *)slot_data(q, s);
+  size_t n = q->o->bs / 8;
+  if (pass == PASS_VERIFY_WRITE) {
+    for (size_t i = 0; i < n; i++) w[i] = pattern_word(q->o->seed, j->block, i);
+  } else {
+    memset(w, 0x5a, q->o->bs); /* so data the device did not write cannot pass */
+  }
+}
+
+static void check_data(struct queue *q, unsigned s) {
+  const uint64_t *w = (const uint64_t *)slot_data(q, s);
+  uint64_t b = q->slot[s].block;
+  size_t n = q->o->bs / 8;
+  q->st.verified++;
+  for (size_t i = 0; i < n; i++) {
+    if (w[i] != pattern_word(q->o->seed, b, i)) {
+      if (q->st.mismatches++ < 3) {
+        fprintf(stderr, "blkgen: verify: queue %u block %llu word %zu: got 0x%016llx\n", q->index,
+                (unsigned long long)b, i, (unsigned long long)w[i]);
+      }
+      return;
+    }
+  }
+}
+
+/* This thread's voluntary context switches: each is a sleep (in poll(), on the call eventfd). */
+static long thread_sleeps(void) {
+  struct rusage ru;
+  getrusage(RUSAGE_THREAD, &ru);
+  return ru.ru_nvcsw;
+}
+
+/* Opens or closes the thread's measured window as the phase moves (waits = sleeps in it). */
+static inline void track_window(struct queue *q, bool measuring) {
+  if (measuring == q->in_window) return;
+  q->in_window = measuring;
+  if (measuring) q->sleeps0 = thread_sleeps();
+  else q->st.waits += (uint64_t)(thread_sleeps() - q->sleeps0);
+}
+
+/* Runs one pass until its jobs are done (timed: until PHASE_STOP) and nothing is in flight. */
+static void run_pass(struct queue *q, enum pass pass) {
+  const struct options *o = q->o;
+  bool poll_mode = o->mode == MODE_POLL;
+  bool submitting = true;
+  struct job j;
+  unsigned free_slots = 0;
+  uint16_t *free_list = calloc(q->slots, sizeof *free_list);
+  if (!free_list) die(1, "out of memory");
+  for (unsigned s = q->slots; s-- > 0;) free_list[free_slots++] = (uint16_t)s;
+
+  uint64_t last_progress = now_ns();
+  uint64_t timeout_ns = (uint64_t)o->timeout_ms * 1000000ULL;
+  unsigned spins = 0;
+  uint64_t pass_start = 0;
+  for (;;) {
+    bool measuring = __atomic_load_n(&g_phase, __ATOMIC_RELAXED) == PHASE_MEASURE;
+    track_window(q, measuring);
+    bool reaped = false;
+    uint16_t used_idx = __atomic_load_n(&q->used[1], __ATOMIC_ACQUIRE);
+    if (used_idx != q->last_used) {
+      if ((uint16_t)(used_idx - q->last_used) > q->inflight) {
+        fail(q, "used idx moved by %llu with %llu requests in flight",
+             (uint16_t)(used_idx - q->last_used), q->inflight);
+        break;
+      }
+      uint64_t now = now_ns();
+      pass_start = now;
+      while (q->last_used != used_idx) {
+        struct vring_used_elem e = q->used_ring[q->last_used & (q->num - 1)];
+        q->last_used++;
+        unsigned s = q->indirect ? e.id : e.id / 3;
+        if (s >= q->slots || (!q->indirect && e.id % 3 != 0)) {
+          fail(q, "used entry with id %llu (%llu slots)", e.id, q->slots);
+          goto out;
+        }
+        q->inflight--;
+        q->st.total_ops++;
+        uint8_t status = *slot_status(q, s);
+        if (status != VIRTIO_BLK_S_OK) {
+          if (q->st.errors++ < 3) {
+            fprintf(stderr, "blkgen: queue %u: %s of block %llu: status %u\n", q->index,
+                    q->slot[s].is_read ? "read" : "write", (unsigned long long)q->slot[s].block,
+                    status);
+          }
+        } else if (pass == PASS_VERIFY_READ) {
+          check_data(q, s);
+        }
+        if (measuring) {
+          q->st.ops++;
+          if (q->slot[s].is_read) q->st.reads++;
+          else q->st.writes++;
+          hist_add(&q->st.lat, now - q->slot[s].t_submit);
+        }
+        free_list[free_slots++] = (uint16_t)s;
+      }
+      last_progress = now;
+      reaped = true;
+      spins = 0;
+    }
+    /* Refill the free slots: the requests the application submits now, one kick for all. */
+    unsigned n_added = 0;
+    while (submitting && free_slots > 0) {
+      if (!next_job(q, pass, &j)) {
+        submitting = false;
+        break;
+      }
+      unsigned s = free_list[--free_slots];
+      prepare_data(q, s, pass, &j);
+      add_request(q, s, j.is_read, j.block);
+      q->added[n_added++] = (uint16_t)s;
+    }
+    if (n_added) {
+      uint64_t ts = now_ns();
+      for (unsigned i = 0; i < n_added; i++) q->slot[q->added[i]].t_submit = ts;
+      publish_and_kick(q, measuring);
+    }
+    /* Load is the passes that reaped something; waiting (spinning, poll(), read()) is not. */
+    if (reaped && measuring) q->st.busy_ns += now_ns() - pass_start;
+    if (!submitting && q->inflight == 0) break;
+    if (reaped) continue;
+
+    if (poll_mode) {
+      cpu_relax();
+      if (++spins < 1024) continue;
+      spins = 0;
+    } else {
+      /* virtqueue_enable_cb_prepare + virtqueue_poll: re-enable, fence, look again. */
+      enable_cb(q);
+      __atomic_thread_fence(__ATOMIC_SEQ_CST);
+      if (__atomic_load_n(&q->used[1], __ATOMIC_ACQUIRE) != q->last_used) {
+        disable_cb(q);
+        continue;
+      }
+      /*
+       * Sleep until the device signals. A signal left over from entries already reaped makes
+       * poll() return at once; the thread's voluntary context switches count the real sleeps.
+       */
+      struct pollfd p = {.fd = q->call_fd, .events = POLLIN};
+      if (measuring) q->st.polls++;
+      if (poll(&p, 1, 100) > 0) {
+        uint64_t v;
+        if (read(q->call_fd, &v, sizeof v) == sizeof v && measuring) q->st.calls += v;
+        disable_cb(q);
+        continue;
+      }
+    }
+    uint64_t now = now_ns();
+    uint64_t limit = timeout_ns;
+    if (__atomic_load_n(&g_signalled, __ATOMIC_RELAXED) && limit > 1000000000ULL) limit = 1000000000ULL;
+    if (q->inflight > 0 && now - last_progress > limit) {
+      fail(q, "stalled: %llu requests outstanding (no completion for %llu ms)", q->inflight,
+           (now - last_progress) / 1000000ULL);
+      break;
+    }
+  }
+out:
+  disable_cb(q);
+  free(free_list);
+}
+
+void *queue_thread(void *arg) {
+  struct queue *q = arg;
+  /* Interrupts are off unless the thread is about to sleep. */
+  disable_cb(q);
+  if (q->o->mode == MODE_POLL && q->event_idx) {
+    /* Poll mode never wants a call: used_event stays one behind (refreshed per pass). */
+    disable_cb(q);
+  }
+  if (q->o->verify) {
+    run_pass(q, PASS_VERIFY_WRITE);
+    if (!q->failed) {
+      q->next_block = q->index;
+      run_pass(q, PASS_VERIFY_READ);
+    }
+  } else {
+    run_pass(q, PASS_TIMED);
+  }
+  track_window(q, false);
+  return NULL;
+}
