@@ -20,7 +20,7 @@ export interface BlockOptions {
   filename?: string;
   /** Size in bytes (null drivers). */
   size?: number;
-  /** Format driver (default raw). qcow2 needs driver=file and readOnly (no writes yet). */
+  /** Format driver (default raw). qcow2 needs driver=file. */
   format?: "raw" | "qcow2";
   /** qcow2: bytes of L2 tables cached per driver instance (QEMU's l2-cache-size). */
   l2CacheSize?: number;
@@ -155,11 +155,6 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
     if (o.driver !== "file") throw new TypeError("format qcow2 needs driver=file");
     if (o.offset !== undefined || o.sizeLimit !== undefined) {
       throw new TypeError("offset and size-limit are raw format options, not qcow2");
-    }
-    if (o.readOnly !== true) {
-      throw new TypeError(
-        "format qcow2: writing qcow2 images is not supported yet; open it read-only (read-only=on)",
-      );
     }
   } else if (o.l2CacheSize !== undefined) {
     throw new TypeError("l2-cache-size is a qcow2 option");

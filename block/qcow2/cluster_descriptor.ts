@@ -55,6 +55,8 @@ export class Qcow2Mapping {
   bytes = 0;
   /** Compressed: bytes to read at `host` (may run into the next cluster). */
   compressedBytes = 0;
+  /** Normal: bit 63 (COPIED), the cluster's refcount is exactly one (write in place). */
+  copied = false;
   /** Why the entry is Invalid (for logs and tests). */
   reason = "";
 }
@@ -130,6 +132,7 @@ export function decodeL2Entry(
   out.host = 0;
   out.hostCluster = 0;
   out.compressedBytes = 0;
+  out.copied = false;
   out.bytes = bytes;
   if ((hi >>> 30) & 1) return compressed(hi, lo, geo.clusterBits, out);
   if ((lo & 0x1fe) !== 0 || (hi & 0x3f000000) !== 0) return invalid(out, "reserved bits set");
@@ -146,6 +149,7 @@ export function decodeL2Entry(
       out.type = SubclusterType.Normal;
       out.hostCluster = offset;
       out.host = offset + inCluster;
+      out.copied = copied === 1;
     }
     return;
   }

@@ -86,9 +86,21 @@ export class L2Cache {
     this.#load(offset, this.#tableBytes, (ret, table) => {
       const waiters = this.#pending.get(offset)!;
       this.#pending.delete(offset);
-      if (ret === 0 && table !== null) this.#insert(offset, table);
-      for (const w of waiters) w(ret, ret === 0 ? table : null);
+      // A table put() meanwhile is newer than what was read: keep it.
+      const cur = this.#tables.get(offset);
+      if (ret === 0 && table !== null && cur === undefined) this.#insert(offset, table);
+      const t = cur ?? table;
+      for (const w of waiters) w(ret, ret === 0 ? t : null);
     });
+  }
+
+  /**
+   * Puts a table the driver has just made or changed (a new L2 table, an
+   * updated entry), so lookups see it at once. A read of the same table
+   * that completes later does not replace it.
+   */
+  put(offset: number, table: DataView): void {
+    this.#insert(offset, table);
   }
 
   /** Drops every table (none may be loading). */

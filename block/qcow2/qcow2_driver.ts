@@ -1,7 +1,7 @@
 import zlib from "node:zlib";
 import type { AioContext } from "../../aio/mod.ts";
 import { addressOf, EIO, EROFS } from "../../sys/mod.ts";
-import type { IoVector } from "../io_vector.ts";
+import { IoVector } from "../io_vector.ts";
 import type { BlockCompletion, BlockDriver } from "../block_driver.ts";
 import {
   decodeL1Entry,
@@ -14,6 +14,7 @@ import { MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW_MAGIC } from "./constants.ts";
 import { sliceIoVector, zeroIoVector } from "./iov_range.ts";
 import { L2Cache } from "./l2_cache.ts";
 import { readMetadata, readMetadataAsync } from "./metadata_io.ts";
+import { Qcow2Refcounts, writeTableSector } from "./refcounts.ts";
 import { Qcow2Error } from "./qcow2_error.ts";
 
 /** QEMU's DEFAULT_L2_CACHE_MAX_SIZE: the default cache covers the disk up to this. */
@@ -31,7 +32,11 @@ export const QCOW2_DEFAULT_L2_CACHE_MAX = 32 << 20;
  * ```
  */
 export interface Qcow2DriverOptions {
-  /** Must be true: this driver does not write images yet. */
+  /**
+   * Open without write access. A writable open refuses images this driver
+   * cannot yet write safely (corrupt or dirty, extended L2 entries, internal
+   * snapshots, 64-bit refcounts) and clears the autoclear feature bits.
+   */
   readOnly: boolean;
   /**
    * Bytes of L2 tables cached (QEMU's l2-cache-size); default: enough for
@@ -47,8 +52,8 @@ export interface Qcow2DriverOptions {
 }
 
 /**
- * The qcow2 format driver (QEMU block/qcow2.c, docs/interop/qcow2.txt), read
- * side: versions 2 and 3, L1/L2 lookup through an {@link L2Cache}, zero
+ * The qcow2 format driver (QEMU block/qcow2.c, docs/interop/qcow2.txt):
+ * versions 2 and 3, L1/L2 lookup through an {@link L2Cache}, zero
  * clusters, compressed clusters (deflate), extended L2 entries
  * (subclusters), and a read-only backing file (qcow2 or raw) for unallocated
  * clusters. It sits on a protocol driver (`child`) as the raw driver does;
@@ -62,9 +67,11 @@ export interface Qcow2DriverOptions {
  * past the end of the file or into the header, L1 table, refcount table, an
  * L2 table or a refcount block fails that request with -EIO.
  *
- * Writes are not supported yet: the driver must be opened read-only, and
- * writes, discards and write-zeroes fail with -EROFS. Completions never
- * arrive inside the submitting call (no inline completion).
+ * Writes (when not opened read-only): in place into clusters with refcount
+ * 1, else through a queued {@link AllocatingWrite} (copy on write, metadata
+ * ordered for crash safety). One driver instance owns the image's metadata:
+ * never open one image writable twice. Completions never arrive inside the
+ * submitting call (no inline completion).
  *
  * @example
  * ```ts ignore
@@ -86,11 +93,18 @@ export class Qcow2Driver implements BlockDriver {
   /** @internal */
   readonly ctx: AioContext;
   readonly #l1: DataView;
-  readonly #fileLength: number;
+  readonly #l1Bytes: Uint8Array;
+  #fileLength: number;
+  /** Refcounts and the allocator (writable images only). */
+  readonly #refcounts: Qcow2Refcounts | null;
+  readonly #allocQueue: AllocatingWrite[] = [];
+  #allocBusy = false;
+  readonly readOnly: boolean;
   readonly #l2Tables: Set<number>;
   readonly #refBlocks: Set<number>;
   readonly #map = new Qcow2Mapping();
   #lastCompressed = -1;
+  #zeroCluster: Uint8Array | null = null;
   #lastInflated: Uint8Array | null = null;
 
   private constructor(
@@ -101,6 +115,7 @@ export class Qcow2Driver implements BlockDriver {
     refBlocks: Set<number>,
     backing: BlockDriver | null,
     l2CacheSize: number | undefined,
+    reftable: Uint8Array | null,
   ) {
     this.ctx = ctx;
     this.child = child;
@@ -108,7 +123,16 @@ export class Qcow2Driver implements BlockDriver {
     this.backing = backing;
     this.#fileLength = child.length;
     this.#l1 = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    this.#l1Bytes = l1;
     this.#refBlocks = refBlocks;
+    this.readOnly = reftable === null;
+    this.#refcounts = reftable === null ? null : new Qcow2Refcounts(
+      child,
+      header,
+      reftable,
+      this.#fileLength,
+      (off) => refBlocks.add(off),
+    );
     this.#l2Tables = new Set();
     for (let i = 0; i < header.l1Size; i++) {
       const off = decodeL1Entry(this.#l1, i, header.clusterSize);
@@ -143,12 +167,6 @@ export class Qcow2Driver implements BlockDriver {
     child: BlockDriver,
     opts: Qcow2DriverOptions,
   ): Promise<Qcow2Driver> {
-    if (!opts.readOnly) {
-      throw new Qcow2Error(
-        "Unsupported",
-        "writing qcow2 images is not supported yet: open the image read-only",
-      );
-    }
     const fileLength = child.length;
     if (fileLength < 72) throw new Qcow2Error("BadMagic", "not a qcow2 image (too short)");
     let head = await readMetadataAsync(
@@ -166,6 +184,7 @@ export class Qcow2Driver implements BlockDriver {
       head = await readMetadataAsync(child, 0, Math.min(2 ** bits, fileLength), "header cluster");
     }
     const h = parseQcow2Header(head, fileLength);
+    if (!opts.readOnly) await prepareForWriting(child, h, head);
     if (opts.l2CacheSize !== undefined && !(Number.isSafeInteger(opts.l2CacheSize))) {
       throw new Qcow2Error("Invalid", `bad l2-cache-size ${opts.l2CacheSize}`);
     }
@@ -201,7 +220,16 @@ export class Qcow2Driver implements BlockDriver {
       }
       backing = await opts.openBacking(h.backingFile, h.backingFormat);
     }
-    return new Qcow2Driver(ctx, child, h, l1, refBlocks, backing, opts.l2CacheSize);
+    return new Qcow2Driver(
+      ctx,
+      child,
+      h,
+      l1,
+      refBlocks,
+      backing,
+      opts.l2CacheSize,
+      opts.readOnly ? null : reftable,
+    );
   }
 
   /** The virtual disk size. */
@@ -245,24 +273,125 @@ export class Qcow2Driver implements BlockDriver {
     new Qcow2ReadRequest(this, offset, qiov, cb).start();
   }
 
-  /** Refused: read-only (the BlockBackend refuses first). */
-  pwritev(_offset: number, _qiov: IoVector, cb: BlockCompletion): void {
-    this.#complete(-EROFS, cb);
+  /**
+   * Writes `qiov` at guest `offset`. Clusters allocated with refcount 1
+   * (COPIED) are written in place; the others are allocated one at a time
+   * (see {@link AllocatingWrite}). Hot path: a write inside one COPIED
+   * cluster whose L2 table is cached goes to the child as is.
+   */
+  pwritev(offset: number, qiov: IoVector, cb: BlockCompletion): void {
+    if (this.#refcounts === null) return this.#complete(-EROFS, cb);
+    const cs = this.header.clusterSize;
+    const inCluster = offset % cs;
+    if (inCluster + qiov.size <= cs && qiov.size > 0) {
+      const cluster = (offset - inCluster) / cs;
+      const l2Off = this.l2Offset(cluster);
+      const table = l2Off > 0 ? this.l2Cache.lookup(l2Off) : undefined;
+      if (table !== undefined) {
+        const m = this.#map;
+        decodeL2Entry(table, cluster % this.header.l2Entries, inCluster, qiov.size, this.header, m);
+        if (m.type === SubclusterType.Normal && m.copied && this.dataClusterOk(m.hostCluster)) {
+          this.child.pwritev(m.host, qiov, cb);
+          return;
+        }
+      }
+    }
+    new Qcow2WriteRequest(this, offset, qiov, cb).start();
   }
 
-  /** Nothing to make durable on a read-only image. */
+  /**
+   * Flushes the image file. Metadata is written through as it changes (in
+   * an order that survives a crash at any point), so nothing is held back.
+   */
   flush(cb: BlockCompletion): void {
-    this.#complete(0, cb);
+    if (this.#refcounts === null) return this.#complete(0, cb);
+    this.child.flush(cb);
   }
 
-  /** Refused: read-only. */
+  /**
+   * Discard is advisory and frees nothing yet (clusters stay allocated and
+   * keep their data); succeeds on a writable image.
+   */
   pdiscard(_offset: number, _bytes: number, cb: BlockCompletion): void {
-    this.#complete(-EROFS, cb);
+    this.#complete(this.#refcounts === null ? -EROFS : 0, cb);
   }
 
-  /** Refused: read-only. */
-  pwriteZeroes(_offset: number, _bytes: number, _unmap: boolean, cb: BlockCompletion): void {
-    this.#complete(-EROFS, cb);
+  /**
+   * Makes a range read as zeroes: runs that already do (zero clusters,
+   * unallocated without backing data) are skipped, the others are written
+   * as zero data (setting zero flags is not done yet).
+   */
+  pwriteZeroes(offset: number, bytes: number, _unmap: boolean, cb: BlockCompletion): void {
+    if (this.#refcounts === null) return this.#complete(-EROFS, cb);
+    new Qcow2WriteRequest(this, offset, null, cb, bytes).start();
+  }
+
+  /** @internal The refcounts and allocator (writable images). */
+  get refcounts(): Qcow2Refcounts {
+    return this.#refcounts!;
+  }
+
+  /** @internal Runs `op` after every allocating write queued before it. */
+  enqueueAllocation(op: AllocatingWrite): void {
+    this.#allocQueue.push(op);
+    if (!this.#allocBusy) this.#nextAllocation();
+  }
+
+  #nextAllocation(): void {
+    const op = this.#allocQueue.shift();
+    if (op === undefined) {
+      this.#allocBusy = false;
+      return;
+    }
+    this.#allocBusy = true;
+    op.run(() => this.#nextAllocation());
+  }
+
+  /** @internal A cluster was allocated: the file now reaches `end`. */
+  grewTo(end: number): void {
+    if (end > this.#fileLength) this.#fileLength = end;
+  }
+
+  /**
+   * @internal Points L1 entry `index` at the new L2 table `l2Off` (COPIED):
+   * writes the L1 sector with the entry first and changes the in-memory L1
+   * only once that write completed, so no request relies on it earlier.
+   */
+  setL1Entry(index: number, l2Off: number, table: DataView, cb: BlockCompletion): void {
+    const copy = this.#l1Bytes.slice();
+    setEntry(new DataView(copy.buffer), index, l2Off);
+    writeTableSector(this.child, this.header.l1TableOffset, copy, index * 8, (ret) => {
+      if (ret === 0) {
+        setEntry(this.#l1, index, l2Off);
+        this.#l2Tables.add(l2Off);
+        this.l2Cache.put(l2Off, table);
+      }
+      cb(ret);
+    });
+  }
+
+  /**
+   * @internal Points L2 entry `index` of the table at `l2Off` at data
+   * cluster `host` (COPIED), the same way: the sector first, memory after.
+   */
+  setL2Entry(l2Off: number, table: DataView, index: number, host: number, cb: BlockCompletion) {
+    const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
+    const copy = bytes.slice();
+    setEntry(new DataView(copy.buffer), index, host);
+    writeTableSector(this.child, l2Off, copy, index * 8, (ret) => {
+      if (ret === 0) {
+        // The cached copy, if the table was evicted and read again meanwhile.
+        const cur = this.l2Cache.lookup(l2Off) ?? table;
+        setEntry(cur, index, host);
+        this.l2Cache.put(l2Off, cur);
+      }
+      cb(ret);
+    });
+  }
+
+  /** @internal Zeroes for write-zeroes, one cluster long. */
+  get zeroCluster(): Uint8Array {
+    return this.#zeroCluster ??= new Uint8Array(this.header.clusterSize);
   }
 
   /** Plugs the image file and the backing chain. */
@@ -374,6 +503,34 @@ export class Qcow2Driver implements BlockDriver {
   #complete(ret: number, cb: BlockCompletion): void {
     this.ctx.scheduleOneshot(() => cb(ret));
   }
+}
+
+/**
+ * What a writable open checks and does first: refuse what cannot be written
+ * safely yet, and clear the autoclear feature bits (their data, e.g.
+ * bitmaps, would not be kept up to date), flushed before any other write.
+ */
+async function prepareForWriting(child: BlockDriver, h: Qcow2Header, head: Uint8Array) {
+  const refuse = (why: string) => {
+    throw new Qcow2Error("Unsupported", `writing ${why} is not supported yet (open read-only)`);
+  };
+  if (h.corrupt) {
+    throw new Qcow2Error("Invalid", "the image is marked corrupt: it must not be written");
+  }
+  if (h.dirty) refuse("an image with the dirty bit set (qemu-img check -r all repairs it)");
+  if (h.extendedL2) refuse("images with extended L2 entries");
+  if (h.nbSnapshots > 0) refuse("images with internal snapshots");
+  if (h.refcountOrder > 5) refuse("images with 64-bit refcounts");
+  if (h.version < 3) return;
+  const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
+  if (dv.getUint32(88) === 0 && dv.getUint32(92) === 0) return;
+  const sector = head.slice(0, 512);
+  new DataView(sector.buffer).setBigUint64(88, 0n);
+  const ret = await new Promise<number>((resolve) =>
+    child.pwritev(0, IoVector.fromBuffers([sector]), resolve)
+  );
+  const fr = ret < 0 ? ret : await new Promise<number>((resolve) => child.flush(resolve));
+  if (fr < 0) throw new Qcow2Error("Io", `clearing the autoclear features failed (${fr})`);
 }
 
 /**
@@ -499,5 +656,271 @@ class Qcow2ReadRequest {
     const ret = this.#ret, cb = this.#cb;
     if (this.#inSubmit) this.#d.ctx.scheduleOneshot(() => cb(ret));
     else cb(ret);
+  }
+}
+
+/** Writes a standard L1/L2 entry: `offset` with COPIED (bit 63), nothing else. */
+function setEntry(table: DataView, index: number, offset: number): void {
+  table.setUint32(index * 8, (0x80000000 | Math.floor(offset / 0x100000000)) >>> 0);
+  table.setUint32(index * 8 + 4, offset >>> 0);
+}
+
+/**
+ * One guest write (or write-zeroes) split at cluster boundaries (QEMU's
+ * qcow2_co_pwritev_part loop): a run in a cluster allocated with refcount 1
+ * (COPIED) is written in place at once; any other run (unallocated, zero,
+ * compressed, shared, or its L2 table missing) becomes an
+ * {@link AllocatingWrite} queued on the driver. Completes once, with the
+ * first error, never inside the submitting call.
+ */
+class Qcow2WriteRequest {
+  readonly #d: Qcow2Driver;
+  readonly #offset: number;
+  readonly #qiov: IoVector | null;
+  readonly #size: number;
+  readonly #cb: BlockCompletion;
+  readonly #map = new Qcow2Mapping();
+  #pos = 0;
+  #pending = 0;
+  #stepping = false;
+  #inSubmit = false;
+  #ret = 0;
+  #done = false;
+  readonly #subDone = (ret: number) => {
+    if (ret < 0 && this.#ret === 0) this.#ret = ret;
+    this.#pending--;
+    this.#maybeFinish();
+  };
+
+  /** `qiov` null: write `zeroBytes` zeroes. */
+  constructor(
+    d: Qcow2Driver,
+    offset: number,
+    qiov: IoVector | null,
+    cb: BlockCompletion,
+    zeroBytes = 0,
+  ) {
+    this.#d = d;
+    this.#offset = offset;
+    this.#qiov = qiov;
+    this.#size = qiov === null ? zeroBytes : qiov.size;
+    this.#cb = cb;
+  }
+
+  start(): void {
+    this.#inSubmit = true;
+    this.#step();
+    this.#inSubmit = false;
+  }
+
+  #source(len: number): IoVector {
+    if (this.#qiov !== null) return sliceIoVector(this.#qiov, this.#pos, len);
+    return IoVector.fromBuffers([this.#d.zeroCluster.subarray(0, len)]);
+  }
+
+  #step(): void {
+    const d = this.#d, h = d.header, cs = h.clusterSize;
+    this.#stepping = true;
+    while (this.#pos < this.#size && this.#ret === 0) {
+      const guest = this.#offset + this.#pos;
+      const inCluster = guest % cs;
+      const cluster = (guest - inCluster) / cs;
+      const len = Math.min(this.#size - this.#pos, cs - inCluster);
+      const l2Off = d.l2Offset(cluster);
+      if (l2Off < 0) {
+        this.#ret = -EIO;
+        break;
+      }
+      let inPlace = false;
+      if (this.#qiov === null && this.#readsZero(l2Off, cluster, guest, inCluster, len)) {
+        this.#pos += len; // write-zeroes where the guest already reads zeroes
+        continue;
+      }
+      if (l2Off > 0) {
+        const table = d.l2Cache.lookup(l2Off);
+        if (table === undefined) {
+          d.l2Cache.fetch(l2Off, (ret) => {
+            if (ret < 0) {
+              if (this.#ret === 0) this.#ret = ret;
+              this.#stepping = false;
+              this.#maybeFinish();
+            } else this.#step();
+          });
+          return;
+        }
+        const m = this.#map;
+        decodeL2Entry(table, cluster % h.l2Entries, inCluster, len, h, m);
+        if (m.type === SubclusterType.Invalid) {
+          this.#ret = -EIO;
+          break;
+        }
+        if (m.type === SubclusterType.Normal && m.copied) {
+          if (!d.dataClusterOk(m.hostCluster)) {
+            this.#ret = -EIO;
+            break;
+          }
+          inPlace = true;
+          this.#pending++;
+          d.child.pwritev(m.host, this.#source(len), this.#subDone);
+        }
+      }
+      if (!inPlace) {
+        this.#pending++;
+        d.enqueueAllocation(
+          new AllocatingWrite(d, cluster, inCluster, this.#source(len), this.#subDone),
+        );
+      }
+      this.#pos += len;
+    }
+    this.#stepping = false;
+    this.#maybeFinish();
+  }
+
+  /**
+   * Whether the run already reads as zeroes: a zero cluster, or unallocated
+   * with no backing data there (a fresh image: mkfs's write-zeroes cost
+   * nothing). Needs the L2 table cached when there is one (else: false).
+   */
+  #readsZero(l2Off: number, cluster: number, guest: number, inCluster: number, len: number) {
+    const d = this.#d, backing = d.backing;
+    const noBacking = backing === null || guest >= backing.length;
+    if (l2Off === 0) return noBacking;
+    if (l2Off < 0) return false;
+    const table = d.l2Cache.lookup(l2Off);
+    if (table === undefined) return false;
+    const m = this.#map;
+    decodeL2Entry(table, cluster % d.header.l2Entries, inCluster, len, d.header, m);
+    if (m.bytes !== len) return false;
+    return m.type === SubclusterType.Zero || (m.type === SubclusterType.Unallocated && noBacking);
+  }
+
+  #maybeFinish(): void {
+    if (this.#stepping || this.#pending > 0 || this.#done) return;
+    this.#done = true;
+    const ret = this.#ret, cb = this.#cb;
+    if (this.#inSubmit) this.#d.ctx.scheduleOneshot(() => cb(ret));
+    else cb(ret);
+  }
+}
+
+/**
+ * A write into a guest cluster that has no cluster of its own with refcount
+ * 1 (QEMU's qcow2_alloc_host_offset + perform_cow + qcow2_alloc_cluster_link_l2,
+ * one cluster at a time, serialised per driver). Order, so a crash at any
+ * point leaves at most leaked clusters and every completed write readable:
+ *
+ * 1. if the L1 entry is empty, allocate a cluster for a new L2 table;
+ * 2. read the guest's current view of the whole cluster (backing file,
+ *    zeroes, compressed or shared data) and merge the new bytes in (COW);
+ * 3. allocate the data cluster (its refcount reaches the disk first);
+ * 4. write the data cluster (and the new L2 table, with the entry);
+ * 5. flush the image file (refcounts and data durable before anything
+ *    points at them);
+ * 6. write the L2 entry (or the L1 entry of the new table); the in-memory
+ *    tables change only when that write has completed.
+ *
+ * At run time the mapping is looked up again: an earlier queued write may
+ * have allocated the cluster, and then this one is written in place.
+ */
+class AllocatingWrite {
+  readonly #d: Qcow2Driver;
+  readonly #cluster: number;
+  readonly #inCluster: number;
+  readonly #src: IoVector;
+  readonly #cb: BlockCompletion;
+
+  constructor(
+    d: Qcow2Driver,
+    cluster: number,
+    inCluster: number,
+    src: IoVector,
+    cb: BlockCompletion,
+  ) {
+    this.#d = d;
+    this.#cluster = cluster;
+    this.#inCluster = inCluster;
+    this.#src = src;
+    this.#cb = cb;
+  }
+
+  /** Runs the steps; `next` starts the driver's next allocating write. */
+  run(next: () => void): void {
+    const finish = (ret: number) => {
+      next();
+      this.#cb(ret);
+    };
+    const d = this.#d, h = d.header, cs = h.clusterSize;
+    const l2Off = d.l2Offset(this.#cluster);
+    if (l2Off < 0) return d.ctx.scheduleOneshot(() => finish(-EIO));
+    if (l2Off === 0) {
+      return d.refcounts.allocate((ret, off) => {
+        if (ret < 0) return finish(ret);
+        d.grewTo(off + cs);
+        this.#withTable(off, new DataView(new ArrayBuffer(cs)), true, finish);
+      });
+    }
+    const table = d.l2Cache.lookup(l2Off);
+    if (table !== undefined) return this.#withTable(l2Off, table, false, finish);
+    d.l2Cache.fetch(l2Off, (ret, t) => {
+      if (ret < 0 || t === null) return finish(ret < 0 ? ret : -EIO);
+      this.#withTable(l2Off, t, false, finish);
+    });
+  }
+
+  #withTable(l2Off: number, table: DataView, isNew: boolean, finish: BlockCompletion): void {
+    const d = this.#d, h = d.header, cs = h.clusterSize, len = this.#src.size;
+    const index = this.#cluster % h.l2Entries;
+    const m = new Qcow2Mapping();
+    decodeL2Entry(table, index, this.#inCluster, len, h, m);
+    if (m.type === SubclusterType.Invalid) return finish(-EIO);
+    if (m.type === SubclusterType.Normal && m.copied) {
+      if (!d.dataClusterOk(m.hostCluster)) return finish(-EIO);
+      return d.child.pwritev(m.host, this.#src, finish);
+    }
+    const buf = new Uint8Array(cs);
+    const merge = () => {
+      this.#src.copyTo(addressOf(buf) + this.#inCluster);
+      this.#allocateData(l2Off, table, isNew, index, buf, finish);
+    };
+    if (this.#inCluster === 0 && len === cs) return merge();
+    const start = this.#cluster * cs;
+    const n = Math.min(cs, d.length - start);
+    d.preadv(start, IoVector.fromBuffers([buf.subarray(0, n)]), (ret) => {
+      if (ret < 0) return finish(ret);
+      merge();
+    });
+  }
+
+  #allocateData(
+    l2Off: number,
+    table: DataView,
+    isNew: boolean,
+    index: number,
+    buf: Uint8Array,
+    finish: BlockCompletion,
+  ): void {
+    const d = this.#d, cs = d.header.clusterSize;
+    d.refcounts.allocate((ret, host) => {
+      if (ret < 0) return finish(ret);
+      d.grewTo(host + cs);
+      let pending = isNew ? 2 : 1, err = 0;
+      const written = (r: number) => {
+        if (r < 0 && err === 0) err = r;
+        if (--pending > 0) return;
+        if (err < 0) return finish(err);
+        d.child.flush((fr) => {
+          if (fr < 0) return finish(fr);
+          if (isNew) {
+            d.setL1Entry(Math.floor(this.#cluster / d.header.l2Entries), l2Off, table, finish);
+          } else d.setL2Entry(l2Off, table, index, host, finish);
+        });
+      };
+      d.child.pwritev(host, IoVector.fromBuffers([buf]), written);
+      if (isNew) {
+        setEntry(table, index, host);
+        const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
+        d.child.pwritev(l2Off, IoVector.fromBuffers([bytes]), written);
+      }
+    });
   }
 }

@@ -104,19 +104,44 @@ Deno.test("qcow2 dirty and corrupt bits: the image still opens read-only", opts,
   }
 });
 
-Deno.test("qcow2: opening for write is refused with a clear error", opts, async () => {
-  const ctx = new AioContext();
-  try {
-    await assert.rejects(
-      runUntil(ctx, Qcow2Driver.open(ctx, new MemDriver(ctx, img), { readOnly: false })),
-      /writing qcow2 images is not supported yet/,
-    );
-  } finally {
-    ctx.close();
+Deno.test("qcow2: writable opens refuse what cannot be written safely yet", opts, async () => {
+  const cases: [Uint8Array, RegExp][] = [
+    [withU32(img, 76, 2), /marked corrupt/],
+    [withU32(img, 76, 1), /dirty bit/],
+    [withU32(img, 96, 6), /64-bit refcounts/],
+    [sampleImage("extended_l2=on,cluster_size=16k"), /extended L2/],
+  ];
+  for (const [bytes, re] of cases) {
+    const ctx = new AioContext();
+    try {
+      await assert.rejects(
+        runUntil(ctx, Qcow2Driver.open(ctx, new MemDriver(ctx, bytes), { readOnly: false })),
+        (e: unknown) => e instanceof Qcow2Error && re.test(e.message),
+      );
+    } finally {
+      ctx.close();
+    }
   }
   assert.throws(
-    () => parseHostArgs(["--image", "x.qcow2", "--socket", "s", "--format", "qcow2"]),
-    (e: unknown) => e instanceof UsageError && /not supported yet; add --read-only/.test(e.message),
+    () =>
+      parseHostArgs([
+        "--image",
+        "x.qcow2",
+        "--socket",
+        "s",
+        "--format",
+        "qcow2",
+        "--queues",
+        "2",
+        "--iothreads",
+        "2",
+      ]),
+    (e: unknown) => e instanceof UsageError && /needs --iothreads 1/.test(e.message),
+  );
+  assert.equal(
+    parseHostArgs(["--image", "x.qcow2", "--socket", "s", "--format", "qcow2", "--queues", "2"])
+      .block.format,
+    "qcow2",
   );
   const o = parseHostArgs([
     "--image",
@@ -140,7 +165,6 @@ Deno.test("qcow2: opening for write is refused with a clear error", opts, async 
     parseBlockOptions("format=qcow2,file=y,readonly=on,l2-cache-size=1M").l2CacheSize,
     1 << 20,
   );
-  assert.throws(() => parseBlockOptions("format=qcow2,file=y"), /not supported yet/);
   assert.throws(() => parseBlockOptions("driver=null-co,format=qcow2,read-only=on"), /driver=file/);
 });
 
