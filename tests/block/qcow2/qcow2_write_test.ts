@@ -11,7 +11,16 @@ import assert from "node:assert/strict";
 import { AioContext } from "../../../aio/mod.ts";
 import { type BlockBackend, IoVector } from "../../../block/mod.ts";
 import { runUntil } from "../helpers.ts";
-import { openQcow2, oracleBytes, qemuImg, qemuIo, readAt, run, tempDir } from "./qemu_tools.ts";
+import {
+  assertCheckClean,
+  openQcow2,
+  oracleBytes,
+  qemuImg,
+  qemuIo,
+  readAt,
+  run,
+  tempDir,
+} from "./qemu_tools.ts";
 
 const opts = { sanitizeResources: false, sanitizeOps: false };
 
@@ -26,22 +35,6 @@ function prng(seed: number): () => number {
     x >>>= 0;
     return x / 0x100000000;
   };
-}
-
-/** qemu-img check --output=json: corruptions and check errors must be 0. */
-export function assertCheckClean(image: string): { leaks: number } {
-  const out = new Deno.Command("qemu-img", {
-    args: ["check", "--output=json", "-f", "qcow2", image],
-    stdout: "piped",
-    stderr: "piped",
-  }).outputSync();
-  const text = new TextDecoder().decode(out.stdout);
-  // Exit 0: clean; 3: leaked clusters only (allowed).
-  assert([0, 3].includes(out.code), `qemu-img check exit ${out.code}: ${text}`);
-  const r = JSON.parse(text) as { corruptions?: number; "check-errors": number; leaks?: number };
-  assert.equal(r.corruptions ?? 0, 0, text);
-  assert.equal(r["check-errors"], 0, text);
-  return { leaks: r.leaks ?? 0 };
 }
 
 async function workload(

@@ -45,6 +45,22 @@ export function oracleBytes(image: string, fmt = "qcow2"): Uint8Array {
   return b;
 }
 
+/** qemu-img check --output=json: corruptions and check errors must be 0. */
+export function assertCheckClean(image: string): { leaks: number } {
+  const out = new Deno.Command("qemu-img", {
+    args: ["check", "--output=json", "-f", "qcow2", image],
+    stdout: "piped",
+    stderr: "piped",
+  }).outputSync();
+  const text = new TextDecoder().decode(out.stdout);
+  // Exit 0: clean; 3: leaked clusters only (allowed).
+  assert([0, 3].includes(out.code), `qemu-img check exit ${out.code}: ${text}`);
+  const r = JSON.parse(text) as { corruptions?: number; "check-errors": number; leaks?: number };
+  assert.equal(r.corruptions ?? 0, 0, text);
+  assert.equal(r["check-errors"], 0, text);
+  return { leaks: r.leaks ?? 0 };
+}
+
 /** Opens `image` as qcow2, read-only, through BlockBackend.open (polling `ctx`). */
 export function openQcow2(
   ctx: AioContext,
