@@ -285,7 +285,8 @@ export class Qcow2Driver implements BlockDriver {
     const inCluster = offset % cs;
     if (inCluster + qiov.size <= cs && qiov.size > 0) {
       const cluster = (offset - inCluster) / cs;
-      const l2Off = this.l2Offset(cluster);
+      // A cached table was checked when it was read (or made here).
+      const l2Off = decodeL1Entry(this.#l1, Math.floor(cluster / this.header.l2Entries), cs);
       const table = l2Off > 0 ? this.l2Cache.lookup(l2Off) : undefined;
       if (table !== undefined) {
         const m = this.#map;
