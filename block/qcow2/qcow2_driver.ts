@@ -359,9 +359,10 @@ export class Qcow2Driver implements BlockDriver {
    * only once that write completed, so no request relies on it earlier.
    */
   setL1Entry(index: number, l2Off: number, table: DataView, cb: BlockCompletion): void {
-    const copy = this.#l1Bytes.slice();
-    setEntry(new DataView(copy.buffer), index, l2Off);
-    writeTableSector(this.child, this.header.l1TableOffset, copy, index * 8, (ret) => {
+    const at = index * 8, start = at - (at % 512);
+    const copy = this.#l1Bytes.slice(start, start + 512);
+    setEntry(new DataView(copy.buffer), (at - start) / 8, l2Off);
+    writeTableSector(this.child, this.header.l1TableOffset + start, copy, 0, (ret) => {
       if (ret === 0) {
         setEntry(this.#l1, index, l2Off);
         this.#l2Tables.add(l2Off);
@@ -377,9 +378,10 @@ export class Qcow2Driver implements BlockDriver {
    */
   setL2Entry(l2Off: number, table: DataView, index: number, host: number, cb: BlockCompletion) {
     const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
-    const copy = bytes.slice();
-    setEntry(new DataView(copy.buffer), index, host);
-    writeTableSector(this.child, l2Off, copy, index * 8, (ret) => {
+    const at = index * 8, start = at - (at % 512);
+    const copy = bytes.slice(start, start + 512);
+    setEntry(new DataView(copy.buffer), (at - start) / 8, host);
+    writeTableSector(this.child, l2Off + start, copy, 0, (ret) => {
       if (ret === 0) {
         // The cached copy, if the table was evicted and read again meanwhile.
         const cur = this.l2Cache.lookup(l2Off) ?? table;
