@@ -49,13 +49,17 @@ export class Qcow2Mapping {
    * the compressed data (not aligned). Otherwise 0.
    */
   host = 0;
-  /** Normal: the host cluster's offset (for metadata overlap checks). */
+  /**
+   * Normal: the host cluster's offset (for metadata overlap checks). Zero
+   * (without extended L2): the preallocated cluster kept under the zero
+   * flag, or 0.
+   */
   hostCluster = 0;
   /** Bytes of the run, from the requested offset on, inside one cluster. */
   bytes = 0;
   /** Compressed: bytes to read at `host` (may run into the next cluster). */
   compressedBytes = 0;
-  /** Normal: bit 63 (COPIED), the cluster's refcount is exactly one (write in place). */
+  /** Normal and Zero: bit 63 (COPIED), the cluster's refcount is exactly one. */
   copied = false;
   /** Why the entry is Invalid (for logs and tests). */
   reason = "";
@@ -144,6 +148,8 @@ export function decodeL2Entry(
     if (lo & 1) {
       if (geo.version < 3) return invalid(out, "zero flag in a version 2 image");
       out.type = SubclusterType.Zero;
+      out.hostCluster = offset; // a preallocated zero cluster (0: none)
+      out.copied = copied === 1;
     } else if (offset === 0) out.type = SubclusterType.Unallocated;
     else {
       out.type = SubclusterType.Normal;

@@ -376,16 +376,23 @@ export class Qcow2Driver implements BlockDriver {
    * @internal Points L2 entry `index` of the table at `l2Off` at data
    * cluster `host` (COPIED), the same way: the sector first, memory after.
    */
-  setL2Entry(l2Off: number, table: DataView, index: number, host: number, cb: BlockCompletion) {
+  setL2Entry(
+    l2Off: number,
+    table: DataView,
+    index: number,
+    host: number,
+    cb: BlockCompletion,
+    zero = false,
+  ) {
     const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
     const at = index * 8, start = at - (at % 512);
     const copy = bytes.slice(start, start + 512);
-    setEntry(new DataView(copy.buffer), (at - start) / 8, host);
+    setEntry(new DataView(copy.buffer), (at - start) / 8, host, zero);
     writeTableSector(this.child, l2Off + start, copy, 0, (ret) => {
       if (ret === 0) {
         // The cached copy, if the table was evicted and read again meanwhile.
         const cur = this.l2Cache.lookup(l2Off) ?? table;
-        setEntry(cur, index, host);
+        setEntry(cur, index, host, zero);
         this.l2Cache.put(l2Off, cur);
       }
       cb(ret);
@@ -662,10 +669,14 @@ class Qcow2ReadRequest {
   }
 }
 
-/** Writes a standard L1/L2 entry: `offset` with COPIED (bit 63), nothing else. */
-function setEntry(table: DataView, index: number, offset: number): void {
-  table.setUint32(index * 8, (0x80000000 | Math.floor(offset / 0x100000000)) >>> 0);
-  table.setUint32(index * 8 + 4, offset >>> 0);
+/**
+ * Writes a standard L1/L2 entry: `offset` with COPIED (bit 63) when it is
+ * not 0, and the zero flag (bit 0, L2 entries of version 3) when `zero`.
+ */
+function setEntry(table: DataView, index: number, offset: number, zero = false): void {
+  const hi = offset === 0 ? 0 : 0x80000000 | Math.floor(offset / 0x100000000);
+  table.setUint32(index * 8, hi >>> 0);
+  table.setUint32(index * 8 + 4, ((offset >>> 0) | (zero ? 1 : 0)) >>> 0);
 }
 
 /**
@@ -757,7 +768,8 @@ class Qcow2WriteRequest {
           this.#ret = -EIO;
           break;
         }
-        if (m.type === SubclusterType.Normal && m.copied) {
+        const zeroFlag = this.#qiov === null && len === cs && h.version >= 3;
+        if (m.type === SubclusterType.Normal && m.copied && !zeroFlag) {
           if (!d.dataClusterOk(m.hostCluster)) {
             this.#ret = -EIO;
             break;
@@ -768,9 +780,11 @@ class Qcow2WriteRequest {
         }
       }
       if (!inPlace) {
+        // Whole clusters of write-zeroes become zero clusters (version 3).
+        const zeroFlag = this.#qiov === null && len === cs && h.version >= 3 && !h.extendedL2;
         this.#pending++;
         d.enqueueAllocation(
-          new AllocatingWrite(d, cluster, inCluster, this.#source(len), this.#subDone),
+          new AllocatingWrite(d, cluster, inCluster, this.#source(len), this.#subDone, zeroFlag),
         );
       }
       this.#pos += len;
@@ -831,19 +845,23 @@ class AllocatingWrite {
   readonly #inCluster: number;
   readonly #src: IoVector;
   readonly #cb: BlockCompletion;
+  readonly #zeroFlag: boolean;
 
+  /** `zeroFlag`: make the whole cluster a zero cluster instead of writing `src`. */
   constructor(
     d: Qcow2Driver,
     cluster: number,
     inCluster: number,
     src: IoVector,
     cb: BlockCompletion,
+    zeroFlag = false,
   ) {
     this.#d = d;
     this.#cluster = cluster;
     this.#inCluster = inCluster;
     this.#src = src;
     this.#cb = cb;
+    this.#zeroFlag = zeroFlag;
   }
 
   /** Runs the steps; `next` starts the driver's next allocating write. */
@@ -876,14 +894,28 @@ class AllocatingWrite {
     const m = new Qcow2Mapping();
     decodeL2Entry(table, index, this.#inCluster, len, h, m);
     if (m.type === SubclusterType.Invalid) return finish(-EIO);
+    if (this.#zeroFlag) return this.#makeZero(l2Off, table, isNew, index, m, finish);
     if (m.type === SubclusterType.Normal && m.copied) {
       if (!d.dataClusterOk(m.hostCluster)) return finish(-EIO);
       return d.child.pwritev(m.host, this.#src, finish);
     }
+    // A zero cluster that kept its host cluster (refcount 1): write into it.
+    const reuse = m.type === SubclusterType.Zero && m.copied && m.hostCluster > 0 &&
+        d.dataClusterOk(m.hostCluster)
+      ? m.hostCluster
+      : 0;
     const buf = new Uint8Array(cs);
     const merge = () => {
       this.#src.copyTo(addressOf(buf) + this.#inCluster);
-      this.#allocateData(l2Off, table, isNew, index, buf, finish);
+      if (reuse === 0) return this.#allocateData(l2Off, table, isNew, index, buf, finish);
+      // Data first (invisible under the zero flag), flushed, then the entry.
+      d.child.pwritev(reuse, IoVector.fromBuffers([buf]), (ret) => {
+        if (ret < 0) return finish(ret);
+        d.child.flush((fr) => {
+          if (fr < 0) return finish(fr);
+          d.setL2Entry(l2Off, table, index, reuse, finish);
+        });
+      });
     };
     if (this.#inCluster === 0 && len === cs) return merge();
     const start = this.#cluster * cs;
@@ -891,6 +923,35 @@ class AllocatingWrite {
     d.preadv(start, IoVector.fromBuffers([buf.subarray(0, n)]), (ret) => {
       if (ret < 0) return finish(ret);
       merge();
+    });
+  }
+
+  /**
+   * Write-zeroes of a whole cluster: the L2 entry gets the zero flag. An
+   * allocated cluster with refcount 1 stays allocated under the flag (QEMU's
+   * QCOW2_CLUSTER_ZERO_ALLOC, reused by the next write); any other host
+   * cluster (compressed, shared) is dropped from the entry and leaks.
+   */
+  #makeZero(
+    l2Off: number,
+    table: DataView,
+    isNew: boolean,
+    index: number,
+    m: Qcow2Mapping,
+    finish: BlockCompletion,
+  ): void {
+    const d = this.#d;
+    if (m.type === SubclusterType.Zero) return finish(0);
+    const keep = (m.type === SubclusterType.Normal && m.copied) ? m.hostCluster : 0;
+    if (!isNew) return d.setL2Entry(l2Off, table, index, keep, finish, true);
+    setEntry(table, index, 0, true);
+    const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
+    d.child.pwritev(l2Off, IoVector.fromBuffers([bytes]), (ret) => {
+      if (ret < 0) return finish(ret);
+      d.child.flush((fr) => {
+        if (fr < 0) return finish(fr);
+        d.setL1Entry(Math.floor(this.#cluster / d.header.l2Entries), l2Off, table, finish);
+      });
     });
   }
 
