@@ -310,11 +310,15 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   /**
-   * Discard is advisory and frees nothing yet (clusters stay allocated and
-   * keep their data); succeeds on a writable image.
+   * Frees the whole clusters in the range (QEMU's qcow2_cluster_discard):
+   * their L2 entries become unallocated (a zero cluster when a backing file
+   * would show through, version 3), then their refcounts drop to 0 and the
+   * file range is discarded below. Partial clusters, compressed and shared
+   * clusters are left alone (discard is advisory).
    */
-  pdiscard(_offset: number, _bytes: number, cb: BlockCompletion): void {
-    this.#complete(this.#refcounts === null ? -EROFS : 0, cb);
+  pdiscard(offset: number, bytes: number, cb: BlockCompletion): void {
+    if (this.#refcounts === null) return this.#complete(-EROFS, cb);
+    new Qcow2WriteRequest(this, offset, null, cb, bytes, true).start();
   }
 
   /**
@@ -706,15 +710,19 @@ class Qcow2WriteRequest {
     this.#maybeFinish();
   };
 
-  /** `qiov` null: write `zeroBytes` zeroes. */
+  readonly #discard: boolean;
+
+  /** `qiov` null: write `zeroBytes` zeroes (or discard them, `discard`). */
   constructor(
     d: Qcow2Driver,
     offset: number,
     qiov: IoVector | null,
     cb: BlockCompletion,
     zeroBytes = 0,
+    discard = false,
   ) {
     this.#d = d;
+    this.#discard = discard;
     this.#offset = offset;
     this.#qiov = qiov;
     this.#size = qiov === null ? zeroBytes : qiov.size;
@@ -746,6 +754,16 @@ class Qcow2WriteRequest {
         break;
       }
       let inPlace = false;
+      if (this.#discard) {
+        if (len === cs && l2Off > 0) {
+          this.#pending++;
+          d.enqueueAllocation(
+            new AllocatingWrite(d, cluster, 0, this.#source(len), this.#subDone, "discard"),
+          );
+        }
+        this.#pos += len;
+        continue;
+      }
       if (this.#qiov === null && this.#readsZero(l2Off, cluster, guest, inCluster, len)) {
         this.#pos += len; // write-zeroes where the guest already reads zeroes
         continue;
@@ -784,7 +802,14 @@ class Qcow2WriteRequest {
         const zeroFlag = this.#qiov === null && len === cs && h.version >= 3 && !h.extendedL2;
         this.#pending++;
         d.enqueueAllocation(
-          new AllocatingWrite(d, cluster, inCluster, this.#source(len), this.#subDone, zeroFlag),
+          new AllocatingWrite(
+            d,
+            cluster,
+            inCluster,
+            this.#source(len),
+            this.#subDone,
+            zeroFlag ? "zero" : "write",
+          ),
         );
       }
       this.#pos += len;
@@ -845,23 +870,26 @@ class AllocatingWrite {
   readonly #inCluster: number;
   readonly #src: IoVector;
   readonly #cb: BlockCompletion;
-  readonly #zeroFlag: boolean;
+  readonly #mode: "write" | "zero" | "discard";
 
-  /** `zeroFlag`: make the whole cluster a zero cluster instead of writing `src`. */
+  /**
+   * `mode`: write `src`; "zero": make the whole cluster a zero cluster;
+   * "discard": free the whole cluster.
+   */
   constructor(
     d: Qcow2Driver,
     cluster: number,
     inCluster: number,
     src: IoVector,
     cb: BlockCompletion,
-    zeroFlag = false,
+    mode: "write" | "zero" | "discard" = "write",
   ) {
     this.#d = d;
     this.#cluster = cluster;
     this.#inCluster = inCluster;
     this.#src = src;
     this.#cb = cb;
-    this.#zeroFlag = zeroFlag;
+    this.#mode = mode;
   }
 
   /** Runs the steps; `next` starts the driver's next allocating write. */
@@ -873,6 +901,7 @@ class AllocatingWrite {
     const d = this.#d, h = d.header, cs = h.clusterSize;
     const l2Off = d.l2Offset(this.#cluster);
     if (l2Off < 0) return d.ctx.scheduleOneshot(() => finish(-EIO));
+    if (l2Off === 0 && this.#mode === "discard") return d.ctx.scheduleOneshot(() => finish(0));
     if (l2Off === 0) {
       return d.refcounts.allocate((ret, off) => {
         if (ret < 0) return finish(ret);
@@ -894,7 +923,8 @@ class AllocatingWrite {
     const m = new Qcow2Mapping();
     decodeL2Entry(table, index, this.#inCluster, len, h, m);
     if (m.type === SubclusterType.Invalid) return finish(-EIO);
-    if (this.#zeroFlag) return this.#makeZero(l2Off, table, isNew, index, m, finish);
+    if (this.#mode === "zero") return this.#makeZero(l2Off, table, isNew, index, m, finish);
+    if (this.#mode === "discard") return this.#free(l2Off, table, index, m, finish);
     if (m.type === SubclusterType.Normal && m.copied) {
       if (!d.dataClusterOk(m.hostCluster)) return finish(-EIO);
       return d.child.pwritev(m.host, this.#src, finish);
@@ -953,6 +983,31 @@ class AllocatingWrite {
         d.setL1Entry(Math.floor(this.#cluster / d.header.l2Entries), l2Off, table, finish);
       });
     });
+  }
+
+  /** Discard of a whole cluster: unlink it (entry written), then free it. */
+  #free(
+    l2Off: number,
+    table: DataView,
+    index: number,
+    m: Qcow2Mapping,
+    finish: BlockCompletion,
+  ): void {
+    const d = this.#d, h = d.header;
+    const owned = (m.type === SubclusterType.Normal || m.type === SubclusterType.Zero) &&
+        m.copied && m.hostCluster > 0 && d.dataClusterOk(m.hostCluster)
+      ? m.hostCluster
+      : 0;
+    if (owned === 0) return d.ctx.scheduleOneshot(() => finish(0));
+    // With a backing file, unallocated would show its data: a zero cluster instead.
+    const zero = d.backing !== null && h.version >= 3;
+    d.setL2Entry(l2Off, table, index, 0, (ret) => {
+      if (ret < 0) return finish(ret);
+      d.refcounts.free(owned, (fr) => {
+        if (fr < 0) return finish(fr);
+        d.child.pdiscard(owned, h.clusterSize, () => finish(0));
+      });
+    }, zero);
   }
 
   #allocateData(

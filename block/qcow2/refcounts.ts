@@ -90,6 +90,28 @@ export class Qcow2Refcounts {
     });
   }
 
+  /**
+   * Frees cluster `off` (refcount 1 -> 0; the caller has already removed
+   * every reference to it, so a crash before this write only leaks it).
+   * Freed clusters are not allocated again (allocation is at the end).
+   */
+  free(off: number, cb: (ret: number) => void): void {
+    const cs = this.#geo.clusterSize;
+    const index = off / cs;
+    const rt = Math.floor(index / this.#perBlock);
+    if (rt * 8 >= this.#reftableBytes.length) return cb(-EIO);
+    const hi = this.#reftable.getUint32(rt * 8), lo = this.#reftable.getUint32(rt * 8 + 4);
+    const blockOff = hi * 0x100000000 + (lo >>> 0);
+    if (blockOff === 0 || (lo & 0x1ff) !== 0) return cb(-EIO);
+    this.#block(blockOff, (ret, block) => {
+      if (ret < 0 || block === null) return cb(ret < 0 ? ret : -EIO);
+      const slot = index % this.#perBlock;
+      if (this.#get(block, slot) !== 1) return cb(0); // shared or already free: keep it
+      this.#set(block, slot, 0);
+      this.#writeSector(blockOff, block, this.#byteOf(slot), cb);
+    });
+  }
+
   /** A new refcount block at `c`, covering itself, then the table entry for it. */
   #newBlock(c: number, rt: number, slot: number, cb: (ret: number, offset: number) => void): void {
     const cs = this.#geo.clusterSize;

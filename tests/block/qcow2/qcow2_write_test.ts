@@ -64,8 +64,20 @@ async function workload(
     } else if (kind < 0.7) {
       assert.equal(await runUntil(ctx, blk.pwriteZeroes(off, len)), 0, `zeroes ${off}+${len}`);
       model.fill(0, off, off + len);
-    } else if (kind < 0.8) {
+    } else if (kind < 0.75) {
       assert.equal(await runUntil(ctx, blk.flush()), 0);
+    } else if (kind < 0.8) {
+      // Discard frees whole clusters it owns: each reads back either as
+      // before or as zeroes, nothing else; the model takes what we read.
+      assert.equal(await runUntil(ctx, blk.pdiscard(off, len)), 0, `discard ${off}+${len}`);
+      for (let c = Math.ceil(off / cs) * cs; c + cs <= Math.min(off + len, size); c += cs) {
+        const [ret, got] = await readAt(ctx, blk, c, cs);
+        assert.equal(ret, 0);
+        const before = model.subarray(c, c + cs);
+        const same = got.every((b, j) => b === before[j]);
+        assert(same || got.every((b) => b === 0), `discarded cluster ${c} reads garbage`);
+        model.set(got, c);
+      }
     } else {
       const [ret, got] = await readAt(ctx, blk, off, len);
       assert.equal(ret, 0);
@@ -98,7 +110,7 @@ async function exercise(
   const model = oracleBytes(image);
   const ctx = new AioContext();
   try {
-    const blk = await openQcow2(ctx, image, { readOnly: false, ...extra });
+    const blk = await openQcow2(ctx, image, { readOnly: false, discard: "unmap", ...extra });
     try {
       await workload(ctx, blk, model, seed, ops, cs);
       assert.equal(await runUntil(ctx, blk.flush()), 0);
