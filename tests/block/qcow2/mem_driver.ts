@@ -2,7 +2,9 @@
  * An in-memory protocol driver for qcow2 tests and fuzzing: the image is a
  * Uint8Array, reads past its end are zero-padded (as the file engines pad
  * short reads), completions come from a bottom half, and any write-like
- * request is counted (a read-only format driver must send none).
+ * request is counted (a read-only format driver must send none). A
+ * writable one grows as it is written past its end (as a file does) and
+ * zeroes discarded ranges (a punched hole).
  */
 import type { AioContext } from "../../../aio/mod.ts";
 import type { BlockCompletion, BlockDriver, IoVector } from "../../../block/mod.ts";
@@ -20,11 +22,18 @@ export class MemDriver implements BlockDriver {
   /** Requests not completed yet. */
   inFlight = 0;
   readonly #ctx: AioContext;
-  readonly #data: Uint8Array;
+  #data: Uint8Array;
+  readonly #writable: boolean;
 
-  constructor(ctx: AioContext, data: Uint8Array) {
+  constructor(ctx: AioContext, data: Uint8Array, writable = false) {
     this.#ctx = ctx;
     this.#data = data;
+    this.#writable = writable;
+  }
+
+  /** The image as it is now. */
+  get bytes(): Uint8Array {
+    return this.#data;
   }
 
   get length(): number {
@@ -48,18 +57,30 @@ export class MemDriver implements BlockDriver {
     this.#done(ret, cb);
   }
 
-  pwritev(_o: number, _q: IoVector, cb: BlockCompletion): void {
+  pwritev(o: number, q: IoVector, cb: BlockCompletion): void {
     this.writes++;
-    this.#done(-EIO, cb);
+    if (!this.#writable || !Number.isSafeInteger(o) || o < 0) return this.#done(-EIO, cb);
+    const end = o + q.size;
+    if (end > this.#data.length) {
+      const grown = new Uint8Array(end);
+      grown.set(this.#data);
+      this.#data = grown;
+    }
+    const tmp = new Uint8Array(q.size);
+    q.copyTo(addressOf(tmp));
+    this.#data.set(tmp, o);
+    this.#done(0, cb);
   }
 
   flush(cb: BlockCompletion): void {
     this.#done(0, cb);
   }
 
-  pdiscard(_o: number, _b: number, cb: BlockCompletion): void {
+  pdiscard(o: number, b: number, cb: BlockCompletion): void {
     this.writes++;
-    this.#done(-EIO, cb);
+    if (!this.#writable) return this.#done(-EIO, cb);
+    this.#data.fill(0, o, Math.min(o + b, this.#data.length));
+    this.#done(0, cb);
   }
 
   pwriteZeroes(_o: number, _b: number, _u: boolean, cb: BlockCompletion): void {
