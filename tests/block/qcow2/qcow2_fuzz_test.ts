@@ -5,16 +5,18 @@
  * over an in-memory file. Invariants: opening throws only a Qcow2Error or
  * yields a header whose tables lie inside the file; every read completes
  * exactly once, never inside preadv, with 0 or -EIO, within 5 s; the driver
- * never writes and never reads at an offset past the end of the file.
+ * never writes and never reads at an offset past the end of the file. Opened
+ * writable, mutated images take writes, write-zeroes, discards and reads
+ * that each complete once with 0, -EIO or -ENOSPC, and reopen afterwards.
  */
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { AioContext } from "../../../aio/mod.ts";
 import { parseQcow2Header, Qcow2Error, type Qcow2Header } from "../../../block/mod.ts";
-import { EIO } from "../../../sys/mod.ts";
+import { EIO, ENOSPC } from "../../../sys/mod.ts";
 import { readDriver, sampleImage } from "./bad_image_util.ts";
 import { MemDriver } from "./mem_driver.ts";
-import { Qcow2Driver } from "../../../block/mod.ts";
+import { IoVector, Qcow2Driver } from "../../../block/mod.ts";
 import { runUntil } from "../helpers.ts";
 
 const opts = { sanitizeResources: false, sanitizeOps: false };
@@ -208,4 +210,84 @@ Deno.test("qcow2 fuzz: mutated images open with a typed error or read 0/-EIO", o
   // The mutations must reach the read path, not only the header checks.
   assert(opened > 50, `only ${opened} mutated images opened`);
   assert(eio > 0, "no read met a bad entry");
+});
+
+Deno.test("qcow2 fuzz: writes to mutated images complete with 0 or an errno", opts, async () => {
+  const ctx = new AioContext();
+  let opened = 0, failed = 0;
+  const wait = (f: (cb: (r: number) => void) => void) =>
+    runUntil(
+      ctx,
+      new Promise<number>((resolve, reject) => {
+        const t = setTimeout(() => reject(new Error("request hung")), 5_000);
+        let calls = 0;
+        f((r) => {
+          if (++calls > 1) reject(new Error("completed twice"));
+          clearTimeout(t);
+          resolve(r);
+        });
+      }),
+    );
+  try {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.nat({ max: samples.length - 1 }),
+        fc.array(mutationArb, { minLength: 1, maxLength: 3 }),
+        fc.array(
+          fc.tuple(fc.nat({ max: 3 }), fc.nat(), fc.integer({ min: 1, max: 100_000 })),
+          { minLength: 1, maxLength: 6 },
+        ),
+        async (which, muts, ops) => {
+          const img = mutate(samples[which], muts);
+          const file = new MemDriver(ctx, img.slice(), true);
+          let d: Qcow2Driver;
+          try {
+            d = await runUntil(ctx, Qcow2Driver.open(ctx, file, { readOnly: false }));
+          } catch (e) {
+            if (e instanceof Qcow2Error) return;
+            throw e;
+          }
+          opened++;
+          const size = d.length;
+          for (const [kind, o, l] of ops) {
+            if (size === 0) break;
+            const off = o % size, len = Math.min(l, size - off);
+            const data = new Uint8Array(len).fill(0x5c);
+            const ret = await wait((cb) =>
+              kind === 0
+                ? d.pwritev(off, IoVector.fromBuffers([data]), cb)
+                : kind === 1
+                ? d.pwriteZeroes(off, len, false, cb)
+                : kind === 2
+                ? d.pdiscard(off, len, cb)
+                : d.preadv(off, IoVector.fromBuffers([data]), cb)
+            );
+            assert(
+              ret === 0 || ret === -EIO || ret === -ENOSPC,
+              `op ${kind} ${off}+${len}: ${ret}`,
+            );
+            if (ret < 0) failed++;
+          }
+          assert.equal(await wait((cb) => d.flush(cb)), 0);
+          assert.equal(file.inFlight, 0);
+          await d.close();
+          // The result opens again (or is refused with a typed error).
+          try {
+            const again = await runUntil(
+              ctx,
+              Qcow2Driver.open(ctx, new MemDriver(ctx, file.bytes), { readOnly: true }),
+            );
+            await again.close();
+          } catch (e) {
+            if (!(e instanceof Qcow2Error)) throw e;
+          }
+        },
+      ),
+      { numRuns: 400 },
+    );
+  } finally {
+    ctx.close();
+  }
+  console.log(`qcow2 write fuzz: ${opened} mutated images opened writable, ${failed} ops failed`);
+  assert(opened > 30, `only ${opened} mutated images opened writable`);
 });
