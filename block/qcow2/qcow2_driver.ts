@@ -132,6 +132,7 @@ export class Qcow2Driver implements BlockDriver {
       reftable,
       this.#fileLength,
       (off) => refBlocks.add(off),
+      (off) => this.#refBlockOk(off),
     );
     this.#l2Tables = new Set();
     for (let i = 0; i < header.l1Size; i++) {
@@ -388,7 +389,11 @@ export class Qcow2Driver implements BlockDriver {
     cb: BlockCompletion,
     zero = false,
   ) {
-    const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
+    // The cached copy if there is one (the table may have been evicted and
+    // read again since the caller looked it up): the sector written must
+    // hold every entry changed so far.
+    const src = this.l2Cache.lookup(l2Off) ?? table;
+    const bytes = new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
     const at = index * 8, start = at - (at % 512);
     const copy = bytes.slice(start, start + 512);
     setEntry(new DataView(copy.buffer), (at - start) / 8, host, zero);
@@ -501,6 +506,18 @@ export class Qcow2Driver implements BlockDriver {
       this.#lastInflated = out;
       cb(0, out);
     });
+  }
+
+  /** Whether a refcount table entry may point at `off` (see {@link Qcow2Refcounts}). */
+  #refBlockOk(off: number): boolean {
+    const h = this.header, cs = h.clusterSize;
+    if (off % cs !== 0 || off < cs || off + cs > this.#fileLength) return false;
+    if (h.l1Size > 0 && off + cs > h.l1TableOffset && off < h.l1TableOffset + h.l1Size * 8) {
+      return false;
+    }
+    const rt = h.refcountTableOffset;
+    if (off + cs > rt && off < rt + h.refcountTableClusters * cs) return false;
+    return !this.#l2Tables.has(off);
   }
 
   #isMetadata(off: number): boolean {

@@ -37,12 +37,16 @@ export class Qcow2Refcounts {
   readonly #blocks = new Map<number, Uint8Array>();
   readonly #perBlock: number;
   readonly #onNewBlock: (off: number) => void;
+  readonly #blockOk: (off: number) => boolean;
   #end: number;
 
   /**
    * `reftable`: the table as read at open (kept and updated in memory);
    * `fileLength`: the image file's length; `onNewBlock`: told of every
-   * refcount block created (metadata overlap checks).
+   * refcount block created (metadata overlap checks); `blockOk`: whether a
+   * refcount table entry may point there (inside the file, not on other
+   * metadata): a bad entry fails the allocation with -EIO, so nothing is
+   * ever read or written where it points.
    */
   constructor(
     child: BlockDriver,
@@ -50,6 +54,7 @@ export class Qcow2Refcounts {
     reftable: Uint8Array,
     fileLength: number,
     onNewBlock: (off: number) => void,
+    blockOk: (off: number) => boolean,
   ) {
     this.#child = child;
     this.#geo = geo;
@@ -58,6 +63,7 @@ export class Qcow2Refcounts {
     this.#perBlock = (geo.clusterSize * 8) >> geo.refcountOrder;
     this.#end = Math.ceil(fileLength / geo.clusterSize) * geo.clusterSize;
     this.#onNewBlock = onNewBlock;
+    this.#blockOk = blockOk;
   }
 
   /** First byte past every cluster allocated so far (the file's end, cluster aligned). */
@@ -77,6 +83,7 @@ export class Qcow2Refcounts {
     const blockOff = hi * 0x100000000 + lo;
     const slot = index % this.#perBlock;
     if (blockOff === 0) return this.#newBlock(c, rt, slot, cb);
+    if (!this.#blockOk(blockOff)) return cb(-EIO, 0);
     this.#block(blockOff, (ret, block) => {
       if (ret < 0 || block === null) return cb(ret < 0 ? ret : -EIO, 0);
       if (this.#get(block, slot) !== 0) {
@@ -102,7 +109,7 @@ export class Qcow2Refcounts {
     if (rt * 8 >= this.#reftableBytes.length) return cb(-EIO);
     const hi = this.#reftable.getUint32(rt * 8), lo = this.#reftable.getUint32(rt * 8 + 4);
     const blockOff = hi * 0x100000000 + (lo >>> 0);
-    if (blockOff === 0 || (lo & 0x1ff) !== 0) return cb(-EIO);
+    if (blockOff === 0 || (lo & 0x1ff) !== 0 || !this.#blockOk(blockOff)) return cb(-EIO);
     this.#block(blockOff, (ret, block) => {
       if (ret < 0 || block === null) return cb(ret < 0 ? ret : -EIO);
       const slot = index % this.#perBlock;

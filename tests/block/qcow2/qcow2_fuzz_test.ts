@@ -240,6 +240,13 @@ Deno.test("qcow2 fuzz: writes to mutated images complete with 0 or an errno", op
         async (which, muts, ops) => {
           const img = mutate(samples[which], muts);
           const file = new MemDriver(ctx, img.slice(), true);
+          // Writes stay inside the file or extend it by whole clusters (allocation).
+          let maxEnd = 0;
+          const pwrite = file.pwritev.bind(file);
+          file.pwritev = (off, q, cb) => {
+            maxEnd = Math.max(maxEnd, off + q.size);
+            pwrite(off, q, cb);
+          };
           let d: Qcow2Driver;
           try {
             d = await runUntil(ctx, Qcow2Driver.open(ctx, file, { readOnly: false }));
@@ -270,6 +277,12 @@ Deno.test("qcow2 fuzz: writes to mutated images complete with 0 or an errno", op
           }
           assert.equal(await wait((cb) => d.flush(cb)), 0);
           assert.equal(file.inFlight, 0);
+          // At most the file plus what the ops could allocate (data, L2
+          // tables, refcount blocks): twice their bytes and a few clusters each.
+          const cs = d.header.clusterSize;
+          const grow = ops.reduce((n, [, , l]) => n + 2 * (l + 4 * cs), 0);
+          const limit = Math.ceil(img.length / cs) * cs + grow;
+          assert(maxEnd <= limit, `wrote up to ${maxEnd}, file was ${img.length}`);
           await d.close();
           // The result opens again (or is refused with a typed error).
           try {
@@ -283,7 +296,15 @@ Deno.test("qcow2 fuzz: writes to mutated images complete with 0 or an errno", op
           }
         },
       ),
-      { numRuns: 400 },
+      {
+        numRuns: 400,
+        // Found by this fuzzer: a refcount table entry pointing far past the
+        // end of the file made the allocator write a refcount block there.
+        examples: [[0, [
+          { region: "reftable", at: 1073741821, wide: false, value: 805889 },
+          { region: "header", at: 576731992, wide: false, value: 0 },
+        ], [[0, 12950799, 25330]]]],
+      },
     );
   } finally {
     ctx.close();
