@@ -181,7 +181,7 @@ Deno.test(
           fc.array(opArb, { minLength: 1, maxLength: 25 }),
           (which, ops) => runCase(ctx, samples[which], ops),
         ),
-        { numRuns: 150 },
+        { numRuns: 100 },
       );
     } finally {
       ctx.close();
