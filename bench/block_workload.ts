@@ -66,7 +66,12 @@ export interface Target {
 /** Opens `opts` in a fresh AioContext (busy polling as an IOThread would). */
 export async function openTarget(opts: BlockOptions, pollMaxNs = 32768): Promise<Target> {
   const ctx = new AioContext({ pollMaxNs });
-  const blk = await BlockBackend.open(ctx, opts);
+  // qcow2 reads its metadata while opening: poll until the open settles.
+  const opening = BlockBackend.open(ctx, opts);
+  let opened = false;
+  opening.then(() => opened = true, () => opened = true).finally(() => ctx.notify());
+  while (!opened) await ctx.pollAsync();
+  const blk = await opening;
   return {
     ctx,
     blk,

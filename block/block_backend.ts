@@ -7,6 +7,7 @@ import { type BlockOptions, validateBlockOptions } from "./block_options.ts";
 import { FileDriver } from "./file_driver.ts";
 import { NullAioDriver, NullCoDriver } from "./null_driver.ts";
 import { RawDriver } from "./raw_driver.ts";
+import { openQcow2Image } from "./qcow2/image_chain.ts";
 import type { RangeLockTable } from "./range_lock_table.ts";
 
 /**
@@ -134,8 +135,11 @@ export class BlockBackend {
 
   /**
    * Builds the graph for `opts`: raw (with the optional offset/sizeLimit
-   * window) over file (cache=none -> O_DIRECT; aio engine) or null-co/null-aio.
-   * aio=native requires cache=none, as in QEMU.
+   * window) over file (cache=none -> O_DIRECT; aio engine) or null-co/null-aio;
+   * or qcow2 over file, with its backing chain (files opened read-only with
+   * the same cache and aio). aio=native requires cache=none, as in QEMU.
+   * Opening qcow2 reads metadata: poll the context until this settles (an
+   * IOThread's loop does; on the main thread use `pollAsync`).
    */
   static open(
     ctx: AioContext,
@@ -144,19 +148,29 @@ export class BlockBackend {
   ): Promise<BlockBackend> {
     validateBlockOptions(opts as unknown as Record<string, unknown>);
     let proto: BlockDriver;
-    if (opts.driver === "file") {
-      if (opts.aio === "native" && opts.cache !== "none") {
-        throw new TypeError("aio=native requires cache=none (O_DIRECT), as in QEMU");
-      }
-      proto = FileDriver.open(ctx, {
-        filename: opts.filename!,
+    if (opts.driver === "file" && opts.aio === "native" && opts.cache !== "none") {
+      throw new TypeError("aio=native requires cache=none (O_DIRECT), as in QEMU");
+    }
+    const openFile = (filename: string, readOnly: boolean, top: boolean) =>
+      FileDriver.open(ctx, {
+        filename,
         direct: opts.cache === "none",
         aio: opts.aio ?? "threads",
-        readOnly: opts.readOnly ?? false,
+        readOnly,
         discardUnmap: opts.discard === "unmap",
         engine: extras.engine,
-        rangeLocks: extras.rangeLocks,
+        rangeLocks: top ? extras.rangeLocks : undefined,
       });
+    if (opts.format === "qcow2") {
+      const top = opts.filename!;
+      return openQcow2Image(ctx, top, {
+        readOnly: opts.readOnly ?? false,
+        l2CacheSize: opts.l2CacheSize,
+        openFile: (path, readOnly) => openFile(path, readOnly, path === top),
+      }).then((d) => new BlockBackend(ctx, d, opts));
+    }
+    if (opts.driver === "file") {
+      proto = openFile(opts.filename!, opts.readOnly ?? false, true);
     } else if (opts.driver === "null-co") {
       proto = new NullCoDriver(ctx, { size: opts.size, readZeroes: opts.readZeroes });
     } else {

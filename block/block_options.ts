@@ -20,8 +20,10 @@ export interface BlockOptions {
   filename?: string;
   /** Size in bytes (null drivers). */
   size?: number;
-  /** Format driver (only raw). */
-  format?: "raw";
+  /** Format driver (default raw). qcow2 needs driver=file. */
+  format?: "raw" | "qcow2";
+  /** qcow2: bytes of L2 tables cached per driver instance (QEMU's l2-cache-size). */
+  l2CacheSize?: number;
   /** raw: window start in bytes. */
   offset?: number;
   /** raw: window size in bytes. */
@@ -42,7 +44,7 @@ export interface BlockOptions {
 
 const ENUMS: Record<string, readonly string[]> = {
   driver: ["file", "null-co", "null-aio"],
-  format: ["raw"],
+  format: ["raw", "qcow2"],
   cache: ["none", "writeback", "unsafe"],
   aio: ["threads", "native", "io_uring"],
   discard: ["unmap", "ignore"],
@@ -55,6 +57,8 @@ const ALIASES: Record<string, string> = {
   "detect-zeroes": "detectZeroes",
   "read-zeroes": "readZeroes",
   "size-limit": "sizeLimit",
+  "l2-cache-size": "l2CacheSize",
+  file: "filename",
   "file.filename": "filename",
   "file.driver": "driver",
   path: "filename",
@@ -63,7 +67,9 @@ const ALIASES: Record<string, string> = {
 /**
  * Parses a QEMU-style option string (`driver=file,filename=disk.img,
  * cache=none,aio=io_uring,read-only=on,discard=unmap,detect-zeroes=on`) and
- * validates it. Throws TypeError naming the bad key.
+ * validates it. Throws TypeError naming the bad key. A format driver may be
+ * named as in -blockdev (`driver=qcow2,file.driver=file,file.filename=x`) or
+ * as in -drive (`format=qcow2,file=x`); the protocol defaults to file.
  *
  * @example
  * ```ts
@@ -82,12 +88,18 @@ export function parseBlockOptions(spec: string): BlockOptions {
     if (eq < 0) throw new TypeError(`block option without value: ${part}`);
     const rawKey = part.slice(0, eq), value = part.slice(eq + 1);
     const key = ALIASES[rawKey] ?? rawKey;
+    if (rawKey === "driver" && (value === "raw" || value === "qcow2")) {
+      out.format = value;
+      continue;
+    }
     if (key === "readOnly" || key === "readZeroes") {
       if (!["on", "off", "true", "false"].includes(value)) {
         throw new TypeError(`block option ${rawKey}: expected on|off, got ${value}`);
       }
       out[key] = value === "on" || value === "true";
-    } else if (key === "size" || key === "offset" || key === "sizeLimit") {
+    } else if (
+      key === "size" || key === "offset" || key === "sizeLimit" || key === "l2CacheSize"
+    ) {
       out[key] = parseSize(rawKey, value);
     } else out[key] = value;
   }
@@ -120,6 +132,7 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
     "discard",
     "detectZeroes",
     "readZeroes",
+    "l2CacheSize",
   ]);
   for (const [k, v] of Object.entries(o)) {
     if (!known.has(k)) throw new TypeError(`unknown block option ${k}`);
@@ -129,7 +142,7 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
       throw new TypeError(`block option ${k}: ${v} is not one of ${allowed.join("|")}`);
     }
     if (
-      (k === "size" || k === "offset" || k === "sizeLimit") &&
+      (k === "size" || k === "offset" || k === "sizeLimit" || k === "l2CacheSize") &&
       !(Number.isSafeInteger(v) && (v as number) >= 0)
     ) {
       throw new TypeError(`block option ${k}: bad size ${v}`);
@@ -137,6 +150,14 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
   }
   if (o.driver === "file" && typeof o.filename !== "string") {
     throw new TypeError("block option filename is required for driver=file");
+  }
+  if (o.format === "qcow2") {
+    if (o.driver !== "file") throw new TypeError("format qcow2 needs driver=file");
+    if (o.offset !== undefined || o.sizeLimit !== undefined) {
+      throw new TypeError("offset and size-limit are raw format options, not qcow2");
+    }
+  } else if (o.l2CacheSize !== undefined) {
+    throw new TypeError("l2-cache-size is a qcow2 option");
   }
   return o as unknown as BlockOptions;
 }

@@ -1,6 +1,6 @@
 /**
  * block/: QEMU's block layer reduced to what a virtio-blk dataplane needs:
- * BlockBackend, format (raw) over protocol drivers (file, null), and the I/O
+ * BlockBackend, format (raw, qcow2 read-only) over protocol drivers (file, null), and the I/O
  * engines for `file` (threads, Linux AIO, io_uring).
  *
  * Not for: guest memory or virtqueues (virtio/), threads and sockets
@@ -19,6 +19,10 @@ export { FileDriver, type FileDriverOptions } from "./file_driver.ts";
 export { RangeLockTable, type RangeLockTableOptions } from "./range_lock_table.ts";
 export { NullAioDriver, NullCoDriver, type NullDriverOptions } from "./null_driver.ts";
 export { RawDriver, type RawDriverOptions } from "./raw_driver.ts";
+export { Qcow2Driver, type Qcow2DriverOptions } from "./qcow2/qcow2_driver.ts";
+export { Qcow2Error, type Qcow2ErrorKind } from "./qcow2/qcow2_error.ts";
+export { parseQcow2Header, type Qcow2Header } from "./qcow2/header.ts";
+export { openQcow2Image, type Qcow2ImageOptions } from "./qcow2/image_chain.ts";
 export { LinuxAioEngine, type LinuxAioOptions } from "./linux_aio_engine.ts";
 export { IoUringEngine, type IoUringOptions, type IoUringTaskrun } from "./io_uring_engine.ts";
 export { ThreadPoolEngine } from "./thread_pool_engine.ts";

@@ -6,7 +6,9 @@ export interface HostBlockOptions {
   driver: "file" | "null-co" | "null-aio";
   filename?: string;
   size?: number;
-  format: "raw";
+  format: "raw" | "qcow2";
+  /** qcow2: QEMU's l2-cache-size (per IOThread). */
+  l2CacheSize?: number;
   cache: "none" | "writeback" | "unsafe";
   aio: "threads" | "native" | "io_uring";
   readOnly: boolean;
@@ -44,7 +46,10 @@ cloud-hypervisor --disk vhost_user=on).
   --image IMAGE            raw image file or block device, or null-co:SIZE /
                            null-aio:SIZE (e.g. null-co:1G) for the null driver
   --socket PATH            Unix socket to listen on (created mode 0600)
-  --format raw             image format (raw)
+  --format FORMAT          raw | qcow2 (never probed; a writable qcow2
+                           needs --iothreads 1)                    [raw]
+  --l2-cache-size SIZE     qcow2 L2 table cache per IOThread
+                           [enough for the whole disk, at most 32M]
   --cache MODE             none (O_DIRECT) | writeback | unsafe   [writeback]
   --aio ENGINE             threads | native | io_uring            [threads]
   --read-only              export read-only (VIRTIO_BLK_F_RO)
@@ -128,6 +133,7 @@ export function parseHostArgs(args: string[]): HostOptions {
         image: { type: "string" },
         socket: { type: "string" },
         format: { type: "string" },
+        "l2-cache-size": { type: "string" },
         cache: { type: "string" },
         aio: { type: "string" },
         "read-only": { type: "boolean" },
@@ -160,9 +166,16 @@ export function parseHostArgs(args: string[]): HostOptions {
   const nullMatch = /^(null-co|null-aio):(.+)$/.exec(v.image);
   const cache = choice("cache", v.cache, "writeback", ["none", "writeback", "unsafe"]);
   const aio = choice("aio", v.aio, "threads", ["threads", "native", "io_uring"]);
-  const format = choice("format", v.format, "raw", ["raw"]);
+  const format = choice("format", v.format, "raw", ["raw", "qcow2"]);
   const discard = choice("discard", v.discard, "unmap", ["unmap", "ignore"]);
   const readOnly = v["read-only"] ?? false;
+  if (format === "qcow2" && nullMatch) {
+    throw new UsageError("--format qcow2 needs an image file, not a null driver");
+  }
+  if (v["l2-cache-size"] !== undefined && format !== "qcow2") {
+    throw new UsageError("--l2-cache-size is a qcow2 option (--format qcow2)");
+  }
+  const l2CacheSize = v["l2-cache-size"] === undefined ? undefined : parseSize(v["l2-cache-size"]);
   if (nullMatch) {
     const size = parseSize(nullMatch[2]);
     if (size === 0 || size % 512 !== 0) {
@@ -179,6 +192,7 @@ export function parseHostArgs(args: string[]): HostOptions {
     };
   } else {
     block = { driver: "file", filename: v.image, format, cache, aio, readOnly, discard };
+    if (l2CacheSize !== undefined) block.l2CacheSize = l2CacheSize;
   }
 
   const serial = v.serial ?? "dataplane";
@@ -187,6 +201,12 @@ export function parseHostArgs(args: string[]): HostOptions {
   }
   const queues = intOption("queues", v.queues, 1, 1, 64);
   const iothreads = intOption("iothreads", v.iothreads, 1, 1, 64);
+  if (format === "qcow2" && !readOnly && Math.min(iothreads, queues) > 1) {
+    // Each IOThread has its own driver; only one may allocate clusters.
+    throw new UsageError(
+      "--format qcow2 without --read-only needs --iothreads 1 (one owner of the image's metadata)",
+    );
+  }
   // QEMU's VIRTQUEUE_MAX_SIZE by default: front-ends ask for 512-1024 entries.
   const queueSize = intOption(
     "queue-size",

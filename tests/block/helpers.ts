@@ -83,6 +83,9 @@ export async function runUntil<T>(ctx: AioContext, p: Promise<T>): Promise<T> {
     done = true;
     ctx.notify(); // wake a pollAsync that waits for nothing else
   });
+  // A rejection while we poll is taken at the `await q` below, not reported
+  // as unhandled in between.
+  q.catch(() => {});
   await null;
   while (!done) {
     await ctx.pollAsync();

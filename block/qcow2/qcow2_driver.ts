@@ -1,0 +1,1062 @@
+import zlib from "node:zlib";
+import type { AioContext } from "../../aio/mod.ts";
+import { addressOf, EIO, EROFS } from "../../sys/mod.ts";
+import { IoVector } from "../io_vector.ts";
+import type { BlockCompletion, BlockDriver } from "../block_driver.ts";
+import {
+  decodeL1Entry,
+  decodeL2Entry,
+  Qcow2Mapping,
+  SubclusterType,
+} from "./cluster_descriptor.ts";
+import { parseQcow2Header, QCOW2_HEADER_PROBE_BYTES, type Qcow2Header } from "./header.ts";
+import { MAX_CLUSTER_BITS, MIN_CLUSTER_BITS, QCOW_MAGIC } from "./constants.ts";
+import { sliceIoVector, zeroIoVector } from "./iov_range.ts";
+import { L2Cache } from "./l2_cache.ts";
+import { readMetadata, readMetadataAsync } from "./metadata_io.ts";
+import { Qcow2Refcounts, writeTableSector } from "./refcounts.ts";
+import { Qcow2Error } from "./qcow2_error.ts";
+
+/** QEMU's DEFAULT_L2_CACHE_MAX_SIZE: the default cache covers the disk up to this. */
+export const QCOW2_DEFAULT_L2_CACHE_MAX = 32 << 20;
+
+/**
+ * Options of {@link Qcow2Driver.open}.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import type { Qcow2DriverOptions } from "./qcow2_driver.ts";
+ * const o: Qcow2DriverOptions = { readOnly: true, l2CacheSize: 1 << 20 };
+ * assert(o.readOnly);
+ * ```
+ */
+export interface Qcow2DriverOptions {
+  /**
+   * Open without write access. A writable open refuses images this driver
+   * cannot yet write safely (corrupt or dirty, extended L2 entries, internal
+   * snapshots, 64-bit refcounts) and clears the autoclear feature bits.
+   */
+  readOnly: boolean;
+  /**
+   * Bytes of L2 tables cached (QEMU's l2-cache-size); default: enough for
+   * the whole disk, at most 32 MiB. At least two tables are kept.
+   */
+  l2CacheSize?: number;
+  /**
+   * Opens the backing file `name` (as stored in the image) of format
+   * `format` ("raw" | "qcow2"), read-only. Without it an image with a
+   * backing file is refused.
+   */
+  openBacking?: (name: string, format: string) => Promise<BlockDriver>;
+}
+
+/**
+ * The qcow2 format driver (QEMU block/qcow2.c, docs/interop/qcow2.txt):
+ * versions 2 and 3, L1/L2 lookup through an {@link L2Cache}, zero
+ * clusters, compressed clusters (deflate), extended L2 entries
+ * (subclusters), and a read-only backing file (qcow2 or raw) for unallocated
+ * clusters. It sits on a protocol driver (`child`) as the raw driver does;
+ * every metadata read goes through the child asynchronously. A request is
+ * split into runs that read the same way (one cluster, or one subcluster
+ * type); a read that fits one allocated cluster whose L2 table is cached is
+ * passed straight to the child (hot path: no allocation).
+ *
+ * Bad input: {@link Qcow2Driver.open} validates the header and tables and
+ * throws {@link Qcow2Error}; an L1 or L2 entry that is malformed or points
+ * past the end of the file or into the header, L1 table, refcount table, an
+ * L2 table or a refcount block fails that request with -EIO.
+ *
+ * Writes (when not opened read-only): in place into clusters with refcount
+ * 1, else through a queued {@link AllocatingWrite} (copy on write, metadata
+ * ordered for crash safety). One driver instance owns the image's metadata:
+ * never open one image writable twice. Completions never arrive inside the
+ * submitting call (no inline completion).
+ *
+ * @example
+ * ```ts ignore
+ * const file = FileDriver.open(ctx, { filename: "disk.qcow2", readOnly: true });
+ * const qcow2 = await Qcow2Driver.open(ctx, file, { readOnly: true });
+ * ```
+ */
+export class Qcow2Driver implements BlockDriver {
+  /** "qcow2". */
+  readonly name = "qcow2";
+  /** The protocol driver holding the image file. */
+  readonly child: BlockDriver;
+  /** The backing image (read-only), if any. */
+  readonly backing: BlockDriver | null;
+  /** The validated header. */
+  readonly header: Qcow2Header;
+  /** The L2 table cache. */
+  readonly l2Cache: L2Cache;
+  /** @internal */
+  readonly ctx: AioContext;
+  readonly #l1: DataView;
+  readonly #l1Bytes: Uint8Array;
+  #fileLength: number;
+  /** Refcounts and the allocator (writable images only). */
+  readonly #refcounts: Qcow2Refcounts | null;
+  readonly #allocQueue: AllocatingWrite[] = [];
+  #allocBusy = false;
+  readonly readOnly: boolean;
+  readonly #l2Tables: Set<number>;
+  readonly #refBlocks: Set<number>;
+  readonly #map = new Qcow2Mapping();
+  #lastCompressed = -1;
+  #zeroCluster: Uint8Array | null = null;
+  #lastInflated: Uint8Array | null = null;
+
+  private constructor(
+    ctx: AioContext,
+    child: BlockDriver,
+    header: Qcow2Header,
+    l1: Uint8Array,
+    refBlocks: Set<number>,
+    backing: BlockDriver | null,
+    l2CacheSize: number | undefined,
+    reftable: Uint8Array | null,
+  ) {
+    this.ctx = ctx;
+    this.child = child;
+    this.header = header;
+    this.backing = backing;
+    this.#fileLength = child.length;
+    this.#l1 = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
+    this.#l1Bytes = l1;
+    this.#refBlocks = refBlocks;
+    this.readOnly = reftable === null;
+    this.#refcounts = reftable === null ? null : new Qcow2Refcounts(
+      child,
+      header,
+      reftable,
+      this.#fileLength,
+      (off) => refBlocks.add(off),
+      (off) => this.#refBlockOk(off),
+    );
+    this.#l2Tables = new Set();
+    for (let i = 0; i < header.l1Size; i++) {
+      const off = decodeL1Entry(this.#l1, i, header.clusterSize);
+      if (off > 0) this.#l2Tables.add(off);
+    }
+    const cs = header.clusterSize;
+    const wholeDisk = Math.ceil(header.size / (cs * header.l2Entries)) * cs;
+    const bytes = l2CacheSize ?? Math.min(wholeDisk, QCOW2_DEFAULT_L2_CACHE_MAX);
+    const tables = Math.max(2, Math.floor(bytes / cs));
+    this.l2Cache = new L2Cache(
+      tables,
+      cs,
+      (off, n, cb) =>
+        readMetadata(
+          this.child,
+          off,
+          n,
+          (ret, buf) =>
+            cb(ret, buf === null ? null : new DataView(buf.buffer, buf.byteOffset, buf.byteLength)),
+        ),
+    );
+  }
+
+  /**
+   * Reads and validates the header, the L1 table and the refcount table
+   * (qcow2_do_open), then opens the backing file through `opts.openBacking`.
+   * Throws {@link Qcow2Error}; the child is not closed on failure (the
+   * caller owns it until this resolves). Needs the context polled meanwhile.
+   */
+  static async open(
+    ctx: AioContext,
+    child: BlockDriver,
+    opts: Qcow2DriverOptions,
+  ): Promise<Qcow2Driver> {
+    const fileLength = child.length;
+    if (fileLength < 72) throw new Qcow2Error("BadMagic", "not a qcow2 image (too short)");
+    let head = await readMetadataAsync(
+      child,
+      0,
+      Math.min(QCOW2_HEADER_PROBE_BYTES, fileLength),
+      "header",
+    );
+    const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
+    const bits = dv.getUint32(20);
+    if (
+      dv.getUint32(0) === QCOW_MAGIC && bits >= MIN_CLUSTER_BITS && bits <= MAX_CLUSTER_BITS &&
+      2 ** bits > head.length && fileLength > head.length
+    ) {
+      head = await readMetadataAsync(child, 0, Math.min(2 ** bits, fileLength), "header cluster");
+    }
+    const h = parseQcow2Header(head, fileLength);
+    if (!opts.readOnly) await prepareForWriting(child, h, head);
+    if (opts.l2CacheSize !== undefined && !(Number.isSafeInteger(opts.l2CacheSize))) {
+      throw new Qcow2Error("Invalid", `bad l2-cache-size ${opts.l2CacheSize}`);
+    }
+    const l1 = h.l1Size > 0
+      ? await readMetadataAsync(child, h.l1TableOffset, h.l1Size * 8, "L1 table")
+      : new Uint8Array(8);
+    const reftable = await readMetadataAsync(
+      child,
+      h.refcountTableOffset,
+      h.refcountTableClusters * h.clusterSize,
+      "refcount table",
+    );
+    const refBlocks = new Set<number>();
+    const rdv = new DataView(reftable.buffer);
+    for (let i = 0; i < reftable.length; i += 8) {
+      const off = rdv.getUint32(i) * 0x100000000 + (rdv.getUint32(i + 4) & 0xfffffe00);
+      if (off !== 0) refBlocks.add(off);
+    }
+    let backing: BlockDriver | null = null;
+    if (h.backingFile !== null) {
+      if (h.backingFormat === null) {
+        throw new Qcow2Error(
+          "BackingChain",
+          `the backing file ${h.backingFile} has no recorded format (probing is unsafe); ` +
+            `record it with qemu-img rebase -u -b ${h.backingFile} -F raw|qcow2`,
+        );
+      }
+      if (h.backingFormat !== "raw" && h.backingFormat !== "qcow2") {
+        throw new Qcow2Error("Unsupported", `backing file format ${h.backingFormat}`);
+      }
+      if (!opts.openBacking) {
+        throw new Qcow2Error("BackingChain", `no way to open the backing file ${h.backingFile}`);
+      }
+      backing = await opts.openBacking(h.backingFile, h.backingFormat);
+    }
+    return new Qcow2Driver(
+      ctx,
+      child,
+      h,
+      l1,
+      refBlocks,
+      backing,
+      opts.l2CacheSize,
+      opts.readOnly ? null : reftable,
+    );
+  }
+
+  /** The virtual disk size. */
+  get length(): number {
+    return this.header.size;
+  }
+
+  /** The child's (runs are split at clusters, which are multiples of 512). */
+  get requestAlignment(): number {
+    return this.child.requestAlignment;
+  }
+
+  /** The child's. */
+  get memAlignment(): number {
+    return this.child.memAlignment;
+  }
+
+  /**
+   * Reads `qiov.size` bytes at guest `offset`. Hot path: a read inside one
+   * allocated cluster whose L2 table is cached goes to the child as is.
+   */
+  preadv(offset: number, qiov: IoVector, cb: BlockCompletion): void {
+    const cs = this.header.clusterSize;
+    const inCluster = offset % cs;
+    if (inCluster + qiov.size <= cs && qiov.size > 0) {
+      const cluster = (offset - inCluster) / cs;
+      const l2Off = decodeL1Entry(this.#l1, Math.floor(cluster / this.header.l2Entries), cs);
+      const table = l2Off > 0 ? this.l2Cache.lookup(l2Off) : undefined;
+      if (table !== undefined) {
+        const m = this.#map;
+        decodeL2Entry(table, cluster % this.header.l2Entries, inCluster, qiov.size, this.header, m);
+        if (
+          m.type === SubclusterType.Normal && m.bytes === qiov.size &&
+          this.dataClusterOk(m.hostCluster)
+        ) {
+          this.child.preadv(m.host, qiov, cb);
+          return;
+        }
+      }
+    }
+    new Qcow2ReadRequest(this, offset, qiov, cb).start();
+  }
+
+  /**
+   * Writes `qiov` at guest `offset`. Clusters allocated with refcount 1
+   * (COPIED) are written in place; the others are allocated one at a time
+   * (see {@link AllocatingWrite}). Hot path: a write inside one COPIED
+   * cluster whose L2 table is cached goes to the child as is.
+   */
+  pwritev(offset: number, qiov: IoVector, cb: BlockCompletion): void {
+    if (this.#refcounts === null) return this.#complete(-EROFS, cb);
+    const cs = this.header.clusterSize;
+    const inCluster = offset % cs;
+    if (inCluster + qiov.size <= cs && qiov.size > 0) {
+      const cluster = (offset - inCluster) / cs;
+      // A cached table was checked when it was read (or made here).
+      const l2Off = decodeL1Entry(this.#l1, Math.floor(cluster / this.header.l2Entries), cs);
+      const table = l2Off > 0 ? this.l2Cache.lookup(l2Off) : undefined;
+      if (table !== undefined) {
+        const m = this.#map;
+        decodeL2Entry(table, cluster % this.header.l2Entries, inCluster, qiov.size, this.header, m);
+        if (m.type === SubclusterType.Normal && m.copied && this.dataClusterOk(m.hostCluster)) {
+          this.child.pwritev(m.host, qiov, cb);
+          return;
+        }
+      }
+    }
+    new Qcow2WriteRequest(this, offset, qiov, cb).start();
+  }
+
+  /**
+   * Flushes the image file. Metadata is written through as it changes (in
+   * an order that survives a crash at any point), so nothing is held back.
+   */
+  flush(cb: BlockCompletion): void {
+    if (this.#refcounts === null) return this.#complete(0, cb);
+    this.child.flush(cb);
+  }
+
+  /**
+   * Frees the whole clusters in the range (QEMU's qcow2_cluster_discard):
+   * their L2 entries become unallocated (a zero cluster when a backing file
+   * would show through, version 3), then their refcounts drop to 0 and the
+   * file range is discarded below. Partial clusters, compressed and shared
+   * clusters are left alone (discard is advisory).
+   */
+  pdiscard(offset: number, bytes: number, cb: BlockCompletion): void {
+    if (this.#refcounts === null) return this.#complete(-EROFS, cb);
+    new Qcow2WriteRequest(this, offset, null, cb, bytes, true).start();
+  }
+
+  /**
+   * Makes a range read as zeroes: runs that already do (zero clusters,
+   * unallocated without backing data) are skipped, the others are written
+   * as zero data (setting zero flags is not done yet).
+   */
+  pwriteZeroes(offset: number, bytes: number, _unmap: boolean, cb: BlockCompletion): void {
+    if (this.#refcounts === null) return this.#complete(-EROFS, cb);
+    new Qcow2WriteRequest(this, offset, null, cb, bytes).start();
+  }
+
+  /** @internal The refcounts and allocator (writable images). */
+  get refcounts(): Qcow2Refcounts {
+    return this.#refcounts!;
+  }
+
+  /** @internal Runs `op` after every allocating write queued before it. */
+  enqueueAllocation(op: AllocatingWrite): void {
+    this.#allocQueue.push(op);
+    if (!this.#allocBusy) this.#nextAllocation();
+  }
+
+  #nextAllocation(): void {
+    const op = this.#allocQueue.shift();
+    if (op === undefined) {
+      this.#allocBusy = false;
+      return;
+    }
+    this.#allocBusy = true;
+    op.run(() => this.#nextAllocation());
+  }
+
+  /** @internal A cluster was allocated: the file now reaches `end`. */
+  grewTo(end: number): void {
+    if (end > this.#fileLength) this.#fileLength = end;
+  }
+
+  /**
+   * @internal Points L1 entry `index` at the new L2 table `l2Off` (COPIED):
+   * writes the L1 sector with the entry first and changes the in-memory L1
+   * only once that write completed, so no request relies on it earlier.
+   */
+  setL1Entry(index: number, l2Off: number, table: DataView, cb: BlockCompletion): void {
+    const at = index * 8, start = at - (at % 512);
+    const copy = this.#l1Bytes.slice(start, start + 512);
+    setEntry(new DataView(copy.buffer), (at - start) / 8, l2Off);
+    writeTableSector(this.child, this.header.l1TableOffset + start, copy, 0, (ret) => {
+      if (ret === 0) {
+        setEntry(this.#l1, index, l2Off);
+        this.#l2Tables.add(l2Off);
+        this.l2Cache.put(l2Off, table);
+      }
+      cb(ret);
+    });
+  }
+
+  /**
+   * @internal Points L2 entry `index` of the table at `l2Off` at data
+   * cluster `host` (COPIED), the same way: the sector first, memory after.
+   */
+  setL2Entry(
+    l2Off: number,
+    table: DataView,
+    index: number,
+    host: number,
+    cb: BlockCompletion,
+    zero = false,
+  ) {
+    // The cached copy if there is one (the table may have been evicted and
+    // read again since the caller looked it up): the sector written must
+    // hold every entry changed so far.
+    const src = this.l2Cache.lookup(l2Off) ?? table;
+    const bytes = new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
+    const at = index * 8, start = at - (at % 512);
+    const copy = bytes.slice(start, start + 512);
+    setEntry(new DataView(copy.buffer), (at - start) / 8, host, zero);
+    writeTableSector(this.child, l2Off + start, copy, 0, (ret) => {
+      if (ret === 0) {
+        // The cached copy, if the table was evicted and read again meanwhile.
+        const cur = this.l2Cache.lookup(l2Off) ?? table;
+        setEntry(cur, index, host, zero);
+        this.l2Cache.put(l2Off, cur);
+      }
+      cb(ret);
+    });
+  }
+
+  /** @internal Zeroes for write-zeroes, one cluster long. */
+  get zeroCluster(): Uint8Array {
+    return this.#zeroCluster ??= new Uint8Array(this.header.clusterSize);
+  }
+
+  /** Plugs the image file and the backing chain. */
+  ioPlug(): void {
+    this.child.ioPlug();
+    this.backing?.ioPlug();
+  }
+
+  /** Unplugs them. */
+  ioUnplug(): void {
+    this.child.ioUnplug();
+    this.backing?.ioUnplug();
+  }
+
+  /** The virtual size does not change while the image is open read-only. */
+  refreshLength(): number {
+    return this.header.size;
+  }
+
+  /** Closes the backing chain and the image file. */
+  async close(): Promise<void> {
+    this.l2Cache.clear();
+    try {
+      await this.backing?.close();
+    } finally {
+      await this.child.close();
+    }
+  }
+
+  /**
+   * @internal Whether host cluster `off` may hold guest data: inside the
+   * file and not the header, the L1 or refcount table, an L2 table or a
+   * refcount block (QEMU's metadata overlap check, "cached" level).
+   */
+  dataClusterOk(off: number): boolean {
+    return off < this.#fileLength && !this.#isMetadata(off) && !this.#l2Tables.has(off);
+  }
+
+  /** @internal Whether `off` may hold an L2 table (cluster aligned, inside the file). */
+  l2TableOk(off: number): boolean {
+    return off + this.header.clusterSize <= this.#fileLength && !this.#isMetadata(off);
+  }
+
+  /** @internal The L2 table offset for guest cluster `cluster` (0: none, -1: bad). */
+  l2Offset(cluster: number): number {
+    const off = decodeL1Entry(
+      this.#l1,
+      Math.floor(cluster / this.header.l2Entries),
+      this.header.clusterSize,
+    );
+    return off > 0 && !this.l2TableOk(off) ? -1 : off;
+  }
+
+  /**
+   * @internal Reads and inflates the compressed cluster at `host`
+   * (`bytes` of deflate data); calls `cb` with 0 and the cluster, or -EIO.
+   * The last cluster inflated is kept (sequential reads of one cluster).
+   */
+  readCompressed(
+    host: number,
+    bytes: number,
+    cb: (ret: number, data: Uint8Array | null) => void,
+  ): void {
+    const cs = this.header.clusterSize;
+    if (host === this.#lastCompressed && this.#lastInflated !== null) {
+      const data = this.#lastInflated;
+      this.ctx.scheduleOneshot(() => cb(0, data));
+      return;
+    }
+    const first = host - host % cs;
+    const lastByte = Math.min(host + bytes, this.#fileLength) - 1;
+    if (host >= this.#fileLength) return this.ctx.scheduleOneshot(() => cb(-EIO, null));
+    for (let c = first; c <= lastByte; c += cs) {
+      if (this.#isMetadata(c) || this.#l2Tables.has(c)) {
+        return this.ctx.scheduleOneshot(() => cb(-EIO, null));
+      }
+    }
+    readMetadata(this.child, host, lastByte + 1 - host, (ret, buf) => {
+      if (ret < 0 || buf === null) return cb(ret < 0 ? ret : -EIO, null);
+      let out: Uint8Array;
+      try {
+        // Raw deflate (QEMU's qcow2_zlib_decompress: window bits -12); the
+        // stream may end without a final block once the cluster is full.
+        out = zlib.inflateRawSync(buf, {
+          finishFlush: zlib.constants.Z_SYNC_FLUSH,
+          maxOutputLength: cs,
+        });
+      } catch {
+        return cb(-EIO, null);
+      }
+      if (out.length !== cs) return cb(-EIO, null);
+      this.#lastCompressed = host;
+      this.#lastInflated = out;
+      cb(0, out);
+    });
+  }
+
+  /** Whether a refcount table entry may point at `off` (see {@link Qcow2Refcounts}). */
+  #refBlockOk(off: number): boolean {
+    const h = this.header, cs = h.clusterSize;
+    if (off % cs !== 0 || off < cs || off + cs > this.#fileLength) return false;
+    if (h.l1Size > 0 && off + cs > h.l1TableOffset && off < h.l1TableOffset + h.l1Size * 8) {
+      return false;
+    }
+    const rt = h.refcountTableOffset;
+    if (off + cs > rt && off < rt + h.refcountTableClusters * cs) return false;
+    return !this.#l2Tables.has(off);
+  }
+
+  #isMetadata(off: number): boolean {
+    const h = this.header;
+    if (off < h.clusterSize) return true;
+    if (h.l1Size > 0 && off >= h.l1TableOffset && off < h.l1TableOffset + h.l1Size * 8) {
+      return true;
+    }
+    const rt = h.refcountTableOffset;
+    if (off >= rt && off < rt + h.refcountTableClusters * h.clusterSize) return true;
+    return this.#refBlocks.has(off);
+  }
+
+  #complete(ret: number, cb: BlockCompletion): void {
+    this.ctx.scheduleOneshot(() => cb(ret));
+  }
+}
+
+/**
+ * What a writable open checks and does first: refuse what cannot be written
+ * safely yet, and clear the autoclear feature bits (their data, e.g.
+ * bitmaps, would not be kept up to date), flushed before any other write.
+ */
+async function prepareForWriting(child: BlockDriver, h: Qcow2Header, head: Uint8Array) {
+  const refuse = (why: string) => {
+    throw new Qcow2Error("Unsupported", `writing ${why} is not supported yet (open read-only)`);
+  };
+  if (h.corrupt) {
+    throw new Qcow2Error("Invalid", "the image is marked corrupt: it must not be written");
+  }
+  if (h.dirty) refuse("an image with the dirty bit set (qemu-img check -r all repairs it)");
+  if (h.extendedL2) refuse("images with extended L2 entries");
+  if (h.nbSnapshots > 0) refuse("images with internal snapshots");
+  if (h.refcountOrder > 5) refuse("images with 64-bit refcounts");
+  if (h.version < 3) return;
+  const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
+  if (dv.getUint32(88) === 0 && dv.getUint32(92) === 0) return;
+  const sector = head.slice(0, 512);
+  new DataView(sector.buffer).setBigUint64(88, 0n);
+  const ret = await new Promise<number>((resolve) =>
+    child.pwritev(0, IoVector.fromBuffers([sector]), resolve)
+  );
+  const fr = ret < 0 ? ret : await new Promise<number>((resolve) => child.flush(resolve));
+  if (fr < 0) throw new Qcow2Error("Io", `clearing the autoclear features failed (${fr})`);
+}
+
+/**
+ * One guest read split into runs (QEMU's qcow2_co_preadv_part loop): each
+ * run is looked up (waiting for its L2 table when not cached) and its read
+ * started before the next is looked up, so the runs' reads overlap. The
+ * first error wins; the callback runs once, never inside preadv.
+ */
+class Qcow2ReadRequest {
+  readonly #d: Qcow2Driver;
+  readonly #offset: number;
+  readonly #qiov: IoVector;
+  readonly #cb: BlockCompletion;
+  readonly #map = new Qcow2Mapping();
+  #pos = 0;
+  #pending = 0;
+  #stepping = false;
+  #inSubmit = false;
+  #ret = 0;
+  #done = false;
+  readonly #subDone = (ret: number) => {
+    if (ret < 0 && this.#ret === 0) this.#ret = ret;
+    this.#pending--;
+    this.#maybeFinish();
+  };
+
+  constructor(d: Qcow2Driver, offset: number, qiov: IoVector, cb: BlockCompletion) {
+    this.#d = d;
+    this.#offset = offset;
+    this.#qiov = qiov;
+    this.#cb = cb;
+  }
+
+  start(): void {
+    this.#inSubmit = true;
+    this.#step();
+    this.#inSubmit = false;
+  }
+
+  #step(): void {
+    const d = this.#d, h = d.header, cs = h.clusterSize, size = this.#qiov.size;
+    this.#stepping = true;
+    while (this.#pos < size && this.#ret === 0) {
+      const guest = this.#offset + this.#pos;
+      const inCluster = guest % cs;
+      const cluster = (guest - inCluster) / cs;
+      const len = Math.min(size - this.#pos, cs - inCluster);
+      const l2Off = d.l2Offset(cluster);
+      if (l2Off < 0) {
+        this.#ret = -EIO;
+        break;
+      }
+      if (l2Off === 0) {
+        this.#unallocated(guest, len);
+        this.#pos += len;
+        continue;
+      }
+      const table = d.l2Cache.lookup(l2Off);
+      if (table === undefined) {
+        d.l2Cache.fetch(l2Off, (ret) => {
+          if (ret < 0) {
+            if (this.#ret === 0) this.#ret = ret;
+            this.#stepping = false;
+            this.#maybeFinish();
+          } else this.#step();
+        });
+        return; // still stepping: resumes when the table is in
+      }
+      const m = this.#map;
+      decodeL2Entry(table, cluster % h.l2Entries, inCluster, len, h, m);
+      switch (m.type) {
+        case SubclusterType.Normal:
+          if (!d.dataClusterOk(m.hostCluster)) {
+            this.#ret = -EIO;
+            break;
+          }
+          this.#pending++;
+          d.child.preadv(m.host, sliceIoVector(this.#qiov, this.#pos, m.bytes), this.#subDone);
+          break;
+        case SubclusterType.Zero:
+          zeroIoVector(this.#qiov, this.#pos, m.bytes);
+          break;
+        case SubclusterType.Unallocated:
+          this.#unallocated(guest, m.bytes);
+          break;
+        case SubclusterType.Compressed:
+          this.#compressed(m.host, m.compressedBytes, inCluster, m.bytes);
+          break;
+        default:
+          this.#ret = -EIO;
+      }
+      this.#pos += m.bytes;
+    }
+    this.#stepping = false;
+    this.#maybeFinish();
+  }
+
+  /** Reads from the backing file what it has, zeroes past its end. */
+  #unallocated(guest: number, len: number): void {
+    const backing = this.#d.backing;
+    const have = backing === null ? 0 : Math.max(0, Math.min(len, backing.length - guest));
+    if (have > 0) {
+      this.#pending++;
+      backing!.preadv(guest, sliceIoVector(this.#qiov, this.#pos, have), this.#subDone);
+    }
+    if (have < len) zeroIoVector(this.#qiov, this.#pos + have, len - have);
+  }
+
+  #compressed(host: number, bytes: number, inCluster: number, len: number): void {
+    const pos = this.#pos;
+    this.#pending++;
+    this.#d.readCompressed(host, bytes, (ret, data) => {
+      if (ret === 0 && data !== null) {
+        sliceIoVector(this.#qiov, pos, len).copyFrom(addressOf(data) + inCluster);
+      }
+      this.#subDone(ret);
+    });
+  }
+
+  #maybeFinish(): void {
+    if (this.#stepping || this.#pending > 0 || this.#done) return;
+    this.#done = true;
+    const ret = this.#ret, cb = this.#cb;
+    if (this.#inSubmit) this.#d.ctx.scheduleOneshot(() => cb(ret));
+    else cb(ret);
+  }
+}
+
+/**
+ * Writes a standard L1/L2 entry: `offset` with COPIED (bit 63) when it is
+ * not 0, and the zero flag (bit 0, L2 entries of version 3) when `zero`.
+ */
+function setEntry(table: DataView, index: number, offset: number, zero = false): void {
+  const hi = offset === 0 ? 0 : 0x80000000 | Math.floor(offset / 0x100000000);
+  table.setUint32(index * 8, hi >>> 0);
+  table.setUint32(index * 8 + 4, ((offset >>> 0) | (zero ? 1 : 0)) >>> 0);
+}
+
+/**
+ * One guest write (or write-zeroes) split at cluster boundaries (QEMU's
+ * qcow2_co_pwritev_part loop): a run in a cluster allocated with refcount 1
+ * (COPIED) is written in place at once; any other run (unallocated, zero,
+ * compressed, shared, or its L2 table missing) becomes an
+ * {@link AllocatingWrite} queued on the driver. Completes once, with the
+ * first error, never inside the submitting call.
+ */
+class Qcow2WriteRequest {
+  readonly #d: Qcow2Driver;
+  readonly #offset: number;
+  readonly #qiov: IoVector | null;
+  readonly #size: number;
+  readonly #cb: BlockCompletion;
+  readonly #map = new Qcow2Mapping();
+  #pos = 0;
+  #pending = 0;
+  #stepping = false;
+  #inSubmit = false;
+  #ret = 0;
+  #done = false;
+  readonly #subDone = (ret: number) => {
+    if (ret < 0 && this.#ret === 0) this.#ret = ret;
+    this.#pending--;
+    this.#maybeFinish();
+  };
+
+  readonly #discard: boolean;
+
+  /** `qiov` null: write `zeroBytes` zeroes (or discard them, `discard`). */
+  constructor(
+    d: Qcow2Driver,
+    offset: number,
+    qiov: IoVector | null,
+    cb: BlockCompletion,
+    zeroBytes = 0,
+    discard = false,
+  ) {
+    this.#d = d;
+    this.#discard = discard;
+    this.#offset = offset;
+    this.#qiov = qiov;
+    this.#size = qiov === null ? zeroBytes : qiov.size;
+    this.#cb = cb;
+  }
+
+  start(): void {
+    this.#inSubmit = true;
+    this.#step();
+    this.#inSubmit = false;
+  }
+
+  #source(len: number): IoVector {
+    if (this.#qiov !== null) return sliceIoVector(this.#qiov, this.#pos, len);
+    return IoVector.fromBuffers([this.#d.zeroCluster.subarray(0, len)]);
+  }
+
+  #step(): void {
+    const d = this.#d, h = d.header, cs = h.clusterSize;
+    this.#stepping = true;
+    while (this.#pos < this.#size && this.#ret === 0) {
+      const guest = this.#offset + this.#pos;
+      const inCluster = guest % cs;
+      const cluster = (guest - inCluster) / cs;
+      const len = Math.min(this.#size - this.#pos, cs - inCluster);
+      const l2Off = d.l2Offset(cluster);
+      if (l2Off < 0) {
+        this.#ret = -EIO;
+        break;
+      }
+      let inPlace = false;
+      if (this.#discard) {
+        if (len === cs && l2Off > 0) {
+          this.#pending++;
+          d.enqueueAllocation(
+            new AllocatingWrite(d, cluster, 0, this.#source(len), this.#subDone, "discard"),
+          );
+        }
+        this.#pos += len;
+        continue;
+      }
+      if (this.#qiov === null && this.#readsZero(l2Off, cluster, guest, inCluster, len)) {
+        this.#pos += len; // write-zeroes where the guest already reads zeroes
+        continue;
+      }
+      if (l2Off > 0) {
+        const table = d.l2Cache.lookup(l2Off);
+        if (table === undefined) {
+          d.l2Cache.fetch(l2Off, (ret) => {
+            if (ret < 0) {
+              if (this.#ret === 0) this.#ret = ret;
+              this.#stepping = false;
+              this.#maybeFinish();
+            } else this.#step();
+          });
+          return;
+        }
+        const m = this.#map;
+        decodeL2Entry(table, cluster % h.l2Entries, inCluster, len, h, m);
+        if (m.type === SubclusterType.Invalid) {
+          this.#ret = -EIO;
+          break;
+        }
+        const zeroFlag = this.#qiov === null && len === cs && h.version >= 3;
+        if (m.type === SubclusterType.Normal && m.copied && !zeroFlag) {
+          if (!d.dataClusterOk(m.hostCluster)) {
+            this.#ret = -EIO;
+            break;
+          }
+          inPlace = true;
+          this.#pending++;
+          d.child.pwritev(m.host, this.#source(len), this.#subDone);
+        }
+      }
+      if (!inPlace) {
+        // Whole clusters of write-zeroes become zero clusters (version 3).
+        const zeroFlag = this.#qiov === null && len === cs && h.version >= 3 && !h.extendedL2;
+        this.#pending++;
+        d.enqueueAllocation(
+          new AllocatingWrite(
+            d,
+            cluster,
+            inCluster,
+            this.#source(len),
+            this.#subDone,
+            zeroFlag ? "zero" : "write",
+          ),
+        );
+      }
+      this.#pos += len;
+    }
+    this.#stepping = false;
+    this.#maybeFinish();
+  }
+
+  /**
+   * Whether the run already reads as zeroes: a zero cluster, or unallocated
+   * with no backing data there (a fresh image: mkfs's write-zeroes cost
+   * nothing). Needs the L2 table cached when there is one (else: false).
+   */
+  #readsZero(l2Off: number, cluster: number, guest: number, inCluster: number, len: number) {
+    const d = this.#d, backing = d.backing;
+    const noBacking = backing === null || guest >= backing.length;
+    if (l2Off === 0) return noBacking;
+    if (l2Off < 0) return false;
+    const table = d.l2Cache.lookup(l2Off);
+    if (table === undefined) return false;
+    const m = this.#map;
+    decodeL2Entry(table, cluster % d.header.l2Entries, inCluster, len, d.header, m);
+    if (m.bytes !== len) return false;
+    return m.type === SubclusterType.Zero || (m.type === SubclusterType.Unallocated && noBacking);
+  }
+
+  #maybeFinish(): void {
+    if (this.#stepping || this.#pending > 0 || this.#done) return;
+    this.#done = true;
+    const ret = this.#ret, cb = this.#cb;
+    if (this.#inSubmit) this.#d.ctx.scheduleOneshot(() => cb(ret));
+    else cb(ret);
+  }
+}
+
+/**
+ * A write into a guest cluster that has no cluster of its own with refcount
+ * 1 (QEMU's qcow2_alloc_host_offset + perform_cow + qcow2_alloc_cluster_link_l2,
+ * one cluster at a time, serialised per driver). Order, so a crash at any
+ * point leaves at most leaked clusters and every completed write readable:
+ *
+ * 1. if the L1 entry is empty, allocate a cluster for a new L2 table;
+ * 2. read the guest's current view of the whole cluster (backing file,
+ *    zeroes, compressed or shared data) and merge the new bytes in (COW);
+ * 3. allocate the data cluster (its refcount reaches the disk first);
+ * 4. write the data cluster (and the new L2 table, with the entry);
+ * 5. flush the image file (refcounts and data durable before anything
+ *    points at them);
+ * 6. write the L2 entry (or the L1 entry of the new table); the in-memory
+ *    tables change only when that write has completed.
+ *
+ * At run time the mapping is looked up again: an earlier queued write may
+ * have allocated the cluster, and then this one is written in place.
+ */
+class AllocatingWrite {
+  readonly #d: Qcow2Driver;
+  readonly #cluster: number;
+  readonly #inCluster: number;
+  readonly #src: IoVector;
+  readonly #cb: BlockCompletion;
+  readonly #mode: "write" | "zero" | "discard";
+
+  /**
+   * `mode`: write `src`; "zero": make the whole cluster a zero cluster;
+   * "discard": free the whole cluster.
+   */
+  constructor(
+    d: Qcow2Driver,
+    cluster: number,
+    inCluster: number,
+    src: IoVector,
+    cb: BlockCompletion,
+    mode: "write" | "zero" | "discard" = "write",
+  ) {
+    this.#d = d;
+    this.#cluster = cluster;
+    this.#inCluster = inCluster;
+    this.#src = src;
+    this.#cb = cb;
+    this.#mode = mode;
+  }
+
+  /** Runs the steps; `next` starts the driver's next allocating write. */
+  run(next: () => void): void {
+    const finish = (ret: number) => {
+      next();
+      this.#cb(ret);
+    };
+    const d = this.#d, h = d.header, cs = h.clusterSize;
+    const l2Off = d.l2Offset(this.#cluster);
+    if (l2Off < 0) return d.ctx.scheduleOneshot(() => finish(-EIO));
+    if (l2Off === 0 && this.#mode === "discard") return d.ctx.scheduleOneshot(() => finish(0));
+    if (l2Off === 0) {
+      return d.refcounts.allocate((ret, off) => {
+        if (ret < 0) return finish(ret);
+        d.grewTo(off + cs);
+        this.#withTable(off, new DataView(new ArrayBuffer(cs)), true, finish);
+      });
+    }
+    const table = d.l2Cache.lookup(l2Off);
+    if (table !== undefined) return this.#withTable(l2Off, table, false, finish);
+    d.l2Cache.fetch(l2Off, (ret, t) => {
+      if (ret < 0 || t === null) return finish(ret < 0 ? ret : -EIO);
+      this.#withTable(l2Off, t, false, finish);
+    });
+  }
+
+  #withTable(l2Off: number, table: DataView, isNew: boolean, finish: BlockCompletion): void {
+    const d = this.#d, h = d.header, cs = h.clusterSize, len = this.#src.size;
+    const index = this.#cluster % h.l2Entries;
+    const m = new Qcow2Mapping();
+    decodeL2Entry(table, index, this.#inCluster, len, h, m);
+    if (m.type === SubclusterType.Invalid) return finish(-EIO);
+    if (this.#mode === "zero") return this.#makeZero(l2Off, table, isNew, index, m, finish);
+    if (this.#mode === "discard") return this.#free(l2Off, table, index, m, finish);
+    if (m.type === SubclusterType.Normal && m.copied) {
+      if (!d.dataClusterOk(m.hostCluster)) return finish(-EIO);
+      return d.child.pwritev(m.host, this.#src, finish);
+    }
+    // A zero cluster that kept its host cluster (refcount 1): write into it.
+    const reuse = m.type === SubclusterType.Zero && m.copied && m.hostCluster > 0 &&
+        d.dataClusterOk(m.hostCluster)
+      ? m.hostCluster
+      : 0;
+    const buf = new Uint8Array(cs);
+    const merge = () => {
+      this.#src.copyTo(addressOf(buf) + this.#inCluster);
+      if (reuse === 0) return this.#allocateData(l2Off, table, isNew, index, buf, finish);
+      // Data first (invisible under the zero flag), flushed, then the entry.
+      d.child.pwritev(reuse, IoVector.fromBuffers([buf]), (ret) => {
+        if (ret < 0) return finish(ret);
+        d.child.flush((fr) => {
+          if (fr < 0) return finish(fr);
+          d.setL2Entry(l2Off, table, index, reuse, finish);
+        });
+      });
+    };
+    if (this.#inCluster === 0 && len === cs) return merge();
+    const start = this.#cluster * cs;
+    const n = Math.min(cs, d.length - start);
+    d.preadv(start, IoVector.fromBuffers([buf.subarray(0, n)]), (ret) => {
+      if (ret < 0) return finish(ret);
+      merge();
+    });
+  }
+
+  /**
+   * Write-zeroes of a whole cluster: the L2 entry gets the zero flag. An
+   * allocated cluster with refcount 1 stays allocated under the flag (QEMU's
+   * QCOW2_CLUSTER_ZERO_ALLOC, reused by the next write); any other host
+   * cluster (compressed, shared) is dropped from the entry and leaks.
+   */
+  #makeZero(
+    l2Off: number,
+    table: DataView,
+    isNew: boolean,
+    index: number,
+    m: Qcow2Mapping,
+    finish: BlockCompletion,
+  ): void {
+    const d = this.#d;
+    if (m.type === SubclusterType.Zero) return finish(0);
+    const keep = (m.type === SubclusterType.Normal && m.copied) ? m.hostCluster : 0;
+    if (!isNew) return d.setL2Entry(l2Off, table, index, keep, finish, true);
+    setEntry(table, index, 0, true);
+    const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
+    d.child.pwritev(l2Off, IoVector.fromBuffers([bytes]), (ret) => {
+      if (ret < 0) return finish(ret);
+      d.child.flush((fr) => {
+        if (fr < 0) return finish(fr);
+        d.setL1Entry(Math.floor(this.#cluster / d.header.l2Entries), l2Off, table, finish);
+      });
+    });
+  }
+
+  /** Discard of a whole cluster: unlink it (entry written), then free it. */
+  #free(
+    l2Off: number,
+    table: DataView,
+    index: number,
+    m: Qcow2Mapping,
+    finish: BlockCompletion,
+  ): void {
+    const d = this.#d, h = d.header;
+    const owned = (m.type === SubclusterType.Normal || m.type === SubclusterType.Zero) &&
+        m.copied && m.hostCluster > 0 && d.dataClusterOk(m.hostCluster)
+      ? m.hostCluster
+      : 0;
+    if (owned === 0) return d.ctx.scheduleOneshot(() => finish(0));
+    // With a backing file, unallocated would show its data: a zero cluster instead.
+    const zero = d.backing !== null && h.version >= 3;
+    d.setL2Entry(l2Off, table, index, 0, (ret) => {
+      if (ret < 0) return finish(ret);
+      d.refcounts.free(owned, (fr) => {
+        if (fr < 0) return finish(fr);
+        d.child.pdiscard(owned, h.clusterSize, () => finish(0));
+      });
+    }, zero);
+  }
+
+  #allocateData(
+    l2Off: number,
+    table: DataView,
+    isNew: boolean,
+    index: number,
+    buf: Uint8Array,
+    finish: BlockCompletion,
+  ): void {
+    const d = this.#d, cs = d.header.clusterSize;
+    d.refcounts.allocate((ret, host) => {
+      if (ret < 0) return finish(ret);
+      d.grewTo(host + cs);
+      let pending = isNew ? 2 : 1, err = 0;
+      const written = (r: number) => {
+        if (r < 0 && err === 0) err = r;
+        if (--pending > 0) return;
+        if (err < 0) return finish(err);
+        d.child.flush((fr) => {
+          if (fr < 0) return finish(fr);
+          if (isNew) {
+            d.setL1Entry(Math.floor(this.#cluster / d.header.l2Entries), l2Off, table, finish);
+          } else d.setL2Entry(l2Off, table, index, host, finish);
+        });
+      };
+      d.child.pwritev(host, IoVector.fromBuffers([buf]), written);
+      if (isNew) {
+        setEntry(table, index, host);
+        const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
+        d.child.pwritev(l2Off, IoVector.fromBuffers([bytes]), written);
+      }
+    });
+  }
+}
