@@ -62,6 +62,12 @@ export interface AioContextOptions {
   pollGrow?: number;
   /** Divisor the window shrinks by (default 0: reset to 0). */
   pollShrink?: number;
+  /**
+   * aio-max-batch: most requests an AIO engine of this context (linux-aio,
+   * io_uring) queues before it submits them, even inside a plugged section
+   * (default 0: the engine's own default, 32).
+   */
+  aioMaxBatch?: number;
 }
 
 /**
@@ -227,6 +233,8 @@ export class AioContext {
   pollGrow: number;
   /** Shrink divisor of the window (0: reset to 0). */
   pollShrink: number;
+  /** aio-max-batch (0: each engine's default). */
+  readonly aioMaxBatch: number;
   /** Counters for benchmarks and tests. */
   readonly stats: AioStats = newAioStats(() => this.#epoll);
 
@@ -257,6 +265,7 @@ export class AioContext {
     this.pollMaxNs = opts.pollMaxNs ?? 32768;
     this.pollGrow = opts.pollGrow ?? 2;
     this.pollShrink = opts.pollShrink ?? 0;
+    this.aioMaxBatch = opts.aioMaxBatch ?? 0;
     this.#epoll = new Epoll();
     this.#notifier = new EventNotifier();
     const sab = new SharedArrayBuffer(8);

@@ -20,6 +20,8 @@ export interface IOThreadOptions {
   modules: string[];
   /** poll-max-ns of the thread's AioContext (default 32768). */
   pollMaxNs?: number;
+  /** aio-max-batch of the thread's AioContext (default 0: the engines' own). */
+  aioMaxBatch?: number;
   /** Largest call or reply, in bytes of JSON (default 65532). */
   maxMessageBytes?: number;
   /**
@@ -151,6 +153,7 @@ export class IOThread {
       name: opts.name,
       modules: opts.modules.map(moduleUrl),
       pollMaxNs: opts.pollMaxNs,
+      aioMaxBatch: opts.aioMaxBatch,
       channel: createChannel({ slotBytes: (opts.maxMessageBytes ?? 65532) + 4 }),
       data: opts.data,
     };

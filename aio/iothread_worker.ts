@@ -22,6 +22,7 @@ export interface IOThreadInit {
   name: string;
   modules: string[];
   pollMaxNs?: number;
+  aioMaxBatch?: number;
   channel: ChannelInit;
   /** Structured-cloned start data (may hold SharedArrayBuffers), passed to every call. */
   data?: unknown;
@@ -69,7 +70,7 @@ async function run(init: IOThreadInit): Promise<void> {
     scope.postMessage({ error: `IOThread ${init.name}: loading modules: ${errorText(e)}` });
     return;
   }
-  const ctx = new AioContext({ pollMaxNs: init.pollMaxNs });
+  const ctx = new AioContext({ pollMaxNs: init.pollMaxNs, aioMaxBatch: init.aioMaxBatch });
   const chan = new ChannelEndpoint(init.channel, 1);
   let stopping = false;
   let running = 0; // async calls not settled yet

@@ -138,7 +138,7 @@ export class IoUringEngine implements IoEngine {
 
   constructor(ctx: AioContext, opts: IoUringOptions = {}) {
     this.#ctx = ctx;
-    this.#maxBatch = opts.maxBatch ?? 32;
+    this.#maxBatch = opts.maxBatch ?? (ctx.aioMaxBatch > 0 ? ctx.aioMaxBatch : 32);
     const entries = opts.entries ?? 128;
     const r = this.#rings = IoUringRings.create({
       entries,

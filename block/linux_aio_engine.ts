@@ -109,7 +109,7 @@ export class LinuxAioEngine implements IoEngine {
   constructor(ctx: AioContext, opts: LinuxAioOptions = {}) {
     this.#ctx = ctx;
     this.#maxEvents = opts.maxEvents ?? 128;
-    this.#maxBatch = opts.maxBatch ?? 32;
+    this.#maxBatch = opts.maxBatch ?? (ctx.aioMaxBatch > 0 ? ctx.aioMaxBatch : 32);
     this.#ioctx = ioSetup(opts.contextSize ?? this.#maxEvents);
     this.#ring = opts.useRing === false ? null : AioRing.open(this.#ioctx);
     this.#iocbs = new IocbArray(this.#maxEvents);

@@ -174,6 +174,7 @@ export class VhostUserBlkHost {
             name: `iothread${i}`,
             modules: [BLK_IOTHREAD_MODULE],
             pollMaxNs: options.pollMaxNs,
+            aioMaxBatch: options.aioMaxBatch,
             data,
           }),
         );

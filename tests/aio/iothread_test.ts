@@ -118,3 +118,18 @@ Deno.test("IOThread: a handler throwing out of the loop is reported, not a silen
     await t.stop();
   }
 });
+
+Deno.test("IOThread: poll-max-ns and aio-max-batch reach the thread's AioContext", async () => {
+  const t = await IOThread.start({ name: "t2", modules: [FNS], pollMaxNs: 1000, aioMaxBatch: 7 });
+  try {
+    assert.deepEqual(await t.call("contextSettings"), { pollMaxNs: 1000, aioMaxBatch: 7 });
+  } finally {
+    await t.stop();
+  }
+  const d = await IOThread.start({ name: "t3", modules: [FNS] });
+  try {
+    assert.deepEqual(await d.call("contextSettings"), { pollMaxNs: 32768, aioMaxBatch: 0 });
+  } finally {
+    await d.stop();
+  }
+});

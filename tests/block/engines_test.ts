@@ -196,6 +196,25 @@ for (const kind of ["native", "io_uring"] as const) {
   });
 }
 
+for (const kind of ["native", "io_uring"] as const) {
+  Deno.test(`${kind}: the context's aio-max-batch caps a plugged batch`, async () => {
+    const path = makeImage(64 * BS, 2);
+    const fd = open(path, O_RDWR | O_DIRECT);
+    const ctx = new AioContext({ aioMaxBatch: 4 });
+    const e: IoEngine = kind === "native" ? new LinuxAioEngine(ctx) : new IoUringEngine(ctx);
+    const before = e.stats.submitCalls;
+    await concurrentReads(ctx, e, fd, 10, 2);
+    assert.equal(
+      e.stats.submitCalls - before,
+      3,
+      "10 requests under one plug: 4 + 4 + 2 at unplug",
+    );
+    await e.close();
+    ctx.close();
+    close(fd);
+  });
+}
+
 for (const kind of ["threads", "native", "io_uring"] as const) {
   Deno.test(`${kind}: a read past EOF is padded with zeroes`, async () => {
     const path = makeImage(3 * BS, 9);

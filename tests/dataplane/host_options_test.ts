@@ -14,6 +14,7 @@ Deno.test("host options: file image with every flag", () => {
     "--iothreads=2",
     "--logical-block-size=4096",
     "--poll-max-ns=0",
+    "--aio-max-batch=16",
     "--socket-mode=0660",
     "--discard=ignore",
   ]);
@@ -28,6 +29,7 @@ Deno.test("host options: file image with every flag", () => {
   assert.equal(o.iothreads, 2);
   assert.equal(o.logicalBlockSize, 4096);
   assert.equal(o.pollMaxNs, 0);
+  assert.equal(o.aioMaxBatch, 16);
   assert.equal(o.socketMode, 0o660);
 });
 
@@ -41,6 +43,13 @@ Deno.test("host options: null-co size and defaults", () => {
   assert.equal(o.socketMode, 0o600);
   assert.equal(o.iothreads, 1);
   assert.equal(o.queueSize, 1024, "QEMU's VIRTQUEUE_MAX_SIZE: front-ends ask for 512-1024");
+  assert.equal(o.aioMaxBatch, 4);
+  for (const bad of ["0", "1025", "x"]) {
+    assert.throws(
+      () => parseHostArgs(["--image", "null-co:1M", "--socket", "s", "--aio-max-batch", bad]),
+      UsageError,
+    );
+  }
 });
 
 Deno.test("host options: seg_max is queue size - 2, never above IOV_MAX - 2", () => {
