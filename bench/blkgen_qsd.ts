@@ -11,7 +11,7 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { benchArgs } from "./bench_args.ts";
 import { buildBlkgen } from "./blkgen_build.ts";
 import { measureRun, type RunSample, type WaitMode } from "./compare_client.ts";
 import { median } from "./compare_report.ts";
@@ -50,14 +50,17 @@ function fmt(p: Point): string {
 }
 
 if (import.meta.main) {
-  const { values: v } = parseArgs({
-    options: {
+  const v = benchArgs(
+    "blkgen_qsd",
+    "usage: deno run -A bench/blkgen_qsd.ts [--rounds 5] [--duration-ms 1000] [--qd 32,128]\n" +
+      "  [--event-idx on|off]",
+    {
       rounds: { type: "string", default: "5" },
       "duration-ms": { type: "string", default: "1000" },
       qd: { type: "string", default: "32" },
       "event-idx": { type: "string", default: "on" },
     },
-  });
+  );
   const exe = await buildBlkgen();
   const pinned = navigator.hardwareConcurrency >= 2;
   const dir = await makeScratchDir("blkgen-qsd");

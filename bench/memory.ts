@@ -26,12 +26,14 @@
  * @module
  */
 
-import { parseArgs } from "node:util";
+import { benchArgs } from "./bench_args.ts";
 import { residentMemory } from "../sys/mod.ts";
 
-const a = parseArgs({
-  args: Deno.args,
-  options: {
+const a = benchArgs(
+  "memory",
+  "usage: deno task memory [--image FILE] [--engines io_uring,native,threads] [--iothreads 1,2]\n" +
+    "  [--iodepth 32] [--seconds 3] [--no-qsd] [--host FILE] [--v8-flags FLAGS]",
+  {
     image: { type: "string" },
     engines: { type: "string", default: "io_uring,native,threads" },
     iothreads: { type: "string", default: "1,2" },
@@ -41,7 +43,7 @@ const a = parseArgs({
     host: { type: "string" },
     "v8-flags": { type: "string" },
   },
-}).values;
+);
 
 const root = new URL("..", import.meta.url).pathname;
 const deno = Deno.execPath();

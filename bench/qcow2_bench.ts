@@ -10,13 +10,15 @@
  *
  * Run: flock /tmp/bench.lock ./deno run -A bench/qcow2_bench.ts [--seconds 1] [--reps 3]
  */
-import { parseArgs } from "node:util";
+import { benchArgs } from "./bench_args.ts";
 import type { BlockOptions } from "../block/mod.ts";
 import { benchDir, benchImage, measureIops } from "./block_workload.ts";
 
-const { values } = parseArgs({
-  options: { seconds: { type: "string", default: "1" }, reps: { type: "string", default: "3" } },
-});
+const values = benchArgs(
+  "qcow2_bench",
+  "usage: deno run -A bench/qcow2_bench.ts [--seconds 1] [--reps 3]",
+  { seconds: { type: "string", default: "1" }, reps: { type: "string", default: "3" } },
+);
 const seconds = Number(values.seconds), reps = Number(values.reps);
 const raw = benchImage();
 const qcow2 = `${benchDir()}/block-bench-256m.qcow2`;
