@@ -565,68 +565,100 @@ async function prepareForWriting(child: BlockDriver, h: Qcow2Header, head: Uint8
 }
 
 /**
+ * What a guest read and a guest write share: they walk their range in runs
+ * (`step`, from `start` and again as metadata arrives), count the sub-requests
+ * still running (`pending`), keep the first error (`ret`), and complete once,
+ * never inside the submitting call (a completion while `start` runs is
+ * deferred to a oneshot BH).
+ */
+abstract class Qcow2Request {
+  /** Bytes of the range handled so far. */
+  protected pos = 0;
+  /** Sub-requests started and not yet completed. */
+  protected pending = 0;
+  /** Inside `step`: completions wait for it to return. */
+  protected stepping = false;
+  /** First error (0 or -errno). */
+  protected ret = 0;
+  #inSubmit = false;
+  #done = false;
+  readonly #cb: BlockCompletion;
+  /** A sub-request's completion. */
+  protected readonly subDone = (ret: number): void => {
+    if (ret < 0 && this.ret === 0) this.ret = ret;
+    this.pending--;
+    this.maybeFinish();
+  };
+
+  constructor(
+    protected readonly d: Qcow2Driver,
+    protected readonly offset: number,
+    cb: BlockCompletion,
+  ) {
+    this.#cb = cb;
+  }
+
+  /** Starts the walk (from the submitting call). */
+  start(): void {
+    this.#inSubmit = true;
+    this.step();
+    this.#inSubmit = false;
+  }
+
+  /** Walks on from `pos` as far as it can without waiting. */
+  protected abstract step(): void;
+
+  /** Completes once nothing runs any more and the walk is not inside `step`. */
+  protected maybeFinish(): void {
+    if (this.stepping || this.pending > 0 || this.#done) return;
+    this.#done = true;
+    const ret = this.ret, cb = this.#cb;
+    if (this.#inSubmit) this.d.ctx.scheduleOneshot(() => cb(ret));
+    else cb(ret);
+  }
+}
+
+/**
  * One guest read split into runs (QEMU's qcow2_co_preadv_part loop): each
  * run is looked up (waiting for its L2 table when not cached) and its read
  * started before the next is looked up, so the runs' reads overlap. The
  * first error wins; the callback runs once, never inside preadv.
  */
-class Qcow2ReadRequest {
-  readonly #d: Qcow2Driver;
-  readonly #offset: number;
+class Qcow2ReadRequest extends Qcow2Request {
   readonly #qiov: IoVector;
-  readonly #cb: BlockCompletion;
   readonly #map = new Qcow2Mapping();
-  #pos = 0;
-  #pending = 0;
-  #stepping = false;
-  #inSubmit = false;
-  #ret = 0;
-  #done = false;
-  readonly #subDone = (ret: number) => {
-    if (ret < 0 && this.#ret === 0) this.#ret = ret;
-    this.#pending--;
-    this.#maybeFinish();
-  };
 
   constructor(d: Qcow2Driver, offset: number, qiov: IoVector, cb: BlockCompletion) {
-    this.#d = d;
-    this.#offset = offset;
+    super(d, offset, cb);
     this.#qiov = qiov;
-    this.#cb = cb;
   }
 
-  start(): void {
-    this.#inSubmit = true;
-    this.#step();
-    this.#inSubmit = false;
-  }
-
-  #step(): void {
-    const d = this.#d, h = d.header, cs = h.clusterSize, size = this.#qiov.size;
-    this.#stepping = true;
-    while (this.#pos < size && this.#ret === 0) {
-      const guest = this.#offset + this.#pos;
+  protected step(): void {
+    const d = this.d, h = d.header, cs = h.clusterSize, size = this.#qiov.size;
+    this.stepping = true;
+    while (this.pos < size && this.ret === 0) {
+      const guest = this.offset + this.pos;
       const inCluster = guest % cs;
       const cluster = (guest - inCluster) / cs;
-      const len = Math.min(size - this.#pos, cs - inCluster);
+      const len = Math.min(size - this.pos, cs - inCluster);
       const l2Off = d.l2Offset(cluster);
       if (l2Off < 0) {
-        this.#ret = -EIO;
+        this.ret = -EIO;
         break;
       }
       if (l2Off === 0) {
         this.#unallocated(guest, len);
-        this.#pos += len;
+        this.pos += len;
         continue;
       }
       const table = d.l2Cache.lookup(l2Off);
       if (table === undefined) {
         d.l2Cache.fetch(l2Off, (ret) => {
           if (ret < 0) {
-            if (this.#ret === 0) this.#ret = ret;
-            this.#stepping = false;
-            this.#maybeFinish();
-          } else this.#step();
+            if (this.ret === 0) this.ret = ret;
+            this.stepping = false;
+            this.maybeFinish();
+          } else this.step();
         });
         return; // still stepping: resumes when the table is in
       }
@@ -635,14 +667,14 @@ class Qcow2ReadRequest {
       switch (m.type) {
         case SubclusterType.Normal:
           if (!d.dataClusterOk(m.hostCluster)) {
-            this.#ret = -EIO;
+            this.ret = -EIO;
             break;
           }
-          this.#pending++;
-          d.child.preadv(m.host, sliceIoVector(this.#qiov, this.#pos, m.bytes), this.#subDone);
+          this.pending++;
+          d.child.preadv(m.host, sliceIoVector(this.#qiov, this.pos, m.bytes), this.subDone);
           break;
         case SubclusterType.Zero:
-          zeroIoVector(this.#qiov, this.#pos, m.bytes);
+          zeroIoVector(this.#qiov, this.pos, m.bytes);
           break;
         case SubclusterType.Unallocated:
           this.#unallocated(guest, m.bytes);
@@ -651,42 +683,34 @@ class Qcow2ReadRequest {
           this.#compressed(m.host, m.compressedBytes, inCluster, m.bytes);
           break;
         default:
-          this.#ret = -EIO;
+          this.ret = -EIO;
       }
-      this.#pos += m.bytes;
+      this.pos += m.bytes;
     }
-    this.#stepping = false;
-    this.#maybeFinish();
+    this.stepping = false;
+    this.maybeFinish();
   }
 
   /** Reads from the backing file what it has, zeroes past its end. */
   #unallocated(guest: number, len: number): void {
-    const backing = this.#d.backing;
+    const backing = this.d.backing;
     const have = backing === null ? 0 : Math.max(0, Math.min(len, backing.length - guest));
     if (have > 0) {
-      this.#pending++;
-      backing!.preadv(guest, sliceIoVector(this.#qiov, this.#pos, have), this.#subDone);
+      this.pending++;
+      backing!.preadv(guest, sliceIoVector(this.#qiov, this.pos, have), this.subDone);
     }
-    if (have < len) zeroIoVector(this.#qiov, this.#pos + have, len - have);
+    if (have < len) zeroIoVector(this.#qiov, this.pos + have, len - have);
   }
 
   #compressed(host: number, bytes: number, inCluster: number, len: number): void {
-    const pos = this.#pos;
-    this.#pending++;
-    this.#d.readCompressed(host, bytes, (ret, data) => {
+    const pos = this.pos;
+    this.pending++;
+    this.d.readCompressed(host, bytes, (ret, data) => {
       if (ret === 0 && data !== null) {
         sliceIoVector(this.#qiov, pos, len).copyFrom(addressOf(data) + inCluster);
       }
-      this.#subDone(ret);
+      this.subDone(ret);
     });
-  }
-
-  #maybeFinish(): void {
-    if (this.#stepping || this.#pending > 0 || this.#done) return;
-    this.#done = true;
-    const ret = this.#ret, cb = this.#cb;
-    if (this.#inSubmit) this.#d.ctx.scheduleOneshot(() => cb(ret));
-    else cb(ret);
   }
 }
 
@@ -708,24 +732,10 @@ function setEntry(table: DataView, index: number, offset: number, zero = false):
  * {@link AllocatingWrite} queued on the driver. Completes once, with the
  * first error, never inside the submitting call.
  */
-class Qcow2WriteRequest {
-  readonly #d: Qcow2Driver;
-  readonly #offset: number;
+class Qcow2WriteRequest extends Qcow2Request {
   readonly #qiov: IoVector | null;
   readonly #size: number;
-  readonly #cb: BlockCompletion;
   readonly #map = new Qcow2Mapping();
-  #pos = 0;
-  #pending = 0;
-  #stepping = false;
-  #inSubmit = false;
-  #ret = 0;
-  #done = false;
-  readonly #subDone = (ret: number) => {
-    if (ret < 0 && this.#ret === 0) this.#ret = ret;
-    this.#pending--;
-    this.#maybeFinish();
-  };
 
   readonly #discard: boolean;
 
@@ -738,51 +748,43 @@ class Qcow2WriteRequest {
     zeroBytes = 0,
     discard = false,
   ) {
-    this.#d = d;
+    super(d, offset, cb);
     this.#discard = discard;
-    this.#offset = offset;
     this.#qiov = qiov;
     this.#size = qiov === null ? zeroBytes : qiov.size;
-    this.#cb = cb;
-  }
-
-  start(): void {
-    this.#inSubmit = true;
-    this.#step();
-    this.#inSubmit = false;
   }
 
   #source(len: number): IoVector {
-    if (this.#qiov !== null) return sliceIoVector(this.#qiov, this.#pos, len);
-    return IoVector.fromBuffers([this.#d.zeroCluster.subarray(0, len)]);
+    if (this.#qiov !== null) return sliceIoVector(this.#qiov, this.pos, len);
+    return IoVector.fromBuffers([this.d.zeroCluster.subarray(0, len)]);
   }
 
-  #step(): void {
-    const d = this.#d, h = d.header, cs = h.clusterSize;
-    this.#stepping = true;
-    while (this.#pos < this.#size && this.#ret === 0) {
-      const guest = this.#offset + this.#pos;
+  protected step(): void {
+    const d = this.d, h = d.header, cs = h.clusterSize;
+    this.stepping = true;
+    while (this.pos < this.#size && this.ret === 0) {
+      const guest = this.offset + this.pos;
       const inCluster = guest % cs;
       const cluster = (guest - inCluster) / cs;
-      const len = Math.min(this.#size - this.#pos, cs - inCluster);
+      const len = Math.min(this.#size - this.pos, cs - inCluster);
       const l2Off = d.l2Offset(cluster);
       if (l2Off < 0) {
-        this.#ret = -EIO;
+        this.ret = -EIO;
         break;
       }
       let inPlace = false;
       if (this.#discard) {
         if (len === cs && l2Off > 0) {
-          this.#pending++;
+          this.pending++;
           d.enqueueAllocation(
-            new AllocatingWrite(d, cluster, 0, this.#source(len), this.#subDone, "discard"),
+            new AllocatingWrite(d, cluster, 0, this.#source(len), this.subDone, "discard"),
           );
         }
-        this.#pos += len;
+        this.pos += len;
         continue;
       }
       if (this.#qiov === null && this.#readsZero(l2Off, cluster, guest, inCluster, len)) {
-        this.#pos += len; // write-zeroes where the guest already reads zeroes
+        this.pos += len; // write-zeroes where the guest already reads zeroes
         continue;
       }
       if (l2Off > 0) {
@@ -790,49 +792,49 @@ class Qcow2WriteRequest {
         if (table === undefined) {
           d.l2Cache.fetch(l2Off, (ret) => {
             if (ret < 0) {
-              if (this.#ret === 0) this.#ret = ret;
-              this.#stepping = false;
-              this.#maybeFinish();
-            } else this.#step();
+              if (this.ret === 0) this.ret = ret;
+              this.stepping = false;
+              this.maybeFinish();
+            } else this.step();
           });
           return;
         }
         const m = this.#map;
         decodeL2Entry(table, cluster % h.l2Entries, inCluster, len, h, m);
         if (m.type === SubclusterType.Invalid) {
-          this.#ret = -EIO;
+          this.ret = -EIO;
           break;
         }
         const zeroFlag = this.#qiov === null && len === cs && h.version >= 3;
         if (m.type === SubclusterType.Normal && m.copied && !zeroFlag) {
           if (!d.dataClusterOk(m.hostCluster)) {
-            this.#ret = -EIO;
+            this.ret = -EIO;
             break;
           }
           inPlace = true;
-          this.#pending++;
-          d.child.pwritev(m.host, this.#source(len), this.#subDone);
+          this.pending++;
+          d.child.pwritev(m.host, this.#source(len), this.subDone);
         }
       }
       if (!inPlace) {
         // Whole clusters of write-zeroes become zero clusters (version 3).
         const zeroFlag = this.#qiov === null && len === cs && h.version >= 3 && !h.extendedL2;
-        this.#pending++;
+        this.pending++;
         d.enqueueAllocation(
           new AllocatingWrite(
             d,
             cluster,
             inCluster,
             this.#source(len),
-            this.#subDone,
+            this.subDone,
             zeroFlag ? "zero" : "write",
           ),
         );
       }
-      this.#pos += len;
+      this.pos += len;
     }
-    this.#stepping = false;
-    this.#maybeFinish();
+    this.stepping = false;
+    this.maybeFinish();
   }
 
   /**
@@ -841,7 +843,7 @@ class Qcow2WriteRequest {
    * nothing). Needs the L2 table cached when there is one (else: false).
    */
   #readsZero(l2Off: number, cluster: number, guest: number, inCluster: number, len: number) {
-    const d = this.#d, backing = d.backing;
+    const d = this.d, backing = d.backing;
     const noBacking = backing === null || guest >= backing.length;
     if (l2Off === 0) return noBacking;
     if (l2Off < 0) return false;
@@ -851,14 +853,6 @@ class Qcow2WriteRequest {
     decodeL2Entry(table, cluster % d.header.l2Entries, inCluster, len, d.header, m);
     if (m.bytes !== len) return false;
     return m.type === SubclusterType.Zero || (m.type === SubclusterType.Unallocated && noBacking);
-  }
-
-  #maybeFinish(): void {
-    if (this.#stepping || this.#pending > 0 || this.#done) return;
-    this.#done = true;
-    const ret = this.#ret, cb = this.#cb;
-    if (this.#inSubmit) this.#d.ctx.scheduleOneshot(() => cb(ret));
-    else cb(ret);
   }
 }
 
