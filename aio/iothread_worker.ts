@@ -13,7 +13,7 @@
 import { blockAsyncSignals } from "../sys/mod.ts";
 import { AioContext } from "./aio_context.ts";
 import { ChannelEndpoint, type ChannelInit } from "./channel.ts";
-import { encodeError } from "./wire_error.ts";
+import { encodeError, type WireError } from "./wire_error.ts";
 
 // Signals belong to the main thread: none interrupts this thread's epoll_wait
 // or its engines' system calls (SIGUSR1/SIGINT/SIGTERM go to the main thread).
@@ -81,10 +81,14 @@ async function run(init: IOThreadInit): Promise<void> {
     try {
       chan.send(ok ? { id, ok: value === undefined ? null : value } : { id, err: value });
     } catch (e) {
-      chan.send({
-        id,
-        err: encodeError(new Error(`IOThread ${init.name}: reply: ${errorText(e)}`)),
-      });
+      const err = value as WireError;
+      if (!ok && err.stack !== undefined) {
+        reply(id, false, { ...err, stack: undefined }); // the error matters more than its stack
+        return;
+      }
+      // No stack here: this reply must fit where the first did not.
+      const message = `IOThread ${init.name}: reply: ${errorText(e)}`;
+      chan.send({ id, err: { name: "Error", message, fields: {} } });
     }
   };
 

@@ -53,6 +53,8 @@ Deno.test("IOThread: message size is bounded with a clear error", async () => {
       /message of \d+ bytes exceeds the limit of 1024/,
     );
     await assert.rejects(t.call("big", { n: 5000 }), /exceeds the limit of 1024/);
+    // An error whose stack does not fit still arrives, without the stack.
+    await assert.rejects(t.call("fail", { msg: "x".repeat(800) }), /^Error: x{800}$/);
     assert.equal((await t.call<string>("big", { n: 100 })).length, 100);
   } finally {
     await t.stop();
