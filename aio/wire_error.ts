@@ -90,7 +90,14 @@ export function decodeError(w: WireError): Error {
   let e: Error;
   if (cls) {
     e = Object.create(cls.prototype) as Error;
-    Object.assign(e, w.fields);
+    for (const [k, v] of Object.entries(w.fields)) {
+      Object.defineProperty(e, k, {
+        value: v,
+        writable: true,
+        enumerable: true,
+        configurable: true,
+      });
+    }
     Object.defineProperty(e, "message", { value: w.message, writable: true, configurable: true });
     if (e.name !== w.name) {
       Object.defineProperty(e, "name", { value: w.name, writable: true, configurable: true });
