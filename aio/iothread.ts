@@ -1,6 +1,7 @@
 import { AioContext, type AioNotifyHandle } from "./aio_context.ts";
 import { ChannelEndpoint, createChannel } from "./channel.ts";
 import type { IOThreadInit } from "./iothread_worker.ts";
+import { decodeError, type WireError } from "./wire_error.ts";
 
 /**
  * Options of {@link IOThread.start}.
@@ -39,7 +40,7 @@ interface Pending {
 interface ReplyMsg {
   id?: number;
   ok?: unknown;
-  err?: string;
+  err?: WireError;
   stopped?: boolean;
 }
 
@@ -188,7 +189,10 @@ export class IOThread {
   /**
    * Runs the exported function `fn` of one of the thread's modules as
    * `fn(ctx, args, data)` in the thread; resolves with its (awaited) result or
-   * rejects with its error message. `args` and the result travel as JSON.
+   * rejects with its error, rebuilt here as the same class when that class is
+   * registered with {@link registerErrorClass} (SysError is; each layer's
+   * mod.ts registers its own), else as an Error whose message starts with
+   * the class name. `args` and the result travel as JSON.
    *
    * @example
    * ```ts
@@ -222,7 +226,7 @@ export class IOThread {
     const p = this.#pending.get(m.id!);
     if (!p) return;
     this.#pending.delete(m.id!);
-    if (m.err !== undefined) p.reject(new Error(m.err));
+    if (m.err !== undefined) p.reject(decodeError(m.err));
     else p.resolve(m.ok);
   }
 

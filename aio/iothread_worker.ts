@@ -3,8 +3,9 @@
  * owns an AioContext and runs `while (!stopping) { ctx.poll(true); yield }`.
  * Calls arrive on the channel as `{ id, fn, args }` and run
  * `fn(ctx, args, data)` (`data` as given to IOThread.start);
- * the (possibly async) result or error message goes back as `{ id, ok }` or
- * `{ id, err }`.
+ * the (possibly async) result goes back as `{ id, ok }`, a thrown error as
+ * `{ id, err }` with `err` a {@link WireError} (class name, message, stack,
+ * fields) that the main thread rebuilds.
  *
  * @module
  */
@@ -12,6 +13,7 @@
 import { blockAsyncSignals } from "../sys/mod.ts";
 import { AioContext } from "./aio_context.ts";
 import { ChannelEndpoint, type ChannelInit } from "./channel.ts";
+import { encodeError, type WireError } from "./wire_error.ts";
 
 // Signals belong to the main thread: none interrupts this thread's epoll_wait
 // or its engines' system calls (SIGUSR1/SIGINT/SIGTERM go to the main thread).
@@ -79,7 +81,14 @@ async function run(init: IOThreadInit): Promise<void> {
     try {
       chan.send(ok ? { id, ok: value === undefined ? null : value } : { id, err: value });
     } catch (e) {
-      chan.send({ id, err: `IOThread ${init.name}: reply: ${errorText(e)}` });
+      const err = value as WireError;
+      if (!ok && err.stack !== undefined) {
+        reply(id, false, { ...err, stack: undefined }); // the error matters more than its stack
+        return;
+      }
+      // No stack here: this reply must fit where the first did not.
+      const message = `IOThread ${init.name}: reply: ${errorText(e)}`;
+      chan.send({ id, err: { name: "Error", message, fields: {} } });
     }
   };
 
@@ -92,21 +101,25 @@ async function run(init: IOThreadInit): Promise<void> {
     const id = msg.id!;
     const fn = fns.get(msg.fn ?? "");
     if (!fn) {
-      reply(id, false, `IOThread ${init.name}: no exported function ${msg.fn}`);
+      reply(
+        id,
+        false,
+        encodeError(new Error(`IOThread ${init.name}: no exported function ${msg.fn}`)),
+      );
       return;
     }
     let result: unknown;
     try {
       result = fn(ctx, msg.args, init.data);
     } catch (e) {
-      reply(id, false, errorText(e));
+      reply(id, false, encodeError(e));
       return;
     }
     if (result instanceof Promise) {
       running++;
       result.then(
         (v) => reply(id, true, v),
-        (e) => reply(id, false, errorText(e)),
+        (e) => reply(id, false, encodeError(e)),
       ).finally(() => running--);
     } else {
       reply(id, true, result);

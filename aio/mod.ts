@@ -32,3 +32,10 @@ export {
 } from "./thread_pool.ts";
 export { ChannelEndpoint, type ChannelInit, createChannel } from "./channel.ts";
 export { IOThread, type IOThreadOptions } from "./iothread.ts";
+export {
+  decodeError,
+  encodeError,
+  type ErrorClass,
+  registerErrorClass,
+  type WireError,
+} from "./wire_error.ts";

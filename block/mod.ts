@@ -26,3 +26,8 @@ export { openQcow2Image, type Qcow2ImageOptions } from "./qcow2/image_chain.ts";
 export { LinuxAioEngine, type LinuxAioOptions } from "./linux_aio_engine.ts";
 export { IoUringEngine, type IoUringOptions, type IoUringTaskrun } from "./io_uring_engine.ts";
 export { ThreadPoolEngine } from "./thread_pool_engine.ts";
+
+// Errors thrown in an IOThread arrive on the main thread as these classes.
+import { registerErrorClass } from "../aio/mod.ts";
+import { Qcow2Error } from "./qcow2/qcow2_error.ts";
+registerErrorClass("Qcow2Error", Qcow2Error);

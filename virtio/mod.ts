@@ -63,3 +63,14 @@ export {
   VirtioBlkRequest,
 } from "./blk/request.ts";
 export { blkIdBytes, writeBlkId } from "./blk/id.ts";
+
+// Errors thrown in an IOThread arrive on the main thread as these classes.
+import { registerErrorClass } from "../aio/mod.ts";
+import { GuestMemoryError } from "./guest_memory.ts";
+import { DescriptorChainError } from "./descriptor_chain.ts";
+import { VirtqueueError } from "./virtqueue.ts";
+import { RequestError } from "./blk/request.ts";
+registerErrorClass("GuestMemoryError", GuestMemoryError);
+registerErrorClass("DescriptorChainError", DescriptorChainError);
+registerErrorClass("VirtqueueError", VirtqueueError);
+registerErrorClass("RequestError", RequestError);

@@ -15,3 +15,8 @@ export * from "./message.ts";
 export type { VhostUserBackend, VhostUserMemoryRegion, VhostUserVringAddr } from "./backend.ts";
 export { VhostUserConnection, type VhostUserConnectionOptions } from "./connection.ts";
 export { type FdWatcher, VhostUserServer, type VhostUserServerOptions } from "./server.ts";
+
+// Errors thrown in an IOThread arrive on the main thread as these classes.
+import { registerErrorClass } from "../../aio/mod.ts";
+import { VhostUserError } from "./message.ts";
+registerErrorClass("VhostUserError", VhostUserError);

@@ -1,5 +1,6 @@
 import assert from "node:assert/strict";
 import { AioContext, aioNotify, EventNotifier, IOThread } from "../../aio/mod.ts";
+import { EBADF, SysError } from "../../sys/mod.ts";
 
 const FNS = new URL("./fixtures/iothread_fns.ts", import.meta.url).href;
 
@@ -25,6 +26,25 @@ Deno.test("IOThread: start, sync/async calls, errors, stop", async () => {
   await assert.rejects(t.call("add", { a: 1, b: 1 }), /stopped/);
 });
 
+Deno.test("IOThread: a SysError crosses the thread as a SysError; unknown classes by name", async () => {
+  const t = await IOThread.start({ name: "t5", modules: [FNS] });
+  try {
+    const e = await t.call("closeBadFd", { fd: -1 }).then(() => null, (e: unknown) => e);
+    assert(e instanceof SysError, `got ${e}`);
+    assert.equal(e.errno, EBADF);
+    assert.equal(e.code, "EBADF");
+    assert.equal(e.call, "close");
+    assert.equal(e.name, "SysError");
+    assert.equal(e.message, "close: EBADF (errno 9)");
+    assert.match(e.stack ?? "", /closeBadFd/); // the thread's stack
+    const u = await t.call("failUnknown").then(() => null, (e: unknown) => e);
+    assert(u instanceof Error && !(u instanceof SysError));
+    assert.equal(u.message, "FixtureError: odd");
+  } finally {
+    await t.stop();
+  }
+});
+
 Deno.test("IOThread: message size is bounded with a clear error", async () => {
   const t = await IOThread.start({ name: "t1", modules: [FNS], maxMessageBytes: 1024 });
   try {
@@ -33,6 +53,8 @@ Deno.test("IOThread: message size is bounded with a clear error", async () => {
       /message of \d+ bytes exceeds the limit of 1024/,
     );
     await assert.rejects(t.call("big", { n: 5000 }), /exceeds the limit of 1024/);
+    // An error whose stack does not fit still arrives, without the stack.
+    await assert.rejects(t.call("fail", { msg: "x".repeat(800) }), /^Error: x{800}$/);
     assert.equal((await t.call<string>("big", { n: 100 })).length, 100);
   } finally {
     await t.stop();

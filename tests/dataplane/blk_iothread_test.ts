@@ -3,7 +3,8 @@
 // image and a memfd-backed guest memory.
 
 import assert from "node:assert/strict";
-import { AioContext } from "../../aio/mod.ts";
+import { AioContext, IOThread } from "../../aio/mod.ts";
+import { VirtqueueError } from "../../virtio/mod.ts";
 import {
   blkClose,
   blkConfigure,
@@ -61,5 +62,43 @@ Deno.test("blk IOThread: broken-ring reports stay bounded however often a broken
     tm.close();
     for (const fd of fds) close(fd);
     ctx.close();
+  }
+});
+
+Deno.test("blk IOThread: a ring that does not fit arrives from the thread as a VirtqueueError", async () => {
+  const tm = new TestMemory([{ gpa: RING_GPA, size: 0x10000 }]);
+  const fds = [eventfd(), eventfd(), eventfd()];
+  const t = await IOThread.start({
+    name: "blk-err",
+    modules: [new URL("../../dataplane/blk_iothread.ts", import.meta.url).href],
+    pollMaxNs: 0,
+  });
+  try {
+    await t.call("blkOpen", { driver: "null-co", size: 1 << 20 });
+    await t.call("blkConfigure", { device: { capacity: 2048 }, serial: "s", writeback: true });
+    await t.call("blkSetMemory", { regions: tm.mem.regions() });
+    const layout = ringLayout(RING_GPA, QSIZE);
+    const e = await t.call("blkStartQueue", {
+      index: 0,
+      size: QSIZE,
+      desc: tm.uva(RING_GPA + 0x10000 - 0x80), // runs past the end of guest memory
+      avail: tm.uva(layout.avail),
+      used: tm.uva(layout.used),
+      base: 0,
+      kickFd: fds[0],
+      callFd: fds[1],
+      errFd: fds[2],
+      eventIdx: true,
+      indirectDesc: true,
+      enabled: true,
+    }).then(() => null, (e: unknown) => e);
+    assert(e instanceof VirtqueueError, `got ${e}`);
+    assert.equal(e.kind, "RingOutOfRange");
+    assert.match(e.message, /^virtqueue: RingOutOfRange: desc at \d+ \(\+256\) in user space$/);
+  } finally {
+    await t.call("blkClose").catch(() => {});
+    await t.stop();
+    tm.close();
+    for (const fd of fds) close(fd);
   }
 });
