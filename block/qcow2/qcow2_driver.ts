@@ -249,27 +249,36 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   /**
+   * The fast paths' lookup: where guest `[offset, offset + len)` maps, when
+   * it lies inside one cluster whose L2 table is cached (a cached table was
+   * checked when it was read or made here), else null. Hot path: fills and
+   * returns the driver's one Qcow2Mapping, no allocation.
+   */
+  #cachedMapping(offset: number, len: number): Qcow2Mapping | null {
+    const cs = this.header.clusterSize;
+    const inCluster = offset % cs;
+    if (len === 0 || inCluster + len > cs) return null;
+    const cluster = (offset - inCluster) / cs;
+    const l2Off = decodeL1Entry(this.#l1, Math.floor(cluster / this.header.l2Entries), cs);
+    const table = l2Off > 0 ? this.l2Cache.lookup(l2Off) : undefined;
+    if (table === undefined) return null;
+    const m = this.#map;
+    decodeL2Entry(table, cluster % this.header.l2Entries, inCluster, len, this.header, m);
+    return m;
+  }
+
+  /**
    * Reads `qiov.size` bytes at guest `offset`. Hot path: a read inside one
    * allocated cluster whose L2 table is cached goes to the child as is.
    */
   preadv(offset: number, qiov: IoVector, cb: BlockCompletion): void {
-    const cs = this.header.clusterSize;
-    const inCluster = offset % cs;
-    if (inCluster + qiov.size <= cs && qiov.size > 0) {
-      const cluster = (offset - inCluster) / cs;
-      const l2Off = decodeL1Entry(this.#l1, Math.floor(cluster / this.header.l2Entries), cs);
-      const table = l2Off > 0 ? this.l2Cache.lookup(l2Off) : undefined;
-      if (table !== undefined) {
-        const m = this.#map;
-        decodeL2Entry(table, cluster % this.header.l2Entries, inCluster, qiov.size, this.header, m);
-        if (
-          m.type === SubclusterType.Normal && m.bytes === qiov.size &&
-          this.dataClusterOk(m.hostCluster)
-        ) {
-          this.child.preadv(m.host, qiov, cb);
-          return;
-        }
-      }
+    const m = this.#cachedMapping(offset, qiov.size);
+    if (
+      m !== null && m.type === SubclusterType.Normal && m.bytes === qiov.size &&
+      this.dataClusterOk(m.hostCluster)
+    ) {
+      this.child.preadv(m.host, qiov, cb);
+      return;
     }
     new Qcow2ReadRequest(this, offset, qiov, cb).start();
   }
@@ -282,21 +291,13 @@ export class Qcow2Driver implements BlockDriver {
    */
   pwritev(offset: number, qiov: IoVector, cb: BlockCompletion): void {
     if (this.#refcounts === null) return this.#complete(-EROFS, cb);
-    const cs = this.header.clusterSize;
-    const inCluster = offset % cs;
-    if (inCluster + qiov.size <= cs && qiov.size > 0) {
-      const cluster = (offset - inCluster) / cs;
-      // A cached table was checked when it was read (or made here).
-      const l2Off = decodeL1Entry(this.#l1, Math.floor(cluster / this.header.l2Entries), cs);
-      const table = l2Off > 0 ? this.l2Cache.lookup(l2Off) : undefined;
-      if (table !== undefined) {
-        const m = this.#map;
-        decodeL2Entry(table, cluster % this.header.l2Entries, inCluster, qiov.size, this.header, m);
-        if (m.type === SubclusterType.Normal && m.copied && this.dataClusterOk(m.hostCluster)) {
-          this.child.pwritev(m.host, qiov, cb);
-          return;
-        }
-      }
+    const m = this.#cachedMapping(offset, qiov.size);
+    if (
+      m !== null && m.type === SubclusterType.Normal && m.copied &&
+      this.dataClusterOk(m.hostCluster)
+    ) {
+      this.child.pwritev(m.host, qiov, cb);
+      return;
     }
     new Qcow2WriteRequest(this, offset, qiov, cb).start();
   }
