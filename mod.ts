@@ -20,4 +20,5 @@ export * from "./sys/mod.ts";
 export * from "./aio/mod.ts";
 export * from "./block/mod.ts";
 export * from "./virtio/mod.ts";
+export * from "./vhost_user/mod.ts";
 export * from "./dataplane/mod.ts";

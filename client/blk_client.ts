@@ -35,7 +35,7 @@ import {
   VHOST_USER_SET_VRING_ENABLE,
   VHOST_USER_SET_VRING_KICK,
   VHOST_USER_SET_VRING_NUM,
-} from "../dataplane/vhost_user/mod.ts";
+} from "../vhost_user/mod.ts";
 import { FrontendError, VhostUserFrontend } from "./frontend.ts";
 import { GPA_GAP, type GuestBuffer, GuestRam } from "./guest_ram.ts";
 import { DriverQueue } from "./driver_queue.ts";

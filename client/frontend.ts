@@ -29,7 +29,7 @@ import {
   VHOST_USER_VERSION,
   type VhostUserPayload,
   type VhostUserPayloadKind,
-} from "../dataplane/vhost_user/mod.ts";
+} from "../vhost_user/mod.ts";
 
 /**
  * A front-end failure: the back-end closed the socket, sent a malformed or

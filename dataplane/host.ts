@@ -14,7 +14,7 @@ import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread
 import type { HostOptions } from "./host_options.ts";
 import { type IsolateHeap, isolateHeap, type ResidentMemory, residentMemory } from "../sys/mod.ts";
 import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
-import { VhostUserServer } from "./vhost_user/mod.ts";
+import { VhostUserServer } from "../vhost_user/mod.ts";
 
 // A string literal in `new URL(...)` so the bundler (tools/build.ts) finds the module.
 const BLK_IOTHREAD_MODULE = new URL("./blk_iothread.ts", import.meta.url).href;

@@ -1,14 +1,14 @@
 /**
  * dataplane/: the top layer. IOThreads running a virtio-blk dataplane each
- * (`VirtioBlkDataPlane`, QEMU's hw/block/dataplane), the vhost-user server
- * and protocol (`vhost_user/`), the main-thread vhost-user-blk device that
- * ties them together, and the host (`VhostUserBlkHost`, CLI in main.ts).
- * Not for: ring parsing (virtio/), I/O submission (block/), event loops (aio/).
+ * (`VirtioBlkDataPlane`, QEMU's hw/block/dataplane), the main-thread
+ * vhost-user-blk device that ties them to a vhost-user connection, and the
+ * host (`VhostUserBlkHost`, CLI in main.ts).
+ * Not for: the vhost-user protocol (vhost_user/), ring parsing (virtio/),
+ * I/O submission (block/), event loops (aio/).
  *
  * @module
  */
 
-export * from "./vhost_user/mod.ts";
 export {
   type DataPlaneOptions,
   type DataPlaneQueueSetup,

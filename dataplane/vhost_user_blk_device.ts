@@ -32,7 +32,7 @@ import {
   type VhostUserBackend,
   type VhostUserMemoryRegion,
   type VhostUserVringAddr,
-} from "./vhost_user/mod.ts";
+} from "../vhost_user/mod.ts";
 import type { DataPlaneQueueSetup } from "./virtio_blk_dataplane.ts";
 
 /** Protocol features this device offers. */

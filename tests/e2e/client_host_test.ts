@@ -25,7 +25,7 @@ import {
   VHOST_USER_SET_VRING_ADDR,
   VHOST_USER_SET_VRING_BASE,
   VHOST_USER_SET_VRING_KICK,
-} from "../../dataplane/vhost_user/mod.ts";
+} from "../../vhost_user/mod.ts";
 import { fileBytes, firstDifference, hostScratch, randomBytes, startHost } from "./host_util.ts";
 
 const KiB = 1024;

@@ -14,7 +14,7 @@ import {
   VHOST_USER_SET_VRING_KICK,
   VHOST_USER_VERSION,
   VHOST_USER_VRING_NOFD_MASK,
-} from "../../dataplane/vhost_user/mod.ts";
+} from "../../vhost_user/mod.ts";
 import { close, eventfd } from "../../sys/mod.ts";
 import {
   cacheNoneHost,

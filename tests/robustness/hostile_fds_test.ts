@@ -19,7 +19,7 @@ import {
   VHOST_USER_SET_VRING_CALL,
   VHOST_USER_SET_VRING_ERR,
   VHOST_USER_SET_VRING_KICK,
-} from "../../dataplane/vhost_user/mod.ts";
+} from "../../vhost_user/mod.ts";
 import {
   close,
   EAGAIN,

@@ -22,8 +22,8 @@ import {
   VHOST_USER_SET_VRING_NUM,
   VHOST_USER_VERSION,
   VHOST_USER_VRING_KICK,
-} from "../../dataplane/vhost_user/mod.ts";
-import type { VhostUserPayload } from "../../dataplane/vhost_user/mod.ts";
+} from "../../vhost_user/mod.ts";
+import type { VhostUserPayload } from "../../vhost_user/mod.ts";
 import {
   close,
   ECONNRESET,

@@ -10,7 +10,7 @@ import { VIRTIO_BLK_F_RO } from "../../client/virtio_blk_defs.ts";
 import { main } from "../../dataplane/main.ts";
 import { VhostUserBlkHost } from "../../dataplane/host.ts";
 import { parseHostArgs } from "../../dataplane/host_options.ts";
-import { type VhostUserBackend, VhostUserServer } from "../../dataplane/vhost_user/mod.ts";
+import { type VhostUserBackend, VhostUserServer } from "../../vhost_user/mod.ts";
 import { connect, MiB, scratch, startHost } from "./robustness_util.ts";
 
 const S_OK = 0, S_IOERR = 1;

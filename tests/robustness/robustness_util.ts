@@ -11,10 +11,7 @@ import assert from "node:assert/strict";
 import { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { patternWord } from "../../client/workload.ts";
 import type { GuestBuffer } from "../../client/guest_ram.ts";
-import {
-  VHOST_USER_SET_FEATURES,
-  VHOST_USER_SET_VRING_ERR,
-} from "../../dataplane/vhost_user/mod.ts";
+import { VHOST_USER_SET_FEATURES, VHOST_USER_SET_VRING_ERR } from "../../vhost_user/mod.ts";
 import { close, eventfd, eventfdRead, eventfdWrite } from "../../sys/mod.ts";
 import { ServerProcess } from "../harness/mod.ts";
 

@@ -3,7 +3,7 @@
 
 import assert from "node:assert/strict";
 import { AioContext } from "../../aio/mod.ts";
-import { VhostUserServer } from "../../dataplane/vhost_user/mod.ts";
+import { VhostUserServer } from "../../vhost_user/mod.ts";
 import { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { openFdCount, StubBackend, until } from "./vhost_user_test_util.ts";
 

@@ -28,7 +28,7 @@ import {
   socketUnix,
   SysError,
   WOULD_BLOCK,
-} from "../../sys/mod.ts";
+} from "../sys/mod.ts";
 import type { VhostUserBackend } from "./backend.ts";
 import { VhostUserConnection } from "./connection.ts";
 

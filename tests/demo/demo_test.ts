@@ -3,10 +3,10 @@
  * for its exit status, its report, zero errors and a removed temp directory.
  */
 import assert from "node:assert/strict";
-import { parseDemoArgs } from "../../dataplane/demo.ts";
+import { parseDemoArgs } from "../../demo/demo.ts";
 import { UsageError } from "../../dataplane/host_options.ts";
 
-const DEMO = new URL("../../dataplane/demo.ts", import.meta.url).pathname;
+const DEMO = new URL("../../demo/demo.ts", import.meta.url).pathname;
 
 async function runDemo(args: string[]) {
   const out = await new Deno.Command(Deno.execPath(), {

@@ -19,7 +19,7 @@ import {
   VHOST_USER_VERSION,
   VhostUserServer,
   type VhostUserServerOptions,
-} from "../../dataplane/vhost_user/mod.ts";
+} from "../../vhost_user/mod.ts";
 import { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { FrontendError, VhostUserFrontend } from "../../client/frontend.ts";
 import {

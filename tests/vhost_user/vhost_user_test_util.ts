@@ -13,7 +13,7 @@ import type {
   VhostUserBackend,
   VhostUserMemoryRegion,
   VhostUserVringAddr,
-} from "../../dataplane/vhost_user/mod.ts";
+} from "../../vhost_user/mod.ts";
 
 /** An FdWatcher whose handlers run from an async epoll loop on this thread. */
 export class TestLoop implements FdWatcher {

@@ -18,7 +18,7 @@ import {
   VhostUserError,
   type VhostUserErrorKind,
   type VhostUserPayload,
-} from "../../dataplane/vhost_user/mod.ts";
+} from "../../vhost_user/mod.ts";
 
 const V = VHOST_USER_VERSION;
 

@@ -1,5 +1,6 @@
 /**
- * vhost-user (QEMU docs/interop/vhost-user.rst), back-end side: protocol
+ * vhost_user/: the vhost-user layer (QEMU docs/interop/vhost-user.rst), between
+ * virtio/ and dataplane/. Protocol
  * constants, the message codec, the per-front-end connection state machine,
  * the listening server, and the {@link VhostUserBackend} seam a device
  * implements. Also used by the built-in front-end in `client/`.
@@ -17,6 +18,6 @@ export { VhostUserConnection, type VhostUserConnectionOptions } from "./connecti
 export { type FdWatcher, VhostUserServer, type VhostUserServerOptions } from "./server.ts";
 
 // Errors thrown in an IOThread arrive on the main thread as these classes.
-import { registerErrorClass } from "../../aio/mod.ts";
+import { registerErrorClass } from "../aio/mod.ts";
 import { VhostUserError } from "./message.ts";
 registerErrorClass("VhostUserError", VhostUserError);

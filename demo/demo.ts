@@ -19,14 +19,14 @@
  */
 
 import { parseArgs } from "node:util";
-import { VhostUserBlkClient } from "../client/blk_client.ts";
 import {
   LatencyHistogram,
   type Pattern,
   runWorkload,
   verify,
   type VerifyResult,
-} from "../client/workload.ts";
+  VhostUserBlkClient,
+} from "../client/mod.ts";
 import {
   close,
   fdatasync,
@@ -38,8 +38,15 @@ import {
   pwriteAt,
   TMPFS_MAGIC,
 } from "../sys/mod.ts";
-import { formatStats, type HostStats, VhostUserBlkHost } from "./host.ts";
-import { type HostOptions, parseHostArgs, parseSize, UsageError } from "./host_options.ts";
+import {
+  formatStats,
+  type HostOptions,
+  type HostStats,
+  parseHostArgs,
+  parseSize,
+  UsageError,
+  VhostUserBlkHost,
+} from "../dataplane/mod.ts";
 
 /** The `--help` text. */
 export const DEMO_USAGE = `Usage: deno task demo [-- options]

@@ -32,8 +32,8 @@ import {
   shutdown,
   SysError,
   WOULD_BLOCK,
-} from "../../sys/mod.ts";
-import { VIRTQUEUE_MAX_SIZE } from "../../virtio/mod.ts";
+} from "../sys/mod.ts";
+import { VIRTQUEUE_MAX_SIZE } from "../virtio/mod.ts";
 import type { VhostUserBackend, VhostUserMemoryRegion } from "./backend.ts";
 import {
   requestName,
@@ -206,7 +206,7 @@ function asError(err: unknown): Error {
  * import type { VhostUserBackend } from "./backend.ts";
  * import { encodeMessage } from "./message.ts";
  * import { VHOST_USER_GET_FEATURES, VHOST_USER_VERSION } from "./constants.ts";
- * import { close, recvMsg, sendMsg, socketpair, SOCK_NONBLOCK } from "../../sys/mod.ts";
+ * import { close, recvMsg, sendMsg, socketpair, SOCK_NONBLOCK } from "../sys/mod.ts";
  * const backend = { features: () => 1n << 32n, numQueues: () => 1 } as unknown as VhostUserBackend;
  * const [front, back] = socketpair(SOCK_NONBLOCK);
  * const conn = new VhostUserConnection(back, backend);
