@@ -61,6 +61,12 @@ export interface IoUringOptions {
    * - "interrupt": no flags (every completion interrupts the thread).
    */
   taskrun?: IoUringTaskrun;
+  /**
+   * Stands in for io_uring_enter(2) (same arguments, `-errno` result): a seam
+   * for tests that need the kernel to refuse a submission. Default
+   * {@link ioUringEnter}.
+   */
+  enter?: typeof ioUringEnter;
 }
 
 /** See {@link IoUringOptions.taskrun}. */
@@ -123,6 +129,11 @@ export class IoUringEngine implements IoEngine {
   readonly #cqTail: number;
   readonly #cqes: number;
   readonly #retryBh;
+  readonly #enter: typeof ioUringEnter;
+  /** Requests io_uring_enter refused, completed with `#failRes[slot]` from `#failBh`. */
+  readonly #failed = new SlotFifo(16);
+  readonly #failRes: number[] = [];
+  readonly #failBh;
   /** SQEs published to the SQ but not yet consumed by io_uring_enter. */
   #unconsumed = 0;
   /** Requests in the ring (SQ or in the kernel), bounded by the CQ size. */
@@ -139,6 +150,7 @@ export class IoUringEngine implements IoEngine {
   constructor(ctx: AioContext, opts: IoUringOptions = {}) {
     this.#ctx = ctx;
     this.#maxBatch = opts.maxBatch ?? (ctx.aioMaxBatch > 0 ? ctx.aioMaxBatch : 32);
+    this.#enter = opts.enter ?? ioUringEnter;
     const entries = opts.entries ?? 128;
     const r = this.#rings = IoUringRings.create({
       entries,
@@ -158,6 +170,7 @@ export class IoUringEngine implements IoEngine {
     this.#cqes = r.cqOff.cqes;
     r.registerEventfd(this.#notifier.fd);
     this.#retryBh = ctx.bhNew(() => this.#submit(), "io_uring-retry");
+    this.#failBh = ctx.bhNew(() => this.#completeFailed(), "io_uring-fail");
     ctx.setFdHandler(this.#notifier.fd, {
       read: () => {
         this.#notifier.testAndClear();
@@ -224,6 +237,7 @@ export class IoUringEngine implements IoEngine {
     this.#closed = true;
     this.#ctx.setFdHandler(this.#notifier.fd, null);
     this.#retryBh.delete();
+    this.#failBh.delete();
     this.#rings.close();
     this.#notifier.close();
     return Promise.resolve();
@@ -296,12 +310,12 @@ export class IoUringEngine implements IoEngine {
       this.#inKernel += n;
       this.#unconsumed += n;
       if (this.#unconsumed === 0) break;
-      const ret = ioUringEnter(r.fdBig, this.#unconsumed, 0, 0);
+      const ret = this.#enter(r.fdBig, this.#unconsumed, 0, 0);
       this.stats.submitCalls++;
       if (ret < 0) {
         if (ret === -EINTR) continue;
         // -EAGAIN / -EBUSY: out of resources or CQ backlog: retry after completions.
-        if (ret !== -EAGAIN && ret !== -EBUSY) throw new Error(`io_uring_enter: ${ret}`);
+        if (ret !== -EAGAIN && ret !== -EBUSY) return this.#failUnsubmitted(ret);
         break;
       }
       this.#unconsumed -= ret;
@@ -312,6 +326,46 @@ export class IoUringEngine implements IoEngine {
     if (this.#blocked) {
       this.stats.queued++;
       if (this.#inKernel - this.#unconsumed <= 0) this.#retryBh.schedule();
+    }
+  }
+
+  /**
+   * io_uring_enter refused the submission with an error that retrying will
+   * not cure (a ring torn down, EEXIST from another thread under
+   * SINGLE_ISSUER, ...): the SQEs it did not consume are taken back off the
+   * SQ (nothing consumed them: an error return means none was), and they and
+   * every request still pending complete with that error from a bottom half,
+   * never inside the submitting call. The IOThread goes on; before, the
+   * exception escaped from the guest's request submission and killed it.
+   */
+  #failUnsubmitted(err: number): void {
+    const sq = this.#sq, r = this.#rings;
+    const tail = Atomics.load(sq, this.#sqTail);
+    const unconsumed = (tail - Atomics.load(sq, this.#sqHead)) >>> 0;
+    for (let k = unconsumed; k > 0; k--) {
+      const idx = (tail - k) & r.sqMask;
+      this.#fail(this.#sqes32[idx * SQE_WORDS + (IO_URING_SQE.user_data >> 2)], err);
+    }
+    Atomics.store(sq, this.#sqTail, (tail - unconsumed) >>> 0);
+    this.#inKernel -= unconsumed;
+    this.#unconsumed = 0;
+    while (this.#pending.length > 0) this.#fail(this.#pending.shift(), err);
+    this.#blocked = false;
+    this.#failBh.schedule();
+  }
+
+  #fail(slot: number, err: number): void {
+    this.#failRes[slot] = err;
+    this.#failed.push(slot);
+  }
+
+  #completeFailed(): void {
+    const s = this.#slots;
+    while (this.#failed.length > 0) {
+      const slot = this.#failed.shift();
+      this.#resubIov[slot] = null;
+      this.stats.completed++;
+      s.complete(slot, this.#failRes[slot]);
     }
   }
 

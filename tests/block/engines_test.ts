@@ -11,10 +11,12 @@ import {
 import {
   close,
   EBADF,
+  EEXIST,
   fdatasync,
   IORING_SETUP_COOP_TASKRUN,
   IORING_SETUP_DEFER_TASKRUN,
   IORING_SETUP_SINGLE_ISSUER,
+  ioUringEnter,
   O_DIRECT,
   O_RDWR,
   open,
@@ -350,6 +352,45 @@ Deno.test("native: an io_submit error completes the request later, never inside 
   assert.deepEqual([...rets].sort(), want.sort());
   assert.equal(mem.bytes[BS + 7], patternByte(10, BS + 7));
   assert.equal(e.inFlight, 0);
+  mem.unmap();
+  await e.close();
+  ctx.close();
+  close(fd);
+});
+
+Deno.test("io_uring: an io_uring_enter error fails the unsubmitted requests later, the engine goes on", async () => {
+  // Before: anything but EINTR/EAGAIN/EBUSY threw out of preadv (out of the
+  // guest's request submission), which killed the IOThread.
+  const path = makeImage(8 * BS, 11);
+  const fd = open(path, O_RDWR);
+  const ctx = new AioContext();
+  let refuse = 1;
+  const e = new IoUringEngine(ctx, {
+    entries: 4, // 6 requests: 4 in the SQ, 2 waiting in the pending queue
+    enter: (ringFd, toSubmit, minComplete, flags) =>
+      toSubmit > 0 && refuse-- > 0 ? -EEXIST : ioUringEnter(ringFd, toSubmit, minComplete, flags),
+  });
+  const mem = aligned(8 * BS);
+  const rets: number[] = [];
+  e.plug();
+  for (let i = 0; i < 6; i++) {
+    const q = new IoVector(1);
+    q.add(mem.addr + i * BS, BS);
+    e.preadv(fd, q, i * BS, (r) => rets.push(r));
+  }
+  e.unplug();
+  assert.deepEqual(rets, [], "completed inside the submitting call");
+  await pollWhile(ctx, () => rets.length < 6);
+  assert.deepEqual(rets, Array(6).fill(-EEXIST));
+  assert.equal(e.inFlight, 0);
+  // The ring is intact: the SQEs taken back were never consumed.
+  const q = new IoVector(1);
+  q.add(mem.addr + 7 * BS, BS);
+  let r = 1;
+  e.preadv(fd, q, 7 * BS, (x) => r = x);
+  await pollWhile(ctx, () => r === 1);
+  assert.equal(r, 0);
+  assert.equal(mem.bytes[7 * BS + 5], patternByte(11, 7 * BS + 5));
   mem.unmap();
   await e.close();
   ctx.close();
