@@ -72,6 +72,11 @@ export interface BlkImageInfo {
  */
 export interface BlkThreadData {
   rangeLocks?: SharedArrayBuffer;
+  /**
+   * The device's interrupt status word (4 bytes; DataPlaneOptions `isr`),
+   * for a transport whose guest reads it (virtio-mmio under vm/).
+   */
+  isr?: SharedArrayBuffer;
 }
 
 function need(): VirtioBlkDataPlane {
@@ -119,12 +124,14 @@ export async function blkOpen(
 export function blkConfigure(
   ctx: AioContext,
   args: { device: VirtioBlkOptions; serial: string; writeback: boolean; brokenNotifyFd?: number },
+  data?: BlkThreadData,
 ): void {
   if (blk === null) throw new Error("virtio-blk IOThread: blkOpen first");
   if (dataplane !== null) throw new Error("virtio-blk IOThread: already configured");
   const { brokenNotifyFd, ...opts } = args;
   dataplane = new VirtioBlkDataPlane(ctx, blk, {
     ...opts,
+    isr: data?.isr ? new Int32Array(data.isr, 0, 1) : undefined,
     onBroken: (index, reason) => {
       logBroken(index, reason);
       if (brokenNotifyFd === undefined) return;

@@ -16,8 +16,15 @@ export {
   VirtioBlkDataPlane,
 } from "./virtio_blk_dataplane.ts";
 export { VhostUserBlkDevice, type VhostUserBlkDeviceOptions } from "./vhost_user_blk_device.ts";
-export type { BlkImageInfo, BlkThreadStats } from "./blk_iothread.ts";
-export { deviceModel, formatStats, type HostStats, VhostUserBlkHost } from "./host.ts";
+export type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
+export {
+  type BlkIOThreads,
+  deviceModel,
+  formatStats,
+  type HostStats,
+  startBlkIOThreads,
+  VhostUserBlkHost,
+} from "./host.ts";
 export {
   HOST_USAGE,
   type HostBlockOptions,
