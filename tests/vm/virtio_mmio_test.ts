@@ -332,7 +332,7 @@ Deno.test("virtio-mmio: InterruptACK clears only the acknowledged bits", async (
 });
 
 Deno.test("virtio-mmio: random register streams never throw and keep the status invariants", async () => {
-  const offsets = Object.values(R).concat([0x1, 0x3e, 0x1ff, 0x200, 0x104]);
+  const offsets: number[] = [...Object.values(R), 0x1, 0x3e, 0x1ff, 0x200, 0x104];
   const op = fc.record({
     write: fc.boolean(),
     offset: fc.oneof(fc.constantFrom(...offsets), fc.integer({ min: 0, max: 0x1ff })),
