@@ -9,6 +9,9 @@
 /** The test guest's sources (tests/vm/guest), built by default by `deno task vm`. */
 export const DEFAULT_GUEST_DIR = new URL("../tests/vm/guest/", import.meta.url);
 
+/** The default guest's sources in {@link DEFAULT_GUEST_DIR}: runtime, driver, workload. */
+export const DEFAULT_GUEST_SOURCES = ["runtime.c", "virtio_blk.c", "workload.c"];
+
 /** A guest build that failed: the compiler's output is the message. */
 export class GuestBuildError extends Error {
   readonly kind = "GuestBuild";
@@ -45,7 +48,7 @@ export const GUEST_CFLAGS = [
  *
  * @example
  * ```ts ignore
- * const image = await buildGuest(DEFAULT_GUEST_DIR, ["runtime.c", "workload.c"]);
+ * const image = await buildGuest(DEFAULT_GUEST_DIR, DEFAULT_GUEST_SOURCES);
  * ```
  */
 export async function buildGuest(dir: URL, sources: string[]): Promise<Uint8Array> {

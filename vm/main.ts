@@ -8,7 +8,7 @@
  */
 
 import { UsageError } from "../dataplane/mod.ts";
-import { buildGuest, DEFAULT_GUEST_DIR } from "./guest_image.ts";
+import { buildGuest, DEFAULT_GUEST_DIR, DEFAULT_GUEST_SOURCES } from "./guest_image.ts";
 import { KvmVm } from "./kvm_vm.ts";
 import { TEST_F_NO_VERIFY, TEST_F_QUICK } from "./test_device.ts";
 import { parseVmArgs, VM_USAGE, type VmCliOptions } from "./vm_options.ts";
@@ -36,7 +36,7 @@ export async function main(args: string[]): Promise<number> {
   try {
     guest = o.guest !== null
       ? await Deno.readFile(o.guest)
-      : await buildGuest(DEFAULT_GUEST_DIR, ["runtime.c", "workload.c"]);
+      : await buildGuest(DEFAULT_GUEST_DIR, DEFAULT_GUEST_SOURCES);
   } catch (e) {
     console.error(`vm: guest: ${(e as Error).message}`);
     return 1;

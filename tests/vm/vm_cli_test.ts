@@ -7,6 +7,7 @@
  */
 import assert from "node:assert/strict";
 import { makeScratchDir } from "../harness/mod.ts";
+import { buildGuest, DEFAULT_GUEST_DIR } from "../../vm/mod.ts";
 
 const MAIN = new URL("../../vm/main.ts", import.meta.url).pathname;
 
@@ -127,5 +128,35 @@ Deno.test({
     } finally {
       await Deno.remove(dir, { recursive: true });
     }
+  },
+});
+
+Deno.test({
+  name:
+    "vm: a hostile guest (tests/vm/guest/hostile.c) meets ignored writes and NEEDS_RESET; the host survives",
+  ignore: KVM_MISSING !== null,
+  async fn() {
+    await withImage(async (image) => {
+      const guest = `${image}.guest`;
+      await Deno.writeFile(
+        guest,
+        await buildGuest(DEFAULT_GUEST_DIR, ["runtime.c", "virtio_blk.c", "hostile.c"]),
+      );
+      const r = await runVm(["--image", image, "--guest", guest, "--timeout", "60"]);
+      assert.equal(r.code, 0, r.log);
+      for (
+        const line of [
+          "ok FEATURES_OK refused without VERSION_1",
+          "ok DRIVER_OK without FEATURES_OK: NEEDS_RESET",
+          "ok a descriptor table outside RAM: NEEDS_RESET",
+          "ok notifies on absent or stopped queues are ignored",
+          "ok reset with 32 requests in flight",
+          "ok a descriptor loop: NEEDS_RESET",
+          "ok a read after the reset",
+          "PASS: 0 failure(s)",
+        ]
+      ) assert.ok(r.log.includes(`guest: ${line}`), `${line}\n${r.log}`);
+      assert.match(r.log, /device needs reset: ring broken \(queue 0: descriptor chain: Loop/);
+    });
   },
 });
