@@ -240,6 +240,13 @@ export interface DataPlaneOptions {
    * has no ISR on this side (the VMM keeps it): leave it out.
    */
   isr?: Int32Array;
+  /**
+   * Raises the guest's interrupt instead of writing the call fd (the call fd
+   * must still be set: it says the queue wants notifications). For a VMM
+   * that injects the interrupt itself (vm/ with `--irq line`: KVM_IRQ_LINE
+   * from the IOThread, to compare with KVM_IRQFD). Leave it out otherwise.
+   */
+  raiseIrq?: () => void;
 }
 
 /**
@@ -742,7 +749,9 @@ export class VirtioBlkDataPlane {
       const isr = this.#opts.isr;
       if (isr !== undefined) Atomics.or(isr, 0, VIRTIO_ISR_QUEUE);
       try {
-        eventfdWrite(q.callFd, 1);
+        const raise = this.#opts.raiseIrq;
+        if (raise !== undefined) raise();
+        else eventfdWrite(q.callFd, 1);
       } catch (e) {
         // The connection only accepts non-blocking eventfds, whose writes
         // cannot fail; one that does anyway (closed, reused) breaks this

@@ -222,7 +222,8 @@ export function kvmCreateIrqchip(vmFd: number): void {
 }
 
 /**
- * KVM_IRQ_LINE: raises (1) or lowers (0) a GSI from user space.
+ * KVM_IRQ_LINE: raises (1) or lowers (0) a GSI from user space. Allocates
+ * nothing (an IOThread may call it per completion).
  *
  * @example
  * ```ts ignore
@@ -230,12 +231,14 @@ export function kvmCreateIrqchip(vmFd: number): void {
  * ```
  */
 export function kvmIrqLine(vmFd: number, irq: number, level: number): void {
-  const b = new Uint8Array(KVM_IRQ_LEVEL.size);
-  const v = new DataView(b.buffer);
-  v.setUint32(KVM_IRQ_LEVEL.irq, irq, true);
-  v.setUint32(KVM_IRQ_LEVEL.level, level, true);
-  ioctlBuf(vmFd, KVM_IOCTL.IRQ_LINE, b, "KVM_IRQ_LINE");
+  irqLevel[0] = irq;
+  irqLevel[1] = level;
+  ioctlBuf(vmFd, KVM_IOCTL.IRQ_LINE, irqLevelBytes, "KVM_IRQ_LINE");
 }
+
+/** struct kvm_irq_level, reused (this thread's: every Worker evaluates the module anew). */
+const irqLevelBytes = new Uint8Array(KVM_IRQ_LEVEL.size);
+const irqLevel = new Uint32Array(irqLevelBytes.buffer);
 
 /**
  * KVM_CREATE_VCPU: the vCPU fd.

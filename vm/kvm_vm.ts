@@ -32,6 +32,7 @@ import {
   kvmCreateVm,
   kvmIoeventfd,
   kvmIrqfd,
+  kvmIrqLine,
   kvmSetTssAddr,
   openKvm,
 } from "../sys/mod.ts";
@@ -65,7 +66,7 @@ export const VM_LAYOUT = {
  * import { parseHostArgs } from "../dataplane/mod.ts";
  * const o: VmOptions = {
  *   host: parseHostArgs(["--image", "null-co:1M", "--socket", "unused"]),
- *   guest: new Uint8Array([0xf4]), ramSize: 16 << 20, ioeventfd: true, testFlags: 0,
+ *   guest: new Uint8Array([0xf4]), ramSize: 16 << 20, ioeventfd: true, irqfd: true, testFlags: 0,
  * };
  * assert.equal(o.ramSize, 16777216);
  * ```
@@ -81,6 +82,11 @@ export interface VmOptions {
    * notify to the main thread, which writes the kick eventfd (for comparison).
    */
   ioeventfd: boolean;
+  /**
+   * Used-buffer interrupts through KVM_IRQFD (the default). False: the
+   * IOThread raises the GSI itself with KVM_IRQ_LINE (for comparison).
+   */
+  irqfd: boolean;
   /** What the test ports' FLAGS register reads. */
   testFlags: number;
 }
@@ -194,7 +200,10 @@ export class KvmVm {
     });
     this.virtio = new VirtioMmioDevice(backend, {
       isr: new Int32Array(p.isr, 0, 1),
-      raiseIrq: () => eventfdWrite(p.callFd, 1),
+      raiseIrq: p.options.irqfd ? () => eventfdWrite(p.callFd, 1) : () => {
+        kvmIrqLine(p.vm, VM_LAYOUT.virtioGsi, 1);
+        kvmIrqLine(p.vm, VM_LAYOUT.virtioGsi, 0);
+      },
       log: p.log,
     });
     p.ctx.setEventNotifier(p.broken, () => void this.#onRingBroken());
@@ -235,7 +244,11 @@ export class KvmVm {
       const broken = new EventNotifier();
       cleanup.push(() => broken.close());
       const isr = new SharedArrayBuffer(4);
-      const { threads, device } = await startBlkIOThreads(options.host, broken.fd, { isr });
+      const irqLine = options.irqfd ? undefined : { vmFd: vm, gsi: VM_LAYOUT.virtioGsi };
+      const { threads, device } = await startBlkIOThreads(options.host, broken.fd, {
+        isr,
+        irqLine,
+      });
       cleanup.push(async () => {
         for (const t of threads) {
           await t.call("blkClose").catch(() => {});
@@ -261,7 +274,7 @@ export class KvmVm {
       }
       const callFd = eventfd();
       cleanup.push(() => close(callFd));
-      kvmIrqfd(vm, callFd, VM_LAYOUT.virtioGsi);
+      if (options.irqfd) kvmIrqfd(vm, callFd, VM_LAYOUT.virtioGsi);
       return new KvmVm({
         kvm,
         vm,
@@ -284,6 +297,14 @@ export class KvmVm {
       }
       throw e;
     }
+  }
+
+  /**
+   * Resolves with the first IOThread failure (its event loop died: a bug);
+   * its queues are dead, so the CLI logs it and ends the process.
+   */
+  get failed(): Promise<Error> {
+    return Promise.race(this.#threads.map((t) => t.failed));
   }
 
   /** Runs the guest until it writes the exit port or fails; then the counters. */

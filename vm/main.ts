@@ -51,6 +51,7 @@ export async function main(args: string[]): Promise<number> {
       guest,
       ramSize: o.ramSize,
       ioeventfd: o.notify === "ioeventfd",
+      irqfd: o.irq === "irqfd",
       testFlags: flags,
     }, log);
   } catch (e) {
@@ -61,7 +62,7 @@ export async function main(args: string[]): Promise<number> {
   log(
     `booting the guest on ${image} (cache=${b.cache}, aio=${b.aio}${
       b.readOnly ? ", read-only" : ""
-    }, ${o.host.iothreads} IOThread(s), notify ${o.notify})`,
+    }, ${o.host.iothreads} IOThread(s), notify ${o.notify}, irq ${o.irq})`,
   );
   // A guest that never finishes keeps its vCPU in KVM_RUN, which nothing
   // but an exit interrupts: on timeout the process ends.
@@ -71,6 +72,11 @@ export async function main(args: string[]): Promise<number> {
     if (stuck !== null) log(`counters\n${KvmVm.formatResult(stuck)}`);
     Deno.exit(1);
   }, o.timeoutMs);
+  void vm.failed.then((e) => {
+    // An IOThread's loop died (a bug): the guest would wait for ever.
+    log(`fatal: ${e.message}`);
+    Deno.exit(1);
+  });
   const result = await vm.run();
   clearTimeout(timer);
   await vm.close();

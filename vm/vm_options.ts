@@ -32,6 +32,7 @@ export interface VmCliOptions {
   ramSize: number;
   timeoutMs: number;
   notify: "ioeventfd" | "trap";
+  irq: "irqfd" | "line";
   quick: boolean;
   help: boolean;
 }
@@ -50,11 +51,13 @@ Machine options:
   --timeout SECONDS        give up (exit 1) after this long   [120]
   --notify MODE            ioeventfd | trap (QueueNotify exits to the main
                            thread, which kicks the queue)     [ioeventfd]
+  --irq MODE               irqfd | line (the IOThread raises the GSI with
+                           KVM_IRQ_LINE instead)              [irqfd]
   --quick                  short timed loops
 Host options (as deno task host, without --socket):
 ` + HOST_USAGE.split("\n").filter((l) => !/--socket|^Usage|^Serve|^cloud|^$/.test(l)).join("\n");
 
-const VM_FLAGS = new Set(["--guest", "--ram", "--timeout", "--notify"]);
+const VM_FLAGS = new Set(["--guest", "--ram", "--timeout", "--notify", "--irq"]);
 
 /**
  * Parses `deno task vm` arguments; throws {@link UsageError}.
@@ -97,8 +100,13 @@ export function parseVmArgs(args: string[]): VmCliOptions {
   if (notify !== "ioeventfd" && notify !== "trap") {
     throw new UsageError(`--notify must be ioeventfd or trap, not '${notify}'`);
   }
+  const irq = vm.get("--irq") ?? "irqfd";
+  if (irq !== "irqfd" && irq !== "line") {
+    throw new UsageError(`--irq must be irqfd or line, not '${irq}'`);
+  }
   return {
     host,
+    irq,
     guest: vm.get("--guest") ?? null,
     ramSize,
     timeoutMs: Number(t) * 1000,

@@ -92,11 +92,24 @@ Deno.test({
   },
 });
 
+Deno.test({
+  name:
+    "vm: with the IOThread raising the GSI by KVM_IRQ_LINE (--irq line) the workload passes too",
+  ignore: KVM_MISSING !== null,
+  async fn() {
+    const r = await runVm(["--image", "null-co:8M", "--irq", "line", "--quick"]);
+    assert.equal(r.code, 0, r.log);
+    assert.match(r.log, /guest: ok interrupts arrived/);
+    assert.match(r.log, /guest: PASS/);
+  },
+});
+
 Deno.test("vm: usage errors exit 2 with a message", async () => {
   for (
     const [args, re] of [
       [["--socket", "/x", "--image", "null-co:1M"], /--socket is not an option/],
       [["--image", "null-co:1M", "--notify", "maybe"], /--notify must be/],
+      [["--image", "null-co:1M", "--irq", "msi"], /--irq must be/],
       [["--image", "null-co:1M", "--ram", "1K"], /--ram must be/],
       [["--image", "null-co:1M", "--timeout"], /--timeout needs a value/],
     ] as const
@@ -158,5 +171,31 @@ Deno.test({
       ) assert.ok(r.log.includes(`guest: ${line}`), `${line}\n${r.log}`);
       assert.match(r.log, /device needs reset: ring broken \(queue 0: descriptor chain: Loop/);
     });
+  },
+});
+
+Deno.test({
+  name: "vm: a guest that spins for ever is given up on at --timeout (exit 1, the counters logged)",
+  ignore: KVM_MISSING !== null,
+  async fn() {
+    const dir = await makeScratchDir("vm-spin");
+    try {
+      await Deno.writeFile(`${dir}/spin.bin`, new Uint8Array([0xeb, 0xfe])); // jmp $
+      const t0 = Date.now();
+      const r = await runVm([
+        "--image",
+        "null-co:1M",
+        "--guest",
+        `${dir}/spin.bin`,
+        "--timeout",
+        "2",
+      ]);
+      assert.equal(r.code, 1, r.log);
+      assert.match(r.log, /timeout: the guest did not finish in 2 s/);
+      assert.match(r.log, /vCPU exits: /);
+      assert.ok(Date.now() - t0 < 30_000);
+    } finally {
+      await Deno.remove(dir, { recursive: true });
+    }
   },
 });
