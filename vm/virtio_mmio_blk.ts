@@ -14,6 +14,7 @@
 import type { IOThread } from "../aio/mod.ts";
 import { eventfdWrite } from "../sys/mod.ts";
 import {
+  configWriteback,
   encodeVirtioBlkConfig,
   featureBit,
   VIRTIO_BLK_CONFIG,
@@ -92,12 +93,8 @@ export class VirtioMmioBlk implements VirtioMmioBackend {
 
   /** Only the `writeback` byte is writable (CONFIG_WCE), as in QEMU's virtio_blk_set_config. */
   async writeConfig(offset: number, data: Uint8Array): Promise<void> {
-    const wb = VIRTIO_BLK_CONFIG.writeback;
-    if (this.#o.device.writeback === undefined || offset > wb || offset + data.length <= wb) {
-      throw new Error(`${data.length} bytes at ${offset}: read-only field`);
-    }
-    const on = data[wb - offset] !== 0;
-    this.#config[wb] = on ? 1 : 0;
+    const on = configWriteback(this.#o.device, offset, data);
+    this.#config[VIRTIO_BLK_CONFIG.writeback] = on ? 1 : 0;
     for (const t of this.#o.iothreads) await t.call("blkSetWriteback", { on });
     this.#o.log?.(`write cache ${on ? "enabled" : "disabled (writethrough)"} by the guest`);
   }

@@ -20,6 +20,7 @@ import {
   VirtioMmioBlk,
   VirtioMmioDevice,
 } from "../../vm/mod.ts";
+import { VIRTIO_BLK_CONFIG } from "../../virtio/mod.ts";
 
 const QSIZE = 128;
 const DESC = 0x10000, AVAIL = 0x11000, USED = 0x12000, REQS = 0x20000;
@@ -203,6 +204,26 @@ Deno.test("virtio-mmio + IOThread: a descriptor loop breaks the ring; the device
     m.submitRead(0, 0);
     m.publish();
     await until(() => m.usedIdx() === 1, "a completion after the reset");
+  } finally {
+    await m.close();
+  }
+});
+
+Deno.test("virtio-mmio + IOThread: the guest turns the write cache off through config space; other fields are read-only", async () => {
+  const m = await machine();
+  try {
+    await m.start();
+    const wb = R.CONFIG + VIRTIO_BLK_CONFIG.writeback;
+    assert.equal(m.dev.read(wb, 1), 1n);
+    const gen = m.dev.read(R.CONFIG_GENERATION, 4);
+    await m.dev.write(wb, 1, 0n);
+    assert.equal(m.dev.read(wb, 1), 0n);
+    assert.equal(m.dev.read(R.CONFIG_GENERATION, 4), gen + 1n);
+    const errors = m.dev.guestErrors;
+    await m.dev.write(R.CONFIG, 4, 0xffffffffn); // capacity
+    assert.equal(m.dev.read(R.CONFIG, 4), 2048n);
+    assert.equal(m.dev.guestErrors, errors + 1);
+    assert.ok(m.log.some((l) => l.includes("read-only field")), m.log.join("\n"));
   } finally {
     await m.close();
   }
