@@ -402,7 +402,7 @@ export class KvmVm {
     }
     this.#ctx.setEventNotifier(this.#broken, null);
     this.#broken.close();
-    await this.#vcpu.close();
+    this.#vcpu.close();
     this.#running = false;
     this.#ctx.close();
     await this.#loop;

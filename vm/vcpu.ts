@@ -294,12 +294,11 @@ export class Vcpu {
    * code cannot be stopped from here (KVM_RUN only returns on an exit): the
    * caller ends the process instead, which is what the CLI does on --timeout.
    */
-  async close(): Promise<void> {
+  close(): void {
     if (this.#worker !== null && this.#done) {
       this.#worker.terminate();
       this.#worker = null;
     }
-    await Promise.resolve();
     this.#ctx.setEventNotifier(this.#exitNotifier, null);
     this.#exitNotifier.close();
     if (this.#worker === null) {
