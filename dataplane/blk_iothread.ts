@@ -14,7 +14,7 @@
 
 import type { AioContext } from "../aio/mod.ts";
 import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
-import { eventfdWrite, type IsolateHeap, isolateHeap } from "../sys/mod.ts";
+import { eventfdWrite, type IsolateHeap, isolateHeap, kvmIrqLine } from "../sys/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
   type DataPlaneQueueSetup,
@@ -72,6 +72,17 @@ export interface BlkImageInfo {
  */
 export interface BlkThreadData {
   rangeLocks?: SharedArrayBuffer;
+  /**
+   * The device's interrupt status word (4 bytes; DataPlaneOptions `isr`),
+   * for a transport whose guest reads it (virtio-mmio under vm/).
+   */
+  isr?: SharedArrayBuffer;
+  /**
+   * Raise the guest's interrupt with KVM_IRQ_LINE on this VM fd and GSI (an
+   * edge: 1 then 0) instead of writing the call fd (DataPlaneOptions
+   * `raiseIrq`): vm/'s `--irq line`, to measure what KVM_IRQFD saves.
+   */
+  irqLine?: { vmFd: number; gsi: number };
 }
 
 function need(): VirtioBlkDataPlane {
@@ -105,6 +116,13 @@ export async function blkOpen(
   };
 }
 
+function irqLineEdge(vmFd: number, gsi: number): () => void {
+  return () => {
+    kvmIrqLine(vmFd, gsi, 1);
+    kvmIrqLine(vmFd, gsi, 0);
+  };
+}
+
 /**
  * Creates the dataplane once the main thread has decided the device model.
  * `brokenNotifyFd` is an eventfd of the main thread, written when a running
@@ -119,12 +137,15 @@ export async function blkOpen(
 export function blkConfigure(
   ctx: AioContext,
   args: { device: VirtioBlkOptions; serial: string; writeback: boolean; brokenNotifyFd?: number },
+  data?: BlkThreadData,
 ): void {
   if (blk === null) throw new Error("virtio-blk IOThread: blkOpen first");
   if (dataplane !== null) throw new Error("virtio-blk IOThread: already configured");
   const { brokenNotifyFd, ...opts } = args;
   dataplane = new VirtioBlkDataPlane(ctx, blk, {
     ...opts,
+    isr: data?.isr ? new Int32Array(data.isr, 0, 1) : undefined,
+    raiseIrq: data?.irqLine ? irqLineEdge(data.irqLine.vmFd, data.irqLine.gsi) : undefined,
     onBroken: (index, reason) => {
       logBroken(index, reason);
       if (brokenNotifyFd === undefined) return;

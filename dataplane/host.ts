@@ -83,6 +83,101 @@ export function deviceModel(opts: HostOptions, image: BlkImageInfo): VirtioBlkOp
 }
 
 /**
+ * What {@link startBlkIOThreads} returns: the IOThreads, each with the image
+ * open and its dataplane configured, the device model and the image.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import type { BlkIOThreads } from "./host.ts";
+ * const t: BlkIOThreads = {
+ *   threads: [], device: { capacity: 8 },
+ *   image: { length: 4096, requestAlignment: 1, memAlignment: 1, readOnly: false },
+ * };
+ * assert.equal(t.device.capacity, 8);
+ * ```
+ */
+export interface BlkIOThreads {
+  threads: IOThread[];
+  device: VirtioBlkOptions;
+  image: BlkImageInfo;
+}
+
+/**
+ * The transport-independent half of a virtio-blk host: starts
+ * `options.iothreads` IOThreads with dataplane/blk_iothread.ts loaded, opens
+ * the image in each (`blkOpen`, one range-lock table shared by all), derives
+ * the device model ({@link deviceModel}) and configures each thread's
+ * dataplane (`blkConfigure`). The transport (the vhost-user device here, the
+ * virtio-mmio device of vm/) then drives the threads with blkSetMemory,
+ * blkStartQueue, blkStopQueue... `extra` is merged into every thread's data
+ * (vm/ passes the interrupt status word). On failure every thread started is
+ * closed and stopped before the error is thrown.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { startBlkIOThreads } from "./host.ts";
+ * import { parseHostArgs } from "./host_options.ts";
+ * const o = parseHostArgs(["--image", "null-co:1M", "--socket", "/unused"]);
+ * const { threads, device } = await startBlkIOThreads(o);
+ * assert.equal(device.capacity, 2048);
+ * for (const t of threads) {
+ *   await t.call("blkClose");
+ *   await t.stop();
+ * }
+ * ```
+ */
+export async function startBlkIOThreads(
+  options: HostOptions,
+  brokenNotifyFd?: number,
+  extra: BlkThreadData = {},
+): Promise<BlkIOThreads> {
+  const threads: IOThread[] = [];
+  // One range-lock table for the image, shared by every IOThread's driver:
+  // read-modify-write cycles are serialised across all of them.
+  const data: BlkThreadData = { ...extra, rangeLocks: RangeLockTable.create().shared };
+  try {
+    for (let i = 0; i < options.iothreads; i++) {
+      threads.push(
+        await IOThread.start({
+          name: `iothread${i}`,
+          modules: [BLK_IOTHREAD_MODULE],
+          pollMaxNs: options.pollMaxNs,
+          aioMaxBatch: options.aioMaxBatch,
+          data,
+        }),
+      );
+    }
+    const block: BlockOptions = { ...options.block };
+    const infos: BlkImageInfo[] = [];
+    for (const t of threads) infos.push(await t.call<BlkImageInfo>("blkOpen", block));
+    const image = infos[0];
+    if (image.length < options.logicalBlockSize) {
+      throw new Error(
+        `image is ${image.length} bytes: smaller than one ${options.logicalBlockSize}-byte block`,
+      );
+    }
+    const device = deviceModel(options, image);
+    for (const t of threads) {
+      await t.call("blkConfigure", {
+        device,
+        serial: options.serial,
+        writeback: true,
+        brokenNotifyFd,
+      });
+    }
+    return { threads, device, image };
+  } catch (e) {
+    for (const t of threads) {
+      await t.call("blkClose").catch(() => {});
+      await t.stop();
+    }
+    throw e;
+  }
+}
+
+/**
  * A running vhost-user-blk host.
  *
  * @example
@@ -161,49 +256,12 @@ export class VhostUserBlkHost {
     options: HostOptions,
     log: (line: string) => void = () => {},
   ): Promise<VhostUserBlkHost> {
-    const threads: IOThread[] = [];
     const ctx = new AioContext();
-    // One range-lock table for the image, shared by every IOThread's driver:
-    // read-modify-write cycles are serialised across all of them.
-    const data: BlkThreadData = { rangeLocks: RangeLockTable.create().shared };
     const ringBroken = new EventNotifier();
     try {
-      for (let i = 0; i < options.iothreads; i++) {
-        threads.push(
-          await IOThread.start({
-            name: `iothread${i}`,
-            modules: [BLK_IOTHREAD_MODULE],
-            pollMaxNs: options.pollMaxNs,
-            aioMaxBatch: options.aioMaxBatch,
-            data,
-          }),
-        );
-      }
-      const block: BlockOptions = { ...options.block };
-      const infos: BlkImageInfo[] = [];
-      for (const t of threads) infos.push(await t.call<BlkImageInfo>("blkOpen", block));
-      const image = infos[0];
-      if (image.length < options.logicalBlockSize) {
-        throw new Error(
-          `image is ${image.length} bytes: smaller than one ${options.logicalBlockSize}-byte block`,
-        );
-      }
-      const device = deviceModel(options, image);
-      const brokenNotifyFd = ringBroken.fd;
-      for (const t of threads) {
-        await t.call("blkConfigure", {
-          device,
-          serial: options.serial,
-          writeback: true,
-          brokenNotifyFd,
-        });
-      }
+      const { threads, device, image } = await startBlkIOThreads(options, ringBroken.fd);
       return new VhostUserBlkHost(options, device, image, threads, ctx, ringBroken, log);
     } catch (e) {
-      for (const t of threads) {
-        await t.call("blkClose").catch(() => {});
-        await t.stop();
-      }
       ringBroken.close();
       ctx.close();
       throw e;

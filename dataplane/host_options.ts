@@ -124,7 +124,9 @@ function choice<T extends string>(name: string, text: string | undefined, def: T
 
 /**
  * Parses and validates the host's command line. Throws {@link UsageError} with a
- * message for the user on any bad flag or value.
+ * message for the user on any bad flag or value. `what.socket: false` parses
+ * the same block and device options for a host without a socket (vm/: the
+ * KVM host), where --socket is refused.
  *
  * @example
  * ```ts
@@ -136,7 +138,11 @@ function choice<T extends string>(name: string, text: string | undefined, def: T
  * assert.equal(o.queues, 2);
  * ```
  */
-export function parseHostArgs(args: string[]): HostOptions {
+export function parseHostArgs(
+  args: string[],
+  what: { socket?: boolean } = {},
+): HostOptions {
+  const wantSocket = what.socket ?? true;
   let parsed;
   try {
     parsed = parseArgs({
@@ -175,7 +181,10 @@ export function parseHostArgs(args: string[]): HostOptions {
     };
   }
   if (!v.image) throw new UsageError("--image is required (a file, or null-co:SIZE)");
-  if (!v.socket) throw new UsageError("--socket is required");
+  if (wantSocket && !v.socket) throw new UsageError("--socket is required");
+  if (!wantSocket && v.socket !== undefined) {
+    throw new UsageError("--socket is not an option of this command");
+  }
 
   let block: HostBlockOptions;
   const nullMatch = /^(null-co|null-aio):(.+)$/.exec(v.image);
@@ -254,7 +263,7 @@ export function parseHostArgs(args: string[]): HostOptions {
   }
   return {
     block,
-    socket: v.socket,
+    socket: v.socket ?? "",
     socketMode,
     serial,
     queues,

@@ -1,8 +1,10 @@
 /**
- * dataplane/: the top layer. IOThreads running a virtio-blk dataplane each
- * (`VirtioBlkDataPlane`, QEMU's hw/block/dataplane), the main-thread
- * vhost-user-blk device that ties them to a vhost-user connection, and the
- * host (`VhostUserBlkHost`, CLI in main.ts).
+ * dataplane/: IOThreads running a virtio-blk dataplane each
+ * (`VirtioBlkDataPlane`, QEMU's hw/block/dataplane), started by
+ * `startBlkIOThreads`; the main-thread vhost-user-blk device that ties them
+ * to a vhost-user connection, and the host (`VhostUserBlkHost`, CLI in
+ * main.ts). vm/ (the KVM host) sits above and drives the same IOThreads
+ * from its virtio-mmio transport.
  * Not for: the vhost-user protocol (vhost_user/), ring parsing (virtio/),
  * I/O submission (block/), event loops (aio/).
  *
@@ -16,8 +18,15 @@ export {
   VirtioBlkDataPlane,
 } from "./virtio_blk_dataplane.ts";
 export { VhostUserBlkDevice, type VhostUserBlkDeviceOptions } from "./vhost_user_blk_device.ts";
-export type { BlkImageInfo, BlkThreadStats } from "./blk_iothread.ts";
-export { deviceModel, formatStats, type HostStats, VhostUserBlkHost } from "./host.ts";
+export type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
+export {
+  type BlkIOThreads,
+  deviceModel,
+  formatStats,
+  type HostStats,
+  startBlkIOThreads,
+  VhostUserBlkHost,
+} from "./host.ts";
 export {
   HOST_USAGE,
   type HostBlockOptions,

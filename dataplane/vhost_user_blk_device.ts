@@ -13,6 +13,7 @@
 import type { IOThread } from "../aio/mod.ts";
 import { close, eventfdWrite } from "../sys/mod.ts";
 import {
+  configWriteback,
   DEFAULT_MAX_QUEUE_SIZE,
   encodeVirtioBlkConfig,
   featureBit,
@@ -170,12 +171,8 @@ export class VhostUserBlkDevice implements VhostUserBackend {
 
   /** Only the `writeback` byte is writable (CONFIG_WCE), as in QEMU's virtio_blk_set_config. */
   async setConfig(offset: number, data: Uint8Array, _flags: number): Promise<void> {
-    const wb = VIRTIO_BLK_CONFIG.writeback;
-    if (this.#device.writeback === undefined || offset > wb || offset + data.length <= wb) {
-      throw new Error(`config write of ${data.length} bytes at ${offset}: read-only field`);
-    }
-    const on = data[wb - offset] !== 0;
-    this.#config[wb] = on ? 1 : 0;
+    const on = configWriteback(this.#device, offset, data);
+    this.#config[VIRTIO_BLK_CONFIG.writeback] = on ? 1 : 0;
     for (const t of this.#threads) await t.call("blkSetWriteback", { on });
     this.#log(`write cache ${on ? "enabled" : "disabled (writethrough)"} by the guest`);
   }

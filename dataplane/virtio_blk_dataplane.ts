@@ -38,6 +38,9 @@ import {
   writeBlkId,
 } from "../virtio/mod.ts";
 
+/** ISR bit 0: a used buffer notification (virtio 1.2, 4.2.2 InterruptStatus). */
+const VIRTIO_ISR_QUEUE = 1;
+
 /**
  * Where one queue's rings are and how to signal, as collected from
  * SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR. Addresses are front-end virtual
@@ -227,6 +230,23 @@ export interface DataPlaneOptions {
    * session (a vhost-user host closes the connection, so the VMM resets).
    */
   onBroken?: (index: number, reason: string) => void;
+  /**
+   * The device's interrupt status word (virtio-mmio InterruptStatus, QEMU's
+   * `vdev->isr`), shared with the thread that answers the guest's reads of
+   * it: bit 0 (used buffer) is set before every call-fd write, as QEMU's
+   * virtio_notify sets the ISR before raising the interrupt. Where the call
+   * fd is a KVM irqfd the interrupt reaches the guest without user space, so
+   * this word is how the guest's interrupt handler learns why. vhost-user
+   * has no ISR on this side (the VMM keeps it): leave it out.
+   */
+  isr?: Int32Array;
+  /**
+   * Raises the guest's interrupt instead of writing the call fd (the call fd
+   * must still be set: it says the queue wants notifications). For a VMM
+   * that injects the interrupt itself (vm/ with `--irq line`: KVM_IRQ_LINE
+   * from the IOThread, to compare with KVM_IRQFD). Leave it out otherwise.
+   */
+  raiseIrq?: () => void;
 }
 
 /**
@@ -726,8 +746,12 @@ export class VirtioBlkDataPlane {
   /** One guest notification for everything pushed since the last one. */
   #notifyGuest(q: DataPlaneQueue): void {
     if (q.callFd !== null && q.vq.notifyNeeded()) {
+      const isr = this.#opts.isr;
+      if (isr !== undefined) Atomics.or(isr, 0, VIRTIO_ISR_QUEUE);
       try {
-        eventfdWrite(q.callFd, 1);
+        const raise = this.#opts.raiseIrq;
+        if (raise !== undefined) raise();
+        else eventfdWrite(q.callFd, 1);
       } catch (e) {
         // The connection only accepts non-blocking eventfds, whose writes
         // cannot fail; one that does anyway (closed, reused) breaks this

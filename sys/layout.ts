@@ -168,3 +168,126 @@ export const STATX = {
 
 /** `struct statfs` (sys/vfs.h, x86_64): only the filesystem magic is read. */
 export const STATFS = { size: 120, f_type: 0 } as const;
+
+/** `struct kvm_userspace_memory_region` (linux/kvm.h). */
+export const KVM_USERSPACE_MEMORY_REGION = {
+  size: 32,
+  slot: 0,
+  flags: 4,
+  guest_phys_addr: 8,
+  memory_size: 16,
+  userspace_addr: 24,
+} as const;
+
+/** `struct kvm_irq_level` (linux/kvm.h): `irq` is a union with `status`. */
+export const KVM_IRQ_LEVEL = { size: 8, irq: 0, level: 4 } as const;
+
+/** `struct kvm_irqfd` (linux/kvm.h). */
+export const KVM_IRQFD_STRUCT = { size: 32, fd: 0, gsi: 4, flags: 8, resamplefd: 12 } as const;
+
+/** `struct kvm_ioeventfd` (linux/kvm.h). */
+export const KVM_IOEVENTFD_STRUCT = {
+  size: 64,
+  datamatch: 0,
+  addr: 8,
+  len: 16,
+  fd: 20,
+  flags: 24,
+} as const;
+
+/** `struct kvm_regs` (asm/kvm.h, x86): 18 u64 registers in this order. */
+export const KVM_REGS_STRUCT = {
+  size: 144,
+  rax: 0,
+  rbx: 8,
+  rcx: 16,
+  rdx: 24,
+  rsi: 32,
+  rdi: 40,
+  rsp: 48,
+  rbp: 56,
+  r8: 64,
+  r9: 72,
+  r10: 80,
+  r11: 88,
+  r12: 96,
+  r13: 104,
+  r14: 112,
+  r15: 120,
+  rip: 128,
+  rflags: 136,
+} as const;
+
+/** `struct kvm_segment` (asm/kvm.h, x86). */
+export const KVM_SEGMENT = {
+  size: 24,
+  base: 0,
+  limit: 8,
+  selector: 12,
+  type: 14,
+  present: 15,
+  dpl: 16,
+  db: 17,
+  s: 18,
+  l: 19,
+  g: 20,
+  avl: 21,
+  unusable: 22,
+} as const;
+
+/** `struct kvm_dtable` (asm/kvm.h, x86). */
+export const KVM_DTABLE = { size: 16, base: 0, limit: 8 } as const;
+
+/** `struct kvm_sregs` (asm/kvm.h, x86): eight kvm_segments, two kvm_dtables, control registers. */
+export const KVM_SREGS_STRUCT = {
+  size: 312,
+  cs: 0,
+  ds: 24,
+  es: 48,
+  fs: 72,
+  gs: 96,
+  ss: 120,
+  tr: 144,
+  ldt: 168,
+  gdt: 192,
+  idt: 208,
+  cr0: 224,
+  cr2: 232,
+  cr3: 240,
+  cr4: 248,
+  cr8: 256,
+  efer: 264,
+  apic_base: 272,
+  interrupt_bitmap: 280,
+} as const;
+
+/**
+ * `struct kvm_run` (linux/kvm.h), the page a vCPU fd maps: the header and the
+ * exit union members a minimal VMM reads (`io`, `mmio`, `internal`,
+ * `fail_entry`), flattened as `<member>_<field>`.
+ */
+export const KVM_RUN_STRUCT = {
+  size: 2352,
+  request_interrupt_window: 0,
+  immediate_exit: 1,
+  exit_reason: 8,
+  ready_for_interrupt_injection: 12,
+  if_flag: 13,
+  flags: 14,
+  cr8: 16,
+  apic_base: 24,
+  io_direction: 32,
+  io_size: 33,
+  io_port: 34,
+  io_count: 36,
+  io_data_offset: 40,
+  mmio_phys_addr: 32,
+  mmio_data: 40,
+  mmio_len: 48,
+  mmio_is_write: 52,
+  internal_suberror: 32,
+  internal_ndata: 36,
+  internal_data: 40,
+  fail_entry_hardware_entry_failure_reason: 32,
+  fail_entry_cpu: 40,
+} as const;

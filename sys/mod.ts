@@ -1,7 +1,7 @@
 /**
  * sys/: the only layer that calls `Deno.dlopen`. Typed bindings over libc and
  * Linux system calls (eventfd, epoll, mmap, file I/O, Linux AIO, io_uring,
- * Unix sockets with fd passing, later KVM ioctls), struct layouts, and
+ * Unix sockets with fd passing, KVM ioctls), struct layouts, and
  * {@link SysError} for every failure.
  *
  * Not for: policy. Nothing here keeps state beyond a descriptor or mapping;
@@ -25,3 +25,4 @@ export * from "./linux_aio.ts";
 export * from "./io_uring.ts";
 export * from "./signal.ts";
 export * from "./resident.ts";
+export * from "./kvm.ts";

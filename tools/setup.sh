@@ -2,7 +2,8 @@
 # Set up a fresh machine for dataplane: npm (Debian's, if none is installed),
 # the pinned Deno (from the npm registry, through ./deno) and npm-side tools;
 # with --test also what the test suite and benchmarks use: QEMU,
-# qemu-storage-daemon, qemu-img, busybox-static, fio, gcc + libc headers
+# qemu-storage-daemon, qemu-img, busybox-static, fio, gcc + libc headers (and
+# gcc-multilib for the 32-bit KVM guest)
 # (Debian packages), e2fsprogs + xfsprogs (the error-path tests' loop-mounted
 # ext4 and its shutdown through xfs_io) and a Debian Linux kernel image unpacked
 # into .cache/kernel/. The sync oracle of the durability tests needs tracefs
@@ -50,9 +51,10 @@ fi
 if [ "$want_test" = 1 ]; then
   # qemu-system-x86: the guest VM (TCG); qemu-system-common: qemu-storage-daemon;
   # busybox-static: the guest userland; gcc + libc6-dev: struct layout tests;
-  # e2fsprogs (mkfs.ext4) + xfsprogs (xfs_io shutdown): real EIO in error-path tests.
+  # e2fsprogs (mkfs.ext4) + xfsprogs (xfs_io shutdown): real EIO in error-path tests;
+  # gcc-multilib: the 32-bit freestanding KVM guest of tests/vm/guest (gcc -m32).
   apt_install qemu-system-x86 qemu-utils qemu-system-common busybox-static fio gcc libc6-dev \
-    e2fsprogs xfsprogs
+    e2fsprogs xfsprogs gcc-multilib
 
   kdir=.cache/kernel
   if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then

@@ -43,6 +43,7 @@ export {
 export {
   type BlkRequestLimits,
   blkRequestLimits,
+  configWriteback,
   DEFAULT_MAX_QUEUE_SIZE,
   DEFAULT_SEG_MAX,
   encodeVirtioBlkConfig,

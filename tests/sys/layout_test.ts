@@ -40,6 +40,35 @@ const C_TYPES: Record<string, { type: string; special?: Record<string, string> }
   STAT: { type: "struct stat" },
   STATX: { type: "struct statx" },
   STATFS: { type: "struct statfs" },
+  KVM_USERSPACE_MEMORY_REGION: { type: "struct kvm_userspace_memory_region" },
+  KVM_IRQ_LEVEL: { type: "struct kvm_irq_level" },
+  KVM_IRQFD_STRUCT: { type: "struct kvm_irqfd" },
+  KVM_IOEVENTFD_STRUCT: { type: "struct kvm_ioeventfd" },
+  KVM_REGS_STRUCT: { type: "struct kvm_regs" },
+  KVM_SEGMENT: { type: "struct kvm_segment" },
+  KVM_DTABLE: { type: "struct kvm_dtable" },
+  KVM_SREGS_STRUCT: { type: "struct kvm_sregs" },
+  KVM_RUN_STRUCT: {
+    type: "struct kvm_run",
+    special: Object.fromEntries(
+      [
+        "io.direction",
+        "io.size",
+        "io.port",
+        "io.count",
+        "io.data_offset",
+        "mmio.phys_addr",
+        "mmio.data",
+        "mmio.len",
+        "mmio.is_write",
+        "internal.suberror",
+        "internal.ndata",
+        "internal.data",
+        "fail_entry.hardware_entry_failure_reason",
+        "fail_entry.cpu",
+      ].map((f) => [f.replace(".", "_"), `(long)offsetof(struct kvm_run, ${f})`]),
+    ),
+  },
 };
 
 /** Layouts that are not in any uapi header: checked at run time below. */
@@ -57,6 +86,7 @@ const HEADERS = [
   "sys/vfs.h",
   "linux/aio_abi.h",
   "linux/io_uring.h",
+  "linux/kvm.h",
 ];
 
 function layouts(): [string, Layout][] {

@@ -298,3 +298,27 @@ export function blkRequestLimits(opts: VirtioBlkOptions): BlkRequestLimits {
     maxWriteZeroesSectors: opts.writeZeroes?.maxSectors ?? 0,
   });
 }
+
+/**
+ * The write cache setting a driver's config-space write asks for, as QEMU's
+ * virtio_blk_set_config: only the `writeback` byte is writable, and only
+ * when VIRTIO_BLK_F_CONFIG_WCE is offered (`opts.writeback` set). Returns
+ * true for writeback, false for writethrough; throws RangeError for a write
+ * that does not cover that byte.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { configWriteback, VIRTIO_BLK_CONFIG } from "./config.ts";
+ * const o = { capacity: 8, writeback: true };
+ * assert.equal(configWriteback(o, VIRTIO_BLK_CONFIG.writeback, new Uint8Array([0])), false);
+ * assert.throws(() => configWriteback(o, 0, new Uint8Array(8)), RangeError);
+ * ```
+ */
+export function configWriteback(opts: VirtioBlkOptions, offset: number, data: Uint8Array): boolean {
+  const wb = VIRTIO_BLK_CONFIG.writeback;
+  if (opts.writeback === undefined || offset > wb || offset + data.length <= wb) {
+    throw new RangeError(`config write of ${data.length} bytes at ${offset}: read-only field`);
+  }
+  return data[wb - offset] !== 0;
+}
