@@ -118,7 +118,14 @@ export async function blkOpen(
  */
 export function blkConfigure(
   ctx: AioContext,
-  args: { device: VirtioBlkOptions; serial: string; writeback: boolean; brokenNotifyFd?: number },
+  args: {
+    device: VirtioBlkOptions;
+    serial: string;
+    writeback: boolean;
+    brokenNotifyFd?: number;
+    /** Test-only: see DataPlaneOptions.holdCompletions. */
+    holdCompletions?: { every: number; ms: number } | null;
+  },
 ): void {
   if (blk === null) throw new Error("virtio-blk IOThread: blkOpen first");
   if (dataplane !== null) throw new Error("virtio-blk IOThread: already configured");

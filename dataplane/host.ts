@@ -14,7 +14,7 @@ import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread
 import type { HostOptions } from "./host_options.ts";
 import { type IsolateHeap, isolateHeap, type ResidentMemory, residentMemory } from "../sys/mod.ts";
 import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
-import { VhostUserServer } from "../vhost_user/mod.ts";
+import { VhostUserHandler, VhostUserServer } from "../vhost_user/mod.ts";
 
 // A string literal in `new URL(...)` so the bundler (tools/build.ts) finds the module.
 const BLK_IOTHREAD_MODULE = new URL("./blk_iothread.ts", import.meta.url).href;
@@ -109,7 +109,8 @@ export class VhostUserBlkHost {
   readonly #threads: IOThread[];
   readonly #ctx: AioContext;
   readonly #loop: Promise<void>;
-  readonly #backend: VhostUserBlkDevice;
+  /** The ring state (vhost-user layer) over the device. */
+  readonly #backend: VhostUserHandler;
   /** Written by an IOThread when one of its running rings breaks. */
   readonly #ringBroken: EventNotifier;
   #running = true;
@@ -132,12 +133,10 @@ export class VhostUserBlkHost {
     this.image = image;
     this.#threads = threads;
     this.#ctx = ctx;
-    this.#backend = new VhostUserBlkDevice({
-      device,
-      iothreads: threads,
-      maxQueueSize: options.queueSize,
-      log,
-    });
+    this.#backend = new VhostUserHandler(
+      new VhostUserBlkDevice({ device, iothreads: threads, maxQueueSize: options.queueSize, log }),
+      { log },
+    );
     this.server = VhostUserServer.listen(options.socket, this.#backend, ctx, {
       mode: options.socketMode,
       onError: (e) => log(`error: ${e.message}`),
@@ -196,6 +195,7 @@ export class VhostUserBlkHost {
           serial: options.serial,
           writeback: true,
           brokenNotifyFd,
+          holdCompletions: options.testHoldCompletions ?? null,
         });
       }
       return new VhostUserBlkHost(options, device, image, threads, ctx, ringBroken, log);

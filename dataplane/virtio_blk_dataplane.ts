@@ -11,7 +11,7 @@
  * @module
  */
 
-import type { AioContext, BottomHalf } from "../aio/mod.ts";
+import type { AioContext, AioTimer, BottomHalf } from "../aio/mod.ts";
 import type { BlockBackend } from "../block/mod.ts";
 import { eventfdRead, eventfdWrite } from "../sys/mod.ts";
 import {
@@ -23,6 +23,7 @@ import {
   parseBlkRequest,
   REQUEST_BROKEN,
   requestErrorStatus,
+  SplitInflightRegion,
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
   VIRTIO_BLK_SECTOR_SIZE,
@@ -77,6 +78,13 @@ export interface DataPlaneQueueSetup {
   indirectDesc: boolean;
   /** SET_VRING_ENABLE state: a disabled ring is not processed. */
   enabled: boolean;
+  /**
+   * The ring's inflight log (vhost-user INFLIGHT_SHMFD): host address of its
+   * QueueRegionSplit and the queue size the region was made for. At start,
+   * what it says was in flight is taken again first (and the ring's base is
+   * used idx + that many); every pop and push is recorded in it.
+   */
+  inflight?: { addr: number; queueSize: number } | null;
 }
 
 /**
@@ -112,6 +120,8 @@ export interface DataPlaneQueueStats {
   writtenBytes: number;
   /** Kick eventfd reads that found a kick. */
   kicks: number;
+  /** Requests taken again from the inflight log at ring starts. */
+  resubmitted?: number;
   /** Batches started by busy polling instead of a kick. */
   polls: number;
   /** Call eventfd writes. */
@@ -146,6 +156,8 @@ class DataPlaneRequest {
 class DataPlaneQueue {
   readonly stats: DataPlaneQueueStats;
   vq: Virtqueue;
+  /** The ring's inflight log (kept across memory swaps: it holds the resubmission list). */
+  readonly inflight: SplitInflightRegion | null;
   kickFd: number | null;
   callFd: number | null;
   errFd: number | null;
@@ -170,8 +182,10 @@ class DataPlaneQueue {
     vq: Virtqueue,
     notifyBh: BottomHalf,
     stats: DataPlaneQueueStats,
+    inflight: SplitInflightRegion | null,
   ) {
     this.vq = vq;
+    this.inflight = inflight;
     this.kickFd = setup.kickFd;
     this.callFd = setup.callFd;
     this.errFd = setup.errFd;
@@ -227,6 +241,12 @@ export interface DataPlaneOptions {
    * session (a vhost-user host closes the connection, so the VMM resets).
    */
   onBroken?: (index: number, reason: string) => void;
+  /**
+   * Test-only: the completion of every `every`-th request is held back `ms`
+   * milliseconds before it reaches the used ring (requests complete out of
+   * order). Costs one null check per request when absent.
+   */
+  holdCompletions?: { every: number; ms: number } | null;
 }
 
 /**
@@ -279,6 +299,11 @@ export class VirtioBlkDataPlane {
    */
   readonly #free: DataPlaneRequest[] = [];
   #slots = 0;
+  /** Test-only completion hold (see DataPlaneOptions.holdCompletions). */
+  readonly #hold: { every: number; ms: number } | null;
+  #holdCount = 0;
+  readonly #held: { q: DataPlaneQueue; r: DataPlaneRequest; status: number; at: number }[] = [];
+  #holdTimer: AioTimer | null = null;
   readonly #subDoneCb = (r: DataPlaneRequest, ret: number) => this.#subDone(r.queue!, r, ret);
 
   constructor(ctx: AioContext, blk: BlockBackend, opts: DataPlaneOptions) {
@@ -290,6 +315,7 @@ export class VirtioBlkDataPlane {
     // Zero-padded to 20 bytes: a shorter serial reaches the guest NUL-terminated.
     this.#id = blkIdBytes(opts.serial);
     this.#writeback = opts.writeback;
+    this.#hold = opts.holdCompletions ?? null;
     blk.setDevOps({
       drainedBegin: () => this.#drainedBegin(),
       drainedEnd: () => this.#drainedEnd(),
@@ -355,7 +381,10 @@ export class VirtioBlkDataPlane {
       const rings = new Map<DataPlaneQueue, Virtqueue>();
       if (mem !== null) {
         for (const q of this.#queues.values()) {
-          rings.set(q, this.#newVirtqueue({ ...q.setup, base: q.vq.lastAvailIdx }, mem));
+          rings.set(
+            q,
+            this.#newVirtqueue({ ...q.setup, base: q.vq.lastAvailIdx }, mem, q.inflight),
+          );
         }
       }
       this.#mem = mem;
@@ -374,8 +403,13 @@ export class VirtioBlkDataPlane {
     }
   }
 
-  #newVirtqueue(s: DataPlaneQueueSetup, mem: GuestMemory): Virtqueue {
+  #newVirtqueue(
+    s: DataPlaneQueueSetup,
+    mem: GuestMemory,
+    inflight: SplitInflightRegion | null,
+  ): Virtqueue {
     return new Virtqueue({
+      inflight,
       mem,
       size: s.size,
       desc: s.desc,
@@ -444,12 +478,19 @@ export class VirtioBlkDataPlane {
       throw new Error(`queue ${setup.index}: started twice at once`);
     }
     if (setup.base < 0) setup = { ...setup, base: 0 };
-    const vq = this.#newVirtqueue(setup, mem);
+    const inflight = setup.inflight
+      ? SplitInflightRegion.at(setup.inflight.addr, setup.inflight.queueSize)
+      : null;
+    const vq = this.#newVirtqueue(setup, mem, inflight);
+    // A log kept by the front-end across our restart: what was in flight
+    // goes first, in the order it was taken (the base becomes used idx + n).
+    const resubmitted = vq.resumeInflight();
     let q: DataPlaneQueue | undefined = undefined;
     const bh = this.ctx.bhNew(() => this.#notifyGuest(q!), `notify-vq${setup.index}`);
     let stats = this.#stats.get(setup.index);
     if (stats === undefined) this.#stats.set(setup.index, stats = newStats(setup.index));
-    q = new DataPlaneQueue({ ...setup }, vq, bh, stats);
+    stats.resubmitted = (stats.resubmitted ?? 0) + resubmitted;
+    q = new DataPlaneQueue({ ...setup }, vq, bh, stats, inflight);
     this.#queues.set(setup.index, q);
     this.#attach(q);
   }
@@ -692,6 +733,29 @@ export class VirtioBlkDataPlane {
 
   /** virtio_blk_req_complete: status, used element, batched notify. Hot path. */
   #complete(q: DataPlaneQueue, r: DataPlaneRequest, status: number): void {
+    if (this.#hold !== null && ++this.#holdCount % this.#hold.every === 0) {
+      this.#holdBack(q, r, status);
+      return;
+    }
+    this.#completeNow(q, r, status);
+  }
+
+  /** Test-only: completes `r` `ms` later (it stays in flight meanwhile). */
+  #holdBack(q: DataPlaneQueue, r: DataPlaneRequest, status: number): void {
+    const hold = this.#hold!;
+    this.#held.push({ q, r, status, at: this.ctx.now() + hold.ms * 1e6 });
+    this.#holdTimer ??= this.ctx.timerNew(() => {
+      const now = this.ctx.now();
+      while (this.#held.length > 0 && this.#held[0].at <= now) {
+        const h = this.#held.shift()!;
+        this.#completeNow(h.q, h.r, h.status);
+      }
+      if (this.#held.length > 0) this.#holdTimer!.modNs(this.#held[0].at);
+    });
+    if (!this.#holdTimer.pending) this.#holdTimer.modNs(this.#held[0].at);
+  }
+
+  #completeNow(q: DataPlaneQueue, r: DataPlaneRequest, status: number): void {
     const req = r.req;
     const stats = q.stats;
     stats.requests++;
