@@ -178,15 +178,16 @@ export async function blkSetMemory(
 
 /**
  * Starts (or restarts) a queue. A refused restart leaves the queue running
- * as before (old kick fd, addresses, position).
+ * as before (old kick fd, addresses, position). Resolves with the number of
+ * requests its inflight log resubmits.
  *
  * @example
  * ```ts ignore
  * await iothread.call("blkStartQueue", setup);
  * ```
  */
-export async function blkStartQueue(_ctx: AioContext, setup: DataPlaneQueueSetup): Promise<void> {
-  await need().startQueue(setup);
+export function blkStartQueue(_ctx: AioContext, setup: DataPlaneQueueSetup): Promise<number> {
+  return need().startQueue(setup);
 }
 
 /**

@@ -210,8 +210,9 @@ export class VhostUserBlkDevice implements VhostUserDevice {
       inflight: s.inflight,
     };
     const wasRunning = this.#running.delete(s.index);
+    let resubmitted: number;
     try {
-      await this.threadOf(s.index).call("blkStartQueue", setup);
+      resubmitted = await this.threadOf(s.index).call<number>("blkStartQueue", setup);
     } catch (e) {
       if (wasRunning) this.#running.add(s.index);
       throw e;
@@ -220,7 +221,9 @@ export class VhostUserBlkDevice implements VhostUserDevice {
     this.#log(
       `queue ${s.index}: started on ${this.threadOf(s.index).name} (size ${s.num}, base ${
         base < 0 ? "kept" : base
-      }${s.enabled ? "" : ", disabled"}${s.inflight ? ", inflight tracking" : ""})`,
+      }${s.enabled ? "" : ", disabled"}${
+        s.inflight ? `, inflight tracking: ${resubmitted} request(s) resubmitted` : ""
+      })`,
     );
   }
 

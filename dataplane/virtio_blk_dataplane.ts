@@ -431,9 +431,10 @@ export class VirtioBlkDataPlane {
    * Throws a VirtqueueError when the ring does not fit guest memory. A queue
    * that already runs is restarted from `setup.base`; a restart that is
    * refused leaves it running as before (its kick fd, addresses and
-   * position), so the caller may keep using the old kick fd.
+   * position), so the caller may keep using the old kick fd. Resolves with
+   * the number of requests taken again from the inflight log.
    */
-  async startQueue(setup: DataPlaneQueueSetup): Promise<void> {
+  async startQueue(setup: DataPlaneQueueSetup): Promise<number> {
     // A ring started during a memory swap would be built on the mapping
     // that is about to go: start it on the new one.
     while (this.#memorySwap !== null) await this.#memorySwap;
@@ -459,7 +460,7 @@ export class VirtioBlkDataPlane {
       while (this.#memorySwap !== null) await this.#memorySwap;
     }
     try {
-      this.#start(setup);
+      return this.#start(setup);
     } catch (e) {
       if (previous !== null && !this.#queues.has(setup.index)) {
         try {
@@ -470,8 +471,11 @@ export class VirtioBlkDataPlane {
     }
   }
 
-  /** Builds a queue's virtqueue on the current memory and attaches it (throws if it does not fit). */
-  #start(setup: DataPlaneQueueSetup): void {
+  /**
+   * Builds a queue's virtqueue on the current memory and attaches it (throws
+   * if it does not fit); returns how many requests its inflight log resubmits.
+   */
+  #start(setup: DataPlaneQueueSetup): number {
     const mem = this.#mem;
     if (mem === null) throw new Error(`queue ${setup.index}: no guest memory (SET_MEM_TABLE)`);
     if (this.#queues.has(setup.index)) {
@@ -493,6 +497,7 @@ export class VirtioBlkDataPlane {
     q = new DataPlaneQueue({ ...setup }, vq, bh, stats, inflight);
     this.#queues.set(setup.index, q);
     this.#attach(q);
+    return resubmitted;
   }
 
   /**
