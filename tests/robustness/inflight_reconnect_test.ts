@@ -85,16 +85,20 @@ async function crashWorkload(o: {
   alwaysOutOfOrder: boolean;
   /** Index of the kill done with SIGTERM instead of SIGKILL (-1: none). */
   sigtermAt?: number;
+  /** Queues, each on its own IOThread (default 1). */
+  queues?: number;
 }): Promise<Outcome> {
   const rand = prng(o.seed);
   const s = await scratch("inflight", IMAGE);
-  const args = [...cacheNoneHost(s, o.aio, 1), ...HOLD];
+  const nq = o.queues ?? 1;
+  const args = [...cacheNoneHost(s, o.aio, nq, nq), ...HOLD];
   let host = new HostProcess(args);
   const logs: string[] = [];
   let c: VhostUserBlkClient | null = null;
   try {
     await host.ready();
     c = await connect(s.socket, {
+      numQueues: nq,
       inflight: o.inflight,
       queueSize: 256,
       slots: SLOTS,
@@ -102,7 +106,6 @@ async function crashWorkload(o: {
       timeoutMs: 10_000,
     });
     assert.equal(c.inflight !== null, o.inflight, "inflight region negotiated as asked");
-    const q = c.queues[0];
     const out: Outcome = {
       completed: 0,
       duplicates: 0,
@@ -114,58 +117,68 @@ async function crashWorkload(o: {
       kills: 0,
       outOfOrderKills: 0,
     };
-    // Request id per slot (-1: free), its avail position, kind and block.
-    const slotReq = new Int32Array(SLOTS).fill(-1);
-    const slotPos = new Uint16Array(SLOTS);
     const reqBlock: number[] = [];
     const reqRead: boolean[] = [];
     const written: number[] = []; // blocks whose write completed
     let nextId = 0, nextBlock = 0;
-    const free: number[] = Array.from({ length: SLOTS }, (_, i) => i);
-    q.onComplete = (slot, status) => {
-      const id = slotReq[slot];
-      if (id < 0) {
-        out.duplicates++;
-        return;
-      }
-      slotReq[slot] = -1;
-      free.push(slot);
-      out.completed++;
-      if (status !== 0) out.bad++;
-      else if (reqRead[id] && !matches(q.data(slot), reqBlock[id])) out.bad++;
-      else if (!reqRead[id]) written.push(reqBlock[id]);
-    };
-    const refill = () => {
-      while (free.length > 0 && nextId < o.requests) {
-        const slot = free.pop()!;
-        const id = nextId++;
-        const read = id % 4 === 3 && written.length > 0;
-        const block = read ? written[Math.floor(rand() * written.length)] : nextBlock++;
-        reqBlock[id] = block;
-        reqRead[id] = read;
-        slotReq[slot] = id;
-        slotPos[slot] = q.ring.availIdx;
-        if (read) {
-          q.read(slot, block * BS, BS);
-        } else {
-          fill(q.data(slot), block);
-          q.write(slot, block * BS, BS);
+    // Per queue: request id per slot (-1: free) and its avail position.
+    const queues = c.queues.map((q) => {
+      const st = {
+        q,
+        slotReq: new Int32Array(SLOTS).fill(-1),
+        slotPos: new Uint16Array(SLOTS),
+        free: Array.from({ length: SLOTS }, (_, i) => i),
+      };
+      q.onComplete = (slot, status) => {
+        const id = st.slotReq[slot];
+        if (id < 0) {
+          out.duplicates++;
+          return;
         }
+        st.slotReq[slot] = -1;
+        st.free.push(slot);
+        out.completed++;
+        if (status !== 0) out.bad++;
+        else if (reqRead[id] && !matches(q.data(slot), reqBlock[id])) out.bad++;
+        else if (!reqRead[id]) written.push(reqBlock[id]);
+      };
+      return st;
+    });
+    const refill = () => {
+      for (const { q, slotReq, slotPos, free } of queues) {
+        while (free.length > 0 && nextId < o.requests) {
+          const slot = free.pop()!;
+          const id = nextId++;
+          const read = id % 4 === 3 && written.length > 0;
+          const block = read ? written[Math.floor(rand() * written.length)] : nextBlock++;
+          reqBlock[id] = block;
+          reqRead[id] = read;
+          slotReq[slot] = id;
+          slotPos[slot] = q.ring.availIdx;
+          if (read) {
+            q.read(slot, block * BS, BS);
+          } else {
+            fill(q.data(slot), block);
+            q.write(slot, block * BS, BS);
+          }
+        }
+        q.notify();
       }
-      q.notify();
     };
     // An earlier request in flight while a later one is used: restarting
     // from the used idx then skips the first and repeats the second.
-    const outOfOrder = () => {
-      const used = q.ring.usedIdx;
-      for (let s = 0; s < SLOTS; s++) {
-        if (slotReq[s] < 0) continue;
-        const d = (used - slotPos[s]) & 0xffff;
-        if (d >= 1 && d <= 256) return true;
-      }
-      return false;
-    };
-    const inFlight = () => slotReq.reduce((n, id) => n + (id >= 0 ? 1 : 0), 0);
+    const outOfOrder = () =>
+      queues.some(({ q, slotReq, slotPos }) => {
+        const used = q.ring.usedIdx;
+        for (let s = 0; s < SLOTS; s++) {
+          if (slotReq[s] < 0) continue;
+          const d = (used - slotPos[s]) & 0xffff;
+          if (d >= 1 && d <= 256) return true;
+        }
+        return false;
+      });
+    const inFlight = () =>
+      queues.reduce((n, st) => n + st.slotReq.filter((id) => id >= 0).length, 0);
 
     refill();
     let sinceKill = 0;
@@ -175,7 +188,8 @@ async function crashWorkload(o: {
     let lastProgress = performance.now();
     while (out.completed < o.requests || inFlight() > 0) {
       if (await c.waitAsync(100)) {
-        const n = q.reap();
+        let n = 0;
+        for (const st of queues) n += st.q.reap();
         if (n > 0) lastProgress = performance.now();
         sinceKill += n;
         refill();
@@ -245,6 +259,26 @@ for (const [i, aio] of (["threads", "native", "io_uring"] as Engine[]).entries()
     assert.ok(r.resubmitted >= 1, "no restarted host took anything from the inflight log");
   });
 }
+
+Deno.test("inflight: 2 queues on 2 IOThreads (aio=io_uring), host killed 3 times: nothing lost, nothing repeated", async () => {
+  const r = await crashWorkload({
+    aio: "io_uring",
+    inflight: true,
+    requests: 400,
+    kills: 3,
+    seed: 21,
+    alwaysOutOfOrder: true,
+    queues: 2,
+  });
+  console.log(`2 queues: ${JSON.stringify(r)}`);
+  assert.equal(r.kills, 3);
+  assert.deepEqual(
+    [r.lost, r.duplicates, r.bad, r.corrupt, r.headInUse, r.completed],
+    [0, 0, 0, 0, 0, 400],
+    "lost, duplicates, bad, corrupt, headInUse, completed",
+  );
+  assert.ok(r.resubmitted >= 1);
+});
 
 Deno.test("inflight: without it, a kill with completions out of order loses a request and repeats another", async () => {
   const r = await crashWorkload({
