@@ -557,6 +557,7 @@ export class VirtioBlkDataPlane {
   /** Stops every queue (waiting for in-flight requests) and drops memory. */
   async close(): Promise<void> {
     for (const i of [...this.#queues.keys()]) await this.stopQueue(i);
+    this.#holdTimer?.del();
     this.#mem = null;
     this.blk.setDevOps(null);
     this.blk.setInlineCompletion(false);
