@@ -276,6 +276,19 @@ export interface BlkThreadStats {
 }
 
 /**
+ * Stops taking requests from every queue for good and resolves once none is
+ * in flight (the host's clean stop, before it closes the connection).
+ *
+ * @example
+ * ```ts ignore
+ * await iothread.call("blkQuiesce");
+ * ```
+ */
+export async function blkQuiesce(_ctx: AioContext): Promise<void> {
+  if (dataplane) await dataplane.quiesce();
+}
+
+/**
  * Drains the BlockBackend (bdrv_drained_begin/end around waiting for in-flight requests).
  *
  * @example

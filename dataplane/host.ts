@@ -283,12 +283,18 @@ export class VhostUserBlkHost {
   }
 
   /**
-   * Stops accepting, disconnects the front-end (its rings stop after their
-   * in-flight requests), drains and closes the image in every IOThread, and
-   * returns the final counters. Idempotent.
+   * Stops taking requests and waits for those in flight (their completions
+   * reach the front-end while it is still connected), stops accepting,
+   * disconnects the front-end, drains and closes the image in every
+   * IOThread, and returns the final counters. Idempotent.
    */
   stop(): Promise<HostStats> {
     this.#stopped ??= (async () => {
+      // Requests in flight complete while the front-end still listens: one
+      // that sees the disconnect stops its rings at the used idx and drops
+      // later notifications (QEMU), so completing them after the close would
+      // hide them from a driver that waits for them.
+      for (const t of this.#threads) await t.call("blkQuiesce").catch(() => {});
       await this.server.close();
       await this.#backend.reset();
       const stats = await this.stats();

@@ -168,6 +168,8 @@ class DataPlaneQueue {
   inFlight = 0;
   /** Inside handle_output: completions there are notified at the batch's end. */
   handling = false;
+  /** Resumed from an inflight log: signal the call fd once (see VirtioBlkDataPlane #start). */
+  resumeNotify = false;
   /**
    * Why the ring broke (virtio_error), or null. Kept for the life of this
    * queue, across memory swaps: only a restart by the front-end (stop, then
@@ -284,6 +286,8 @@ export class VirtioBlkDataPlane {
   readonly #stats = new Map<number, DataPlaneQueueStats>();
   /** Inside a drained section: host notifiers detached (BlockDevOps). */
   #drained = false;
+  /** {@link quiesce}d: no host notifier is attached again. */
+  #quiesced = false;
   /**
    * A guest memory swap waiting for the requests on the old mapping: no host
    * notifier may be attached until it is done (drainedEnd, setEnabled and
@@ -488,6 +492,7 @@ export class VirtioBlkDataPlane {
     const vq = this.#newVirtqueue(setup, mem, inflight);
     // A log kept by the front-end across our restart: what was in flight
     // goes first, in the order it was taken (the base becomes used idx + n).
+    const resumed = inflight !== null && inflight.version !== 0;
     const resubmitted = vq.resumeInflight();
     let q: DataPlaneQueue | undefined = undefined;
     const bh = this.ctx.bhNew(() => this.#notifyGuest(q!), `notify-vq${setup.index}`);
@@ -495,8 +500,16 @@ export class VirtioBlkDataPlane {
     if (stats === undefined) this.#stats.set(setup.index, stats = newStats(setup.index));
     stats.resubmitted = (stats.resubmitted ?? 0) + resubmitted;
     q = new DataPlaneQueue({ ...setup }, vq, bh, stats, inflight);
+    // Used entries the previous back-end published after the front-end had
+    // stopped listening to its call fd (a clean stop finishing its requests
+    // after the disconnect) were never signalled, and a driver waiting for
+    // them sends nothing more: signal once, as soon as there is a call fd
+    // (QEMU sends SET_VRING_CALL after SET_VRING_KICK). A spurious
+    // interrupt is harmless.
+    q.resumeNotify = resumed;
     this.#queues.set(setup.index, q);
     this.#attach(q);
+    this.#resumeNotify(q);
     return resubmitted;
   }
 
@@ -525,7 +538,21 @@ export class VirtioBlkDataPlane {
   /** SET_VRING_CALL while running. The caller closes the old fd afterwards. */
   setCallFd(index: number, fd: number | null): void {
     const q = this.#queues.get(index);
-    if (q) q.callFd = fd;
+    if (!q) return;
+    q.callFd = fd;
+    this.#resumeNotify(q);
+  }
+
+  /** The one notification of a ring resumed from an inflight log (see #start). */
+  #resumeNotify(q: DataPlaneQueue): void {
+    if (!q.resumeNotify || q.callFd === null) return;
+    q.resumeNotify = false;
+    try {
+      eventfdWrite(q.callFd, 1);
+      q.stats.notifies++;
+    } catch (e) {
+      this.#markBroken(q, `call fd ${q.callFd}: ${(e as Error).message}`);
+    }
   }
 
   /** SET_VRING_ERR while running. */
@@ -554,6 +581,19 @@ export class VirtioBlkDataPlane {
     });
   }
 
+  /**
+   * Stops taking requests for good (a clean stop of the host) and resolves
+   * once none is in flight, while the front-end still listens: their used
+   * entries and notifications reach it before the connection closes. (A
+   * front-end that has stopped the rings when it sees the disconnect takes
+   * the used idx as the ring base and no longer watches the call fd.)
+   */
+  async quiesce(): Promise<void> {
+    this.#quiesced = true;
+    for (const q of this.#queues.values()) this.#detach(q);
+    await this.#waitIdle();
+  }
+
   /** Stops every queue (waiting for in-flight requests) and drops memory. */
   async close(): Promise<void> {
     for (const i of [...this.#queues.keys()]) await this.stopQueue(i);
@@ -567,7 +607,7 @@ export class VirtioBlkDataPlane {
 
   #attach(q: DataPlaneQueue): void {
     if (
-      q.attached || this.#drained || this.#memorySwap !== null || !q.enabled ||
+      q.attached || this.#drained || this.#quiesced || this.#memorySwap !== null || !q.enabled ||
       q.broken !== null || q.vq.broken
     ) {
       return;

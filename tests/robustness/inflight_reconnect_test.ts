@@ -17,7 +17,7 @@
 import assert from "node:assert/strict";
 import type { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { patternWord } from "../../client/workload.ts";
-import { fileBytes } from "../e2e/host_util.ts";
+import { fileBytes, startHost } from "../e2e/host_util.ts";
 import { cacheNoneHost, connect, HostProcess, MiB, scratch } from "./robustness_util.ts";
 
 const IMAGE = 8 * MiB;
@@ -297,4 +297,37 @@ Deno.test("inflight: without it, a kill with completions out of order loses a re
   // flight, the ring breaks on the repeat (HeadInUse) and the host closes
   // the connection.
   assert.ok(r.duplicates + r.headInUse >= 1, "no used request was taken again");
+});
+
+// A clean stop (SIGTERM) finishes the requests in flight while the
+// front-end is still connected: QEMU, on the disconnect, stops its rings at
+// the used idx and drops the call fd, so a completion pushed after the close
+// would be repeated by the next host (without inflight tracking) or never
+// signalled to a driver that waits for it.
+Deno.test("clean stop: requests in flight complete before the connection closes", async () => {
+  const s = await scratch("inflight-stop", IMAGE);
+  const { host } = await startHost([
+    ...cacheNoneHost(s, "threads", 1),
+    "--test-hold-completions",
+    "1:300",
+  ]);
+  let c: VhostUserBlkClient | null = null;
+  try {
+    c = await connect(s.socket, { slots: 4, maxBlockSize: BS });
+    const q = c.queues[0];
+    fill(q.data(0), 0);
+    q.write(0, 0, BS);
+    q.notify();
+    // The write is held 300 ms in the host; stop meanwhile.
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(q.ring.usedIdx, 0, "still in flight");
+    const stopped = host.stop();
+    assert.ok(await c.frontend.waitClosed(10_000), "connection closed");
+    assert.equal(q.ring.usedIdx, 1, "the write was used before the connection closed");
+    await stopped;
+  } finally {
+    await c?.close();
+    await host.stop();
+    await s.remove();
+  }
 });
