@@ -1,13 +1,16 @@
 // virtio/ hot path: a 4 KiB read request taken from a split virtqueue, parsed
 // and completed (pop + parseBlkRequest + writeStatus + push + notifyNeeded),
-// with the guest side reduced to two u16 stores per request.
+// with the guest side reduced to two u16 stores per request; and pop + push
+// recording each request in a vhost-user inflight log (INFLIGHT_SHMFD).
 //
 //   ./deno bench -A bench/virtio_bench.ts
 import { mmapAnonymous } from "../sys/mod.ts";
 import {
   blkRequestLimits,
   GuestMemory,
+  inflightQueueRegionSize,
   parseBlkRequest,
+  SplitInflightRegion,
   VirtioBlkRequest,
   Virtqueue,
   VRING_DESC_F_INDIRECT,
@@ -25,6 +28,7 @@ const mem = GuestMemory.fromMapped([
 const dv = new DataView(m.buffer);
 const DESC = 0, AVAIL = 0x1000, USED = 0x2000, HDR = 0x4000, DATA = 0x5000, STATUS = 0x6000;
 const TABLE = 0x7000;
+const AVAIL_I = 0x8000, USED_I = 0x9000; // a second ring, with an inflight log
 
 function desc(off: number, i: number, gpa: number, len: number, flags: number, next: number) {
   const o = off + 16 * i;
@@ -47,16 +51,17 @@ desc(TABLE, 2, GPA + STATUS, 1, VRING_DESC_F_WRITE, 0);
 dv.setUint32(HDR, 0, true); // VIRTIO_BLK_T_IN, sector 8
 dv.setBigUint64(HDR + 8, 8n, true);
 
-function makeQueue(): Virtqueue {
+function makeQueue(inflight: SplitInflightRegion | null = null): Virtqueue {
   const base = 0x7f0000000000;
   return new Virtqueue({
     mem,
     size: SIZE,
     desc: base + DESC,
-    avail: base + AVAIL,
-    used: base + USED,
+    avail: base + (inflight ? AVAIL_I : AVAIL),
+    used: base + (inflight ? USED_I : USED),
     eventIdx: true,
     indirectDesc: true,
+    inflight,
   });
 }
 
@@ -100,6 +105,22 @@ Deno.bench({ name: "same, indirect descriptor table", group: "4k-read" }, () => 
   req.writeStatus(0);
   vqA.push(c.head, req.usedLen);
   vqA.notifyNeeded();
+});
+
+// INFLIGHT_SHMFD: the same pop + push recording every request in the log.
+const logMap = mmapAnonymous(inflightQueueRegionSize(SIZE));
+const vqI = makeQueue(SplitInflightRegion.at(logMap.addr, SIZE));
+vqI.resumeInflight();
+const availRingI = new Uint16Array(m.buffer, AVAIL_I, 2 + SIZE + 1);
+let availIdxI = 0;
+Deno.bench({ name: "pop + push (no parse), inflight log", group: "4k-read" }, () => {
+  availRingI[2 + (availIdxI & (SIZE - 1))] = nextHead;
+  availIdxI = (availIdxI + 1) & 0xffff;
+  Atomics.store(availRingI, 1, availIdxI);
+  nextHead = (nextHead + 3) % 255;
+  const c = vqI.pop()!;
+  vqI.push(c.head, 4097);
+  vqI.notifyNeeded();
 });
 
 let g = 0;

@@ -13,19 +13,32 @@
  * @module
  */
 
-import { close, Epoll, EPOLLIN, eventfd, eventfdRead, eventfdWrite } from "../sys/mod.ts";
+import {
+  close,
+  ECONNREFUSED,
+  ENOENT,
+  Epoll,
+  EPOLLIN,
+  eventfd,
+  eventfdRead,
+  eventfdWrite,
+  SysError,
+} from "../sys/mod.ts";
 import {
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_GET_CONFIG,
   VHOST_USER_GET_FEATURES,
+  VHOST_USER_GET_INFLIGHT_FD,
   VHOST_USER_GET_PROTOCOL_FEATURES,
   VHOST_USER_GET_QUEUE_NUM,
   VHOST_USER_GET_VRING_BASE,
   VHOST_USER_PROTOCOL_F_CONFIG,
+  VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD,
   VHOST_USER_PROTOCOL_F_MQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_SET_CONFIG,
   VHOST_USER_SET_FEATURES,
+  VHOST_USER_SET_INFLIGHT_FD,
   VHOST_USER_SET_MEM_TABLE,
   VHOST_USER_SET_OWNER,
   VHOST_USER_SET_PROTOCOL_FEATURES,
@@ -100,6 +113,24 @@ export interface BlkClientOptions {
   timeoutMs?: number;
   /** Stop after connecting and negotiating (server tests drive the rest step by step). */
   negotiateOnly?: boolean;
+  /**
+   * Negotiate VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD when offered (default
+   * false): get the inflight region once (GET_INFLIGHT_FD), keep it, and hand
+   * it back on every (re)connection (SET_INFLIGHT_FD), as QEMU's
+   * vhost-user-blk does, so a back-end restarted by {@link VhostUserBlkClient.reconnect}
+   * takes again what was in flight.
+   */
+  inflight?: boolean;
+}
+
+/** The inflight region the client keeps for the back-end (GET_INFLIGHT_FD reply). */
+export interface ClientInflightRegion {
+  /** The region's fd (owned by the client). */
+  fd: number;
+  mmapSize: bigint;
+  mmapOffset: bigint;
+  numQueues: number;
+  queueSize: number;
 }
 
 /** The parts of `struct virtio_blk_config` the client reads. */
@@ -286,8 +317,14 @@ export type WaitMode = "poll" | "block" | "async";
  * ```
  */
 export class VhostUserBlkClient {
-  /** The control channel. */
-  readonly frontend: VhostUserFrontend;
+  /** The control channel (replaced by {@link reconnect}). */
+  frontend: VhostUserFrontend;
+  /** The socket path connected to. */
+  readonly path: string;
+  /** The inflight region kept across reconnections (INFLIGHT_SHMFD negotiated), or null. */
+  inflight: ClientInflightRegion | null = null;
+  /** Successful {@link reconnect}s. */
+  reconnects = 0;
   /** Features offered by the back-end. */
   offeredFeatures = 0n;
   /** Features acknowledged (offered & what the client drives). */
@@ -319,8 +356,13 @@ export class VhostUserBlkClient {
   readonly #epoll: Epoll;
   #closed = false;
 
-  private constructor(frontend: VhostUserFrontend, opts: Required<BlkClientOptions>) {
+  private constructor(
+    frontend: VhostUserFrontend,
+    path: string,
+    opts: Required<BlkClientOptions>,
+  ) {
     this.frontend = frontend;
+    this.path = path;
     this.#opts = opts;
     this.callFd = eventfd();
     this.#epoll = new Epoll(4);
@@ -340,13 +382,15 @@ export class VhostUserBlkClient {
       eventIdx: opts.eventIdx ?? true,
       timeoutMs: opts.timeoutMs ?? 5000,
       negotiateOnly: opts.negotiateOnly ?? false,
+      inflight: opts.inflight ?? false,
     };
     if (3 * full.slots > queueSize) throw new RangeError("slots * 3 must fit in the queue");
     const fe = await VhostUserFrontend.connect(path, full.timeoutMs);
-    const c = new VhostUserBlkClient(fe, full);
+    const c = new VhostUserBlkClient(fe, path, full);
     try {
       await c.negotiate();
       if (!full.negotiateOnly) {
+        await c.setupInflight();
         await c.setupMemory();
         await c.setupQueues();
       }
@@ -382,7 +426,9 @@ export class VhostUserBlkClient {
     if (this.features & bit(VHOST_USER_F_PROTOCOL_FEATURES)) {
       const p = await fe.request(VHOST_USER_GET_PROTOCOL_FEATURES, { kind: "empty" }, [], "u64");
       if (p.payload.kind !== "u64") throw new FrontendError("badReply", "GET_PROTOCOL_FEATURES");
-      this.protocolFeatures = p.payload.value & DRIVER_PROTOCOL_FEATURES;
+      const want = DRIVER_PROTOCOL_FEATURES |
+        (this.#opts.inflight ? bit(VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD) : 0n);
+      this.protocolFeatures = p.payload.value & want;
       await fe.request(VHOST_USER_SET_PROTOCOL_FEATURES, {
         kind: "u64",
         value: this.protocolFeatures,
@@ -466,7 +512,12 @@ export class VhostUserBlkClient {
     const per = (o.regions === 1 ? ringBytes + dataBytes : Math.max(ringBytes, dataBytes)) +
       (1 << 20);
     this.ram = GuestRam.create(per * o.regions, o.regions, o.regionGap);
-    const regions = this.ram.regions.map((r) => ({
+    await this.#sendMemTable();
+  }
+
+  /** SET_MEM_TABLE of the client's RAM. */
+  async #sendMemTable(): Promise<void> {
+    const regions = this.ram!.regions.map((r) => ({
       guestPhysAddr: BigInt(r.guestPhysAddr),
       size: BigInt(r.size),
       userAddr: BigInt(r.userAddr),
@@ -479,22 +530,62 @@ export class VhostUserBlkClient {
     );
   }
 
+  /**
+   * With INFLIGHT_SHMFD negotiated: GET_INFLIGHT_FD the first time (the
+   * region is kept), then SET_INFLIGHT_FD (QEMU's vhost_user_blk_start:
+   * vhost_dev_get_inflight once, vhost_dev_set_inflight on every start).
+   */
+  async setupInflight(): Promise<void> {
+    if ((this.protocolFeatures & bit(VHOST_USER_PROTOCOL_F_INFLIGHT_SHMFD)) === 0n) return;
+    const fe = this.frontend;
+    if (this.inflight === null) {
+      const r = await fe.request(
+        VHOST_USER_GET_INFLIGHT_FD,
+        {
+          kind: "inflight",
+          mmapSize: 0n,
+          mmapOffset: 0n,
+          numQueues: this.#opts.numQueues,
+          queueSize: this.#opts.queueSize,
+        },
+        [],
+        "inflight",
+      );
+      if (r.payload.kind !== "inflight" || r.fds.length !== 1) {
+        for (const fd of r.fds) close(fd);
+        throw new FrontendError("badReply", "GET_INFLIGHT_FD");
+      }
+      this.inflight = { fd: r.fds[0], ...r.payload };
+    }
+    const { fd, ...desc } = this.inflight;
+    await fe.request(VHOST_USER_SET_INFLIGHT_FD, { kind: "inflight", ...desc }, [fd]);
+  }
+
   /** Lays out the rings and sends SET_VRING_NUM/BASE/ADDR/KICK/CALL/ENABLE for each queue. */
   async setupQueues(): Promise<void> {
     const o = this.#opts;
     const ram = this.ram!;
     const eventIdx = this.hasFeature(VIRTIO_RING_F_EVENT_IDX);
-    const fe = this.frontend;
     for (let i = 0; i < o.numQueues; i++) {
       const ring = new DriverQueue(ram, 0, o.queueSize, eventIdx);
-      const q = new BlkQueue(i, ring, ram, o.slots, o.maxBlockSize);
-      this.queues.push(q);
+      this.queues.push(new BlkQueue(i, ring, ram, o.slots, o.maxBlockSize));
+    }
+    await this.#startRings(() => 0);
+  }
+
+  /** SET_VRING_NUM/BASE/ADDR/KICK/CALL for every queue, then ENABLE. */
+  async #startRings(base: (q: BlkQueue) => number): Promise<void> {
+    const o = this.#opts;
+    const fe = this.frontend;
+    for (const q of this.queues) {
+      const i = q.index;
+      const ring = q.ring;
       await fe.request(VHOST_USER_SET_VRING_NUM, {
         kind: "vringState",
         index: i,
         num: o.queueSize,
       });
-      await fe.request(VHOST_USER_SET_VRING_BASE, { kind: "vringState", index: i, num: 0 });
+      await fe.request(VHOST_USER_SET_VRING_BASE, { kind: "vringState", index: i, num: base(q) });
       await fe.request(VHOST_USER_SET_VRING_ADDR, {
         kind: "vringAddr",
         index: i,
@@ -604,6 +695,38 @@ export class VhostUserBlkClient {
     return bases;
   }
 
+  /**
+   * Plays QEMU after the back-end went away (vhost_user_blk_disconnect,
+   * then _connect with `reconnect=N`): connects to the same socket again
+   * (retrying while nobody listens, up to `timeoutMs`), negotiates, hands
+   * back the inflight region (SET_INFLIGHT_FD), the same memory and rings.
+   * GET_VRING_BASE cannot reach a dead back-end, so each ring restarts at
+   * the used idx the back-end last published, as QEMU does
+   * (virtio_queue_restore_last_avail_idx): right only for in-order
+   * completion unless the back-end resumes from the inflight region.
+   * Requests in flight stay in flight: the restarted back-end completes them.
+   */
+  async reconnect(timeoutMs = 10_000): Promise<void> {
+    if (this.ram === null) throw new FrontendError("closed", "reconnect before set-up");
+    this.frontend.close();
+    const deadline = Date.now() + timeoutMs;
+    for (;;) {
+      try {
+        this.frontend = await VhostUserFrontend.connect(this.path, this.#opts.timeoutMs);
+        break;
+      } catch (e) {
+        const retry = e instanceof SysError && (e.errno === ECONNREFUSED || e.errno === ENOENT);
+        if (!retry || Date.now() > deadline) throw e;
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    }
+    await this.negotiate();
+    await this.setupInflight();
+    await this.#sendMemTable();
+    await this.#startRings((q) => q.ring.usedIdx);
+    this.reconnects++;
+  }
+
   /** Stops the queues (best effort), disconnects and frees everything; idempotent. */
   async close(): Promise<void> {
     if (this.#closed) return;
@@ -622,5 +745,7 @@ export class VhostUserBlkClient {
     close(this.callFd);
     this.ram?.close();
     this.ram = null;
+    if (this.inflight !== null) close(this.inflight.fd);
+    this.inflight = null;
   }
 }

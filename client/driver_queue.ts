@@ -87,6 +87,11 @@ export class DriverQueue {
     return this.#lastUsed;
   }
 
+  /** The device's used idx as it is in the ring now. */
+  get usedIdx(): number {
+    return Atomics.load(this.#used16, 1);
+  }
+
   /** The driver's avail idx (published or not). */
   get availIdx(): number {
     return this.#availIdx;

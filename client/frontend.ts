@@ -64,6 +64,8 @@ export interface FrontendReply {
   flags: number;
   /** Payload decoded as the expected kind, or `empty` when the back-end sent none. */
   payload: VhostUserPayload;
+  /** Fds that came with the reply (GET_INFLIGHT_FD); the caller owns them. */
+  fds: number[];
 }
 
 /**
@@ -149,12 +151,26 @@ export class VhostUserFrontend {
       }
       return r;
     }
-    return { flags: 0, payload: { kind: "empty" } };
+    return { flags: 0, payload: { kind: "empty" }, fds: [] };
   }
 
   /** Reads one reply to `request`, decoded as `kind` (or `empty` if the back-end sent no payload). */
   async readReply(request: number, kind: VhostUserPayloadKind): Promise<FrontendReply> {
-    await this.#readExact(this.#hdr);
+    const fds: number[] = [];
+    try {
+      return await this.#readReply(request, kind, fds);
+    } catch (err) {
+      for (const fd of fds) close(fd);
+      throw err;
+    }
+  }
+
+  async #readReply(
+    request: number,
+    kind: VhostUserPayloadKind,
+    fds: number[],
+  ): Promise<FrontendReply> {
+    await this.#readExact(this.#hdr, fds);
     let h;
     try {
       h = decodeHeader(this.#hdr);
@@ -162,7 +178,7 @@ export class VhostUserFrontend {
       throw new FrontendError("badReply", (err as Error).message);
     }
     const body = new Uint8Array(h.size);
-    await this.#readExact(body);
+    await this.#readExact(body, fds);
     if (h.request !== request || (h.flags & VHOST_USER_REPLY_MASK) === 0) {
       throw new FrontendError(
         "badReply",
@@ -171,20 +187,22 @@ export class VhostUserFrontend {
         }`,
       );
     }
-    if (h.size === 0 && kind !== "empty") return { flags: h.flags, payload: { kind: "empty" } };
+    if (h.size === 0 && kind !== "empty") {
+      return { flags: h.flags, payload: { kind: "empty" }, fds };
+    }
     try {
-      return { flags: h.flags, payload: decodePayload(request, kind, body) };
+      return { flags: h.flags, payload: decodePayload(request, kind, body), fds };
     } catch (err) {
       throw new FrontendError("badReply", (err as Error).message);
     }
   }
 
-  async #readExact(buf: Uint8Array): Promise<void> {
+  async #readExact(buf: Uint8Array, fds: number[]): Promise<void> {
     let got = 0;
     const deadline = Date.now() + this.timeoutMs;
     while (got < buf.byteLength) {
       const r = recvMsg(this.fd, buf.subarray(got), 4);
-      for (const fd of r.fds) close(fd); // back-ends send no fds on this channel
+      fds.push(...r.fds);
       if (r.n === 0) throw new FrontendError("closed", "back-end closed the connection");
       if (r.n === WOULD_BLOCK) {
         const left = deadline - Date.now();

@@ -136,7 +136,14 @@ function irqLineEdge(vmFd: number, gsi: number): () => void {
  */
 export function blkConfigure(
   ctx: AioContext,
-  args: { device: VirtioBlkOptions; serial: string; writeback: boolean; brokenNotifyFd?: number },
+  args: {
+    device: VirtioBlkOptions;
+    serial: string;
+    writeback: boolean;
+    brokenNotifyFd?: number;
+    /** Test-only: see DataPlaneOptions.holdCompletions. */
+    holdCompletions?: { every: number; ms: number } | null;
+  },
   data?: BlkThreadData,
 ): void {
   if (blk === null) throw new Error("virtio-blk IOThread: blkOpen first");
@@ -192,15 +199,16 @@ export async function blkSetMemory(
 
 /**
  * Starts (or restarts) a queue. A refused restart leaves the queue running
- * as before (old kick fd, addresses, position).
+ * as before (old kick fd, addresses, position). Resolves with the number of
+ * requests its inflight log resubmits.
  *
  * @example
  * ```ts ignore
  * await iothread.call("blkStartQueue", setup);
  * ```
  */
-export async function blkStartQueue(_ctx: AioContext, setup: DataPlaneQueueSetup): Promise<void> {
-  await need().startQueue(setup);
+export function blkStartQueue(_ctx: AioContext, setup: DataPlaneQueueSetup): Promise<number> {
+  return need().startQueue(setup);
 }
 
 /**
@@ -286,6 +294,19 @@ export interface BlkThreadStats {
   broken: string[];
   /** This IOThread's V8 heap. */
   heap?: IsolateHeap;
+}
+
+/**
+ * Stops taking requests from every queue for good and resolves once none is
+ * in flight (the host's clean stop, before it closes the connection).
+ *
+ * @example
+ * ```ts ignore
+ * await iothread.call("blkQuiesce");
+ * ```
+ */
+export async function blkQuiesce(_ctx: AioContext): Promise<void> {
+  if (dataplane) await dataplane.quiesce();
 }
 
 /**

@@ -14,7 +14,7 @@ import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread
 import type { HostOptions } from "./host_options.ts";
 import { type IsolateHeap, isolateHeap, type ResidentMemory, residentMemory } from "../sys/mod.ts";
 import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
-import { VhostUserServer } from "../vhost_user/mod.ts";
+import { VhostUserHandler, VhostUserServer } from "../vhost_user/mod.ts";
 
 // A string literal in `new URL(...)` so the bundler (tools/build.ts) finds the module.
 const BLK_IOTHREAD_MODULE = new URL("./blk_iothread.ts", import.meta.url).href;
@@ -165,6 +165,7 @@ export async function startBlkIOThreads(
         serial: options.serial,
         writeback: true,
         brokenNotifyFd,
+        holdCompletions: options.testHoldCompletions ?? null,
       });
     }
     return { threads, device, image };
@@ -204,7 +205,8 @@ export class VhostUserBlkHost {
   readonly #threads: IOThread[];
   readonly #ctx: AioContext;
   readonly #loop: Promise<void>;
-  readonly #backend: VhostUserBlkDevice;
+  /** The ring state (vhost-user layer) over the device. */
+  readonly #backend: VhostUserHandler;
   /** Written by an IOThread when one of its running rings breaks. */
   readonly #ringBroken: EventNotifier;
   #running = true;
@@ -227,12 +229,10 @@ export class VhostUserBlkHost {
     this.image = image;
     this.#threads = threads;
     this.#ctx = ctx;
-    this.#backend = new VhostUserBlkDevice({
-      device,
-      iothreads: threads,
-      maxQueueSize: options.queueSize,
-      log,
-    });
+    this.#backend = new VhostUserHandler(
+      new VhostUserBlkDevice({ device, iothreads: threads, maxQueueSize: options.queueSize, log }),
+      { log },
+    );
     this.server = VhostUserServer.listen(options.socket, this.#backend, ctx, {
       mode: options.socketMode,
       onError: (e) => log(`error: ${e.message}`),
@@ -341,12 +341,18 @@ export class VhostUserBlkHost {
   }
 
   /**
-   * Stops accepting, disconnects the front-end (its rings stop after their
-   * in-flight requests), drains and closes the image in every IOThread, and
-   * returns the final counters. Idempotent.
+   * Stops taking requests and waits for those in flight (their completions
+   * reach the front-end while it is still connected), stops accepting,
+   * disconnects the front-end, drains and closes the image in every
+   * IOThread, and returns the final counters. Idempotent.
    */
   stop(): Promise<HostStats> {
     this.#stopped ??= (async () => {
+      // Requests in flight complete while the front-end still listens: one
+      // that sees the disconnect stops its rings at the used idx and drops
+      // later notifications (QEMU), so completing them after the close would
+      // hide them from a driver that waits for them.
+      for (const t of this.#threads) await t.call("blkQuiesce").catch(() => {});
       await this.server.close();
       await this.#backend.reset();
       const stats = await this.stats();

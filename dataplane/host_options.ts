@@ -28,6 +28,13 @@ export interface HostOptions {
   pollMaxNs: number;
   /** aio-max-batch of every IOThread (requests per linux-aio / io_uring submission). */
   aioMaxBatch: number;
+  /**
+   * Test-only (`--test-hold-completions EVERY:MS`): the completion of every
+   * EVERY-th request of each IOThread is held back MS milliseconds, so
+   * requests complete out of order (a kill then lands with a later request
+   * used and an earlier one not). Never for production.
+   */
+  testHoldCompletions?: { every: number; ms: number };
   help: boolean;
 }
 
@@ -77,6 +84,9 @@ cloud-hypervisor --disk vhost_user=on).
   --aio-max-batch N        most requests per native/io_uring
                            submission (1..1024)                     [4]
   --socket-mode MODE       octal mode of the socket file            [0600]
+  --test-hold-completions EVERY:MS
+                           tests only: hold every EVERY-th completion
+                           back MS ms (out-of-order completion)
   -h, --help               this text
 `;
 
@@ -166,6 +176,7 @@ export function parseHostArgs(
         "poll-max-ns": { type: "string" },
         "aio-max-batch": { type: "string" },
         "socket-mode": { type: "string" },
+        "test-hold-completions": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -261,7 +272,17 @@ export function parseHostArgs(
     }
     socketMode = parseInt(v["socket-mode"], 8);
   }
+  let testHoldCompletions: HostOptions["testHoldCompletions"];
+  if (v["test-hold-completions"] !== undefined) {
+    const m = /^(\d+):(\d+)$/.exec(v["test-hold-completions"]);
+    const every = Number(m?.[1]), ms = Number(m?.[2]);
+    if (!m || every < 1 || every > 1e6 || ms > 60_000) {
+      throw new UsageError("--test-hold-completions takes EVERY:MS (1..1000000, 0..60000)");
+    }
+    testHoldCompletions = { every, ms };
+  }
   return {
+    ...(testHoldCompletions ? { testHoldCompletions } : {}),
     block,
     socket: v.socket ?? "",
     socketMode,

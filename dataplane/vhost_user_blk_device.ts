@@ -1,17 +1,16 @@
 /**
- * The vhost-user-blk device on the main thread: what the vhost-user
- * connection talks to (`VhostUserBackend`). It answers features and config
- * from the virtio-blk device model, maps guest memory once (SET_MEM_TABLE)
- * and hands the mapping to every IOThread, collects each ring's setup and
- * starts the ring in the IOThread that owns it (queue i goes to IOThread
- * i mod n), and forwards later changes. The data path never touches this
- * thread.
+ * The vhost-user-blk device on the main thread, a `VhostUserDevice` under the
+ * vhost-user layer's `VhostUserHandler` (which owns the ring state and the
+ * ring fds). It answers features and config from the virtio-blk device
+ * model, maps guest memory once (SET_MEM_TABLE) and hands the mapping to
+ * every IOThread, starts a ring in the IOThread that owns it (queue i goes to
+ * IOThread i mod n), stops it, and forwards later changes. The data path
+ * never touches this thread.
  *
  * @module
  */
 
 import type { IOThread } from "../aio/mod.ts";
-import { close, eventfdWrite } from "../sys/mod.ts";
 import {
   configWriteback,
   DEFAULT_MAX_QUEUE_SIZE,
@@ -30,9 +29,10 @@ import {
   VHOST_USER_PROTOCOL_F_MQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_PROTOCOL_F_RESET_DEVICE,
-  type VhostUserBackend,
+  type VhostUserDevice,
   type VhostUserMemoryRegion,
-  type VhostUserVringAddr,
+  type VringSetup,
+  type VringUpdate,
 } from "../vhost_user/mod.ts";
 import type { DataPlaneQueueSetup } from "./virtio_blk_dataplane.ts";
 
@@ -40,42 +40,6 @@ import type { DataPlaneQueueSetup } from "./virtio_blk_dataplane.ts";
 const PROTOCOL_FEATURES = featureBit(VHOST_USER_PROTOCOL_F_MQ) |
   featureBit(VHOST_USER_PROTOCOL_F_REPLY_ACK) | featureBit(VHOST_USER_PROTOCOL_F_CONFIG) |
   featureBit(VHOST_USER_PROTOCOL_F_RESET_DEVICE);
-
-/** What the device knows about one ring between SET_VRING_* messages. */
-interface RingState {
-  num: number;
-  addr: VhostUserVringAddr | null;
-  base: number;
-  kickFd: number | null;
-  callFd: number | null;
-  errFd: number | null;
-  enabled: boolean;
-  /** Running in its IOThread (kick received, not stopped by GET_VRING_BASE). */
-  started: boolean;
-  /** SET_VRING_BASE arrived since the ring started. */
-  baseSet: boolean;
-}
-
-function newRing(): RingState {
-  return {
-    num: 0,
-    addr: null,
-    base: 0,
-    kickFd: null,
-    callFd: null,
-    errFd: null,
-    enabled: false,
-    started: false,
-    baseSet: false,
-  };
-}
-
-function closeFd(fd: number | null): void {
-  if (fd === null) return;
-  try {
-    close(fd);
-  } catch { /* already closed */ }
-}
 
 /**
  * Options of a {@link VhostUserBlkDevice}.
@@ -100,7 +64,7 @@ export interface VhostUserBlkDeviceOptions {
 }
 
 /**
- * vhost-user-blk device state on the main thread; a `VhostUserBackend`.
+ * vhost-user-blk device state on the main thread; a `VhostUserDevice`.
  *
  * @example
  * ```ts
@@ -111,7 +75,7 @@ export interface VhostUserBlkDeviceOptions {
  * assert.equal(dev.getConfig(0, 8)[1], 8); // capacity 2048 = 0x800, little-endian
  * ```
  */
-export class VhostUserBlkDevice implements VhostUserBackend {
+export class VhostUserBlkDevice implements VhostUserDevice {
   readonly #device: VirtioBlkOptions;
   readonly #threads: IOThread[];
   readonly #log: (line: string) => void;
@@ -120,13 +84,10 @@ export class VhostUserBlkDevice implements VhostUserBackend {
   readonly #features: bigint;
   #acked = 0n;
   #mem: GuestMemory | null = null;
-  #rings: RingState[];
-  /**
-   * Operations still running in an IOThread (each settles, never rejects).
-   * {@link reset} waits for them: a ring stopped by GET_VRING_BASE has
-   * requests in flight that still write its call fd and guest memory.
-   */
-  readonly #inProgress = new Set<Promise<void>>();
+  /** Queues running in their IOThread. */
+  readonly #running = new Set<number>();
+  /** Where each queue stopped last (blkStopQueue), for a restart that keeps its position. */
+  readonly #stoppedAt = new Map<number, number>();
 
   constructor(opts: VhostUserBlkDeviceOptions) {
     this.#device = opts.device;
@@ -135,7 +96,6 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     this.#maxQueueSize = opts.maxQueueSize ?? DEFAULT_MAX_QUEUE_SIZE;
     this.#config = encodeVirtioBlkConfig(opts.device);
     this.#features = virtioBlkFeatures(opts.device) | featureBit(VHOST_USER_F_PROTOCOL_FEATURES);
-    this.#rings = Array.from({ length: this.numQueues() }, newRing);
   }
 
   /** The IOThread serving queue `index`. */
@@ -153,6 +113,10 @@ export class VhostUserBlkDevice implements VhostUserBackend {
 
   numQueues(): number {
     return this.#device.numQueues ?? 1;
+  }
+
+  maxQueueSize(): number {
+    return this.#maxQueueSize;
   }
 
   setFeatures(features: bigint): void {
@@ -177,11 +141,7 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     this.#log(`write cache ${on ? "enabled" : "disabled (writethrough)"} by the guest`);
   }
 
-  setMemTable(regions: VhostUserMemoryRegion[]): Promise<void> {
-    return this.#track(this.#setMemTable(regions));
-  }
-
-  async #setMemTable(regions: VhostUserMemoryRegion[]): Promise<void> {
+  async setMemTable(regions: VhostUserMemoryRegion[]): Promise<void> {
     const next = GuestMemory.map(regions);
     const moved: IOThread[] = [];
     try {
@@ -218,124 +178,64 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     }
   }
 
-  setVringNum(index: number, num: number): void {
-    if (num > this.#maxQueueSize) {
-      throw new RangeError(`queue ${index}: size ${num} > --queue-size ${this.#maxQueueSize}`);
+  /**
+   * Starts (or restarts, with a new kick fd) a ring in its IOThread. A
+   * refused restart leaves the ring running as before.
+   */
+  async startQueue(s: VringSetup): Promise<void> {
+    if (this.#mem === null) {
+      throw new Error(`queue ${s.index}: SET_VRING_KICK before SET_MEM_TABLE`);
     }
-    this.#rings[index].num = num;
-  }
-
-  setVringAddr(index: number, addr: VhostUserVringAddr): void {
-    this.#rings[index].addr = addr;
-  }
-
-  setVringBase(index: number, base: number): void {
-    this.#rings[index].base = base;
-    this.#rings[index].baseSet = true;
-  }
-
-  getVringBase(index: number): Promise<number> {
-    return this.#track(this.#getVringBase(index));
-  }
-
-  async #getVringBase(index: number): Promise<number> {
-    const r = this.#rings[index];
-    if (r.started) {
-      r.started = false;
-      r.base = await this.threadOf(index).call<number>("blkStopQueue", { index });
-    }
-    // GET_VRING_BASE stops the ring: the kick fd is no longer used.
-    closeFd(r.kickFd);
-    r.kickFd = null;
-    return r.base;
-  }
-
-  setVringKick(index: number, fd: number | null): Promise<void> {
-    return this.#track(this.#setVringKick(index, fd));
-  }
-
-  async #setVringKick(index: number, fd: number | null): Promise<void> {
-    const r = this.#rings[index];
-    const old = r.kickFd;
-    const wasStarted = r.started;
+    // -1 (keep the position) for a ring this device stopped by itself
+    // (memory lost) means where it stopped.
+    const base = s.base < 0 && !this.#running.has(s.index)
+      ? (this.#stoppedAt.get(s.index) ?? 0)
+      : s.base;
+    const setup: DataPlaneQueueSetup = {
+      index: s.index,
+      size: s.num,
+      desc: s.addr.descUserAddr,
+      avail: s.addr.availUserAddr,
+      used: s.addr.usedUserAddr,
+      base,
+      kickFd: s.kickFd,
+      callFd: s.callFd,
+      errFd: s.errFd,
+      eventIdx: (this.#acked & featureBit(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
+      indirectDesc: (this.#acked & featureBit(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
+      enabled: s.enabled,
+      inflight: s.inflight,
+    };
+    const wasRunning = this.#running.delete(s.index);
+    let resubmitted: number;
     try {
-      if (fd === null) {
-        throw new Error(`queue ${index}: polling without a kick fd (NOFD) is not supported`);
-      }
-      // The connection handed over only an eventfd made non-blocking (a
-      // blocking one that something else drains would hang the IOThread).
-      if (r.addr === null || r.num === 0) {
-        throw new Error(`queue ${index}: SET_VRING_KICK before SET_VRING_NUM/ADDR`);
-      }
-      if (this.#mem === null) {
-        throw new Error(`queue ${index}: SET_VRING_KICK before SET_MEM_TABLE`);
-      }
-      const setup: DataPlaneQueueSetup = {
-        index,
-        size: r.num,
-        desc: r.addr.descUserAddr,
-        avail: r.addr.availUserAddr,
-        used: r.addr.usedUserAddr,
-        // A kick fd replaced while running, with no new SET_VRING_BASE, must
-        // not rewind the ring to the old base (that would replay requests).
-        base: r.started && !r.baseSet ? -1 : r.base,
-        kickFd: fd,
-        callFd: r.callFd,
-        errFd: r.errFd,
-        eventIdx: (this.#acked & featureBit(VIRTIO_RING_F_EVENT_IDX)) !== 0n,
-        indirectDesc: (this.#acked & featureBit(VIRTIO_RING_F_INDIRECT_DESC)) !== 0n,
-        enabled: r.enabled,
-      };
-      r.started = false;
-      await this.threadOf(index).call("blkStartQueue", setup);
+      resubmitted = await this.threadOf(s.index).call<number>("blkStartQueue", setup);
     } catch (e) {
-      // Refused: nothing changed. A running ring goes on with its old kick
-      // fd, which its IOThread still polls (blkStartQueue restores a queue
-      // whose restart it refuses): only the refused fd is closed.
-      r.started = wasStarted;
-      closeFd(fd);
-      // Report through the error eventfd too, as a ring that cannot run.
-      if (r.errFd !== null) {
-        try {
-          eventfdWrite(r.errFd, 1);
-        } catch { /* a failing err fd must not hide the error being reported */ }
-      }
+      if (wasRunning) this.#running.add(s.index);
       throw e;
     }
-    // The IOThread polls the new fd now: the old one may go.
-    r.kickFd = fd;
-    r.started = true;
-    r.baseSet = false;
-    if (old !== null && old !== fd) closeFd(old);
+    this.#running.add(s.index);
     this.#log(
-      `queue ${index}: started on ${this.threadOf(index).name} (size ${r.num}, base ${r.base}${
-        r.enabled ? "" : ", disabled"
+      `queue ${s.index}: started on ${this.threadOf(s.index).name} (size ${s.num}, base ${
+        base < 0 ? "kept" : base
+      }${s.enabled ? "" : ", disabled"}${
+        s.inflight ? `, inflight tracking: ${resubmitted} request(s) resubmitted` : ""
       })`,
     );
   }
 
-  setVringCall(index: number, fd: number | null): Promise<void> {
-    return this.#track(this.#replaceRingFd(index, "callFd", fd));
+  /** Stops a ring after its in-flight requests (GET_VRING_BASE); the next avail index. */
+  async stopQueue(index: number): Promise<number> {
+    if (!this.#running.delete(index)) return this.#stoppedAt.get(index) ?? 0;
+    const base = await this.threadOf(index).call<number>("blkStopQueue", { index });
+    this.#stoppedAt.set(index, base);
+    return base;
   }
 
-  setVringErr(index: number, fd: number | null): Promise<void> {
-    return this.#track(this.#replaceRingFd(index, "errFd", fd));
-  }
-
-  /** Tells a running ring's IOThread about the new fd first, then closes the old one. */
-  async #replaceRingFd(index: number, which: "callFd" | "errFd", fd: number | null): Promise<void> {
-    const r = this.#rings[index];
-    const old = r[which];
-    r[which] = fd;
-    if (r.started) await this.threadOf(index).call("blkSetVring", { index, [which]: fd });
-    if (old !== null && old !== fd) closeFd(old);
-  }
-
-  setVringEnable(index: number, enabled: boolean): Promise<void> {
-    const r = this.#rings[index];
-    r.enabled = enabled;
-    if (!r.started) return Promise.resolve();
-    return this.#track(this.threadOf(index).call("blkSetVring", { index, enabled }));
+  /** SET_VRING_CALL / SET_VRING_ERR / SET_VRING_ENABLE on a running ring. */
+  async updateQueue(index: number, update: VringUpdate): Promise<void> {
+    if (!this.#running.has(index)) return;
+    await this.threadOf(index).call("blkSetVring", { index, ...update });
   }
 
   /**
@@ -343,12 +243,9 @@ export class VhostUserBlkDevice implements VhostUserBackend {
    * SET_VRING_KICK), then gives every thread no memory and unmaps it.
    */
   async #dropMemory(): Promise<void> {
-    for (let i = 0; i < this.#rings.length; i++) {
-      const r = this.#rings[i];
-      if (!r.started) continue;
-      r.started = false;
+    for (const i of [...this.#running]) {
       try {
-        r.base = await this.threadOf(i).call<number>("blkStopQueue", { index: i });
+        await this.stopQueue(i);
       } catch (e) {
         this.#log(`queue ${i}: stop failed: ${(e as Error).message}`);
       }
@@ -360,43 +257,13 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     this.#mem = null;
   }
 
-  /** Remembers `p` until it settles, for {@link reset}. */
-  #track<T>(p: Promise<T>): Promise<T> {
-    const settled = p.then(() => {}, () => {});
-    this.#inProgress.add(settled);
-    void settled.then(() => this.#inProgress.delete(settled));
-    return p;
-  }
-
   /**
-   * Stops every ring (after its in-flight requests), unmaps memory, closes
-   * fds. Operations still running are waited for first: a ring stopping
-   * (GET_VRING_BASE) or starting (SET_VRING_KICK) when the front-end left
-   * is no longer marked started, yet its IOThread may still complete
-   * requests into its call fd and guest memory, or poll its kick fd.
+   * Drops the device state: guest memory (after the handler stopped the
+   * rings; any ring still running is stopped first) and features.
    */
   async reset(): Promise<void> {
-    while (this.#inProgress.size > 0) await Promise.all(this.#inProgress);
-    for (let i = 0; i < this.#rings.length; i++) {
-      const r = this.#rings[i];
-      if (r.started) {
-        r.started = false;
-        await this.threadOf(i).call("blkStopQueue", { index: i }).catch((e) =>
-          this.#log(`queue ${i}: stop failed: ${(e as Error).message}`)
-        );
-      }
-      closeFd(r.kickFd);
-      closeFd(r.callFd);
-      closeFd(r.errFd);
-    }
-    this.#rings = Array.from({ length: this.numQueues() }, newRing);
-    if (this.#mem !== null) {
-      for (const t of this.#threads) {
-        await t.call("blkSetMemory", { regions: null }).catch(() => {});
-      }
-      this.#mem.close();
-      this.#mem = null;
-    }
+    if (this.#mem !== null || this.#running.size > 0) await this.#dropMemory();
+    this.#stoppedAt.clear();
     this.#acked = 0n;
   }
 }

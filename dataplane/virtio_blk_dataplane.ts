@@ -11,7 +11,7 @@
  * @module
  */
 
-import type { AioContext, BottomHalf } from "../aio/mod.ts";
+import type { AioContext, AioTimer, BottomHalf } from "../aio/mod.ts";
 import type { BlockBackend } from "../block/mod.ts";
 import { eventfdRead, eventfdWrite } from "../sys/mod.ts";
 import {
@@ -23,6 +23,7 @@ import {
   parseBlkRequest,
   REQUEST_BROKEN,
   requestErrorStatus,
+  SplitInflightRegion,
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
   VIRTIO_BLK_SECTOR_SIZE,
@@ -80,6 +81,13 @@ export interface DataPlaneQueueSetup {
   indirectDesc: boolean;
   /** SET_VRING_ENABLE state: a disabled ring is not processed. */
   enabled: boolean;
+  /**
+   * The ring's inflight log (vhost-user INFLIGHT_SHMFD): host address of its
+   * QueueRegionSplit and the queue size the region was made for. At start,
+   * what it says was in flight is taken again first (and the ring's base is
+   * used idx + that many); every pop and push is recorded in it.
+   */
+  inflight?: { addr: number; queueSize: number } | null;
 }
 
 /**
@@ -115,6 +123,8 @@ export interface DataPlaneQueueStats {
   writtenBytes: number;
   /** Kick eventfd reads that found a kick. */
   kicks: number;
+  /** Requests taken again from the inflight log at ring starts. */
+  resubmitted?: number;
   /** Batches started by busy polling instead of a kick. */
   polls: number;
   /** Call eventfd writes. */
@@ -149,6 +159,8 @@ class DataPlaneRequest {
 class DataPlaneQueue {
   readonly stats: DataPlaneQueueStats;
   vq: Virtqueue;
+  /** The ring's inflight log (kept across memory swaps: it holds the resubmission list). */
+  readonly inflight: SplitInflightRegion | null;
   kickFd: number | null;
   callFd: number | null;
   errFd: number | null;
@@ -159,6 +171,8 @@ class DataPlaneQueue {
   inFlight = 0;
   /** Inside handle_output: completions there are notified at the batch's end. */
   handling = false;
+  /** Resumed from an inflight log: signal the call fd once (see VirtioBlkDataPlane #start). */
+  resumeNotify = false;
   /**
    * Why the ring broke (virtio_error), or null. Kept for the life of this
    * queue, across memory swaps: only a restart by the front-end (stop, then
@@ -173,8 +187,10 @@ class DataPlaneQueue {
     vq: Virtqueue,
     notifyBh: BottomHalf,
     stats: DataPlaneQueueStats,
+    inflight: SplitInflightRegion | null,
   ) {
     this.vq = vq;
+    this.inflight = inflight;
     this.kickFd = setup.kickFd;
     this.callFd = setup.callFd;
     this.errFd = setup.errFd;
@@ -247,6 +263,12 @@ export interface DataPlaneOptions {
    * from the IOThread, to compare with KVM_IRQFD). Leave it out otherwise.
    */
   raiseIrq?: () => void;
+  /**
+   * Test-only: the completion of every `every`-th request is held back `ms`
+   * milliseconds before it reaches the used ring (requests complete out of
+   * order). Costs one null check per request when absent.
+   */
+  holdCompletions?: { every: number; ms: number } | null;
 }
 
 /**
@@ -284,6 +306,8 @@ export class VirtioBlkDataPlane {
   readonly #stats = new Map<number, DataPlaneQueueStats>();
   /** Inside a drained section: host notifiers detached (BlockDevOps). */
   #drained = false;
+  /** {@link quiesce}d: no host notifier is attached again. */
+  #quiesced = false;
   /**
    * A guest memory swap waiting for the requests on the old mapping: no host
    * notifier may be attached until it is done (drainedEnd, setEnabled and
@@ -299,6 +323,11 @@ export class VirtioBlkDataPlane {
    */
   readonly #free: DataPlaneRequest[] = [];
   #slots = 0;
+  /** Test-only completion hold (see DataPlaneOptions.holdCompletions). */
+  readonly #hold: { every: number; ms: number } | null;
+  #holdCount = 0;
+  readonly #held: { q: DataPlaneQueue; r: DataPlaneRequest; status: number; at: number }[] = [];
+  #holdTimer: AioTimer | null = null;
   readonly #subDoneCb = (r: DataPlaneRequest, ret: number) => this.#subDone(r.queue!, r, ret);
 
   constructor(ctx: AioContext, blk: BlockBackend, opts: DataPlaneOptions) {
@@ -310,6 +339,7 @@ export class VirtioBlkDataPlane {
     // Zero-padded to 20 bytes: a shorter serial reaches the guest NUL-terminated.
     this.#id = blkIdBytes(opts.serial);
     this.#writeback = opts.writeback;
+    this.#hold = opts.holdCompletions ?? null;
     blk.setDevOps({
       drainedBegin: () => this.#drainedBegin(),
       drainedEnd: () => this.#drainedEnd(),
@@ -375,7 +405,10 @@ export class VirtioBlkDataPlane {
       const rings = new Map<DataPlaneQueue, Virtqueue>();
       if (mem !== null) {
         for (const q of this.#queues.values()) {
-          rings.set(q, this.#newVirtqueue({ ...q.setup, base: q.vq.lastAvailIdx }, mem));
+          rings.set(
+            q,
+            this.#newVirtqueue({ ...q.setup, base: q.vq.lastAvailIdx }, mem, q.inflight),
+          );
         }
       }
       this.#mem = mem;
@@ -394,8 +427,13 @@ export class VirtioBlkDataPlane {
     }
   }
 
-  #newVirtqueue(s: DataPlaneQueueSetup, mem: GuestMemory): Virtqueue {
+  #newVirtqueue(
+    s: DataPlaneQueueSetup,
+    mem: GuestMemory,
+    inflight: SplitInflightRegion | null,
+  ): Virtqueue {
     return new Virtqueue({
+      inflight,
       mem,
       size: s.size,
       desc: s.desc,
@@ -417,9 +455,10 @@ export class VirtioBlkDataPlane {
    * Throws a VirtqueueError when the ring does not fit guest memory. A queue
    * that already runs is restarted from `setup.base`; a restart that is
    * refused leaves it running as before (its kick fd, addresses and
-   * position), so the caller may keep using the old kick fd.
+   * position), so the caller may keep using the old kick fd. Resolves with
+   * the number of requests taken again from the inflight log.
    */
-  async startQueue(setup: DataPlaneQueueSetup): Promise<void> {
+  async startQueue(setup: DataPlaneQueueSetup): Promise<number> {
     // A ring started during a memory swap would be built on the mapping
     // that is about to go: start it on the new one.
     while (this.#memorySwap !== null) await this.#memorySwap;
@@ -445,7 +484,7 @@ export class VirtioBlkDataPlane {
       while (this.#memorySwap !== null) await this.#memorySwap;
     }
     try {
-      this.#start(setup);
+      return this.#start(setup);
     } catch (e) {
       if (previous !== null && !this.#queues.has(setup.index)) {
         try {
@@ -456,22 +495,42 @@ export class VirtioBlkDataPlane {
     }
   }
 
-  /** Builds a queue's virtqueue on the current memory and attaches it (throws if it does not fit). */
-  #start(setup: DataPlaneQueueSetup): void {
+  /**
+   * Builds a queue's virtqueue on the current memory and attaches it (throws
+   * if it does not fit); returns how many requests its inflight log resubmits.
+   */
+  #start(setup: DataPlaneQueueSetup): number {
     const mem = this.#mem;
     if (mem === null) throw new Error(`queue ${setup.index}: no guest memory (SET_MEM_TABLE)`);
     if (this.#queues.has(setup.index)) {
       throw new Error(`queue ${setup.index}: started twice at once`);
     }
     if (setup.base < 0) setup = { ...setup, base: 0 };
-    const vq = this.#newVirtqueue(setup, mem);
+    const inflight = setup.inflight
+      ? SplitInflightRegion.at(setup.inflight.addr, setup.inflight.queueSize)
+      : null;
+    const vq = this.#newVirtqueue(setup, mem, inflight);
+    // A log kept by the front-end across our restart: what was in flight
+    // goes first, in the order it was taken (the base becomes used idx + n).
+    const resumed = inflight !== null && inflight.version !== 0;
+    const resubmitted = vq.resumeInflight();
     let q: DataPlaneQueue | undefined = undefined;
     const bh = this.ctx.bhNew(() => this.#notifyGuest(q!), `notify-vq${setup.index}`);
     let stats = this.#stats.get(setup.index);
     if (stats === undefined) this.#stats.set(setup.index, stats = newStats(setup.index));
-    q = new DataPlaneQueue({ ...setup }, vq, bh, stats);
+    stats.resubmitted = (stats.resubmitted ?? 0) + resubmitted;
+    q = new DataPlaneQueue({ ...setup }, vq, bh, stats, inflight);
+    // Used entries the previous back-end published after the front-end had
+    // stopped listening to its call fd (a clean stop finishing its requests
+    // after the disconnect) were never signalled, and a driver waiting for
+    // them sends nothing more: signal once, as soon as there is a call fd
+    // (QEMU sends SET_VRING_CALL after SET_VRING_KICK). A spurious
+    // interrupt is harmless.
+    q.resumeNotify = resumed;
     this.#queues.set(setup.index, q);
     this.#attach(q);
+    this.#resumeNotify(q);
+    return resubmitted;
   }
 
   /**
@@ -499,7 +558,16 @@ export class VirtioBlkDataPlane {
   /** SET_VRING_CALL while running. The caller closes the old fd afterwards. */
   setCallFd(index: number, fd: number | null): void {
     const q = this.#queues.get(index);
-    if (q) q.callFd = fd;
+    if (!q) return;
+    q.callFd = fd;
+    this.#resumeNotify(q);
+  }
+
+  /** The one notification of a ring resumed from an inflight log (see #start). */
+  #resumeNotify(q: DataPlaneQueue): void {
+    if (!q.resumeNotify || q.callFd === null) return;
+    q.resumeNotify = false;
+    this.#signal(q);
   }
 
   /** SET_VRING_ERR while running. */
@@ -528,9 +596,23 @@ export class VirtioBlkDataPlane {
     });
   }
 
+  /**
+   * Stops taking requests for good (a clean stop of the host) and resolves
+   * once none is in flight, while the front-end still listens: their used
+   * entries and notifications reach it before the connection closes. (A
+   * front-end that has stopped the rings when it sees the disconnect takes
+   * the used idx as the ring base and no longer watches the call fd.)
+   */
+  async quiesce(): Promise<void> {
+    this.#quiesced = true;
+    for (const q of this.#queues.values()) this.#detach(q);
+    await this.#waitIdle();
+  }
+
   /** Stops every queue (waiting for in-flight requests) and drops memory. */
   async close(): Promise<void> {
     for (const i of [...this.#queues.keys()]) await this.stopQueue(i);
+    this.#holdTimer?.del();
     this.#mem = null;
     this.blk.setDevOps(null);
     this.blk.setInlineCompletion(false);
@@ -540,7 +622,7 @@ export class VirtioBlkDataPlane {
 
   #attach(q: DataPlaneQueue): void {
     if (
-      q.attached || this.#drained || this.#memorySwap !== null || !q.enabled ||
+      q.attached || this.#drained || this.#quiesced || this.#memorySwap !== null || !q.enabled ||
       q.broken !== null || q.vq.broken
     ) {
       return;
@@ -712,6 +794,29 @@ export class VirtioBlkDataPlane {
 
   /** virtio_blk_req_complete: status, used element, batched notify. Hot path. */
   #complete(q: DataPlaneQueue, r: DataPlaneRequest, status: number): void {
+    if (this.#hold !== null && ++this.#holdCount % this.#hold.every === 0) {
+      this.#holdBack(q, r, status);
+      return;
+    }
+    this.#completeNow(q, r, status);
+  }
+
+  /** Test-only: completes `r` `ms` later (it stays in flight meanwhile). */
+  #holdBack(q: DataPlaneQueue, r: DataPlaneRequest, status: number): void {
+    const hold = this.#hold!;
+    this.#held.push({ q, r, status, at: this.ctx.now() + hold.ms * 1e6 });
+    this.#holdTimer ??= this.ctx.timerNew(() => {
+      const now = this.ctx.now();
+      while (this.#held.length > 0 && this.#held[0].at <= now) {
+        const h = this.#held.shift()!;
+        this.#completeNow(h.q, h.r, h.status);
+      }
+      if (this.#held.length > 0) this.#holdTimer!.modNs(this.#held[0].at);
+    });
+    if (!this.#holdTimer.pending) this.#holdTimer.modNs(this.#held[0].at);
+  }
+
+  #completeNow(q: DataPlaneQueue, r: DataPlaneRequest, status: number): void {
     const req = r.req;
     const stats = q.stats;
     stats.requests++;
@@ -745,24 +850,27 @@ export class VirtioBlkDataPlane {
 
   /** One guest notification for everything pushed since the last one. */
   #notifyGuest(q: DataPlaneQueue): void {
-    if (q.callFd !== null && q.vq.notifyNeeded()) {
-      const isr = this.#opts.isr;
-      if (isr !== undefined) Atomics.or(isr, 0, VIRTIO_ISR_QUEUE);
-      try {
-        const raise = this.#opts.raiseIrq;
-        if (raise !== undefined) raise();
-        else eventfdWrite(q.callFd, 1);
-      } catch (e) {
-        // The connection only accepts non-blocking eventfds, whose writes
-        // cannot fail; one that does anyway (closed, reused) breaks this
-        // ring, not the IOThread (an exception out of a completion would).
-        const fd = q.callFd;
-        q.callFd = null;
-        this.#markBroken(q, `call fd ${fd}: ${(e as Error).message}`);
-        return;
-      }
-      q.stats.notifies++;
+    if (q.callFd !== null && q.vq.notifyNeeded()) this.#signal(q);
+  }
+
+  /** Raises the guest's interrupt for `q` (call fd set): ISR bit, then the call fd or raiseIrq. */
+  #signal(q: DataPlaneQueue): void {
+    const isr = this.#opts.isr;
+    if (isr !== undefined) Atomics.or(isr, 0, VIRTIO_ISR_QUEUE);
+    try {
+      const raise = this.#opts.raiseIrq;
+      if (raise !== undefined) raise();
+      else eventfdWrite(q.callFd!, 1);
+    } catch (e) {
+      // The connection only accepts non-blocking eventfds, whose writes
+      // cannot fail; one that does anyway (closed, reused) breaks this
+      // ring, not the IOThread (an exception out of a completion would).
+      const fd = q.callFd;
+      q.callFd = null;
+      this.#markBroken(q, `call fd ${fd}: ${(e as Error).message}`);
+      return;
     }
+    q.stats.notifies++;
   }
 
   /**

@@ -57,7 +57,36 @@ export interface VhostUserVringAddr {
 }
 
 /**
- * What a vhost-user device implements. Ring indexes passed in are already
+ * An inflight region ("Inflight description" plus its fd): the reply to
+ * GET_INFLIGHT_FD, the request of SET_INFLIGHT_FD. Sizes are checked to be
+ * safe integers by the connection.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import type { VhostUserInflight } from "./backend.ts";
+ * const i: VhostUserInflight = { fd: 9, mmapSize: 4160, mmapOffset: 0, numQueues: 1, queueSize: 256 };
+ * assert.equal(i.numQueues, 1);
+ * ```
+ */
+export interface VhostUserInflight {
+  /** The region's memfd. */
+  fd: number;
+  /** Bytes of the region. */
+  mmapSize: number;
+  /** Offset of the region in `fd`. */
+  mmapOffset: number;
+  /** Queues the region covers. */
+  numQueues: number;
+  /** Entries per queue the region has room for. */
+  queueSize: number;
+}
+
+/**
+ * What the connection calls (one vhost-user session's requests, checked
+ * and typed). A device usually does not implement this itself: it implements
+ * `VhostUserDevice` and runs under a `VhostUserHandler` (vhost_user/handler.ts),
+ * which keeps the ring state. Ring indexes passed in are already
  * checked against {@link VhostUserBackend.numQueues}; ring sizes are powers of
  * two in 1..32768.
  *
@@ -122,6 +151,14 @@ export interface VhostUserBackend {
   setVringErr(index: number, fd: number | null): void | Promise<void>;
   /** Enable or disable a ring (rings start disabled when protocol features are negotiated). */
   setVringEnable(index: number, enabled: boolean): void | Promise<void>;
+  /**
+   * GET_INFLIGHT_FD (INFLIGHT_SHMFD negotiated): a new region for
+   * `numQueues` rings of `queueSize` entries. The connection sends the fd
+   * with the reply and closes it afterwards.
+   */
+  getInflightFd?(numQueues: number, queueSize: number): VhostUserInflight;
+  /** SET_INFLIGHT_FD: the region kept by the front-end. The backend owns `fd`. */
+  setInflightFd?(inflight: VhostUserInflight): void | Promise<void>;
   /** Stop every ring, unmap memory, close kept fds: the front-end went away or sent RESET_DEVICE. */
   reset(): void | Promise<void>;
 }

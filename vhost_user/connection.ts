@@ -41,6 +41,7 @@ import {
   VHOST_USER_F_PROTOCOL_FEATURES,
   VHOST_USER_GET_CONFIG,
   VHOST_USER_GET_FEATURES,
+  VHOST_USER_GET_INFLIGHT_FD,
   VHOST_USER_GET_MAX_MEM_SLOTS,
   VHOST_USER_GET_PROTOCOL_FEATURES,
   VHOST_USER_GET_QUEUE_NUM,
@@ -55,6 +56,7 @@ import {
   VHOST_USER_RESET_OWNER,
   VHOST_USER_SET_CONFIG,
   VHOST_USER_SET_FEATURES,
+  VHOST_USER_SET_INFLIGHT_FD,
   VHOST_USER_SET_MEM_TABLE,
   VHOST_USER_SET_OWNER,
   VHOST_USER_SET_PROTOCOL_FEATURES,
@@ -89,6 +91,7 @@ const REPLYING = new Set([
   VHOST_USER_GET_CONFIG,
   VHOST_USER_GET_MAX_MEM_SLOTS,
   VHOST_USER_GET_STATUS,
+  VHOST_USER_GET_INFLIGHT_FD,
 ]);
 
 /**
@@ -125,8 +128,11 @@ type Item =
   | { msg: VhostUserMessage; header: VhostUserHeader }
   | { error: VhostUserError; header: VhostUserHeader };
 
-/** What a handler produces: an explicit reply payload, or null (ack only). */
-type Reply = VhostUserPayload | null;
+/**
+ * What a handler produces: an explicit reply payload, one with fds (closed
+ * after sending), or null (ack only).
+ */
+type Reply = VhostUserPayload | { payload: VhostUserPayload; fds: number[] } | null;
 
 /** Options of a {@link VhostUserConnection}. */
 export interface VhostUserConnectionOptions {
@@ -579,6 +585,40 @@ export class VhostUserConnection {
           : b.setVringErr(index, fd);
         return this.#ack(r);
       }
+      case VHOST_USER_GET_INFLIGHT_FD: {
+        if (p.kind !== "inflight") break;
+        if (b.getInflightFd === undefined) break;
+        const r = b.getInflightFd(p.numQueues, p.queueSize);
+        return {
+          payload: {
+            kind: "inflight",
+            mmapSize: BigInt(r.mmapSize),
+            mmapOffset: BigInt(r.mmapOffset),
+            numQueues: r.numQueues,
+            queueSize: r.queueSize,
+          },
+          fds: [r.fd],
+        };
+      }
+      case VHOST_USER_SET_INFLIGHT_FD: {
+        if (p.kind !== "inflight" || b.setInflightFd === undefined) break;
+        const fd = m.fds[0];
+        let inflight;
+        try {
+          inflight = {
+            fd,
+            mmapSize: safe(req, "inflight size", p.mmapSize),
+            mmapOffset: safe(req, "inflight offset", p.mmapOffset),
+            numQueues: p.numQueues,
+            queueSize: p.queueSize,
+          };
+        } catch (err) {
+          this.#closeFds(m.fds);
+          throw err;
+        }
+        // From here on the backend owns the fd.
+        return this.#ack(b.setInflightFd(inflight));
+      }
       case VHOST_USER_SET_VRING_ENABLE: {
         if (p.kind !== "vringState") break;
         const i = this.#ringIndex(req, p.index);
@@ -631,6 +671,13 @@ export class VhostUserConnection {
   }
 
   #finish(header: VhostUserHeader, reply: Reply): void {
+    if (reply !== null && "fds" in reply) {
+      if (!this.#closed && REPLYING.has(header.request)) {
+        this.#send(header.request, reply.payload, reply.fds);
+      }
+      this.#closeFds(reply.fds); // the receiver has its own copies
+      return;
+    }
     if (this.#closed) return;
     if (REPLYING.has(header.request)) {
       this.#send(header.request, reply ?? { kind: "empty" });
@@ -653,11 +700,11 @@ export class VhostUserConnection {
     }
   }
 
-  #send(request: number, payload: VhostUserPayload): void {
+  #send(request: number, payload: VhostUserPayload, fds: readonly number[] = []): void {
     const bytes = encodeMessage(request, VHOST_USER_VERSION | VHOST_USER_REPLY_MASK, payload);
     let n: number;
     try {
-      n = sendMsg(this.fd, bytes);
+      n = sendMsg(this.fd, bytes, fds);
     } catch (err) {
       this.#report(asError(err));
       void this.close();

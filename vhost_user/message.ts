@@ -19,6 +19,7 @@ import {
   VHOST_USER_CONFIG_HDR_SIZE,
   VHOST_USER_GET_CONFIG,
   VHOST_USER_GET_FEATURES,
+  VHOST_USER_GET_INFLIGHT_FD,
   VHOST_USER_GET_MAX_MEM_SLOTS,
   VHOST_USER_GET_PROTOCOL_FEATURES,
   VHOST_USER_GET_QUEUE_NUM,
@@ -37,6 +38,7 @@ import {
   VHOST_USER_SET_BACKEND_REQ_FD,
   VHOST_USER_SET_CONFIG,
   VHOST_USER_SET_FEATURES,
+  VHOST_USER_SET_INFLIGHT_FD,
   VHOST_USER_SET_LOG_FD,
   VHOST_USER_SET_MEM_TABLE,
   VHOST_USER_SET_OWNER,
@@ -140,6 +142,14 @@ export type VhostUserPayload =
   | { kind: "memTable"; regions: MemoryRegionDesc[] }
   | { kind: "memRegion"; region: MemoryRegionDesc }
   | { kind: "config"; offset: number; flags: number; data: Uint8Array }
+  | {
+    /** "Inflight description" (GET_INFLIGHT_FD, SET_INFLIGHT_FD): 24 bytes, 4 of them padding. */
+    kind: "inflight";
+    mmapSize: bigint;
+    mmapOffset: bigint;
+    numQueues: number;
+    queueSize: number;
+  }
   | { kind: "raw"; bytes: Uint8Array };
 
 /** The name of a payload layout. */
@@ -198,12 +208,17 @@ const SPECS: ReadonlyMap<number, RequestSpec> = new Map<number, RequestSpec>([
   [VHOST_USER_REM_MEM_REG, { payload: "memRegion", fds: "zeroOrOne" }],
   [VHOST_USER_SET_STATUS, { payload: "u64", fds: 0 }],
   [VHOST_USER_GET_STATUS, { payload: "empty", fds: 0 }],
+  [VHOST_USER_GET_INFLIGHT_FD, { payload: "inflight", fds: 0 }],
+  [VHOST_USER_SET_INFLIGHT_FD, { payload: "inflight", fds: 1 }],
 ]);
+
+/** Size of the inflight description: u64, u64, u16, u16 and 4 bytes of struct padding. */
+export const VHOST_USER_INFLIGHT_SIZE = 24;
 
 /**
  * The payload layout a request carries, or undefined for an unknown code.
  * Known requests without a modelled layout (log, IOTLB, crypto, postcopy,
- * inflight, GPU) decode as `raw`.
+ * GPU) decode as `raw`.
  *
  * @example
  * ```ts
@@ -363,6 +378,16 @@ export function decodePayload(
       const data = bytes.slice(VHOST_USER_CONFIG_HDR_SIZE, VHOST_USER_CONFIG_HDR_SIZE + size);
       return { kind, offset, flags, data };
     }
+    case "inflight": {
+      const dv = exactSize(request, bytes, VHOST_USER_INFLIGHT_SIZE);
+      return {
+        kind,
+        mmapSize: dv.getBigUint64(0, true),
+        mmapOffset: dv.getBigUint64(8, true),
+        numQueues: dv.getUint16(16, true),
+        queueSize: dv.getUint16(18, true),
+      };
+    }
     case "raw":
       return { kind, bytes: bytes.slice() };
   }
@@ -452,6 +477,8 @@ function payloadSize(p: VhostUserPayload): number {
       return 8 + p.regions.length * VHOST_USER_MEMORY_REGION_SIZE;
     case "config":
       return VHOST_USER_CONFIG_HDR_SIZE + p.data.byteLength;
+    case "inflight":
+      return VHOST_USER_INFLIGHT_SIZE;
     case "raw":
       return p.bytes.byteLength;
   }
@@ -524,6 +551,12 @@ export function encodeMessage(
       dv.setUint32(o + 4, payload.data.byteLength, true);
       dv.setUint32(o + 8, payload.flags, true);
       out.set(payload.data, o + VHOST_USER_CONFIG_HDR_SIZE);
+      break;
+    case "inflight":
+      dv.setBigUint64(o, BigInt.asUintN(64, payload.mmapSize), true);
+      dv.setBigUint64(o + 8, BigInt.asUintN(64, payload.mmapOffset), true);
+      dv.setUint16(o + 16, payload.numQueues, true);
+      dv.setUint16(o + 18, payload.queueSize, true);
       break;
     case "raw":
       out.set(payload.bytes, o);

@@ -3,7 +3,8 @@
  * guest's memory map ({@link GuestMemory}: vhost-user memory table, address
  * translation with bounds checks), split virtqueues ({@link Virtqueue},
  * {@link DescriptorChain}: section 2.7 with indirect descriptors and
- * EVENT_IDX), and the virtio-blk device model (section 5.2: request parsing,
+ * EVENT_IDX; {@link SplitInflightRegion}: the inflight log vhost-user's
+ * INFLIGHT_SHMFD keeps across a device restart), and the virtio-blk device model (section 5.2: request parsing,
  * config space, feature bits, GET_ID).
  *
  * Everything that comes from the guest is untrusted here: a chain that cannot
@@ -40,6 +41,12 @@ export {
   type VirtqueueErrorKind,
   type VirtqueueOptions,
 } from "./virtqueue.ts";
+export {
+  INFLIGHT_ALIGNMENT,
+  INFLIGHT_VERSION,
+  inflightQueueRegionSize,
+  SplitInflightRegion,
+} from "./inflight_region.ts";
 export {
   type BlkRequestLimits,
   blkRequestLimits,

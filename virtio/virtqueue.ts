@@ -11,6 +11,7 @@ import {
 } from "./constants.ts";
 import { DescriptorChain, DescriptorChainError, walkChain } from "./descriptor_chain.ts";
 import type { GuestMemory } from "./guest_memory.ts";
+import type { SplitInflightRegion } from "./inflight_region.ts";
 
 /**
  * Why a Virtqueue could not be set up, why the driver broke it, or how the
@@ -81,6 +82,12 @@ export interface VirtqueueOptions {
    * adjacent regions counts once per region); default `size`.
    */
   maxChainLength?: number;
+  /**
+   * The ring's inflight log (vhost-user INFLIGHT_SHMFD): every pop and push
+   * is recorded in it. Call {@link Virtqueue.resumeInflight} once when the
+   * ring starts to take back what was in flight.
+   */
+  inflight?: SplitInflightRegion | null;
 }
 
 /**
@@ -156,6 +163,9 @@ export class Virtqueue {
   #signalledUsed = 0;
   #signalledUsedValid = false;
   #lastPopped = -1;
+  /** The last pop came from the inflight log's resubmission list. */
+  #lastPoppedResubmit = false;
+  readonly #inflight: SplitInflightRegion | null;
   #notificationsEnabled = true;
   #broken: DescriptorChainError | VirtqueueError | null = null;
 
@@ -194,6 +204,13 @@ export class Virtqueue {
     this.#chain = new DescriptorChain(maxChain);
     this.#inFlight = new Uint8Array(size);
     this.#lastAvail = (opts.lastAvailIdx ?? 0) & 0xffff;
+    this.#inflight = opts.inflight ?? null;
+    if (this.#inflight !== null && size > this.#inflight.queueSize) {
+      throw new VirtqueueError(
+        "BadSize",
+        `size ${size} > inflight region's ${this.#inflight.queueSize}`,
+      );
+    }
     this.#usedIdx = Atomics.load(this.#used16, 1);
     this.#usedFlags = Atomics.load(this.#used16, 0) & ~VRING_USED_F_NO_NOTIFY;
     this.#signalledUsed = this.#usedIdx;
@@ -224,6 +241,31 @@ export class Virtqueue {
     }
     this.#lastAvail = v & 0xffff;
     this.#lastPopped = -1;
+  }
+
+  /**
+   * Ring start with an inflight log ("When reconnecting" in vhost-user.rst):
+   * repairs a last batch that reached the used ring without the log's
+   * used_idx, queues every head still in flight to be popped again (oldest
+   * first, before anything new from the avail ring), and sets the next avail
+   * index to used idx + that many (each request taken before is used or in
+   * flight). A fresh log is initialised and the ring starts at its
+   * `lastAvailIdx`. Returns how many are resubmitted;
+   * 0 without a log. Throws "Busy" while requests are in flight.
+   */
+  resumeInflight(): number {
+    if (this.#inflight === null) return 0;
+    if (this.#inFlightCount !== 0) {
+      throw new VirtqueueError("Busy", `${this.#inFlightCount} requests in flight`);
+    }
+    // A fresh log (version 0) starts where SET_VRING_BASE said.
+    const fresh = this.#inflight.version === 0;
+    const n = this.#inflight.recover(this.#usedIdx, this.size);
+    if (!fresh) {
+      this.#lastAvail = (this.#usedIdx + n) & 0xffff;
+      this.#lastPopped = -1;
+    }
+    return n;
   }
 
   /** The device's used idx (what the next push publishes after). */
@@ -275,7 +317,9 @@ export class Virtqueue {
    * poll handler's cheap check; a broken ring reports false). Hot path.
    */
   availPending(): boolean {
-    return this.#broken === null && Atomics.load(this.#avail, 1) !== this.#lastAvail;
+    return this.#broken === null &&
+      (Atomics.load(this.#avail, 1) !== this.#lastAvail ||
+        (this.#inflight !== null && this.#inflight.resubmitPending !== 0));
   }
 
   /**
@@ -290,15 +334,23 @@ export class Virtqueue {
    */
   pop(): DescriptorChain | null {
     if (this.#broken !== null) return null;
-    const availIdx = Atomics.load(this.#avail, 1);
-    const pending = (availIdx - this.#lastAvail) & 0xffff;
-    if (pending === 0) return null;
-    if (pending > this.size) {
-      return this.#fail(
-        new VirtqueueError("AvailIdxJump", `avail idx ${availIdx}, last ${this.#lastAvail}`),
-      );
+    const inflight = this.#inflight;
+    let head: number;
+    const resubmit = inflight !== null && inflight.resubmitPending !== 0;
+    if (resubmit) {
+      // Taken before a restart and never used: again, before anything new.
+      head = inflight.nextResubmit();
+    } else {
+      const availIdx = Atomics.load(this.#avail, 1);
+      const pending = (availIdx - this.#lastAvail) & 0xffff;
+      if (pending === 0) return null;
+      if (pending > this.size) {
+        return this.#fail(
+          new VirtqueueError("AvailIdxJump", `avail idx ${availIdx}, last ${this.#lastAvail}`),
+        );
+      }
+      head = this.#avail[2 + (this.#lastAvail & this.#mask)];
     }
-    const head = this.#avail[2 + (this.#lastAvail & this.#mask)];
     const chain = this.#chain;
     const err = walkChain(chain, this.#mem, this.#desc, this.size, head, this.indirectDesc);
     if (err !== null) return this.#fail(new DescriptorChainError(err, head));
@@ -307,8 +359,12 @@ export class Virtqueue {
     }
     this.#inFlight[head] = 1;
     this.#inFlightCount++;
-    this.#lastAvail = (this.#lastAvail + 1) & 0xffff;
+    if (!resubmit) {
+      this.#lastAvail = (this.#lastAvail + 1) & 0xffff;
+      if (inflight !== null) inflight.begin(head);
+    }
     this.#lastPopped = head;
+    this.#lastPoppedResubmit = resubmit;
     return chain;
   }
 
@@ -323,7 +379,12 @@ export class Virtqueue {
     this.#lastPopped = -1;
     this.#inFlight[head] = 0;
     this.#inFlightCount--;
+    if (this.#lastPoppedResubmit) {
+      this.#inflight!.unresubmit();
+      return;
+    }
     this.#lastAvail = (this.#lastAvail - 1) & 0xffff;
+    this.#inflight?.abort(head);
   }
 
   /**
@@ -342,11 +403,14 @@ export class Virtqueue {
     this.#inFlightCount--;
     if (this.#lastPopped === head) this.#lastPopped = -1;
     if (this.#broken !== null) return;
+    const inflight = this.#inflight;
+    if (inflight !== null) inflight.prePut(head);
     const slot = this.#usedIdx & this.#mask;
     this.#used32[1 + 2 * slot] = head;
     this.#used32[2 + 2 * slot] = len >>> 0;
     this.#usedIdx = (this.#usedIdx + 1) & 0xffff;
     Atomics.store(this.#used16, 1, this.#usedIdx);
+    if (inflight !== null) inflight.postPut(head, this.#usedIdx);
   }
 
   /**

@@ -108,3 +108,19 @@ Deno.test("parseSize: units", () => {
   assert.equal(parseSize("1g"), 1 << 30);
   assert.throws(() => parseSize("1.5G"), UsageError);
 });
+
+Deno.test("host options: --test-hold-completions EVERY:MS (tests only)", () => {
+  const base = ["--image", "null-co:1M", "--socket", "/tmp/s"];
+  assert.equal(parseHostArgs(base).testHoldCompletions, undefined);
+  assert.deepEqual(
+    parseHostArgs([...base, "--test-hold-completions", "4:300"]).testHoldCompletions,
+    { every: 4, ms: 300 },
+  );
+  for (const bad of ["4", "0:10", "4:-1", "x:1", "4:60001", "4:1:2"]) {
+    assert.throws(
+      () => parseHostArgs([...base, "--test-hold-completions", bad]),
+      UsageError,
+      bad,
+    );
+  }
+});

@@ -1,10 +1,11 @@
-// VhostUserBlkDevice (the main-thread side of the rings) against a fake
+// VhostUserBlkDevice under the VhostUserHandler (the main-thread side of the rings) against a fake
 // IOThread whose calls the test completes, so the order of what the device
 // does around a slow IOThread call is visible.
 
 import assert from "node:assert/strict";
 import type { IOThread } from "../../aio/mod.ts";
 import { VhostUserBlkDevice } from "../../dataplane/vhost_user_blk_device.ts";
+import { VhostUserHandler } from "../../vhost_user/mod.ts";
 import { close, eventfd, ftruncate, isOpen, memfdCreate } from "../../sys/mod.ts";
 
 const RAM = 1 << 20;
@@ -32,10 +33,12 @@ class FakeThread {
 
 /** A device with one ring started on the fake thread; returns its fds. */
 async function runningRing(t: FakeThread) {
-  const dev = new VhostUserBlkDevice({
-    device: { capacity: 2048, numQueues: 1 },
-    iothreads: [t as unknown as IOThread],
-  });
+  const dev = new VhostUserHandler(
+    new VhostUserBlkDevice({
+      device: { capacity: 2048, numQueues: 1 },
+      iothreads: [t as unknown as IOThread],
+    }),
+  );
   const mfd = memfdCreate("dev-test");
   ftruncate(mfd, RAM);
   await dev.setMemTable([{

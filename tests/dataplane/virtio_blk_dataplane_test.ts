@@ -34,6 +34,7 @@ import {
   MAP_PRIVATE,
   mmap,
   mmapShared,
+  munmap,
   pipe,
   preadvAt,
   PROT_READ,
@@ -42,6 +43,7 @@ import {
 } from "../../sys/mod.ts";
 import {
   GuestMemory,
+  inflightQueueRegionSize,
   VIRTIO_BLK_S_IOERR,
   VIRTIO_BLK_S_OK,
   VIRTIO_BLK_S_UNSUPP,
@@ -1310,5 +1312,90 @@ Deno.test("dataplane: null-co completes inside the submission, so one kick's bat
     assert.equal(eventfdRead(r.callFd), 1, "one notification");
   } finally {
     await r.close();
+  }
+});
+
+// Issue 12: a dataplane started on an inflight log that a dead one left
+// behind submits the requests that were in flight again, in the order they
+// were first taken (not by head number), before anything new.
+Deno.test("dataplane: a restarted dataplane resubmits from the inflight log in the order taken", async () => {
+  const r = await Rig.create();
+  const log = mmap(
+    inflightQueueRegionSize(QSIZE),
+    PROT_READ | PROT_WRITE,
+    MAP_PRIVATE | MAP_ANONYMOUS,
+    -1,
+    0,
+  );
+  const inflight = { addr: log, queueSize: QSIZE };
+  const engine2 = new HeldEngine(r.ctx);
+  let blk2: BlockBackend | null = null;
+  let dp2: VirtioBlkDataPlane | null = null;
+  const kick2 = eventfd();
+  try {
+    await r.dp.stopQueue(0);
+    await r.dp.startQueue({ ...r.setup, inflight });
+    // 31 flushes (2 descriptors each) first, so the reads' heads wrap: 62, 1, 4, 7.
+    r.engine.autoRelease = true;
+    for (let i = 0; i < 31; i++) r.request(VIRTIO_BLK_T_FLUSH, 0, 0, false);
+    r.kick();
+    await r.until(() => r.driver.usedIdx() === 31, "31 flushes");
+    r.engine.autoRelease = false;
+    const slots = [0, 1, 2, 3].map((i) => r.request(VIRTIO_BLK_T_IN, 8 * i, 4096, true));
+    assert.deepEqual(slots.map((s) => r.heads.get(s)), [62, 1, 4, 7]);
+    r.kick();
+    await r.until(() => r.engine.held.length === 4, "4 reads submitted");
+    // The second completes alone (out of order), then the dataplane "dies":
+    // its ring is disabled and its engine never completes the rest.
+    r.engine.held.unshift(r.engine.held.splice(1, 1)[0]);
+    r.engine.release(1);
+    await r.until(() => r.driver.usedIdx() === 32, "one read used");
+    r.dp.setEnabled(0, false);
+
+    // The restarted host: its own BlockBackend and dataplane on the same
+    // guest memory and log; QEMU restarts the ring at the used idx.
+    blk2 = await BlockBackend.open(r.ctx, { driver: "file", filename: r.image }, {
+      engine: engine2,
+    });
+    dp2 = new VirtioBlkDataPlane(r.ctx, blk2, {
+      device: { capacity: IMAGE / 512, flush: true },
+      serial: "unit-serial",
+      writeback: true,
+    });
+    await dp2.setMemory(r.tm.mem);
+    const late = r.request(VIRTIO_BLK_T_IN, 64, 4096, true); // offered while it was down
+    eventfdRead(r.callFd);
+    // QEMU's order: SET_VRING_KICK (the start), then SET_VRING_CALL.
+    const restart = { ...r.setup, kickFd: kick2, callFd: null, base: 32, inflight };
+    assert.equal(await dp2.startQueue(restart), 3);
+    dp2.setCallFd(0, r.callFd);
+    // One notification as soon as there is a call fd: the previous
+    // back-end's last used entries may never have been signalled.
+    assert.equal(eventfdRead(r.callFd), 1);
+    await r.until(() => engine2.held.length === 4, "3 resubmitted + 1 new submitted");
+    assert.deepEqual(engine2.ops, ["preadv@0", "preadv@8192", "preadv@12288", "preadv@32768"]);
+    engine2.release();
+    await r.until(() => r.driver.usedIdx() === 36, "all used");
+    const used = Array.from({ length: 5 }, (_, i) => r.driver.used(31 + i).id);
+    assert.deepEqual(used.toSorted((a, b) => a - b), [1, 4, 7, 10, 62], "each exactly once");
+    assert.equal(r.heads.get(late), 10);
+    for (const s of [...slots, late]) assert.equal(r.status(s), VIRTIO_BLK_S_OK);
+    assert.equal(dp2.stats()[0].resubmitted, 3);
+  } finally {
+    if (dp2 !== null) {
+      await dp2.close();
+      const b = blk2!;
+      let closed = false;
+      const p = b.close().then(() => closed = true);
+      await r.until(() => closed, "blk2 closed");
+      await p;
+    }
+    close(kick2);
+    // The first dataplane's requests complete now (into a ring nobody reads).
+    r.engine.autoRelease = true;
+    r.engine.release();
+    await r.until(() => r.dp.inFlight === 0, "old dataplane idle");
+    await r.close();
+    munmap(log, inflightQueueRegionSize(QSIZE));
   }
 });

@@ -19,6 +19,11 @@ export interface VhostUserBlkDisk {
   numQueues?: number;
   /** `queue-size` of vhost-user-blk-pci (default QEMU's, 128). */
   queueSize?: number;
+  /**
+   * Seconds between reconnection attempts when the back-end goes away
+   * (`-chardev socket,...,reconnect=N`); default none: QEMU stops using the disk.
+   */
+  reconnect?: number;
 }
 
 /** How to run a guest. */
@@ -152,7 +157,9 @@ export function qemuArgs(opts: GuestOptions): string[] {
   (opts.disks ?? []).forEach((d, i) => {
     let dev = `vhost-user-blk-pci,chardev=vub${i},num-queues=${d.numQueues ?? 1}`;
     if (d.queueSize !== undefined) dev += `,queue-size=${d.queueSize}`;
-    args.push("-chardev", `socket,id=vub${i},path=${d.socket}`, "-device", dev);
+    const chardev = `socket,id=vub${i},path=${d.socket}` +
+      (d.reconnect !== undefined ? `,reconnect=${d.reconnect}` : "");
+    args.push("-chardev", chardev, "-device", dev);
   });
   return args;
 }
