@@ -78,6 +78,10 @@ cloud-hypervisor --disk vhost_user=on).
                            submission (1..1024)                     [4]
   --socket-mode MODE       octal mode of the socket file            [0600]
   -h, --help               this text
+
+qemu-storage-daemon's command line is taken too (many exports, IOThread
+objects, a QMP monitor): deno task host -- --blockdev ... --export ...
+(see deno task host -- --blockdev x --help)
 `;
 
 const SIZE_SUFFIX: Record<string, number> = {

@@ -10,7 +10,7 @@
  * @module
  */
 
-import type { IOThread } from "../aio/mod.ts";
+import type { IOThread as AioIOThread } from "../aio/mod.ts";
 import { close, eventfdWrite } from "../sys/mod.ts";
 import {
   DEFAULT_MAX_QUEUE_SIZE,
@@ -34,6 +34,12 @@ import {
   type VhostUserVringAddr,
 } from "../vhost_user/mod.ts";
 import type { DataPlaneQueueSetup } from "./virtio_blk_dataplane.ts";
+
+/**
+ * What the device needs of an IOThread: `call` and `name`. The daemon's exports pass an
+ * IOThread scoped to their export (dataplane/daemon/export_thread.ts).
+ */
+type IOThread = Pick<AioIOThread, "call" | "name">;
 
 /** Protocol features this device offers. */
 const PROTOCOL_FEATURES = featureBit(VHOST_USER_PROTOCOL_F_MQ) |

@@ -24,6 +24,7 @@ import {
   EEXIST,
   ENOENT,
   listen,
+  setNonBlocking,
   SOCK_NONBLOCK,
   socketUnix,
   SysError,
@@ -193,6 +194,28 @@ export class VhostUserServer {
     return server;
   }
 
+  /**
+   * Serves on a socket someone else bound and put in the listening state
+   * (qemu-storage-daemon's `addr.type=fd`: an inherited fd). The server owns
+   * the fd from now on (made non-blocking, closed by {@link close}); there is
+   * no socket file to remove. Throws SysError ENOTSOCK (fd is not a socket) or
+   * EINVAL (a socket that is not listening) before taking it.
+   */
+  static adopt(
+    fd: number,
+    backend: VhostUserBackend,
+    watcher: FdWatcher,
+    opts: VhostUserServerOptions = {},
+  ): VhostUserServer {
+    // listen() again only checks the socket: it is a no-op on a listening
+    // one, and fails with ENOTSOCK or EINVAL (unbound) otherwise.
+    listen(fd, opts.backlog ?? 1);
+    setNonBlocking(fd, true);
+    const server = new VhostUserServer("", fd, backend, watcher, opts, null);
+    server.#watchListen();
+    return server;
+  }
+
   /** The current front-end connection, if any. */
   get connection(): VhostUserConnection | null {
     return this.#conn;
@@ -281,6 +304,7 @@ export class VhostUserServer {
     const conn = this.#conn;
     if (conn) await conn.close();
     close(this.listenFd);
+    if (this.#ino === null) return; // adopted: no socket file of ours
     try {
       // Only our own socket: whatever replaced it since is not ours to remove.
       const st = Deno.lstatSync(this.path);
