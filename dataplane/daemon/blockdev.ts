@@ -87,16 +87,8 @@ export class BlockGraph {
 
   #add(input: QapiInput, root: boolean, added: string[]): BlockdevSpec {
     const driver = input.enum("driver", BLOCKDEV_DRIVERS, true);
-    let nodeName = input.str("node-name");
-    if (nodeName === undefined) {
-      if (root) throw new DaemonError("'node-name' must be specified for the root node");
-      nodeName = `#block${++implicitCounter}`;
-    } else if (!/^[A-Za-z][A-Za-z0-9_.-]{0,30}$/.test(nodeName)) {
-      throw new DaemonError(`Invalid node-name: '${nodeName}'`);
-    }
-    if (this.nodes.has(nodeName)) {
-      throw new DaemonError(`Duplicate nodes with node-name='${nodeName}'`);
-    }
+    const givenName = input.str("node-name");
+    const nodeName = givenName ?? `#block${++implicitCounter}`;
     const spec: BlockdevSpec = { nodeName, driver, readOnly: input.bool("read-only") ?? false };
     const cache = input.object("cache");
     if (cache) {
@@ -136,6 +128,16 @@ export class BlockGraph {
       }
     }
     input.end();
+    // After the schema, as QEMU (bdrv_open checks names once the options parsed).
+    if (givenName === undefined && root) {
+      throw new DaemonError("'node-name' must be specified for the root node");
+    }
+    if (givenName !== undefined && !/^[A-Za-z][A-Za-z0-9_.-]{0,30}$/.test(givenName)) {
+      throw new DaemonError(`Invalid node-name: '${givenName}'`);
+    }
+    if (this.nodes.has(nodeName)) {
+      throw new DaemonError(`Duplicate nodes with node-name='${nodeName}'`);
+    }
     if (child !== undefined) this.#checkChild(spec, child);
     if (spec.driver === "file") checkFile(spec);
     if (spec.driver === "raw") this.#checkWindow(spec);
@@ -148,7 +150,7 @@ export class BlockGraph {
     this.nodes.set(nodeName, {
       spec,
       users: new Set(),
-      implicit: !root && !input.has("node-name"),
+      implicit: givenName === undefined,
     });
     added.push(nodeName);
     if (child !== undefined) this.nodes.get(child)!.users.add(nodeName);
