@@ -333,6 +333,24 @@ export interface BlkThreadStats {
 }
 
 /**
+ * Re-reads the image size after the main thread resized the file (QMP
+ * block_resize) and checks requests against the new capacity (whole
+ * logical blocks of `blkSize` bytes); returns the new length in bytes.
+ *
+ * @example
+ * ```ts ignore
+ * const length = await iothread.call<number>("blkResize", { blkSize: 512 });
+ * ```
+ */
+export function blkResize(_ctx: AioContext, args: { blkSize: number; export?: string }): number {
+  const s = exports.get(exportKey(args));
+  if (!s?.blk || !s.dataplane) throw new Error("virtio-blk IOThread: device not configured");
+  const length = s.blk.refreshLength();
+  s.dataplane.setCapacity(Math.floor(length / args.blkSize) * (args.blkSize / 512));
+  return length;
+}
+
+/**
  * Drains the BlockBackend (bdrv_drained_begin/end around waiting for in-flight requests).
  *
  * @example

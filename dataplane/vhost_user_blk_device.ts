@@ -174,6 +174,18 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     return out;
   }
 
+  /**
+   * The capacity GET_CONFIG reports from now on (512-byte sectors), after
+   * the image was resized (QMP block_resize).
+   */
+  setCapacity(sectors: number): void {
+    new DataView(this.#config.buffer, this.#config.byteOffset).setBigUint64(
+      VIRTIO_BLK_CONFIG.capacity,
+      BigInt(sectors),
+      true,
+    );
+  }
+
   /** Only the `writeback` byte is writable (CONFIG_WCE), as in QEMU's virtio_blk_set_config. */
   async setConfig(offset: number, data: Uint8Array, _flags: number): Promise<void> {
     const wb = VIRTIO_BLK_CONFIG.writeback;

@@ -254,7 +254,7 @@ export interface DataPlaneOptions {
 export class VirtioBlkDataPlane {
   readonly ctx: AioContext;
   readonly blk: BlockBackend;
-  readonly #limits: BlkRequestLimits;
+  #limits: BlkRequestLimits;
   readonly #id: Uint8Array;
   readonly #opts: DataPlaneOptions;
   #writeback: boolean;
@@ -302,6 +302,20 @@ export class VirtioBlkDataPlane {
   }
 
   /** Requests in flight over every queue. */
+  /**
+   * The disk's new size in 512-byte sectors (QMP block_resize): requests are
+   * checked against it from the next one popped. Requests already created
+   * keep their buffers (capacity is not part of their sizing).
+   */
+  setCapacity(sectors: number): void {
+    this.#limits = Object.freeze({ ...this.#limits, capacity: sectors });
+  }
+
+  /** Disk size in 512-byte sectors that requests are checked against. */
+  get capacity(): number {
+    return this.#limits.capacity;
+  }
+
   get inFlight(): number {
     let n = 0;
     for (const q of this.#queues.values()) n += q.inFlight;

@@ -241,6 +241,21 @@ export class VhostUserBlkExport {
     }
   }
 
+  /**
+   * The image behind the export changed size (the daemon truncated its
+   * file): the IOThread re-reads it and checks requests against the new
+   * capacity, and GET_CONFIG reports it. Returns the new length in bytes.
+   * A connected front-end learns it when it reads the config again (no
+   * config-change message is sent: VHOST_USER_BACKEND_CONFIG_CHANGE_MSG is
+   * not implemented).
+   */
+  async resize(): Promise<number> {
+    const lbs = this.spec.logicalBlockSize;
+    const length = await this.#thread.call<number>("blkResize", { blkSize: lbs });
+    this.#backend.setCapacity(Math.floor(length / lbs) * (lbs / 512));
+    return length;
+  }
+
   /** Front-ends that connected since the export started. */
   get connections(): number {
     return this.#connections;

@@ -3,7 +3,7 @@
  * their arguments and replies: `query-version`, `query-commands`,
  * `query-named-block-nodes`, `query-block-exports`, `query-iothreads`,
  * `blockdev-add`, `blockdev-del`, `block-export-add`, `block-export-del`,
- * `object-add`, `object-del`, `quit` (`qmp_capabilities` belongs to the
+ * `object-add`, `object-del`, `block_resize`, `quit` (`qmp_capabilities` belongs to the
  * protocol, qmp_server.ts). Arguments are checked by the same readers as the
  * command line, in their JSON form.
  *
@@ -117,6 +117,16 @@ const COMMANDS: Record<string, Command> = {
     const id = a.str("id", true);
     a.end();
     await d.objectDel(id);
+  },
+  block_resize: async (d, a) => {
+    const device = a.str("device");
+    const nodeName = a.str("node-name");
+    const size = a.int("size", Number.MIN_SAFE_INTEGER, Number.MAX_SAFE_INTEGER, true);
+    a.end();
+    if (size < 0) throw new DaemonError("Parameter 'size' must be non-negative");
+    const name = nodeName ?? device;
+    if (name === undefined) throw new DaemonError("Need exactly one of 'device' and 'node-name'");
+    await d.blockResize(name, size);
   },
   quit: noArgs((d) => {
     d.requestQuit();

@@ -192,6 +192,40 @@ export class StorageDaemon {
     for (const m of this.monitors) m.event("BLOCK_EXPORT_DELETED", { id });
   }
 
+  /**
+   * QMP `block_resize`: truncates the file behind a file node (or a raw
+   * node without an offset/size window over one) to `size` bytes and tells
+   * every export on it. Null and qcow2 nodes refuse, as qemu-storage-daemon 7.2.
+   */
+  async blockResize(nodeName: string, size: number): Promise<void> {
+    const node = this.graph.nodes.get(nodeName);
+    if (node === undefined || node.implicit) {
+      throw new DaemonError(`Cannot find device='' nor node-name='${nodeName}'`);
+    }
+    const s = node.spec;
+    if (s.driver === "raw" && (s.offset !== undefined || s.size !== undefined)) {
+      throw new DaemonError("Cannot resize fixed-size raw disks");
+    }
+    const file = s.driver === "raw" ? this.graph.get(s.file!).spec : s;
+    if (file.driver !== "file") {
+      throw new DaemonError("Image format driver does not support resize");
+    }
+    if (s.readOnly || file.readOnly) throw new DaemonError("Node is read-only");
+    try {
+      Deno.truncateSync(file.filename!, size);
+    } catch (e) {
+      throw new DaemonError(`Failed to resize ${file.filename}: ${(e as Error).message}`);
+    }
+    // Exports on the node itself or on the raw node over it.
+    const names = new Set([nodeName, file.nodeName, ...(this.graph.get(file.nodeName).users)]);
+    for (const exp of this.exports.values()) {
+      if (names.has(exp.spec.nodeName)) {
+        const length = await exp.resize();
+        this.log(`export ${exp.spec.id}: resized to ${length} bytes`);
+      }
+    }
+  }
+
   /** `--chardev socket,...` */
   chardevAdd(spec: ChardevSpec): void {
     if (this.chardevs.has(spec.id)) {
