@@ -25,11 +25,13 @@ import {
 } from "../virtio/mod.ts";
 import {
   VHOST_USER_F_PROTOCOL_FEATURES,
+  VHOST_USER_PROTOCOL_F_BACKEND_REQ,
   VHOST_USER_PROTOCOL_F_CONFIG,
   VHOST_USER_PROTOCOL_F_MQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_PROTOCOL_F_RESET_DEVICE,
   type VhostUserBackend,
+  VhostUserBackendChannel,
   type VhostUserMemoryRegion,
   type VhostUserVringAddr,
 } from "../vhost_user/mod.ts";
@@ -44,7 +46,7 @@ type IOThread = Pick<AioIOThread, "call" | "name">;
 /** Protocol features this device offers. */
 const PROTOCOL_FEATURES = featureBit(VHOST_USER_PROTOCOL_F_MQ) |
   featureBit(VHOST_USER_PROTOCOL_F_REPLY_ACK) | featureBit(VHOST_USER_PROTOCOL_F_CONFIG) |
-  featureBit(VHOST_USER_PROTOCOL_F_RESET_DEVICE);
+  featureBit(VHOST_USER_PROTOCOL_F_RESET_DEVICE) | featureBit(VHOST_USER_PROTOCOL_F_BACKEND_REQ);
 
 /** What the device knows about one ring between SET_VRING_* messages. */
 interface RingState {
@@ -122,6 +124,8 @@ export class VhostUserBlkDevice implements VhostUserBackend {
   readonly #log: (line: string) => void;
   readonly #maxQueueSize: number;
   readonly #config: Uint8Array;
+  #protocolFeatures = 0n;
+  #backendChannel: VhostUserBackendChannel | null = null;
   readonly #features: bigint;
   #acked = 0n;
   #mem: GuestMemory | null = null;
@@ -164,7 +168,29 @@ export class VhostUserBlkDevice implements VhostUserBackend {
     this.#acked = features;
   }
 
-  setProtocolFeatures(_features: bigint): void {}
+  setProtocolFeatures(features: bigint): void {
+    this.#protocolFeatures = features;
+  }
+
+  /** SET_BACKEND_REQ_FD: the channel config-change messages go out on. */
+  setBackendReqFd(fd: number): void {
+    if ((this.#protocolFeatures & featureBit(VHOST_USER_PROTOCOL_F_BACKEND_REQ)) === 0n) {
+      throw new Error("SET_BACKEND_REQ_FD without VHOST_USER_PROTOCOL_F_BACKEND_REQ negotiated");
+    }
+    const replyAck = (this.#protocolFeatures & featureBit(VHOST_USER_PROTOCOL_F_REPLY_ACK)) !== 0n;
+    const next = VhostUserBackendChannel.adopt(fd, replyAck);
+    this.#backendChannel?.close();
+    this.#backendChannel = next;
+  }
+
+  /**
+   * Tells the front-end the config changed (the capacity, after a resize):
+   * VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the back-end channel. Resolves
+   * with what became of it ("none" without a channel).
+   */
+  notifyConfigChange(): Promise<string> {
+    return this.#backendChannel?.configChanged() ?? Promise.resolve("none");
+  }
 
   getConfig(offset: number, size: number): Uint8Array {
     const out = new Uint8Array(size);
@@ -397,6 +423,8 @@ export class VhostUserBlkDevice implements VhostUserBackend {
    * requests into its call fd and guest memory, or poll its kick fd.
    */
   async reset(): Promise<void> {
+    this.#backendChannel?.close(); // the channel belongs to the front-end's session
+    this.#backendChannel = null;
     while (this.#inProgress.size > 0) await Promise.all(this.#inProgress);
     for (let i = 0; i < this.#rings.length; i++) {
       const r = this.#rings[i];

@@ -15,6 +15,7 @@ export * from "./constants.ts";
 export * from "./message.ts";
 export type { VhostUserBackend, VhostUserMemoryRegion, VhostUserVringAddr } from "./backend.ts";
 export { VhostUserConnection, type VhostUserConnectionOptions } from "./connection.ts";
+export { BACKEND_REPLY_TIMEOUT_MS, VhostUserBackendChannel } from "./backend_channel.ts";
 export { type FdWatcher, VhostUserServer, type VhostUserServerOptions } from "./server.ts";
 
 // Errors thrown in an IOThread arrive on the main thread as these classes.

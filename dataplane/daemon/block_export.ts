@@ -245,14 +245,17 @@ export class VhostUserBlkExport {
    * The image behind the export changed size (the daemon truncated its
    * file): the IOThread re-reads it and checks requests against the new
    * capacity, and GET_CONFIG reports it. Returns the new length in bytes.
-   * A connected front-end learns it when it reads the config again (no
-   * config-change message is sent: VHOST_USER_BACKEND_CONFIG_CHANGE_MSG is
-   * not implemented).
+   * A connected front-end that set up the back-end request channel is sent
+   * VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (QEMU then re-reads the config and
+   * raises a config interrupt: the guest sees the new size); another one
+   * learns it when it next reads the config.
    */
   async resize(): Promise<number> {
     const lbs = this.spec.logicalBlockSize;
     const length = await this.#thread.call<number>("blkResize", { blkSize: lbs });
     this.#backend.setCapacity(Math.floor(length / lbs) * (lbs / 512));
+    const sent = await this.#backend.notifyConfigChange();
+    this.#log(`export ${this.spec.id}: config change to the front-end: ${sent}`);
     return length;
   }
 
