@@ -23,6 +23,7 @@ import {
   ECONNREFUSED,
   EEXIST,
   ENOENT,
+  fdTarget,
   listen,
   setNonBlocking,
   SOCK_NONBLOCK,
@@ -198,8 +199,8 @@ export class VhostUserServer {
    * Serves on a socket someone else bound and put in the listening state
    * (qemu-storage-daemon's `addr.type=fd`: an inherited fd). The server owns
    * the fd from now on (made non-blocking, closed by {@link close}); there is
-   * no socket file to remove. Throws SysError ENOTSOCK (fd is not a socket) or
-   * EINVAL (a socket that is not listening) before taking it.
+   * no socket file to remove. Throws TypeError (fd is not a socket) or SysError
+   * EINVAL (a socket that is not bound) before taking it.
    */
   static adopt(
     fd: number,
@@ -207,8 +208,12 @@ export class VhostUserServer {
     watcher: FdWatcher,
     opts: VhostUserServerOptions = {},
   ): VhostUserServer {
-    // listen() again only checks the socket: it is a no-op on a listening
-    // one, and fails with ENOTSOCK or EINVAL (unbound) otherwise.
+    const target = fdTarget(fd);
+    if (target === null || !target.startsWith("socket:")) {
+      throw new TypeError(`fd ${fd} is not a socket (${target ?? "not open"})`);
+    }
+    // listen() again is a no-op on a listening socket and fails with EINVAL
+    // on one that is not bound.
     listen(fd, opts.backlog ?? 1);
     setNonBlocking(fd, true);
     const server = new VhostUserServer("", fd, backend, watcher, opts, null);
