@@ -93,7 +93,8 @@ qemu-storage-daemon's command line (the options this daemon supports):
                          inherited listening socket); or a JSON object
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          a QMP monitor on a chardev
-  --object iothread,id=<id>[,poll-max-ns=<ns>][,aio-max-batch=<n>]
+  --object iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>][,poll-shrink=<n>]
+           [,aio-max-batch=<n>]
                          an IOThread exports can run in; or a JSON object
   --pidfile <path>       write the process id there (removed at exit)
   --daemonize            detach once every option is applied (the parent

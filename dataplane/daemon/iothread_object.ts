@@ -21,6 +21,9 @@ export interface IOThreadSpec {
   pollMaxNs: number;
   /** QEMU's aio-max-batch; default ours (4), see DEFAULT_AIO_MAX_BATCH. */
   aioMaxBatch: number;
+  /** QEMU's poll-grow (0: double) and poll-shrink (0: reset); default 0. */
+  pollGrow?: number;
+  pollShrink?: number;
 }
 
 /** The `qom-type`s `--object` knows. */
@@ -53,8 +56,18 @@ export function parseObject(obj: OptionObject, keyval: boolean): IOThreadSpec {
   if (aioMaxBatch < 0 || aioMaxBatch > 1024) {
     throw new DaemonError("aio-max-batch value must be in range [0, 1024]");
   }
+  const pollGrow = input.int("poll-grow", Number.MIN_SAFE_INTEGER);
+  const pollShrink = input.int("poll-shrink", Number.MIN_SAFE_INTEGER);
+  for (const [name, v] of [["poll-grow", pollGrow], ["poll-shrink", pollShrink]] as const) {
+    if (v !== undefined && v < 0) {
+      throw new DaemonError(`${name} value must be in range [0, 9223372036854775807]`);
+    }
+  }
   input.end();
-  return { id, pollMaxNs, aioMaxBatch };
+  const spec: IOThreadSpec = { id, pollMaxNs, aioMaxBatch };
+  if (pollGrow) spec.pollGrow = pollGrow; // 0 is QEMU's "default"
+  if (pollShrink) spec.pollShrink = pollShrink;
+  return spec;
 }
 
 /**
@@ -106,6 +119,8 @@ export class IOThreadObject {
       modules: [BLK_IOTHREAD_MODULE],
       pollMaxNs: spec.pollMaxNs,
       aioMaxBatch: spec.aioMaxBatch,
+      pollGrow: spec.pollGrow,
+      pollShrink: spec.pollShrink,
     });
     return new IOThreadObject(spec, thread);
   }

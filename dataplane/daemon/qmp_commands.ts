@@ -88,8 +88,8 @@ const COMMANDS: Record<string, Command> = {
     [...d.iothreads.values()].filter((t) => t.spec.id !== MAIN_LOOP_IOTHREAD).map((t) => ({
       id: t.spec.id,
       "poll-max-ns": t.spec.pollMaxNs,
-      "poll-grow": 0,
-      "poll-shrink": 0,
+      "poll-grow": t.spec.pollGrow ?? 0,
+      "poll-shrink": t.spec.pollShrink ?? 0,
       "aio-max-batch": t.spec.aioMaxBatch,
     }))
   ),

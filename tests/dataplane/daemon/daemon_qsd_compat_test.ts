@@ -24,7 +24,7 @@ function qsdArgv(dir: string, image: string): string[] {
     "--blockdev",
     '{"driver": "null-co", "node-name": "n0", "size": 8388608, "read-zeroes": true}',
     "--object",
-    "iothread,id=io0,poll-max-ns=0",
+    "iothread,id=io0,poll-max-ns=0,poll-grow=2,poll-shrink=2,aio-max-batch=8",
     "--export",
     `type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path=${dir}/e0.sock,` +
     "writable=on,num-queues=2,iothread=io0",
