@@ -16,7 +16,7 @@
 
 import type { AioContext } from "../aio/mod.ts";
 import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
-import { eventfdWrite, type IsolateHeap, isolateHeap } from "../sys/mod.ts";
+import { eventfdWrite, type IsolateHeap, isolateHeap, threadId } from "../sys/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
   type DataPlaneQueueSetup,
@@ -163,6 +163,7 @@ export function blkConfigure(
     writeback: boolean;
     brokenNotifyFd?: number;
     export?: string;
+    latencyHistogram?: boolean;
   },
 ): void {
   const s = state(args);
@@ -330,6 +331,19 @@ export interface BlkThreadStats {
   broken: string[];
   /** This IOThread's V8 heap. */
   heap?: IsolateHeap;
+}
+
+/**
+ * This IOThread's kernel thread id (gettid), for /proc/self/task/TID/stat
+ * (its CPU time: the daemon's busy-time metric).
+ *
+ * @example
+ * ```ts ignore
+ * const tid = await iothread.call<number>("blkThreadId");
+ * ```
+ */
+export function blkThreadId(_ctx: AioContext): number {
+  return threadId();
 }
 
 /**

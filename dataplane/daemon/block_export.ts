@@ -191,6 +191,7 @@ export class VhostUserBlkExport {
     iothread: IOThreadObject,
     ctx: AioContext,
     log: (line: string) => void = () => {},
+    latencyHistogram = false,
   ): Promise<VhostUserBlkExport> {
     const thread = new ExportThread(iothread.thread, spec.id);
     const ringBroken = new EventNotifier();
@@ -220,6 +221,7 @@ export class VhostUserBlkExport {
         serial: SERIAL,
         writeback: !spec.writethrough,
         brokenNotifyFd: ringBroken.fd,
+        latencyHistogram,
       });
       const exp = new VhostUserBlkExport(
         spec,

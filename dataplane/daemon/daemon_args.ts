@@ -25,6 +25,7 @@ export type DaemonOption =
     | { kind: "export"; spec: BlockExportSpec }
     | { kind: "chardev"; spec: ChardevSpec }
     | { kind: "monitor"; chardev: string; pretty: boolean }
+    | { kind: "metrics"; hostname: string; port: number }
   );
 
 /** The whole command line. */
@@ -64,6 +65,7 @@ const WITH_VALUE = new Set([
   "--chardev",
   "--monitor",
   "--pidfile",
+  "--metrics",
   "--nbd-server",
   "--trace",
   "-T",
@@ -97,6 +99,9 @@ qemu-storage-daemon's command line (the options this daemon supports):
            [,aio-max-batch=<n>]
                          an IOThread exports can run in; or a JSON object
   --pidfile <path>       write the process id there (removed at exit)
+  --metrics <addr>:<port>
+                         serve Prometheus metrics at http://<addr>:<port>/metrics
+                         (not a qemu-storage-daemon option; port 0: any free one)
   --daemonize            detach once every option is applied (the parent
                          exits 0 then, or 1 with the error)
 `;
@@ -120,6 +125,14 @@ function keyvalOrJson(value: string, impliedKey?: string): { obj: OptionObject; 
     if (e instanceof KeyvalError) throw new DaemonError(e.message);
     throw e;
   }
+}
+
+/** `ADDR:PORT` (`[v6addr]:PORT` for IPv6). */
+function parseHostPort(value: string): { hostname: string; port: number } {
+  const m = /^(?:\[([^\]]+)\]|([^:]+)):(\d+)$/.exec(value);
+  const port = m ? Number(m[3]) : NaN;
+  if (!m || port > 65535) throw new DaemonError("expects ADDR:PORT (e.g. 127.0.0.1:9100)");
+  return { hostname: m[1] ?? m[2], port };
 }
 
 function parseChardev(value: string): ChardevSpec {
@@ -224,6 +237,9 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
           break;
         case "--pidfile":
           out.pidfile = value;
+          break;
+        case "--metrics":
+          out.options.push({ kind: "metrics", ...parseHostPort(value), text });
           break;
         default: // --nbd-server, --trace
           throw new DaemonError(`${arg} is not supported by this daemon`);

@@ -25,6 +25,8 @@ function log(prog: string, line: string): void {
 
 /** Applies the parsed options to the daemon in order; throws DaemonUsageError with the option's text. */
 async function apply(d: StorageDaemon, args: DaemonArgs): Promise<void> {
+  // Latency histograms cost two clock reads a request: only with --metrics.
+  d.latencyHistogram = args.options.some((o) => o.kind === "metrics");
   for (const o of args.options) {
     try {
       switch (o.kind) {
@@ -42,6 +44,9 @@ async function apply(d: StorageDaemon, args: DaemonArgs): Promise<void> {
           break;
         case "monitor":
           await d.monitorAdd(o.chardev, o.pretty);
+          break;
+        case "metrics":
+          await d.metricsAdd(o.hostname, o.port);
           break;
       }
     } catch (e) {

@@ -125,6 +125,14 @@ export class IOThreadObject {
     return new IOThreadObject(spec, thread);
   }
 
+  #tid: Promise<number> | null = null;
+
+  /** The thread's kernel thread id (asked once). */
+  threadId(): Promise<number> {
+    this.#tid ??= this.thread.call<number>("blkThreadId");
+    return this.#tid;
+  }
+
   /** Stops the Worker (its exports must be gone). */
   async stop(): Promise<void> {
     await this.thread.stop();

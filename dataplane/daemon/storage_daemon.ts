@@ -18,6 +18,7 @@ import { IOThreadObject, type IOThreadSpec } from "./iothread_object.ts";
 import { DaemonError, type OptionObject } from "./qapi_input.ts";
 import { QmpServer } from "./qmp_server.ts";
 import { QmpCommands } from "./qmp_commands.ts";
+import { MetricsServer } from "./metrics.ts";
 
 /** The id of the IOThread that exports without `iothread=` share. */
 export const MAIN_LOOP_IOTHREAD = "#main-loop";
@@ -56,12 +57,19 @@ export class StorageDaemon {
   readonly chardevs = new Map<string, ChardevSpec>();
   readonly monitors: QmpServer[] = [];
   readonly log: (line: string) => void;
+  /**
+   * Exports started from now on keep a latency histogram per queue (set
+   * before the first export when `--metrics` is on the command line).
+   */
+  latencyHistogram = false;
+  metrics: MetricsServer | null = null;
   readonly #quit = Promise.withResolvers<void>();
   readonly #failed = Promise.withResolvers<Error>();
   readonly #loop: Promise<void>;
   #running = true;
   #stopped: Promise<void> | null = null;
   #mainLoopThread: Promise<IOThreadObject> | null = null;
+  #mainLoopObject: IOThreadObject | null = null;
 
   constructor(log: (line: string) => void = () => {}) {
     this.log = log;
@@ -148,6 +156,7 @@ export class StorageDaemon {
         iothread,
         this.ctx,
         this.log,
+        this.latencyHistogram,
       );
       this.exports.set(spec.id, exp);
       this.log(
@@ -169,6 +178,7 @@ export class StorageDaemon {
       aioMaxBatch: 4,
     }).then((t) => {
       this.#watch(t);
+      this.#mainLoopObject = t;
       return t;
     });
     return this.#mainLoopThread;
@@ -226,6 +236,24 @@ export class StorageDaemon {
     }
   }
 
+  /** Every running IOThread, the shared one of exports without `iothread=` included. */
+  allIOThreads(): IOThreadObject[] {
+    return [...this.iothreads.values(), ...(this.#mainLoopObject ? [this.#mainLoopObject] : [])];
+  }
+
+  /** `--metrics ADDR:PORT`: the Prometheus endpoint. */
+  async metricsAdd(hostname: string, port: number): Promise<void> {
+    if (this.metrics !== null) throw new DaemonError("--metrics given twice");
+    try {
+      this.metrics = await MetricsServer.start(this, hostname, port);
+    } catch (e) {
+      throw new DaemonError(
+        `metrics: cannot listen on ${hostname}:${port}: ${(e as Error).message}`,
+      );
+    }
+    this.log(`metrics on http://${hostname}:${this.metrics.port}/metrics`);
+  }
+
   /** `--chardev socket,...` */
   chardevAdd(spec: ChardevSpec): void {
     if (this.chardevs.has(spec.id)) {
@@ -262,6 +290,7 @@ export class StorageDaemon {
   stop(): Promise<void> {
     this.#stopped ??= (async () => {
       for (const m of this.monitors) m.close();
+      await this.metrics?.close();
       for (const [id, exp] of [...this.exports]) {
         this.exports.delete(id);
         await exp.stop();
