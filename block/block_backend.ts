@@ -349,7 +349,18 @@ export class BlockBackend {
    * submitting; requests that still arrive are held until drainedEnd. Nests.
    */
   drainedBegin(): void {
-    if (this.#quiesce++ === 0) this.#devOps?.drainedBegin?.();
+    if (this.#quiesce++ === 0) {
+      this.#devOps?.drainedBegin?.();
+      this.driver.releaseHeld?.(); // a throttle filter's queue would hold the drain
+    }
+  }
+
+  /**
+   * Submits what a filter holds back (throttled requests) at once: the
+   * dataplane calls it when it stops a queue and waits for its requests.
+   */
+  releaseHeld(): void {
+    this.driver.releaseHeld?.();
   }
 
   /** Closes a drained section; the outermost one resumes held requests. */

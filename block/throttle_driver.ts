@@ -130,6 +130,19 @@ export class ThrottleDriver implements BlockDriver {
     return this.child.setInlineCompletion?.(on) ?? false;
   }
 
+  /** Submits every waiting request now, past the limits (drain, queue stop). */
+  releaseHeld(): void {
+    for (const t of this.#timers) t.del();
+    this.child.ioPlug();
+    try {
+      for (const q of this.#queues) {
+        while (q.length > 0) this.#submit(q.shift()!);
+      }
+    } finally {
+      this.child.ioUnplug();
+    }
+  }
+
   /** Nothing queued in this direction and the buckets have room: counted, go. */
   #mayGo(dir: 0 | 1, bytes: number): boolean {
     return this.#queues[dir].length === 0 &&

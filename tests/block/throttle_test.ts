@@ -156,3 +156,27 @@ Deno.test("throttle driver: waiting requests go in order as the bucket leaks", a
     ctx.close();
   }
 });
+
+Deno.test("throttle driver: a drained section releases what it holds", async () => {
+  const ctx = new AioContext();
+  const state = new ThrottleState(new ArrayBuffer(THROTTLE_STATE_BYTES));
+  const c = noThrottle();
+  c.buckets["iops-total"].avg = 1; // one a second
+  state.configure(c, ctx.now());
+  const d = new ThrottleDriver(ctx, new NullCoDriver(ctx, { size: 1 << 20 }), state);
+  try {
+    const qiov = IoVector.fromBuffers([new Uint8Array(512)]);
+    let done = 0;
+    for (let i = 0; i < 10; i++) d.preadv(0, qiov, () => done++);
+    for (let i = 0; i < 5; i++) ctx.poll(false);
+    assert(done <= 2, `${done} went`);
+    const t0 = ctx.now();
+    d.releaseHeld();
+    while (done < 10) ctx.poll(true);
+    assert(ctx.now() - t0 < 1e9, "released, not leaked out at 1/s");
+    assert.equal(d.throttled, 0);
+  } finally {
+    await d.close();
+    ctx.close();
+  }
+});

@@ -10,6 +10,7 @@ import { VhostUserBlkClient } from "../../../client/blk_client.ts";
 import { parseDaemonArgs } from "../../../dataplane/daemon/daemon_args.ts";
 import { StorageDaemon } from "../../../dataplane/daemon/storage_daemon.ts";
 import { QmpTestClient } from "./qmp_test_client.ts";
+import { noThrottle } from "../../../block/mod.ts";
 
 /** Keeps `depth` reads of `bytes` in flight on queue 0 for `ms`; returns those completed in the window. */
 async function readFor(
@@ -143,3 +144,45 @@ Deno.test("throttle group: the limit holds over 5 s, qom-set changes it at run t
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+Deno.test("throttle group: stopping an export releases the requests a low limit holds", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "throttle-stop-" });
+  const d = new StorageDaemon();
+  let c: VhostUserBlkClient | null = null;
+  try {
+    await d.objectAdd({ qomType: "throttle-group", id: "tg0", config: oneIops() });
+    d.blockdevAdd({ driver: "null-co", "node-name": "n0", size: 1 << 20 }, false);
+    d.blockdevAdd(
+      { driver: "throttle", "node-name": "t0", "throttle-group": "tg0", file: "n0" },
+      false,
+    );
+    await d.exportAdd({
+      id: "e0",
+      nodeName: "t0",
+      addr: { type: "unix", path: `${dir}/e0.sock` },
+      writable: false,
+      writethrough: false,
+      numQueues: 1,
+      logicalBlockSize: 512,
+    });
+    c = await VhostUserBlkClient.connect(`${dir}/e0.sock`, { slots: 8 });
+    const q = c.queues[0];
+    for (let s = 0; s < 8; s++) q.read(s, 0, 512);
+    q.notify();
+    await new Promise((r) => setTimeout(r, 200));
+    // At 1 IOPS the last of 8 would wait ~7 s; the stop releases them.
+    const t0 = Date.now();
+    await d.exportDel("e0", true);
+    assert(Date.now() - t0 < 3000, `stop took ${Date.now() - t0} ms`);
+  } finally {
+    await c?.close().catch(() => {});
+    await d.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+function oneIops() {
+  const c = noThrottle();
+  c.buckets["iops-total"].avg = 1;
+  return c;
+}
