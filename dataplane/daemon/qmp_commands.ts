@@ -43,16 +43,13 @@ const COMMANDS: Record<string, Command> = {
     a.end();
     return [...d.graph.nodes.values()].map((n) => {
       const s = n.spec;
-      const size = s.driver === "raw"
-        ? s.size ?? protocolSize(d.graph.get(s.file!).spec) - (s.offset ?? 0)
-        : s.driver === "qcow2"
-        ? exportedLength(d, s.nodeName) ?? 0
-        : protocolSize(s);
-      const filename = s.driver === "file"
-        ? s.filename!
-        : s.file !== undefined
-        ? (d.graph.get(s.file).spec.filename ?? "")
-        : `json:{"driver": "${s.driver}", "size": ${s.size}}`;
+      const size = nodeSize(d, s.nodeName);
+      // The protocol node under the chain names the image.
+      const chain = d.graph.chain(s.nodeName);
+      const bottom = d.graph.get(chain[chain.length - 1]).spec;
+      const filename = bottom.driver === "file"
+        ? bottom.filename!
+        : `json:{"driver": "${bottom.driver}", "size": ${bottom.size}}`;
       return {
         "node-name": s.nodeName,
         drv: s.driver,
@@ -147,6 +144,21 @@ const COMMANDS: Record<string, Command> = {
     d.requestQuit();
   }),
 };
+
+/** The bytes a node presents (a qcow2 node: its virtual size once exported, else 0). */
+function nodeSize(d: StorageDaemon, nodeName: string): number {
+  const s = d.graph.get(nodeName).spec;
+  switch (s.driver) {
+    case "throttle":
+      return nodeSize(d, s.file!);
+    case "raw":
+      return s.size ?? protocolSize(d.graph.get(s.file!).spec) - (s.offset ?? 0);
+    case "qcow2":
+      return exportedLength(d, s.nodeName) ?? 0;
+    default:
+      return protocolSize(s);
+  }
+}
 
 function exportedLength(d: StorageDaemon, nodeName: string): number | undefined {
   for (const e of d.exports.values()) if (e.spec.nodeName === nodeName) return e.image.length;

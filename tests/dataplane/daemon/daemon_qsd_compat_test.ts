@@ -100,8 +100,12 @@ async function observe(dir: string, image: string, pid: number): Promise<Record<
     seen.exports = (ex.return as { id: string; "node-name": string; type: string }[])
       .map((e) => `${e.id}:${e["node-name"]}:${e.type}`).sort();
     const nodes = await qmp.execute("query-named-block-nodes");
-    seen.nodes = (nodes.return as { "node-name": string; drv: string }[])
-      .map((n) => `${n["node-name"]}:${n.drv}`).sort();
+    seen.nodes = (nodes.return as {
+      "node-name": string;
+      drv: string;
+      ro: boolean;
+      image: { "virtual-size": number };
+    }[]).map((n) => `${n["node-name"]}:${n.drv}:${n.image["virtual-size"]}:${n.ro}`).sort();
     seen.unknown = (await qmp.execute("no-such-command")).error;
   } finally {
     qmp.close();
