@@ -305,7 +305,16 @@ export class BlockGraph {
   }
 }
 
-/** The bytes behind a protocol node (file: its size now; null: its size). */
+/**
+ * The bytes behind a protocol node (file: its size now; null: its size).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { protocolSize } from "./blockdev.ts";
+ * assert.equal(protocolSize({ nodeName: "n", driver: "null-co", readOnly: false, size: 4096 }), 4096);
+ * ```
+ */
 export function protocolSize(spec: BlockdevSpec): number {
   if (spec.driver !== "file") return spec.size ?? 0;
   try {

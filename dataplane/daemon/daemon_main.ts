@@ -59,6 +59,19 @@ async function apply(d: StorageDaemon, args: DaemonArgs): Promise<void> {
 /**
  * Runs the daemon; returns the exit status (0 after a clean stop, 1 on an
  * error). `prog` is the name errors start with.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { daemonMain } from "./daemon_main.ts";
+ * const orig = console.error;
+ * console.error = () => {};
+ * try {
+ *   assert.equal(await daemonMain(["--no-such-option"]), 1);
+ * } finally {
+ *   console.error = orig;
+ * }
+ * ```
  */
 export async function daemonMain(argv: string[], prog = "dataplane"): Promise<number> {
   let args: DaemonArgs;

@@ -100,7 +100,18 @@ export class ExportThread {
   }
 }
 
-/** A running `--object iothread`. */
+/**
+ * A running `--object iothread`.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { IOThreadObject } from "./iothread_object.ts";
+ * const io = await IOThreadObject.start({ id: "io0", pollMaxNs: 0, aioMaxBatch: 4 });
+ * assert(await io.threadId() > 0);
+ * await io.stop();
+ * ```
+ */
 export class IOThreadObject {
   readonly spec: IOThreadSpec;
   readonly thread: IOThread;

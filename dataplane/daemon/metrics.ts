@@ -58,7 +58,19 @@ export function threadCpuSeconds(tid: number): number | null {
   return Number.isFinite(utime + stime) ? (utime + stime) / USER_HZ : null;
 }
 
-/** Asks every export and IOThread of `d` for its counters. */
+/**
+ * Asks every export and IOThread of `d` for its counters.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { collectMetrics } from "./metrics.ts";
+ * import { StorageDaemon } from "./storage_daemon.ts";
+ * const d = new StorageDaemon();
+ * assert.deepEqual(await collectMetrics(d), { exports: [], iothreads: [] });
+ * await d.stop();
+ * ```
+ */
 export async function collectMetrics(d: StorageDaemon): Promise<MetricsSnapshot> {
   const exports: MetricsSnapshot["exports"] = [];
   for (const e of [...d.exports.values()]) {

@@ -86,7 +86,21 @@ export function parseThrottleGroup(obj: OptionObject, keyval: boolean): Throttle
   return { id, config: check(config) };
 }
 
-/** A running throttle group. */
+/**
+ * A running throttle group.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { noThrottle } from "../../block/mod.ts";
+ * import { ThrottleGroupObject } from "./throttle_group.ts";
+ * const g = new ThrottleGroupObject({ id: "tg0", config: noThrottle() });
+ * g.set("x-iops-total", 300);
+ * assert.equal(g.get("x-iops-total"), 300);
+ * assert.throws(() => g.set("x-iops-total-max", 100), /cannot be lower/);
+ * g.close();
+ * ```
+ */
 export class ThrottleGroupObject {
   readonly id: string;
   /** Nodes (`driver=throttle`) naming the group. */
