@@ -8,8 +8,6 @@ import { FileDriver } from "./file_driver.ts";
 import { NullAioDriver, NullCoDriver } from "./null_driver.ts";
 import { RawDriver } from "./raw_driver.ts";
 import { openQcow2Image } from "./qcow2/image_chain.ts";
-import { ThrottleDriver } from "./throttle_driver.ts";
-import { THROTTLE_STATE_BYTES, ThrottleState } from "./throttle_state.ts";
 import type { RangeLockTable } from "./range_lock_table.ts";
 
 /**
@@ -149,13 +147,6 @@ export class BlockBackend {
     extras: BlockBackendExtras = {},
   ): Promise<BlockBackend> {
     validateBlockOptions(opts as unknown as Record<string, unknown>);
-    // driver=throttle on top of the graph (QEMU's throttle filter node).
-    const filter = (d: BlockDriver): BlockDriver =>
-      opts.throttle === undefined ? d : new ThrottleDriver(
-        ctx,
-        d,
-        new ThrottleState(viewAt(opts.throttle.addr, THROTTLE_STATE_BYTES)),
-      );
     let proto: BlockDriver;
     if (opts.driver === "file" && opts.aio === "native" && opts.cache !== "none") {
       throw new TypeError("aio=native requires cache=none (O_DIRECT), as in QEMU");
@@ -176,7 +167,7 @@ export class BlockBackend {
         readOnly: opts.readOnly ?? false,
         l2CacheSize: opts.l2CacheSize,
         openFile: (path, readOnly) => openFile(path, readOnly, path === top),
-      }).then((d) => new BlockBackend(ctx, filter(d), opts));
+      }).then((d) => new BlockBackend(ctx, d, opts));
     }
     if (opts.driver === "file") {
       proto = openFile(opts.filename!, opts.readOnly ?? false, true);
@@ -191,7 +182,7 @@ export class BlockBackend {
     } catch (e) {
       return proto.close().then(() => Promise.reject(e));
     }
-    return Promise.resolve(new BlockBackend(ctx, filter(top), opts));
+    return Promise.resolve(new BlockBackend(ctx, top, opts));
   }
 
   /** Size in bytes. */
@@ -349,18 +340,7 @@ export class BlockBackend {
    * submitting; requests that still arrive are held until drainedEnd. Nests.
    */
   drainedBegin(): void {
-    if (this.#quiesce++ === 0) {
-      this.#devOps?.drainedBegin?.();
-      this.driver.releaseHeld?.(); // a throttle filter's queue would hold the drain
-    }
-  }
-
-  /**
-   * Submits what a filter holds back (throttled requests) at once: the
-   * dataplane calls it when it stops a queue and waits for its requests.
-   */
-  releaseHeld(): void {
-    this.driver.releaseHeld?.();
+    if (this.#quiesce++ === 0) this.#devOps?.drainedBegin?.();
   }
 
   /** Closes a drained section; the outermost one resumes held requests. */

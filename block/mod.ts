@@ -31,13 +31,3 @@ export { ThreadPoolEngine } from "./thread_pool_engine.ts";
 import { registerErrorClass } from "../aio/mod.ts";
 import { Qcow2Error } from "./qcow2/qcow2_error.ts";
 registerErrorClass("Qcow2Error", Qcow2Error);
-export {
-  noThrottle,
-  THROTTLE_BUCKETS,
-  THROTTLE_STATE_BYTES,
-  type ThrottleBucketConfig,
-  type ThrottleConfig,
-  throttleConfigError,
-  ThrottleState,
-} from "./throttle_state.ts";
-export { ThrottleDriver } from "./throttle_driver.ts";

@@ -249,11 +249,7 @@ export function blkStopQueue(
   _ctx: AioContext,
   args: { index: number; export?: string },
 ): Promise<number> {
-  const stopped = need(args).stopQueue(args.index); // detaches the queue at once
-  // Requests a throttle filter holds would hold the stop for as long as the
-  // limits say: let them go (QEMU drains the export).
-  exports.get(exportKey(args))?.blk?.releaseHeld();
-  return stopped;
+  return need(args).stopQueue(args.index);
 }
 
 /**

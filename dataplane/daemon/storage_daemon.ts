@@ -14,9 +14,7 @@
 import { AioContext } from "../../aio/mod.ts";
 import { BlockGraph } from "./blockdev.ts";
 import { type BlockExportSpec, VhostUserBlkExport } from "./block_export.ts";
-import { IOThreadObject } from "./iothread_object.ts";
-import type { ObjectSpec } from "./object_spec.ts";
-import { ThrottleGroupObject } from "./throttle_group.ts";
+import { IOThreadObject, type IOThreadSpec } from "./iothread_object.ts";
 import { DaemonError, type OptionObject } from "./qapi_input.ts";
 import { QmpServer } from "./qmp_server.ts";
 import { QmpCommands } from "./qmp_commands.ts";
@@ -55,7 +53,6 @@ export class StorageDaemon {
   readonly ctx = new AioContext();
   readonly graph = new BlockGraph();
   readonly iothreads = new Map<string, IOThreadObject>();
-  readonly throttleGroups = new Map<string, ThrottleGroupObject>();
   readonly exports = new Map<string, VhostUserBlkExport>();
   readonly chardevs = new Map<string, ChardevSpec>();
   readonly monitors: QmpServer[] = [];
@@ -76,7 +73,6 @@ export class StorageDaemon {
 
   constructor(log: (line: string) => void = () => {}) {
     this.log = log;
-    this.graph.throttleGroups = (id) => this.throttleGroups.get(id);
     this.#loop = (async () => {
       while (this.#running) await this.ctx.pollAsync();
     })();
@@ -108,18 +104,11 @@ export class StorageDaemon {
   }
 
   /** `--object iothread` / `object-add`. */
-  async objectAdd(spec: ObjectSpec): Promise<void> {
-    if (
-      this.iothreads.has(spec.id) || this.throttleGroups.has(spec.id) ||
-      spec.id === MAIN_LOOP_IOTHREAD
-    ) {
+  async objectAdd(spec: IOThreadSpec): Promise<void> {
+    if (this.iothreads.has(spec.id) || spec.id === MAIN_LOOP_IOTHREAD) {
       throw new DaemonError(
         `attempt to add duplicate property '${spec.id}' to object (type 'container')`,
       );
-    }
-    if (spec.qomType === "throttle-group") {
-      this.throttleGroups.set(spec.id, new ThrottleGroupObject(spec));
-      return;
     }
     const obj = await IOThreadObject.start(spec);
     this.#watch(obj);
@@ -132,15 +121,6 @@ export class StorageDaemon {
 
   /** `object-del`: only an IOThread no export runs in. */
   async objectDel(id: string): Promise<void> {
-    const group = this.throttleGroups.get(id);
-    if (group !== undefined) {
-      if (group.users.size > 0) {
-        throw new DaemonError(`object '${id}' is in use by node ${[...group.users].join(", ")}`);
-      }
-      this.throttleGroups.delete(id);
-      group.close();
-      return;
-    }
     const obj = this.iothreads.get(id);
     if (obj === undefined) throw new DaemonError(`object '${id}' not found`);
     if (obj.users.size > 0) {
@@ -232,9 +212,7 @@ export class StorageDaemon {
     if (node === undefined || node.implicit) {
       throw new DaemonError(`Cannot find device='' nor node-name='${nodeName}'`);
     }
-    let s = node.spec;
-    // A throttle filter resizes what it is over.
-    while (s.driver === "throttle") s = this.graph.get(s.file!).spec;
+    const s = node.spec;
     if (s.driver === "raw" && (s.offset !== undefined || s.size !== undefined)) {
       throw new DaemonError("Cannot resize fixed-size raw disks");
     }
@@ -273,14 +251,6 @@ export class StorageDaemon {
       );
     }
     this.log(`metrics on http://${hostname}:${this.metrics.port}/metrics`);
-  }
-
-  /** The throttle group at a QOM path (`tg0` or `/objects/tg0`), for qom-set / qom-get. */
-  throttleGroup(path: string): ThrottleGroupObject {
-    const id = path.startsWith("/objects/") ? path.slice("/objects/".length) : path;
-    const g = this.throttleGroups.get(id);
-    if (g === undefined) throw new DaemonError(`Device '${path}' not found`, "DeviceNotFound");
-    return g;
   }
 
   /** `--chardev socket,...` */
@@ -328,9 +298,6 @@ export class StorageDaemon {
       this.iothreads.clear();
       if (this.#mainLoopThread) threads.push(await this.#mainLoopThread);
       for (const t of threads) await t.stop();
-      // After the IOThreads: no throttle filter reads a group's state any more.
-      for (const g of this.throttleGroups.values()) g.close();
-      this.throttleGroups.clear();
       this.#running = false;
       this.ctx.close(); // as the host: the loop's pending wait returns
       await this.#loop;

@@ -1,8 +1,7 @@
 // The same qemu-storage-daemon command line, word for word, run by
 // qemu-storage-daemon 7.2 and by `deno task host` (only the program
 // changes): two exports (a raw window over a file, writable, 2 queues, in
-// an IOThread; a read-only null-co with 4 KiB blocks behind a throttle
-// group, in the main loop), a
+// an IOThread; a read-only null-co with 4 KiB blocks in the main loop), a
 // QMP monitor and a pidfile. The built-in client then sees the same thing
 // from both: capacity, block size, queues, read-only, GET_ID, data landing
 // at the raw window's offset in the file, errors past the end and on the
@@ -26,15 +25,11 @@ function qsdArgv(dir: string, image: string): string[] {
     '{"driver": "null-co", "node-name": "n0", "size": 8388608, "read-zeroes": true}',
     "--object",
     "iothread,id=io0,poll-max-ns=0,poll-grow=2,poll-shrink=2,aio-max-batch=8",
-    "--object",
-    "throttle-group,id=tg0,x-iops-total=100000,x-bps-total=1073741824",
-    "--blockdev",
-    "driver=throttle,node-name=t0,throttle-group=tg0,file=n0",
     "--export",
     `type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path=${dir}/e0.sock,` +
     "writable=on,num-queues=2,iothread=io0",
     "--export",
-    `type=vhost-user-blk,id=e1,node-name=t0,addr.type=unix,addr.path=${dir}/e1.sock,` +
+    `type=vhost-user-blk,id=e1,node-name=n0,addr.type=unix,addr.path=${dir}/e1.sock,` +
     "logical-block-size=4096",
     "--chardev",
     `socket,id=m0,path=${dir}/qmp.sock,server=on,wait=off`,
