@@ -23,6 +23,9 @@ export interface IOThreadOptions {
   pollMaxNs?: number;
   /** aio-max-batch of the thread's AioContext (default 0: the engines' own). */
   aioMaxBatch?: number;
+  /** poll-grow / poll-shrink of the thread's AioContext (defaults: AioContext's). */
+  pollGrow?: number;
+  pollShrink?: number;
   /** Largest call or reply, in bytes of JSON (default 65532). */
   maxMessageBytes?: number;
   /**
@@ -155,6 +158,8 @@ export class IOThread {
       modules: opts.modules.map(moduleUrl),
       pollMaxNs: opts.pollMaxNs,
       aioMaxBatch: opts.aioMaxBatch,
+      pollGrow: opts.pollGrow,
+      pollShrink: opts.pollShrink,
       channel: createChannel({ slotBytes: (opts.maxMessageBytes ?? 65532) + 4 }),
       data: opts.data,
     };

@@ -25,6 +25,8 @@ export interface IOThreadInit {
   modules: string[];
   pollMaxNs?: number;
   aioMaxBatch?: number;
+  pollGrow?: number;
+  pollShrink?: number;
   channel: ChannelInit;
   /** Structured-cloned start data (may hold SharedArrayBuffers), passed to every call. */
   data?: unknown;
@@ -72,7 +74,12 @@ async function run(init: IOThreadInit): Promise<void> {
     scope.postMessage({ error: `IOThread ${init.name}: loading modules: ${errorText(e)}` });
     return;
   }
-  const ctx = new AioContext({ pollMaxNs: init.pollMaxNs, aioMaxBatch: init.aioMaxBatch });
+  const ctx = new AioContext({
+    pollMaxNs: init.pollMaxNs,
+    aioMaxBatch: init.aioMaxBatch,
+    pollGrow: init.pollGrow,
+    pollShrink: init.pollShrink,
+  });
   const chan = new ChannelEndpoint(init.channel, 1);
   let stopping = false;
   let running = 0; // async calls not settled yet

@@ -6,15 +6,17 @@
  * thread's AioContext first and plain JSON arguments; fds and host addresses
  * are process-wide, so they travel as numbers.
  *
- * One device per IOThread: the host's queues are spread over its IOThreads,
- * each with its own {@link VirtioBlkDataPlane}.
+ * The host's queues are spread over its IOThreads, each with its own
+ * {@link VirtioBlkDataPlane}; the multi-export daemon runs several exports
+ * in one IOThread, each call naming its export (`args.export`, "" when
+ * absent), each export with its own BlockBackend and dataplane.
  *
  * @module
  */
 
 import type { AioContext } from "../aio/mod.ts";
 import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
-import { eventfdWrite, type IsolateHeap, isolateHeap, kvmIrqLine } from "../sys/mod.ts";
+import { eventfdWrite, type IsolateHeap, isolateHeap, kvmIrqLine, threadId } from "../sys/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
   type DataPlaneQueueSetup,
@@ -22,11 +24,39 @@ import {
   VirtioBlkDataPlane,
 } from "./virtio_blk_dataplane.ts";
 
-let blk: BlockBackend | null = null;
-let dataplane: VirtioBlkDataPlane | null = null;
-let memory: GuestMemory | null = null;
-let brokenLog: string[] = [];
-let brokenDropped = 0;
+/**
+ * One export's state in this thread. The host has one (key ""); the
+ * multi-export daemon (dataplane/daemon/) runs several exports in one
+ * IOThread, each call naming its export in `args.export`.
+ */
+interface BlkExportState {
+  blk: BlockBackend | null;
+  dataplane: VirtioBlkDataPlane | null;
+  memory: GuestMemory | null;
+  brokenLog: string[];
+  brokenDropped: number;
+}
+
+const exports = new Map<string, BlkExportState>();
+
+/** The export a call is for: `args.export`, or "" (the host's only one). */
+function exportKey(args: unknown): string {
+  if (typeof args === "object" && args !== null && "export" in args) {
+    const k = (args as { export: unknown }).export;
+    if (typeof k === "string") return k;
+  }
+  return "";
+}
+
+function state(args: unknown): BlkExportState {
+  const key = exportKey(args);
+  let s = exports.get(key);
+  if (s === undefined) {
+    s = { blk: null, dataplane: null, memory: null, brokenLog: [], brokenDropped: 0 };
+    exports.set(key, s);
+  }
+  return s;
+}
 
 /**
  * Broken-ring reports kept between two {@link blkStats} calls. A front-end
@@ -35,9 +65,9 @@ let brokenDropped = 0;
  */
 const BROKEN_LOG_MAX = 64;
 
-function logBroken(index: number, reason: string): void {
-  if (brokenLog.length < BROKEN_LOG_MAX) brokenLog.push(`queue ${index}: ${reason}`);
-  else brokenDropped++;
+function logBroken(s: BlkExportState, index: number, reason: string): void {
+  if (s.brokenLog.length < BROKEN_LOG_MAX) s.brokenLog.push(`queue ${index}: ${reason}`);
+  else s.brokenDropped++;
 }
 
 /**
@@ -85,9 +115,10 @@ export interface BlkThreadData {
   irqLine?: { vmFd: number; gsi: number };
 }
 
-function need(): VirtioBlkDataPlane {
-  if (dataplane === null) throw new Error("virtio-blk IOThread: device not configured");
-  return dataplane;
+function need(args: unknown): VirtioBlkDataPlane {
+  const dp = exports.get(exportKey(args))?.dataplane ?? null;
+  if (dp === null) throw new Error("virtio-blk IOThread: device not configured");
+  return dp;
 }
 
 /**
@@ -102,12 +133,20 @@ function need(): VirtioBlkDataPlane {
  */
 export async function blkOpen(
   ctx: AioContext,
-  opts: BlockOptions,
+  args: BlockOptions & { export?: string },
   data?: BlkThreadData,
 ): Promise<BlkImageInfo> {
-  if (blk !== null) throw new Error("virtio-blk IOThread: image already open");
-  const rangeLocks = data?.rangeLocks ? new RangeLockTable(data.rangeLocks) : undefined;
-  blk = await BlockBackend.open(ctx, opts, { rangeLocks });
+  const s = state(args);
+  if (s.blk !== null) throw new Error("virtio-blk IOThread: image already open");
+  const { export: key, ...opts } = args;
+  // The thread's shared table belongs to the host's one image; other exports get their own.
+  const rangeLocks = data?.rangeLocks && !key ? new RangeLockTable(data.rangeLocks) : undefined;
+  const blk = await BlockBackend.open(ctx, opts, { rangeLocks });
+  if (s.blk !== null) {
+    await blk.close();
+    throw new Error("virtio-blk IOThread: image already open");
+  }
+  s.blk = blk;
   return {
     length: blk.length,
     requestAlignment: blk.requestAlignment,
@@ -143,18 +182,21 @@ export function blkConfigure(
     brokenNotifyFd?: number;
     /** Test-only: see DataPlaneOptions.holdCompletions. */
     holdCompletions?: { every: number; ms: number } | null;
+    export?: string;
+    latencyHistogram?: boolean;
   },
   data?: BlkThreadData,
 ): void {
-  if (blk === null) throw new Error("virtio-blk IOThread: blkOpen first");
-  if (dataplane !== null) throw new Error("virtio-blk IOThread: already configured");
-  const { brokenNotifyFd, ...opts } = args;
-  dataplane = new VirtioBlkDataPlane(ctx, blk, {
+  const s = state(args);
+  if (s.blk === null) throw new Error("virtio-blk IOThread: blkOpen first");
+  if (s.dataplane !== null) throw new Error("virtio-blk IOThread: already configured");
+  const { brokenNotifyFd, export: _key, ...opts } = args;
+  s.dataplane = new VirtioBlkDataPlane(ctx, s.blk, {
     ...opts,
     isr: data?.isr ? new Int32Array(data.isr, 0, 1) : undefined,
     raiseIrq: data?.irqLine ? irqLineEdge(data.irqLine.vmFd, data.irqLine.gsi) : undefined,
     onBroken: (index, reason) => {
-      logBroken(index, reason);
+      logBroken(s, index, reason);
       if (brokenNotifyFd === undefined) return;
       try {
         eventfdWrite(brokenNotifyFd, 1);
@@ -172,8 +214,11 @@ export function blkConfigure(
  * const broken = await iothread.call<{ index: number; reason: string }[]>("blkBrokenQueues");
  * ```
  */
-export function blkBrokenQueues(_ctx: AioContext): { index: number; reason: string }[] {
-  return dataplane?.brokenQueues ?? [];
+export function blkBrokenQueues(
+  _ctx: AioContext,
+  args?: { export?: string },
+): { index: number; reason: string }[] {
+  return exports.get(exportKey(args))?.dataplane?.brokenQueues ?? [];
 }
 
 /**
@@ -188,13 +233,14 @@ export function blkBrokenQueues(_ctx: AioContext): { index: number; reason: stri
  */
 export async function blkSetMemory(
   _ctx: AioContext,
-  args: { regions: MappedMemoryRegion[] | null },
+  args: { regions: MappedMemoryRegion[] | null; export?: string },
 ): Promise<void> {
-  const dp = need();
+  const dp = need(args);
+  const s = state(args);
   const next = args.regions === null ? null : GuestMemory.fromMapped(args.regions);
   await dp.setMemory(next);
-  memory?.close();
-  memory = next;
+  s.memory?.close();
+  s.memory = next;
 }
 
 /**
@@ -207,8 +253,12 @@ export async function blkSetMemory(
  * await iothread.call("blkStartQueue", setup);
  * ```
  */
-export function blkStartQueue(_ctx: AioContext, setup: DataPlaneQueueSetup): Promise<number> {
-  return need().startQueue(setup);
+export function blkStartQueue(
+  _ctx: AioContext,
+  args: DataPlaneQueueSetup & { export?: string },
+): Promise<number> {
+  const { export: _key, ...setup } = args;
+  return need(args).startQueue(setup);
 }
 
 /**
@@ -219,8 +269,11 @@ export function blkStartQueue(_ctx: AioContext, setup: DataPlaneQueueSetup): Pro
  * const base = await iothread.call<number>("blkStopQueue", { index: 0 });
  * ```
  */
-export function blkStopQueue(_ctx: AioContext, args: { index: number }): Promise<number> {
-  return need().stopQueue(args.index);
+export function blkStopQueue(
+  _ctx: AioContext,
+  args: { index: number; export?: string },
+): Promise<number> {
+  return need(args).stopQueue(args.index);
 }
 
 /**
@@ -233,9 +286,15 @@ export function blkStopQueue(_ctx: AioContext, args: { index: number }): Promise
  */
 export function blkSetVring(
   _ctx: AioContext,
-  args: { index: number; callFd?: number | null; errFd?: number | null; enabled?: boolean },
+  args: {
+    index: number;
+    callFd?: number | null;
+    errFd?: number | null;
+    enabled?: boolean;
+    export?: string;
+  },
 ): void {
-  const dp = need();
+  const dp = need(args);
   if (args.callFd !== undefined) dp.setCallFd(args.index, args.callFd);
   if (args.errFd !== undefined) dp.setErrFd(args.index, args.errFd);
   if (args.enabled !== undefined) dp.setEnabled(args.index, args.enabled);
@@ -249,8 +308,8 @@ export function blkSetVring(
  * await iothread.call("blkSetWriteback", { on: false });
  * ```
  */
-export function blkSetWriteback(_ctx: AioContext, args: { on: boolean }): void {
-  need().setWriteback(args.on);
+export function blkSetWriteback(_ctx: AioContext, args: { on: boolean; export?: string }): void {
+  need(args).setWriteback(args.on);
 }
 
 /**
@@ -262,14 +321,16 @@ export function blkSetWriteback(_ctx: AioContext, args: { on: boolean }): void {
  * const s = await iothread.call<BlkThreadStats>("blkStats");
  * ```
  */
-export function blkStats(ctx: AioContext): BlkThreadStats {
-  const broken = brokenLog;
-  if (brokenDropped > 0) broken.push(`and ${brokenDropped} more broken-ring reports`);
-  brokenLog = [];
-  brokenDropped = 0;
+export function blkStats(ctx: AioContext, args?: { export?: string }): BlkThreadStats {
+  const s = exports.get(exportKey(args)) ??
+    { blk: null, dataplane: null, memory: null, brokenLog: [], brokenDropped: 0 };
+  const broken = s.brokenLog;
+  if (s.brokenDropped > 0) broken.push(`and ${s.brokenDropped} more broken-ring reports`);
+  s.brokenLog = [];
+  s.brokenDropped = 0;
   return {
-    queues: dataplane?.stats() ?? [],
-    inFlight: dataplane?.inFlight ?? 0,
+    queues: s.dataplane?.stats() ?? [],
+    inFlight: s.dataplane?.inFlight ?? 0,
     aio: { ...ctx.stats },
     broken,
     heap: isolateHeap(),
@@ -297,7 +358,7 @@ export interface BlkThreadStats {
 }
 
 /**
- * Stops taking requests from every queue for good and resolves once none is
+ * Stops taking requests from every queue of the export for good and resolves once none is
  * in flight (the host's clean stop, before it closes the connection).
  *
  * @example
@@ -305,8 +366,40 @@ export interface BlkThreadStats {
  * await iothread.call("blkQuiesce");
  * ```
  */
-export async function blkQuiesce(_ctx: AioContext): Promise<void> {
-  if (dataplane) await dataplane.quiesce();
+export async function blkQuiesce(_ctx: AioContext, args?: { export?: string }): Promise<void> {
+  const dp = exports.get(exportKey(args))?.dataplane;
+  if (dp) await dp.quiesce();
+}
+
+/**
+ * This IOThread's kernel thread id (gettid), for /proc/self/task/TID/stat
+ * (its CPU time: the daemon's busy-time metric).
+ *
+ * @example
+ * ```ts ignore
+ * const tid = await iothread.call<number>("blkThreadId");
+ * ```
+ */
+export function blkThreadId(_ctx: AioContext): number {
+  return threadId();
+}
+
+/**
+ * Re-reads the image size after the main thread resized the file (QMP
+ * block_resize) and checks requests against the new capacity (whole
+ * logical blocks of `blkSize` bytes); returns the new length in bytes.
+ *
+ * @example
+ * ```ts ignore
+ * const length = await iothread.call<number>("blkResize", { blkSize: 512 });
+ * ```
+ */
+export function blkResize(_ctx: AioContext, args: { blkSize: number; export?: string }): number {
+  const s = exports.get(exportKey(args));
+  if (!s?.blk || !s.dataplane) throw new Error("virtio-blk IOThread: device not configured");
+  const length = s.blk.refreshLength();
+  s.dataplane.setCapacity(Math.floor(length / args.blkSize) * (args.blkSize / 512));
+  return length;
 }
 
 /**
@@ -317,7 +410,8 @@ export async function blkQuiesce(_ctx: AioContext): Promise<void> {
  * await iothread.call("blkDrain");
  * ```
  */
-export async function blkDrain(_ctx: AioContext): Promise<void> {
+export async function blkDrain(_ctx: AioContext, args?: { export?: string }): Promise<void> {
+  const blk = exports.get(exportKey(args))?.blk;
   if (blk) await blk.drain();
 }
 
@@ -329,16 +423,19 @@ export async function blkDrain(_ctx: AioContext): Promise<void> {
  * await iothread.call("blkClose");
  * ```
  */
-export async function blkClose(_ctx: AioContext): Promise<void> {
-  if (dataplane) {
-    await dataplane.close();
-    dataplane = null;
+export async function blkClose(_ctx: AioContext, args?: { export?: string }): Promise<void> {
+  const s = exports.get(exportKey(args));
+  if (s === undefined) return;
+  if (s.dataplane) {
+    await s.dataplane.close();
+    s.dataplane = null;
   }
-  memory?.close();
-  memory = null;
-  if (blk) {
-    const b = blk;
-    blk = null;
+  s.memory?.close();
+  s.memory = null;
+  if (s.blk) {
+    const b = s.blk;
+    s.blk = null;
     await b.close();
   }
+  exports.delete(exportKey(args));
 }

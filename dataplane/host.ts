@@ -54,7 +54,12 @@ export interface HostStats {
  * assert.equal(d.numQueues, 1);
  * ```
  */
-export function deviceModel(opts: HostOptions, image: BlkImageInfo): VirtioBlkOptions {
+export function deviceModel(
+  opts: Pick<HostOptions, "logicalBlockSize" | "queueSize" | "queues"> & {
+    block: { discard?: "unmap" | "ignore" };
+  },
+  image: BlkImageInfo,
+): VirtioBlkOptions {
   const lbs = opts.logicalBlockSize;
   const sectorsPerBlock = lbs / 512;
   const capacity = Math.floor(image.length / lbs) * sectorsPerBlock;

@@ -88,6 +88,10 @@ cloud-hypervisor --disk vhost_user=on).
                            tests only: hold every EVERY-th completion
                            back MS ms (out-of-order completion)
   -h, --help               this text
+
+qemu-storage-daemon's command line is taken too (many exports, IOThread
+objects, a QMP monitor): deno task host -- --blockdev ... --export ...
+(see deno task host -- --blockdev x --help)
 `;
 
 const SIZE_SUFFIX: Record<string, number> = {

@@ -1,6 +1,9 @@
 /**
  * `deno task host -- --image disk.img --socket /path.sock [options]`: serve a
- * disk image to a VM over vhost-user-blk (QEMU `vhost-user-blk-pci`,
+ * disk image to a VM over vhost-user-blk. With qemu-storage-daemon's options
+ * (`--blockdev`, `--export`, `--object`, `--chardev`, `--monitor`, ...) it
+ * runs the multi-export daemon instead (dataplane/daemon/daemon_main.ts,
+ * exit status 1 on any error, as qsd). (QEMU `vhost-user-blk-pci`,
  * cloud-hypervisor `--disk vhost_user=on`). Logs one line per event and per
  * connection; on SIGINT/SIGTERM it stops accepting, lets in-flight requests
  * finish, closes the image and prints the counters; on SIGUSR1 it prints the
@@ -14,6 +17,20 @@
 import { releaseExecutablePages } from "../sys/mod.ts";
 import { formatStats, VhostUserBlkHost } from "./host.ts";
 import { HOST_USAGE, type HostOptions, parseHostArgs, UsageError } from "./host_options.ts";
+import { DAEMON_OPTION_NAMES } from "./daemon/daemon_args.ts";
+import { daemonMain } from "./daemon/daemon_main.ts";
+
+/**
+ * Whether `args` are qemu-storage-daemon's syntax (`--blockdev`, `--export`,
+ * `--object`, ...) rather than the short options: any of its option names
+ * other than the shared `-h`/`--help` selects it.
+ */
+function isDaemonSyntax(args: string[]): boolean {
+  return args.some((a) => {
+    const name = a.startsWith("--") && a.includes("=") ? a.slice(0, a.indexOf("=")) : a;
+    return DAEMON_OPTION_NAMES.has(name) && name !== "-h" && name !== "--help";
+  });
+}
 
 function log(line: string): void {
   const t = new Date().toISOString().slice(11, 23);
@@ -33,6 +50,7 @@ function describe(o: HostOptions, host: VhostUserBlkHost): string {
 
 /** Runs the host until a signal; returns the exit status. */
 export async function main(args: string[]): Promise<number> {
+  if (isDaemonSyntax(args)) return await daemonMain(args);
   let opts: HostOptions;
   try {
     opts = parseHostArgs(args);

@@ -10,7 +10,7 @@
  * @module
  */
 
-import type { IOThread } from "../aio/mod.ts";
+import type { IOThread as AioIOThread } from "../aio/mod.ts";
 import {
   configWriteback,
   DEFAULT_MAX_QUEUE_SIZE,
@@ -25,10 +25,12 @@ import {
 } from "../virtio/mod.ts";
 import {
   VHOST_USER_F_PROTOCOL_FEATURES,
+  VHOST_USER_PROTOCOL_F_BACKEND_REQ,
   VHOST_USER_PROTOCOL_F_CONFIG,
   VHOST_USER_PROTOCOL_F_MQ,
   VHOST_USER_PROTOCOL_F_REPLY_ACK,
   VHOST_USER_PROTOCOL_F_RESET_DEVICE,
+  VhostUserBackendChannel,
   type VhostUserDevice,
   type VhostUserMemoryRegion,
   type VringSetup,
@@ -36,10 +38,16 @@ import {
 } from "../vhost_user/mod.ts";
 import type { DataPlaneQueueSetup } from "./virtio_blk_dataplane.ts";
 
+/**
+ * What the device needs of an IOThread: `call` and `name`. The daemon's exports pass an
+ * IOThread scoped to their export (dataplane/daemon/export_thread.ts).
+ */
+type IOThread = Pick<AioIOThread, "call" | "name">;
+
 /** Protocol features this device offers. */
 const PROTOCOL_FEATURES = featureBit(VHOST_USER_PROTOCOL_F_MQ) |
   featureBit(VHOST_USER_PROTOCOL_F_REPLY_ACK) | featureBit(VHOST_USER_PROTOCOL_F_CONFIG) |
-  featureBit(VHOST_USER_PROTOCOL_F_RESET_DEVICE);
+  featureBit(VHOST_USER_PROTOCOL_F_RESET_DEVICE) | featureBit(VHOST_USER_PROTOCOL_F_BACKEND_REQ);
 
 /**
  * Options of a {@link VhostUserBlkDevice}.
@@ -81,6 +89,8 @@ export class VhostUserBlkDevice implements VhostUserDevice {
   readonly #log: (line: string) => void;
   readonly #maxQueueSize: number;
   readonly #config: Uint8Array;
+  #protocolFeatures = 0n;
+  #backendChannel: VhostUserBackendChannel | null = null;
   readonly #features: bigint;
   #acked = 0n;
   #mem: GuestMemory | null = null;
@@ -123,7 +133,29 @@ export class VhostUserBlkDevice implements VhostUserDevice {
     this.#acked = features;
   }
 
-  setProtocolFeatures(_features: bigint): void {}
+  setProtocolFeatures(features: bigint): void {
+    this.#protocolFeatures = features;
+  }
+
+  /** SET_BACKEND_REQ_FD: the channel config-change messages go out on. */
+  setBackendReqFd(fd: number): void {
+    if ((this.#protocolFeatures & featureBit(VHOST_USER_PROTOCOL_F_BACKEND_REQ)) === 0n) {
+      throw new Error("SET_BACKEND_REQ_FD without VHOST_USER_PROTOCOL_F_BACKEND_REQ negotiated");
+    }
+    const replyAck = (this.#protocolFeatures & featureBit(VHOST_USER_PROTOCOL_F_REPLY_ACK)) !== 0n;
+    const next = VhostUserBackendChannel.adopt(fd, replyAck);
+    this.#backendChannel?.close();
+    this.#backendChannel = next;
+  }
+
+  /**
+   * Tells the front-end the config changed (the capacity, after a resize):
+   * VHOST_USER_BACKEND_CONFIG_CHANGE_MSG on the back-end channel. Resolves
+   * with what became of it ("none" without a channel).
+   */
+  notifyConfigChange(): Promise<string> {
+    return this.#backendChannel?.configChanged() ?? Promise.resolve("none");
+  }
 
   getConfig(offset: number, size: number): Uint8Array {
     const out = new Uint8Array(size);
@@ -131,6 +163,18 @@ export class VhostUserBlkDevice implements VhostUserDevice {
       out.set(this.#config.subarray(offset, Math.min(offset + size, this.#config.length)));
     }
     return out;
+  }
+
+  /**
+   * The capacity GET_CONFIG reports from now on (512-byte sectors), after
+   * the image was resized (QMP block_resize).
+   */
+  setCapacity(sectors: number): void {
+    new DataView(this.#config.buffer, this.#config.byteOffset).setBigUint64(
+      VIRTIO_BLK_CONFIG.capacity,
+      BigInt(sectors),
+      true,
+    );
   }
 
   /** Only the `writeback` byte is writable (CONFIG_WCE), as in QEMU's virtio_blk_set_config. */
@@ -262,6 +306,8 @@ export class VhostUserBlkDevice implements VhostUserDevice {
    * rings; any ring still running is stopped first) and features.
    */
   async reset(): Promise<void> {
+    this.#backendChannel?.close(); // the channel belongs to the front-end's session
+    this.#backendChannel = null;
     if (this.#mem !== null || this.#running.size > 0) await this.#dropMemory();
     this.#stoppedAt.clear();
     this.#acked = 0n;

@@ -129,6 +129,13 @@ export interface DataPlaneQueueStats {
   polls: number;
   /** Call eventfd writes. */
   notifies: number;
+  /**
+   * With `latencyHistogram`: completed requests by latency (pop to push),
+   * one count per bucket of {@link LATENCY_BUCKETS_NS} plus one for longer
+   * (not cumulative), and their latencies' sum in ns.
+   */
+  latencyCounts?: number[];
+  latencySumNs?: number;
   /** Why the ring was marked broken, or null. */
   broken: string | null;
   /** The ring's state when the stats were taken (Virtqueue.describe), or null when stopped. */
@@ -148,6 +155,8 @@ class DataPlaneRequest {
   pending = 0;
   /** First error of the sub-requests (0 or -errno). */
   ret = 0;
+  /** When the request was popped (ns on the context's clock), with latencyHistogram. */
+  startNs = 0;
   readonly cb: (ret: number) => void;
   constructor(limits: BlkRequestLimits, done: (r: DataPlaneRequest, ret: number) => void) {
     this.req = new VirtioBlkRequest(limits);
@@ -201,6 +210,28 @@ class DataPlaneQueue {
   }
 }
 
+/**
+ * Upper bounds (ns) of the latency histogram buckets: 10 us to 1 s, the
+ * range between a null-co request and a stalled disk.
+ */
+export const LATENCY_BUCKETS_NS: readonly number[] = [
+  10e3,
+  25e3,
+  50e3,
+  100e3,
+  250e3,
+  500e3,
+  1e6,
+  2.5e6,
+  5e6,
+  10e6,
+  25e6,
+  50e6,
+  100e6,
+  250e6,
+  1e9,
+];
+
 function newStats(index: number): DataPlaneQueueStats {
   return {
     index,
@@ -220,6 +251,15 @@ function newStats(index: number): DataPlaneQueueStats {
     notifies: 0,
     broken: null,
   };
+}
+
+/** Counts one latency in its bucket. Hot path (with latencyHistogram): no allocation. */
+function recordLatency(stats: DataPlaneQueueStats, ns: number): void {
+  const counts = stats.latencyCounts!;
+  let i = 0;
+  while (i < LATENCY_BUCKETS_NS.length && ns > LATENCY_BUCKETS_NS[i]) i++;
+  counts[i]++;
+  stats.latencySumNs! += ns;
 }
 
 /**
@@ -269,6 +309,12 @@ export interface DataPlaneOptions {
    * order). Costs one null check per request when absent.
    */
   holdCompletions?: { every: number; ms: number } | null;
+  /**
+   * Keep a latency histogram per queue (`latencyCounts`, `latencySumNs` in
+   * the stats): costs two clock reads per request, so only when asked
+   * (the daemon's `--metrics`).
+   */
+  latencyHistogram?: boolean;
 }
 
 /**
@@ -296,10 +342,11 @@ export interface DataPlaneOptions {
 export class VirtioBlkDataPlane {
   readonly ctx: AioContext;
   readonly blk: BlockBackend;
-  readonly #limits: BlkRequestLimits;
+  #limits: BlkRequestLimits;
   readonly #id: Uint8Array;
   readonly #opts: DataPlaneOptions;
   #writeback: boolean;
+  readonly #latency: boolean;
   #mem: GuestMemory | null = null;
   readonly #queues = new Map<number, DataPlaneQueue>();
   /** Counters per queue index, kept across stop/start (reconnects). */
@@ -340,6 +387,7 @@ export class VirtioBlkDataPlane {
     this.#id = blkIdBytes(opts.serial);
     this.#writeback = opts.writeback;
     this.#hold = opts.holdCompletions ?? null;
+    this.#latency = opts.latencyHistogram ?? false;
     blk.setDevOps({
       drainedBegin: () => this.#drainedBegin(),
       drainedEnd: () => this.#drainedEnd(),
@@ -352,6 +400,20 @@ export class VirtioBlkDataPlane {
   }
 
   /** Requests in flight over every queue. */
+  /**
+   * The disk's new size in 512-byte sectors (QMP block_resize): requests are
+   * checked against it from the next one popped. Requests already created
+   * keep their buffers (capacity is not part of their sizing).
+   */
+  setCapacity(sectors: number): void {
+    this.#limits = Object.freeze({ ...this.#limits, capacity: sectors });
+  }
+
+  /** Disk size in 512-byte sectors that requests are checked against. */
+  get capacity(): number {
+    return this.#limits.capacity;
+  }
+
   get inFlight(): number {
     let n = 0;
     for (const q of this.#queues.values()) n += q.inFlight;
@@ -517,7 +579,13 @@ export class VirtioBlkDataPlane {
     let q: DataPlaneQueue | undefined = undefined;
     const bh = this.ctx.bhNew(() => this.#notifyGuest(q!), `notify-vq${setup.index}`);
     let stats = this.#stats.get(setup.index);
-    if (stats === undefined) this.#stats.set(setup.index, stats = newStats(setup.index));
+    if (stats === undefined) {
+      this.#stats.set(setup.index, stats = newStats(setup.index));
+      if (this.#latency) {
+        stats.latencyCounts = new Array(LATENCY_BUCKETS_NS.length + 1).fill(0);
+        stats.latencySumNs = 0;
+      }
+    }
     stats.resubmitted = (stats.resubmitted ?? 0) + resubmitted;
     q = new DataPlaneQueue({ ...setup }, vq, bh, stats, inflight);
     // Used entries the previous back-end published after the front-end had
@@ -700,6 +768,7 @@ export class VirtioBlkDataPlane {
           if (chain === null) break;
           const r = this.#free.pop() ?? this.#newRequest();
           r.queue = q;
+          if (this.#latency) r.startNs = this.ctx.now();
           const req = r.req;
           const err = parseBlkRequest(chain, mem, this.#limits, req);
           q.inFlight++;
@@ -820,6 +889,7 @@ export class VirtioBlkDataPlane {
     const req = r.req;
     const stats = q.stats;
     stats.requests++;
+    if (this.#latency) recordLatency(stats, this.ctx.now() - r.startNs);
     if (status === VIRTIO_BLK_S_IOERR) stats.errors++;
     else if (status !== VIRTIO_BLK_S_OK) stats.unsupported++;
     req.writeStatus(status);

@@ -125,6 +125,13 @@ export interface VhostUserBackend {
   numQueues(): number;
   /** Memory slots for GET_MAX_MEM_SLOTS (default 8). */
   maxMemSlots?(): number;
+  /**
+   * SET_BACKEND_REQ_FD (optional; a backend offering
+   * VHOST_USER_PROTOCOL_F_BACKEND_REQ implements it): the back-end request
+   * channel's socket. The backend owns the fd once this returns; if it
+   * throws, the connection closes the fd.
+   */
+  setBackendReqFd?(fd: number): void | Promise<void>;
   /** Acknowledged features (a subset of features(), checked). */
   setFeatures(features: bigint): void | Promise<void>;
   /** Acknowledged protocol features (a subset of protocolFeatures(), checked). */

@@ -54,6 +54,7 @@ import {
   VHOST_USER_REPLY_MASK,
   VHOST_USER_RESET_DEVICE,
   VHOST_USER_RESET_OWNER,
+  VHOST_USER_SET_BACKEND_REQ_FD,
   VHOST_USER_SET_CONFIG,
   VHOST_USER_SET_FEATURES,
   VHOST_USER_SET_INFLIGHT_FD,
@@ -109,6 +110,8 @@ const BEFORE_OWNER = new Set([
   VHOST_USER_GET_MAX_MEM_SLOTS,
   VHOST_USER_SET_OWNER,
   VHOST_USER_RESET_OWNER,
+  // QEMU's vhost_user_backend_init sends it before vhost_dev_init's SET_OWNER.
+  VHOST_USER_SET_BACKEND_REQ_FD,
 ]);
 
 /**
@@ -618,6 +621,16 @@ export class VhostUserConnection {
         }
         // From here on the backend owns the fd.
         return this.#ack(b.setInflightFd(inflight));
+      }
+      case VHOST_USER_SET_BACKEND_REQ_FD: {
+        // The backend takes the fd (or throws, and the fd is closed below).
+        if (b.setBackendReqFd === undefined || m.fds.length !== 1) break;
+        try {
+          return this.#ack(b.setBackendReqFd(m.fds[0]));
+        } catch (e) {
+          this.#closeFds(m.fds);
+          throw e;
+        }
       }
       case VHOST_USER_SET_VRING_ENABLE: {
         if (p.kind !== "vringState") break;

@@ -225,3 +225,10 @@ export function requestName(request: number): string {
     ? `VHOST_USER_${REQUEST_NAMES[request]}`
     : `REQUEST_${request}`;
 }
+
+/**
+ * Back-end request (sent by the back-end on the SET_BACKEND_REQ_FD channel):
+ * the device config changed; the front-end re-reads it (GET_CONFIG) and
+ * tells the guest (vhost-user.rst, "Back-end message types").
+ */
+export const VHOST_USER_BACKEND_CONFIG_CHANGE_MSG = 2;

@@ -157,6 +157,12 @@ export interface VhostUserDevice {
   stopQueue(index: number): number | Promise<number>;
   /** Apply a change to a running ring (a no-op for a ring that is not running). */
   updateQueue(index: number, update: VringUpdate): void | Promise<void>;
+  /**
+   * SET_BACKEND_REQ_FD, for a device offering VHOST_USER_PROTOCOL_F_BACKEND_REQ
+   * (see VhostUserBackend.setBackendReqFd): the device owns the fd once this
+   * returns. Without it the message is refused.
+   */
+  setBackendReqFd?(fd: number): void | Promise<void>;
   /** Drop device state (memory, features); the rings were stopped first. */
   reset(): void | Promise<void>;
 }
@@ -259,11 +265,14 @@ export class VhostUserHandler implements VhostUserBackend {
    * has requests in flight that still write its call fd and guest memory.
    */
   readonly #inProgress = new Set<Promise<void>>();
+  /** The device's SET_BACKEND_REQ_FD, when it has one (the connection refuses the message otherwise). */
+  readonly setBackendReqFd?: (fd: number) => void | Promise<void>;
 
   constructor(device: VhostUserDevice, opts: VhostUserHandlerOptions = {}) {
     this.device = device;
     this.#log = opts.log ?? (() => {});
     this.#rings = Array.from({ length: device.numQueues() }, newRing);
+    if (device.setBackendReqFd) this.setBackendReqFd = (fd) => device.setBackendReqFd!(fd);
   }
 
   features(): bigint {

@@ -31,6 +31,7 @@ export {
   type VringUpdate,
 } from "./handler.ts";
 export { VhostUserConnection, type VhostUserConnectionOptions } from "./connection.ts";
+export { BACKEND_REPLY_TIMEOUT_MS, VhostUserBackendChannel } from "./backend_channel.ts";
 export { type FdWatcher, VhostUserServer, type VhostUserServerOptions } from "./server.ts";
 
 // Errors thrown in an IOThread arrive on the main thread as these classes.

@@ -23,7 +23,9 @@ import {
   ECONNREFUSED,
   EEXIST,
   ENOENT,
+  fdTarget,
   listen,
+  setNonBlocking,
   SOCK_NONBLOCK,
   socketUnix,
   SysError,
@@ -193,6 +195,32 @@ export class VhostUserServer {
     return server;
   }
 
+  /**
+   * Serves on a socket someone else bound and put in the listening state
+   * (qemu-storage-daemon's `addr.type=fd`: an inherited fd). The server owns
+   * the fd from now on (made non-blocking, closed by {@link close}); there is
+   * no socket file to remove. Throws TypeError (fd is not a socket) or SysError
+   * EINVAL (a socket that is not bound) before taking it.
+   */
+  static adopt(
+    fd: number,
+    backend: VhostUserBackend,
+    watcher: FdWatcher,
+    opts: VhostUserServerOptions = {},
+  ): VhostUserServer {
+    const target = fdTarget(fd);
+    if (target === null || !target.startsWith("socket:")) {
+      throw new TypeError(`fd ${fd} is not a socket (${target ?? "not open"})`);
+    }
+    // listen() again is a no-op on a listening socket and fails with EINVAL
+    // on one that is not bound.
+    listen(fd, opts.backlog ?? 1);
+    setNonBlocking(fd, true);
+    const server = new VhostUserServer("", fd, backend, watcher, opts, null);
+    server.#watchListen();
+    return server;
+  }
+
   /** The current front-end connection, if any. */
   get connection(): VhostUserConnection | null {
     return this.#conn;
@@ -281,6 +309,7 @@ export class VhostUserServer {
     const conn = this.#conn;
     if (conn) await conn.close();
     close(this.listenFd);
+    if (this.#ino === null) return; // adopted: no socket file of ours
     try {
       // Only our own socket: whatever replaced it since is not ours to remove.
       const st = Deno.lstatSync(this.path);

@@ -138,6 +138,40 @@ Deno.test("build: dist/host.js serves a disk from the bundle alone", async () =>
     assert.equal(status.code, 0, log);
     assert.match(log, /stopped cleanly/);
     assert.match(log, /1 requests/);
+
+    // qemu-storage-daemon's command line from the bundle: the daemon's
+    // IOThread object loads the same bundled worker module.
+    const dsock = `${dir}/daemon.sock`;
+    const daemon = new Deno.Command(DENO, {
+      args: [
+        "run",
+        "-A",
+        "--no-config",
+        `${dir}/dist/host.js`,
+        "--blockdev",
+        "driver=null-co,node-name=n0,size=1048576",
+        "--object",
+        "iothread,id=io0",
+        "--export",
+        `type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=${dsock},iothread=io0`,
+      ],
+      cwd: dir,
+      stderr: "piped",
+      stdout: "null",
+    }).spawn();
+    const dlog = new Response(daemon.stderr).text();
+    for (let i = 0; i < 200; i++) {
+      try {
+        if (Deno.lstatSync(dsock).isSocket) break;
+      } catch { /* not yet */ }
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const dc = await VhostUserBlkClient.connect(dsock);
+    assert.equal(dc.config.capacity, 2048);
+    assert.equal(await dc.execute(0, (q) => q.read(0, 0, 4096)), 0);
+    await dc.close();
+    daemon.kill("SIGTERM");
+    assert.equal((await daemon.status).code, 0, await dlog);
   } finally {
     await esbuild.stop();
     await Deno.remove(dir, { recursive: true });

@@ -1,0 +1,293 @@
+/**
+ * `--blockdev` / QMP `blockdev-add`: the block nodes the daemon knows, by
+ * node-name (QEMU's named block nodes), and how a node and the nodes under it
+ * become the {@link BlockOptions} an export opens in its IOThread. Nodes are
+ * opened by the export that uses them (each IOThread opens its own driver
+ * stack); adding a node checks what can be checked on the main thread (the
+ * file exists and opens, the raw window fits).
+ *
+ * Supported drivers: `file` (filename, cache.direct, cache.no-flush, aio,
+ * discard, read-only), `null-co` / `null-aio` (size, read-zeroes), `raw`
+ * (file, offset, size) and `qcow2` (file) over a file node, given by
+ * node-name or as a nested object.
+ *
+ * @module
+ */
+
+import type { BlockOptions } from "../../block/mod.ts";
+import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
+
+/** The drivers `--blockdev driver=` accepts. */
+export const BLOCKDEV_DRIVERS = ["file", "null-co", "null-aio", "raw", "qcow2"] as const;
+
+/** One block node as given. */
+export interface BlockdevSpec {
+  nodeName: string;
+  driver: typeof BLOCKDEV_DRIVERS[number];
+  readOnly: boolean;
+  /** cache.direct / cache.no-flush; undefined: inherited (format nodes) or off. */
+  cacheDirect?: boolean;
+  cacheNoFlush?: boolean;
+  discard?: "unmap" | "ignore";
+  detectZeroes?: "off" | "on" | "unmap";
+  /** file */
+  filename?: string;
+  aio?: "threads" | "native" | "io_uring";
+  /** null-co / null-aio: the size; raw: the window size. */
+  size?: number;
+  readZeroes?: boolean;
+  /** raw: window start. */
+  offset?: number;
+  /** raw / qcow2: the child's node-name. */
+  file?: string;
+}
+
+/** A node in the graph and who uses it. */
+export interface BlockNode {
+  spec: BlockdevSpec;
+  /** Parents (node-names) and exports (`export:<id>`) holding this node. */
+  users: Set<string>;
+  /** Created implicitly as a nested `file` object (removed with its parent). */
+  implicit: boolean;
+}
+
+let implicitCounter = 0;
+
+/**
+ * The registry of named block nodes.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { BlockGraph } from "./blockdev.ts";
+ * const g = new BlockGraph();
+ * g.add({ driver: "null-co", "node-name": "n0", size: 1048576 }, false);
+ * assert.deepEqual(g.blockOptions("n0"), {
+ *   driver: "null-co", size: 1048576, readOnly: false, readZeroes: false,
+ * });
+ * assert.throws(() => g.add({ driver: "null-co", "node-name": "n0" }, false), /Duplicate nodes/);
+ * ```
+ */
+export class BlockGraph {
+  readonly nodes = new Map<string, BlockNode>();
+
+  /**
+   * Parses and adds a node (and nested children). `keyval`: the object came
+   * from a keyval string. Throws {@link DaemonError} in QEMU's wording.
+   */
+  add(obj: OptionObject, keyval: boolean): BlockdevSpec {
+    const added: string[] = [];
+    try {
+      return this.#add(new QapiInput(obj, keyval), true, added);
+    } catch (e) {
+      for (const n of added.reverse()) this.#forget(n);
+      throw e;
+    }
+  }
+
+  #add(input: QapiInput, root: boolean, added: string[]): BlockdevSpec {
+    const driver = input.enum("driver", BLOCKDEV_DRIVERS, true);
+    const givenName = input.str("node-name");
+    const nodeName = givenName ?? `#block${++implicitCounter}`;
+    const spec: BlockdevSpec = { nodeName, driver, readOnly: input.bool("read-only") ?? false };
+    const cache = input.object("cache");
+    if (cache) {
+      spec.cacheDirect = cache.bool("direct");
+      spec.cacheNoFlush = cache.bool("no-flush");
+      cache.end();
+    }
+    spec.discard = input.enum("discard", ["unmap", "ignore"] as const);
+    spec.detectZeroes = input.enum("detect-zeroes", ["off", "on", "unmap"] as const);
+    let child: string | undefined;
+    switch (driver) {
+      case "file":
+        spec.filename = input.str("filename", true);
+        spec.aio = input.enum("aio", ["threads", "native", "io_uring"] as const);
+        if (spec.aio === "native" && spec.cacheDirect !== true) {
+          throw new DaemonError(
+            "aio=native was specified, but it requires cache.direct=on, which was not specified.",
+          );
+        }
+        break;
+      case "null-co":
+      case "null-aio":
+        spec.size = input.int("size", 0, Number.MAX_SAFE_INTEGER) ?? 1 << 30;
+        spec.readZeroes = input.bool("read-zeroes") ?? false;
+        break;
+      case "raw":
+      case "qcow2": {
+        const f = input.refOrObject("file");
+        if (f === undefined) throw new DaemonError("Parameter 'file' is missing");
+        child = typeof f === "string" ? f : this.#add(f, false, added).nodeName;
+        if (driver === "raw") {
+          spec.offset = input.int("offset", 0, Number.MAX_SAFE_INTEGER);
+          spec.size = input.int("size", 0, Number.MAX_SAFE_INTEGER);
+        }
+        spec.file = child;
+        break;
+      }
+    }
+    input.end();
+    // After the schema, as QEMU (bdrv_open checks names once the options parsed).
+    if (givenName === undefined && root) {
+      throw new DaemonError("'node-name' must be specified for the root node");
+    }
+    if (givenName !== undefined && !/^[A-Za-z][A-Za-z0-9_.-]{0,30}$/.test(givenName)) {
+      throw new DaemonError(`Invalid node-name: '${givenName}'`);
+    }
+    if (this.nodes.has(nodeName)) {
+      throw new DaemonError(`Duplicate nodes with node-name='${nodeName}'`);
+    }
+    if (child !== undefined) this.#checkChild(spec, child);
+    if (spec.driver === "file") checkFile(spec);
+    if (spec.driver === "raw") this.#checkWindow(spec);
+    if (
+      spec.cacheDirect && spec.cacheNoFlush &&
+      (spec.driver === "file" || spec.driver === "raw" || spec.driver === "qcow2")
+    ) {
+      throw new DaemonError("cache.direct=on together with cache.no-flush=on is not supported");
+    }
+    this.nodes.set(nodeName, {
+      spec,
+      users: new Set(),
+      implicit: givenName === undefined,
+    });
+    added.push(nodeName);
+    if (child !== undefined) this.nodes.get(child)!.users.add(nodeName);
+    return spec;
+  }
+
+  #checkChild(spec: BlockdevSpec, child: string): void {
+    const c = this.nodes.get(child);
+    if (c === undefined) {
+      throw new DaemonError(`Cannot find device='' nor node-name='${child}'`);
+    }
+    if (c.spec.driver === "raw" || c.spec.driver === "qcow2") {
+      throw new DaemonError(
+        `driver=${spec.driver} over a ${c.spec.driver} node is not supported (only over file or null)`,
+      );
+    }
+    if (spec.driver === "qcow2" && c.spec.driver !== "file") {
+      throw new DaemonError("driver=qcow2 needs a file node under it");
+    }
+    if (c.users.size > 0) throw new DaemonError(`Node '${child}' is already in use`);
+  }
+
+  #checkWindow(spec: BlockdevSpec): void {
+    const child = this.nodes.get(spec.file!)!.spec;
+    const total = protocolSize(child);
+    const offset = spec.offset ?? 0;
+    const size = spec.size ?? total - offset;
+    if (offset + size > total) {
+      throw new DaemonError(
+        `The sum of offset (${offset}) and size (${size}) has to be smaller or equal to the ` +
+          ` actual size of the containing file (${total})`,
+      );
+    }
+  }
+
+  /** The node, or a DaemonError naming it. */
+  get(nodeName: string): BlockNode {
+    const n = this.nodes.get(nodeName);
+    if (n === undefined) {
+      throw new DaemonError(`Cannot find device='' nor node-name='${nodeName}'`);
+    }
+    return n;
+  }
+
+  /** The node and every node under it, top first. */
+  chain(nodeName: string): string[] {
+    const out: string[] = [];
+    for (let n = this.nodes.get(nodeName); n !== undefined;) {
+      out.push(n.spec.nodeName);
+      n = n.spec.file === undefined ? undefined : this.nodes.get(n.spec.file);
+    }
+    return out;
+  }
+
+  /** Removes a node nobody uses (and its implicit children). QMP blockdev-del. */
+  delete(nodeName: string): void {
+    const n = this.nodes.get(nodeName);
+    if (n === undefined || n.implicit) {
+      throw new DaemonError(`Failed to find node with node-name='${nodeName}'`);
+    }
+    if (n.users.size > 0) throw new DaemonError(`Node ${nodeName} is in use`);
+    this.#forget(nodeName);
+  }
+
+  #forget(nodeName: string): void {
+    const n = this.nodes.get(nodeName);
+    if (n === undefined) return;
+    this.nodes.delete(nodeName);
+    const child = n.spec.file === undefined ? undefined : this.nodes.get(n.spec.file);
+    if (child) {
+      child.users.delete(nodeName);
+      if (child.implicit) this.#forget(n.spec.file!);
+    }
+  }
+
+  /**
+   * What an export opens for `nodeName`: the format node (raw, qcow2) over
+   * its protocol node (file, null), flattened into one BlockOptions.
+   */
+  blockOptions(nodeName: string): BlockOptions {
+    const top = this.get(nodeName).spec;
+    const proto = top.file === undefined ? top : this.get(top.file).spec;
+    const o: BlockOptions = { driver: proto.driver as BlockOptions["driver"] };
+    if (proto.driver === "file") {
+      o.filename = proto.filename;
+      const direct = proto.cacheDirect ?? top.cacheDirect ?? false;
+      const noFlush = proto.cacheNoFlush ?? top.cacheNoFlush ?? false;
+      o.cache = direct ? "none" : noFlush ? "unsafe" : "writeback";
+      o.aio = proto.aio ?? "threads";
+      o.discard = top.discard ?? proto.discard ?? "ignore";
+    } else {
+      o.size = proto.size;
+      o.readZeroes = proto.readZeroes;
+    }
+    o.readOnly = top.readOnly || proto.readOnly;
+    const dz = top.detectZeroes ?? proto.detectZeroes;
+    if (dz !== undefined && dz !== "off") o.detectZeroes = dz;
+    if (top.driver === "qcow2") o.format = "qcow2";
+    if (top.driver === "raw") {
+      if (top.offset !== undefined) o.offset = top.offset;
+      if (top.size !== undefined) o.sizeLimit = top.size;
+    }
+    return o;
+  }
+}
+
+/**
+ * The bytes behind a protocol node (file: its size now; null: its size).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { protocolSize } from "./blockdev.ts";
+ * assert.equal(protocolSize({ nodeName: "n", driver: "null-co", readOnly: false, size: 4096 }), 4096);
+ * ```
+ */
+export function protocolSize(spec: BlockdevSpec): number {
+  if (spec.driver !== "file") return spec.size ?? 0;
+  try {
+    return Deno.statSync(spec.filename!).size;
+  } catch {
+    return 0;
+  }
+}
+
+function checkFile(spec: BlockdevSpec): void {
+  try {
+    const st = Deno.statSync(spec.filename!);
+    if (st.isDirectory) throw new Error("Is a directory");
+    const f = Deno.openSync(spec.filename!, { read: true, write: !spec.readOnly });
+    f.close();
+  } catch (e) {
+    const why = e instanceof Deno.errors.NotFound
+      ? "No such file or directory"
+      : e instanceof Deno.errors.PermissionDenied
+      ? "Permission denied"
+      : (e as Error).message;
+    throw new DaemonError(`Could not open '${spec.filename}': ${why}`);
+  }
+}

@@ -1,0 +1,307 @@
+/**
+ * The multi-export daemon (qemu-storage-daemon's model): named block nodes,
+ * named IOThreads, vhost-user-blk exports, QMP monitors, all driven by one
+ * main-thread AioContext. The command line (daemon_args.ts) and QMP
+ * (qmp_commands.ts) call the same operations.
+ *
+ * Exports given no `iothread=` run in one shared IOThread the daemon starts
+ * when the first such export appears (QEMU runs them in its main loop; the
+ * dataplane always runs in an IOThread).
+ *
+ * @module
+ */
+
+import { AioContext } from "../../aio/mod.ts";
+import { BlockGraph } from "./blockdev.ts";
+import { type BlockExportSpec, VhostUserBlkExport } from "./block_export.ts";
+import { IOThreadObject, type IOThreadSpec } from "./iothread_object.ts";
+import { DaemonError, type OptionObject } from "./qapi_input.ts";
+import { QmpServer } from "./qmp_server.ts";
+import { QmpCommands } from "./qmp_commands.ts";
+import { MetricsServer } from "./metrics.ts";
+
+/** The id of the IOThread that exports without `iothread=` share. */
+export const MAIN_LOOP_IOTHREAD = "#main-loop";
+
+/** A `--chardev socket,...` as given. */
+export interface ChardevSpec {
+  id: string;
+  path: string;
+  /** `wait=on` (QEMU's default for a server): start-up waits for a client. */
+  wait: boolean;
+}
+
+/**
+ * A running daemon. Create it, apply options, then wait for `quitRequested`
+ * or a signal and `stop()` it.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { StorageDaemon } from "./storage_daemon.ts";
+ * const dir = Deno.makeTempDirSync();
+ * const d = new StorageDaemon();
+ * d.blockdevAdd({ driver: "null-co", "node-name": "n0", size: 1048576 }, false);
+ * await d.exportAdd({ id: "e0", nodeName: "n0", addr: { type: "unix", path: `${dir}/e0.sock` },
+ *   writable: false, writethrough: false, numQueues: 1, logicalBlockSize: 512 });
+ * assert.equal(d.exports.size, 1);
+ * await d.stop();
+ * Deno.removeSync(dir, { recursive: true });
+ * ```
+ */
+export class StorageDaemon {
+  readonly ctx = new AioContext();
+  readonly graph = new BlockGraph();
+  readonly iothreads = new Map<string, IOThreadObject>();
+  readonly exports = new Map<string, VhostUserBlkExport>();
+  readonly chardevs = new Map<string, ChardevSpec>();
+  readonly monitors: QmpServer[] = [];
+  readonly log: (line: string) => void;
+  /**
+   * Exports started from now on keep a latency histogram per queue (set
+   * before the first export when `--metrics` is on the command line).
+   */
+  latencyHistogram = false;
+  metrics: MetricsServer | null = null;
+  readonly #quit = Promise.withResolvers<void>();
+  readonly #failed = Promise.withResolvers<Error>();
+  readonly #loop: Promise<void>;
+  #running = true;
+  #stopped: Promise<void> | null = null;
+  #mainLoopThread: Promise<IOThreadObject> | null = null;
+  #mainLoopObject: IOThreadObject | null = null;
+
+  constructor(log: (line: string) => void = () => {}) {
+    this.log = log;
+    this.#loop = (async () => {
+      while (this.#running) await this.ctx.pollAsync();
+    })();
+  }
+
+  /** Resolves when a monitor client sent `quit`. */
+  get quitRequested(): Promise<void> {
+    return this.#quit.promise;
+  }
+
+  /** Resolves with the first IOThread failure (its event loop died: a bug). */
+  get failed(): Promise<Error> {
+    return this.#failed.promise;
+  }
+
+  /** QMP `quit`. */
+  requestQuit(): void {
+    this.#quit.resolve();
+  }
+
+  /** `--blockdev` / `blockdev-add`. */
+  blockdevAdd(obj: OptionObject, keyval: boolean): void {
+    this.graph.add(obj, keyval);
+  }
+
+  /** `blockdev-del`. */
+  blockdevDel(nodeName: string): void {
+    this.graph.delete(nodeName);
+  }
+
+  /** `--object iothread` / `object-add`. */
+  async objectAdd(spec: IOThreadSpec): Promise<void> {
+    if (this.iothreads.has(spec.id) || spec.id === MAIN_LOOP_IOTHREAD) {
+      throw new DaemonError(
+        `attempt to add duplicate property '${spec.id}' to object (type 'container')`,
+      );
+    }
+    const obj = await IOThreadObject.start(spec);
+    this.#watch(obj);
+    this.iothreads.set(spec.id, obj);
+  }
+
+  #watch(obj: IOThreadObject): void {
+    obj.thread.failed.then((e) => this.#failed.resolve(e));
+  }
+
+  /** `object-del`: only an IOThread no export runs in. */
+  async objectDel(id: string): Promise<void> {
+    const obj = this.iothreads.get(id);
+    if (obj === undefined) throw new DaemonError(`object '${id}' not found`);
+    if (obj.users.size > 0) {
+      throw new DaemonError(`object '${id}' is in use by export ${[...obj.users].join(", ")}`);
+    }
+    this.iothreads.delete(id);
+    await obj.stop();
+  }
+
+  /** `--export` / `block-export-add`. */
+  async exportAdd(spec: BlockExportSpec): Promise<void> {
+    if (this.exports.has(spec.id)) {
+      throw new DaemonError(`Block export id '${spec.id}' is already in use`);
+    }
+    const node = this.graph.get(spec.nodeName);
+    const key = `export:${spec.id}`;
+    if (node.users.size > 0) {
+      throw new DaemonError(`Node '${spec.nodeName}' is already in use`);
+    }
+    let iothread: IOThreadObject;
+    if (spec.iothread !== undefined) {
+      const t = this.iothreads.get(spec.iothread);
+      if (t === undefined) throw new DaemonError(`iothread "${spec.iothread}" not found`);
+      iothread = t;
+    } else {
+      iothread = await this.#mainLoopIOThread();
+    }
+    node.users.add(key); // reserved while the export starts
+    try {
+      const exp = await VhostUserBlkExport.start(
+        spec,
+        this.graph.blockOptions(spec.nodeName),
+        iothread,
+        this.ctx,
+        this.log,
+        this.latencyHistogram,
+      );
+      this.exports.set(spec.id, exp);
+      this.log(
+        `export ${spec.id}: node ${spec.nodeName} (${exp.image.length} bytes${
+          exp.image.readOnly ? ", read-only" : ""
+        }) on ${spec.addr.type === "unix" ? spec.addr.path : `fd ${spec.addr.fd}`}, ` +
+          `${spec.numQueues} queue(s) in IOThread ${iothread.spec.id}`,
+      );
+    } catch (e) {
+      node.users.delete(key);
+      throw e;
+    }
+  }
+
+  #mainLoopIOThread(): Promise<IOThreadObject> {
+    this.#mainLoopThread ??= IOThreadObject.start({
+      id: MAIN_LOOP_IOTHREAD,
+      pollMaxNs: 32768,
+      aioMaxBatch: 4,
+    }).then((t) => {
+      this.#watch(t);
+      this.#mainLoopObject = t;
+      return t;
+    });
+    return this.#mainLoopThread;
+  }
+
+  /**
+   * `block-export-del`: disconnects the front-end, stops and closes the
+   * export, then sends BLOCK_EXPORT_DELETED. `mode=safe` (the default)
+   * refuses while a front-end is connected, as QEMU's.
+   */
+  async exportDel(id: string, force: boolean): Promise<void> {
+    const exp = this.exports.get(id);
+    if (exp === undefined) throw new DaemonError(`Export '${id}' is not found`);
+    if (!force && exp.server.connection !== null) {
+      throw new DaemonError(`export '${id}' still in use`);
+    }
+    this.exports.delete(id);
+    await exp.stop();
+    this.graph.nodes.get(exp.spec.nodeName)?.users.delete(`export:${id}`);
+    this.log(`export ${id}: deleted`);
+    for (const m of this.monitors) m.event("BLOCK_EXPORT_DELETED", { id });
+  }
+
+  /**
+   * QMP `block_resize`: truncates the file behind a file node (or a raw
+   * node without an offset/size window over one) to `size` bytes and tells
+   * every export on it. Null and qcow2 nodes refuse, as qemu-storage-daemon 7.2.
+   */
+  async blockResize(nodeName: string, size: number): Promise<void> {
+    const node = this.graph.nodes.get(nodeName);
+    if (node === undefined || node.implicit) {
+      throw new DaemonError(`Cannot find device='' nor node-name='${nodeName}'`);
+    }
+    const s = node.spec;
+    if (s.driver === "raw" && (s.offset !== undefined || s.size !== undefined)) {
+      throw new DaemonError("Cannot resize fixed-size raw disks");
+    }
+    const file = s.driver === "raw" ? this.graph.get(s.file!).spec : s;
+    if (file.driver !== "file") {
+      throw new DaemonError("Image format driver does not support resize");
+    }
+    if (s.readOnly || file.readOnly) throw new DaemonError("Node is read-only");
+    try {
+      Deno.truncateSync(file.filename!, size);
+    } catch (e) {
+      throw new DaemonError(`Failed to resize ${file.filename}: ${(e as Error).message}`);
+    }
+    // Every export whose node is the file node or over it.
+    for (const exp of this.exports.values()) {
+      if (this.graph.chain(exp.spec.nodeName).includes(file.nodeName)) {
+        const length = await exp.resize();
+        this.log(`export ${exp.spec.id}: resized to ${length} bytes`);
+      }
+    }
+  }
+
+  /** Every running IOThread, the shared one of exports without `iothread=` included. */
+  allIOThreads(): IOThreadObject[] {
+    return [...this.iothreads.values(), ...(this.#mainLoopObject ? [this.#mainLoopObject] : [])];
+  }
+
+  /** `--metrics ADDR:PORT`: the Prometheus endpoint. */
+  async metricsAdd(hostname: string, port: number): Promise<void> {
+    if (this.metrics !== null) throw new DaemonError("--metrics given twice");
+    try {
+      this.metrics = await MetricsServer.start(this, hostname, port);
+    } catch (e) {
+      throw new DaemonError(
+        `metrics: cannot listen on ${hostname}:${port}: ${(e as Error).message}`,
+      );
+    }
+    this.log(`metrics on http://${hostname}:${this.metrics.port}/metrics`);
+  }
+
+  /** `--chardev socket,...` */
+  chardevAdd(spec: ChardevSpec): void {
+    if (this.chardevs.has(spec.id)) {
+      throw new DaemonError(`attempt to add duplicate property '${spec.id}' to object`);
+    }
+    this.chardevs.set(spec.id, spec);
+  }
+
+  /** `--monitor chardev=...`: a QMP monitor on that chardev's socket. */
+  async monitorAdd(chardev: string, pretty: boolean): Promise<void> {
+    const c = this.chardevs.get(chardev);
+    if (c === undefined) throw new DaemonError(`chardev "${chardev}" not found`);
+    if (this.monitors.some((m) => m.path === c.path)) {
+      throw new DaemonError(`Device '${chardev}' is in use`);
+    }
+    let server: QmpServer;
+    try {
+      server = QmpServer.listen(c.path, this.ctx, new QmpCommands(this), {
+        pretty,
+        log: this.log,
+      });
+    } catch (e) {
+      throw new DaemonError(`Failed to bind socket to ${c.path}: ${(e as Error).message}`);
+    }
+    this.monitors.push(server);
+    this.log(`QMP monitor on ${c.path}`);
+    if (c.wait) {
+      this.log(`waiting for a connection on ${c.path}`);
+      await server.connected;
+    }
+  }
+
+  /** Stops every export, monitor and IOThread. Idempotent. */
+  stop(): Promise<void> {
+    this.#stopped ??= (async () => {
+      for (const m of this.monitors) m.close();
+      await this.metrics?.close();
+      for (const [id, exp] of [...this.exports]) {
+        this.exports.delete(id);
+        await exp.stop();
+      }
+      const threads = [...this.iothreads.values()];
+      this.iothreads.clear();
+      if (this.#mainLoopThread) threads.push(await this.#mainLoopThread);
+      for (const t of threads) await t.stop();
+      this.#running = false;
+      this.ctx.close(); // as the host: the loop's pending wait returns
+      await this.#loop;
+    })();
+    return this.#stopped;
+  }
+}

@@ -1,0 +1,124 @@
+// qemu-storage-daemon's command line, bad ones: the same argv to qsd 7.2 and
+// to ours, both exit 1 and print the same message after the program name
+// (where we match it word for word), or at least the same shape
+// (`PROG: --option value: why`). Then one argv through the real CLI
+// (deno task host), for the exit status.
+import assert from "node:assert/strict";
+import { daemonMain } from "../../../dataplane/daemon/daemon_main.ts";
+import { makeScratchDir } from "../../harness/mod.ts";
+
+const QSD = "qemu-storage-daemon";
+
+async function qsdAvailable(): Promise<boolean> {
+  try {
+    const r = await new Deno.Command(QSD, { args: ["--version"], stdout: "null", stderr: "null" })
+      .output();
+    return r.success;
+  } catch {
+    return false;
+  }
+}
+
+/** Runs qsd with `args`; its exit code and stderr with the program name cut. */
+async function runQsd(args: string[]): Promise<{ code: number; message: string }> {
+  const r = await new Deno.Command(QSD, { args, stdout: "null", stderr: "piped", stdin: "null" })
+    .output();
+  const text = new TextDecoder().decode(r.stderr).trim();
+  return { code: r.code, message: text.replace(/^\S*qemu-storage-daemon: /, "") };
+}
+
+/** Runs our daemon in-process (it fails before serving); its status and message. */
+async function runOurs(args: string[]): Promise<{ code: number; message: string }> {
+  const lines: string[] = [];
+  const orig = console.error;
+  console.error = (...a: unknown[]) => lines.push(a.join(" "));
+  try {
+    const code = await daemonMain(args, "dataplane");
+    return { code, message: lines.join("\n").trim().replace(/^dataplane: /, "") };
+  } finally {
+    console.error = orig;
+  }
+}
+
+const NULL = "driver=null-co,node-name=a,size=1048576";
+const EXPORT = "type=vhost-user-blk,id=e,node-name=a,addr.type=unix,addr.path=";
+
+/** Same message as qsd, word for word (`{}` is replaced by a scratch dir). */
+const EXACT: string[][] = [
+  ["--foo"],
+  ["positional"],
+  ["--blockdev", "driver=file"],
+  ["--blockdev", "driver=file,filename={}/nonexistent,node-name=a"],
+  ["--blockdev", "driver=null-co,node-name=a,bogus=1"],
+  ["--blockdev", "driver=nope,node-name=a"],
+  ["--blockdev", "driver=null-co,size=1048576"],
+  ["--blockdev", "driver=null-co,node-name=a,size=1M"],
+  ["--blockdev", "driver=null-co,node-name=a,,b"],
+  ["--blockdev", '{"driver":"null-co","node-name":"a","size":"x"}'],
+  ["--blockdev", "driver=null-co,node-name=a", "--blockdev", "driver=null-co,node-name=a"],
+  ["--blockdev", "driver=null-co,node-name=a,read-zeroes=maybe"],
+  ["--object", "iothread,id=a,poll-max-ns=abc"],
+  ["--object", "foo,id=a"],
+  ["--monitor", "chardev=nope"],
+  ["--export", "type=vhost-user-blk,id=e"],
+  ["--export", `${EXPORT}{}/e.sock`],
+  ["--blockdev", NULL, "--export", `${EXPORT}{}/e.sock,num-queues=0`],
+  ["--blockdev", NULL, "--export", `${EXPORT}{}/e.sock,logical-block-size=1000`],
+  ["--blockdev", NULL, "--export", `${EXPORT}{}/e.sock,writable=maybe`],
+  ["--blockdev", NULL, "--export", `${EXPORT}{}/e.sock,iothread=nope`],
+];
+
+/** Same shape only: qsd's JSON parser and chardev code word it their own way. */
+const SHAPE: string[][] = [
+  ["--blockdev", "{bad"],
+  ["--chardev", "socket,id=c"],
+  // qsd exports NBD (given --nbd-server first); we only serve vhost-user-blk.
+  ["--blockdev", NULL, "--export", `type=nbd,id=e,node-name=a`],
+];
+
+Deno.test("daemon CLI: bad command lines get qemu-storage-daemon's messages, exit 1", async (t) => {
+  if (!await qsdAvailable()) {
+    console.warn("SKIPPED: qemu-storage-daemon is not installed (tools/setup.sh --test)");
+    return;
+  }
+  const dir = await makeScratchDir("qsd-cli");
+  try {
+    for (const tmpl of EXACT) {
+      const args = tmpl.map((a) => a.replaceAll("{}", dir));
+      await t.step(args.join(" "), async () => {
+        const q = await runQsd(args);
+        const o = await runOurs(args);
+        assert.equal(q.code, 1, q.message);
+        assert.equal(o.code, 1, o.message);
+        assert.equal(o.message, q.message);
+      });
+    }
+    for (const args of SHAPE) {
+      await t.step(`${args.join(" ")} (shape)`, async () => {
+        const q = await runQsd(args);
+        const o = await runOurs(args);
+        assert.equal(q.code, 1);
+        assert.equal(o.code, 1);
+        const prefix = `${args.slice(-2).join(" ")}: `;
+        assert(q.message.startsWith(prefix), q.message);
+        assert(o.message.startsWith(prefix), o.message);
+      });
+    }
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("daemon CLI: deno task host exits 1 with the message on stderr", async () => {
+  const main = new URL("../../../dataplane/main.ts", import.meta.url);
+  const r = await new Deno.Command(Deno.execPath(), {
+    args: ["run", "-A", main.href, "--blockdev", "driver=null-co,node-name=a,bogus=1"],
+    stdout: "null",
+    stderr: "piped",
+  }).output();
+  assert.equal(r.code, 1);
+  assert.equal(
+    new TextDecoder().decode(r.stderr).trim(),
+    "dataplane: --blockdev driver=null-co,node-name=a,bogus=1: Parameter 'bogus' is unexpected",
+  );
+});
