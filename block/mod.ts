@@ -31,3 +31,4 @@ export { ThreadPoolEngine } from "./thread_pool_engine.ts";
 import { registerErrorClass } from "../aio/mod.ts";
 import { Qcow2Error } from "./qcow2/qcow2_error.ts";
 registerErrorClass("Qcow2Error", Qcow2Error);
+export * from "./nbd/nbd_protocol.ts";
