@@ -1,5 +1,5 @@
 import zlib from "node:zlib";
-import type { AioContext } from "../../aio/mod.ts";
+import { type AioContext, EventNotifier } from "../../aio/mod.ts";
 import { addressOf, EIO, EROFS } from "../../sys/mod.ts";
 import { IoVector } from "../io_vector.ts";
 import type { BlockCompletion, BlockDriver } from "../block_driver.ts";
@@ -16,6 +16,7 @@ import { L2Cache } from "./l2_cache.ts";
 import { readMetadata, readMetadataAsync } from "./metadata_io.ts";
 import { Qcow2Refcounts, writeTableSector } from "./refcounts.ts";
 import { Qcow2Error } from "./qcow2_error.ts";
+import { type Qcow2AllocMode, type Qcow2ForwardedWrite, Qcow2SharedState } from "./shared_state.ts";
 
 /** QEMU's DEFAULT_L2_CACHE_MAX_SIZE: the default cache covers the disk up to this. */
 export const QCOW2_DEFAULT_L2_CACHE_MAX = 32 << 20;
@@ -49,6 +50,13 @@ export interface Qcow2DriverOptions {
    * backing file is refused.
    */
   openBacking?: (name: string, format: string) => Promise<BlockDriver>;
+  /**
+   * A writable image served by several IOThreads: the
+   * {@link Qcow2SharedState} memory every thread's driver of this image
+   * attaches to (the first one to attach owns the metadata). Ignored
+   * read-only.
+   */
+  shared?: SharedArrayBuffer;
 }
 
 /**
@@ -95,6 +103,16 @@ export class Qcow2Driver implements BlockDriver {
   readonly #l1: DataView;
   readonly #l1Bytes: Uint8Array;
   #fileLength: number;
+  /** Several threads write this image (null: this driver is alone). */
+  readonly #shared: Qcow2SharedState | null = null;
+  readonly #participant: number = -1;
+  readonly #notifier: EventNotifier | null = null;
+  #l1Gen = 0;
+  #l1Reload: ((ret: number) => void)[] | null = null;
+  /** Forwarded writes in flight: slot -> completion (and the bounce buffer it holds). */
+  readonly #forwarded = new Map<number, { cb: BlockCompletion; buf: Uint8Array | null }>();
+  /** Forwards waiting for a free slot. */
+  readonly #forwardQueue: (() => boolean)[] = [];
   /** Refcounts and the allocator (writable images only). */
   readonly #refcounts: Qcow2Refcounts | null;
   readonly #allocQueue: AllocatingWrite[] = [];
@@ -116,6 +134,7 @@ export class Qcow2Driver implements BlockDriver {
     backing: BlockDriver | null,
     l2CacheSize: number | undefined,
     reftable: Uint8Array | null,
+    shared: SharedArrayBuffer | undefined,
   ) {
     this.ctx = ctx;
     this.child = child;
@@ -143,6 +162,20 @@ export class Qcow2Driver implements BlockDriver {
     const wholeDisk = Math.ceil(header.size / (cs * header.l2Entries)) * cs;
     const bytes = l2CacheSize ?? Math.min(wholeDisk, QCOW2_DEFAULT_L2_CACHE_MAX);
     const tables = Math.max(2, Math.floor(bytes / cs));
+    if (shared !== undefined && reftable !== null) {
+      const st = new Qcow2SharedState(shared);
+      const n = new EventNotifier();
+      this.#shared = st;
+      this.#notifier = n;
+      this.#participant = st.attach(n.fd);
+      this.#l1Gen = st.l1Generation;
+      st.setEndClusters(Math.ceil(this.#fileLength / cs));
+      ctx.setEventNotifier(n, () => {
+        n.testAndClear();
+        this.#onSharedNotify();
+      });
+    }
+    const sh = this.#shared;
     this.l2Cache = new L2Cache(
       tables,
       cs,
@@ -154,6 +187,7 @@ export class Qcow2Driver implements BlockDriver {
           (ret, buf) =>
             cb(ret, buf === null ? null : new DataView(buf.buffer, buf.byteOffset, buf.byteLength)),
         ),
+      sh === null ? undefined : (off) => sh.l2Version(off / cs),
     );
   }
 
@@ -230,6 +264,7 @@ export class Qcow2Driver implements BlockDriver {
       backing,
       opts.l2CacheSize,
       opts.readOnly ? null : reftable,
+      opts.shared,
     );
   }
 
@@ -257,7 +292,7 @@ export class Qcow2Driver implements BlockDriver {
   #cachedMapping(offset: number, len: number): Qcow2Mapping | null {
     const cs = this.header.clusterSize;
     const inCluster = offset % cs;
-    if (len === 0 || inCluster + len > cs) return null;
+    if (len === 0 || inCluster + len > cs || this.l1Stale()) return null;
     const cluster = (offset - inCluster) / cs;
     const l2Off = decodeL1Entry(this.#l1, Math.floor(cluster / this.header.l2Entries), cs);
     const table = l2Off > 0 ? this.l2Cache.lookup(l2Off) : undefined;
@@ -338,6 +373,100 @@ export class Qcow2Driver implements BlockDriver {
     return this.#refcounts!;
   }
 
+  /**
+   * @internal Runs an allocating write of `src` into guest cluster
+   * `cluster` (see {@link AllocatingWrite}): here, queued behind the others,
+   * when this driver owns the metadata; else forwarded to the owner.
+   */
+  allocate(
+    cluster: number,
+    inCluster: number,
+    src: IoVector,
+    cb: BlockCompletion,
+    mode: Qcow2AllocMode,
+  ): void {
+    const st = this.#shared;
+    if (st === null || st.isOwner(this.#participant)) {
+      return this.enqueueAllocation(new AllocatingWrite(this, cluster, inCluster, src, cb, mode));
+    }
+    // The owner reads the data from this thread's memory: one flat copy,
+    // kept alive here until the owner completed.
+    let buf: Uint8Array | null = null, addr = 0;
+    if (mode === "write") {
+      buf = new Uint8Array(Math.max(src.size, 128));
+      src.copyTo(addressOf(buf));
+      addr = addressOf(buf);
+    }
+    const attempt = (): boolean => {
+      const slot = st.forward(this.#participant, mode, cluster, inCluster, src.size, addr);
+      if (slot === -1) return false;
+      if (slot === -2) this.ctx.scheduleOneshot(() => cb(-EIO));
+      else this.#forwarded.set(slot, { cb, buf });
+      return true;
+    };
+    if (this.#forwardQueue.length > 0 || !attempt()) this.#forwardQueue.push(attempt);
+  }
+
+  /** The owner's eventfd: forwarded writes queued; a forwarder's: some completed. */
+  #onSharedNotify(): void {
+    const st = this.#shared!;
+    if (st.isOwner(this.#participant)) {
+      for (const w of st.takeQueued()) this.#runForwarded(st, w);
+    }
+    for (const [slot, f] of this.#forwarded) {
+      const ret = st.reap(slot);
+      if (ret === null) continue;
+      this.#forwarded.delete(slot);
+      f.cb(ret);
+    }
+    while (this.#forwardQueue.length > 0 && this.#forwardQueue[0]()) this.#forwardQueue.shift();
+  }
+
+  #runForwarded(st: Qcow2SharedState, w: Qcow2ForwardedWrite): void {
+    const src = new IoVector(1);
+    if (w.mode === "write") src.add(w.addr, w.len);
+    else src.addBuffer(this.zeroCluster.subarray(0, w.len));
+    const done = (ret: number) => st.complete(w.slot, ret);
+    if (
+      !(w.len > 0 && w.inCluster >= 0 && w.inCluster + w.len <= this.header.clusterSize &&
+        Number.isSafeInteger(w.cluster) && w.cluster * this.header.clusterSize < this.length)
+    ) return done(-EIO);
+    this.enqueueAllocation(new AllocatingWrite(this, w.cluster, w.inCluster, src, done, w.mode));
+  }
+
+  /**
+   * @internal Whether another thread's driver linked a new L2 table since
+   * this one read the L1 table (hot path: one atomic load when shared).
+   */
+  l1Stale(): boolean {
+    const st = this.#shared;
+    return st !== null && st.l1Generation !== this.#l1Gen &&
+      !st.isOwner(this.#participant);
+  }
+
+  /** @internal Reads the L1 table again (after {@link l1Stale}); `cb(0)` or `cb(-errno)`. */
+  reloadL1(cb: (ret: number) => void): void {
+    if (this.#l1Reload !== null) {
+      this.#l1Reload.push(cb);
+      return;
+    }
+    const waiters = this.#l1Reload = [cb];
+    const gen = this.#shared!.l1Generation;
+    const h = this.header;
+    readMetadata(this.child, h.l1TableOffset, h.l1Size * 8, (ret, buf) => {
+      this.#l1Reload = null;
+      if (ret === 0 && buf !== null) {
+        this.#l1Bytes.set(buf);
+        for (let i = 0; i < h.l1Size; i++) {
+          const off = decodeL1Entry(this.#l1, i, h.clusterSize);
+          if (off > 0) this.#l2Tables.add(off);
+        }
+        this.#l1Gen = gen;
+      }
+      for (const w of waiters) w(ret < 0 ? ret : buf === null ? -EIO : 0);
+    });
+  }
+
   /** @internal Runs `op` after every allocating write queued before it. */
   enqueueAllocation(op: AllocatingWrite): void {
     this.#allocQueue.push(op);
@@ -357,6 +486,7 @@ export class Qcow2Driver implements BlockDriver {
   /** @internal A cluster was allocated: the file now reaches `end`. */
   grewTo(end: number): void {
     if (end > this.#fileLength) this.#fileLength = end;
+    this.#shared?.setEndClusters(Math.ceil(end / this.header.clusterSize));
   }
 
   /**
@@ -372,7 +502,9 @@ export class Qcow2Driver implements BlockDriver {
       if (ret === 0) {
         setEntry(this.#l1, index, l2Off);
         this.#l2Tables.add(l2Off);
+        this.#shared?.bumpL2(l2Off / this.header.clusterSize);
         this.l2Cache.put(l2Off, table);
+        this.#shared?.bumpL1();
       }
       cb(ret);
     });
@@ -403,6 +535,8 @@ export class Qcow2Driver implements BlockDriver {
         // The cached copy, if the table was evicted and read again meanwhile.
         const cur = this.l2Cache.lookup(l2Off) ?? table;
         setEntry(cur, index, host, zero);
+        // Other threads' copies go stale before the request completes.
+        this.#shared?.bumpL2(l2Off / this.header.clusterSize);
         this.l2Cache.put(l2Off, cur);
       }
       cb(ret);
@@ -434,6 +568,11 @@ export class Qcow2Driver implements BlockDriver {
   /** Closes the backing chain and the image file. */
   async close(): Promise<void> {
     this.l2Cache.clear();
+    if (this.#shared !== null) {
+      this.#shared.detach(this.#participant, -EIO);
+      this.ctx.setEventNotifier(this.#notifier!, null);
+      this.#notifier!.close();
+    }
     try {
       await this.backing?.close();
     } finally {
@@ -447,12 +586,12 @@ export class Qcow2Driver implements BlockDriver {
    * refcount block (QEMU's metadata overlap check, "cached" level).
    */
   dataClusterOk(off: number): boolean {
-    return off < this.#fileLength && !this.#isMetadata(off) && !this.#l2Tables.has(off);
+    return off < this.#fileEnd() && !this.#isMetadata(off) && !this.#l2Tables.has(off);
   }
 
   /** @internal Whether `off` may hold an L2 table (cluster aligned, inside the file). */
   l2TableOk(off: number): boolean {
-    return off + this.header.clusterSize <= this.#fileLength && !this.#isMetadata(off);
+    return off + this.header.clusterSize <= this.#fileEnd() && !this.#isMetadata(off);
   }
 
   /** @internal The L2 table offset for guest cluster `cluster` (0: none, -1: bad). */
@@ -482,8 +621,9 @@ export class Qcow2Driver implements BlockDriver {
       return;
     }
     const first = host - host % cs;
-    const lastByte = Math.min(host + bytes, this.#fileLength) - 1;
-    if (host >= this.#fileLength) return this.ctx.scheduleOneshot(() => cb(-EIO, null));
+    const fileEnd = this.#fileEnd();
+    const lastByte = Math.min(host + bytes, fileEnd) - 1;
+    if (host >= fileEnd) return this.ctx.scheduleOneshot(() => cb(-EIO, null));
     for (let c = first; c <= lastByte; c += cs) {
       if (this.#isMetadata(c) || this.#l2Tables.has(c)) {
         return this.ctx.scheduleOneshot(() => cb(-EIO, null));
@@ -519,6 +659,13 @@ export class Qcow2Driver implements BlockDriver {
     const rt = h.refcountTableOffset;
     if (off + cs > rt && off < rt + h.refcountTableClusters * cs) return false;
     return !this.#l2Tables.has(off);
+  }
+
+  /** The file's length, or what the owner has allocated past it (shared images). */
+  #fileEnd(): number {
+    const st = this.#shared;
+    if (st === null) return this.#fileLength;
+    return Math.max(this.#fileLength, st.endClusters * this.header.clusterSize);
   }
 
   #isMetadata(off: number): boolean {
@@ -599,10 +746,22 @@ abstract class Qcow2Request {
     this.#cb = cb;
   }
 
-  /** Starts the walk (from the submitting call). */
+  /**
+   * Starts the walk (from the submitting call), after reading the L1 table
+   * again if another thread's driver linked a new L2 table meanwhile.
+   */
   start(): void {
     this.#inSubmit = true;
-    this.step();
+    if (this.d.l1Stale()) {
+      this.stepping = true;
+      this.d.reloadL1((ret) => {
+        this.stepping = false;
+        if (ret < 0) {
+          this.ret = ret;
+          this.maybeFinish();
+        } else this.step();
+      });
+    } else this.step();
     this.#inSubmit = false;
   }
 
@@ -777,9 +936,7 @@ class Qcow2WriteRequest extends Qcow2Request {
       if (this.#discard) {
         if (len === cs && l2Off > 0) {
           this.pending++;
-          d.enqueueAllocation(
-            new AllocatingWrite(d, cluster, 0, this.#source(len), this.subDone, "discard"),
-          );
+          d.allocate(cluster, 0, this.#source(len), this.subDone, "discard");
         }
         this.pos += len;
         continue;
@@ -821,15 +978,12 @@ class Qcow2WriteRequest extends Qcow2Request {
         // Whole clusters of write-zeroes become zero clusters (version 3).
         const zeroFlag = this.#qiov === null && len === cs && h.version >= 3 && !h.extendedL2;
         this.pending++;
-        d.enqueueAllocation(
-          new AllocatingWrite(
-            d,
-            cluster,
-            inCluster,
-            this.#source(len),
-            this.subDone,
-            zeroFlag ? "zero" : "write",
-          ),
+        d.allocate(
+          cluster,
+          inCluster,
+          this.#source(len),
+          this.subDone,
+          zeroFlag ? "zero" : "write",
         );
       }
       this.pos += len;
