@@ -152,6 +152,7 @@ export class Qcow2Driver implements BlockDriver {
       this.#fileLength,
       (off) => refBlocks.add(off),
       (off) => this.#refBlockOk(off),
+      (off) => !this.#isMetadata(off) && !this.#l2Tables.has(off),
     );
     this.#l2Tables = new Set();
     for (let i = 0; i < header.l1Size; i++) {
@@ -1167,11 +1168,17 @@ class AllocatingWrite {
     if (owned === 0) return d.ctx.scheduleOneshot(() => finish(0));
     // With a backing file, unallocated would show its data: a zero cluster instead.
     const zero = d.backing !== null && h.version >= 3;
+    // The unlinked entry is durable before the refcount drops (QEMU's
+    // refcount cache depending on the L2 cache): once the cluster is
+    // allocated again, no crash can leave this entry pointing at it.
     d.setL2Entry(l2Off, table, index, 0, (ret) => {
       if (ret < 0) return finish(ret);
-      d.refcounts.free(owned, (fr) => {
-        if (fr < 0) return finish(fr);
-        d.child.pdiscard(owned, h.clusterSize, () => finish(0));
+      d.child.flush((flr) => {
+        if (flr < 0) return finish(flr);
+        d.refcounts.free(owned, (fr) => {
+          if (fr < 0) return finish(fr);
+          d.child.pdiscard(owned, h.clusterSize, () => finish(0));
+        });
       });
     }, zero);
   }

@@ -12,14 +12,19 @@ export interface RefcountGeometry {
 
 /**
  * The refcount table and blocks of a writable image, and the cluster
- * allocator (QEMU's qcow2-refcount.c, reduced): clusters are allocated at the
- * end of the image file, one at a time, and skipped if their refcount is not
- * 0. Setting a refcount writes the 512-byte sector of the refcount block that
- * holds it before the caller may reference the cluster. A range without a
+ * allocator (QEMU's qcow2-refcount.c, reduced): the first cluster with
+ * refcount 0 at or after a free-cluster hint is taken (QEMU's
+ * alloc_clusters_noref and free_cluster_index: the hint starts at 0, moves
+ * past each cluster taken and back to each cluster freed), so clusters freed
+ * by discard are used again; a cluster `usable` refuses (known metadata) is
+ * never taken. Setting a refcount writes the 512-byte sector of the refcount
+ * block that holds it before the caller may reference the cluster (or, while
+ * {@link deferWrites} is on, marks the sector dirty for {@link writeDirty}:
+ * a batch of allocations writes each sector once). A range without a
  * refcount block gets a new block placed on the first cluster of the free
  * range, counting itself; the block is written and flushed before the
- * refcount table entry that points at it. A full refcount table is not grown
- * yet: allocation fails with -ENOSPC.
+ * refcount table entry that points at it. A full refcount table is grown
+ * (see {@link Qcow2Refcounts.allocate}).
  *
  * Not thread-safe and not re-entrant: the driver runs one allocation at a
  * time.
@@ -38,7 +43,14 @@ export class Qcow2Refcounts {
   readonly #perBlock: number;
   readonly #onNewBlock: (off: number) => void;
   readonly #blockOk: (off: number) => boolean;
+  readonly #usable: (off: number) => boolean;
   #end: number;
+  /** Where the search for a free cluster starts (byte offset). */
+  #hint = 0;
+  /** Refcount block sectors changed but not written yet (block offset -> sector starts). */
+  readonly #dirty = new Map<number, Set<number>>();
+  /** Mark sectors dirty instead of writing them at once. */
+  deferWrites = false;
 
   /**
    * `reftable`: the table as read at open (kept and updated in memory);
@@ -55,7 +67,9 @@ export class Qcow2Refcounts {
     fileLength: number,
     onNewBlock: (off: number) => void,
     blockOk: (off: number) => boolean,
+    usable: (off: number) => boolean = () => true,
   ) {
+    this.#usable = usable;
     this.#child = child;
     this.#geo = geo;
     this.#reftableBytes = reftable;
@@ -71,36 +85,86 @@ export class Qcow2Refcounts {
     return this.#end;
   }
 
-  /** Allocates one cluster with refcount 1; `cb(0, offset)` or `cb(-errno, 0)`. */
+  /**
+   * Allocates one cluster with refcount 1: the first free one from the
+   * hint on; `cb(0, offset)` or `cb(-errno, 0)`.
+   */
   allocate(cb: (ret: number, offset: number) => void): void {
+    this.#allocFrom(this.#hint, cb);
+  }
+
+  #allocFrom(c: number, cb: (ret: number, offset: number) => void): void {
     const cs = this.#geo.clusterSize;
-    const c = this.#end;
-    const index = c / cs;
-    const rt = Math.floor(index / this.#perBlock);
-    if (rt * 8 >= this.#reftableBytes.length) return cb(-ENOSPC, 0);
-    const hi = this.#reftable.getUint32(rt * 8), lo = this.#reftable.getUint32(rt * 8 + 4);
-    if ((lo & 0x1ff) !== 0 || hi >= 0x200000) return cb(-EIO, 0);
-    const blockOff = hi * 0x100000000 + lo;
-    const slot = index % this.#perBlock;
-    if (blockOff === 0) return this.#newBlock(c, rt, slot, cb);
-    if (!this.#blockOk(blockOff)) return cb(-EIO, 0);
-    this.#block(blockOff, (ret, block) => {
-      if (ret < 0 || block === null) return cb(ret < 0 ? ret : -EIO, 0);
-      if (this.#get(block, slot) !== 0) {
-        // Leaked or in use past the end: skip it.
-        this.#end = c + cs;
-        return this.allocate(cb);
+    for (;;) {
+      const index = c / cs;
+      const rt = Math.floor(index / this.#perBlock);
+      if (rt * 8 >= this.#reftableBytes.length) return this.#tableFull(c, cb);
+      const hi = this.#reftable.getUint32(rt * 8), lo = this.#reftable.getUint32(rt * 8 + 4);
+      if ((lo & 0x1ff) !== 0 || hi >= 0x200000) return cb(-EIO, 0);
+      const blockOff = hi * 0x100000000 + lo;
+      const slot = index % this.#perBlock;
+      if (blockOff === 0) {
+        if (!this.#usable(c)) {
+          c += cs;
+          continue;
+        }
+        return this.#newBlock(c, rt, slot, cb);
       }
-      this.#end = c + cs;
+      if (!this.#blockOk(blockOff)) return cb(-EIO, 0);
+      const block = this.#blocks.get(blockOff);
+      if (block === undefined) {
+        return this.#block(blockOff, (ret) => {
+          if (ret < 0) return cb(ret, 0);
+          this.#allocFrom(c, cb);
+        });
+      }
+      if (this.#get(block, slot) !== 0 || !this.#usable(c)) {
+        c += cs; // in use (or leaked, or metadata): skip it
+        continue;
+      }
+      this.#hint = c + cs;
+      if (c + cs > this.#end) this.#end = c + cs;
       this.#set(block, slot, 1);
-      this.#writeSector(blockOff, block, this.#byteOf(slot), (r) => cb(r, r < 0 ? 0 : c));
-    });
+      return this.#changed(blockOff, block, this.#byteOf(slot), (r) => cb(r, r < 0 ? 0 : c));
+    }
+  }
+
+  /** The refcount table has no entry for cluster `c`: -ENOSPC (grown by the caller's override). */
+  #tableFull(_c: number, cb: (ret: number, offset: number) => void): void {
+    cb(-ENOSPC, 0);
+  }
+
+  /** A refcount changed: write its sector now, or mark it dirty (deferWrites). */
+  #changed(blockOff: number, block: Uint8Array, at: number, cb: (ret: number) => void): void {
+    if (!this.deferWrites) return this.#writeSector(blockOff, block, at, cb);
+    let set = this.#dirty.get(blockOff);
+    if (set === undefined) this.#dirty.set(blockOff, set = new Set());
+    set.add(at - (at % 512));
+    cb(0);
+  }
+
+  /** Writes every dirty refcount block sector once (after a batch of allocations). */
+  writeDirty(cb: (ret: number) => void): void {
+    let pending = 1, err = 0;
+    const done = (r: number) => {
+      if (r < 0 && err === 0) err = r;
+      if (--pending === 0) cb(err);
+    };
+    for (const [blockOff, sectors] of this.#dirty) {
+      const block = this.#blocks.get(blockOff)!;
+      for (const at of sectors) {
+        pending++;
+        this.#writeSector(blockOff, block, at, done);
+      }
+    }
+    this.#dirty.clear();
+    done(0);
   }
 
   /**
    * Frees cluster `off` (refcount 1 -> 0; the caller has already removed
-   * every reference to it, so a crash before this write only leaks it).
-   * Freed clusters are not allocated again (allocation is at the end).
+   * every reference to it and made that durable, so a crash before this
+   * write only leaks it). The hint moves back to it: it is used again.
    */
   free(off: number, cb: (ret: number) => void): void {
     const cs = this.#geo.clusterSize;
@@ -115,7 +179,8 @@ export class Qcow2Refcounts {
       const slot = index % this.#perBlock;
       if (this.#get(block, slot) !== 1) return cb(0); // shared or already free: keep it
       this.#set(block, slot, 0);
-      this.#writeSector(blockOff, block, this.#byteOf(slot), cb);
+      if (off < this.#hint) this.#hint = off;
+      this.#changed(blockOff, block, this.#byteOf(slot), cb);
     });
   }
 
@@ -124,7 +189,8 @@ export class Qcow2Refcounts {
     const cs = this.#geo.clusterSize;
     const block = new Uint8Array(cs);
     this.#set(block, slot, 1);
-    this.#end = c + cs;
+    if (c + cs > this.#end) this.#end = c + cs;
+    this.#hint = c + cs;
     this.#child.pwritev(c, IoVector.fromBuffers([block]), (ret) => {
       if (ret < 0) return cb(ret, 0);
       this.#child.flush((fr) => {
@@ -135,7 +201,7 @@ export class Qcow2Refcounts {
         this.#onNewBlock(c);
         this.#writeSector(this.#geo.refcountTableOffset, this.#reftableBytes, rt * 8, (wr) => {
           if (wr < 0) return cb(wr, 0);
-          this.allocate(cb);
+          this.#allocFrom(c + cs, cb);
         });
       });
     });
