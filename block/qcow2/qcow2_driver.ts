@@ -154,6 +154,12 @@ export class Qcow2Driver implements BlockDriver {
       (off) => this.#refBlockOk(off),
       (off) => !this.#isMetadata(off) && !this.#l2Tables.has(off),
     );
+    if (this.#refcounts !== null) {
+      this.#refcounts.onTableMoved = (off, n) => {
+        this.grewTo(off + n * header.clusterSize); // the new blocks and table end the file
+        this.#shared?.setRefcountTable(off / header.clusterSize, n);
+      };
+    }
     this.#l2Tables = new Set();
     for (let i = 0; i < header.l1Size; i++) {
       const off = decodeL1Entry(this.#l1, i, header.clusterSize);
@@ -653,7 +659,7 @@ export class Qcow2Driver implements BlockDriver {
   /** Whether a refcount table entry may point at `off` (see {@link Qcow2Refcounts}). */
   #refBlockOk(off: number): boolean {
     const h = this.header, cs = h.clusterSize;
-    if (off % cs !== 0 || off < cs || off + cs > this.#fileLength) return false;
+    if (off % cs !== 0 || off < cs || off + cs > this.#fileEnd()) return false;
     if (h.l1Size > 0 && off + cs > h.l1TableOffset && off < h.l1TableOffset + h.l1Size * 8) {
       return false;
     }
@@ -665,12 +671,21 @@ export class Qcow2Driver implements BlockDriver {
   /** The file's length, or what the owner has allocated past it (shared images). */
   #fileEnd(): number {
     const st = this.#shared;
+    // The allocator's end: refcount blocks and tables it placed count at once.
+    const rc = this.#refcounts;
+    if (rc !== null && rc.end > this.#fileLength) this.#fileLength = rc.end;
     if (st === null) return this.#fileLength;
     return Math.max(this.#fileLength, st.endClusters * this.header.clusterSize);
   }
 
   #isMetadata(off: number): boolean {
     const h = this.header;
+    const st = this.#shared;
+    if (st !== null && st.refcountTableCluster !== 0) {
+      // The owner grew and moved the refcount table (a no-op for the owner).
+      h.refcountTableOffset = st.refcountTableCluster * h.clusterSize;
+      h.refcountTableClusters = st.refcountTableClusters;
+    }
     if (off < h.clusterSize) return true;
     if (h.l1Size > 0 && off >= h.l1TableOffset && off < h.l1TableOffset + h.l1Size * 8) {
       return true;

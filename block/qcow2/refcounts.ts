@@ -7,7 +7,9 @@ import { readMetadata } from "./metadata_io.ts";
 export interface RefcountGeometry {
   clusterSize: number;
   refcountOrder: number;
+  /** Updated in place when the table grows (the driver's header object). */
   refcountTableOffset: number;
+  refcountTableClusters: number;
 }
 
 /**
@@ -37,13 +39,15 @@ export interface RefcountGeometry {
 export class Qcow2Refcounts {
   readonly #child: BlockDriver;
   readonly #geo: RefcountGeometry;
-  readonly #reftable: DataView;
-  readonly #reftableBytes: Uint8Array;
+  #reftable: DataView;
+  #reftableBytes: Uint8Array;
   readonly #blocks = new Map<number, Uint8Array>();
   readonly #perBlock: number;
   readonly #onNewBlock: (off: number) => void;
   readonly #blockOk: (off: number) => boolean;
   readonly #usable: (off: number) => boolean;
+  /** Told when the refcount table has moved (after the header points at it). */
+  onTableMoved: (offset: number, clusters: number) => void = () => {};
   #end: number;
   /** Where the search for a free cluster starts (byte offset). */
   #hint = 0;
@@ -129,9 +133,92 @@ export class Qcow2Refcounts {
     }
   }
 
-  /** The refcount table has no entry for cluster `c`: -ENOSPC (grown by the caller's override). */
-  #tableFull(_c: number, cb: (ret: number, offset: number) => void): void {
-    cb(-ENOSPC, 0);
+  /**
+   * The refcount table has no entry for cluster `c`: grow it (QEMU's
+   * qcow2_refcount_area). A new area at `c` (or the end of the file) holds
+   * the refcount blocks that describe the area itself, then a table twice
+   * as large (at least) with the old entries and the new blocks'. Crash-safe
+   * order: blocks and table written and flushed while nothing points at
+   * them; then the header's refcount_table_offset and _clusters in one
+   * sector write, flushed; only then are the old table's clusters freed (a
+   * crash before that leaks them).
+   */
+  #tableFull(c: number, cb: (ret: number, offset: number) => void): void {
+    const g = this.#geo, cs = g.clusterSize, per = this.#perBlock;
+    const oldEntries = this.#reftableBytes.length / 8;
+    const a = Math.max(c, this.#end) / cs;
+    const k0 = Math.floor(a / per);
+    let blocks = 1, tableClusters = 0;
+    for (;;) {
+      const entries = Math.max(2 * oldEntries, k0 + blocks + 1);
+      tableClusters = Math.ceil((entries * 8) / cs);
+      const need = Math.floor((a + blocks + tableClusters - 1) / per) - k0 + 1;
+      if (need <= blocks) break;
+      blocks = need;
+    }
+    const tableOff = (a + blocks) * cs, areaEnd = a + blocks + tableClusters;
+    if (tableClusters * cs > 8 << 20 || areaEnd * cs > Number.MAX_SAFE_INTEGER) {
+      return cb(-ENOSPC, 0);
+    }
+    const table = new Uint8Array(tableClusters * cs);
+    table.set(this.#reftableBytes);
+    const tdv = new DataView(table.buffer);
+    const newBlocks: Uint8Array[] = [];
+    for (let i = 0; i < blocks; i++) {
+      const block = new Uint8Array(cs);
+      for (let x = Math.max(a, (k0 + i) * per); x < Math.min(areaEnd, (k0 + i + 1) * per); x++) {
+        this.#set(block, x % per, 1);
+      }
+      newBlocks.push(block);
+      const off = (a + i) * cs;
+      tdv.setUint32((k0 + i) * 8, Math.floor(off / 0x100000000));
+      tdv.setUint32((k0 + i) * 8 + 4, off >>> 0);
+    }
+    let pending = blocks + 1, err = 0;
+    const written = (r: number) => {
+      if (r < 0 && err === 0) err = r;
+      if (--pending > 0) return;
+      if (err < 0) return cb(err, 0);
+      this.#child.flush((fr) => {
+        if (fr < 0) return cb(fr, 0);
+        const hdr = new Uint8Array(12), hdv = new DataView(hdr.buffer);
+        hdv.setUint32(0, Math.floor(tableOff / 0x100000000));
+        hdv.setUint32(4, tableOff >>> 0);
+        hdv.setUint32(8, tableClusters);
+        // refcount_table_offset (48) and refcount_table_clusters (56): one sector.
+        this.#child.pwritev(48, IoVector.fromBuffers([hdr]), (hr) => {
+          if (hr < 0) return cb(hr, 0);
+          this.#child.flush((hf) => {
+            if (hf < 0) return cb(hf, 0);
+            const oldOff = g.refcountTableOffset, oldClusters = g.refcountTableClusters;
+            this.#reftableBytes = table;
+            this.#reftable = tdv;
+            g.refcountTableOffset = tableOff;
+            g.refcountTableClusters = tableClusters;
+            for (let i = 0; i < blocks; i++) {
+              this.#blocks.set((a + i) * cs, newBlocks[i]);
+              this.#onNewBlock((a + i) * cs);
+            }
+            if (areaEnd * cs > this.#end) this.#end = areaEnd * cs;
+            this.onTableMoved(tableOff, tableClusters);
+            this.#freeAll(oldOff, oldClusters, (fr2) => {
+              if (fr2 < 0) return cb(fr2, 0);
+              this.#allocFrom(this.#hint, cb);
+            });
+          });
+        });
+      });
+    };
+    for (let i = 0; i < blocks; i++) {
+      this.#child.pwritev((a + i) * cs, IoVector.fromBuffers([newBlocks[i]]), written);
+    }
+    this.#child.pwritev(tableOff, IoVector.fromBuffers([table]), written);
+  }
+
+  /** Frees `n` clusters from `off` one after the other. */
+  #freeAll(off: number, n: number, cb: (ret: number) => void): void {
+    if (n === 0) return cb(0);
+    this.free(off, (r) => r < 0 ? cb(r) : this.#freeAll(off + this.#geo.clusterSize, n - 1, cb));
   }
 
   /** A refcount changed: write its sector now, or mark it dirty (deferWrites). */

@@ -8,6 +8,8 @@ const L1_GEN = 3; // bumped by the owner after every L1 entry it changed
 const END = 4; // clusters allocated so far (the file's end / cluster size), owner-written
 const NPART = 5;
 const NSLOT = 6;
+const RT_OFF = 7; // the refcount table's cluster index (0: as in every driver's header)
+const RT_CLUSTERS = 8;
 const PART_BASE = 16;
 const P_INTS = 2; // used, eventfd
 const VERSIONS = 4096; // L2 table versions, hashed by the table's cluster index
@@ -191,6 +193,22 @@ export class Qcow2SharedState {
   /** Owner: the file now reaches `clusters` clusters. */
   setEndClusters(clusters: number): void {
     if (clusters > this.endClusters) Atomics.store(this.#i32, END, clusters >>> 0);
+  }
+
+  /** Owner: the refcount table moved to cluster index `offCluster` (`clusters` long). */
+  setRefcountTable(offCluster: number, clusters: number): void {
+    Atomics.store(this.#i32, RT_CLUSTERS, clusters);
+    Atomics.store(this.#i32, RT_OFF, offCluster);
+  }
+
+  /** The refcount table's cluster index as the owner last moved it (0: never moved). */
+  get refcountTableCluster(): number {
+    return Atomics.load(this.#i32, RT_OFF) >>> 0;
+  }
+
+  /** Its length in clusters (with {@link refcountTableCluster}). */
+  get refcountTableClusters(): number {
+    return Atomics.load(this.#i32, RT_CLUSTERS);
   }
 
   /**

@@ -6,9 +6,16 @@
  */
 import assert from "node:assert/strict";
 import { AioContext } from "../../../aio/mod.ts";
-import { IoVector } from "../../../block/mod.ts";
+import { IoVector, parseQcow2Header } from "../../../block/mod.ts";
 import { runUntil } from "../helpers.ts";
-import { assertCheckClean, openQcow2, oracleBytes, qemuImg, tempDir } from "./qemu_tools.ts";
+import {
+  assertCheckClean,
+  openQcow2,
+  oracleBytes,
+  qemuImg,
+  qemuIo,
+  tempDir,
+} from "./qemu_tools.ts";
 
 const opts = { sanitizeResources: false, sanitizeOps: false };
 
@@ -42,6 +49,43 @@ Deno.test("qcow2 alloc: discarded clusters are allocated again", opts, async () 
     ctx.close();
   }
   try {
+    assert.equal(assertCheckClean(img).leaks, 0);
+    assert.deepEqual(oracleBytes(img), model);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
+
+Deno.test("qcow2 alloc: a full refcount table grows", opts, async () => {
+  const dir = tempDir();
+  const img = `${dir}/g.qcow2`;
+  // 512-byte clusters and 32-bit refcounts: one table cluster (64 entries)
+  // of 128-cluster blocks covers 4 MiB of file; qemu-io fills most of it.
+  qemuImg("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=32", img, "8M");
+  qemuIo(img, "qcow2", "write -P 0x11 0 3900k");
+  const before = parseQcow2Header(Deno.readFileSync(img).subarray(0, 512), Deno.statSync(img).size);
+  assert.equal(before.refcountTableClusters, 1);
+  const model = oracleBytes(img);
+  const ctx = new AioContext();
+  try {
+    const blk = await openQcow2(ctx, img, { readOnly: false });
+    for (let off = 4 << 20; off < (5 << 20); off += 64 << 10) {
+      const data = new Uint8Array(64 << 10).fill((off >> 16) & 0xff);
+      assert.equal(await runUntil(ctx, blk.pwritev(off, IoVector.fromBuffers([data]))), 0);
+      model.set(data, off);
+    }
+    assert.equal(await runUntil(ctx, blk.flush()), 0);
+    await runUntil(ctx, blk.close());
+  } finally {
+    ctx.close();
+  }
+  try {
+    const after = parseQcow2Header(
+      Deno.readFileSync(img).subarray(0, 512),
+      Deno.statSync(img).size,
+    );
+    assert(after.refcountTableClusters >= 2, `table of ${after.refcountTableClusters} clusters`);
+    assert.notEqual(after.refcountTableOffset, before.refcountTableOffset);
     assert.equal(assertCheckClean(img).leaks, 0);
     assert.deepEqual(oracleBytes(img), model);
   } finally {
