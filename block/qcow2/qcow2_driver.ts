@@ -18,6 +18,9 @@ import { Qcow2Refcounts, writeTableSector } from "./refcounts.ts";
 import { Qcow2Error } from "./qcow2_error.ts";
 import { type Qcow2AllocMode, type Qcow2ForwardedWrite, Qcow2SharedState } from "./shared_state.ts";
 
+/** Most allocating writes in one {@link AllocationBatch}. */
+const MAX_BATCH = 128;
+
 /** QEMU's DEFAULT_L2_CACHE_MAX_SIZE: the default cache covers the disk up to this. */
 export const QCOW2_DEFAULT_L2_CACHE_MAX = 32 << 20;
 
@@ -115,7 +118,7 @@ export class Qcow2Driver implements BlockDriver {
   readonly #forwardQueue: (() => boolean)[] = [];
   /** Refcounts and the allocator (writable images only). */
   readonly #refcounts: Qcow2Refcounts | null;
-  readonly #allocQueue: AllocatingWrite[] = [];
+  #allocQueue: AllocatingWrite[] = [];
   #allocBusy = false;
   readonly readOnly: boolean;
   readonly #l2Tables: Set<number>;
@@ -480,14 +483,40 @@ export class Qcow2Driver implements BlockDriver {
     if (!this.#allocBusy) this.#nextAllocation();
   }
 
+  /**
+   * Starts what is queued: a write-zeroes or discard alone; else a batch of
+   * the writes at the head of the queue (see {@link AllocationBatch}), at
+   * most one per guest cluster and one per missing L2 table (the others
+   * wait for the next batch, which looks their mapping up again).
+   */
   #nextAllocation(): void {
-    const op = this.#allocQueue.shift();
-    if (op === undefined) {
+    const q = this.#allocQueue;
+    if (q.length === 0) {
       this.#allocBusy = false;
       return;
     }
     this.#allocBusy = true;
-    op.run(() => this.#nextAllocation());
+    if (q[0].mode !== "write") {
+      q.shift()!.run(() => this.#nextAllocation(), null);
+      return;
+    }
+    const batch = new AllocationBatch(this, () => this.#nextAllocation());
+    const clusters = new Set<number>(),
+      newTables = new Set<number>(),
+      later: AllocatingWrite[] = [];
+    let i = 0;
+    for (; i < q.length && q[i].mode === "write" && batch.ops.length < MAX_BATCH; i++) {
+      const op = q[i], l1 = Math.floor(op.cluster / this.header.l2Entries);
+      if (clusters.has(op.cluster) || newTables.has(l1)) {
+        later.push(op);
+        continue;
+      }
+      clusters.add(op.cluster);
+      if (this.l2Offset(op.cluster) === 0) newTables.add(l1);
+      batch.ops.push(op);
+    }
+    this.#allocQueue = later.concat(q.slice(i));
+    batch.run();
   }
 
   /** @internal A cluster was allocated: the file now reaches `end`. */
@@ -502,15 +531,29 @@ export class Qcow2Driver implements BlockDriver {
    * only once that write completed, so no request relies on it earlier.
    */
   setL1Entry(index: number, l2Off: number, table: DataView, cb: BlockCompletion): void {
-    const at = index * 8, start = at - (at % 512);
+    this.setL1Entries([{ index, l2Off, table }], cb);
+  }
+
+  /**
+   * @internal {@link setL1Entry} for several entries of one 512-byte sector
+   * of the L1 table: one write.
+   */
+  setL1Entries(
+    entries: readonly { index: number; l2Off: number; table: DataView }[],
+    cb: BlockCompletion,
+  ): void {
+    const at = entries[0].index * 8, start = at - (at % 512);
     const copy = this.#l1Bytes.slice(start, start + 512);
-    setEntry(new DataView(copy.buffer), (at - start) / 8, l2Off);
+    const cdv = new DataView(copy.buffer);
+    for (const e of entries) setEntry(cdv, e.index - start / 8, e.l2Off);
     writeTableSector(this.child, this.header.l1TableOffset + start, copy, 0, (ret) => {
       if (ret === 0) {
-        setEntry(this.#l1, index, l2Off);
-        this.#l2Tables.add(l2Off);
-        this.#shared?.bumpL2(l2Off / this.header.clusterSize);
-        this.l2Cache.put(l2Off, table);
+        for (const e of entries) {
+          setEntry(this.#l1, e.index, e.l2Off);
+          this.#l2Tables.add(e.l2Off);
+          this.#shared?.bumpL2(e.l2Off / this.header.clusterSize);
+          this.l2Cache.put(e.l2Off, e.table);
+        }
         this.#shared?.bumpL1();
       }
       cb(ret);
@@ -529,19 +572,33 @@ export class Qcow2Driver implements BlockDriver {
     cb: BlockCompletion,
     zero = false,
   ) {
+    this.setL2Entries(l2Off, table, [{ index, host, zero }], cb);
+  }
+
+  /**
+   * @internal {@link setL2Entry} for several entries of one 512-byte
+   * sector of one L2 table: one write.
+   */
+  setL2Entries(
+    l2Off: number,
+    table: DataView,
+    entries: readonly { index: number; host: number; zero: boolean }[],
+    cb: BlockCompletion,
+  ): void {
     // The cached copy if there is one (the table may have been evicted and
     // read again since the caller looked it up): the sector written must
     // hold every entry changed so far.
     const src = this.l2Cache.lookup(l2Off) ?? table;
     const bytes = new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
-    const at = index * 8, start = at - (at % 512);
+    const at = entries[0].index * 8, start = at - (at % 512);
     const copy = bytes.slice(start, start + 512);
-    setEntry(new DataView(copy.buffer), (at - start) / 8, host, zero);
+    const cdv = new DataView(copy.buffer);
+    for (const e of entries) setEntry(cdv, e.index - start / 8, e.host, e.zero);
     writeTableSector(this.child, l2Off + start, copy, 0, (ret) => {
       if (ret === 0) {
         // The cached copy, if the table was evicted and read again meanwhile.
         const cur = this.l2Cache.lookup(l2Off) ?? table;
-        setEntry(cur, index, host, zero);
+        for (const e of entries) setEntry(cur, e.index, e.host, e.zero);
         // Other threads' copies go stale before the request completes.
         this.#shared?.bumpL2(l2Off / this.header.clusterSize);
         this.l2Cache.put(l2Off, cur);
@@ -1053,6 +1110,7 @@ class AllocatingWrite {
   readonly #src: IoVector;
   readonly #cb: BlockCompletion;
   readonly #mode: "write" | "zero" | "discard";
+  #batch: AllocationBatch | null = null;
 
   /**
    * `mode`: write `src`; "zero": make the whole cluster a zero cluster;
@@ -1074,11 +1132,26 @@ class AllocatingWrite {
     this.#mode = mode;
   }
 
-  /** Runs the steps; `next` starts the driver's next allocating write. */
-  run(next: () => void): void {
+  /** What it does. */
+  get mode(): "write" | "zero" | "discard" {
+    return this.#mode;
+  }
+
+  /** The guest cluster. */
+  get cluster(): number {
+    return this.#cluster;
+  }
+
+  /**
+   * Runs the steps; `next` starts the driver's next allocating write. In a
+   * `batch`, the last step (flush, then the L1/L2 entry) is the batch's.
+   */
+  run(next: () => void, batch: AllocationBatch | null): void {
+    this.#batch = batch;
     const finish = (ret: number) => {
-      next();
+      if (batch === null) next();
       this.#cb(ret);
+      batch?.settled();
     };
     const d = this.#d, h = d.header, cs = h.clusterSize;
     const l2Off = d.l2Offset(this.#cluster);
@@ -1123,10 +1196,7 @@ class AllocatingWrite {
       // Data first (invisible under the zero flag), flushed, then the entry.
       d.child.pwritev(reuse, IoVector.fromBuffers([buf]), (ret) => {
         if (ret < 0) return finish(ret);
-        d.child.flush((fr) => {
-          if (fr < 0) return finish(fr);
-          d.setL2Entry(l2Off, table, index, reuse, finish);
-        });
+        this.#link(l2Off, table, index, reuse, false, finish);
       });
     };
     if (this.#inCluster === 0 && len === cs) return merge();
@@ -1198,6 +1268,31 @@ class AllocatingWrite {
     }, zero);
   }
 
+  /**
+   * The data (and a new table) are written: flush, then point the L2 entry
+   * (or, for a new table, the L1 entry) at them; in a batch, the batch does
+   * that for all its writes at once.
+   */
+  #link(
+    l2Off: number,
+    table: DataView,
+    index: number,
+    host: number,
+    isNew: boolean,
+    finish: BlockCompletion,
+  ): void {
+    const d = this.#d, l1Index = Math.floor(this.#cluster / d.header.l2Entries);
+    if (this.#batch !== null) {
+      this.#batch.link({ isNew, l1Index, l2Off, table, index, host, cb: this.#cb });
+      return this.#batch.settled();
+    }
+    d.child.flush((fr) => {
+      if (fr < 0) return finish(fr);
+      if (isNew) d.setL1Entry(l1Index, l2Off, table, finish);
+      else d.setL2Entry(l2Off, table, index, host, finish);
+    });
+  }
+
   #allocateData(
     l2Off: number,
     table: DataView,
@@ -1215,12 +1310,7 @@ class AllocatingWrite {
         if (r < 0 && err === 0) err = r;
         if (--pending > 0) return;
         if (err < 0) return finish(err);
-        d.child.flush((fr) => {
-          if (fr < 0) return finish(fr);
-          if (isNew) {
-            d.setL1Entry(Math.floor(this.#cluster / d.header.l2Entries), l2Off, table, finish);
-          } else d.setL2Entry(l2Off, table, index, host, finish);
-        });
+        this.#link(l2Off, table, index, host, isNew, finish);
       };
       d.child.pwritev(host, IoVector.fromBuffers([buf]), written);
       if (isNew) {
@@ -1229,5 +1319,100 @@ class AllocatingWrite {
         d.child.pwritev(l2Off, IoVector.fromBuffers([bytes]), written);
       }
     });
+  }
+}
+
+/** One write's last step, done by its {@link AllocationBatch}. */
+interface BatchLink {
+  /** A new L2 table (written with the entry): link it in the L1 table. */
+  isNew: boolean;
+  l1Index: number;
+  l2Off: number;
+  table: DataView;
+  index: number;
+  host: number;
+  cb: BlockCompletion;
+}
+
+/**
+ * Allocating writes run together (QEMU gets the same from its metadata
+ * caches' dependencies: many allocations, one flush). Every write of the
+ * batch allocates (refcounts changed in memory only: the refcount block
+ * sectors are marked dirty), copies on write and writes its data (and a new
+ * L2 table) at once; when all have done so, each dirty refcount sector is
+ * written once, the image file is flushed once (refcounts and data durable
+ * before anything points at them), and then the L2 entries (one write per
+ * 512-byte sector of a table, however many entries of the batch it holds)
+ * and the L1 entries of new tables; each write completes when its entry's
+ * sector is written. A crash at any point leaves at most leaked clusters.
+ */
+class AllocationBatch {
+  readonly ops: AllocatingWrite[] = [];
+  readonly #d: Qcow2Driver;
+  readonly #next: () => void;
+  readonly #links: BatchLink[] = [];
+  #pending = 0;
+
+  constructor(d: Qcow2Driver, next: () => void) {
+    this.#d = d;
+    this.#next = next;
+  }
+
+  /** Starts every write. */
+  run(): void {
+    this.#d.refcounts.deferWrites = true;
+    this.#pending = this.ops.length;
+    for (const op of this.ops) op.run(this.#next, this);
+  }
+
+  /** A write's data is written: it waits for the entry. */
+  link(l: BatchLink): void {
+    this.#links.push(l);
+  }
+
+  /** A write completed (error, in place) or linked. */
+  settled(): void {
+    if (--this.#pending === 0) this.#commit();
+  }
+
+  #commit(): void {
+    const d = this.#d, rc = d.refcounts;
+    rc.deferWrites = false;
+    const links = this.#links;
+    rc.writeDirty((ret) => {
+      if (links.length === 0) return this.#next();
+      if (ret < 0) return this.#fail(ret);
+      d.child.flush((fr) => {
+        if (fr < 0) return this.#fail(fr);
+        const l2 = new Map<string, BatchLink[]>(), l1 = new Map<number, BatchLink[]>();
+        for (const l of links) {
+          if (l.isNew) {
+            const k = Math.floor(l.l1Index / 64);
+            l1.set(k, [...(l1.get(k) ?? []), l]);
+          } else {
+            const k = `${l.l2Off}/${Math.floor(l.index / 64)}`;
+            l2.set(k, [...(l2.get(k) ?? []), l]);
+          }
+        }
+        let pending = l1.size + l2.size;
+        const done = (group: BatchLink[]) => (r: number) => {
+          for (const l of group) l.cb(r);
+          if (--pending === 0) this.#next();
+        };
+        for (const g of l2.values()) {
+          const entries = g.map((l) => ({ index: l.index, host: l.host, zero: false }));
+          d.setL2Entries(g[0].l2Off, g[0].table, entries, done(g));
+        }
+        for (const g of l1.values()) {
+          const entries = g.map((l) => ({ index: l.l1Index, l2Off: l.l2Off, table: l.table }));
+          d.setL1Entries(entries, done(g));
+        }
+      });
+    });
+  }
+
+  #fail(ret: number): void {
+    for (const l of this.#links) l.cb(ret);
+    this.#next();
   }
 }

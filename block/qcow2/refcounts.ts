@@ -53,6 +53,7 @@ export class Qcow2Refcounts {
   #hint = 0;
   /** Refcount block sectors changed but not written yet (block offset -> sector starts). */
   readonly #dirty = new Map<number, Set<number>>();
+  readonly #waiting: ((ret: number, offset: number) => void)[] = [];
   /** Mark sectors dirty instead of writing them at once. */
   deferWrites = false;
 
@@ -94,7 +95,18 @@ export class Qcow2Refcounts {
    * hint on; `cb(0, offset)` or `cb(-errno, 0)`.
    */
   allocate(cb: (ret: number, offset: number) => void): void {
-    this.#allocFrom(this.#hint, cb);
+    // One at a time: a search may wait for a refcount block read.
+    this.#waiting.push(cb);
+    if (this.#waiting.length === 1) this.#allocNext();
+  }
+
+  #allocNext(): void {
+    const cb = this.#waiting[0];
+    this.#allocFrom(this.#hint, (ret, off) => {
+      this.#waiting.shift();
+      if (this.#waiting.length > 0) this.#allocNext();
+      cb(ret, off);
+    });
   }
 
   #allocFrom(c: number, cb: (ret: number, offset: number) => void): void {
