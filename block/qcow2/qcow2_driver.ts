@@ -21,6 +21,9 @@ import { type Qcow2AllocMode, type Qcow2ForwardedWrite, Qcow2SharedState } from 
 /** Most allocating writes in one {@link AllocationBatch}. */
 const MAX_BATCH = 128;
 
+/** Dirty L1/L2 sectors (writeback) that make the driver write its metadata. */
+const MAX_DIRTY_SECTORS = 1024;
+
 /** QEMU's DEFAULT_L2_CACHE_MAX_SIZE: the default cache covers the disk up to this. */
 export const QCOW2_DEFAULT_L2_CACHE_MAX = 32 << 20;
 
@@ -118,7 +121,18 @@ export class Qcow2Driver implements BlockDriver {
   readonly #forwardQueue: (() => boolean)[] = [];
   /** Refcounts and the allocator (writable images only). */
   readonly #refcounts: Qcow2Refcounts | null;
-  #allocQueue: AllocatingWrite[] = [];
+  #allocQueue: QueuedAllocation[] = [];
+  /**
+   * Writeback metadata (a driver alone on its image): a batch's L1/L2
+   * entries and refcounts change in memory and reach the disk at the next
+   * flush, in order ({@link commitMetadata}); shared images write through.
+   */
+  readonly #writeback: boolean;
+  /** L2 table sectors changed and not written: table offset -> sector starts. */
+  readonly #dirtyL2 = new Map<number, Set<number>>();
+  /** L1 sectors changed and not written. */
+  readonly #dirtyL1 = new Set<number>();
+  #dirtySectors = 0;
   #allocBusy = false;
   readonly readOnly: boolean;
   readonly #l2Tables: Set<number>;
@@ -186,6 +200,8 @@ export class Qcow2Driver implements BlockDriver {
       });
     }
     const sh = this.#shared;
+    this.#writeback = reftable !== null && sh === null;
+    if (this.#refcounts !== null) this.#refcounts.deferWrites = this.#writeback;
     this.l2Cache = new L2Cache(
       tables,
       cs,
@@ -353,7 +369,9 @@ export class Qcow2Driver implements BlockDriver {
    */
   flush(cb: BlockCompletion): void {
     if (this.#refcounts === null) return this.#complete(0, cb);
-    this.child.flush(cb);
+    if (!this.#writeback) return this.child.flush(cb);
+    // After the allocations queued before it: their entries are written.
+    this.enqueueAllocation(new MetadataCommit(this, cb));
   }
 
   /**
@@ -477,8 +495,88 @@ export class Qcow2Driver implements BlockDriver {
     });
   }
 
+  /**
+   * @internal Writeback: links a batch's writes in memory (after their data
+   * is written) and marks the sectors dirty; the tables stay in the cache.
+   */
+  linkInMemory(links: readonly BatchLink[]): void {
+    for (const l of links) {
+      if (l.isNew) {
+        setEntry(this.#l1, l.l1Index, l.l2Off);
+        this.#l2Tables.add(l.l2Off);
+        this.l2Cache.put(l.l2Off, l.table);
+        this.l2Cache.pin(l.l2Off);
+        const at = l.l1Index * 8;
+        if (!this.#dirtyL1.has(at - (at % 512))) {
+          this.#dirtyL1.add(at - (at % 512));
+          this.#dirtySectors++;
+        }
+        continue;
+      }
+      const cur = this.l2Cache.lookup(l.l2Off) ?? l.table;
+      setEntry(cur, l.index, l.host);
+      this.l2Cache.put(l.l2Off, cur);
+      this.l2Cache.pin(l.l2Off);
+      let set = this.#dirtyL2.get(l.l2Off);
+      if (set === undefined) this.#dirtyL2.set(l.l2Off, set = new Set());
+      const at = l.index * 8, start = at - (at % 512);
+      if (!set.has(start)) {
+        set.add(start);
+        this.#dirtySectors++;
+      }
+    }
+    // Bound what a crash can lose and what stays pinned.
+    if (this.#dirtySectors >= MAX_DIRTY_SECTORS) {
+      this.enqueueAllocation(new MetadataCommit(this, () => {}));
+    }
+  }
+
+  /**
+   * @internal Writes what is dirty, in QEMU's cache dependency order: the
+   * refcount block sectors, flush, the L2 and L1 sectors, flush. Runs alone
+   * (from the allocation queue, or at close).
+   */
+  commitMetadata(cb: BlockCompletion): void {
+    const rc = this.refcounts;
+    rc.writeDirty((ret) => {
+      if (ret < 0) return cb(ret);
+      if (this.#dirtySectors === 0) return this.child.flush(cb);
+      this.child.flush((fr) => {
+        if (fr < 0) return cb(fr);
+        let pending = 1, err = 0;
+        const done = (r: number) => {
+          if (r < 0 && err === 0) err = r;
+          if (--pending > 0) return;
+          if (err < 0) return cb(err);
+          this.#dirtyL2.clear();
+          this.#dirtyL1.clear();
+          this.#dirtySectors = 0;
+          this.l2Cache.unpinAll();
+          this.child.flush(cb);
+        };
+        for (const [l2Off, sectors] of this.#dirtyL2) {
+          const t = this.l2Cache.lookup(l2Off);
+          if (t === undefined) {
+            done(-EIO); // pinned: cannot happen
+            continue;
+          }
+          const bytes = new Uint8Array(t.buffer, t.byteOffset, t.byteLength);
+          for (const at of sectors) {
+            pending++;
+            writeTableSector(this.child, l2Off, bytes, at, done);
+          }
+        }
+        for (const at of this.#dirtyL1) {
+          pending++;
+          writeTableSector(this.child, this.header.l1TableOffset, this.#l1Bytes, at, done);
+        }
+        done(0);
+      });
+    });
+  }
+
   /** @internal Runs `op` after every allocating write queued before it. */
-  enqueueAllocation(op: AllocatingWrite): void {
+  enqueueAllocation(op: QueuedAllocation): void {
     this.#allocQueue.push(op);
     if (!this.#allocBusy) this.#nextAllocation();
   }
@@ -497,16 +595,34 @@ export class Qcow2Driver implements BlockDriver {
     }
     this.#allocBusy = true;
     if (q[0].mode !== "write") {
-      q.shift()!.run(() => this.#nextAllocation(), null);
-      return;
+      const op = q.shift()!;
+      if (op.mode === "commit" || !this.#writeback) {
+        return op.run(() => this.#nextAllocation(), null);
+      }
+      // Write-zeroes and discard write through: what is dirty goes first
+      // (no entry may reach the disk before the refcounts it relies on).
+      const rc = this.refcounts;
+      return this.commitMetadata((ret) => {
+        if (ret < 0) {
+          op.fail(ret);
+          return this.#nextAllocation();
+        }
+        rc.deferWrites = false;
+        op.run(() => {
+          rc.deferWrites = true;
+          this.#nextAllocation();
+        }, null);
+      });
     }
-    const batch = new AllocationBatch(this, () => this.#nextAllocation());
+    const batch = new AllocationBatch(this, () => this.#nextAllocation(), this.#writeback);
     const clusters = new Set<number>(),
       newTables = new Set<number>(),
-      later: AllocatingWrite[] = [];
+      later: QueuedAllocation[] = [];
     let i = 0;
-    for (; i < q.length && q[i].mode === "write" && batch.ops.length < MAX_BATCH; i++) {
-      const op = q[i], l1 = Math.floor(op.cluster / this.header.l2Entries);
+    for (; i < q.length && batch.ops.length < MAX_BATCH; i++) {
+      const op = q[i];
+      if (!(op instanceof AllocatingWrite) || op.mode !== "write") break;
+      const l1 = Math.floor(op.cluster / this.header.l2Entries);
       if (clusters.has(op.cluster) || newTables.has(l1)) {
         later.push(op);
         continue;
@@ -631,6 +747,10 @@ export class Qcow2Driver implements BlockDriver {
 
   /** Closes the backing chain and the image file. */
   async close(): Promise<void> {
+    if (this.#dirtySectors > 0 || (this.#writeback && this.#refcounts!.dirty)) {
+      const ret = await new Promise<number>((resolve) => this.commitMetadata(resolve));
+      if (ret < 0) console.error(`qcow2: writing metadata at close failed (${ret})`);
+    }
     this.l2Cache.clear();
     if (this.#shared !== null) {
       this.#shared.detach(this.#participant, -EIO);
@@ -1137,6 +1257,11 @@ class AllocatingWrite {
     return this.#mode;
   }
 
+  /** Completes it with `ret` without running it. */
+  fail(ret: number): void {
+    this.#cb(ret);
+  }
+
   /** The guest cluster. */
   get cluster(): number {
     return this.#cluster;
@@ -1351,11 +1476,14 @@ class AllocationBatch {
   readonly #d: Qcow2Driver;
   readonly #next: () => void;
   readonly #links: BatchLink[] = [];
+  readonly #writeback: boolean;
   #pending = 0;
 
-  constructor(d: Qcow2Driver, next: () => void) {
+  /** `writeback`: link in memory only (the next flush writes the entries). */
+  constructor(d: Qcow2Driver, next: () => void, writeback: boolean) {
     this.#d = d;
     this.#next = next;
+    this.#writeback = writeback;
   }
 
   /** Starts every write. */
@@ -1377,8 +1505,13 @@ class AllocationBatch {
 
   #commit(): void {
     const d = this.#d, rc = d.refcounts;
-    rc.deferWrites = false;
     const links = this.#links;
+    if (this.#writeback) {
+      d.linkInMemory(links);
+      for (const l of links) l.cb(0);
+      return this.#next();
+    }
+    rc.deferWrites = false;
     rc.writeDirty((ret) => {
       if (links.length === 0) return this.#next();
       if (ret < 0) return this.#fail(ret);
@@ -1416,3 +1549,34 @@ class AllocationBatch {
     this.#next();
   }
 }
+
+/**
+ * A guest flush of a writeback driver, queued behind the allocating writes
+ * before it: {@link Qcow2Driver.commitMetadata} (which ends with the flush
+ * of the image file).
+ */
+class MetadataCommit {
+  readonly mode = "commit";
+  readonly cluster = -1;
+  readonly #d: Qcow2Driver;
+  readonly #cb: BlockCompletion;
+
+  constructor(d: Qcow2Driver, cb: BlockCompletion) {
+    this.#d = d;
+    this.#cb = cb;
+  }
+
+  run(next: () => void, _batch: null): void {
+    this.#d.commitMetadata((ret) => {
+      next();
+      this.#cb(ret);
+    });
+  }
+
+  fail(ret: number): void {
+    this.#cb(ret);
+  }
+}
+
+/** What the allocation queue holds. */
+type QueuedAllocation = AllocatingWrite | MetadataCommit;

@@ -242,6 +242,11 @@ export class Qcow2Refcounts {
     cb(0);
   }
 
+  /** Whether some refcount block sector waits for {@link writeDirty}. */
+  get dirty(): boolean {
+    return this.#dirty.size > 0;
+  }
+
   /** Writes every dirty refcount block sector once (after a batch of allocations). */
   writeDirty(cb: (ret: number) => void): void {
     let pending = 1, err = 0;
