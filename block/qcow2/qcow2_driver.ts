@@ -723,6 +723,16 @@ export class Qcow2Driver implements BlockDriver {
     });
   }
 
+  /**
+   * @internal Whether a cluster past everything allocated reads as zeroes
+   * without being written: the image is a regular file (holes), not a
+   * block device or an in-memory test driver.
+   */
+  get freshClustersReadZero(): boolean {
+    const c = this.child as BlockDriver & { isBlockDevice?: boolean };
+    return c.name === "file" && c.isBlockDevice === false;
+  }
+
   /** @internal Zeroes for write-zeroes, one cluster long. */
   get zeroCluster(): Uint8Array {
     return this.#zeroCluster ??= new Uint8Array(this.header.clusterSize);
@@ -1314,7 +1324,16 @@ class AllocatingWrite {
         d.dataClusterOk(m.hostCluster)
       ? m.hostCluster
       : 0;
-    const buf = new Uint8Array(cs);
+    const start = this.#cluster * cs;
+    const backing = d.backing;
+    const readsZero = m.type === SubclusterType.Zero ||
+      (m.type === SubclusterType.Unallocated && (backing === null || start >= backing.length));
+    // No copy on write: the new cluster gets the guest's data and zeroes.
+    if (reuse === 0 && (readsZero || (this.#inCluster === 0 && len === cs))) {
+      return this.#allocateData(l2Off, table, isNew, index, null, finish);
+    }
+    // Aligned for O_DIRECT, so the file driver need not bounce it.
+    const buf = alignedBuffer(cs, d.memAlignment);
     const merge = () => {
       this.#src.copyTo(addressOf(buf) + this.#inCluster);
       if (reuse === 0) return this.#allocateData(l2Off, table, isNew, index, buf, finish);
@@ -1324,8 +1343,8 @@ class AllocatingWrite {
         this.#link(l2Off, table, index, reuse, false, finish);
       });
     };
-    if (this.#inCluster === 0 && len === cs) return merge();
-    const start = this.#cluster * cs;
+    // Nothing to copy where the guest reads zeroes (the buffer is zeroed).
+    if ((this.#inCluster === 0 && len === cs) || readsZero) return merge();
     const n = Math.min(cs, d.length - start);
     d.preadv(start, IoVector.fromBuffers([buf.subarray(0, n)]), (ret) => {
       if (ret < 0) return finish(ret);
@@ -1423,13 +1442,29 @@ class AllocatingWrite {
     table: DataView,
     isNew: boolean,
     index: number,
-    buf: Uint8Array,
+    buf: Uint8Array | null,
     finish: BlockCompletion,
   ): void {
     const d = this.#d, cs = d.header.clusterSize;
-    d.refcounts.allocate((ret, host) => {
+    d.refcounts.allocate((ret, host, fresh) => {
       if (ret < 0) return finish(ret);
       d.grewTo(host + cs);
+      // `buf` null: the rest of the cluster is zeroes. A whole cluster is
+      // written from the guest's buffers; a part of a fresh cluster of a
+      // regular file (a hole: it reads as zeroes) too, at its place (QEMU
+      // zeroes such a cluster's rest with write_zeroes instead); else the
+      // data is copied into a zeroed cluster.
+      let data: IoVector, at = host;
+      if (buf !== null) data = IoVector.fromBuffers([buf]);
+      else if (this.#src.size === cs) data = this.#src;
+      else if (fresh && d.freshClustersReadZero) {
+        data = this.#src;
+        at = host + this.#inCluster;
+      } else {
+        const b = alignedBuffer(cs, d.memAlignment);
+        this.#src.copyTo(addressOf(b) + this.#inCluster);
+        data = IoVector.fromBuffers([b]);
+      }
       let pending = isNew ? 2 : 1, err = 0;
       const written = (r: number) => {
         if (r < 0 && err === 0) err = r;
@@ -1437,7 +1472,7 @@ class AllocatingWrite {
         if (err < 0) return finish(err);
         this.#link(l2Off, table, index, host, isNew, finish);
       };
-      d.child.pwritev(host, IoVector.fromBuffers([buf]), written);
+      d.child.pwritev(at, data, written);
       if (isNew) {
         setEntry(table, index, host);
         const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
@@ -1580,3 +1615,11 @@ class MetadataCommit {
 
 /** What the allocation queue holds. */
 type QueuedAllocation = AllocatingWrite | MetadataCommit;
+
+/** `len` zeroed bytes whose address is a multiple of `align` (a power of two). */
+function alignedBuffer(len: number, align: number): Uint8Array {
+  if (align <= 16) return new Uint8Array(len);
+  const raw = new Uint8Array(len + align);
+  const skip = (align - (addressOf(raw) % align)) % align;
+  return raw.subarray(skip, skip + len);
+}
