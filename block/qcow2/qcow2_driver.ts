@@ -133,6 +133,14 @@ export class Qcow2Driver implements BlockDriver {
   /** L1 sectors changed and not written. */
   readonly #dirtyL1 = new Set<number>();
   #dirtySectors = 0;
+  /** Writeback: guest clusters with an allocating write in flight. */
+  readonly #inflight = new Set<number>();
+  /** Writeback: L1 indexes whose new L2 table is being made. */
+  readonly #inflightTables = new Set<number>();
+  /** Writeback: a flush, write-zeroes or discard runs. */
+  #exclusive = false;
+  #pumping = false;
+  #pumpAgain = false;
   #allocBusy = false;
   readonly readOnly: boolean;
   readonly #l2Tables: Set<number>;
@@ -578,7 +586,82 @@ export class Qcow2Driver implements BlockDriver {
   /** @internal Runs `op` after every allocating write queued before it. */
   enqueueAllocation(op: QueuedAllocation): void {
     this.#allocQueue.push(op);
-    if (!this.#allocBusy) this.#nextAllocation();
+    if (this.#writeback) this.#pump();
+    else if (!this.#allocBusy) this.#nextAllocation();
+  }
+
+  /**
+   * Writeback: starts every queued write that does not meet one in flight
+   * (same guest cluster, or the same missing L2 table): each links its
+   * entry in memory as soon as its data is written, so writes need not wait
+   * for each other. A write-zeroes, discard or flush runs alone, once what
+   * was started before it has completed, and nothing queued behind it
+   * overtakes it.
+   */
+  #pump(): void {
+    if (this.#pumping) {
+      this.#pumpAgain = true;
+      return;
+    }
+    this.#pumping = true;
+    do {
+      this.#pumpAgain = false;
+      this.#pumpOnce();
+    } while (this.#pumpAgain);
+    this.#pumping = false;
+  }
+
+  #pumpOnce(): void {
+    const q = this.#allocQueue, h = this.header;
+    for (let i = 0; i < q.length && !this.#exclusive;) {
+      const op = q[i];
+      if (!(op instanceof AllocatingWrite) || op.mode !== "write") {
+        if (i > 0 || this.#inflight.size > 0) return;
+        q.shift();
+        this.#exclusive = true;
+        return this.#runAlone(op, () => {
+          this.#exclusive = false;
+          this.#pump();
+        });
+      }
+      const l1 = Math.floor(op.cluster / h.l2Entries);
+      const newTable = this.l2Offset(op.cluster) === 0;
+      if (this.#inflight.has(op.cluster) || (newTable && this.#inflightTables.has(l1))) {
+        i++;
+        continue;
+      }
+      q.splice(i, 1);
+      this.#inflight.add(op.cluster);
+      if (newTable) this.#inflightTables.add(l1);
+      const batch = new AllocationBatch(this, () => {
+        this.#inflight.delete(op.cluster);
+        if (newTable) this.#inflightTables.delete(l1);
+        this.#pump();
+      }, true);
+      batch.ops.push(op);
+      batch.run();
+    }
+  }
+
+  /**
+   * A flush (metadata commit), or a write-zeroes or discard of a writeback
+   * driver: those write through, so what is dirty goes first (no entry may
+   * reach the disk before the refcounts it relies on).
+   */
+  #runAlone(op: QueuedAllocation, next: () => void): void {
+    if (op.mode === "commit" || !this.#writeback) return op.run(next, null);
+    const rc = this.refcounts;
+    this.commitMetadata((ret) => {
+      if (ret < 0) {
+        op.fail(ret);
+        return next();
+      }
+      rc.deferWrites = false;
+      op.run(() => {
+        rc.deferWrites = true;
+        next();
+      }, null);
+    });
   }
 
   /**
@@ -594,26 +677,7 @@ export class Qcow2Driver implements BlockDriver {
       return;
     }
     this.#allocBusy = true;
-    if (q[0].mode !== "write") {
-      const op = q.shift()!;
-      if (op.mode === "commit" || !this.#writeback) {
-        return op.run(() => this.#nextAllocation(), null);
-      }
-      // Write-zeroes and discard write through: what is dirty goes first
-      // (no entry may reach the disk before the refcounts it relies on).
-      const rc = this.refcounts;
-      return this.commitMetadata((ret) => {
-        if (ret < 0) {
-          op.fail(ret);
-          return this.#nextAllocation();
-        }
-        rc.deferWrites = false;
-        op.run(() => {
-          rc.deferWrites = true;
-          this.#nextAllocation();
-        }, null);
-      });
-    }
+    if (q[0].mode !== "write") return this.#runAlone(q.shift()!, () => this.#nextAllocation());
     const batch = new AllocationBatch(this, () => this.#nextAllocation(), this.#writeback);
     const clusters = new Set<number>(),
       newTables = new Set<number>(),
