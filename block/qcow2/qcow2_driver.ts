@@ -1536,7 +1536,13 @@ class AllocatingWrite {
         if (err < 0) return finish(err);
         this.#link(l2Off, table, index, host, isNew, finish);
       };
-      d.child.pwritev(at, data, written);
+      if (at !== host) {
+        // QEMU's handle_alloc_space: the cluster's zeroes by fallocate first.
+        d.child.pwriteZeroes(host, cs, false, (zr) => {
+          if (zr < 0) return written(zr);
+          d.child.pwritev(at, data, written);
+        });
+      } else d.child.pwritev(at, data, written);
       if (isNew) {
         setEntry(table, index, host);
         const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
