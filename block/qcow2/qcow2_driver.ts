@@ -133,6 +133,10 @@ export class Qcow2Driver implements BlockDriver {
   /** L1 sectors changed and not written. */
   readonly #dirtyL1 = new Set<number>();
   #dirtySectors = 0;
+  /** Lazy refcounts (compat bit, writeback only): refcounts written at close. */
+  readonly #lazy: boolean;
+  #markedDirty = false;
+  #copiedOnWrite = false;
   /** Writeback: guest clusters with an allocating write in flight. */
   readonly #inflight = new Set<number>();
   /** Writeback: L1 indexes whose new L2 table is being made. */
@@ -209,6 +213,7 @@ export class Qcow2Driver implements BlockDriver {
     }
     const sh = this.#shared;
     this.#writeback = reftable !== null && sh === null;
+    this.#lazy = this.#writeback && header.lazyRefcounts && header.version >= 3;
     if (this.#refcounts !== null) this.#refcounts.deferWrites = this.#writeback;
     this.l2Cache = new L2Cache(
       tables,
@@ -546,41 +551,104 @@ export class Qcow2Driver implements BlockDriver {
    */
   commitMetadata(cb: BlockCompletion): void {
     const rc = this.refcounts;
+    if (this.#lazy) {
+      // Lazy refcounts: the dirty bit stands for the refcounts not
+      // written; a flush first only when copied-on-write data must be
+      // durable before the entries that point at it.
+      if (this.#dirtySectors === 0) return this.child.flush(cb);
+      return this.#markDirty((mr) => {
+        if (mr < 0) return cb(mr);
+        if (!this.#copiedOnWrite) return this.#writeTables(cb);
+        this.child.flush((fr) => fr < 0 ? cb(fr) : this.#writeTables(cb));
+      });
+    }
     rc.writeDirty((ret) => {
       if (ret < 0) return cb(ret);
       if (this.#dirtySectors === 0) return this.child.flush(cb);
       this.child.flush((fr) => {
         if (fr < 0) return cb(fr);
-        let pending = 1, err = 0;
-        const done = (r: number) => {
-          if (r < 0 && err === 0) err = r;
-          if (--pending > 0) return;
-          if (err < 0) return cb(err);
-          this.#dirtyL2.clear();
-          this.#dirtyL1.clear();
-          this.#dirtySectors = 0;
-          this.l2Cache.unpinAll();
-          this.child.flush(cb);
-        };
-        for (const [l2Off, sectors] of this.#dirtyL2) {
-          const t = this.l2Cache.lookup(l2Off);
-          if (t === undefined) {
-            done(-EIO); // pinned: cannot happen
-            continue;
-          }
-          const bytes = new Uint8Array(t.buffer, t.byteOffset, t.byteLength);
-          for (const at of sectors) {
-            pending++;
-            writeTableSector(this.child, l2Off, bytes, at, done);
-          }
-        }
-        for (const at of this.#dirtyL1) {
-          pending++;
-          writeTableSector(this.child, this.header.l1TableOffset, this.#l1Bytes, at, done);
-        }
-        done(0);
+        this.#writeTables(cb);
       });
     });
+  }
+
+  /** @internal A write merged data copied from the cluster's old view (COW). */
+  noteCopyOnWrite(): void {
+    this.#copiedOnWrite = true;
+  }
+
+  /**
+   * Lazy refcounts: sets the header's dirty bit (incompatible feature 0)
+   * and flushes, once, before the first L2 entry reaches the disk without
+   * its refcount (QEMU's qcow2_mark_dirty).
+   */
+  #markDirty(cb: BlockCompletion): void {
+    if (this.#markedDirty) return cb(0);
+    this.#writeIncompat(this.header.incompatibleFeatures | 1, (ret) => {
+      if (ret === 0) this.#markedDirty = true;
+      cb(ret);
+    });
+  }
+
+  /** Writes incompatible_features (header offset 72) and flushes. */
+  #writeIncompat(bits: number, cb: BlockCompletion): void {
+    const b = new Uint8Array(8);
+    new DataView(b.buffer).setUint32(4, bits >>> 0);
+    this.child.pwritev(72, IoVector.fromBuffers([b]), (ret) => {
+      if (ret < 0) return cb(ret);
+      this.child.flush(cb);
+    });
+  }
+
+  /**
+   * Lazy refcounts at close: the refcounts, flush, then the dirty bit
+   * cleared (QEMU's qcow2_mark_clean).
+   */
+  #markClean(cb: BlockCompletion): void {
+    if (!this.#markedDirty) return cb(0);
+    this.refcounts.writeDirty((ret) => {
+      if (ret < 0) return cb(ret);
+      this.child.flush((fr) => {
+        if (fr < 0) return cb(fr);
+        this.#writeIncompat(this.header.incompatibleFeatures & ~1, (cr) => {
+          if (cr === 0) this.#markedDirty = false;
+          cb(cr);
+        });
+      });
+    });
+  }
+
+  /** The dirty L2 and L1 sectors, then a flush (the second half of a commit). */
+  #writeTables(cb: BlockCompletion): void {
+    let pending = 1, err = 0;
+    const done = (r: number) => {
+      if (r < 0 && err === 0) err = r;
+      if (--pending > 0) return;
+      if (err < 0) return cb(err);
+      this.#dirtyL2.clear();
+      this.#dirtyL1.clear();
+      this.#dirtySectors = 0;
+      this.#copiedOnWrite = false;
+      this.l2Cache.unpinAll();
+      this.child.flush(cb);
+    };
+    for (const [l2Off, sectors] of this.#dirtyL2) {
+      const t = this.l2Cache.lookup(l2Off);
+      if (t === undefined) {
+        err = -EIO; // pinned: cannot happen
+        continue;
+      }
+      const bytes = new Uint8Array(t.buffer, t.byteOffset, t.byteLength);
+      for (const at of sectors) {
+        pending++;
+        writeTableSector(this.child, l2Off, bytes, at, done);
+      }
+    }
+    for (const at of this.#dirtyL1) {
+      pending++;
+      writeTableSector(this.child, this.header.l1TableOffset, this.#l1Bytes, at, done);
+    }
+    done(0);
   }
 
   /** @internal Runs `op` after every allocating write queued before it. */
@@ -825,6 +893,10 @@ export class Qcow2Driver implements BlockDriver {
       const ret = await new Promise<number>((resolve) => this.commitMetadata(resolve));
       if (ret < 0) console.error(`qcow2: writing metadata at close failed (${ret})`);
     }
+    if (this.#markedDirty) {
+      const ret = await new Promise<number>((resolve) => this.#markClean(resolve));
+      if (ret < 0) console.error(`qcow2: clearing the dirty bit at close failed (${ret})`);
+    }
     this.l2Cache.clear();
     if (this.#shared !== null) {
       this.#shared.detach(this.#participant, -EIO);
@@ -963,7 +1035,15 @@ async function prepareForWriting(child: BlockDriver, h: Qcow2Header, head: Uint8
   if (h.corrupt) {
     throw new Qcow2Error("Invalid", "the image is marked corrupt: it must not be written");
   }
-  if (h.dirty) refuse("an image with the dirty bit set (qemu-img check -r all repairs it)");
+  if (h.dirty) {
+    // QEMU repairs the refcounts of a dirty lazy-refcounts image at open;
+    // this driver does not (yet): it refuses to write until they are.
+    throw new Qcow2Error(
+      "Unsupported",
+      "the image has the dirty bit set (lazy refcounts not written back: it was not closed " +
+        "cleanly); repair it with qemu-img check -r all before writing (reading is fine)",
+    );
+  }
   if (h.extendedL2) refuse("images with extended L2 entries");
   if (h.nbSnapshots > 0) refuse("images with internal snapshots");
   if (h.refcountOrder > 5) refuse("images with 64-bit refcounts");
@@ -1398,6 +1478,7 @@ class AllocatingWrite {
     }
     // Aligned for O_DIRECT, so the file driver need not bounce it.
     const buf = alignedBuffer(cs, d.memAlignment);
+    if (!readsZero) d.noteCopyOnWrite();
     const merge = () => {
       this.#src.copyTo(addressOf(buf) + this.#inCluster);
       if (reuse === 0) return this.#allocateData(l2Off, table, isNew, index, buf, finish);
