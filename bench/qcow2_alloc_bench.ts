@@ -82,7 +82,10 @@ try {
           qd,
           durationMs,
         });
-        if ("error" in s) throw new Error(`${name}: ${s.error}`);
+        if ("error" in s) {
+          console.error(server.stderr.split("\n").filter((l) => !l.startsWith("  ")).join("\n"));
+          throw new Error(`${name}: ${s.error}`);
+        }
         iops[name].push(s.iops);
         console.log(
           `round ${r} ${name.padEnd(6)} ${(s.iops / 1000).toFixed(1)}k IOPS, p50 ${s.p50Us} us, ` +
