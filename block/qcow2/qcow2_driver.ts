@@ -632,6 +632,10 @@ export class Qcow2Driver implements BlockDriver {
       this.l2Cache.unpinAll();
       this.child.flush(cb);
     };
+    // Whole units of the file's request alignment (within the cluster-
+    // aligned tables): no read-modify-write under O_DIRECT.
+    const unit = Math.min(Math.max(512, this.child.requestAlignment), this.header.clusterSize);
+    const units = (sectors: Iterable<number>) => new Set([...sectors].map((a) => a - (a % unit)));
     for (const [l2Off, sectors] of this.#dirtyL2) {
       const t = this.l2Cache.lookup(l2Off);
       if (t === undefined) {
@@ -639,14 +643,14 @@ export class Qcow2Driver implements BlockDriver {
         continue;
       }
       const bytes = new Uint8Array(t.buffer, t.byteOffset, t.byteLength);
-      for (const at of sectors) {
+      for (const at of units(sectors)) {
         pending++;
-        writeTableSector(this.child, l2Off, bytes, at, done);
+        writeTableSector(this.child, l2Off, bytes, at, done, unit);
       }
     }
-    for (const at of this.#dirtyL1) {
+    for (const at of units(this.#dirtyL1)) {
       pending++;
-      writeTableSector(this.child, this.header.l1TableOffset, this.#l1Bytes, at, done);
+      writeTableSector(this.child, this.header.l1TableOffset, this.#l1Bytes, at, done, unit);
     }
     done(0);
   }

@@ -265,11 +265,13 @@ export class Qcow2Refcounts {
       if (r < 0 && err === 0) err = r;
       if (--pending === 0) cb(err);
     };
+    // Whole units of the file's request alignment: no read-modify-write.
+    const unit = Math.min(Math.max(512, this.#child.requestAlignment), this.#geo.clusterSize);
     for (const [blockOff, sectors] of this.#dirty) {
       const block = this.#blocks.get(blockOff)!;
-      for (const at of sectors) {
+      for (const at of new Set([...sectors].map((a) => a - (a % unit)))) {
         pending++;
-        this.#writeSector(blockOff, block, at, done);
+        writeTableSector(this.#child, blockOff, block, at, done, unit);
       }
     }
     this.#dirty.clear();
@@ -390,9 +392,10 @@ export function writeTableSector(
   table: Uint8Array,
   at: number,
   cb: (ret: number) => void,
+  unit = 512,
 ): void {
-  const start = at - (at % 512);
-  const end = Math.min(start + 512, table.length);
+  const start = at - (at % unit);
+  const end = Math.min(start + unit, table.length);
   const copy = table.slice(start, end);
   child.pwritev(tableOff + start, IoVector.fromBuffers([copy]), cb);
 }
