@@ -634,7 +634,7 @@ export class Qcow2Driver implements BlockDriver {
     };
     // Whole units of the file's request alignment (within the cluster-
     // aligned tables): no read-modify-write under O_DIRECT.
-    const unit = Math.min(Math.max(512, this.child.requestAlignment), this.header.clusterSize);
+    const unit = this.metadataUnit;
     const units = (sectors: Iterable<number>) => new Set([...sectors].map((a) => a - (a % unit)));
     for (const [l2Off, sectors] of this.#dirtyL2) {
       const t = this.l2Cache.lookup(l2Off);
@@ -787,15 +787,16 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   /**
-   * @internal {@link setL1Entry} for several entries of one 512-byte sector
+   * @internal {@link setL1Entry} for several entries of one {@link metadataUnit}
    * of the L1 table: one write.
    */
   setL1Entries(
     entries: readonly { index: number; l2Off: number; table: DataView }[],
     cb: BlockCompletion,
   ): void {
-    const at = entries[0].index * 8, start = at - (at % 512);
-    const copy = this.#l1Bytes.slice(start, start + 512);
+    const unit = this.metadataUnit;
+    const at = entries[0].index * 8, start = at - (at % unit);
+    const copy = this.#l1Bytes.slice(start, start + unit);
     const cdv = new DataView(copy.buffer);
     for (const e of entries) setEntry(cdv, e.index - start / 8, e.l2Off);
     writeTableSector(this.child, this.header.l1TableOffset + start, copy, 0, (ret) => {
@@ -828,8 +829,8 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   /**
-   * @internal {@link setL2Entry} for several entries of one 512-byte
-   * sector of one L2 table: one write.
+   * @internal {@link setL2Entry} for several entries of one {@link metadataUnit}
+   * of one L2 table: one write.
    */
   setL2Entries(
     l2Off: number,
@@ -842,8 +843,9 @@ export class Qcow2Driver implements BlockDriver {
     // hold every entry changed so far.
     const src = this.l2Cache.lookup(l2Off) ?? table;
     const bytes = new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
-    const at = entries[0].index * 8, start = at - (at % 512);
-    const copy = bytes.slice(start, start + 512);
+    const unit = this.metadataUnit;
+    const at = entries[0].index * 8, start = at - (at % unit);
+    const copy = bytes.slice(start, start + unit);
     const cdv = new DataView(copy.buffer);
     for (const e of entries) setEntry(cdv, e.index - start / 8, e.host, e.zero);
     writeTableSector(this.child, l2Off + start, copy, 0, (ret) => {
@@ -867,6 +869,15 @@ export class Qcow2Driver implements BlockDriver {
   get freshClustersReadZero(): boolean {
     const c = this.child as BlockDriver & { isBlockDevice?: boolean };
     return c.name === "file" && c.isBlockDevice === false;
+  }
+
+  /**
+   * @internal Bytes of a table written at once: 512, or the image file's
+   * request alignment (O_DIRECT on 4K sectors) up to a cluster, so that
+   * table writes need no read-modify-write.
+   */
+  get metadataUnit(): number {
+    return Math.min(Math.max(512, this.child.requestAlignment), this.header.clusterSize);
   }
 
   /** @internal Zeroes for write-zeroes, one cluster long. */
@@ -1710,10 +1721,10 @@ class AllocationBatch {
         const l2 = new Map<string, BatchLink[]>(), l1 = new Map<number, BatchLink[]>();
         for (const l of links) {
           if (l.isNew) {
-            const k = Math.floor(l.l1Index / 64);
+            const k = Math.floor((l.l1Index * 8) / d.metadataUnit);
             l1.set(k, [...(l1.get(k) ?? []), l]);
           } else {
-            const k = `${l.l2Off}/${Math.floor(l.index / 64)}`;
+            const k = `${l.l2Off}/${Math.floor((l.index * 8) / d.metadataUnit)}`;
             l2.set(k, [...(l2.get(k) ?? []), l]);
           }
         }
