@@ -904,8 +904,12 @@ export class Qcow2Driver implements BlockDriver {
 
   /** Closes the backing chain and the image file. */
   async close(): Promise<void> {
-    if (this.#dirtySectors > 0 || (this.#writeback && this.#refcounts!.dirty)) {
-      const ret = await new Promise<number>((resolve) => this.commitMetadata(resolve));
+    const busy = this.#allocQueue.length > 0 || this.#exclusive || this.#inflight.size > 0;
+    if (this.#writeback && (busy || this.#dirtySectors > 0 || this.refcounts.dirty)) {
+      // Behind anything still queued (a commit started on its own, say).
+      const ret = await new Promise<number>((resolve) =>
+        this.enqueueAllocation(new MetadataCommit(this, resolve))
+      );
       if (ret < 0) console.error(`qcow2: writing metadata at close failed (${ret})`);
     }
     if (this.#markedDirty) {
