@@ -83,9 +83,13 @@ export interface Qcow2DriverOptions {
  *
  * Writes (when not opened read-only): in place into clusters with refcount
  * 1, else through a queued {@link AllocatingWrite} (copy on write, metadata
- * ordered for crash safety). One driver instance owns the image's metadata:
- * never open one image writable twice. Completions never arrive inside the
- * submitting call (no inline completion).
+ * ordered for crash safety). A driver alone on its image keeps new entries
+ * and refcounts in memory until a flush commits them (writeback, as QEMU's
+ * metadata caches); drivers of one image in several threads attach to one
+ * {@link Qcow2SharedState} (`shared`): the first owns the metadata and
+ * writes it through, the others forward their allocating writes to it.
+ * Never open one image writable twice otherwise. Completions never arrive
+ * inside the submitting call (no inline completion).
  *
  * @example
  * ```ts ignore
