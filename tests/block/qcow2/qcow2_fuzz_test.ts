@@ -283,7 +283,7 @@ Deno.test("qcow2 fuzz: writes to mutated images complete with 0 or an errno", op
           const grow = ops.reduce((n, [, , l]) => n + 2 * (l + 4 * cs), 0);
           const limit = Math.ceil(img.length / cs) * cs + grow;
           assert(maxEnd <= limit, `wrote up to ${maxEnd}, file was ${img.length}`);
-          await d.close();
+          await runUntil(ctx, d.close());
           // The result opens again (or is refused with a typed error).
           try {
             const again = await runUntil(
