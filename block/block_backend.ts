@@ -7,6 +7,7 @@ import { type BlockOptions, validateBlockOptions } from "./block_options.ts";
 import { FileDriver } from "./file_driver.ts";
 import { NullAioDriver, NullCoDriver } from "./null_driver.ts";
 import { RawDriver } from "./raw_driver.ts";
+import { RbdDriver } from "./rbd_driver.ts";
 import { openQcow2Image } from "./qcow2/image_chain.ts";
 import type { RangeLockTable } from "./range_lock_table.ts";
 
@@ -135,7 +136,8 @@ export class BlockBackend {
 
   /**
    * Builds the graph for `opts`: raw (with the optional offset/sizeLimit
-   * window) over file (cache=none -> O_DIRECT; aio engine) or null-co/null-aio;
+   * window) over file (cache=none -> O_DIRECT; aio engine), null-co/null-aio
+   * or rbd (librbd; connecting and opening settle asynchronously);
    * or qcow2 over file, with its backing chain (files opened read-only with
    * the same cache and aio). aio=native requires cache=none, as in QEMU.
    * Opening qcow2 reads metadata: poll the context until this settles (an
@@ -169,6 +171,17 @@ export class BlockBackend {
         openFile: (path, readOnly) => openFile(path, readOnly, path === top),
       }).then((d) => new BlockBackend(ctx, d, opts));
     }
+    if (opts.driver === "rbd") {
+      return RbdDriver.open(ctx, {
+        pool: opts.pool!,
+        image: opts.image!,
+        namespace: opts.namespace,
+        conf: opts.conf,
+        user: opts.user,
+        readOnly: opts.readOnly,
+        confOptions: opts.rbdConf,
+      }).then((d) => BlockBackend.#rawOver(ctx, d, opts));
+    }
     if (opts.driver === "file") {
       proto = openFile(opts.filename!, opts.readOnly ?? false, true);
     } else if (opts.driver === "null-co") {
@@ -176,6 +189,11 @@ export class BlockBackend {
     } else {
       proto = new NullAioDriver(ctx, { size: opts.size, readZeroes: opts.readZeroes });
     }
+    return BlockBackend.#rawOver(ctx, proto, opts);
+  }
+
+  /** The raw format (with its window) over `proto`; closes `proto` if that fails. */
+  static #rawOver(ctx: AioContext, proto: BlockDriver, opts: BlockOptions): Promise<BlockBackend> {
     let top: BlockDriver;
     try {
       top = new RawDriver(proto, { offset: opts.offset, size: opts.sizeLimit });

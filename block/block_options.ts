@@ -1,3 +1,5 @@
+import { parseRbdFilename } from "./rbd_filename.ts";
+
 /**
  * How to open an image, in QEMU's -blockdev/-drive vocabulary. `cache`:
  * none = O_DIRECT, writeback = page cache, unsafe = page cache and flush is a
@@ -15,9 +17,21 @@
  */
 export interface BlockOptions {
   /** Protocol driver. */
-  driver: "file" | "null-co" | "null-aio";
+  driver: "file" | "null-co" | "null-aio" | "rbd";
   /** Image path (file driver). */
   filename?: string;
+  /** rbd: RADOS pool. */
+  pool?: string;
+  /** rbd: image name. */
+  image?: string;
+  /** rbd: RADOS namespace. */
+  namespace?: string;
+  /** rbd: ceph.conf path. */
+  conf?: string;
+  /** rbd: client id without "client.". */
+  user?: string;
+  /** rbd: more librados options (the legacy filename's other key=value pairs). */
+  rbdConf?: Record<string, string>;
   /** Size in bytes (null drivers). */
   size?: number;
   /** Format driver (default raw). qcow2 needs driver=file. */
@@ -43,7 +57,7 @@ export interface BlockOptions {
 }
 
 const ENUMS: Record<string, readonly string[]> = {
-  driver: ["file", "null-co", "null-aio"],
+  driver: ["file", "null-co", "null-aio", "rbd"],
   format: ["raw", "qcow2"],
   cache: ["none", "writeback", "unsafe"],
   aio: ["threads", "native", "io_uring"],
@@ -103,6 +117,15 @@ export function parseBlockOptions(spec: string): BlockOptions {
       out[key] = parseSize(rawKey, value);
     } else out[key] = value;
   }
+  if (typeof out.filename === "string" && out.filename.startsWith("rbd:")) {
+    if (out.driver !== undefined && out.driver !== "rbd") {
+      throw new TypeError(`an rbd: filename needs driver=rbd, not ${out.driver}`);
+    }
+    const rbd = parseRbdFilename(out.filename);
+    delete out.filename;
+    const { confOptions, ...rest } = rbd;
+    Object.assign(out, { driver: "rbd", ...rest }, confOptions ? { rbdConf: confOptions } : {});
+  }
   if (out.driver === undefined) out.driver = "file";
   return validateBlockOptions(out);
 }
@@ -133,6 +156,12 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
     "detectZeroes",
     "readZeroes",
     "l2CacheSize",
+    "pool",
+    "image",
+    "namespace",
+    "conf",
+    "user",
+    "rbdConf",
   ]);
   for (const [k, v] of Object.entries(o)) {
     if (!known.has(k)) throw new TypeError(`unknown block option ${k}`);
@@ -150,6 +179,21 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
   }
   if (o.driver === "file" && typeof o.filename !== "string") {
     throw new TypeError("block option filename is required for driver=file");
+  }
+  if (o.driver === "rbd") {
+    for (const k of ["pool", "image"]) {
+      if (typeof o[k] !== "string" || o[k] === "") {
+        throw new TypeError(`block option ${k} is required for driver=rbd`);
+      }
+    }
+    const kv = o.rbdConf;
+    if (
+      kv !== undefined &&
+      (typeof kv !== "object" || kv === null ||
+        !Object.values(kv).every((v) => typeof v === "string"))
+    ) {
+      throw new TypeError("block option rbdConf: expected string values");
+    }
   }
   if (o.format === "qcow2") {
     if (o.driver !== "file") throw new TypeError("format qcow2 needs driver=file");
