@@ -162,20 +162,21 @@ export class RbdDriver implements BlockDriver {
         }
       }
       for (const [k, v] of Object.entries(opts.confOptions ?? {})) radosConfSet(cluster, k, v);
-      await radosConnect(cluster);
+      await offThread(ctx, radosConnect(cluster));
       io = radosIoctxCreate(cluster, opts.pool, opts.namespace ?? "");
-      const image = await rbdOpen(io, opts.image, opts.readOnly ?? false);
+      const image = await offThread(ctx, rbdOpen(io, opts.image, opts.readOnly ?? false));
       try {
         return new RbdDriver(ctx, spec, cluster, io, image);
       } catch (e) {
-        await rbdClose(image);
+        await offThread(ctx, rbdClose(image));
         throw e;
       }
     } catch (e) {
       if (io) radosIoctxDestroy(io);
-      await radosShutdown(cluster);
+      await offThread(ctx, radosShutdown(cluster));
       if (e instanceof SysError && !e.message.includes(spec)) {
-        throw new SysError(e.call, e.errno, `rbd ${spec}`);
+        const detail = e.message.split("): ").slice(1).join("): ");
+        throw new SysError(e.call, e.errno, `${detail ? `${detail}, ` : ""}rbd image ${spec}`);
       }
       throw e;
     }
@@ -249,10 +250,10 @@ export class RbdDriver implements BlockDriver {
     this.#closed = true;
     this.#ctx.setFdHandler(this.#notifier.fd, null);
     try {
-      await rbdClose(this.#image);
+      await offThread(this.#ctx, rbdClose(this.#image));
     } finally {
       radosIoctxDestroy(this.#io);
-      await radosShutdown(this.#cluster);
+      await offThread(this.#ctx, radosShutdown(this.#cluster));
       this.#notifier.close();
     }
   }
@@ -318,5 +319,25 @@ export class RbdDriver implements BlockDriver {
       }
       if (this.#inFlight === 0 || this.#take() === 0) return;
     }
+  }
+}
+
+/** How often a context waiting for a blocking-thread call wakes up to look. */
+const OFF_THREAD_TICK_NS = 1_000_000;
+
+/**
+ * Awaits a call that runs on a Deno blocking thread (connect, open, close)
+ * from code driven by an AioContext: the result reaches this thread through
+ * Deno's event loop, which an IOThread only visits between two `poll(true)`
+ * calls, so a 1 ms timer keeps the context from sleeping past it. Set-up and
+ * tear-down only; the data path never waits like this.
+ */
+async function offThread<T>(ctx: AioContext, p: Promise<T>): Promise<T> {
+  const tick = ctx.timerNew(() => tick.modNs(ctx.now() + OFF_THREAD_TICK_NS));
+  tick.modNs(ctx.now() + OFF_THREAD_TICK_NS);
+  try {
+    return await p;
+  } finally {
+    tick.del();
   }
 }

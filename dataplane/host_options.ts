@@ -1,11 +1,19 @@
 import { parseArgs } from "node:util";
 import { DEFAULT_MAX_QUEUE_SIZE, VIRTQUEUE_MAX_SIZE } from "../virtio/mod.ts";
+import { parseRbdFilename } from "../block/mod.ts";
 
 /** Block-layer options as the host passes them to every IOThread's BlockBackend. */
 export interface HostBlockOptions {
-  driver: "file" | "null-co" | "null-aio";
+  driver: "file" | "null-co" | "null-aio" | "rbd";
   filename?: string;
   size?: number;
+  /** rbd (from `rbd:POOL/[NAMESPACE/]IMAGE[:conf=PATH][:id=USER][:key=value]`). */
+  pool?: string;
+  image?: string;
+  namespace?: string;
+  conf?: string;
+  user?: string;
+  rbdConf?: Record<string, string>;
   format: "raw" | "qcow2";
   /** qcow2: QEMU's l2-cache-size (per IOThread). */
   l2CacheSize?: number;
@@ -63,7 +71,9 @@ Serve a disk image to a VM as a vhost-user-blk backend (QEMU vhost-user-blk-pci,
 cloud-hypervisor --disk vhost_user=on).
 
   --image IMAGE            raw image file or block device, or null-co:SIZE /
-                           null-aio:SIZE (e.g. null-co:1G) for the null driver
+                           null-aio:SIZE (e.g. null-co:1G) for the null driver,
+                           or rbd:POOL/IMAGE[:conf=PATH][:id=USER] for a
+                           Ceph RBD image (librbd)
   --socket PATH            Unix socket to listen on (created mode 0600)
   --format FORMAT          raw | qcow2 (never probed; a writable qcow2
                            needs --iothreads 1)                    [raw]
@@ -211,6 +221,10 @@ export function parseHostArgs(
   if (format === "qcow2" && nullMatch) {
     throw new UsageError("--format qcow2 needs an image file, not a null driver");
   }
+  const isRbd = v.image.startsWith("rbd:");
+  if (format === "qcow2" && isRbd) {
+    throw new UsageError("--format qcow2 needs an image file, not rbd:");
+  }
   if (v["l2-cache-size"] !== undefined && format !== "qcow2") {
     throw new UsageError("--l2-cache-size is a qcow2 option (--format qcow2)");
   }
@@ -229,6 +243,16 @@ export function parseHostArgs(
       readOnly,
       discard,
     };
+  } else if (isRbd) {
+    let rbd;
+    try {
+      rbd = parseRbdFilename(v.image);
+    } catch (e) {
+      throw new UsageError(`--image: ${(e as Error).message}`);
+    }
+    const { confOptions, ...where } = rbd;
+    block = { driver: "rbd", ...where, format, cache, aio, readOnly, discard };
+    if (confOptions) block.rbdConf = confOptions;
   } else {
     block = { driver: "file", filename: v.image, format, cache, aio, readOnly, discard };
     if (l2CacheSize !== undefined) block.l2CacheSize = l2CacheSize;
