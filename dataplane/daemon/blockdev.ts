@@ -9,7 +9,9 @@
  * Supported drivers: `file` (filename, cache.direct, cache.no-flush, aio,
  * discard, read-only), `null-co` / `null-aio` (size, read-zeroes), `raw`
  * (file, offset, size) and `qcow2` (file) over a file node, given by
- * node-name or as a nested object.
+ * node-name or as a nested object; `rbd` (pool, image, namespace, conf,
+ * user: QEMU's blockdev-add rbd keys; snapshots, servers and secrets are not
+ * supported), checked when an export opens it.
  *
  * @module
  */
@@ -18,7 +20,7 @@ import type { BlockOptions } from "../../block/mod.ts";
 import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
 
 /** The drivers `--blockdev driver=` accepts. */
-export const BLOCKDEV_DRIVERS = ["file", "null-co", "null-aio", "raw", "qcow2"] as const;
+export const BLOCKDEV_DRIVERS = ["file", "null-co", "null-aio", "raw", "qcow2", "rbd"] as const;
 
 /** One block node as given. */
 export interface BlockdevSpec {
@@ -40,6 +42,12 @@ export interface BlockdevSpec {
   offset?: number;
   /** raw / qcow2: the child's node-name. */
   file?: string;
+  /** rbd: where the image is and how to reach the cluster. */
+  pool?: string;
+  image?: string;
+  namespace?: string;
+  conf?: string;
+  user?: string;
 }
 
 /** A node in the graph and who uses it. */
@@ -109,6 +117,13 @@ export class BlockGraph {
           );
         }
         break;
+      case "rbd":
+        spec.pool = input.str("pool", true);
+        spec.image = input.str("image", true);
+        spec.namespace = input.str("namespace");
+        spec.conf = input.str("conf");
+        spec.user = input.str("user");
+        break;
       case "null-co":
       case "null-aio":
         spec.size = input.int("size", 0, Number.MAX_SAFE_INTEGER) ?? 1 << 30;
@@ -140,7 +155,9 @@ export class BlockGraph {
     }
     if (child !== undefined) this.#checkChild(spec, child);
     if (spec.driver === "file") checkFile(spec);
-    if (spec.driver === "raw") this.#checkWindow(spec);
+    if (spec.driver === "raw" && this.get(spec.file!).spec.driver !== "rbd") {
+      this.#checkWindow(spec); // an rbd image's size is known once opened
+    }
     if (
       spec.cacheDirect && spec.cacheNoFlush &&
       (spec.driver === "file" || spec.driver === "raw" || spec.driver === "qcow2")
@@ -241,6 +258,12 @@ export class BlockGraph {
       o.cache = direct ? "none" : noFlush ? "unsafe" : "writeback";
       o.aio = proto.aio ?? "threads";
       o.discard = top.discard ?? proto.discard ?? "ignore";
+    } else if (proto.driver === "rbd") {
+      for (const k of ["pool", "image", "namespace", "conf", "user"] as const) {
+        if (proto[k] !== undefined) o[k] = proto[k];
+      }
+      o.discard = top.discard ?? proto.discard ?? "ignore";
+      o.cache = (proto.cacheNoFlush ?? top.cacheNoFlush) ? "unsafe" : "writeback";
     } else {
       o.size = proto.size;
       o.readZeroes = proto.readZeroes;

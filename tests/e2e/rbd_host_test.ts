@@ -11,7 +11,13 @@ import { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK } from "../../client/virtio_blk_defs.ts";
 import { librbdLoadError } from "../../sys/mod.ts";
 import { parseHostArgs, UsageError } from "../../dataplane/host_options.ts";
-import { CephCluster, cephUnavailable, makeScratchDir } from "../harness/mod.ts";
+import {
+  CephCluster,
+  cephUnavailable,
+  makeScratchDir,
+  REPO_ROOT,
+  ServerProcess,
+} from "../harness/mod.ts";
 import { firstDifference, randomBytes, startHost } from "./host_util.ts";
 
 const NO_CEPH = librbdLoadError() ?? cephUnavailable();
@@ -121,6 +127,31 @@ Deno.test({
       want.set(hole, 32 * KiB);
       assertBytes(out.subarray(base, base + a.length), want, "the image after the host");
       assertBytes(out.subarray(0, q.length), q, "qemu-img's data unchanged");
+
+      // The daemon's qemu-storage-daemon syntax: --blockdev driver=rbd,... serves the same bytes.
+      const dsock = `${dir}/d.sock`;
+      const daemon = new ServerProcess(`${REPO_ROOT}/deno`, [
+        "run",
+        "-A",
+        "dataplane/main.ts",
+        "--blockdev",
+        `driver=rbd,node-name=disk0,pool=${cluster.pool},image=disk,conf=${cluster.conf}`,
+        "--export",
+        `type=vhost-user-blk,id=e0,node-name=disk0,addr.type=unix,addr.path=${dsock},writable=on`,
+      ], { cwd: REPO_ROOT });
+      try {
+        assert(await daemon.waitForSocket(dsock, 60_000), `daemon: ${daemon.stderr}`);
+        const d = await VhostUserBlkClient.connect(dsock, { numQueues: 1, queueSize: 128 });
+        try {
+          assert.equal(d.config.capacity * 512, IMAGE_SIZE);
+          assert.equal(await d.execute(0, (qq) => qq.read(0, base, 4096)), VIRTIO_BLK_S_OK);
+          assertBytes(d.queues[0].data(0).slice(0, 4096), want.subarray(0, 4096), "via the daemon");
+        } finally {
+          await d.close();
+        }
+      } finally {
+        await daemon.stop("SIGTERM", 10_000);
+      }
     } finally {
       await Deno.remove(dir, { recursive: true }).catch(() => {});
       await cluster.stop();
