@@ -137,6 +137,7 @@ function nodeSize(d: StorageDaemon, nodeName: string): number {
     case "raw":
       return s.size ?? protocolSize(d.graph.get(s.file!).spec) - (s.offset ?? 0);
     case "qcow2":
+    case "rbd": // known once an export opened it
       return exportedLength(d, s.nodeName) ?? 0;
     default:
       return protocolSize(s);

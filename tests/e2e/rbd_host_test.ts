@@ -9,8 +9,9 @@
 import assert from "node:assert/strict";
 import { VhostUserBlkClient } from "../../client/blk_client.ts";
 import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK } from "../../client/virtio_blk_defs.ts";
-import { librbdLoadError } from "../../sys/mod.ts";
+import { librbdLoadError, SysError } from "../../sys/mod.ts";
 import { parseHostArgs, UsageError } from "../../dataplane/host_options.ts";
+import { StorageDaemon } from "../../dataplane/daemon/storage_daemon.ts";
 import {
   CephCluster,
   cephUnavailable,
@@ -141,7 +142,16 @@ Deno.test({
       ], { cwd: REPO_ROOT });
       try {
         assert(await daemon.waitForSocket(dsock, 60_000), `daemon: ${daemon.stderr}`);
-        const d = await VhostUserBlkClient.connect(dsock, { numQueues: 1, queueSize: 128 });
+        // The socket file exists from bind(); listen() follows once the image is open.
+        let d: VhostUserBlkClient | null = null;
+        for (let i = 0; d === null; i++) {
+          try {
+            d = await VhostUserBlkClient.connect(dsock, { numQueues: 1, queueSize: 128 });
+          } catch (e) {
+            if (!(e instanceof SysError && e.code === "ECONNREFUSED") || i >= 100) throw e;
+            await new Promise((r) => setTimeout(r, 100));
+          }
+        }
         try {
           assert.equal(d.config.capacity * 512, IMAGE_SIZE);
           assert.equal(await d.execute(0, (qq) => qq.read(0, base, 4096)), VIRTIO_BLK_S_OK);
@@ -151,6 +161,40 @@ Deno.test({
         }
       } finally {
         await daemon.stop("SIGTERM", 10_000);
+      }
+
+      // QMP block_resize on an rbd node: rbd_resize, and the export's capacity follows.
+      const sd = new StorageDaemon(() => {});
+      let rc: VhostUserBlkClient | null = null;
+      try {
+        sd.blockdevAdd({
+          driver: "rbd",
+          "node-name": "r0",
+          pool: cluster.pool,
+          image: "disk",
+          conf: cluster.conf,
+        }, false);
+        await sd.exportAdd({
+          id: "e1",
+          nodeName: "r0",
+          addr: { type: "unix", path: `${dir}/r.sock` },
+          writable: true,
+          writethrough: false,
+          numQueues: 1,
+          logicalBlockSize: 512,
+        });
+        rc = await VhostUserBlkClient.connect(`${dir}/r.sock`, { numQueues: 1, queueSize: 128 });
+        assert.equal(rc.config.capacity * 512, IMAGE_SIZE);
+        await sd.blockResize("r0", 2 * IMAGE_SIZE);
+        assert.equal((await rc.readConfig()).capacity * 512, 2 * IMAGE_SIZE);
+        // The new end is addressable at once.
+        const rst = await rc.execute(0, (qq) => qq.read(0, 2 * IMAGE_SIZE - 4096, 4096));
+        assert.equal(rst, VIRTIO_BLK_S_OK);
+        const info = await cluster.rbd("info", "--format", "json", image);
+        assert.equal(JSON.parse(info).size, 2 * IMAGE_SIZE);
+      } finally {
+        await rc?.close();
+        await sd.stop();
       }
     } finally {
       await Deno.remove(dir, { recursive: true }).catch(() => {});
