@@ -72,6 +72,8 @@ export const ECONNRESET = 104;
 export const ENOTCONN = 107;
 /** Connection refused. */
 export const ECONNREFUSED = 111;
+/** Connection timed out (librados: no monitor answered within client_mount_timeout). */
+export const ETIMEDOUT = 110;
 /** Operation canceled. */
 export const ECANCELED = 125;
 
@@ -109,6 +111,7 @@ const NAMES: Record<number, string> = {
   [ECONNRESET]: "ECONNRESET",
   [ENOTCONN]: "ENOTCONN",
   [ECONNREFUSED]: "ECONNREFUSED",
+  [ETIMEDOUT]: "ETIMEDOUT",
   [ECANCELED]: "ECANCELED",
 };
 

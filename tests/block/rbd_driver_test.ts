@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { AioContext } from "../../aio/mod.ts";
 import { BlockBackend, IoVector, parseBlockOptions, RbdDriver } from "../../block/mod.ts";
-import { EINVAL, ENOENT, librbdLoadError, SysError } from "../../sys/mod.ts";
+import { EINVAL, ENOENT, ETIMEDOUT, librbdLoadError, SysError } from "../../sys/mod.ts";
 import { CephCluster, cephUnavailable } from "../harness/ceph_cluster.ts";
 import { fillPattern, runUntil } from "./helpers.ts";
 
@@ -239,4 +239,26 @@ Deno.test("rbd block options: blockdev keys and the legacy rbd: filename", () =>
   assert.throws(() => parseBlockOptions("file=rbd:p/i@snap"), /snapshots/);
   assert.throws(() => parseBlockOptions("file=rbd:p"), /POOL\/\[NAMESPACE\/\]IMAGE/);
   assert.throws(() => parseBlockOptions("driver=null-co,file=rbd:p/i"), /needs driver=rbd/);
+});
+
+Deno.test({
+  name: "rbd: no monitor answering is ETIMEDOUT after client_mount_timeout, not a hang",
+  ignore: librbdLoadError() !== null,
+  async fn() {
+    const ctx = new AioContext();
+    try {
+      // Port 1 on loopback: nothing listens. No conf file: the options say everything.
+      const opts = parseBlockOptions(
+        "file=rbd:p/i:mon_host=127.0.0.1\\:1:client_mount_timeout=1:auth_client_required=none",
+      );
+      await assert.rejects(runUntil(ctx, BlockBackend.open(ctx, opts)), (e: unknown) => {
+        assert(e instanceof SysError);
+        assert.equal(e.errno, ETIMEDOUT);
+        assert.match(e.message, /rados_connect: ETIMEDOUT.*rbd image p\/i/);
+        return true;
+      });
+    } finally {
+      ctx.close();
+    }
+  },
 });
