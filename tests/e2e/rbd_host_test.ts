@@ -79,6 +79,8 @@ Deno.test({
         socket,
         "--queues",
         "2",
+        "--iothreads",
+        "2", // two librbd handles on one image: the exclusive lock moves between them
         "--queue-size",
         "128",
       ]);
