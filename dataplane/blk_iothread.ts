@@ -182,6 +182,8 @@ export function blkConfigure(
     brokenNotifyFd?: number;
     /** Test-only: see DataPlaneOptions.holdCompletions. */
     holdCompletions?: { every: number; ms: number } | null;
+    /** Test-only: see DataPlaneOptions.breakRingEvery. */
+    breakRingEvery?: number | null;
     export?: string;
     latencyHistogram?: boolean;
   },

@@ -171,6 +171,7 @@ export async function startBlkIOThreads(
         writeback: true,
         brokenNotifyFd,
         holdCompletions: options.testHoldCompletions ?? null,
+        breakRingEvery: options.testBreakRing ?? null,
       });
     }
     return { threads, device, image };

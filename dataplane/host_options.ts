@@ -35,6 +35,12 @@ export interface HostOptions {
    * used and an earlier one not). Never for production.
    */
   testHoldCompletions?: { every: number; ms: number };
+  /**
+   * Test-only (`--test-break-ring EVERY`): every EVERY-th request popped
+   * breaks its ring as a malformed chain would (the connection closes), though
+   * the request is sound: for reconnect tests.
+   */
+  testBreakRing?: number;
   help: boolean;
 }
 
@@ -87,6 +93,9 @@ cloud-hypervisor --disk vhost_user=on).
   --test-hold-completions EVERY:MS
                            tests only: hold every EVERY-th completion
                            back MS ms (out-of-order completion)
+  --test-break-ring EVERY  tests only: every EVERY-th request breaks its
+                           ring as a malformed one would (connection
+                           closes; the request itself is sound)
   -h, --help               this text
 
 qemu-storage-daemon's command line is taken too (many exports, IOThread
@@ -181,6 +190,7 @@ export function parseHostArgs(
         "aio-max-batch": { type: "string" },
         "socket-mode": { type: "string" },
         "test-hold-completions": { type: "string" },
+        "test-break-ring": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -285,8 +295,16 @@ export function parseHostArgs(
     }
     testHoldCompletions = { every, ms };
   }
+  let testBreakRing: number | undefined;
+  if (v["test-break-ring"] !== undefined) {
+    testBreakRing = Number(v["test-break-ring"]);
+    if (!/^\d+$/.test(v["test-break-ring"]) || testBreakRing < 1 || testBreakRing > 1e6) {
+      throw new UsageError("--test-break-ring takes EVERY (1..1000000)");
+    }
+  }
   return {
     ...(testHoldCompletions ? { testHoldCompletions } : {}),
+    ...(testBreakRing ? { testBreakRing } : {}),
     block,
     socket: v.socket ?? "",
     socketMode,
