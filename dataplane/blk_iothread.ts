@@ -273,7 +273,11 @@ export function blkStopQueue(
   _ctx: AioContext,
   args: { index: number; export?: string },
 ): Promise<number> {
-  return need(args).stopQueue(args.index);
+  const stopped = need(args).stopQueue(args.index); // detaches the queue at once
+  // Requests a throttle filter holds would hold the stop for as long as the
+  // limits say: send them on (QEMU drains the export, which releases them).
+  exports.get(exportKey(args))?.blk?.releaseHeld();
+  return stopped;
 }
 
 /**

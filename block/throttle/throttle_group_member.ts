@@ -84,18 +84,27 @@ export class ThrottleGroupMember {
   /**
    * Lets a request of `bytes` in direction `dir` through when the group
    * allows (throttle_group_co_io_limits_intercept): `go` runs now, or later
-   * from this member's timer, in the order requests came. Hot path: no
-   * allocation for a request that need not wait.
+   * from this member's timer, in the order requests came.
    */
   intercept(dir: ThrottleDirection, bytes: number, go: () => void): void {
-    const g = this.group;
-    if (g.intercept(this.index, dir, bytes, this.#ctx.now())) {
-      if (g.dirty(this.index)) this.#syncTimers();
-      go();
-      return;
-    }
+    if (this.mayGo(dir, bytes)) go();
+    else this.hold(dir, bytes, go);
+  }
+
+  /**
+   * The allocation-free half of {@link intercept}: true if the request may go
+   * now (it is counted); false if the caller must {@link hold} it at once.
+   * Hot path: no allocation.
+   */
+  mayGo(dir: ThrottleDirection, bytes: number): boolean {
+    const go = this.group.intercept(this.index, dir, bytes, this.#ctx.now());
+    if (this.group.dirty(this.index)) this.#syncTimers();
+    return go;
+  }
+
+  /** Holds a request {@link mayGo} refused until the group's timer releases it. */
+  hold(dir: ThrottleDirection, bytes: number, go: () => void): void {
     this.#held[dir].push({ bytes, go });
-    if (g.dirty(this.index)) this.#syncTimers();
   }
 
   /**
