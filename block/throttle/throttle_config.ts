@@ -128,8 +128,9 @@ export function throttleIsValid(c: ThrottleConfig): string | null {
   }
   for (const name of THROTTLE_BUCKETS) {
     const k = b[name];
-    if (!(k.avg >= 0 && k.max >= 0)) return "Property values cannot be negative";
-    if (k.avg > THROTTLE_VALUE_MAX || k.max > THROTTLE_VALUE_MAX) {
+    if (
+      !(k.avg >= 0 && k.max >= 0) || k.avg > THROTTLE_VALUE_MAX || k.max > THROTTLE_VALUE_MAX
+    ) {
       return `bps/iops/max values must be within [0, ${THROTTLE_VALUE_MAX}]`;
     }
     if (!k.burstLength) return "the burst length cannot be 0";

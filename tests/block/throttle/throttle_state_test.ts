@@ -184,7 +184,10 @@ Deno.test("throttle config: QEMU's validation messages", () => {
       "burst length too high for this burst rate",
     ],
     [(c) => c.iopsSize = 4096, "iops size requires an iops value to be set"],
-    [(c) => c.buckets["iops-total"].avg = -1, "Property values cannot be negative"],
+    [
+      (c) => c.buckets["iops-total"].avg = -1,
+      "bps/iops/max values must be within [0, 1000000000000000]",
+    ],
   ];
   for (const [edit, want] of cases) {
     const c = throttleConfigInit();
