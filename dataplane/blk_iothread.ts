@@ -371,8 +371,12 @@ export interface BlkThreadStats {
  * ```
  */
 export async function blkQuiesce(_ctx: AioContext, args?: { export?: string }): Promise<void> {
-  const dp = exports.get(exportKey(args))?.dataplane;
-  if (dp) await dp.quiesce();
+  const s = exports.get(exportKey(args));
+  const dp = s?.dataplane;
+  if (!dp) return;
+  const idle = dp.quiesce(); // detaches every queue at once
+  s?.blk?.releaseHeld(); // what a throttle filter holds would hold the stop
+  await idle;
 }
 
 /**
