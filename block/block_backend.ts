@@ -9,6 +9,8 @@ import { NullAioDriver, NullCoDriver } from "./null_driver.ts";
 import { RawDriver } from "./raw_driver.ts";
 import { openQcow2Image } from "./qcow2/image_chain.ts";
 import type { RangeLockTable } from "./range_lock_table.ts";
+import { ThrottleDriver } from "./throttle/throttle_driver.ts";
+import { THROTTLE_GROUP_BYTES, ThrottleGroup } from "./throttle/throttle_group.ts";
 
 /**
  * Callbacks a device registers on its BlockBackend (QEMU's BlockDevOps):
@@ -147,6 +149,14 @@ export class BlockBackend {
     extras: BlockBackendExtras = {},
   ): Promise<BlockBackend> {
     validateBlockOptions(opts as unknown as Record<string, unknown>);
+    // driver=throttle on top of the graph (QEMU's throttle filter node), a
+    // member of the group whose state the daemon mapped at opts.throttle.addr.
+    const filter = (d: BlockDriver): BlockDriver =>
+      opts.throttle === undefined ? d : new ThrottleDriver(
+        ctx,
+        d,
+        new ThrottleGroup(viewAt(opts.throttle.addr, THROTTLE_GROUP_BYTES)),
+      );
     let proto: BlockDriver;
     if (opts.driver === "file" && opts.aio === "native" && opts.cache !== "none") {
       throw new TypeError("aio=native requires cache=none (O_DIRECT), as in QEMU");
@@ -167,7 +177,7 @@ export class BlockBackend {
         readOnly: opts.readOnly ?? false,
         l2CacheSize: opts.l2CacheSize,
         openFile: (path, readOnly) => openFile(path, readOnly, path === top),
-      }).then((d) => new BlockBackend(ctx, d, opts));
+      }).then((d) => new BlockBackend(ctx, filter(d), opts));
     }
     if (opts.driver === "file") {
       proto = openFile(opts.filename!, opts.readOnly ?? false, true);
@@ -182,7 +192,7 @@ export class BlockBackend {
     } catch (e) {
       return proto.close().then(() => Promise.reject(e));
     }
-    return Promise.resolve(new BlockBackend(ctx, top, opts));
+    return Promise.resolve(new BlockBackend(ctx, filter(top), opts));
   }
 
   /** Size in bytes. */
@@ -340,7 +350,18 @@ export class BlockBackend {
    * submitting; requests that still arrive are held until drainedEnd. Nests.
    */
   drainedBegin(): void {
-    if (this.#quiesce++ === 0) this.#devOps?.drainedBegin?.();
+    if (this.#quiesce++ === 0) {
+      this.#devOps?.drainedBegin?.();
+      this.driver.releaseHeld?.(); // a throttle filter's queue would hold the drain
+    }
+  }
+
+  /**
+   * Sends on at once what a filter holds back (throttled requests): the
+   * dataplane calls it when it stops a queue and waits for its requests.
+   */
+  releaseHeld(): void {
+    this.driver.releaseHeld?.();
   }
 
   /** Closes a drained section; the outermost one resumes held requests. */

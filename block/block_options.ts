@@ -40,6 +40,12 @@ export interface BlockOptions {
   detectZeroes?: "off" | "on" | "unmap";
   /** null-*: reads fill the buffer with zeroes. */
   readZeroes?: boolean;
+  /**
+   * The throttle filter on top (QEMU's driver=throttle): `addr` is the host
+   * address of the group's shared state (THROTTLE_GROUP_BYTES, initialised
+   * and mapped by its creator for as long as any member may use it).
+   */
+  throttle?: { addr: number };
 }
 
 const ENUMS: Record<string, readonly string[]> = {
@@ -133,6 +139,7 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
     "detectZeroes",
     "readZeroes",
     "l2CacheSize",
+    "throttle",
   ]);
   for (const [k, v] of Object.entries(o)) {
     if (!known.has(k)) throw new TypeError(`unknown block option ${k}`);
@@ -146,6 +153,14 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
       !(Number.isSafeInteger(v) && (v as number) >= 0)
     ) {
       throw new TypeError(`block option ${k}: bad size ${v}`);
+    }
+  }
+  if (o.throttle !== undefined) {
+    const t = o.throttle as { addr?: unknown } | null;
+    if (
+      typeof t !== "object" || t === null || !(Number.isSafeInteger(t.addr) && t.addr as number > 0)
+    ) {
+      throw new TypeError("block option throttle: expected { addr } (the group's state address)");
     }
   }
   if (o.driver === "file" && typeof o.filename !== "string") {

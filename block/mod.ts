@@ -32,3 +32,21 @@ import { registerErrorClass } from "../aio/mod.ts";
 import { Qcow2Error } from "./qcow2/qcow2_error.ts";
 registerErrorClass("Qcow2Error", Qcow2Error);
 export * from "./nbd/nbd_protocol.ts";
+export {
+  cloneThrottleConfig,
+  THROTTLE_BUCKETS,
+  THROTTLE_VALUE_MAX,
+  type ThrottleBucketConfig,
+  type ThrottleBucketName,
+  type ThrottleConfig,
+  throttleConfigInit,
+  throttleIsValid,
+} from "./throttle/throttle_config.ts";
+export {
+  THROTTLE_GROUP_BYTES,
+  ThrottleGroup,
+  ThrottleGroupError,
+} from "./throttle/throttle_group.ts";
+export { ThrottleDriver } from "./throttle/throttle_driver.ts";
+import { ThrottleGroupError } from "./throttle/throttle_group.ts";
+registerErrorClass("ThrottleGroupError", ThrottleGroupError);

@@ -275,7 +275,11 @@ export function blkStopQueue(
   _ctx: AioContext,
   args: { index: number; export?: string },
 ): Promise<number> {
-  return need(args).stopQueue(args.index);
+  const stopped = need(args).stopQueue(args.index); // detaches the queue at once
+  // Requests a throttle filter holds would hold the stop for as long as the
+  // limits say: send them on (QEMU drains the export, which releases them).
+  exports.get(exportKey(args))?.blk?.releaseHeld();
+  return stopped;
 }
 
 /**
@@ -369,8 +373,12 @@ export interface BlkThreadStats {
  * ```
  */
 export async function blkQuiesce(_ctx: AioContext, args?: { export?: string }): Promise<void> {
-  const dp = exports.get(exportKey(args))?.dataplane;
-  if (dp) await dp.quiesce();
+  const s = exports.get(exportKey(args));
+  const dp = s?.dataplane;
+  if (!dp) return;
+  const idle = dp.quiesce(); // detaches every queue at once
+  s?.blk?.releaseHeld(); // what a throttle filter holds would hold the stop
+  await idle;
 }
 
 /**

@@ -3,8 +3,9 @@
  * their arguments and replies: `query-version`, `query-commands`,
  * `query-named-block-nodes`, `query-block-exports`, `query-iothreads`,
  * `blockdev-add`, `blockdev-del`, `block-export-add`, `block-export-del`,
- * `object-add`, `object-del`, `block_resize`, `quit` (`qmp_capabilities` belongs to the
- * protocol, qmp_server.ts). Arguments are checked by the same readers as the
+ * `object-add`, `object-del`, `qom-set` / `qom-get` (throttle groups),
+ * `block_resize`, `quit` (`qmp_capabilities` belongs to the protocol,
+ * qmp_server.ts). Arguments are checked by the same readers as the
  * command line, in their JSON form.
  *
  * @module
@@ -12,7 +13,7 @@
 
 import { protocolSize } from "./blockdev.ts";
 import { parseExport } from "./block_export.ts";
-import { parseObject } from "./iothread_object.ts";
+import { parseObjectSpec } from "./object_spec.ts";
 import { DaemonError, QapiInput } from "./qapi_input.ts";
 import type { QmpDispatcher } from "./qmp_server.ts";
 import { MAIN_LOOP_IOTHREAD, type StorageDaemon } from "./storage_daemon.ts";
@@ -108,7 +109,7 @@ const COMMANDS: Record<string, Command> = {
     await d.exportDel(id, mode === "hard");
   },
   "object-add": async (d, a) => {
-    await d.objectAdd(parseObject(a.rest(), false));
+    await d.objectAdd(parseObjectSpec(a.rest(), false));
   },
   "object-del": async (d, a) => {
     const id = a.str("id", true);
@@ -125,6 +126,20 @@ const COMMANDS: Record<string, Command> = {
     if (name === undefined) throw new DaemonError("Need exactly one of 'device' and 'node-name'");
     await d.blockResize(name, size);
   },
+  "qom-set": (d, a) => {
+    const path = a.str("path", true);
+    const property = a.str("property", true);
+    const value = a.raw("value");
+    a.end();
+    if (value === undefined) throw new DaemonError("Parameter 'value' is missing");
+    d.qomObject(path).set(property, value);
+  },
+  "qom-get": (d, a) => {
+    const path = a.str("path", true);
+    const property = a.str("property", true);
+    a.end();
+    return d.qomObject(path).get(property);
+  },
   quit: noArgs((d) => {
     d.requestQuit();
   }),
@@ -138,6 +153,8 @@ function nodeSize(d: StorageDaemon, nodeName: string): number {
       return s.size ?? protocolSize(d.graph.get(s.file!).spec) - (s.offset ?? 0);
     case "qcow2":
       return exportedLength(d, s.nodeName) ?? 0;
+    case "throttle":
+      return nodeSize(d, s.file!);
     default:
       return protocolSize(s);
   }

@@ -66,6 +66,23 @@ const EXACT: string[][] = [
   ["--blockdev", NULL, "--export", `${EXPORT}{}/e.sock,logical-block-size=1000`],
   ["--blockdev", NULL, "--export", `${EXPORT}{}/e.sock,writable=maybe`],
   ["--blockdev", NULL, "--export", `${EXPORT}{}/e.sock,iothread=nope`],
+  // Throttle groups: QEMU's throttle_is_valid and property setter messages.
+  ["--object", "throttle-group,id=t,x-bps-total-max=5"],
+  ["--object", "throttle-group,id=t,x-iops-total=10,x-iops-total-max-length=2"],
+  ["--object", "throttle-group,id=t,x-iops-total=-1"],
+  ["--object", "throttle-group,id=t,x-iops-total=1000000000000001"],
+  ["--object", "throttle-group,id=t,x-bps-total=1,x-bps-read=1"],
+  ["--object", "throttle-group,id=t,x-iops-size=4096"],
+  ["--object", "throttle-group,id=t,limits.iops-total=10,limits.iops-total-max=5"],
+  ["--object", "throttle-group,id=t,limits.iops-total=-1"],
+  ["--object", "throttle-group,id=t,x-iops-total=10,x-iops-total-max=20,x-iops-total-max-length=0"],
+  [
+    "--object",
+    "throttle-group,id=t,x-iops-total=1,x-iops-total-max=2,x-iops-total-max-length=4294967296",
+  ],
+  ["--object", "throttle-group,id=t,x-nope=1"],
+  ["--blockdev", NULL, "--blockdev", "driver=throttle,node-name=t0,throttle-group=nope,file=a"],
+  ["--blockdev", NULL, "--blockdev", "driver=throttle,node-name=t0,file=a"],
 ];
 
 /** Same shape only: qsd's JSON parser and chardev code word it their own way. */
