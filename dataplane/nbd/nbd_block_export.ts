@@ -144,10 +144,15 @@ export function parseNbdServer(obj: OptionObject, keyval: boolean): NbdServerSpe
     kind = "fd";
   }
   a.end();
-  if (input.str("tls-creds") !== undefined || input.str("tls-authz") !== undefined) {
-    throw new DaemonError("TLS is not supported by this daemon's NBD server");
+  const tlsCreds = input.str("tls-creds");
+  if (tlsCreds !== undefined) throw new DaemonError(`No TLS credentials with id '${tlsCreds}'`);
+  if (input.str("tls-authz") !== undefined) {
+    throw new DaemonError("tls-authz is not supported without TLS");
   }
-  const maxConnections = input.int("max-connections", 0, 0xffffffff) ?? 0;
+  const maxConnections = input.int("max-connections") ?? 0;
+  if (maxConnections < 0 || maxConnections > 0xffffffff) {
+    throw new DaemonError("Parameter 'max-connections' expects uint32_t");
+  }
   input.end();
   return { addr, maxConnections };
 }
@@ -224,10 +229,10 @@ export class NbdBlockExport implements NbdServedExport {
     log: (line: string) => void = () => {},
   ): Promise<NbdBlockExport> {
     if (server.exports.has(spec.name)) {
-      throw new DaemonError(`NBD server already has an export named '${spec.name}'`);
+      throw new DaemonError(`NBD server already has export named '${spec.name}'`);
     }
     if (spec.writable && block.readOnly) {
-      throw new DaemonError(`Node '${spec.nodeName}' is read-only: the export cannot be writable`);
+      throw new DaemonError("Cannot export read-only node as writable");
     }
     const thread = new ExportThread(iothread.thread, spec.id);
     const clientGone = new EventNotifier();

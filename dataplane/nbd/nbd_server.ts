@@ -166,7 +166,7 @@ export class NbdServer {
   /** Publishes an export under its NBD name. */
   addExport(exp: NbdServedExport): void {
     if (this.exports.has(exp.info.name)) {
-      throw new Error(`NBD server already has an export named '${exp.info.name}'`);
+      throw new Error(`NBD server already has export named '${exp.info.name}'`);
     }
     this.exports.set(exp.info.name, exp);
   }
