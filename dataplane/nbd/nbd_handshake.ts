@@ -290,10 +290,13 @@ export class NbdHandshake {
         case NBD_OPT_LIST:
           if (payload.byteLength !== 0) throw new OptionInvalid("NBD_OPT_LIST takes no data");
           for (const e of this.#exports.list()) {
+            // The name, then (free-form details) the description, as QEMU.
             const name = encoder.encode(e.name);
-            const p = new Uint8Array(4 + name.byteLength);
+            const desc = encoder.encode(e.description);
+            const p = new Uint8Array(4 + name.byteLength + desc.byteLength);
             new DataView(p.buffer).setUint32(0, name.byteLength);
             p.set(name, 4);
+            p.set(desc, 4 + name.byteLength);
             this.#reply(opt, NBD_REP_SERVER, p);
           }
           return this.#reply(opt, NBD_REP_ACK);
