@@ -16,7 +16,7 @@
  * @module
  */
 
-import type { AioContext } from "../../aio/mod.ts";
+import type { AioContext, BottomHalf } from "../../aio/mod.ts";
 import {
   type BlockBackend,
   IoVector,
@@ -197,6 +197,11 @@ export class NbdSession {
   #closeReason = "";
   #closed = false;
   readonly #closedP = Promise.withResolvers<void>();
+  /**
+   * Runs the reader after a pause: requests already in the receive buffer
+   * raise no new POLLIN.
+   */
+  readonly #resume: BottomHalf;
 
   constructor(
     ctx: AioContext,
@@ -210,6 +215,7 @@ export class NbdSession {
     this.#maxRequests = opts.maxRequests ?? NBD_MAX_REQUESTS;
     this.#maxQueued = opts.maxQueuedBytes ?? NBD_MAX_QUEUED_BYTES;
     this.#io = new NbdSocketIo(ctx, fd, this.#onReadable, (e) => this.#fatal(e.message));
+    this.#resume = ctx.bhNew(this.#onReadable, "nbd-resume");
     this.#io.setReading(true);
   }
 
@@ -286,6 +292,8 @@ export class NbdSession {
       if (n <= 0) return;
       this.#rEnd += n;
     }
+    // Out of budget: what is already buffered raises no new POLLIN.
+    if (budget === 0 && !this.#closing) this.#resume.schedule();
   }
 
   /** A recv: >0 bytes; 0 when it would block or the peer closed (then closing). */
@@ -508,6 +516,7 @@ export class NbdSession {
     ) {
       this.#paused = false;
       this.#io.setReading(true);
+      this.#resume.schedule();
     }
   }
 
@@ -540,6 +549,7 @@ export class NbdSession {
     this.#io.whenDrained(() => {
       if (this.#closed) return;
       this.#closed = true;
+      this.#resume.delete();
       this.#io.close();
       this.#opts.onClose(this.#closeReason);
       this.#closedP.resolve();
