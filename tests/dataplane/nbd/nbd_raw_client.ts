@@ -41,11 +41,11 @@ export interface TransmissionReply {
 export class ProtocolViolation extends Error {}
 
 export class RawNbdClient {
-  readonly #conn: Deno.Conn;
+  readonly #conn: Deno.UnixConn;
   #buf = new Uint8Array(0);
   #eof = false;
 
-  private constructor(conn: Deno.Conn) {
+  private constructor(conn: Deno.UnixConn) {
     this.#conn = conn;
   }
 
@@ -164,8 +164,8 @@ export class RawNbdClient {
     return await this.write(b);
   }
 
-  async readOptionReply(): Promise<OptionReply | null> {
-    const h = await this.readExact(20);
+  async readOptionReply(timeoutMs = 10_000): Promise<OptionReply | null> {
+    const h = await this.readExact(20, timeoutMs);
     if (h === null) return null;
     const v = new DataView(h.buffer);
     if (v.getBigUint64(0) !== NBD_REP_MAGIC) throw new ProtocolViolation("bad option reply magic");
@@ -196,8 +196,11 @@ export class RawNbdClient {
    * One reply. A simple reply carries `dataLength` bytes after it when it
    * has no error (the client must know: a READ's length).
    */
-  async readReply(dataLength = 0): Promise<TransmissionReply | null> {
-    const m = await this.readExact(4);
+  async readReply(
+    dataLength: number | ((cookie: bigint) => number) = 0,
+    timeoutMs = 10_000,
+  ): Promise<TransmissionReply | null> {
+    const m = await this.readExact(4, timeoutMs);
     if (m === null) return null;
     const magic = new DataView(m.buffer).getUint32(0);
     if (magic === NBD_SIMPLE_REPLY_MAGIC) {
@@ -205,9 +208,9 @@ export class RawNbdClient {
       if (h === null) throw new ProtocolViolation("simple reply cut short");
       const v = new DataView(h.buffer);
       const error = v.getUint32(0);
-      const payload = error === 0 && dataLength > 0
-        ? await this.readExact(dataLength)
-        : new Uint8Array(0);
+      const cookie = v.getBigUint64(4);
+      const len = typeof dataLength === "number" ? dataLength : dataLength(cookie);
+      const payload = error === 0 && len > 0 ? await this.readExact(len) : new Uint8Array(0);
       if (payload === null) throw new ProtocolViolation("read data cut short");
       return { structured: false, cookie: v.getBigUint64(4), error, flags: 0, type: 0, payload };
     }
@@ -232,6 +235,11 @@ export class RawNbdClient {
       };
     }
     throw new ProtocolViolation(`bad reply magic 0x${magic.toString(16)}`);
+  }
+
+  /** Half-closes: the server reads the end of the stream, replies may still come. */
+  async closeWrite(): Promise<void> {
+    await this.#conn.closeWrite().catch(() => {});
   }
 
   close(): void {
