@@ -120,6 +120,9 @@ const SYMBOLS = {
   recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   sendmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
 
   // signals (pthread_sigmask returns an errno value: no errno involved)
   pthread_sigmask: { parameters: ["i32", "buffer", "buffer"], result: "i32" },

@@ -20,6 +20,7 @@ export * from "./eventfd.ts";
 export * from "./epoll.ts";
 export * from "./clock.ts";
 export * from "./socket.ts";
+export * from "./stream_socket.ts";
 export * from "./file.ts";
 export * from "./linux_aio.ts";
 export * from "./io_uring.ts";

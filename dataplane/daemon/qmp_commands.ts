@@ -14,6 +14,7 @@
 import { protocolSize } from "./blockdev.ts";
 import { parseExport } from "./block_export.ts";
 import { parseObjectSpec } from "./object_spec.ts";
+import { parseNbdExport, parseNbdServer } from "../nbd/nbd_block_export.ts";
 import { DaemonError, QapiInput } from "./qapi_input.ts";
 import type { QmpDispatcher } from "./qmp_server.ts";
 import { MAIN_LOOP_IOTHREAD, type StorageDaemon } from "./storage_daemon.ts";
@@ -80,7 +81,12 @@ const COMMANDS: Record<string, Command> = {
       type: "vhost-user-blk",
       "node-name": e.spec.nodeName,
       "shutting-down": false,
-    }))
+    })).concat([...d.nbdExports.values()].map((e) => ({
+      id: e.spec.id,
+      type: "nbd",
+      "node-name": e.spec.nodeName,
+      "shutting-down": false,
+    })))
   ),
   "query-iothreads": noArgs((d) =>
     [...d.iothreads.values()].filter((t) => t.spec.id !== MAIN_LOOP_IOTHREAD).map((t) => ({
@@ -100,8 +106,17 @@ const COMMANDS: Record<string, Command> = {
     d.blockdevDel(name);
   },
   "block-export-add": async (d, a) => {
-    await d.exportAdd(parseExport(a.rest(), false));
+    const obj = a.rest();
+    if ((obj as Record<string, unknown>).type === "nbd") {
+      await d.nbdExportAdd(parseNbdExport(obj, false));
+    } else {
+      await d.exportAdd(parseExport(obj, false));
+    }
   },
+  "nbd-server-start": (d, a) => {
+    d.nbdServerStart(parseNbdServer(a.rest(), false));
+  },
+  "nbd-server-stop": noArgs((d) => d.nbdServerStop()),
   "block-export-del": async (d, a) => {
     const id = a.str("id", true);
     const mode = a.enum("mode", ["safe", "hard"] as const) ?? "safe";
