@@ -53,6 +53,11 @@ export interface BlockBackendExtras {
    * Without one, the file driver serialises only its own requests.
    */
   rangeLocks?: RangeLockTable;
+  /**
+   * A writable qcow2 image served by several IOThreads: the
+   * Qcow2SharedState memory every thread's driver of it attaches to.
+   */
+  qcow2Shared?: SharedArrayBuffer;
 }
 
 /** A request object recycled through the backend's pool (hot path: no closures). */
@@ -177,6 +182,7 @@ export class BlockBackend {
         readOnly: opts.readOnly ?? false,
         l2CacheSize: opts.l2CacheSize,
         openFile: (path, readOnly) => openFile(path, readOnly, path === top),
+        shared: extras.qcow2Shared,
       }).then((d) => new BlockBackend(ctx, filter(d), opts));
     }
     if (opts.driver === "file") {

@@ -23,6 +23,7 @@ export { Qcow2Driver, type Qcow2DriverOptions } from "./qcow2/qcow2_driver.ts";
 export { Qcow2Error, type Qcow2ErrorKind } from "./qcow2/qcow2_error.ts";
 export { parseQcow2Header, type Qcow2Header } from "./qcow2/header.ts";
 export { openQcow2Image, type Qcow2ImageOptions } from "./qcow2/image_chain.ts";
+export { Qcow2SharedState } from "./qcow2/shared_state.ts";
 export { LinuxAioEngine, type LinuxAioOptions } from "./linux_aio_engine.ts";
 export { IoUringEngine, type IoUringOptions, type IoUringTaskrun } from "./io_uring_engine.ts";
 export { ThreadPoolEngine } from "./thread_pool_engine.ts";

@@ -102,6 +102,8 @@ export interface BlkImageInfo {
  */
 export interface BlkThreadData {
   rangeLocks?: SharedArrayBuffer;
+  /** A writable qcow2 image's Qcow2SharedState (one owner of its metadata). */
+  qcow2?: SharedArrayBuffer;
   /**
    * The device's interrupt status word (4 bytes; DataPlaneOptions `isr`),
    * for a transport whose guest reads it (virtio-mmio under vm/).
@@ -141,7 +143,8 @@ export async function blkOpen(
   const { export: key, ...opts } = args;
   // The thread's shared table belongs to the host's one image; other exports get their own.
   const rangeLocks = data?.rangeLocks && !key ? new RangeLockTable(data.rangeLocks) : undefined;
-  const blk = await BlockBackend.open(ctx, opts, { rangeLocks });
+  const qcow2Shared = data?.qcow2 && !key ? data.qcow2 : undefined;
+  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared });
   if (s.blk !== null) {
     await blk.close();
     throw new Error("virtio-blk IOThread: image already open");

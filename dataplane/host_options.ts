@@ -71,8 +71,7 @@ cloud-hypervisor --disk vhost_user=on).
   --image IMAGE            raw image file or block device, or null-co:SIZE /
                            null-aio:SIZE (e.g. null-co:1G) for the null driver
   --socket PATH            Unix socket to listen on (created mode 0600)
-  --format FORMAT          raw | qcow2 (never probed; a writable qcow2
-                           needs --iothreads 1)                    [raw]
+  --format FORMAT          raw | qcow2 (never probed)              [raw]
   --l2-cache-size SIZE     qcow2 L2 table cache per IOThread
                            [enough for the whole disk, at most 32M]
   --cache MODE             none (O_DIRECT) | writeback | unsafe   [writeback]
@@ -250,12 +249,6 @@ export function parseHostArgs(
   }
   const queues = intOption("queues", v.queues, 1, 1, 64);
   const iothreads = intOption("iothreads", v.iothreads, 1, 1, 64);
-  if (format === "qcow2" && !readOnly && Math.min(iothreads, queues) > 1) {
-    // Each IOThread has its own driver; only one may allocate clusters.
-    throw new UsageError(
-      "--format qcow2 without --read-only needs --iothreads 1 (one owner of the image's metadata)",
-    );
-  }
   // QEMU's VIRTQUEUE_MAX_SIZE by default: front-ends ask for 512-1024 entries.
   const queueSize = intOption(
     "queue-size",
