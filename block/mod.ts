@@ -32,3 +32,19 @@ import { registerErrorClass } from "../aio/mod.ts";
 import { Qcow2Error } from "./qcow2/qcow2_error.ts";
 registerErrorClass("Qcow2Error", Qcow2Error);
 export * from "./nbd/nbd_protocol.ts";
+export { NbdDriver } from "./nbd/nbd_driver.ts";
+export {
+  NbdClient,
+  type NbdClientOptions,
+  type NbdClientState,
+  nbdErrnoToSystemErrno,
+} from "./nbd/nbd_client.ts";
+export { type NbdExportInfo } from "./nbd/nbd_handshake.ts";
+export { NbdError, type NbdErrorKind } from "./nbd/nbd_error.ts";
+export {
+  describeNbdServer,
+  NBD_DEFAULT_PORT,
+  type NbdServerAddress,
+  type NbdUri,
+  parseNbdUri,
+} from "./nbd/nbd_address.ts";
