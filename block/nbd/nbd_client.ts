@@ -183,6 +183,9 @@ export class NbdClient {
   reconnects = 0;
   /** Requests resent after a reconnection. */
   resent = 0;
+  /** Structured read chunks received: data and holes (tests, statistics). */
+  dataChunks = 0;
+  holeChunks = 0;
   /** Why the last connection went away or the last attempt failed. */
   lastError: Error | null = null;
   readonly #ctx: AioContext;
@@ -464,6 +467,7 @@ export class NbdClient {
             return this.#protocolError("data chunk outside its request");
           }
           s.covered += this.#pRemain;
+          this.dataChunks++;
           this.#pPos = rel;
           this.#pState = P_CHUNK_DATA;
           break;
@@ -529,6 +533,7 @@ export class NbdClient {
       }
       fillQiov(s.qiov!, rel, size);
       s.covered += size;
+      this.holeChunks++;
       return true;
     }
     const err = v.getUint32(at), msgLen = v.getUint16(at + 4);
