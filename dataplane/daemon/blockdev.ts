@@ -9,16 +9,19 @@
  * Supported drivers: `file` (filename, cache.direct, cache.no-flush, aio,
  * discard, read-only), `null-co` / `null-aio` (size, read-zeroes), `raw`
  * (file, offset, size) and `qcow2` (file) over a file node, given by
- * node-name or as a nested object.
+ * node-name or as a nested object; `nbd` (server.type=inet with
+ * server.host/server.port, or server.type=unix with server.path; export;
+ * reconnect-delay), opened by each export in its IOThread (nothing is
+ * checked on the main thread: the server may come later).
  *
  * @module
  */
 
-import type { BlockOptions } from "../../block/mod.ts";
+import type { BlockOptions, NbdServerAddress } from "../../block/mod.ts";
 import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
 
 /** The drivers `--blockdev driver=` accepts. */
-export const BLOCKDEV_DRIVERS = ["file", "null-co", "null-aio", "raw", "qcow2"] as const;
+export const BLOCKDEV_DRIVERS = ["file", "null-co", "null-aio", "raw", "qcow2", "nbd"] as const;
 
 /** One block node as given. */
 export interface BlockdevSpec {
@@ -40,6 +43,10 @@ export interface BlockdevSpec {
   offset?: number;
   /** raw / qcow2: the child's node-name. */
   file?: string;
+  /** nbd: the server, export name and reconnect-delay (seconds). */
+  server?: NbdServerAddress;
+  exportName?: string;
+  reconnectDelay?: number;
 }
 
 /** A node in the graph and who uses it. */
@@ -114,6 +121,23 @@ export class BlockGraph {
         spec.size = input.int("size", 0, Number.MAX_SAFE_INTEGER) ?? 1 << 30;
         spec.readZeroes = input.bool("read-zeroes") ?? false;
         break;
+      case "nbd": {
+        const srv = input.object("server");
+        if (srv === undefined) throw new DaemonError("Parameter 'server' is missing");
+        const type = srv.enum("type", ["inet", "unix"] as const, true);
+        if (type === "unix") spec.server = { type, path: srv.str("path", true) };
+        else {
+          const host = srv.str("host", true), port = srv.str("port") ?? "10809";
+          if (!/^\d{1,5}$/.test(port) || Number(port) < 1 || Number(port) > 65535) {
+            throw new DaemonError(`Parameter 'server.port' expects a port number, got '${port}'`);
+          }
+          spec.server = { type, host, port: Number(port) };
+        }
+        srv.end();
+        spec.exportName = input.str("export");
+        spec.reconnectDelay = input.int("reconnect-delay", 0, 4294967295);
+        break;
+      }
       case "raw":
       case "qcow2": {
         const f = input.refOrObject("file");
@@ -175,6 +199,7 @@ export class BlockGraph {
 
   #checkWindow(spec: BlockdevSpec): void {
     const child = this.nodes.get(spec.file!)!.spec;
+    if (child.driver === "nbd") return; // the size is known once connected
     const total = protocolSize(child);
     const offset = spec.offset ?? 0;
     const size = spec.size ?? total - offset;
@@ -241,6 +266,10 @@ export class BlockGraph {
       o.cache = direct ? "none" : noFlush ? "unsafe" : "writeback";
       o.aio = proto.aio ?? "threads";
       o.discard = top.discard ?? proto.discard ?? "ignore";
+    } else if (proto.driver === "nbd") {
+      o.server = proto.server;
+      if (proto.exportName !== undefined) o.exportName = proto.exportName;
+      if (proto.reconnectDelay !== undefined) o.reconnectDelay = proto.reconnectDelay;
     } else {
       o.size = proto.size;
       o.readZeroes = proto.readZeroes;
