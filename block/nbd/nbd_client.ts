@@ -44,6 +44,7 @@ import {
   NBD_REPLY_TYPE_NONE,
   NBD_REPLY_TYPE_OFFSET_DATA,
   NBD_REPLY_TYPE_OFFSET_HOLE,
+  NBD_REQUEST_MAGIC,
   NBD_REQUEST_SIZE,
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
@@ -103,6 +104,7 @@ class NbdRequestSlot {
   /** Bytes of a read covered by data and hole chunks. */
   covered = 0;
   readonly hdr = new Uint8Array(NBD_REQUEST_SIZE);
+  readonly hdrView = new DataView(this.hdr.buffer);
   readonly hdrAddr = addressOf(this.hdr);
 }
 
@@ -346,18 +348,24 @@ export class NbdClient {
     ch.drainBuffered();
   }
 
+  /** Hot path: the header is written in place (as encodeNbdRequest lays it out), no allocation. */
   #send(s: NbdRequestSlot): void {
-    const cookie = this.#nextCookie++;
+    // Cookies are 32-bit counters (the high half on the wire is 0), never one in use.
+    let cookie = this.#nextCookie;
+    while (this.#inflight.has(cookie)) cookie = (cookie + 1) >>> 0;
+    this.#nextCookie = (cookie + 1) >>> 0;
     s.cookie = cookie;
     s.error = 0;
     s.covered = 0;
-    encodeNbdRequest(s.hdr, 0, {
-      flags: s.flags,
-      type: s.type,
-      cookie: BigInt(cookie),
-      offset: BigInt(s.offset),
-      length: s.length,
-    });
+    const v = s.hdrView;
+    v.setUint32(0, NBD_REQUEST_MAGIC);
+    v.setUint16(4, s.flags);
+    v.setUint16(6, s.type);
+    v.setUint32(8, 0);
+    v.setUint32(12, cookie);
+    v.setUint32(16, Math.floor(s.offset / 0x100000000));
+    v.setUint32(20, s.offset >>> 0);
+    v.setUint32(24, s.length);
     this.#inflight.set(cookie, s);
     const ch = this.#ch!;
     ch.queue(s.hdrAddr, NBD_REQUEST_SIZE);
@@ -390,12 +398,12 @@ export class NbdClient {
     this.#ch?.fail(new NbdError("protocol", msg));
   }
 
-  #lookup(cookie: bigint): NbdRequestSlot | null {
-    const s = cookie <= BigInt(Number.MAX_SAFE_INTEGER)
-      ? this.#inflight.get(Number(cookie))
-      : undefined;
+  /** The request of the cookie at `at` in the receive buffer; unknown: protocol error. */
+  #lookup(v: DataView, at: number): NbdRequestSlot | null {
+    const hi = v.getUint32(at), lo = v.getUint32(at + 4);
+    const s = hi === 0 ? this.#inflight.get(lo) : undefined;
     if (!s) {
-      this.#protocolError(`reply with unknown cookie ${cookie}`);
+      this.#protocolError(`reply with unknown cookie ${v.getBigUint64(at)}`);
       return null;
     }
     return s;
@@ -416,7 +424,7 @@ export class NbdClient {
           if (magic === NBD_SIMPLE_REPLY_MAGIC) {
             if (avail < 16) return this.#pump();
             const error = v.getUint32(at + 4);
-            const s = this.#lookup(v.getBigUint64(at + 8));
+            const s = this.#lookup(v, at + 8);
             if (!s) return;
             ch.rstart += 16;
             if (error !== 0) this.#finish(s, -nbdErrnoToSystemErrno(error));
@@ -434,7 +442,7 @@ export class NbdClient {
             if (avail < 20) return this.#pump();
             const flags = v.getUint16(at + 4), type = v.getUint16(at + 6);
             const length = v.getUint32(at + 16);
-            const s = this.#lookup(v.getBigUint64(at + 8));
+            const s = this.#lookup(v, at + 8);
             if (!s) return;
             ch.rstart += 20;
             if (!this.#startChunk(s, flags, type, length)) return;
