@@ -51,3 +51,19 @@ export {
 export { ThrottleDriver } from "./throttle/throttle_driver.ts";
 import { ThrottleGroupError } from "./throttle/throttle_group.ts";
 registerErrorClass("ThrottleGroupError", ThrottleGroupError);
+export { NbdDriver } from "./nbd/nbd_driver.ts";
+export {
+  NbdClient,
+  type NbdClientOptions,
+  type NbdClientState,
+  nbdErrnoToSystemErrno,
+} from "./nbd/nbd_client.ts";
+export { type NbdExportInfo } from "./nbd/nbd_handshake.ts";
+export { NbdError, type NbdErrorKind } from "./nbd/nbd_error.ts";
+export {
+  describeNbdServer,
+  NBD_DEFAULT_PORT,
+  type NbdServerAddress,
+  type NbdUri,
+  parseNbdUri,
+} from "./nbd/nbd_address.ts";

@@ -1,10 +1,15 @@
 import { parseArgs } from "node:util";
 import { DEFAULT_MAX_QUEUE_SIZE, VIRTQUEUE_MAX_SIZE } from "../virtio/mod.ts";
+import { type NbdServerAddress, parseNbdUri } from "../block/mod.ts";
 
 /** Block-layer options as the host passes them to every IOThread's BlockBackend. */
 export interface HostBlockOptions {
-  driver: "file" | "null-co" | "null-aio";
+  driver: "file" | "null-co" | "null-aio" | "nbd";
   filename?: string;
+  /** nbd (`--image nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`). */
+  server?: NbdServerAddress;
+  exportName?: string;
+  reconnectDelay?: number;
   size?: number;
   format: "raw" | "qcow2";
   /** qcow2: QEMU's l2-cache-size (per IOThread). */
@@ -69,7 +74,11 @@ Serve a disk image to a VM as a vhost-user-blk backend (QEMU vhost-user-blk-pci,
 cloud-hypervisor --disk vhost_user=on).
 
   --image IMAGE            raw image file or block device, or null-co:SIZE /
-                           null-aio:SIZE (e.g. null-co:1G) for the null driver
+                           null-aio:SIZE (e.g. null-co:1G) for the null driver,
+                           or an NBD export: nbd://HOST[:PORT]/EXPORT,
+                           nbd+unix:///EXPORT?socket=PATH
+  --reconnect-delay SECS   nbd: how long requests wait for a lost NBD
+                           server before failing with EIO           [0]
   --socket PATH            Unix socket to listen on (created mode 0600)
   --format FORMAT          raw | qcow2 (never probed)              [raw]
   --l2-cache-size SIZE     qcow2 L2 table cache per IOThread
@@ -176,6 +185,7 @@ export function parseHostArgs(
         socket: { type: "string" },
         format: { type: "string" },
         "l2-cache-size": { type: "string" },
+        "reconnect-delay": { type: "string" },
         cache: { type: "string" },
         aio: { type: "string" },
         "read-only": { type: "boolean" },
@@ -224,7 +234,32 @@ export function parseHostArgs(
     throw new UsageError("--l2-cache-size is a qcow2 option (--format qcow2)");
   }
   const l2CacheSize = v["l2-cache-size"] === undefined ? undefined : parseSize(v["l2-cache-size"]);
-  if (nullMatch) {
+  const nbdImage = /^nbds?(\+unix|\+tcp)?:\/\//.test(v.image);
+  if (!nbdImage && v["reconnect-delay"] !== undefined) {
+    throw new UsageError("--reconnect-delay is an option of nbd images (--image nbd://...)");
+  }
+  if (nbdImage) {
+    if (format === "qcow2") {
+      throw new UsageError("--format qcow2 over an NBD image is not supported");
+    }
+    let uri;
+    try {
+      uri = parseNbdUri(v.image);
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+    block = {
+      driver: "nbd",
+      server: uri.server,
+      exportName: uri.exportName,
+      reconnectDelay: intOption("reconnect-delay", v["reconnect-delay"], 0, 0, 3600),
+      format,
+      cache,
+      aio,
+      readOnly,
+      discard,
+    };
+  } else if (nullMatch) {
     const size = parseSize(nullMatch[2]);
     if (size === 0 || size % 512 !== 0) {
       throw new UsageError(`null image size must be a non-zero multiple of 512`);

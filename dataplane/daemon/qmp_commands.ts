@@ -11,6 +11,7 @@
  * @module
  */
 
+import type { NbdServerAddress } from "../../block/mod.ts";
 import { protocolSize } from "./blockdev.ts";
 import { parseExport } from "./block_export.ts";
 import { parseObjectSpec } from "./object_spec.ts";
@@ -50,6 +51,8 @@ const COMMANDS: Record<string, Command> = {
       const bottom = d.graph.get(chain[chain.length - 1]).spec;
       const filename = bottom.driver === "file"
         ? bottom.filename!
+        : bottom.driver === "nbd"
+        ? nbdFilename(bottom.server!, bottom.exportName ?? "")
         : `json:{"driver": "${bottom.driver}", "size": ${bottom.size}}`;
       return {
         "node-name": s.nodeName,
@@ -165,8 +168,12 @@ function nodeSize(d: StorageDaemon, nodeName: string): number {
   const s = d.graph.get(nodeName).spec;
   switch (s.driver) {
     case "raw":
+      if (s.size === undefined && d.graph.get(s.file!).spec.driver === "nbd") {
+        return exportedLength(d, s.nodeName) ?? 0;
+      }
       return s.size ?? protocolSize(d.graph.get(s.file!).spec) - (s.offset ?? 0);
     case "qcow2":
+    case "nbd":
       return exportedLength(d, s.nodeName) ?? 0;
     case "throttle":
       return nodeSize(d, s.file!);
@@ -212,4 +219,11 @@ export class QmpCommands implements QmpDispatcher {
     }
     return cmd(this.#daemon, new QapiInput(args as Record<string, never>, false));
   }
+}
+
+/** An nbd node's filename as QEMU's nbd_refresh_filename writes it. */
+function nbdFilename(s: NbdServerAddress, exportName: string): string {
+  if (s.type === "unix") return `nbd+unix:///${exportName}?socket=${s.path}`;
+  const host = s.host.includes(":") ? `[${s.host}]` : s.host;
+  return `nbd://${host}:${s.port}/${exportName}`;
 }

@@ -11,7 +11,7 @@
  */
 
 import type { AioContext } from "../../aio/mod.ts";
-import { addressOf, close, IOVEC, MSGHDR, sendIov, shutdown, WOULD_BLOCK } from "../../sys/mod.ts";
+import { addressOf, close, IOVEC, sendIov, shutdown, WOULD_BLOCK } from "../../sys/mod.ts";
 
 /** Most segments one sendmsg gathers. */
 const IOV_BATCH = 64;
@@ -61,7 +61,7 @@ export class NbdSocketIo {
   #closed = false;
   #fdClosed = false;
   readonly #iov = new BigUint64Array((IOV_BATCH * IOVEC.size) / 8);
-  readonly #msghdr = new Uint8Array(MSGHDR.size);
+  readonly #iovAddr: number;
   #onDrained: (() => void) | null = null;
 
   constructor(
@@ -74,8 +74,7 @@ export class NbdSocketIo {
     this.fd = fd;
     this.#onReadable = onReadable;
     this.#onError = onError;
-    const h = new BigUint64Array(this.#msghdr.buffer);
-    h[MSGHDR.msg_iov / 8] = BigInt(addressOf(this.#iov));
+    this.#iovAddr = addressOf(this.#iov);
   }
 
   /** Bytes queued and not sent yet. */
@@ -148,10 +147,9 @@ export class NbdSocketIo {
         iov[2 * i] = BigInt(addressOf(s.buf) + skip);
         iov[2 * i + 1] = BigInt(s.buf.byteLength - skip);
       }
-      new BigUint64Array(this.#msghdr.buffer)[MSGHDR.msg_iovlen / 8] = BigInt(n);
       let sent: number;
       try {
-        sent = sendIov(this.fd, this.#msghdr);
+        sent = sendIov(this.fd, this.#iovAddr, n);
       } catch (e) {
         this.#onError(e as Error);
         return false;
