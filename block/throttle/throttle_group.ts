@@ -379,7 +379,9 @@ export class ThrottleGroup {
   }
 
   #lock(): void {
-    // Held for a few hundred instructions at most: spin.
+    // Held for a few hundred instructions at most: spin. Not aio/'s
+    // futexLock: this state lives in memory the daemon mmapped (viewAt), not a
+    // SharedArrayBuffer, and Atomics.wait cannot sleep on that.
     while (Atomics.compareExchange(this.#i, LOCK, 0, 1) !== 0) { /* spin */ }
   }
 
