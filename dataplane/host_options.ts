@@ -40,6 +40,12 @@ export interface HostOptions {
    * used and an earlier one not). Never for production.
    */
   testHoldCompletions?: { every: number; ms: number };
+  /**
+   * Test-only (`--test-break-ring EVERY`): every EVERY-th request popped
+   * breaks its ring as a malformed chain would (the connection closes), though
+   * the request is sound: for reconnect tests.
+   */
+  testBreakRing?: number;
   help: boolean;
 }
 
@@ -74,8 +80,7 @@ cloud-hypervisor --disk vhost_user=on).
   --reconnect-delay SECS   nbd: how long requests wait for a lost NBD
                            server before failing with EIO           [0]
   --socket PATH            Unix socket to listen on (created mode 0600)
-  --format FORMAT          raw | qcow2 (never probed; a writable qcow2
-                           needs --iothreads 1)                    [raw]
+  --format FORMAT          raw | qcow2 (never probed)              [raw]
   --l2-cache-size SIZE     qcow2 L2 table cache per IOThread
                            [enough for the whole disk, at most 32M]
   --cache MODE             none (O_DIRECT) | writeback | unsafe   [writeback]
@@ -96,6 +101,9 @@ cloud-hypervisor --disk vhost_user=on).
   --test-hold-completions EVERY:MS
                            tests only: hold every EVERY-th completion
                            back MS ms (out-of-order completion)
+  --test-break-ring EVERY  tests only: every EVERY-th request breaks its
+                           ring as a malformed one would (connection
+                           closes; the request itself is sound)
   -h, --help               this text
 
 qemu-storage-daemon's command line is taken too (many exports, IOThread
@@ -191,6 +199,7 @@ export function parseHostArgs(
         "aio-max-batch": { type: "string" },
         "socket-mode": { type: "string" },
         "test-hold-completions": { type: "string" },
+        "test-break-ring": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -275,12 +284,6 @@ export function parseHostArgs(
   }
   const queues = intOption("queues", v.queues, 1, 1, 64);
   const iothreads = intOption("iothreads", v.iothreads, 1, 1, 64);
-  if (format === "qcow2" && !readOnly && Math.min(iothreads, queues) > 1) {
-    // Each IOThread has its own driver; only one may allocate clusters.
-    throw new UsageError(
-      "--format qcow2 without --read-only needs --iothreads 1 (one owner of the image's metadata)",
-    );
-  }
   // QEMU's VIRTQUEUE_MAX_SIZE by default: front-ends ask for 512-1024 entries.
   const queueSize = intOption(
     "queue-size",
@@ -320,8 +323,16 @@ export function parseHostArgs(
     }
     testHoldCompletions = { every, ms };
   }
+  let testBreakRing: number | undefined;
+  if (v["test-break-ring"] !== undefined) {
+    testBreakRing = Number(v["test-break-ring"]);
+    if (!/^\d+$/.test(v["test-break-ring"]) || testBreakRing < 1 || testBreakRing > 1e6) {
+      throw new UsageError("--test-break-ring takes EVERY (1..1000000)");
+    }
+  }
   return {
     ...(testHoldCompletions ? { testHoldCompletions } : {}),
+    ...(testBreakRing ? { testBreakRing } : {}),
     block,
     socket: v.socket ?? "",
     socketMode,

@@ -127,6 +127,8 @@ const SYMBOLS = {
   getaddrinfo: { parameters: ["buffer", "buffer", "buffer", "buffer"], result: "i32" },
   freeaddrinfo: { parameters: ["pointer"], result: "void" },
   gai_strerror: { parameters: ["i32"], result: "pointer" },
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
 
   // signals (pthread_sigmask returns an errno value: no errno involved)
   pthread_sigmask: { parameters: ["i32", "buffer", "buffer"], result: "i32" },

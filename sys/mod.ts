@@ -27,3 +27,4 @@ export * from "./signal.ts";
 export * from "./resident.ts";
 export * from "./kvm.ts";
 export * from "./tcp.ts";
+export * from "./rbd.ts";

@@ -1,9 +1,10 @@
 /**
  * TCP stream sockets (AF_INET / AF_INET6): name resolution with
- * getaddrinfo, blocking and non-blocking connect, TCP_NODELAY, and the
- * socket calls a byte-stream protocol client needs on its data path
+ * getaddrinfo, blocking and non-blocking connect, listeners, TCP_NODELAY,
+ * and the socket calls a byte-stream protocol needs on its data path
  * (gathered sends from raw addresses, receives into a buffer), for both TCP
- * and Unix stream sockets.
+ * and Unix stream sockets: the NBD client driver and the NBD export share
+ * them.
  *
  * Every socket is created close-on-exec. {@link sendIov} and {@link recvInto}
  * report "would block" as {@link WOULD_BLOCK} instead of throwing and never
@@ -13,7 +14,7 @@
  */
 
 import { libc } from "./libc.ts";
-import { EAGAIN, EINPROGRESS, EINTR, EINVAL } from "./errno.ts";
+import { EAGAIN, EINPROGRESS, EINTR, EINVAL, EOPNOTSUPP } from "./errno.ts";
 import { check, lastErrno, SysError } from "./sys_error.ts";
 import { ADDRINFO, MSGHDR, SOCKADDR_IN, SOCKADDR_IN6 } from "./layout.ts";
 import { MSG_NOSIGNAL, SOCK_CLOEXEC, SOCK_STREAM, SOL_SOCKET, WOULD_BLOCK } from "./socket.ts";
@@ -30,6 +31,10 @@ export const IPPROTO_TCP = 6;
 export const TCP_NODELAY = 1;
 /** Socket option: pending error (the outcome of a non-blocking connect). */
 export const SO_ERROR = 4;
+/** Socket option: allow binding a port in TIME_WAIT. */
+export const SO_REUSEADDR = 2;
+/** send/recv flag: this call does not block, whatever the fd's mode. */
+export const MSG_DONTWAIT = 0x40;
 
 /** One address getaddrinfo returned: its family and `struct sockaddr` bytes. */
 export interface InetAddress {
@@ -237,19 +242,81 @@ export function socketError(fd: number): number {
 
 /**
  * setsockopt(IPPROTO_TCP, TCP_NODELAY): requests leave at once (no Nagle).
+ * On a Unix socket it does nothing (EOPNOTSUPP is ignored, so callers need
+ * not know the family); other failures throw SysError.
  *
  * @example
  * ```ts
  * import { AF_INET, setTcpNoDelay, socketStream } from "./tcp.ts";
- * import { close } from "./fd.ts";
+ * import { close, socketpair } from "./mod.ts";
  * const fd = socketStream(AF_INET);
  * setTcpNoDelay(fd);
  * close(fd);
+ * const [a, b] = socketpair();
+ * setTcpNoDelay(a); // a Unix socket: ignored
+ * close(a); close(b);
  * ```
  */
 export function setTcpNoDelay(fd: number, on = true): void {
   const v = new Int32Array([on ? 1 : 0]);
-  check("setsockopt", libc.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, new Uint8Array(v.buffer), 4));
+  const r = libc.setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, new Uint8Array(v.buffer), 4);
+  if (r < 0) {
+    const e = lastErrno();
+    if (e !== EOPNOTSUPP) throw new SysError("setsockopt", e, "TCP_NODELAY");
+  }
+}
+
+/**
+ * A listening TCP socket on `host:port` (a numeric address or a name that
+ * resolves; port 0 picks a free one, see {@link socketPort}), SO_REUSEADDR,
+ * close-on-exec, plus `flags` (e.g. SOCK_NONBLOCK).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { close, listenInet, socketPort } from "./mod.ts";
+ * const fd = listenInet("127.0.0.1", 0);
+ * assert(socketPort(fd) > 0);
+ * close(fd);
+ * ```
+ */
+export function listenInet(host: string, port: number, flags = 0, backlog = 16): number {
+  if (!Number.isInteger(port) || port < 0 || port > 65535) {
+    throw new SysError("bind", EINVAL, `bad port ${port}`);
+  }
+  const [addr] = resolveTcp(host, port);
+  const fd = socketStream(addr.family, flags);
+  try {
+    const one = new Int32Array([1]);
+    check(
+      "setsockopt",
+      libc.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, new Uint8Array(one.buffer), 4),
+    );
+    check("bind", libc.bind(fd, addr.sockaddr, addr.sockaddr.byteLength), `${host}:${port}`);
+    check("listen", libc.listen(fd, backlog));
+  } catch (e) {
+    libc.close(fd);
+    throw e;
+  }
+  return fd;
+}
+
+/**
+ * The local port of a TCP socket, IPv4 or IPv6 (getsockname).
+ *
+ * @example
+ * ```ts
+ * import { close, listenInet, socketPort } from "./mod.ts";
+ * const fd = listenInet("127.0.0.1", 0);
+ * if (socketPort(fd) === 0) throw new Error("no port");
+ * close(fd);
+ * ```
+ */
+export function socketPort(fd: number): number {
+  const sa = new Uint8Array(128);
+  const len = new Uint32Array([sa.byteLength]);
+  check("getsockname", libc.getsockname(fd, sa, new Uint8Array(len.buffer)));
+  return new DataView(sa.buffer).getUint16(2);
 }
 
 /** A msghdr per thread (module instance) for {@link sendIov}: no allocation per call. */
@@ -258,7 +325,7 @@ const sendHdrPtr = Deno.UnsafePointer.of(sendHdr);
 
 /**
  * sendmsg(2) of `niov` `struct iovec` entries at host address `iovAddr`
- * (MSG_NOSIGNAL). Returns the bytes sent (possibly fewer than asked) or
+ * (MSG_NOSIGNAL), never blocking (MSG_DONTWAIT). Returns the bytes sent (possibly fewer than asked) or
  * {@link WOULD_BLOCK}. Hot path: no allocation.
  *
  * @example
@@ -279,7 +346,7 @@ export function sendIov(fd: number, iovAddr: number, niov: number): number {
   sendHdr[MSGHDR.msg_iov / 8] = BigInt(iovAddr);
   sendHdr[MSGHDR.msg_iovlen / 8] = BigInt(niov);
   for (;;) {
-    const r = libc.sendmsg_p(fd, sendHdrPtr, MSG_NOSIGNAL);
+    const r = libc.sendmsg_p(fd, sendHdrPtr, MSG_NOSIGNAL | MSG_DONTWAIT);
     if (r >= 0) return Number(r);
     const e = lastErrno();
     if (e === EINTR) continue;
@@ -289,8 +356,9 @@ export function sendIov(fd: number, iovAddr: number, niov: number): number {
 }
 
 /**
- * read(2) of up to `length` bytes into `buf` at `at`: the count, 0 at end of
- * stream, or {@link WOULD_BLOCK}. Hot path.
+ * recv(2) of up to `length` bytes into `buf` at `at`, never blocking
+ * (MSG_DONTWAIT): the count, 0 at end of stream, or {@link WOULD_BLOCK}.
+ * Hot path: allocates nothing but a subarray view.
  *
  * @example
  * ```ts
@@ -310,11 +378,11 @@ export function recvInto(fd: number, buf: Uint8Array, at: number, length: number
   }
   const view = at === 0 ? buf : buf.subarray(at);
   for (;;) {
-    const r = libc.read(fd, view, BigInt(length));
+    const r = libc.recv(fd, view, BigInt(length), MSG_DONTWAIT);
     if (r >= 0) return Number(r);
     const e = lastErrno();
     if (e === EINTR) continue;
     if (e === EAGAIN) return WOULD_BLOCK;
-    throw new SysError("read", e);
+    throw new SysError("recv", e);
   }
 }
