@@ -147,7 +147,8 @@ export class BlockBackend {
    * window) over file (cache=none -> O_DIRECT; aio engine), null-co/null-aio
    * or rbd (librbd; connecting and opening settle asynchronously);
    * or qcow2 over file, with its backing chain (files opened read-only with
-   * the same cache and aio). aio=native requires cache=none, as in QEMU.
+   * the same cache and aio); or raw over nbd (an NBD client: the handshake
+   * runs in `ctx`). aio=native requires cache=none, as in QEMU.
    * Opening qcow2 reads metadata: poll the context until this settles (an
    * IOThread's loop does; on the main thread use `pollAsync`).
    */
