@@ -26,4 +26,5 @@ export * from "./io_uring.ts";
 export * from "./signal.ts";
 export * from "./resident.ts";
 export * from "./kvm.ts";
+export * from "./tcp.ts";
 export * from "./rbd.ts";
