@@ -198,9 +198,13 @@ export class BlockBackend {
         namespace: opts.namespace,
         conf: opts.conf,
         user: opts.user,
+        snapshot: opts.snapshot,
         readOnly: opts.readOnly,
         confOptions: opts.rbdConf,
-      }).then((d) => BlockBackend.#rawOver(ctx, d, opts));
+      }).then((d) =>
+        // A snapshot is read-only whatever was asked (QEMU's auto-read-only for rbd snapshots).
+        BlockBackend.#rawOver(ctx, d, opts.snapshot ? { ...opts, readOnly: true } : opts)
+      );
     }
     if (opts.driver === "file") {
       proto = openFile(opts.filename!, opts.readOnly ?? false, true);

@@ -54,6 +54,8 @@ export interface RbdDriverOptions {
   user?: string;
   /** Open the image read-only (rbd_open_read_only). */
   readOnly?: boolean;
+  /** Open this snapshot of the image (read-only; QEMU's `snapshot`). */
+  snapshot?: string;
   /** More configuration options, set with rados_conf_set after the file. */
   confOptions?: Record<string, string>;
 }
@@ -316,7 +318,8 @@ async function rbdConnect(
   opts: RbdDriverOptions,
   wait: <T>(p: Promise<T>) => Promise<T>,
 ): Promise<RbdHandles> {
-  const spec = [opts.pool, opts.namespace, opts.image].filter((s) => s).join("/");
+  const spec = [opts.pool, opts.namespace, opts.image].filter((s) => s).join("/") +
+    (opts.snapshot !== undefined ? `@${opts.snapshot}` : "");
   const cluster = radosCreate(opts.user ?? null);
   let io: Deno.PointerValue = null;
   try {
@@ -331,7 +334,7 @@ async function rbdConnect(
     for (const [k, v] of Object.entries(opts.confOptions ?? {})) radosConfSet(cluster, k, v);
     await wait(radosConnect(cluster));
     io = radosIoctxCreate(cluster, opts.pool, opts.namespace ?? "");
-    const image = await wait(rbdOpen(io, opts.image, opts.readOnly ?? false));
+    const image = await wait(rbdOpen(io, opts.image, opts.readOnly ?? false, opts.snapshot));
     return { spec, cluster, io, image };
   } catch (e) {
     if (io) radosIoctxDestroy(io);

@@ -17,6 +17,7 @@ export interface HostBlockOptions {
   namespace?: string;
   conf?: string;
   user?: string;
+  snapshot?: string;
   rbdConf?: Record<string, string>;
   format: "raw" | "qcow2";
   /** qcow2: QEMU's l2-cache-size (per IOThread). */

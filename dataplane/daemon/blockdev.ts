@@ -13,7 +13,7 @@
  * server.host/server.port, or server.type=unix with server.path; export;
  * reconnect-delay), opened by each export in its IOThread (nothing is
  * checked on the main thread: the server may come later); `rbd` (pool,
- * image, namespace, conf, user: QEMU's blockdev-add rbd keys; snapshots,
+ * image, namespace, conf, user, snapshot: QEMU's blockdev-add rbd keys;
  * servers and secrets are not supported), also opened by the export.
  *
  * @module
@@ -74,6 +74,7 @@ export interface BlockdevSpec {
   namespace?: string;
   conf?: string;
   user?: string;
+  snapshot?: string;
 }
 
 /** A node in the graph and who uses it. */
@@ -151,6 +152,7 @@ export class BlockGraph {
         spec.namespace = input.str("namespace");
         spec.conf = input.str("conf");
         spec.user = input.str("user");
+        spec.snapshot = input.str("snapshot");
         break;
       case "null-co":
       case "null-aio":
@@ -337,7 +339,7 @@ export class BlockGraph {
       o.aio = proto.aio ?? "threads";
       o.discard = top.discard ?? proto.discard ?? "ignore";
     } else if (proto.driver === "rbd") {
-      for (const k of ["pool", "image", "namespace", "conf", "user"] as const) {
+      for (const k of ["pool", "image", "namespace", "conf", "user", "snapshot"] as const) {
         if (proto[k] !== undefined) o[k] = proto[k];
       }
       o.discard = top.discard ?? proto.discard ?? "ignore";

@@ -335,6 +335,7 @@ export class StorageDaemon {
     }
     if (s.readOnly || file.readOnly) throw new DaemonError("Node is read-only");
     if (file.driver === "rbd") {
+      if (file.snapshot !== undefined) throw new DaemonError("Node is read-only");
       // rbd_resize through a connection of its own (QEMU's qemu_rbd_co_truncate).
       const where = { pool: file.pool!, image: file.image!, namespace: file.namespace };
       try {
