@@ -24,7 +24,18 @@ import { CephCluster, REPO_ROOT, ServerProcess } from "../tests/harness/mod.ts";
 
 const MiB = 1 << 20;
 
-/** The qemu-storage-daemon arguments both servers get. */
+/**
+ * The qemu-storage-daemon arguments both servers get.
+ *
+ * @example
+ * ```ts ignore
+ * import { rbdServerArgs } from "./rbd_bench.ts";
+ * import { CephCluster } from "../tests/harness/mod.ts";
+ * const cluster = await CephCluster.start();
+ * console.log(rbdServerArgs(cluster, "bench", "/tmp/rbd.sock").join(" "));
+ * await cluster.stop();
+ * ```
+ */
 export function rbdServerArgs(cluster: CephCluster, image: string, socket: string): string[] {
   return [
     "--blockdev",

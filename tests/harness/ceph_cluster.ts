@@ -11,7 +11,16 @@
 
 import { makeScratchDir } from "./scratch_dir.ts";
 
-/** Why a cluster cannot be started here (a missing binary), or null. */
+/**
+ * Why a cluster cannot be started here (a missing binary), or null.
+ *
+ * @example
+ * ```ts
+ * import { cephUnavailable } from "./ceph_cluster.ts";
+ * const why = cephUnavailable();
+ * if (why) console.warn(`SKIPPING: ${why}`);
+ * ```
+ */
 export function cephUnavailable(): string | null {
   for (const bin of ["ceph-mon", "ceph-osd", "ceph", "rbd", "monmaptool"]) {
     const found = ["/usr/bin", "/usr/sbin", "/usr/local/bin"].some((d) => {
