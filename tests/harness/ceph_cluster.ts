@@ -115,6 +115,9 @@ export class CephCluster {
         "osd objectstore = memstore",
         `memstore device bytes = ${memstoreBytes}`,
         "client mount timeout = 20",
+        // A stalled cluster fails the tests' requests (ETIMEDOUT) instead of hanging them.
+        "rados osd op timeout = 30",
+        "rados mon op timeout = 30",
         `mon data = ${dir}/mon`,
         `osd data = ${dir}/osd`,
         `run dir = ${dir}/run`,
