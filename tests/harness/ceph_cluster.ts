@@ -100,6 +100,7 @@ export class CephCluster {
         `fsid = ${fsid}`,
         `mon host = v2:${this.monAddr}`,
         "public addr = 127.0.0.1",
+        "cluster addr = 127.0.0.1", // the OSD binds nothing but loopback
         "ms bind msgr1 = false",
         "auth cluster required = none",
         "auth service required = none",
