@@ -8,7 +8,11 @@
 
 import assert from "node:assert/strict";
 import { VhostUserBlkClient } from "../../client/blk_client.ts";
-import { VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK } from "../../client/virtio_blk_defs.ts";
+import {
+  VIRTIO_BLK_F_RO,
+  VIRTIO_BLK_S_IOERR,
+  VIRTIO_BLK_S_OK,
+} from "../../client/virtio_blk_defs.ts";
 import { librbdLoadError, SysError } from "../../sys/mod.ts";
 import { parseHostArgs, UsageError } from "../../dataplane/host_options.ts";
 import { StorageDaemon } from "../../dataplane/daemon/storage_daemon.ts";
@@ -130,6 +134,28 @@ Deno.test({
       want.set(hole, 32 * KiB);
       assertBytes(out.subarray(base, base + a.length), want, "the image after the host");
       assertBytes(out.subarray(0, q.length), q, "qemu-img's data unchanged");
+
+      // A snapshot is served read-only (VIRTIO_BLK_F_RO) with the data it was taken with.
+      await cluster.rbd("snap", "create", `${image}@s1`);
+      const ssock = `${dir}/s.sock`;
+      const snapHost = await startHost([
+        "--image",
+        `rbd:${image}@s1:conf=${cluster.conf}`,
+        "--socket",
+        ssock,
+      ]);
+      let sc: VhostUserBlkClient | null = null;
+      try {
+        sc = await VhostUserBlkClient.connect(ssock, { numQueues: 1, queueSize: 128 });
+        assert(sc.hasFeature(VIRTIO_BLK_F_RO), "a snapshot is VIRTIO_BLK_F_RO");
+        assert.equal(await sc.execute(0, (qq) => qq.read(0, base, 4096)), VIRTIO_BLK_S_OK);
+        assertBytes(sc.queues[0].data(0).slice(0, 4096), want.subarray(0, 4096), "snapshot data");
+        const wst = await sc.execute(0, (qq) => qq.write(0, base, 4096));
+        assert.equal(wst, VIRTIO_BLK_S_IOERR, "a write to a snapshot fails");
+      } finally {
+        await sc?.close();
+        await snapHost.host.stop();
+      }
 
       // The daemon's qemu-storage-daemon syntax: --blockdev driver=rbd,... serves the same bytes.
       const dsock = `${dir}/d.sock`;
