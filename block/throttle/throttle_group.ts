@@ -33,6 +33,7 @@ const LOCK = 0;
 const MAGIC = 1;
 const TOKEN = 2; // + dir: member index or -1
 const ARMED = 4; // + dir: any_timer_armed
+const HIGH = 6; // slots [0, HIGH) may be in use
 const HEADER_BYTES = 64;
 const STATE_BYTES = THROTTLE_STATE_SLOTS * 8;
 const MEMBERS_AT = HEADER_BYTES + STATE_BYTES;
@@ -152,6 +153,7 @@ export class ThrottleGroup {
         if (this.#i[s + M_USED]) continue;
         this.#i[s + M_USED] = 1;
         this.#i[s + M_FD] = wakeFd;
+        if (m >= this.#i[HIGH]) this.#i[HIGH] = m + 1;
         this.#i[s + M_PENDING] = this.#i[s + M_PENDING + 1] = 0;
         this.#i[s + M_DIRTY] = 0;
         this.#f[(this.#slotBytes(m) >> 3) + M_DEADLINE] = -1;
@@ -329,8 +331,9 @@ export class ThrottleGroup {
 
   /** throttle_group_next_tgm: the next member, round the list. */
   #nextTgm(m: number): number {
-    for (let k = 1; k <= THROTTLE_GROUP_MAX_MEMBERS; k++) {
-      const n = (m + k) % THROTTLE_GROUP_MAX_MEMBERS;
+    const high = this.#i[HIGH];
+    for (let k = 1; k <= high; k++) {
+      const n = (m + k) % high;
       if (this.#i[this.#slot(n) + M_USED]) return n;
     }
     return m;
