@@ -161,8 +161,11 @@ Deno.test("throttle group model: bookkeeping, order, no stranded request, the li
           s.check();
         }
         if (fixed) {
-          // iops-total only: at most the bucket (avg / 10), one more, and avg a second.
-          const allowed = iops / 10 + 1 + iops * (s.now - start) / 1e9 + 1e-6;
+          // iops-total only: at most the bucket (avg / 10), avg a second, and
+          // one more per direction: as QEMU's, the read and the write timer
+          // each let their request go once the shared bucket has room, so
+          // both may go at the same instant.
+          const allowed = iops / 10 + 2 + iops * (s.now - start) / 1e9 + 1e-6;
           assert(s.went.length <= allowed, `${s.went.length} went, ${allowed} allowed`);
         }
         // With time, everything held goes (at worst one a 1/1 s).
@@ -178,6 +181,6 @@ Deno.test("throttle group model: bookkeeping, order, no stranded request, the li
         }
       },
     ),
-    { numRuns: 300 },
+    { numRuns: 500 },
   );
 });
