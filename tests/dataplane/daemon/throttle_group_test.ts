@@ -201,6 +201,30 @@ Deno.test("throttle group: IOPS and bandwidth within 10% of the limit; qom-set c
       (await qmp.execute("qom-get", { path: "/objects/tg1", property: "x-iops-read" })).return,
       10,
     );
+    // A node added over QMP holds the group until it is deleted.
+    assert.deepEqual(
+      await qmp.execute("blockdev-add", {
+        driver: "throttle",
+        "node-name": "t9",
+        "throttle-group": "tg1",
+        file: { driver: "null-co", size: 4096 },
+      }),
+      { return: {} },
+    );
+    assert.equal(
+      await err("object-del", { id: "tg1" }),
+      "object 'tg1' is in use, can not be deleted",
+    );
+    assert.equal(
+      await err("blockdev-add", {
+        driver: "throttle",
+        "node-name": "t8",
+        "throttle-group": "nope",
+        file: { driver: "null-co", size: 4096 },
+      }),
+      "Throttle group 'nope' does not exist",
+    );
+    assert.deepEqual(await qmp.execute("blockdev-del", { "node-name": "t9" }), { return: {} });
     assert.deepEqual(await qmp.execute("object-del", { id: "tg1" }), { return: {} });
   } finally {
     qmp.close();
