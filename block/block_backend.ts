@@ -53,6 +53,11 @@ export interface BlockBackendExtras {
    * Without one, the file driver serialises only its own requests.
    */
   rangeLocks?: RangeLockTable;
+  /**
+   * A throttle group every driver of this image joins (the short host's
+   * `--throttle`, one group over all its IOThreads): the filter goes on top.
+   */
+  throttleGroup?: ThrottleGroup;
 }
 
 /** A request object recycled through the backend's pool (hot path: no closures). */
@@ -151,12 +156,17 @@ export class BlockBackend {
     validateBlockOptions(opts as unknown as Record<string, unknown>);
     // driver=throttle on top of the graph (QEMU's throttle filter node), a
     // member of the group whose state the daemon mapped at opts.throttle.addr.
+    const group = extras.throttleGroup;
     const filter = (d: BlockDriver): BlockDriver =>
-      opts.throttle === undefined ? d : new ThrottleDriver(
-        ctx,
-        d,
-        new ThrottleGroup(viewAt(opts.throttle.addr, THROTTLE_GROUP_BYTES)),
-      );
+      group !== undefined
+        ? new ThrottleDriver(ctx, d, group)
+        : opts.throttle === undefined
+        ? d
+        : new ThrottleDriver(
+          ctx,
+          d,
+          new ThrottleGroup(viewAt(opts.throttle.addr, THROTTLE_GROUP_BYTES)),
+        );
     let proto: BlockDriver;
     if (opts.driver === "file" && opts.aio === "native" && opts.cache !== "none") {
       throw new TypeError("aio=native requires cache=none (O_DIRECT), as in QEMU");

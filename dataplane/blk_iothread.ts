@@ -15,7 +15,7 @@
  */
 
 import type { AioContext } from "../aio/mod.ts";
-import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
+import { BlockBackend, type BlockOptions, RangeLockTable, ThrottleGroup } from "../block/mod.ts";
 import { eventfdWrite, type IsolateHeap, isolateHeap, kvmIrqLine, threadId } from "../sys/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
@@ -102,6 +102,8 @@ export interface BlkImageInfo {
  */
 export interface BlkThreadData {
   rangeLocks?: SharedArrayBuffer;
+  /** The host's `--throttle` group (THROTTLE_GROUP_BYTES, initialised), joined by every thread. */
+  throttle?: SharedArrayBuffer;
   /**
    * The device's interrupt status word (4 bytes; DataPlaneOptions `isr`),
    * for a transport whose guest reads it (virtio-mmio under vm/).
@@ -141,7 +143,8 @@ export async function blkOpen(
   const { export: key, ...opts } = args;
   // The thread's shared table belongs to the host's one image; other exports get their own.
   const rangeLocks = data?.rangeLocks && !key ? new RangeLockTable(data.rangeLocks) : undefined;
-  const blk = await BlockBackend.open(ctx, opts, { rangeLocks });
+  const throttleGroup = data?.throttle && !key ? new ThrottleGroup(data.throttle) : undefined;
+  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, throttleGroup });
   if (s.blk !== null) {
     await blk.close();
     throw new Error("virtio-blk IOThread: image already open");

@@ -8,11 +8,22 @@
  */
 
 import { AioContext, EventNotifier, IOThread } from "../aio/mod.ts";
-import { type BlockOptions, RangeLockTable } from "../block/mod.ts";
+import {
+  type BlockOptions,
+  RangeLockTable,
+  THROTTLE_GROUP_BYTES,
+  ThrottleGroup,
+} from "../block/mod.ts";
 import { segMaxForQueueSize, type VirtioBlkOptions } from "../virtio/mod.ts";
 import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
 import type { HostOptions } from "./host_options.ts";
-import { type IsolateHeap, isolateHeap, type ResidentMemory, residentMemory } from "../sys/mod.ts";
+import {
+  clockNs,
+  type IsolateHeap,
+  isolateHeap,
+  type ResidentMemory,
+  residentMemory,
+} from "../sys/mod.ts";
 import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
 import { VhostUserHandler, VhostUserServer } from "../vhost_user/mod.ts";
 
@@ -142,6 +153,11 @@ export async function startBlkIOThreads(
   // One range-lock table for the image, shared by every IOThread's driver:
   // read-modify-write cycles are serialised across all of them.
   const data: BlkThreadData = { ...extra, rangeLocks: RangeLockTable.create().shared };
+  if (options.throttle !== undefined) {
+    // --throttle: one group every IOThread's driver joins (freed with the threads).
+    data.throttle = new SharedArrayBuffer(THROTTLE_GROUP_BYTES);
+    new ThrottleGroup(data.throttle).init(options.throttle, clockNs());
+  }
   try {
     for (let i = 0; i < options.iothreads; i++) {
       threads.push(

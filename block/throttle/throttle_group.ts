@@ -77,7 +77,7 @@ export class ThrottleGroup {
   readonly #f: Float64Array;
   readonly #ts: ThrottleState;
 
-  constructor(buffer: ArrayBuffer, byteOffset = 0) {
+  constructor(buffer: ArrayBufferLike, byteOffset = 0) {
     if (buffer.byteLength - byteOffset < THROTTLE_GROUP_BYTES) {
       throw new RangeError(`a throttle group needs ${THROTTLE_GROUP_BYTES} bytes`);
     }
