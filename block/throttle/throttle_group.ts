@@ -22,7 +22,11 @@
  */
 
 import { eventfdWrite } from "../../sys/mod.ts";
-import { type ThrottleConfig, throttleIsValid } from "./throttle_config.ts";
+import {
+  type ThrottleBucketName,
+  type ThrottleConfig,
+  throttleIsValid,
+} from "./throttle_config.ts";
 import { THROTTLE_STATE_SLOTS, type ThrottleDirection, ThrottleState } from "./throttle_state.ts";
 
 /** Most members (throttle nodes) one group takes. */
@@ -130,7 +134,17 @@ export class ThrottleGroup {
     }
   }
 
-  /** Members registered now. */
+  /** A bucket's level and burst level now (without leaking; for tests and metrics). */
+  level(name: ThrottleBucketName): { level: number; burstLevel: number } {
+    this.#lock();
+    try {
+      return this.#ts.level(name);
+    } finally {
+      this.#unlock();
+    }
+  }
+
+    /** Members registered now. */
   get members(): number {
     let n = 0;
     for (let m = 0; m < THROTTLE_GROUP_MAX_MEMBERS; m++) n += this.#i[this.#slot(m) + M_USED];
