@@ -144,7 +144,7 @@ export class ThrottleGroup {
     }
   }
 
-    /** Members registered now. */
+  /** Members registered now. */
   get members(): number {
     let n = 0;
     for (let m = 0; m < THROTTLE_GROUP_MAX_MEMBERS; m++) n += this.#i[this.#slot(m) + M_USED];
