@@ -189,26 +189,28 @@ function readLoop(ctx: AioContext, d: BlockDriver): () => void {
   };
 }
 
-const benchCtx = new AioContext();
-const plain = new NullCoDriver(benchCtx, { size: 1 << 20 });
-const group = new ThrottleGroup(new ArrayBuffer(THROTTLE_GROUP_BYTES));
-const high = throttleConfigInit();
-high.buckets["iops-total"].avg = 1e15; // never reached
-high.buckets["bps-total"].avg = 1e15;
-group.init(high, benchCtx.now());
-const throttled = new ThrottleDriver(
-  benchCtx,
-  new NullCoDriver(benchCtx, { size: 1 << 20 }),
-  group,
-);
+if (!import.meta.main) {
+  const benchCtx = new AioContext();
+  const plain = new NullCoDriver(benchCtx, { size: 1 << 20 });
+  const group = new ThrottleGroup(new ArrayBuffer(THROTTLE_GROUP_BYTES));
+  const high = throttleConfigInit();
+  high.buckets["iops-total"].avg = 1e15; // never reached
+  high.buckets["bps-total"].avg = 1e15;
+  group.init(high, benchCtx.now());
+  const throttled = new ThrottleDriver(
+    benchCtx,
+    new NullCoDriver(benchCtx, { size: 1 << 20 }),
+    group,
+  );
 
-Deno.bench(
-  "null-co 4 KiB read",
-  { group: "throttle filter", baseline: true },
-  readLoop(benchCtx, plain),
-);
-Deno.bench(
-  "null-co 4 KiB read through a throttle node (limit not reached)",
-  { group: "throttle filter" },
-  readLoop(benchCtx, throttled),
-);
+  Deno.bench(
+    "null-co 4 KiB read",
+    { group: "throttle filter", baseline: true },
+    readLoop(benchCtx, plain),
+  );
+  Deno.bench(
+    "null-co 4 KiB read through a throttle node (limit not reached)",
+    { group: "throttle filter" },
+    readLoop(benchCtx, throttled),
+  );
+}
