@@ -7,6 +7,7 @@ import { type BlockOptions, validateBlockOptions } from "./block_options.ts";
 import { FileDriver } from "./file_driver.ts";
 import { NullAioDriver, NullCoDriver } from "./null_driver.ts";
 import { RawDriver } from "./raw_driver.ts";
+import { NbdDriver } from "./nbd/nbd_driver.ts";
 import { openQcow2Image } from "./qcow2/image_chain.ts";
 import type { RangeLockTable } from "./range_lock_table.ts";
 import { ThrottleDriver } from "./throttle/throttle_driver.ts";
@@ -53,6 +54,11 @@ export interface BlockBackendExtras {
    * Without one, the file driver serialises only its own requests.
    */
   rangeLocks?: RangeLockTable;
+  /**
+   * A writable qcow2 image served by several IOThreads: the
+   * Qcow2SharedState memory every thread's driver of it attaches to.
+   */
+  qcow2Shared?: SharedArrayBuffer;
   /**
    * A throttle group every driver of this image joins (the short host's
    * `--throttle`, one group over all its IOThreads): the filter goes on top.
@@ -187,7 +193,23 @@ export class BlockBackend {
         readOnly: opts.readOnly ?? false,
         l2CacheSize: opts.l2CacheSize,
         openFile: (path, readOnly) => openFile(path, readOnly, path === top),
+        shared: extras.qcow2Shared,
       }).then((d) => new BlockBackend(ctx, filter(d), opts));
+    }
+    if (opts.driver === "nbd") {
+      // Connects and negotiates in the context; a read-only export makes a read-only backend.
+      return NbdDriver.open(ctx, {
+        server: opts.server!,
+        exportName: opts.exportName,
+        reconnectDelay: opts.reconnectDelay,
+      }).then((nbd) => {
+        try {
+          const top = new RawDriver(nbd, { offset: opts.offset, size: opts.sizeLimit });
+          return new BlockBackend(ctx, top, { ...opts, readOnly: opts.readOnly || nbd.readOnly });
+        } catch (e) {
+          return nbd.close().then(() => Promise.reject(e));
+        }
+      });
     }
     if (opts.driver === "file") {
       proto = openFile(opts.filename!, opts.readOnly ?? false, true);

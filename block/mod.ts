@@ -23,6 +23,7 @@ export { Qcow2Driver, type Qcow2DriverOptions } from "./qcow2/qcow2_driver.ts";
 export { Qcow2Error, type Qcow2ErrorKind } from "./qcow2/qcow2_error.ts";
 export { parseQcow2Header, type Qcow2Header } from "./qcow2/header.ts";
 export { openQcow2Image, type Qcow2ImageOptions } from "./qcow2/image_chain.ts";
+export { Qcow2SharedState } from "./qcow2/shared_state.ts";
 export { LinuxAioEngine, type LinuxAioOptions } from "./linux_aio_engine.ts";
 export { IoUringEngine, type IoUringOptions, type IoUringTaskrun } from "./io_uring_engine.ts";
 export { ThreadPoolEngine } from "./thread_pool_engine.ts";
@@ -50,3 +51,19 @@ export {
 export { ThrottleDriver } from "./throttle/throttle_driver.ts";
 import { ThrottleGroupError } from "./throttle/throttle_group.ts";
 registerErrorClass("ThrottleGroupError", ThrottleGroupError);
+export { NbdDriver } from "./nbd/nbd_driver.ts";
+export {
+  NbdClient,
+  type NbdClientOptions,
+  type NbdClientState,
+  nbdErrnoToSystemErrno,
+} from "./nbd/nbd_client.ts";
+export { type NbdExportInfo } from "./nbd/nbd_handshake.ts";
+export { NbdError, type NbdErrorKind } from "./nbd/nbd_error.ts";
+export {
+  describeNbdServer,
+  NBD_DEFAULT_PORT,
+  type NbdServerAddress,
+  type NbdUri,
+  parseNbdUri,
+} from "./nbd/nbd_address.ts";

@@ -102,6 +102,8 @@ export interface BlkImageInfo {
  */
 export interface BlkThreadData {
   rangeLocks?: SharedArrayBuffer;
+  /** A writable qcow2 image's Qcow2SharedState (one owner of its metadata). */
+  qcow2?: SharedArrayBuffer;
   /** The host's `--throttle` group (THROTTLE_GROUP_BYTES, initialised), joined by every thread. */
   throttle?: SharedArrayBuffer;
   /**
@@ -144,7 +146,8 @@ export async function blkOpen(
   // The thread's shared table belongs to the host's one image; other exports get their own.
   const rangeLocks = data?.rangeLocks && !key ? new RangeLockTable(data.rangeLocks) : undefined;
   const throttleGroup = data?.throttle && !key ? new ThrottleGroup(data.throttle) : undefined;
-  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, throttleGroup });
+  const qcow2Shared = data?.qcow2 && !key ? data.qcow2 : undefined;
+  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared, throttleGroup });
   if (s.blk !== null) {
     await blk.close();
     throw new Error("virtio-blk IOThread: image already open");
@@ -185,6 +188,8 @@ export function blkConfigure(
     brokenNotifyFd?: number;
     /** Test-only: see DataPlaneOptions.holdCompletions. */
     holdCompletions?: { every: number; ms: number } | null;
+    /** Test-only: see DataPlaneOptions.breakRingEvery. */
+    breakRingEvery?: number | null;
     export?: string;
     latencyHistogram?: boolean;
   },

@@ -10,6 +10,7 @@
 import { AioContext, EventNotifier, IOThread } from "../aio/mod.ts";
 import {
   type BlockOptions,
+  Qcow2SharedState,
   RangeLockTable,
   THROTTLE_GROUP_BYTES,
   ThrottleGroup,
@@ -153,6 +154,10 @@ export async function startBlkIOThreads(
   // One range-lock table for the image, shared by every IOThread's driver:
   // read-modify-write cycles are serialised across all of them.
   const data: BlkThreadData = { ...extra, rangeLocks: RangeLockTable.create().shared };
+  // A writable qcow2: every IOThread's driver attaches; the first owns the metadata.
+  if (options.block.format === "qcow2" && !options.block.readOnly) {
+    data.qcow2 = Qcow2SharedState.create().shared;
+  }
   if (options.throttle !== undefined) {
     // --throttle: one group every IOThread's driver joins (freed with the threads).
     data.throttle = new SharedArrayBuffer(THROTTLE_GROUP_BYTES);
@@ -187,6 +192,7 @@ export async function startBlkIOThreads(
         writeback: true,
         brokenNotifyFd,
         holdCompletions: options.testHoldCompletions ?? null,
+        breakRingEvery: options.testBreakRing ?? null,
       });
     }
     return { threads, device, image };

@@ -26,3 +26,4 @@ export * from "./io_uring.ts";
 export * from "./signal.ts";
 export * from "./resident.ts";
 export * from "./kvm.ts";
+export * from "./tcp.ts";

@@ -55,6 +55,8 @@ if [ "$want_test" = 1 ]; then
   # gcc-multilib: the 32-bit freestanding KVM guest of tests/vm/guest (gcc -m32).
   apt_install qemu-system-x86 qemu-utils qemu-system-common busybox-static fio gcc libc6-dev \
     e2fsprogs xfsprogs gcc-multilib
+  # nbdkit (memory plugin, delay and error filters): an NBD server for the nbd driver's tests.
+  apt_install nbdkit
 
   kdir=.cache/kernel
   if ! ls "$kdir"/boot/vmlinuz-* >/dev/null 2>&1; then

@@ -9,12 +9,15 @@
  * Supported drivers: `file` (filename, cache.direct, cache.no-flush, aio,
  * discard, read-only), `null-co` / `null-aio` (size, read-zeroes), `raw`
  * (file, offset, size) and `qcow2` (file) over a file node, given by
- * node-name or as a nested object.
+ * node-name or as a nested object; `nbd` (server.type=inet with
+ * server.host/server.port, or server.type=unix with server.path; export;
+ * reconnect-delay), opened by each export in its IOThread (nothing is
+ * checked on the main thread: the server may come later).
  *
  * @module
  */
 
-import type { BlockOptions } from "../../block/mod.ts";
+import type { BlockOptions, NbdServerAddress } from "../../block/mod.ts";
 import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
 
 /** The drivers `--blockdev driver=` accepts. */
@@ -25,6 +28,7 @@ export const BLOCKDEV_DRIVERS = [
   "raw",
   "qcow2",
   "throttle",
+  "nbd",
 ] as const;
 
 /** What the graph needs of a throttle group (the daemon's ThrottleGroupObject). */
@@ -57,6 +61,10 @@ export interface BlockdevSpec {
   file?: string;
   /** throttle: the group's id. */
   throttleGroup?: string;
+  /** nbd: the server, export name and reconnect-delay (seconds). */
+  server?: NbdServerAddress;
+  exportName?: string;
+  reconnectDelay?: number;
 }
 
 /** A node in the graph and who uses it. */
@@ -141,6 +149,23 @@ export class BlockGraph {
         spec.file = child;
         break;
       }
+      case "nbd": {
+        const srv = input.object("server");
+        if (srv === undefined) throw new DaemonError("Parameter 'server' is missing");
+        const type = srv.enum("type", ["inet", "unix"] as const, true);
+        if (type === "unix") spec.server = { type, path: srv.str("path", true) };
+        else {
+          const host = srv.str("host", true), port = srv.str("port") ?? "10809";
+          if (!/^\d{1,5}$/.test(port) || Number(port) < 1 || Number(port) > 65535) {
+            throw new DaemonError(`Parameter 'server.port' expects a port number, got '${port}'`);
+          }
+          spec.server = { type, host, port: Number(port) };
+        }
+        srv.end();
+        spec.exportName = input.str("export");
+        spec.reconnectDelay = input.int("reconnect-delay", 0, 4294967295);
+        break;
+      }
       case "raw":
       case "qcow2": {
         const f = input.refOrObject("file");
@@ -215,6 +240,7 @@ export class BlockGraph {
 
   #checkWindow(spec: BlockdevSpec): void {
     const child = this.nodes.get(spec.file!)!.spec;
+    if (child.driver === "nbd") return; // the size is known once connected
     const total = protocolSize(child);
     const offset = spec.offset ?? 0;
     const size = spec.size ?? total - offset;
@@ -292,6 +318,10 @@ export class BlockGraph {
       o.cache = direct ? "none" : noFlush ? "unsafe" : "writeback";
       o.aio = proto.aio ?? "threads";
       o.discard = top.discard ?? proto.discard ?? "ignore";
+    } else if (proto.driver === "nbd") {
+      o.server = proto.server;
+      if (proto.exportName !== undefined) o.exportName = proto.exportName;
+      if (proto.reconnectDelay !== undefined) o.reconnectDelay = proto.reconnectDelay;
     } else {
       o.size = proto.size;
       o.readZeroes = proto.readZeroes;

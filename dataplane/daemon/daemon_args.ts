@@ -12,6 +12,8 @@
 
 import { type BlockExportSpec, parseExport } from "./block_export.ts";
 import { type ObjectSpec, parseObjectSpec } from "./object_spec.ts";
+import { type NbdExportSpec, parseNbdExport, parseNbdServer } from "../nbd/nbd_block_export.ts";
+import type { NbdServerSpec } from "../nbd/nbd_server.ts";
 import { KeyvalError, parseKeyval } from "./keyval.ts";
 import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
 import type { ChardevSpec } from "./storage_daemon.ts";
@@ -26,6 +28,8 @@ export type DaemonOption =
     | { kind: "chardev"; spec: ChardevSpec }
     | { kind: "monitor"; chardev: string; pretty: boolean }
     | { kind: "metrics"; hostname: string; port: number }
+    | { kind: "nbd-server"; spec: NbdServerSpec }
+    | { kind: "nbd-export"; spec: NbdExportSpec }
   );
 
 /** The whole command line. */
@@ -94,6 +98,13 @@ qemu-storage-daemon's command line (the options this daemon supports):
            [,logical-block-size=<n>][,iothread=<id>]
                          a vhost-user-blk export (addr.type=fd,addr.str=<fd>: an
                          inherited listening socket); or a JSON object
+  --export type=nbd,id=<id>,node-name=<node>[,name=<name>][,description=<text>]
+           [,writable=on|off][,iothread=<id>]
+                         an NBD export on the --nbd-server (name: the node's by default)
+  --nbd-server addr.type=inet,addr.host=<ipv4>,addr.port=<port>
+               | addr.type=unix,addr.path=<path> | addr.type=fd,addr.str=<fd>
+               [,max-connections=<n>]
+                         the NBD server that type=nbd exports are served on
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          a QMP monitor on a chardev
   --object iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>][,poll-shrink=<n>]
@@ -231,7 +242,11 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
         }
         case "--export": {
           const { obj, keyval } = keyvalOrJson(value, "type");
-          out.options.push({ kind: "export", spec: parseExport(obj, keyval), text });
+          if ((obj as Record<string, unknown>).type === "nbd") {
+            out.options.push({ kind: "nbd-export", spec: parseNbdExport(obj, keyval), text });
+          } else {
+            out.options.push({ kind: "export", spec: parseExport(obj, keyval), text });
+          }
           break;
         }
         case "--chardev":
@@ -246,7 +261,12 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
         case "--metrics":
           out.options.push({ kind: "metrics", ...parseHostPort(value), text });
           break;
-        default: // --nbd-server, --trace
+        case "--nbd-server": {
+          const { obj, keyval } = keyvalOrJson(value);
+          out.options.push({ kind: "nbd-server", spec: parseNbdServer(obj, keyval), text });
+          break;
+        }
+        default: // --trace
           throw new DaemonError(`${arg} is not supported by this daemon`);
       }
     } catch (e) {

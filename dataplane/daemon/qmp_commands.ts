@@ -11,9 +11,11 @@
  * @module
  */
 
+import type { NbdServerAddress } from "../../block/mod.ts";
 import { protocolSize } from "./blockdev.ts";
 import { parseExport } from "./block_export.ts";
 import { parseObjectSpec } from "./object_spec.ts";
+import { parseNbdExport, parseNbdServer } from "../nbd/nbd_block_export.ts";
 import { DaemonError, QapiInput } from "./qapi_input.ts";
 import type { QmpDispatcher } from "./qmp_server.ts";
 import { MAIN_LOOP_IOTHREAD, type StorageDaemon } from "./storage_daemon.ts";
@@ -49,6 +51,8 @@ const COMMANDS: Record<string, Command> = {
       const bottom = d.graph.get(chain[chain.length - 1]).spec;
       const filename = bottom.driver === "file"
         ? bottom.filename!
+        : bottom.driver === "nbd"
+        ? nbdFilename(bottom.server!, bottom.exportName ?? "")
         : `json:{"driver": "${bottom.driver}", "size": ${bottom.size}}`;
       return {
         "node-name": s.nodeName,
@@ -80,7 +84,12 @@ const COMMANDS: Record<string, Command> = {
       type: "vhost-user-blk",
       "node-name": e.spec.nodeName,
       "shutting-down": false,
-    }))
+    })).concat([...d.nbdExports.values()].map((e) => ({
+      id: e.spec.id,
+      type: "nbd",
+      "node-name": e.spec.nodeName,
+      "shutting-down": false,
+    })))
   ),
   "query-iothreads": noArgs((d) =>
     [...d.iothreads.values()].filter((t) => t.spec.id !== MAIN_LOOP_IOTHREAD).map((t) => ({
@@ -100,8 +109,17 @@ const COMMANDS: Record<string, Command> = {
     d.blockdevDel(name);
   },
   "block-export-add": async (d, a) => {
-    await d.exportAdd(parseExport(a.rest(), false));
+    const obj = a.rest();
+    if ((obj as Record<string, unknown>).type === "nbd") {
+      await d.nbdExportAdd(parseNbdExport(obj, false));
+    } else {
+      await d.exportAdd(parseExport(obj, false));
+    }
   },
+  "nbd-server-start": (d, a) => {
+    d.nbdServerStart(parseNbdServer(a.rest(), false));
+  },
+  "nbd-server-stop": noArgs((d) => d.nbdServerStop()),
   "block-export-del": async (d, a) => {
     const id = a.str("id", true);
     const mode = a.enum("mode", ["safe", "hard"] as const) ?? "safe";
@@ -150,8 +168,12 @@ function nodeSize(d: StorageDaemon, nodeName: string): number {
   const s = d.graph.get(nodeName).spec;
   switch (s.driver) {
     case "raw":
+      if (s.size === undefined && d.graph.get(s.file!).spec.driver === "nbd") {
+        return exportedLength(d, s.nodeName) ?? 0;
+      }
       return s.size ?? protocolSize(d.graph.get(s.file!).spec) - (s.offset ?? 0);
     case "qcow2":
+    case "nbd":
       return exportedLength(d, s.nodeName) ?? 0;
     case "throttle":
       return nodeSize(d, s.file!);
@@ -197,4 +219,11 @@ export class QmpCommands implements QmpDispatcher {
     }
     return cmd(this.#daemon, new QapiInput(args as Record<string, never>, false));
   }
+}
+
+/** An nbd node's filename as QEMU's nbd_refresh_filename writes it. */
+function nbdFilename(s: NbdServerAddress, exportName: string): string {
+  if (s.type === "unix") return `nbd+unix:///${exportName}?socket=${s.path}`;
+  const host = s.host.includes(":") ? `[${s.host}]` : s.host;
+  return `nbd://${host}:${s.port}/${exportName}`;
 }

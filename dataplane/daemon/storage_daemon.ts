@@ -21,6 +21,8 @@ import { DaemonError, type OptionObject } from "./qapi_input.ts";
 import { QmpServer } from "./qmp_server.ts";
 import { QmpCommands } from "./qmp_commands.ts";
 import { MetricsServer } from "./metrics.ts";
+import { NbdBlockExport, type NbdExportSpec } from "../nbd/nbd_block_export.ts";
+import { NbdServer, type NbdServerSpec } from "../nbd/nbd_server.ts";
 
 /** The id of the IOThread that exports without `iothread=` share. */
 export const MAIN_LOOP_IOTHREAD = "#main-loop";
@@ -58,6 +60,10 @@ export class StorageDaemon {
   /** `--object throttle-group` objects by id. */
   readonly throttleGroups = new Map<string, ThrottleGroupObject>();
   readonly exports = new Map<string, VhostUserBlkExport>();
+  /** `--export type=nbd` exports (ids shared with {@link exports}). */
+  readonly nbdExports = new Map<string, NbdBlockExport>();
+  /** `--nbd-server` / `nbd-server-start`. */
+  nbdServer: NbdServer | null = null;
   readonly chardevs = new Map<string, ChardevSpec>();
   readonly monitors: QmpServer[] = [];
   readonly log: (line: string) => void;
@@ -153,7 +159,7 @@ export class StorageDaemon {
 
   /** `--export` / `block-export-add`. */
   async exportAdd(spec: BlockExportSpec): Promise<void> {
-    if (this.exports.has(spec.id)) {
+    if (this.exports.has(spec.id) || this.nbdExports.has(spec.id)) {
       throw new DaemonError(`Block export id '${spec.id}' is already in use`);
     }
     const node = this.graph.get(spec.nodeName);
@@ -192,6 +198,81 @@ export class StorageDaemon {
     }
   }
 
+  /** `--nbd-server` / `nbd-server-start`. */
+  nbdServerStart(spec: NbdServerSpec): void {
+    if (this.nbdServer !== null) throw new DaemonError("NBD server already running");
+    try {
+      this.nbdServer = NbdServer.listen(spec, this.ctx, this.log);
+    } catch (e) {
+      throw new DaemonError(`Failed to start the NBD server: ${(e as Error).message}`);
+    }
+    const a = spec.addr;
+    this.log(
+      `NBD server on ${
+        a.type === "unix"
+          ? a.path
+          : a.type === "inet"
+          ? `${a.host}:${this.nbdServer.port}`
+          : `fd ${a.fd}`
+      }`,
+    );
+  }
+
+  /** `nbd-server-stop`: stops listening and removes every NBD export (as QEMU). */
+  async nbdServerStop(): Promise<void> {
+    const server = this.nbdServer;
+    if (server === null) throw new DaemonError("NBD server not running");
+    this.nbdServer = null;
+    server.close();
+    for (const id of [...this.nbdExports.keys()]) await this.exportDel(id, true);
+  }
+
+  /** `--export type=nbd` / `block-export-add` with type nbd. */
+  async nbdExportAdd(spec: NbdExportSpec): Promise<void> {
+    if (this.exports.has(spec.id) || this.nbdExports.has(spec.id)) {
+      throw new DaemonError(`Block export id '${spec.id}' is already in use`);
+    }
+    // Checked in qemu-storage-daemon's order, so the first error is the same.
+    const node = this.graph.get(spec.nodeName);
+    const named = spec.iothread === undefined ? undefined : this.iothreads.get(spec.iothread);
+    if (spec.iothread !== undefined && named === undefined) {
+      throw new DaemonError(`iothread "${spec.iothread}" not found`);
+    }
+    const server = this.nbdServer;
+    if (server === null) throw new DaemonError("NBD server not running");
+    if (server.exports.has(spec.name)) {
+      throw new DaemonError(`NBD server already has export named '${spec.name}'`);
+    }
+    const block = this.graph.blockOptions(spec.nodeName);
+    if (spec.writable && block.readOnly) {
+      throw new DaemonError("Cannot export read-only node as writable");
+    }
+    const key = `export:${spec.id}`;
+    // Each export opens the node for itself: one user at a time (qsd shares it).
+    if (node.users.size > 0) throw new DaemonError(`Node '${spec.nodeName}' is already in use`);
+    const iothread = named ?? await this.#mainLoopIOThread();
+    node.users.add(key);
+    try {
+      const exp = await NbdBlockExport.start(
+        spec,
+        block,
+        iothread,
+        server,
+        this.ctx,
+        this.log,
+      );
+      this.nbdExports.set(spec.id, exp);
+      this.log(
+        `export ${spec.id}: node ${spec.nodeName} (${exp.image.length} bytes${
+          exp.image.readOnly ? ", read-only" : ""
+        }) as NBD export '${spec.name}' in IOThread ${iothread.spec.id}`,
+      );
+    } catch (e) {
+      node.users.delete(key);
+      throw e;
+    }
+  }
+
   #mainLoopIOThread(): Promise<IOThreadObject> {
     this.#mainLoopThread ??= IOThreadObject.start({
       id: MAIN_LOOP_IOTHREAD,
@@ -211,6 +292,16 @@ export class StorageDaemon {
    * refuses while a front-end is connected, as QEMU's.
    */
   async exportDel(id: string, force: boolean): Promise<void> {
+    const nbd = this.nbdExports.get(id);
+    if (nbd !== undefined) {
+      if (!force && nbd.clients > 0) throw new DaemonError(`export '${id}' still in use`);
+      this.nbdExports.delete(id);
+      await nbd.stop();
+      this.graph.nodes.get(nbd.spec.nodeName)?.users.delete(`export:${id}`);
+      this.log(`export ${id}: deleted`);
+      for (const m of this.monitors) m.event("BLOCK_EXPORT_DELETED", { id });
+      return;
+    }
     const exp = this.exports.get(id);
     if (exp === undefined) throw new DaemonError(`Export '${id}' is not found`);
     if (!force && exp.server.connection !== null) {
@@ -249,6 +340,12 @@ export class StorageDaemon {
     }
     // Every export whose node is the file node or over it.
     for (const exp of this.exports.values()) {
+      if (this.graph.chain(exp.spec.nodeName).includes(file.nodeName)) {
+        const length = await exp.resize();
+        this.log(`export ${exp.spec.id}: resized to ${length} bytes`);
+      }
+    }
+    for (const exp of this.nbdExports.values()) {
       if (this.graph.chain(exp.spec.nodeName).includes(file.nodeName)) {
         const length = await exp.resize();
         this.log(`export ${exp.spec.id}: resized to ${length} bytes`);
@@ -324,6 +421,11 @@ export class StorageDaemon {
       await this.metrics?.close();
       for (const [id, exp] of [...this.exports]) {
         this.exports.delete(id);
+        await exp.stop();
+      }
+      this.nbdServer?.close();
+      for (const [id, exp] of [...this.nbdExports]) {
+        this.nbdExports.delete(id);
         await exp.stop();
       }
       const threads = [...this.iothreads.values()];

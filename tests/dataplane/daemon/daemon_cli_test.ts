@@ -34,7 +34,9 @@ async function runOurs(args: string[]): Promise<{ code: number; message: string 
   console.error = (...a: unknown[]) => lines.push(a.join(" "));
   try {
     const code = await daemonMain(args, "dataplane");
-    return { code, message: lines.join("\n").trim().replace(/^dataplane: /, "") };
+    // The error is the last line (options applied before it may log).
+    const last = lines.at(-1) ?? "";
+    return { code, message: last.trim().replace(/^dataplane: /, "") };
   } finally {
     console.error = orig;
   }
@@ -83,14 +85,77 @@ const EXACT: string[][] = [
   ["--object", "throttle-group,id=t,x-nope=1"],
   ["--blockdev", NULL, "--blockdev", "driver=throttle,node-name=t0,throttle-group=nope,file=a"],
   ["--blockdev", NULL, "--blockdev", "driver=throttle,node-name=t0,file=a"],
+  ["--blockdev", NULL, "--export", `type=nbd,id=e,node-name=a`],
+  ["--blockdev", NULL, "--export", `type=nbd,id=e,node-name=b`],
+  ["--nbd-server", "addr.type=inet,addr.host=127.0.0.1"],
+  ["--nbd-server", "addr.type=unix"],
+  ["--nbd-server", "addr.type=unix,addr.path={}/n.sock,foo=1"],
+  ["--nbd-server", "addr.type=unix,addr.path={}/n.sock,max-connections=-1"],
+  ["--nbd-server", "addr.type=unix,addr.path={}/n.sock,tls-creds=x"],
+  [
+    "--nbd-server",
+    "addr.type=unix,addr.path={}/n.sock",
+    "--nbd-server",
+    "addr.type=unix,addr.path={}/m.sock",
+  ],
+  [
+    "--blockdev",
+    NULL,
+    "--nbd-server",
+    "addr.type=unix,addr.path={}/n.sock",
+    "--export",
+    "type=nbd,id=e,node-name=a,bogus=1",
+  ],
+  [
+    "--blockdev",
+    NULL,
+    "--nbd-server",
+    "addr.type=unix,addr.path={}/n.sock",
+    "--export",
+    "type=nbd,id=e,node-name=a,writable=maybe",
+  ],
+  [
+    "--blockdev",
+    NULL,
+    "--nbd-server",
+    "addr.type=unix,addr.path={}/n.sock",
+    "--export",
+    "type=nbd,id=e,node-name=a,iothread=nope",
+  ],
+  [
+    "--blockdev",
+    NULL,
+    "--nbd-server",
+    "addr.type=unix,addr.path={}/n.sock",
+    "--export",
+    "type=nbd,id=e,node-name=a",
+    "--export",
+    "type=nbd,id=e,node-name=a,name=y",
+  ],
+  [
+    "--blockdev",
+    NULL,
+    "--nbd-server",
+    "addr.type=unix,addr.path={}/n.sock",
+    "--export",
+    "type=nbd,id=e,node-name=a",
+    "--export",
+    "type=nbd,id=f,node-name=a",
+  ],
+  [
+    "--blockdev",
+    `${NULL},read-only=on`,
+    "--nbd-server",
+    "addr.type=unix,addr.path={}/n.sock",
+    "--export",
+    "type=nbd,id=e,node-name=a,writable=on",
+  ],
 ];
 
 /** Same shape only: qsd's JSON parser and chardev code word it their own way. */
 const SHAPE: string[][] = [
   ["--blockdev", "{bad"],
   ["--chardev", "socket,id=c"],
-  // qsd exports NBD (given --nbd-server first); we only serve vhost-user-blk.
-  ["--blockdev", NULL, "--export", `type=nbd,id=e,node-name=a`],
 ];
 
 Deno.test("daemon CLI: bad command lines get qemu-storage-daemon's messages, exit 1", async (t) => {
