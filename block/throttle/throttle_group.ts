@@ -21,7 +21,7 @@
  * @module
  */
 
-import { eventfdWrite } from "../../sys/mod.ts";
+import { eventfdWrite, schedYield } from "../../sys/mod.ts";
 import {
   type ThrottleBucketName,
   type ThrottleConfig,
@@ -396,8 +396,11 @@ export class ThrottleGroup {
   }
 
   #lock(): void {
-    // Held for a few hundred instructions at most: spin.
-    while (Atomics.compareExchange(this.#i, LOCK, 0, 1) !== 0) { /* spin */ }
+    // Held for a few hundred instructions at most: spin, and give the CPU
+    // away now and then in case the holder was preempted (2 busy cores).
+    for (let spins = 1; Atomics.compareExchange(this.#i, LOCK, 0, 1) !== 0; spins++) {
+      if ((spins & 127) === 0) schedYield();
+    }
   }
 
   #unlock(): void {
