@@ -5,7 +5,9 @@
  * out of the picture and the NBD path is what is measured). blkgen (the C
  * load generator, docs/blkgen.md) drives each export with 4 KiB randread at
  * QD1 and QD32 in interrupt mode; the rounds alternate between the two
- * servers and the report gives the median of each point.
+ * servers and the report gives the median of each point, the range of IOPS
+ * over the rounds, and how many cores everything else kept busy meanwhile
+ * (qemu-nbd included; a loaded machine moves these figures a lot).
  *
  * Run under the benchmark lock: `flock /tmp/bench.lock ./deno run -A
  * bench/nbd_bench.ts [--rounds 5] [--duration-ms 1000] [--qd 1,32]`
@@ -120,12 +122,17 @@ if (import.meta.main) {
       const m = (name: ServerName, f: (s: RunSample) => number) => median(runs.get(name)!.map(f));
       const ratio = m("ours", (s) => s.iops) / m("theirs", (s) => s.iops);
       for (const name of ["ours", "theirs"] as const) {
+        const iops = runs.get(name)!.map((s) => s.iops / 1000);
         rows.push(
           `| QD${qd} | ${name === "ours" ? "our host" : "qemu-storage-daemon"} | ${
             (m(name, (s) => s.iops) / 1000).toFixed(1)
-          }k | ${m(name, (s) => s.p50Us).toFixed(0)} | ${m(name, (s) => s.p99Us).toFixed(0)} | ${
+          }k (${Math.min(...iops).toFixed(1)}-${Math.max(...iops).toFixed(1)}k) | ${
+            m(name, (s) => s.p50Us).toFixed(0)
+          } | ${m(name, (s) => s.p99Us).toFixed(0)} | ${
             m(name, (s) => s.serverCpuUsPerIo).toFixed(1)
-          } | ${name === "ours" ? ratio.toFixed(2) + "x" : ""} |`,
+          } | ${m(name, (s) => s.otherCores).toFixed(2)} | ${
+            name === "ours" ? ratio.toFixed(2) + "x" : ""
+          } |`,
         );
       }
       console.error(`QD${qd} done`);
@@ -133,8 +140,10 @@ if (import.meta.main) {
     console.log(
       `4 KiB randread, 1 queue, blkgen interrupt mode, ${rounds} rounds x ${durationMs} ms, medians`,
     );
-    console.log("| QD | NBD client | IOPS | p50 us | p99 us | server CPU us/IO | ours/qsd |");
-    console.log("| --- | --- | --- | --- | --- | --- | --- |");
+    console.log(
+      "| QD | NBD client | IOPS (range) | p50 us | p99 us | server CPU us/IO | qemu-nbd + rest (cores) | ours/qsd |",
+    );
+    console.log("| --- | --- | --- | --- | --- | --- | --- | --- |");
     for (const r of rows) console.log(r);
   } finally {
     for (const p of procs.reverse()) await p.stop("SIGTERM", 5_000).catch(() => {});

@@ -1,4 +1,5 @@
 import { NBD_DEFAULT_PORT, type NbdServerAddress } from "./nbd/nbd_address.ts";
+import { parseRbdFilename } from "./rbd_filename.ts";
 
 /**
  * How to open an image, in QEMU's -blockdev/-drive vocabulary. `cache`:
@@ -17,7 +18,7 @@ import { NBD_DEFAULT_PORT, type NbdServerAddress } from "./nbd/nbd_address.ts";
  */
 export interface BlockOptions {
   /** Protocol driver. */
-  driver: "file" | "null-co" | "null-aio" | "nbd";
+  driver: "file" | "null-co" | "null-aio" | "nbd" | "rbd";
   /** nbd: the server (`server.type=inet,server.host=H,server.port=P` or `server.type=unix,server.path=S`). */
   server?: NbdServerAddress;
   /** nbd: the export name (`export=`; default ""). */
@@ -26,6 +27,18 @@ export interface BlockOptions {
   reconnectDelay?: number;
   /** Image path (file driver). */
   filename?: string;
+  /** rbd: RADOS pool. */
+  pool?: string;
+  /** rbd: image name. */
+  image?: string;
+  /** rbd: RADOS namespace. */
+  namespace?: string;
+  /** rbd: ceph.conf path. */
+  conf?: string;
+  /** rbd: client id without "client.". */
+  user?: string;
+  /** rbd: more librados options (the legacy filename's other key=value pairs). */
+  rbdConf?: Record<string, string>;
   /** Size in bytes (null drivers). */
   size?: number;
   /** Format driver (default raw). qcow2 needs driver=file. */
@@ -57,7 +70,7 @@ export interface BlockOptions {
 }
 
 const ENUMS: Record<string, readonly string[]> = {
-  driver: ["file", "null-co", "null-aio", "nbd"],
+  driver: ["file", "null-co", "null-aio", "nbd", "rbd"],
   format: ["raw", "qcow2"],
   cache: ["none", "writeback", "unsafe"],
   aio: ["threads", "native", "io_uring"],
@@ -127,6 +140,15 @@ export function parseBlockOptions(spec: string): BlockOptions {
     } else out[key] = value;
   }
   if (Object.keys(server).length > 0) out.server = nbdServerFromKeys(server);
+  if (typeof out.filename === "string" && out.filename.startsWith("rbd:")) {
+    if (out.driver !== undefined && out.driver !== "rbd") {
+      throw new TypeError(`an rbd: filename needs driver=rbd, not ${out.driver}`);
+    }
+    const rbd = parseRbdFilename(out.filename);
+    delete out.filename;
+    const { confOptions, ...rest } = rbd;
+    Object.assign(out, { driver: "rbd", ...rest }, confOptions ? { rbdConf: confOptions } : {});
+  }
   if (out.driver === undefined) out.driver = "file";
   return validateBlockOptions(out);
 }
@@ -161,6 +183,12 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
     "server",
     "exportName",
     "reconnectDelay",
+    "pool",
+    "image",
+    "namespace",
+    "conf",
+    "user",
+    "rbdConf",
   ]);
   for (const [k, v] of Object.entries(o)) {
     if (!known.has(k)) throw new TypeError(`unknown block option ${k}`);
@@ -190,6 +218,21 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
   }
   if (o.driver === "file" && typeof o.filename !== "string") {
     throw new TypeError("block option filename is required for driver=file");
+  }
+  if (o.driver === "rbd") {
+    for (const k of ["pool", "image"]) {
+      if (typeof o[k] !== "string" || o[k] === "") {
+        throw new TypeError(`block option ${k} is required for driver=rbd`);
+      }
+    }
+    const kv = o.rbdConf;
+    if (
+      kv !== undefined &&
+      (typeof kv !== "object" || kv === null ||
+        !Object.values(kv).every((v) => typeof v === "string"))
+    ) {
+      throw new TypeError("block option rbdConf: expected string values");
+    }
   }
   if (o.format === "qcow2") {
     if (o.driver !== "file") throw new TypeError("format qcow2 needs driver=file");

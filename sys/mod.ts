@@ -28,3 +28,4 @@ export * from "./sched.ts";
 export * from "./resident.ts";
 export * from "./kvm.ts";
 export * from "./tcp.ts";
+export * from "./rbd.ts";

@@ -12,8 +12,8 @@ const IOV_MAX_SYS = 1024;
  * with gathered sendmsg calls (a write handler takes over after a partial
  * send). Non-blocking throughout: nothing here waits.
  *
- * Two ways to consume what arrives: {@link readExact} (the handshake, a
- * Promise per message) or {@link onData} (transmission: a parser that
+ * Two ways to consume what arrives: {@link read} (the handshake, a
+ * callback per message) or {@link onData} (transmission: a parser that
  * consumes `rbuf[rstart, rend)` synchronously in the read handler).
  *
  * The first failure (EOF, a socket error, or {@link fail} from a parser)
@@ -94,15 +94,24 @@ export class NbdChannel {
     return this.rend - this.rstart;
   }
 
-  /** Resolves with the next `n` bytes (a copy); n must fit the buffer. Handshake only. */
+  /** Resolves with the next `n` bytes (a copy); n must fit the buffer. See {@link read}. */
   readExact(n: number): Promise<Uint8Array> {
-    if (n > RECV_BUFFER) return Promise.reject(new RangeError(`readExact: ${n} bytes`));
-    if (this.#closed) return Promise.reject(new NbdError("closed", "connection closed"));
-    if (this.buffered >= n) return Promise.resolve(this.#take(n));
-    return new Promise((resolve, reject) => {
-      this.#waiter = { n, resolve, reject };
-      this.#compact(n);
-    });
+    return new Promise((resolve, reject) => this.read(n, resolve, reject));
+  }
+
+  /**
+   * Calls `cb` with the next `n` bytes (a copy) once they are here, at once
+   * when they already are; `err` when the channel fails or closes first.
+   * Callbacks rather than a Promise: an IOThread's loop runs promise
+   * continuations only between polls, so a chain of awaits could stall
+   * while the loop waits for events. Handshake only: one read at a time.
+   */
+  read(n: number, cb: (b: Uint8Array) => void, err: (e: Error) => void): void {
+    if (n > RECV_BUFFER) return err(new RangeError(`read: ${n} bytes`));
+    if (this.#closed) return err(new NbdError("closed", "connection closed"));
+    if (this.buffered >= n) return cb(this.#take(n));
+    this.#waiter = { n, resolve: cb, reject: err };
+    this.#compact(n);
   }
 
   /** Queues a JS buffer (kept alive until sent) and flushes. */

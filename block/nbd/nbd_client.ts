@@ -25,7 +25,7 @@ import type { BlockCompletion } from "../block_driver.ts";
 import { describeNbdServer, type NbdServerAddress } from "./nbd_address.ts";
 import { NbdChannel } from "./nbd_channel.ts";
 import { NbdError } from "./nbd_error.ts";
-import { type NbdExportInfo, nbdReceiveNegotiate } from "./nbd_handshake.ts";
+import { type NbdExportInfo, negotiate } from "./nbd_handshake.ts";
 import { copyToQiov, fillQiov } from "./qiov_range.ts";
 import {
   encodeNbdRequest,
@@ -202,8 +202,8 @@ export class NbdClient {
   #nextCookie = 1;
   #plugged = 0;
   readonly #delayTimer: AioTimer;
-  #sleep: { timer: AioTimer; resolve: () => void } | null = null;
-  #reconnecting = false;
+  readonly #retryTimer: AioTimer;
+  #backoffMs = RECONNECT_BACKOFF_MIN_MS;
   /** The channel of a connection attempt under way (closed by close()). */
   #attempt: NbdChannel | null = null;
   // Reply parser state.
@@ -227,6 +227,7 @@ export class NbdClient {
     this.info = info;
     this.#structured = info.structuredReply;
     this.#delayTimer = ctx.timerNew(() => this.#delayExpired());
+    this.#retryTimer = ctx.timerNew(() => this.#attemptReconnect());
     this.#ch = ch;
     this.#attach(ch);
   }
@@ -236,17 +237,22 @@ export class NbdClient {
    * an IOThread's loop does; on the main thread use `pollAsync`). Throws
    * SysError (ECONNREFUSED, ENOENT...), AddressError or {@link NbdError}.
    */
-  static async connect(ctx: AioContext, opts: NbdClientOptions): Promise<NbdClient> {
-    let client: NbdClient | null = null;
-    const { ch, info } = await establish(
-      ctx,
-      opts,
-      (ch, e) => {
-        if (client) client.#channelFailed(ch, e);
-      },
-    );
-    client = new NbdClient(ctx, opts, ch, info);
-    return client;
+  static connect(ctx: AioContext, opts: NbdClientOptions): Promise<NbdClient> {
+    return new Promise((resolve, reject) => {
+      let client: NbdClient | null = null;
+      establish(
+        ctx,
+        opts,
+        (ch, e) => {
+          if (client) client.#channelFailed(ch, e);
+        },
+        (ch, info) => {
+          client = new NbdClient(ctx, opts, ch, info);
+          resolve(client);
+        },
+        reject,
+      );
+    });
   }
 
   /** Connection state. */
@@ -312,7 +318,7 @@ export class NbdClient {
     if (this.#state === "quit") return Promise.resolve();
     this.#state = "quit";
     this.#delayTimer.del();
-    this.#wakeSleep();
+    this.#retryTimer.del();
     this.#attempt?.close();
     this.#attempt = null;
     const ch = this.#ch;
@@ -600,7 +606,8 @@ export class NbdClient {
       this.#state = "connecting-wait";
       this.#delayTimer.modNs(this.#ctx.now() + delay * 1e9);
     } else this.#delayExpired();
-    this.#reconnectLoop();
+    this.#backoffMs = RECONNECT_BACKOFF_MIN_MS;
+    this.#attemptReconnect();
   }
 
   /** reconnect-delay is over: waiting requests fail, new ones fail fast. */
@@ -612,49 +619,48 @@ export class NbdClient {
     for (const s of w) this.#complete(s, -EIO);
   }
 
-  async #reconnectLoop(): Promise<void> {
-    if (this.#reconnecting) return;
-    this.#reconnecting = true;
-    let backoff = RECONNECT_BACKOFF_MIN_MS;
-    try {
-      while (this.#state === "connecting-wait" || this.#state === "connecting-nowait") {
-        try {
-          const { ch, info } = await establish(
-            this.#ctx,
-            this.#opts,
-            (c, e) => this.#channelFailed(c, e),
-            (c) => this.#attempt = c,
-          );
-          this.#attempt = null;
-          if (this.#quit()) {
-            ch.close();
-            return;
-          }
-          const why = this.#incompatible(info);
-          if (why) {
-            ch.close();
-            throw new NbdError("protocol", why);
-          }
-          this.#structured = info.structuredReply;
-          this.#ch = ch;
-          this.#state = "connected";
-          this.#delayTimer.del();
-          this.reconnects++;
-          this.resent += Math.min(this.#waiting.length, this.#maxInFlight);
-          this.#attach(ch);
-          this.#pump();
-          return;
-        } catch (e) {
-          this.#attempt = null;
-          this.lastError = e as Error;
-        }
-        if (this.#quit()) return;
-        await this.#sleepMs(backoff);
-        backoff = Math.min(backoff * 2, RECONNECT_BACKOFF_MAX_MS);
-      }
-    } finally {
-      this.#reconnecting = false;
+  /**
+   * One reconnection attempt (callbacks only: it runs inside the context's
+   * poll); on failure the retry timer tries again after a backoff of 100 ms
+   * doubling to 1 s.
+   */
+  #attemptReconnect(): void {
+    if (this.#state !== "connecting-wait" && this.#state !== "connecting-nowait") return;
+    if (this.#attempt) return;
+    establish(
+      this.#ctx,
+      this.#opts,
+      (c, e) => this.#channelFailed(c, e),
+      (ch, info) => this.#reconnected(ch, info),
+      (e) => this.#attemptFailed(e),
+      (c) => this.#attempt = c,
+    );
+  }
+
+  #attemptFailed(e: Error): void {
+    this.#attempt = null;
+    this.lastError = e;
+    if (this.#state === "quit") return;
+    this.#retryTimer.modNs(this.#ctx.now() + this.#backoffMs * 1e6);
+    this.#backoffMs = Math.min(this.#backoffMs * 2, RECONNECT_BACKOFF_MAX_MS);
+  }
+
+  #reconnected(ch: NbdChannel, info: NbdExportInfo): void {
+    this.#attempt = null;
+    if (this.#state === "quit") return ch.close();
+    const why = this.#incompatible(info);
+    if (why) {
+      ch.close();
+      return this.#attemptFailed(new NbdError("protocol", why));
     }
+    this.#structured = info.structuredReply;
+    this.#ch = ch;
+    this.#state = "connected";
+    this.#delayTimer.del();
+    this.reconnects++;
+    this.resent += Math.min(this.#waiting.length, this.#maxInFlight);
+    this.#attach(ch);
+    this.#pump();
   }
 
   /** Why a reconnection's export cannot replace the first one (QEMU checks the same). */
@@ -668,63 +674,50 @@ export class NbdClient {
     }
     return null;
   }
-
-  /** Whether close() ran (also while an attempt was awaited). */
-  #quit(): boolean {
-    return this.#state === "quit";
-  }
-
-  #sleepMs(ms: number): Promise<void> {
-    return new Promise((resolve) => {
-      const timer = this.#ctx.timerNew(() => this.#wakeSleep());
-      this.#sleep = { timer, resolve };
-      timer.modNs(this.#ctx.now() + ms * 1e6);
-    });
-  }
-
-  #wakeSleep(): void {
-    const s = this.#sleep;
-    this.#sleep = null;
-    s?.timer.del();
-    s?.resolve();
-  }
 }
 
 /**
  * One connection attempt: a non-blocking connect, then the handshake over
- * an {@link NbdChannel}, bounded by the connect timeout.
+ * an {@link NbdChannel}, bounded by the connect timeout; `done` or `fail`
+ * is called (possibly before this returns, for an immediate connect error).
  */
-async function establish(
+function establish(
   ctx: AioContext,
   opts: NbdClientOptions,
   onError: (ch: NbdChannel, e: Error) => void,
+  done: (ch: NbdChannel, info: NbdExportInfo) => void,
+  fail: (e: Error) => void,
   onChannel?: (ch: NbdChannel) => void,
-): Promise<{ ch: NbdChannel; info: NbdExportInfo }> {
-  const fd = startConnect(opts.server);
-  let ch: NbdChannel | null = null;
+): void {
+  let fd: number;
   try {
-    ch = new NbdChannel(ctx, fd, (e) => onError(ch!, e));
+    fd = startConnect(opts.server);
+  } catch (e) {
+    return fail(e as Error);
+  }
+  let ch: NbdChannel;
+  try {
+    ch = new NbdChannel(ctx, fd, (e) => onError(ch, e));
   } catch (e) {
     close(fd);
-    throw e;
+    return fail(e as Error);
   }
   onChannel?.(ch);
   const timeout = (opts.connectTimeout ?? 10) * 1e9;
   const timer = ctx.timerNew(() =>
-    ch!.fail(
+    ch.fail(
       new NbdError("timeout", `no NBD handshake with ${describeNbdServer(opts.server)} in time`),
     )
   );
   timer.modNs(ctx.now() + timeout);
-  try {
-    const info = await nbdReceiveNegotiate(ch, opts.exportName ?? "");
-    return { ch, info };
-  } catch (e) {
-    ch.close();
-    throw e;
-  } finally {
+  negotiate(ch, opts.exportName ?? "", (info) => {
     timer.del();
-  }
+    done(ch, info);
+  }, (e) => {
+    timer.del();
+    ch.close();
+    fail(e);
+  });
 }
 
 /** socket + non-blocking connect (may still be in progress: errors show on the fd). */

@@ -12,6 +12,7 @@ import {
   NBD_CMD_TRIM,
   NBD_CMD_WRITE,
   NBD_CMD_WRITE_ZEROES,
+  NBD_FLAG_CAN_MULTI_CONN,
   NBD_FLAG_SEND_FLUSH,
   NBD_FLAG_SEND_FUA,
   NBD_FLAG_SEND_TRIM,
@@ -74,6 +75,15 @@ export class NbdDriver implements BlockDriver {
   /** The export's size. */
   get length(): number {
     return this.client.info.size;
+  }
+
+  /**
+   * Whether the server allows several connections to one export
+   * (NBD_FLAG_CAN_MULTI_CONN): a flush on one connection then covers the
+   * writes completed on all of them. Each IOThread opens its own connection.
+   */
+  get canMultiConn(): boolean {
+    return (this.client.info.flags & NBD_FLAG_CAN_MULTI_CONN) !== 0;
   }
 
   /** Whether the server exports read-only. */

@@ -75,11 +75,72 @@ function isPow2(n: number): boolean {
  * const f: typeof nbdReceiveNegotiate = nbdReceiveNegotiate;
  * ```
  */
-export async function nbdReceiveNegotiate(
+export function nbdReceiveNegotiate(
   ch: NbdChannel,
   exportName: string,
 ): Promise<NbdExportInfo> {
-  const greet = await ch.readExact(18);
+  return new Promise((resolve, reject) => negotiate(ch, exportName, resolve, reject));
+}
+
+/**
+ * Runs the handshake on `ch` and calls `done` with what it learnt, or `fail`
+ * with an {@link NbdError} / SysError. Driven by the channel's callbacks
+ * only (no Promise on the way), so it progresses inside an IOThread's poll.
+ *
+ * @example
+ * ```ts
+ * import { negotiate } from "./nbd_handshake.ts";
+ * // Runs over an NbdChannel whose peer is an NBD server (see the tests).
+ * const f: typeof negotiate = negotiate;
+ * ```
+ */
+export function negotiate(
+  ch: NbdChannel,
+  exportName: string,
+  done: (info: NbdExportInfo) => void,
+  fail: (e: Error) => void,
+): void {
+  const gen = negotiation(ch, exportName);
+  let settled = false;
+  const finish = (e: Error | null, info?: NbdExportInfo) => {
+    if (settled) return;
+    settled = true;
+    if (e) fail(e);
+    else done(info!);
+  };
+  const step = (input: Uint8Array | undefined): void => {
+    // Each read that is already buffered completes inside ch.read: loop
+    // instead of recursing once per message.
+    let next: IteratorResult<number, NbdExportInfo>;
+    try {
+      next = input === undefined ? gen.next() : gen.next(input);
+    } catch (e) {
+      return finish(e as Error);
+    }
+    for (;;) {
+      if (next.done) return finish(null, next.value);
+      let got: Uint8Array | null = null, waiting = true;
+      ch.read(next.value, (b) => {
+        if (waiting) got = b;
+        else step(b);
+      }, (e) => finish(e));
+      waiting = false;
+      if (got === null || settled) return;
+      try {
+        next = gen.next(got);
+      } catch (e) {
+        return finish(e as Error);
+      }
+    }
+  };
+  step(undefined);
+}
+
+function* negotiation(
+  ch: NbdChannel,
+  exportName: string,
+): Generator<number, NbdExportInfo, Uint8Array> {
+  const greet = yield 18;
   const gv = new DataView(greet.buffer);
   if (gv.getBigUint64(0) !== NBDMAGIC) throw new NbdError("protocol", "bad server magic");
   if (gv.getBigUint64(8) !== IHAVEOPT) {
@@ -99,7 +160,7 @@ export async function nbdReceiveNegotiate(
 
   // Structured replies: refused (NBD_REP_ERR_UNSUP) is fine, simple replies then.
   sendOption(ch, NBD_OPT_STRUCTURED_REPLY, new Uint8Array(0));
-  const sr = await readOptionReply(ch, NBD_OPT_STRUCTURED_REPLY);
+  const sr = yield* readOptionReply(NBD_OPT_STRUCTURED_REPLY);
   let structuredReply = false;
   if (sr.type === NBD_REP_ACK) {
     if (sr.payload.length !== 0) throw new NbdError("protocol", "structured reply ACK with data");
@@ -120,7 +181,7 @@ export async function nbdReceiveNegotiate(
   let size = -1, flags = 0;
   let minBlock = 0, optBlock = 0, maxBlock = 0;
   for (;;) {
-    const r = await readOptionReply(ch, NBD_OPT_GO);
+    const r = yield* readOptionReply(NBD_OPT_GO);
     if (r.type === NBD_REP_ACK) break;
     if (r.type & NBD_REP_FLAG_ERROR) {
       const msg = textDecoder.decode(r.payload.subarray(0, NBD_MAX_STRING_SIZE));
@@ -187,11 +248,10 @@ function sendOption(ch: NbdChannel, option: number, payload: Uint8Array): void {
   ch.sendBytes(b);
 }
 
-async function readOptionReply(
-  ch: NbdChannel,
+function* readOptionReply(
   option: number,
-): Promise<{ type: number; payload: Uint8Array }> {
-  const h = decodeNbdOptionReplyHeader(await ch.readExact(NBD_OPTION_REPLY_HEADER_SIZE), 0);
+): Generator<number, { type: number; payload: Uint8Array }, Uint8Array> {
+  const h = decodeNbdOptionReplyHeader(yield NBD_OPTION_REPLY_HEADER_SIZE, 0);
   if (h.magic !== NBD_REP_MAGIC) throw new NbdError("protocol", "bad option reply magic");
   if (h.option !== option) {
     throw new NbdError("protocol", `reply for option ${h.option}, expected ${option}`);
@@ -199,7 +259,7 @@ async function readOptionReply(
   if (h.length > MAX_OPTION_REPLY) {
     throw new NbdError("protocol", `option reply of ${h.length} bytes`);
   }
-  const payload = h.length > 0 ? await ch.readExact(h.length) : new Uint8Array(0);
+  const payload = h.length > 0 ? yield h.length : new Uint8Array(0);
   return { type: h.type, payload };
 }
 

@@ -397,7 +397,9 @@ export class ThrottleGroup {
 
   #lock(): void {
     // Held for a few hundred instructions at most: spin, and give the CPU
-    // away now and then in case the holder was preempted (2 busy cores).
+    // away now and then in case the holder was preempted (2 busy cores). Not
+    // aio/'s futexLock: this state lives in memory the daemon mmapped
+    // (viewAt), not a SharedArrayBuffer, and Atomics.wait cannot sleep on that.
     for (let spins = 1; Atomics.compareExchange(this.#i, LOCK, 0, 1) !== 0; spins++) {
       if ((spins & 127) === 0) schedYield();
     }

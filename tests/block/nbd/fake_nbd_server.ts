@@ -31,6 +31,8 @@ export interface FakeServerOptions {
   greeting?: Uint8Array;
   /** Export size (default 1 MiB). */
   size?: number;
+  /** After the client's flags, send these bytes instead of negotiating, then hang up. */
+  afterFlags?: () => Uint8Array;
 }
 
 async function readN(conn: Deno.Conn, n: number): Promise<Uint8Array | null> {
@@ -61,6 +63,10 @@ export function fakeNbdServer(path: string, reply: FakeReply, opts: FakeServerOp
     gv.setUint16(16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
     await send(opts.greeting ?? greet);
     if (!await readN(conn, 4)) return;
+    if (opts.afterFlags) {
+      await send(opts.afterFlags());
+      return;
+    }
     for (;;) {
       const h = await readN(conn, 16);
       if (!h) return;

@@ -20,7 +20,7 @@ import {
   NbdError,
   type NbdRequest,
 } from "../../../block/mod.ts";
-import { EIO } from "../../../sys/mod.ts";
+import { EIO, SysError } from "../../../sys/mod.ts";
 import { runUntil } from "../helpers.ts";
 import { fakeNbdServer, type FakeReply } from "./fake_nbd_server.ts";
 
@@ -162,6 +162,41 @@ Deno.test("nbd: fuzz: any bytes as a reply complete the read (0 or -errno), neve
         },
       ),
       { numRuns: 40 },
+    );
+  } finally {
+    ctx.close();
+    await srv.close();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("nbd: fuzz: any option replies make the open fail with a typed error, never hang", async () => {
+  const dir = await Deno.makeTempDir();
+  let bytes = new Uint8Array(0);
+  const srv = fakeNbdServer(`${dir}/s`, () => Promise.resolve(), { afterFlags: () => bytes });
+  const ctx = new AioContext();
+  // A plausible reply header start (NBD_REP_MAGIC, option 8) so the fuzz reaches deeper checks.
+  const header = Uint8Array.from([0, 3, 0xe8, 0x89, 0x04, 0x55, 0x65, 0xa9, 0, 0, 0, 8]);
+  try {
+    await fc.assert(
+      fc.asyncProperty(
+        fc.boolean(),
+        fc.uint8Array({ maxLength: 96 }),
+        async (plausible, tail) => {
+          bytes = plausible ? Uint8Array.from([...header, ...tail]) : tail;
+          await assert.rejects(
+            runUntil(
+              ctx,
+              NbdDriver.open(ctx, {
+                server: { type: "unix", path: `${dir}/s` },
+                connectTimeout: 5,
+              }),
+            ),
+            (e) => e instanceof NbdError || e instanceof SysError,
+          );
+        },
+      ),
+      { numRuns: 60 },
     );
   } finally {
     ctx.close();

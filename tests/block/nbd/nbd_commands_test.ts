@@ -226,3 +226,32 @@ Deno.test({
     );
   },
 });
+
+Deno.test({
+  name: "nbd: TCP by name (localhost, getaddrinfo) and over IPv6 loopback (::1)",
+  ignore: noNbdkit,
+  async fn() {
+    for (const [listen, host] of [["127.0.0.1", "localhost"], ["::1", "::1"]]) {
+      await withServer(
+        () => startNbdkit({ port: freePort(), host: listen }, ["memory", "size=1M"]),
+        async (ctx, srv) => {
+          const d = await runUntil(
+            ctx,
+            NbdDriver.open(ctx, { server: { type: "inet", host, port: srv.port! } }),
+          );
+          const w = fillPattern(new Uint8Array(8192), 11), r = new Uint8Array(8192);
+          assert.equal(
+            await runUntil(ctx, io((cb) => d.pwritev(4096, IoVector.fromBuffers([w]), cb))),
+            0,
+          );
+          assert.equal(
+            await runUntil(ctx, io((cb) => d.preadv(4096, IoVector.fromBuffers([r]), cb))),
+            0,
+          );
+          assert.deepEqual(r, w);
+          await d.close();
+        },
+      );
+    }
+  },
+});

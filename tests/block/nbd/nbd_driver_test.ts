@@ -30,6 +30,7 @@ Deno.test({
       assert.equal(d.length, 4 * MiB);
       assert.equal(d.readOnly, false);
       assert.ok(d.client.info.structuredReply, "qemu-nbd negotiates structured replies");
+      assert.ok(d.canMultiConn, "qemu-nbd -e 8 advertises NBD_FLAG_CAN_MULTI_CONN");
       const buf = new Uint8Array(8192);
       const q = IoVector.fromBuffers([buf.subarray(0, 100), buf.subarray(100)]);
       assert.equal(await runUntil(ctx, io((cb) => d.preadv(MiB + 7, q, cb))), 0);

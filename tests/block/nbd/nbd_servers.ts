@@ -37,7 +37,7 @@ export function freePort(): number {
 
 async function waitReady(
   proc: Deno.ChildProcess,
-  where: { socket?: string; port?: number },
+  where: { socket?: string; port?: number; host?: string },
 ): Promise<void> {
   let exited = false;
   proc.status.then(() => exited = true);
@@ -46,7 +46,7 @@ async function waitReady(
     try {
       const c = where.socket
         ? await Deno.connect({ transport: "unix", path: where.socket })
-        : await Deno.connect({ hostname: "127.0.0.1", port: where.port! });
+        : await Deno.connect({ hostname: where.host ?? "127.0.0.1", port: where.port! });
       c.close();
       return;
     } catch {
@@ -59,7 +59,7 @@ async function waitReady(
 function server(
   cmd: string,
   args: string[],
-  where: { socket?: string; port?: number },
+  where: { socket?: string; port?: number; host?: string },
 ): Promise<NbdServer> {
   const proc = new Deno.Command(cmd, { args, stdout: "null", stderr: "null" }).spawn();
   const s: NbdServer = {
@@ -97,11 +97,11 @@ export function startQemuNbd(
 
 /** nbdkit in the foreground with `args` (plugin, filters, parameters). */
 export function startNbdkit(
-  where: { socket?: string; port?: number },
+  where: { socket?: string; port?: number; host?: string },
   args: string[],
 ): Promise<NbdServer> {
   const a = ["-f", "--exit-with-parent"];
   if (where.socket) a.push("-U", where.socket);
-  else a.push("-i", "127.0.0.1", "-p", String(where.port));
+  else a.push("-i", where.host ?? "127.0.0.1", "-p", String(where.port));
   return server("nbdkit", [...a, ...args], where);
 }

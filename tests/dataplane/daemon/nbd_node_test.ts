@@ -106,3 +106,81 @@ Deno.test({
     await Deno.remove(dir, { recursive: true });
   },
 });
+
+Deno.test({
+  name:
+    "daemon: nbd node with reconnect-delay=5, qemu-nbd killed and restarted under a front-end's writes",
+  ignore: !have("qemu-nbd"),
+  async fn() {
+    const dir = await makeScratchDir("daemon-nbd-reconnect");
+    const file = `${dir}/disk.img`, sock = `${dir}/nbd.sock`;
+    const BLOCK = 4096, BLOCKS = 256, QD = 8;
+    await Deno.writeFile(file, new Uint8Array(BLOCKS * BLOCK));
+    let srv = await startQemuNbd(file, { socket: sock });
+    const d = new StorageDaemon();
+    let c: VhostUserBlkClient | null = null;
+    try {
+      d.blockdevAdd({
+        driver: "nbd",
+        "node-name": "n0",
+        server: { type: "unix", path: sock },
+        export: "disk",
+        "reconnect-delay": 5,
+      }, false);
+      await d.exportAdd({
+        id: "e0",
+        nodeName: "n0",
+        addr: { type: "unix", path: `${dir}/e0.sock` },
+        writable: true,
+        writethrough: false,
+        numQueues: 1,
+        logicalBlockSize: 512,
+      });
+      c = await VhostUserBlkClient.connect(`${dir}/e0.sock`);
+      const q = c.queues[0];
+      const model = new Uint8Array(BLOCKS * BLOCK);
+      let n = 0, completed = 0, bad = 0, stop = false;
+      const issue = (slot: number) => {
+        const blk = n % BLOCKS, seed = ++n & 0xff;
+        q.data(slot).fill(seed, 0, BLOCK);
+        model.fill(seed, blk * BLOCK, (blk + 1) * BLOCK);
+        q.write(slot, blk * BLOCK, BLOCK);
+      };
+      q.onComplete = (slot, status) => {
+        completed++;
+        if (status !== 0) bad++;
+        if (!stop) issue(slot);
+      };
+      for (let s = 0; s < QD; s++) issue(s);
+      q.notify();
+      const t0 = Date.now();
+      let killed = false, restarted = false, atKill = 0;
+      while (completed < n) {
+        const now = Date.now() - t0;
+        if (!killed && now > 300) {
+          killed = true;
+          atKill = completed;
+          await srv.kill();
+        }
+        if (killed && !restarted && now > 1300) {
+          restarted = true;
+          srv = await startQemuNbd(file, { socket: sock });
+        }
+        if (now > 2500) stop = true;
+        await c.waitAsync(50);
+        q.reap();
+        q.notify();
+        if (now > 20_000) throw new Error("writes did not finish");
+      }
+      assert.ok(atKill > 0 && atKill < completed, "writes ran before and after the outage");
+      assert.equal(bad, 0, "no write failed inside the reconnect delay");
+      assert.equal(await c.execute(0, (qq) => qq.flush(0)), 0);
+      assert.deepEqual(await Deno.readFile(file), model);
+    } finally {
+      await c?.close();
+      await d.stop();
+      await srv.kill();
+    }
+    await Deno.remove(dir, { recursive: true });
+  },
+});
