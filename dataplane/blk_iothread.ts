@@ -15,7 +15,7 @@
  */
 
 import type { AioContext } from "../aio/mod.ts";
-import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
+import { BlockBackend, type BlockOptions, RangeLockTable, ThrottleGroup } from "../block/mod.ts";
 import { eventfdWrite, type IsolateHeap, isolateHeap, kvmIrqLine, threadId } from "../sys/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
@@ -104,6 +104,8 @@ export interface BlkThreadData {
   rangeLocks?: SharedArrayBuffer;
   /** A writable qcow2 image's Qcow2SharedState (one owner of its metadata). */
   qcow2?: SharedArrayBuffer;
+  /** The host's `--throttle` group (THROTTLE_GROUP_BYTES, initialised), joined by every thread. */
+  throttle?: SharedArrayBuffer;
   /**
    * The device's interrupt status word (4 bytes; DataPlaneOptions `isr`),
    * for a transport whose guest reads it (virtio-mmio under vm/).
@@ -143,8 +145,9 @@ export async function blkOpen(
   const { export: key, ...opts } = args;
   // The thread's shared table belongs to the host's one image; other exports get their own.
   const rangeLocks = data?.rangeLocks && !key ? new RangeLockTable(data.rangeLocks) : undefined;
+  const throttleGroup = data?.throttle && !key ? new ThrottleGroup(data.throttle) : undefined;
   const qcow2Shared = data?.qcow2 && !key ? data.qcow2 : undefined;
-  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared });
+  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared, throttleGroup });
   if (s.blk !== null) {
     await blk.close();
     throw new Error("virtio-blk IOThread: image already open");

@@ -1,6 +1,14 @@
 import { parseArgs } from "node:util";
 import { DEFAULT_MAX_QUEUE_SIZE, VIRTQUEUE_MAX_SIZE } from "../virtio/mod.ts";
-import { type NbdServerAddress, parseNbdUri, parseRbdFilename } from "../block/mod.ts";
+import {
+  type NbdServerAddress,
+  parseNbdUri,
+  parseRbdFilename,
+  THROTTLE_BUCKETS,
+  type ThrottleConfig,
+  throttleConfigInit,
+  throttleIsValid,
+} from "../block/mod.ts";
 
 /** Block-layer options as the host passes them to every IOThread's BlockBackend. */
 export interface HostBlockOptions {
@@ -54,6 +62,8 @@ export interface HostOptions {
    * the request is sound: for reconnect tests.
    */
   testBreakRing?: number;
+  /** `--throttle`: I/O limits over the whole export (all its IOThreads), as a QEMU throttle group. */
+  throttle?: ThrottleConfig;
   help: boolean;
 }
 
@@ -107,6 +117,9 @@ cloud-hypervisor --disk vhost_user=on).
   --aio-max-batch N        most requests per native/io_uring
                            submission (1..1024)                     [4]
   --socket-mode MODE       octal mode of the socket file            [0600]
+  --throttle LIMITS        I/O limits over the export, as a QEMU throttle group:
+                           iops-total=N,bps-total=N,... (also -read, -write,
+                           -max, -max-length, iops-size)
   --test-hold-completions EVERY:MS
                            tests only: hold every EVERY-th completion
                            back MS ms (out-of-order completion)
@@ -209,6 +222,7 @@ export function parseHostArgs(
         "socket-mode": { type: "string" },
         "test-hold-completions": { type: "string" },
         "test-break-ring": { type: "string" },
+        throttle: { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -353,9 +367,11 @@ export function parseHostArgs(
       throw new UsageError("--test-break-ring takes EVERY (1..1000000)");
     }
   }
+  const throttle = v.throttle === undefined ? undefined : parseThrottle(v.throttle);
   return {
     ...(testHoldCompletions ? { testHoldCompletions } : {}),
     ...(testBreakRing ? { testBreakRing } : {}),
+    ...(throttle ? { throttle } : {}),
     block,
     socket: v.socket ?? "",
     socketMode,
@@ -368,6 +384,43 @@ export function parseHostArgs(
     aioMaxBatch,
     help: false,
   };
+}
+
+/**
+ * Parses `--throttle` LIMITS: comma-separated `NAME=N` with QEMU's
+ * ThrottleLimits names (`iops-total`, `bps-read-max`,
+ * `iops-write-max-length`, `iops-size`, ...), checked as QEMU's
+ * throttle_is_valid.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { parseThrottle } from "./host_options.ts";
+ * const c = parseThrottle("iops-total=500,bps-total=1048576");
+ * assert.equal(c.buckets["iops-total"].avg, 500);
+ * assert.throws(() => parseThrottle("iops-total-max=5"), /--throttle: bps_max\/iops_max require/);
+ * ```
+ */
+export function parseThrottle(text: string): ThrottleConfig {
+  const c = throttleConfigInit();
+  for (const item of text.split(",")) {
+    const m = /^([a-z-]+)=(\d+)$/.exec(item);
+    if (!m) {
+      throw new UsageError(`--throttle takes NAME=N,... (such as iops-total=500), not '${item}'`);
+    }
+    const [, name, value] = m;
+    const n = Number(value);
+    const bucket = THROTTLE_BUCKETS.find((b) => name.startsWith(b));
+    if (name === "iops-size") c.iopsSize = n;
+    else if (bucket === name) c.buckets[bucket].avg = n;
+    else if (bucket !== undefined && name === `${bucket}-max`) c.buckets[bucket].max = n;
+    else if (bucket !== undefined && name === `${bucket}-max-length`) {
+      c.buckets[bucket].burstLength = n;
+    } else throw new UsageError(`--throttle: unknown limit '${name}'`);
+  }
+  const err = throttleIsValid(c);
+  if (err !== null) throw new UsageError(`--throttle: ${err}`);
+  return c;
 }
 
 function defaults(): HostOptions {
