@@ -281,7 +281,7 @@ export class NbdBlockExport implements NbdServedExport {
     return this.#connections;
   }
 
-  attach(fd: number, structured: boolean): void {
+  attach(fd: number, structured: boolean, baseAllocation = false): void {
     if (this.#stopped !== null) {
       close(fd);
       return;
@@ -289,7 +289,7 @@ export class NbdBlockExport implements NbdServedExport {
     this.#clients++;
     this.#connections++;
     this.#log(`export ${this.spec.id}: NBD client #${this.#connections} connected`);
-    this.#thread.call("nbdClientAdd", { fd, structured }).catch((e: Error) => {
+    this.#thread.call("nbdClientAdd", { fd, structured, baseAllocation }).catch((e: Error) => {
       this.#clients--;
       this.#log(`export ${this.spec.id}: NBD client lost: ${e.message}`);
     });

@@ -41,6 +41,7 @@ import {
   NBD_REP_ERR_UNSUP,
   NBD_REP_INFO,
   NBD_REP_MAGIC,
+  NBD_REP_META_CONTEXT,
   NBD_REP_SERVER,
   NBDMAGIC,
 } from "../../block/mod.ts";
@@ -51,6 +52,10 @@ import { NbdSocketIo } from "./nbd_socket_io.ts";
 export const NBD_MAX_OPTION_LENGTH = 4 * NBD_MAX_STRING_SIZE;
 /** Default bound on options per connection. */
 export const NBD_MAX_OPTIONS = 256;
+/** The meta context the export offers. */
+export const BASE_ALLOCATION = "base:allocation";
+/** The id it is known by in NBD_REP_META_CONTEXT and block status chunks. */
+export const NBD_BASE_ALLOCATION_ID = 1;
 /** Default handshake deadline (QEMU's handshake-max-seconds is 10). */
 export const NBD_HANDSHAKE_TIMEOUT_MS = 10_000;
 
@@ -106,6 +111,8 @@ export interface NbdHandshakeResult {
   fd: number;
   exportName: string;
   structured: boolean;
+  /** `base:allocation` was selected (id {@link NBD_BASE_ALLOCATION_ID}) for this export. */
+  baseAllocation?: boolean;
 }
 
 /**
@@ -176,6 +183,8 @@ export class NbdHandshake {
   #options = 0;
   #noZeroes = false;
   #structured = false;
+  /** The export base:allocation was selected for by SET_META_CONTEXT. */
+  #baseAllocationFor: string | null = null;
   #done = false;
   /** GO or EXPORT_NAME answered: the last replies are being sent. */
   #finishing = false;
@@ -417,7 +426,11 @@ export class NbdHandshake {
     if (opt === NBD_OPT_GO) this.#finish(name);
   }
 
-  /** No meta contexts are offered: a well-formed query is answered with ACK alone. */
+  /**
+   * The one meta context offered is `base:allocation` (every extent is
+   * reported as data: nothing below tells holes apart); LIST answers it for
+   * no query or a `base:` query, SET selects it for the named export.
+   */
   #metaContext(opt: number, p: Uint8Array): void {
     if (opt === NBD_OPT_SET_META_CONTEXT && !this.#structured) {
       throw new OptionInvalid("NBD_OPT_SET_META_CONTEXT needs structured replies first");
@@ -429,15 +442,27 @@ export class NbdHandshake {
     if (4 + nameLen + 4 > p.byteLength) throw new OptionInvalid("option data too short");
     const n = v.getUint32(4 + nameLen);
     let at = 8 + nameLen;
+    const queries: string[] = [];
     for (let i = 0; i < n; i++) {
       if (at + 4 > p.byteLength) throw new OptionInvalid("option data too short");
       const len = v.getUint32(at);
-      this.#string(p, at + 4, len);
+      queries.push(this.#string(p, at + 4, len));
       at += 4 + len;
     }
     if (at !== p.byteLength) throw new OptionInvalid("option data longer than its queries");
     if (this.#exports.lookup(name) === undefined) {
       return this.#error(opt, NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
+    }
+    const match = opt === NBD_OPT_LIST_META_CONTEXT
+      ? n === 0 || queries.some((q) => q === "base:" || q === BASE_ALLOCATION)
+      : queries.includes(BASE_ALLOCATION);
+    if (opt === NBD_OPT_SET_META_CONTEXT) this.#baseAllocationFor = match ? name : null;
+    if (match) {
+      const nb = encoder.encode(BASE_ALLOCATION);
+      const b = new Uint8Array(4 + nb.byteLength);
+      new DataView(b.buffer).setUint32(0, NBD_BASE_ALLOCATION_ID);
+      b.set(nb, 4);
+      this.#reply(opt, NBD_REP_META_CONTEXT, b);
     }
     this.#reply(opt, NBD_REP_ACK);
   }
@@ -450,7 +475,12 @@ export class NbdHandshake {
       this.#done = true;
       this.#timer.del();
       const fd = this.#io.detach();
-      this.#opts.onDone({ fd, exportName: name, structured: this.#structured }, "");
+      this.#opts.onDone({
+        fd,
+        exportName: name,
+        structured: this.#structured,
+        baseAllocation: this.#structured && this.#baseAllocationFor === name,
+      }, "");
     });
   }
 }

@@ -109,7 +109,7 @@ export async function nbdOpen(
  */
 export function nbdClientAdd(
   ctx: AioContext,
-  args: { export: string; fd: number; structured: boolean },
+  args: { export: string; fd: number; structured: boolean; baseAllocation?: boolean },
 ): void {
   const s = exports.get(args.export);
   if (s === undefined) {
@@ -118,6 +118,7 @@ export function nbdClientAdd(
   }
   const session: NbdSession = new NbdSession(ctx, args.fd, s.blk, {
     structured: args.structured,
+    baseAllocation: args.baseAllocation ?? false,
     readOnly: s.readOnly,
     onClose: (reason) => {
       s.sessions.delete(session);

@@ -69,7 +69,7 @@ export interface NbdServedExport {
   /** Clients it serves now. */
   readonly clients: number;
   /** Takes over a client's fd (its handshake picked this export). */
-  attach(fd: number, structured: boolean): void;
+  attach(fd: number, structured: boolean, baseAllocation?: boolean): void;
 }
 
 /** Handshakes in progress at once, whatever max-connections says (memory bound). */
@@ -211,7 +211,7 @@ export class NbdServer {
             close(r.fd);
             return;
           }
-          exp.attach(r.fd, r.structured);
+          exp.attach(r.fd, r.structured, r.baseAllocation ?? false);
         },
       });
       this.#handshakes.add(hs);

@@ -20,12 +20,14 @@ import type { AioContext, BottomHalf } from "../../aio/mod.ts";
 import {
   type BlockBackend,
   IoVector,
+  NBD_CMD_BLOCK_STATUS,
   NBD_CMD_CACHE,
   NBD_CMD_DISC,
   NBD_CMD_FLAG_DF,
   NBD_CMD_FLAG_FAST_ZERO,
   NBD_CMD_FLAG_FUA,
   NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
   NBD_CMD_FLUSH,
   NBD_CMD_READ,
   NBD_CMD_TRIM,
@@ -36,6 +38,7 @@ import {
   NBD_ENOTSUP,
   NBD_EPERM,
   NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
   NBD_REPLY_TYPE_ERROR,
   NBD_REPLY_TYPE_NONE,
   NBD_REPLY_TYPE_OFFSET_DATA,
@@ -48,6 +51,7 @@ import { addressOf, recvInto, WOULD_BLOCK } from "../../sys/mod.ts";
 import { NbdBufferPool } from "./nbd_buffer_pool.ts";
 import { nbdErrnoOf } from "./nbd_errno.ts";
 import { NbdSocketIo } from "./nbd_socket_io.ts";
+import { NBD_BASE_ALLOCATION_ID } from "./nbd_handshake.ts";
 
 /** Largest read or write payload (QEMU's NBD_MAX_BUFFER_SIZE, 32 MiB). */
 export const NBD_MAX_PAYLOAD = 32 * 1024 * 1024;
@@ -76,6 +80,8 @@ const RECV_BUFFER = 64 * 1024;
 export interface NbdSessionOptions {
   /** NBD_OPT_STRUCTURED_REPLY was negotiated. */
   structured: boolean;
+  /** `base:allocation` was selected: NBD_CMD_BLOCK_STATUS is answered. */
+  baseAllocation?: boolean;
   /** The export is read-only: writes, trims and write-zeroes get EPERM. */
   readOnly: boolean;
   /** Called once when the connection is closed and nothing is in flight. */
@@ -379,12 +385,15 @@ export class NbdSession {
     let valid = NBD_CMD_FLAG_FUA;
     if (t === NBD_CMD_READ && this.#opts.structured) valid |= NBD_CMD_FLAG_DF;
     else if (t === NBD_CMD_WRITE_ZEROES) valid |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
+    else if (t === NBD_CMD_BLOCK_STATUS) valid |= NBD_CMD_FLAG_REQ_ONE;
     if (t === NBD_CMD_FLUSH) return s.flags & ~valid ? NBD_EINVAL : 0;
-    if (
+    if (t === NBD_CMD_BLOCK_STATUS) {
+      if (!this.#opts.baseAllocation || s.length === 0) return NBD_EINVAL;
+    } else if (
       t !== NBD_CMD_READ && t !== NBD_CMD_WRITE && t !== NBD_CMD_TRIM &&
       t !== NBD_CMD_WRITE_ZEROES && t !== NBD_CMD_CACHE
     ) {
-      return NBD_EINVAL; // unknown, or BLOCK_STATUS with no meta context negotiated
+      return NBD_EINVAL; // unknown
     }
     if ((t === NBD_CMD_READ || t === NBD_CMD_CACHE) && s.length > NBD_MAX_PAYLOAD) {
       return NBD_EINVAL;
@@ -431,9 +440,35 @@ export class NbdSession {
         if (s.length === 0) return this.#reply(s, 0);
         blk.aioPwriteZeroes(s.offset, s.length, (s.flags & NBD_CMD_FLAG_NO_HOLE) === 0, s.done);
         return;
+      case NBD_CMD_BLOCK_STATUS:
+        this.#blockStatus(s);
+        return;
       default: // NBD_CMD_CACHE: a hint; nothing is cached here
         this.#reply(s, 0);
     }
+  }
+
+  /**
+   * One base:allocation extent over the whole range, flags 0 ("data, not
+   * known to read as zeroes"): true of every range, since no driver below
+   * reports allocation (QEMU says the same of a driver without block status).
+   */
+  #blockStatus(s: RequestSlot): void {
+    if (this.#dead) {
+      this.release(s);
+      return;
+    }
+    const v = s.hv;
+    v.setUint32(0, NBD_STRUCTURED_REPLY_MAGIC);
+    v.setUint16(4, NBD_REPLY_FLAG_DONE);
+    v.setUint16(6, NBD_REPLY_TYPE_BLOCK_STATUS);
+    s.hdr.set(s.cookie, 8);
+    v.setUint32(16, 12);
+    v.setUint32(20, NBD_BASE_ALLOCATION_ID);
+    v.setUint32(24, s.length);
+    v.setUint32(28, 0);
+    this.#io.queue(s.hdr, s.release);
+    this.#io.flush();
   }
 
   /** Block-layer completion of a request. */

@@ -189,9 +189,10 @@ Deno.test("NBD transmission (fast-check): any request stream; every reply well f
     await fc.assert(
       fc.asyncProperty(
         fc.boolean(),
+        fc.boolean(),
         fc.array(request, { minLength: 1, maxLength: 16 }),
-        async (structured, reqs) => {
-          const { client: c } = await RawNbdClient.go(sock, "rw", structured);
+        async (structured, baseAllocation, reqs) => {
+          const { client: c } = await RawNbdClient.go(sock, "rw", structured, baseAllocation);
           const lengths = new Map<bigint, { type: number; length: number }>();
           try {
             const parts: Uint8Array[] = [];

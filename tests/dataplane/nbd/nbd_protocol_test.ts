@@ -31,6 +31,7 @@ import {
   NBD_OPT_ABORT,
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_EXTENDED_HEADERS,
+  NBD_OPT_GO,
   NBD_OPT_INFO,
   NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT,
@@ -42,8 +43,10 @@ import {
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
   NBD_REP_INFO,
+  NBD_REP_META_CONTEXT,
   NBD_REP_SERVER,
   NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
   NBD_REPLY_TYPE_ERROR,
   NBD_REPLY_TYPE_NONE,
   NBD_REPLY_TYPE_OFFSET_DATA,
@@ -194,7 +197,7 @@ Deno.test("NBD handshake: INFO, LIST, unknown and malformed options, meta contex
         assert.equal(r.option, opt);
         assert.equal(r.type, NBD_REP_ERR_UNSUP);
       }
-      // Meta contexts: SET needs structured replies first; none is offered.
+      // Meta contexts: SET needs structured replies first; base:allocation is offered.
       await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("rw", ["base:allocation"]));
       assert.equal((await c.readOptionReply())!.type, NBD_REP_ERR_INVALID);
       await c.sendOption(NBD_OPT_STRUCTURED_REPLY, new Uint8Array(1));
@@ -203,10 +206,26 @@ Deno.test("NBD handshake: INFO, LIST, unknown and malformed options, meta contex
       assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
       await c.sendOption(NBD_OPT_STRUCTURED_REPLY);
       assert.equal((await c.readOptionReply())!.type, NBD_REP_ERR_INVALID);
+      const contexts = async () => {
+        const names: string[] = [];
+        for (;;) {
+          const r = (await c.readOptionReply())!;
+          if (r.type === NBD_REP_ACK) return names;
+          assert.equal(r.type, NBD_REP_META_CONTEXT);
+          assert.equal(new DataView(r.payload.buffer).getUint32(0), 1); // its id
+          names.push(new TextDecoder().decode(r.payload.subarray(4)));
+        }
+      };
       await c.sendOption(NBD_OPT_LIST_META_CONTEXT, metaPayload("rw", []));
-      assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
+      assert.deepEqual(await contexts(), ["base:allocation"]);
+      await c.sendOption(NBD_OPT_LIST_META_CONTEXT, metaPayload("rw", ["base:"]));
+      assert.deepEqual(await contexts(), ["base:allocation"]);
+      await c.sendOption(NBD_OPT_LIST_META_CONTEXT, metaPayload("rw", ["qemu:dirty-bitmap:"]));
+      assert.deepEqual(await contexts(), []);
       await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("rw", ["base:allocation"]));
-      assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
+      assert.deepEqual(await contexts(), ["base:allocation"]);
+      await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("rw", ["base:"]));
+      assert.deepEqual(await contexts(), []);
       await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("nope", []));
       assert.equal((await c.readOptionReply())!.type, NBD_REP_ERR_UNKNOWN);
       const truncated = metaPayload("rw", ["base:allocation"]);
@@ -386,6 +405,42 @@ Deno.test("NBD transmission: the protocol's errors, and the connection survives 
     await stillServing(sock);
     const st = await d.nbdExports.get("rw")!.stats();
     assert(st.errors >= 12);
+  });
+});
+
+Deno.test("NBD transmission: NBD_CMD_BLOCK_STATUS with base:allocation selected", async () => {
+  await withDaemon(async (_d, sock) => {
+    const c = await RawNbdClient.open(sock);
+    try {
+      await c.sendOption(NBD_OPT_STRUCTURED_REPLY);
+      assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
+      await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("rw", ["base:allocation"]));
+      assert.equal((await c.readOptionReply())!.type, NBD_REP_META_CONTEXT);
+      assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
+      await c.sendOption(NBD_OPT_GO, infoPayload("rw", []));
+      while ((await c.readOptionReply())!.type !== NBD_REP_ACK) { /* infos */ }
+      const R = RawNbdClient.request;
+      await c.write(R(NBD_CMD_BLOCK_STATUS, { cookie: 1n, offset: 4096n, length: 65536 }));
+      const r = (await c.readReply())!;
+      assert.equal(r.type, NBD_REPLY_TYPE_BLOCK_STATUS);
+      assert.equal(r.flags, NBD_REPLY_FLAG_DONE);
+      const v = new DataView(r.payload.buffer);
+      assert.deepEqual([v.getUint32(0), v.getUint32(4), v.getUint32(8)], [1, 65536, 0]);
+      for (
+        const [cookie, req] of [
+          [2n, R(NBD_CMD_BLOCK_STATUS, { cookie: 2n, offset: BigInt(SIZE), length: 1 })],
+          [3n, R(NBD_CMD_BLOCK_STATUS, { cookie: 3n, length: 0 })],
+          [4n, R(NBD_CMD_BLOCK_STATUS, { cookie: 4n, flags: NBD_CMD_FLAG_NO_HOLE, length: 1 })],
+        ] as const
+      ) {
+        await c.write(req);
+        const e = (await c.readReply())!;
+        assert.equal(e.cookie, cookie);
+        assert.equal(e.error, NBD_EINVAL);
+      }
+    } finally {
+      c.close();
+    }
   });
 });
 

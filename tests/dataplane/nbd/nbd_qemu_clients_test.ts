@@ -73,6 +73,17 @@ Deno.test("NBD export: qemu-img info, convert and compare over a Unix socket", a
     await addFileExport(d, "dst", `${dir}/dst.raw`, true);
     const info = JSON.parse(await ok("qemu-img", ["info", "--output=json", uri("dst")]));
     assert.equal(info["virtual-size"], SIZE);
+    // qemu-img map asks base:allocation: one data extent over the whole export.
+    const map = JSON.parse(await ok("qemu-img", ["map", "--output=json", "-f", "raw", uri("dst")]));
+    assert.deepEqual(
+      map.map((e: { start: number; length: number; data: boolean; zero: boolean }) => [
+        e.start,
+        e.length,
+        e.data,
+        e.zero,
+      ]),
+      [[0, SIZE, true, false]],
+    );
     await ok("qemu-img", ["convert", "-n", "-f", "raw", "-O", "raw", `${dir}/src.raw`, uri("dst")]);
     const cmp = await ok("qemu-img", [
       "compare",

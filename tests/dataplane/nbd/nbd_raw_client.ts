@@ -9,6 +9,7 @@
 import {
   IHAVEOPT,
   NBD_OPT_GO,
+  NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
   NBD_REP_INFO,
@@ -73,12 +74,26 @@ export class RawNbdClient {
     path: string,
     name: string,
     structured = true,
+    baseAllocation = false,
   ): Promise<{ client: RawNbdClient; size: bigint; flags: number }> {
     const c = await RawNbdClient.open(path);
     if (structured) {
       await c.sendOption(NBD_OPT_STRUCTURED_REPLY);
       const r = await c.readOptionReply();
       if (r?.type !== NBD_REP_ACK) throw new ProtocolViolation("no structured replies");
+    }
+    if (structured && baseAllocation) {
+      const enc = new TextEncoder();
+      const nb = enc.encode(name), q = enc.encode("base:allocation");
+      const p = new Uint8Array(4 + nb.length + 4 + 4 + q.length);
+      const v = new DataView(p.buffer);
+      v.setUint32(0, nb.length);
+      p.set(nb, 4);
+      v.setUint32(4 + nb.length, 1);
+      v.setUint32(8 + nb.length, q.length);
+      p.set(q, 12 + nb.length);
+      await c.sendOption(NBD_OPT_SET_META_CONTEXT, p);
+      while ((await c.readOptionReply())?.type !== NBD_REP_ACK) { /* the context */ }
     }
     const nb = new TextEncoder().encode(name);
     const p = new Uint8Array(4 + nb.length + 2);
