@@ -47,6 +47,8 @@ export interface NbdExportSpec {
   description: string;
   /** Default false, as qemu-storage-daemon. */
   writable: boolean;
+  /** Flush every write before its reply (QEMU: the export's write cache off). */
+  writethrough?: boolean;
   iothread?: string;
 }
 
@@ -80,7 +82,7 @@ export function parseNbdExport(obj: OptionObject, keyval: boolean): NbdExportSpe
     throw new DaemonError("description too long to send to clients");
   }
   const writable = input.bool("writable") ?? false;
-  input.bool("writethrough"); // every write is acknowledged after the block layer's; FUA flushes
+  const writethrough = input.bool("writethrough") ?? false;
   input.bool("fixed-iothread"); // an export never moves between IOThreads here
   const iothread = input.str("iothread");
   const bitmaps = input.raw("bitmaps");
@@ -92,6 +94,7 @@ export function parseNbdExport(obj: OptionObject, keyval: boolean): NbdExportSpe
   }
   input.end();
   const spec: NbdExportSpec = { id, nodeName, name, description, writable };
+  if (writethrough) spec.writethrough = true;
   if (iothread !== undefined) spec.iothread = iothread;
   return spec;
 }
@@ -244,6 +247,7 @@ export class NbdBlockExport implements NbdServedExport {
         ...block,
         readOnly,
         clientGoneFd: clientGone.fd,
+        writethrough: spec.writethrough ?? false,
       });
       const exp = new NbdBlockExport(
         spec,

@@ -17,6 +17,7 @@ import { NbdSession, type NbdSessionStats } from "./nbd_session.ts";
 interface NbdExportState {
   blk: BlockBackend;
   readOnly: boolean;
+  writethrough: boolean;
   sessions: Set<NbdSession>;
   /** Counters of sessions that ended. */
   past: NbdSessionStats;
@@ -78,9 +79,9 @@ function need(args: { export: string }): NbdExportState {
  */
 export async function nbdOpen(
   ctx: AioContext,
-  args: BlockOptions & { export: string; clientGoneFd?: number },
+  args: BlockOptions & { export: string; clientGoneFd?: number; writethrough?: boolean },
 ): Promise<NbdImageInfo> {
-  const { export: key, clientGoneFd, ...opts } = args;
+  const { export: key, clientGoneFd, writethrough, ...opts } = args;
   if (exports.has(key)) throw new Error(`NBD IOThread: export '${key}' is already open`);
   const blk = await BlockBackend.open(ctx, opts);
   if (exports.has(key)) {
@@ -90,6 +91,7 @@ export async function nbdOpen(
   exports.set(key, {
     blk,
     readOnly: blk.readOnly,
+    writethrough: writethrough ?? false,
     sessions: new Set(),
     past: { requests: 0, errors: 0, bytesRead: 0, bytesWritten: 0, readPauses: 0 },
     clientGoneFd: clientGoneFd ?? null,
@@ -120,6 +122,7 @@ export function nbdClientAdd(
     structured: args.structured,
     baseAllocation: args.baseAllocation ?? false,
     readOnly: s.readOnly,
+    writethrough: s.writethrough,
     onClose: (reason) => {
       s.sessions.delete(session);
       for (const k of Object.keys(s.past) as (keyof NbdSessionStats)[]) {

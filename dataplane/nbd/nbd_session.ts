@@ -82,6 +82,8 @@ export interface NbdSessionOptions {
   structured: boolean;
   /** `base:allocation` was selected: NBD_CMD_BLOCK_STATUS is answered. */
   baseAllocation?: boolean;
+  /** Every write, trim and write-zeroes is flushed before its reply (export `writethrough=on`). */
+  writethrough?: boolean;
   /** The export is read-only: writes, trims and write-zeroes get EPERM. */
   readOnly: boolean;
   /** Called once when the connection is closed and nothing is in flight. */
@@ -474,7 +476,8 @@ export class NbdSession {
   /** Block-layer completion of a request. */
   complete(s: RequestSlot, ret: number): void {
     if (
-      ret === 0 && (s.flags & NBD_CMD_FLAG_FUA) !== 0 && !s.fuaDone &&
+      ret === 0 && ((s.flags & NBD_CMD_FLAG_FUA) !== 0 || this.#opts.writethrough) &&
+      !s.fuaDone &&
       (s.type === NBD_CMD_WRITE || s.type === NBD_CMD_TRIM || s.type === NBD_CMD_WRITE_ZEROES)
     ) {
       s.fuaDone = true; // FUA: flush before the reply (QEMU's BDRV_REQ_FUA emulation)

@@ -61,7 +61,11 @@ export class NbdSocketIo {
   #closed = false;
   #fdClosed = false;
   readonly #iov = new BigUint64Array((IOV_BATCH * IOVEC.size) / 8);
+  /** {@link #iov} as 32-bit halves: addresses and lengths without BigInt allocation. */
+  readonly #iov32 = new Uint32Array(this.#iov.buffer);
   readonly #msghdr = new Uint8Array(MSGHDR.size);
+  /** msg_iovlen's low word (the high word stays 0). */
+  readonly #msghdrLen = new Uint32Array(this.#msghdr.buffer, MSGHDR.msg_iovlen, 1);
   #onDrained: (() => void) | null = null;
 
   constructor(
@@ -141,14 +145,17 @@ export class NbdSocketIo {
   flush(): boolean {
     while (this.#pendingBytes > 0 && !this.#closed) {
       const n = Math.min(this.#out.length - this.#head, IOV_BATCH);
-      const iov = this.#iov;
+      const iov = this.#iov32;
       for (let i = 0; i < n; i++) {
         const s = this.#out[this.#head + i];
         const skip = i === 0 ? this.#headSent : 0;
-        iov[2 * i] = BigInt(addressOf(s.buf) + skip);
-        iov[2 * i + 1] = BigInt(s.buf.byteLength - skip);
+        const addr = addressOf(s.buf) + skip;
+        iov[4 * i] = addr >>> 0;
+        iov[4 * i + 1] = Math.floor(addr / 0x100000000);
+        iov[4 * i + 2] = s.buf.byteLength - skip;
+        iov[4 * i + 3] = 0;
       }
-      new BigUint64Array(this.#msghdr.buffer)[MSGHDR.msg_iovlen / 8] = BigInt(n);
+      this.#msghdrLen[0] = n;
       let sent: number;
       try {
         sent = sendIov(this.fd, this.#msghdr);
