@@ -246,3 +246,54 @@ Deno.test("NBD export: nbd-client (kernel NBD) reads the export", async () => {
     }
   });
 });
+
+Deno.test("NBD export: QEMU itself (-blockdev driver=nbd) writes and reads through it", async () => {
+  const qemu = "qemu-system-x86_64";
+  try {
+    await new Deno.Command(qemu, { args: ["--version"], stdout: "null", stderr: "null" }).output();
+  } catch {
+    console.warn(`SKIPPED: ${qemu} is not installed (tools/setup.sh --test)`);
+    return;
+  }
+  await withExport(async (d, dir) => {
+    Deno.writeFileSync(`${dir}/v.raw`, new Uint8Array(SIZE).fill(0x24));
+    await addFileExport(d, "v", `${dir}/v.raw`, true);
+    const hmp = (cmd: string) =>
+      JSON.stringify({ execute: "human-monitor-command", arguments: { "command-line": cmd } });
+    const script = [
+      JSON.stringify({ execute: "qmp_capabilities" }),
+      hmp(`qemu-io n "write -P 0x42 4096 8192"`),
+      hmp(`qemu-io n "read -P 0x24 0 4096"`),
+      hmp(`qemu-io n "read -P 0x42 4096 8192"`),
+      JSON.stringify({ execute: "quit" }),
+    ].join("\n") + "\n";
+    const p = new Deno.Command(qemu, {
+      args: [
+        "-machine",
+        "none",
+        "-nographic",
+        "-nodefaults",
+        "-qmp",
+        "stdio",
+        "-blockdev",
+        `driver=nbd,server.type=unix,server.path=${dir}/nbd.sock,export=v,node-name=n`,
+      ],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const w = p.stdin.getWriter();
+    await w.write(new TextEncoder().encode(script));
+    await w.close();
+    const out = await p.output();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 0, text);
+    assert.doesNotMatch(text, /Pattern verification failed|error/i);
+    assert.equal(text.match(/read \d+\/\d+ bytes/g)?.length, 2, text);
+    const img = Deno.readFileSync(`${dir}/v.raw`);
+    assert.equal(img[4095], 0x24);
+    assert.equal(img[4096], 0x42);
+    assert.equal(img[4096 + 8191], 0x42);
+    assert.equal(img[4096 + 8192], 0x24);
+  });
+});
