@@ -6,9 +6,10 @@
  * or structured) straight from the request's buffer with gathered sendmsg.
  *
  * Bounded: at most `maxRequests` requests are between header and reply
- * sent, and reading stops while the output queue holds more than
- * `maxQueuedBytes` (a client that does not read its replies stops being
- * read: TCP flow control reaches it). A request larger than
+ * sent, and reading stops while their payload buffers or the output queue
+ * hold `maxQueuedBytes` or more (a client that does not read its replies
+ * stops being read: TCP flow control reaches it), so a connection holds at
+ * most `maxQueuedBytes` plus one maximal request. A request larger than
  * {@link NBD_MAX_PAYLOAD} is refused; a write that large drops the
  * connection after the error reply (its payload is not read). A bad magic
  * or a socket error ends the connection at once.
@@ -197,6 +198,8 @@ export class NbdSession {
   #cur: RequestSlot | null = null;
   #curFill = 0;
   #inUse = 0;
+  /** Payload buffer bytes held by requests in flight. */
+  #bufferedBytes = 0;
   #paused = false;
   /** No more requests are read (DISC, EOF, a fatal error or a stop). */
   #closing = false;
@@ -327,7 +330,10 @@ export class NbdSession {
 
   /** Backpressure: stop reading while too much is in flight or queued. */
   #overloaded(): boolean {
-    if (this.#inUse >= this.#maxRequests || this.#io.pendingBytes > this.#maxQueued) {
+    if (
+      this.#inUse >= this.#maxRequests || this.#bufferedBytes >= this.#maxQueued ||
+      this.#io.pendingBytes > this.#maxQueued
+    ) {
       if (!this.#paused) {
         this.#paused = true;
         this.stats.readPauses++;
@@ -378,6 +384,7 @@ export class NbdSession {
 
   #buffer(s: RequestSlot): void {
     s.pooled = this.#pool.get(s.length);
+    this.#bufferedBytes += s.pooled.byteLength;
     s.data = s.length === s.pooled.byteLength ? s.pooled : s.pooled.subarray(0, s.length);
   }
 
@@ -539,6 +546,7 @@ export class NbdSession {
   /** The reply of `s` is sent (or dropped): the slot and its buffer are free. */
   release(s: RequestSlot): void {
     if (s.pooled !== null) {
+      this.#bufferedBytes -= s.pooled.byteLength;
       this.#pool.put(s.pooled);
       s.pooled = null;
       s.data = null;
@@ -550,7 +558,8 @@ export class NbdSession {
       return;
     }
     if (
-      this.#paused && this.#inUse < this.#maxRequests && this.#io.pendingBytes <= this.#maxQueued
+      this.#paused && this.#inUse < this.#maxRequests &&
+      this.#bufferedBytes < this.#maxQueued && this.#io.pendingBytes <= this.#maxQueued
     ) {
       this.#paused = false;
       this.#io.setReading(true);

@@ -60,7 +60,10 @@ import { RawNbdClient } from "./nbd_raw_client.ts";
 const SIZE = 1 << 20;
 
 /** A daemon with a writable export "rw" (a file of 0x61 bytes) and a read-only one "ro". */
-async function withDaemon(fn: (d: StorageDaemon, sock: string, dir: string) => Promise<void>) {
+async function withDaemon(
+  fn: (d: StorageDaemon, sock: string, dir: string) => Promise<void>,
+  roSize = SIZE,
+) {
   const dir = await makeScratchDir("nbd-proto");
   const d = new StorageDaemon();
   try {
@@ -69,7 +72,7 @@ async function withDaemon(fn: (d: StorageDaemon, sock: string, dir: string) => P
     Deno.writeFileSync(`${dir}/rw.raw`, new Uint8Array(SIZE).fill(0x61));
     d.blockdevAdd({ driver: "file", "node-name": "rw", filename: `${dir}/rw.raw` }, true);
     d.blockdevAdd(
-      { driver: "null-co", "node-name": "ro", size: String(SIZE), "read-zeroes": "on" },
+      { driver: "null-co", "node-name": "ro", size: String(roSize), "read-zeroes": "on" },
       true,
     );
     await d.nbdExportAdd({
@@ -498,6 +501,29 @@ Deno.test("NBD transmission: many requests in flight, a client that does not rea
     assert(st.readPauses > 0, "reading paused at least once");
     c.close();
   });
+});
+
+Deno.test("NBD transmission: payload bytes in flight are bounded, not only the request count", async () => {
+  await withDaemon(async (d, sock) => {
+    const { client: c } = await RawNbdClient.go(sock, "ro");
+    // Eight 32 MiB reads (256 MiB of replies) sent at once, no reply read yet.
+    const reqs: Uint8Array[] = [];
+    for (let i = 0; i < 8; i++) {
+      reqs.push(RawNbdClient.request(NBD_CMD_READ, { cookie: BigInt(i), length: NBD_MAX_PAYLOAD }));
+    }
+    await c.write(concat(...reqs));
+    await new Promise((r) => setTimeout(r, 300));
+    const st = await d.nbdExports.get("ro")!.stats();
+    // 64 MiB of buffers, then one more request at most: reading stopped.
+    assert(st.requests <= 3, `${st.requests} requests taken in`);
+    assert(st.readPauses >= 1);
+    for (let i = 0; i < 8; i++) {
+      const r = (await c.readReply())!;
+      assert.equal(r.error, 0);
+      assert.equal(r.payload.length, 8 + NBD_MAX_PAYLOAD);
+    }
+    c.close();
+  }, 64 << 20);
 });
 
 function concat(...parts: Uint8Array[]): Uint8Array {

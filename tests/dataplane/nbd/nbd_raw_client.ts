@@ -128,12 +128,18 @@ export class RawNbdClient {
   /** Exactly `n` bytes, or null at end of stream (or after `timeoutMs`: throws). */
   async readExact(n: number, timeoutMs = 10_000): Promise<Uint8Array | null> {
     const deadline = Date.now() + timeoutMs;
-    while (this.#buf.length < n) {
+    const out = new Uint8Array(n);
+    let filled = Math.min(n, this.#buf.length);
+    out.set(this.#buf.subarray(0, filled));
+    this.#buf = this.#buf.subarray(filled);
+    while (filled < n) {
       if (this.#eof) return null;
-      const chunk = new Uint8Array(Math.max(65536, n - this.#buf.length));
+      // Small reads go through a chunk (what follows is kept); big ones land in place.
+      const direct = n - filled >= 65536;
+      const into = direct ? out.subarray(filled) : new Uint8Array(65536);
       let timer: ReturnType<typeof setTimeout> | undefined;
       const got = await Promise.race([
-        this.#conn.read(chunk).catch(() => null),
+        this.#conn.read(into).catch(() => null),
         new Promise<"timeout">((r) =>
           timer = setTimeout(() => r("timeout"), deadline - Date.now())
         ),
@@ -144,13 +150,15 @@ export class RawNbdClient {
         this.#eof = true;
         continue;
       }
-      const b = new Uint8Array(this.#buf.length + got);
-      b.set(this.#buf);
-      b.set(chunk.subarray(0, got), this.#buf.length);
-      this.#buf = b;
+      if (direct) {
+        filled += got;
+      } else {
+        const take = Math.min(got, n - filled);
+        out.set(into.subarray(0, take), filled);
+        filled += take;
+        this.#buf = into.slice(take, got);
+      }
     }
-    const out = this.#buf.slice(0, n);
-    this.#buf = this.#buf.subarray(n);
     return out;
   }
 
