@@ -21,6 +21,7 @@ import {
   NBD_FLAG_C_NO_ZEROES,
   NBD_FLAG_FIXED_NEWSTYLE,
   NBD_FLAG_NO_ZEROES,
+  NBD_FLAG_SEND_DF,
   NBD_INFO_BLOCK_SIZE,
   NBD_INFO_DESCRIPTION,
   NBD_INFO_EXPORT,
@@ -372,10 +373,15 @@ export class NbdHandshake {
     const b = new Uint8Array(10 + (this.#noZeroes ? 0 : 124));
     const v = new DataView(b.buffer);
     v.setBigUint64(0, BigInt(e.size));
-    v.setUint16(8, e.flags);
+    v.setUint16(8, this.#flags(e));
     this.#io.queue(b);
     this.#io.flush();
     this.#finish(name);
+  }
+
+  /** The export's transmission flags, plus SEND_DF with structured replies (as QEMU). */
+  #flags(e: NbdExportInfo): number {
+    return this.#structured ? e.flags | NBD_FLAG_SEND_DF : e.flags;
   }
 
   #infoOrGo(opt: number, p: Uint8Array): void {
@@ -420,7 +426,7 @@ export class NbdHandshake {
     const ev = new DataView(ex.buffer);
     ev.setUint16(0, NBD_INFO_EXPORT);
     ev.setBigUint64(2, BigInt(e.size));
-    ev.setUint16(10, e.flags);
+    ev.setUint16(10, this.#flags(e));
     this.#reply(opt, NBD_REP_INFO, ex);
     this.#reply(opt, NBD_REP_ACK);
     if (opt === NBD_OPT_GO) this.#finish(name);
