@@ -96,22 +96,25 @@ async function measure(kind: "ours" | "qsd", dir: string, rounds: number) {
       stderr: "null",
     });
   const proc = cmd.spawn();
+  const out: Record<string, number> = {};
+  let failure: unknown = null;
   try {
     await waitForExport(sock);
-    const out: Record<string, number> = {};
     for (const p of POINTS) {
       const runs: number[] = [];
       for (let i = 0; i < rounds; i++) runs.push(await qemuImgBench(sock, p));
       out[p.name] = median(runs);
     }
-    return out;
-  } finally {
-    try {
-      proc.kill("SIGKILL");
-    } catch { /* it exited: the status says how */ }
-    const st = await proc.status;
-    if (st.signal !== "SIGKILL") throw new Error(`${kind} exited early: ${JSON.stringify(st)}`);
+  } catch (e) {
+    failure = e;
   }
+  try {
+    proc.kill("SIGKILL");
+  } catch { /* it exited: the status says how */ }
+  const st = await proc.status;
+  if (st.signal !== "SIGKILL") throw new Error(`${kind} exited early: ${JSON.stringify(st)}`);
+  if (failure !== null) throw failure;
+  return out;
 }
 
 if (import.meta.main) {
