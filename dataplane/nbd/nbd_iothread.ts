@@ -84,6 +84,10 @@ export async function nbdOpen(
   const { export: key, clientGoneFd, writethrough, ...opts } = args;
   if (exports.has(key)) throw new Error(`NBD IOThread: export '${key}' is already open`);
   const blk = await BlockBackend.open(ctx, opts);
+  // A driver that can finish at once (null-co) may complete inside the
+  // submitting call, as QEMU's coroutine exports see it: the session's
+  // callbacks are safe there.
+  blk.setInlineCompletion(true);
   if (exports.has(key)) {
     await blk.close();
     throw new Error(`NBD IOThread: export '${key}' is already open`);

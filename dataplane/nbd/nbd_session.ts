@@ -201,6 +201,8 @@ export class NbdSession {
   /** Payload buffer bytes held by requests in flight. */
   #bufferedBytes = 0;
   #paused = false;
+  /** This wake-up's last recv was short: the socket is empty for now. */
+  #drained = false;
   /** No more requests are read (DISC, EOF, a fatal error or a stop). */
   #closing = false;
   /** Replies are dropped (the socket failed or the export stops). */
@@ -253,6 +255,7 @@ export class NbdSession {
 
   readonly #onReadable = (): void => {
     if (this.#closing) return;
+    this.#drained = false;
     this.#blk.ioPlug();
     try {
       this.#readRequests();
@@ -276,7 +279,7 @@ export class NbdSession {
           this.#curFill += n;
         }
         if (this.#curFill < s.length) {
-          const n = this.#recv(() => recvInto(fd, data, this.#curFill, s.length - this.#curFill));
+          const n = this.#recv(fd, data, this.#curFill, s.length - this.#curFill);
           if (n <= 0) return;
           this.#curFill += n;
           continue;
@@ -297,9 +300,7 @@ export class NbdSession {
         this.#rEnd -= this.#rStart;
         this.#rStart = 0;
       }
-      const n = this.#recv(() =>
-        recvInto(fd, this.#rbuf, this.#rEnd, this.#rbuf.byteLength - this.#rEnd)
-      );
+      const n = this.#recv(fd, this.#rbuf, this.#rEnd, this.#rbuf.byteLength - this.#rEnd);
       if (n <= 0) return;
       this.#rEnd += n;
     }
@@ -307,16 +308,26 @@ export class NbdSession {
     if (budget === 0 && !this.#closing) this.#resume.schedule();
   }
 
-  /** A recv: >0 bytes; 0 when it would block or the peer closed (then closing). */
-  #recv(call: () => number): number {
+  /**
+   * A recv: >0 bytes; 0 when it would block or the peer closed (then
+   * closing). A short read means the socket was empty: the next recv of this
+   * wake-up is skipped (it would only say EAGAIN; POLLIN comes again for
+   * anything that arrives meanwhile). Hot path: no allocation.
+   */
+  #recv(fd: number, buf: Uint8Array, off: number, len: number): number {
+    if (this.#drained) return 0;
     let n: number;
     try {
-      n = call();
+      n = recvInto(fd, buf, off, len);
     } catch (e) {
       this.#fatal(`receive failed: ${(e as Error).message}`);
       return 0;
     }
-    if (n === WOULD_BLOCK) return 0;
+    if (n === WOULD_BLOCK) {
+      this.#drained = true;
+      return 0;
+    }
+    if (n < len) this.#drained = true;
     if (n === 0) {
       this.#beginClose(
         this.#cur !== null || this.#rEnd > this.#rStart
