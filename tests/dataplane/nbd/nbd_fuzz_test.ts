@@ -191,7 +191,8 @@ Deno.test("NBD transmission (fast-check): any request stream; every reply well f
         fc.boolean(),
         fc.boolean(),
         fc.array(request, { minLength: 1, maxLength: 16 }),
-        async (structured, baseAllocation, reqs) => {
+        fc.integer({ min: 1, max: 100 }),
+        async (structured, baseAllocation, reqs, chunk) => {
           const { client: c } = await RawNbdClient.go(sock, "rw", structured, baseAllocation);
           const lengths = new Map<bigint, { type: number; length: number }>();
           try {
@@ -215,7 +216,11 @@ Deno.test("NBD transmission (fast-check): any request stream; every reply well f
               if (r.badMagic || (r.type === NBD_CMD_WRITE && r.length > 4096)) break;
               if (r.type === NBD_CMD_DISC) break; // no reply, nothing after it is read
             }
-            await c.write(concat(parts));
+            // In random pieces: headers and payloads split across reads.
+            const bytes = concat(parts);
+            for (let at = 0; at < bytes.length; at += chunk) {
+              if (!await c.write(bytes.subarray(at, at + chunk))) break;
+            }
             await c.closeWrite();
             const answered = new Set<bigint>();
             // A simple reply to a READ carries the request's length of data.
