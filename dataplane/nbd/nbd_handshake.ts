@@ -187,6 +187,8 @@ export class NbdHandshake {
   /** The export base:allocation was selected for by SET_META_CONTEXT. */
   #baseAllocationFor: string | null = null;
   #done = false;
+  #constructing = false;
+  readonly #ctx: AioContext;
   /** GO or EXPORT_NAME answered: the last replies are being sent. */
   #finishing = false;
 
@@ -196,6 +198,7 @@ export class NbdHandshake {
     exports: NbdExportTable,
     opts: NbdHandshakeOptions,
   ) {
+    this.#ctx = ctx;
     this.#exports = exports;
     this.#opts = opts;
     this.#maxOptions = opts.maxOptions ?? NBD_MAX_OPTIONS;
@@ -208,8 +211,10 @@ export class NbdHandshake {
     v.setBigUint64(8, IHAVEOPT);
     v.setUint16(16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
     this.#io.queue(greeting);
-    this.#io.flush();
-    this.#io.setReading(true);
+    this.#constructing = true;
+    this.#io.flush(); // may fail at once (a client that reset): onDone comes later
+    this.#constructing = false;
+    if (!this.#done) this.#io.setReading(true);
   }
 
   /** Closes the connection (server stopping). */
@@ -222,7 +227,9 @@ export class NbdHandshake {
     this.#done = true;
     this.#timer.del();
     this.#io.close();
-    this.#opts.onDone(null, reason);
+    // Never from inside the constructor: the caller does not hold the object yet.
+    if (this.#constructing) this.#ctx.scheduleOneshot(() => this.#opts.onDone(null, reason));
+    else this.#opts.onDone(null, reason);
   }
 
   #onReadable(): void {

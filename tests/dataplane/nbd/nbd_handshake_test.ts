@@ -51,6 +51,26 @@ Deno.test("NBD handshake: a client leaving mid-option is dropped at once", () =>
   ctx.close();
 });
 
+Deno.test("NBD handshake: a client gone before the greeting is reported later, not from the constructor", () => {
+  const ctx = new AioContext();
+  const [srv, cli] = socketpair(SOCK_NONBLOCK);
+  close(cli); // the greeting's send fails with EPIPE
+  const done: string[] = [];
+  let constructed = false;
+  new NbdHandshake(ctx, srv, NO_EXPORTS, {
+    onDone: (r, reason) => {
+      assert(constructed, "onDone ran inside the constructor");
+      done.push(r === null ? reason : "ok");
+    },
+  });
+  constructed = true;
+  const t0 = Date.now();
+  while (done.length === 0 && Date.now() - t0 < 2000) ctx.poll(true);
+  assert.equal(done.length, 1);
+  assert.match(done[0], /EPIPE|ECONNRESET/);
+  ctx.close();
+});
+
 Deno.test("NBD server: max-connections refuses the client over the limit", async () => {
   const dir = await makeScratchDir("nbd-max");
   const d = new StorageDaemon();
