@@ -153,7 +153,7 @@ Deno.test("NBD handshake (fast-check): any option stream; well-formed replies; t
           c.close();
         }
       }),
-      { numRuns: 100 },
+      { numRuns: 300 },
     );
     await waitNoConnections(d);
     await stillServing(sock);
@@ -251,7 +251,7 @@ Deno.test("NBD transmission (fast-check): any request stream; every reply well f
           }
         },
       ),
-      { numRuns: 100 },
+      { numRuns: 300 },
     );
     await waitNoConnections(d);
     await stillServing(sock);
