@@ -3,8 +3,8 @@
  * interface: our host (`dataplane/main.ts`, run as its own `./deno` process)
  * and qemu-storage-daemon (through the test harness). Both export the same
  * backend with one IOThread, may be pinned to the same CPUs (`taskset`), and
- * both report the CPU time of their whole process (every thread) from
- * `/proc/<pid>/stat`.
+ * both report the CPU time of their whole process (every thread): blkgen
+ * reads it from the process CPU clock over its window.
  *
  * @module
  */
@@ -40,6 +40,8 @@ export interface ServerConfig {
   socket: string;
   /** Pin every thread of the server to these CPUs (`taskset -c`, e.g. "0"); default not pinned. */
   cpus?: string;
+  /** The image's format for the file backends (default raw). */
+  format?: "raw" | "qcow2";
 }
 
 /** A started server. */
@@ -85,13 +87,14 @@ export function ourHostArgs(c: ServerConfig): string[] {
   // blkgen asks for a ring of 512 entries at QD128 without INDIRECT (3 descriptors a request).
   args.push("--queues", String(c.queues), "--iothreads", String(c.iothreads));
   args.push("--queue-size", "1024");
+  if (c.format === "qcow2") args.push("--format", "qcow2");
   return args;
 }
 
 /** The qsd block node for `c`; null-co reads leave the buffer alone, as our null-co does. */
 export function theirBlockdev(c: ServerConfig): QsdBlockdev {
   if (c.backend === "null-co") return { driver: "null-co", size: c.nullSize, readZeroes: false };
-  return { driver: "file", filename: c.image, cacheDirect: true, aio: c.backend };
+  return { driver: "file", filename: c.image, cacheDirect: true, aio: c.backend, format: c.format };
 }
 
 /** Our host as a child process: `./deno run -A dataplane/main.ts ...`. */

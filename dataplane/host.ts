@@ -8,7 +8,7 @@
  */
 
 import { AioContext, EventNotifier, IOThread } from "../aio/mod.ts";
-import { type BlockOptions, RangeLockTable } from "../block/mod.ts";
+import { type BlockOptions, Qcow2SharedState, RangeLockTable } from "../block/mod.ts";
 import { segMaxForQueueSize, type VirtioBlkOptions } from "../virtio/mod.ts";
 import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
 import type { HostOptions } from "./host_options.ts";
@@ -142,6 +142,10 @@ export async function startBlkIOThreads(
   // One range-lock table for the image, shared by every IOThread's driver:
   // read-modify-write cycles are serialised across all of them.
   const data: BlkThreadData = { ...extra, rangeLocks: RangeLockTable.create().shared };
+  // A writable qcow2: every IOThread's driver attaches; the first owns the metadata.
+  if (options.block.format === "qcow2" && !options.block.readOnly) {
+    data.qcow2 = Qcow2SharedState.create().shared;
+  }
   try {
     for (let i = 0; i < options.iothreads; i++) {
       threads.push(
@@ -171,6 +175,7 @@ export async function startBlkIOThreads(
         writeback: true,
         brokenNotifyFd,
         holdCompletions: options.testHoldCompletions ?? null,
+        breakRingEvery: options.testBreakRing ?? null,
       });
     }
     return { threads, device, image };

@@ -1,10 +1,15 @@
 import { parseArgs } from "node:util";
 import { DEFAULT_MAX_QUEUE_SIZE, VIRTQUEUE_MAX_SIZE } from "../virtio/mod.ts";
+import { type NbdServerAddress, parseNbdUri } from "../block/mod.ts";
 
 /** Block-layer options as the host passes them to every IOThread's BlockBackend. */
 export interface HostBlockOptions {
-  driver: "file" | "null-co" | "null-aio";
+  driver: "file" | "null-co" | "null-aio" | "nbd";
   filename?: string;
+  /** nbd (`--image nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`). */
+  server?: NbdServerAddress;
+  exportName?: string;
+  reconnectDelay?: number;
   size?: number;
   format: "raw" | "qcow2";
   /** qcow2: QEMU's l2-cache-size (per IOThread). */
@@ -35,6 +40,12 @@ export interface HostOptions {
    * used and an earlier one not). Never for production.
    */
   testHoldCompletions?: { every: number; ms: number };
+  /**
+   * Test-only (`--test-break-ring EVERY`): every EVERY-th request popped
+   * breaks its ring as a malformed chain would (the connection closes), though
+   * the request is sound: for reconnect tests.
+   */
+  testBreakRing?: number;
   help: boolean;
 }
 
@@ -63,10 +74,13 @@ Serve a disk image to a VM as a vhost-user-blk backend (QEMU vhost-user-blk-pci,
 cloud-hypervisor --disk vhost_user=on).
 
   --image IMAGE            raw image file or block device, or null-co:SIZE /
-                           null-aio:SIZE (e.g. null-co:1G) for the null driver
+                           null-aio:SIZE (e.g. null-co:1G) for the null driver,
+                           or an NBD export: nbd://HOST[:PORT]/EXPORT,
+                           nbd+unix:///EXPORT?socket=PATH
+  --reconnect-delay SECS   nbd: how long requests wait for a lost NBD
+                           server before failing with EIO           [0]
   --socket PATH            Unix socket to listen on (created mode 0600)
-  --format FORMAT          raw | qcow2 (never probed; a writable qcow2
-                           needs --iothreads 1)                    [raw]
+  --format FORMAT          raw | qcow2 (never probed)              [raw]
   --l2-cache-size SIZE     qcow2 L2 table cache per IOThread
                            [enough for the whole disk, at most 32M]
   --cache MODE             none (O_DIRECT) | writeback | unsafe   [writeback]
@@ -87,6 +101,9 @@ cloud-hypervisor --disk vhost_user=on).
   --test-hold-completions EVERY:MS
                            tests only: hold every EVERY-th completion
                            back MS ms (out-of-order completion)
+  --test-break-ring EVERY  tests only: every EVERY-th request breaks its
+                           ring as a malformed one would (connection
+                           closes; the request itself is sound)
   -h, --help               this text
 
 qemu-storage-daemon's command line is taken too (many exports, IOThread
@@ -168,6 +185,7 @@ export function parseHostArgs(
         socket: { type: "string" },
         format: { type: "string" },
         "l2-cache-size": { type: "string" },
+        "reconnect-delay": { type: "string" },
         cache: { type: "string" },
         aio: { type: "string" },
         "read-only": { type: "boolean" },
@@ -181,6 +199,7 @@ export function parseHostArgs(
         "aio-max-batch": { type: "string" },
         "socket-mode": { type: "string" },
         "test-hold-completions": { type: "string" },
+        "test-break-ring": { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -215,7 +234,32 @@ export function parseHostArgs(
     throw new UsageError("--l2-cache-size is a qcow2 option (--format qcow2)");
   }
   const l2CacheSize = v["l2-cache-size"] === undefined ? undefined : parseSize(v["l2-cache-size"]);
-  if (nullMatch) {
+  const nbdImage = /^nbds?(\+unix|\+tcp)?:\/\//.test(v.image);
+  if (!nbdImage && v["reconnect-delay"] !== undefined) {
+    throw new UsageError("--reconnect-delay is an option of nbd images (--image nbd://...)");
+  }
+  if (nbdImage) {
+    if (format === "qcow2") {
+      throw new UsageError("--format qcow2 over an NBD image is not supported");
+    }
+    let uri;
+    try {
+      uri = parseNbdUri(v.image);
+    } catch (e) {
+      throw new UsageError((e as Error).message);
+    }
+    block = {
+      driver: "nbd",
+      server: uri.server,
+      exportName: uri.exportName,
+      reconnectDelay: intOption("reconnect-delay", v["reconnect-delay"], 0, 0, 3600),
+      format,
+      cache,
+      aio,
+      readOnly,
+      discard,
+    };
+  } else if (nullMatch) {
     const size = parseSize(nullMatch[2]);
     if (size === 0 || size % 512 !== 0) {
       throw new UsageError(`null image size must be a non-zero multiple of 512`);
@@ -240,12 +284,6 @@ export function parseHostArgs(
   }
   const queues = intOption("queues", v.queues, 1, 1, 64);
   const iothreads = intOption("iothreads", v.iothreads, 1, 1, 64);
-  if (format === "qcow2" && !readOnly && Math.min(iothreads, queues) > 1) {
-    // Each IOThread has its own driver; only one may allocate clusters.
-    throw new UsageError(
-      "--format qcow2 without --read-only needs --iothreads 1 (one owner of the image's metadata)",
-    );
-  }
   // QEMU's VIRTQUEUE_MAX_SIZE by default: front-ends ask for 512-1024 entries.
   const queueSize = intOption(
     "queue-size",
@@ -285,8 +323,16 @@ export function parseHostArgs(
     }
     testHoldCompletions = { every, ms };
   }
+  let testBreakRing: number | undefined;
+  if (v["test-break-ring"] !== undefined) {
+    testBreakRing = Number(v["test-break-ring"]);
+    if (!/^\d+$/.test(v["test-break-ring"]) || testBreakRing < 1 || testBreakRing > 1e6) {
+      throw new UsageError("--test-break-ring takes EVERY (1..1000000)");
+    }
+  }
   return {
     ...(testHoldCompletions ? { testHoldCompletions } : {}),
+    ...(testBreakRing ? { testBreakRing } : {}),
     block,
     socket: v.socket ?? "",
     socketMode,

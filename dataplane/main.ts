@@ -15,6 +15,7 @@
  */
 
 import { releaseExecutablePages } from "../sys/mod.ts";
+import { describeNbdServer } from "../block/mod.ts";
 import { formatStats, VhostUserBlkHost } from "./host.ts";
 import { HOST_USAGE, type HostOptions, parseHostArgs, UsageError } from "./host_options.ts";
 import { DAEMON_OPTION_NAMES } from "./daemon/daemon_args.ts";
@@ -39,7 +40,11 @@ function log(line: string): void {
 
 function describe(o: HostOptions, host: VhostUserBlkHost): string {
   const b = o.block;
-  const image = b.driver === "file" ? b.filename : `${b.driver}:${b.size}`;
+  const image = b.driver === "file"
+    ? b.filename
+    : b.driver === "nbd"
+    ? `nbd export '${b.exportName}' at ${describeNbdServer(b.server!)}`
+    : `${b.driver}:${b.size}`;
   const gib = (host.image.length / 2 ** 30).toFixed(2);
   return `serving ${image} (${gib} GiB, ${b.format}, cache=${b.cache}, aio=${b.aio}` +
     `${b.readOnly ? ", read-only" : ""}) on ${o.socket}: ${o.queues} queue(s) over ` +

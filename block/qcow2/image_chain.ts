@@ -25,6 +25,8 @@ export interface Qcow2ImageOptions {
   readOnly: boolean;
   /** QEMU's l2-cache-size, for every qcow2 image of the chain. */
   l2CacheSize?: number;
+  /** The top image's {@link Qcow2SharedState} memory (several writing IOThreads). */
+  shared?: SharedArrayBuffer;
 }
 
 /**
@@ -90,6 +92,7 @@ async function openLayer(
     return await Qcow2Driver.open(ctx, file, {
       readOnly,
       l2CacheSize: opts.l2CacheSize,
+      shared: depth === 0 ? opts.shared : undefined,
       openBacking: (name, fmt) => {
         if (name.startsWith("json:")) {
           throw new Qcow2Error("Unsupported", `backing file name ${name} (json: filenames)`);

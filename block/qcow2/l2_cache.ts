@@ -42,12 +42,26 @@ export class L2Cache {
   readonly #load: L2TableLoader;
   readonly #tables = new Map<number, DataView>();
   readonly #pending = new Map<number, Waiter[]>();
+  /** The version each cached table was read or put at (shared images only). */
+  readonly #versions = new Map<number, number>();
+  readonly #version: ((offset: number) => number) | null;
   #mru = -1;
   /** Lookups that found the table, and reads started. */
   hits = 0;
   misses = 0;
 
-  constructor(capacity: number, tableBytes: number, load: L2TableLoader) {
+  /**
+   * `version` (an image written by several threads): the current version of
+   * the table at an offset; a cached table whose version moved since it was
+   * read or put is stale, and {@link lookup} misses it.
+   */
+  constructor(
+    capacity: number,
+    tableBytes: number,
+    load: L2TableLoader,
+    version?: (offset: number) => number,
+  ) {
+    this.#version = version ?? null;
     if (!Number.isInteger(capacity) || capacity < 1) {
       throw new RangeError(`L2Cache: bad capacity ${capacity}`);
     }
@@ -65,6 +79,12 @@ export class L2Cache {
   lookup(offset: number): DataView | undefined {
     const t = this.#tables.get(offset);
     if (t === undefined) return undefined;
+    if (this.#version !== null && this.#versions.get(offset) !== this.#version(offset)) {
+      this.#tables.delete(offset);
+      this.#versions.delete(offset);
+      if (this.#mru === offset) this.#mru = -1;
+      return undefined;
+    }
     this.hits++;
     if (this.#mru !== offset) {
       this.#tables.delete(offset);
@@ -83,12 +103,14 @@ export class L2Cache {
     }
     this.misses++;
     this.#pending.set(offset, [cb]);
+    // Sampled before the read: a change during it makes the copy stale.
+    const version = this.#version === null ? 0 : this.#version(offset);
     this.#load(offset, this.#tableBytes, (ret, table) => {
       const waiters = this.#pending.get(offset)!;
       this.#pending.delete(offset);
       // A table put() meanwhile is newer than what was read: keep it.
       const cur = this.#tables.get(offset);
-      if (ret === 0 && table !== null && cur === undefined) this.#insert(offset, table);
+      if (ret === 0 && table !== null && cur === undefined) this.#insert(offset, table, version);
       const t = cur ?? table;
       for (const w of waiters) w(ret, ret === 0 ? t : null);
     });
@@ -100,22 +122,25 @@ export class L2Cache {
    * that completes later does not replace it.
    */
   put(offset: number, table: DataView): void {
-    this.#insert(offset, table);
+    this.#insert(offset, table, this.#version === null ? 0 : this.#version(offset));
   }
 
   /** Drops every table (none may be loading). */
   clear(): void {
     this.#tables.clear();
+    this.#versions.clear();
     this.#mru = -1;
   }
 
-  #insert(offset: number, table: DataView): void {
+  #insert(offset: number, table: DataView, version: number): void {
     this.#tables.delete(offset);
     while (this.#tables.size >= this.capacity) {
       const oldest = this.#tables.keys().next().value!;
       this.#tables.delete(oldest);
+      this.#versions.delete(oldest);
     }
     this.#tables.set(offset, table);
+    if (this.#version !== null) this.#versions.set(offset, version);
     this.#mru = offset;
   }
 }

@@ -1,5 +1,5 @@
 import zlib from "node:zlib";
-import type { AioContext } from "../../aio/mod.ts";
+import { type AioContext, EventNotifier } from "../../aio/mod.ts";
 import { addressOf, EIO, EROFS } from "../../sys/mod.ts";
 import { IoVector } from "../io_vector.ts";
 import type { BlockCompletion, BlockDriver } from "../block_driver.ts";
@@ -16,6 +16,10 @@ import { L2Cache } from "./l2_cache.ts";
 import { readMetadata, readMetadataAsync } from "./metadata_io.ts";
 import { Qcow2Refcounts, writeTableSector } from "./refcounts.ts";
 import { Qcow2Error } from "./qcow2_error.ts";
+import { type Qcow2AllocMode, type Qcow2ForwardedWrite, Qcow2SharedState } from "./shared_state.ts";
+
+/** Most allocating writes in one {@link AllocationBatch}. */
+const MAX_BATCH = 128;
 
 /** QEMU's DEFAULT_L2_CACHE_MAX_SIZE: the default cache covers the disk up to this. */
 export const QCOW2_DEFAULT_L2_CACHE_MAX = 32 << 20;
@@ -49,6 +53,13 @@ export interface Qcow2DriverOptions {
    * backing file is refused.
    */
   openBacking?: (name: string, format: string) => Promise<BlockDriver>;
+  /**
+   * A writable image served by several IOThreads: the
+   * {@link Qcow2SharedState} memory every thread's driver of this image
+   * attaches to (the first one to attach owns the metadata). Ignored
+   * read-only.
+   */
+  shared?: SharedArrayBuffer;
 }
 
 /**
@@ -95,9 +106,19 @@ export class Qcow2Driver implements BlockDriver {
   readonly #l1: DataView;
   readonly #l1Bytes: Uint8Array;
   #fileLength: number;
+  /** Several threads write this image (null: this driver is alone). */
+  readonly #shared: Qcow2SharedState | null = null;
+  readonly #participant: number = -1;
+  readonly #notifier: EventNotifier | null = null;
+  #l1Gen = 0;
+  #l1Reload: ((ret: number) => void)[] | null = null;
+  /** Forwarded writes in flight: slot -> completion (and the bounce buffer it holds). */
+  readonly #forwarded = new Map<number, { cb: BlockCompletion; buf: Uint8Array | null }>();
+  /** Forwards waiting for a free slot. */
+  readonly #forwardQueue: (() => boolean)[] = [];
   /** Refcounts and the allocator (writable images only). */
   readonly #refcounts: Qcow2Refcounts | null;
-  readonly #allocQueue: AllocatingWrite[] = [];
+  #allocQueue: AllocatingWrite[] = [];
   #allocBusy = false;
   readonly readOnly: boolean;
   readonly #l2Tables: Set<number>;
@@ -116,6 +137,7 @@ export class Qcow2Driver implements BlockDriver {
     backing: BlockDriver | null,
     l2CacheSize: number | undefined,
     reftable: Uint8Array | null,
+    shared: SharedArrayBuffer | undefined,
   ) {
     this.ctx = ctx;
     this.child = child;
@@ -133,7 +155,14 @@ export class Qcow2Driver implements BlockDriver {
       this.#fileLength,
       (off) => refBlocks.add(off),
       (off) => this.#refBlockOk(off),
+      (off) => !this.#isMetadata(off) && !this.#l2Tables.has(off),
     );
+    if (this.#refcounts !== null) {
+      this.#refcounts.onTableMoved = (off, n) => {
+        this.grewTo(off + n * header.clusterSize); // the new blocks and table end the file
+        this.#shared?.setRefcountTable(off / header.clusterSize, n);
+      };
+    }
     this.#l2Tables = new Set();
     for (let i = 0; i < header.l1Size; i++) {
       const off = decodeL1Entry(this.#l1, i, header.clusterSize);
@@ -143,6 +172,20 @@ export class Qcow2Driver implements BlockDriver {
     const wholeDisk = Math.ceil(header.size / (cs * header.l2Entries)) * cs;
     const bytes = l2CacheSize ?? Math.min(wholeDisk, QCOW2_DEFAULT_L2_CACHE_MAX);
     const tables = Math.max(2, Math.floor(bytes / cs));
+    if (shared !== undefined && reftable !== null) {
+      const st = new Qcow2SharedState(shared);
+      const n = new EventNotifier();
+      this.#shared = st;
+      this.#notifier = n;
+      this.#participant = st.attach(n.fd);
+      this.#l1Gen = st.l1Generation;
+      st.setEndClusters(Math.ceil(this.#fileLength / cs));
+      ctx.setEventNotifier(n, () => {
+        n.testAndClear();
+        this.#onSharedNotify();
+      });
+    }
+    const sh = this.#shared;
     this.l2Cache = new L2Cache(
       tables,
       cs,
@@ -154,6 +197,7 @@ export class Qcow2Driver implements BlockDriver {
           (ret, buf) =>
             cb(ret, buf === null ? null : new DataView(buf.buffer, buf.byteOffset, buf.byteLength)),
         ),
+      sh === null ? undefined : (off) => sh.l2Version(off / cs),
     );
   }
 
@@ -230,6 +274,7 @@ export class Qcow2Driver implements BlockDriver {
       backing,
       opts.l2CacheSize,
       opts.readOnly ? null : reftable,
+      opts.shared,
     );
   }
 
@@ -257,7 +302,7 @@ export class Qcow2Driver implements BlockDriver {
   #cachedMapping(offset: number, len: number): Qcow2Mapping | null {
     const cs = this.header.clusterSize;
     const inCluster = offset % cs;
-    if (len === 0 || inCluster + len > cs) return null;
+    if (len === 0 || inCluster + len > cs || this.l1Stale()) return null;
     const cluster = (offset - inCluster) / cs;
     const l2Off = decodeL1Entry(this.#l1, Math.floor(cluster / this.header.l2Entries), cs);
     const table = l2Off > 0 ? this.l2Cache.lookup(l2Off) : undefined;
@@ -338,25 +383,146 @@ export class Qcow2Driver implements BlockDriver {
     return this.#refcounts!;
   }
 
+  /**
+   * @internal Runs an allocating write of `src` into guest cluster
+   * `cluster` (see {@link AllocatingWrite}): here, queued behind the others,
+   * when this driver owns the metadata; else forwarded to the owner.
+   */
+  allocate(
+    cluster: number,
+    inCluster: number,
+    src: IoVector,
+    cb: BlockCompletion,
+    mode: Qcow2AllocMode,
+  ): void {
+    const st = this.#shared;
+    if (st === null || st.isOwner(this.#participant)) {
+      return this.enqueueAllocation(new AllocatingWrite(this, cluster, inCluster, src, cb, mode));
+    }
+    // The owner reads the data from this thread's memory: one flat copy,
+    // kept alive here until the owner completed.
+    let buf: Uint8Array | null = null, addr = 0;
+    if (mode === "write") {
+      buf = new Uint8Array(Math.max(src.size, 128));
+      src.copyTo(addressOf(buf));
+      addr = addressOf(buf);
+    }
+    const attempt = (): boolean => {
+      const slot = st.forward(this.#participant, mode, cluster, inCluster, src.size, addr);
+      if (slot === -1) return false;
+      if (slot === -2) this.ctx.scheduleOneshot(() => cb(-EIO));
+      else this.#forwarded.set(slot, { cb, buf });
+      return true;
+    };
+    if (this.#forwardQueue.length > 0 || !attempt()) this.#forwardQueue.push(attempt);
+  }
+
+  /** The owner's eventfd: forwarded writes queued; a forwarder's: some completed. */
+  #onSharedNotify(): void {
+    const st = this.#shared!;
+    if (st.isOwner(this.#participant)) {
+      for (const w of st.takeQueued()) this.#runForwarded(st, w);
+    }
+    for (const [slot, f] of this.#forwarded) {
+      const ret = st.reap(slot);
+      if (ret === null) continue;
+      this.#forwarded.delete(slot);
+      f.cb(ret);
+    }
+    while (this.#forwardQueue.length > 0 && this.#forwardQueue[0]()) this.#forwardQueue.shift();
+  }
+
+  #runForwarded(st: Qcow2SharedState, w: Qcow2ForwardedWrite): void {
+    const src = new IoVector(1);
+    if (w.mode === "write") src.add(w.addr, w.len);
+    else src.addBuffer(this.zeroCluster.subarray(0, w.len));
+    const done = (ret: number) => st.complete(w.slot, ret);
+    if (
+      !(w.len > 0 && w.inCluster >= 0 && w.inCluster + w.len <= this.header.clusterSize &&
+        Number.isSafeInteger(w.cluster) && w.cluster * this.header.clusterSize < this.length)
+    ) return done(-EIO);
+    this.enqueueAllocation(new AllocatingWrite(this, w.cluster, w.inCluster, src, done, w.mode));
+  }
+
+  /**
+   * @internal Whether another thread's driver linked a new L2 table since
+   * this one read the L1 table (hot path: one atomic load when shared).
+   */
+  l1Stale(): boolean {
+    const st = this.#shared;
+    return st !== null && st.l1Generation !== this.#l1Gen &&
+      !st.isOwner(this.#participant);
+  }
+
+  /** @internal Reads the L1 table again (after {@link l1Stale}); `cb(0)` or `cb(-errno)`. */
+  reloadL1(cb: (ret: number) => void): void {
+    if (this.#l1Reload !== null) {
+      this.#l1Reload.push(cb);
+      return;
+    }
+    const waiters = this.#l1Reload = [cb];
+    const gen = this.#shared!.l1Generation;
+    const h = this.header;
+    readMetadata(this.child, h.l1TableOffset, h.l1Size * 8, (ret, buf) => {
+      this.#l1Reload = null;
+      if (ret === 0 && buf !== null) {
+        this.#l1Bytes.set(buf);
+        for (let i = 0; i < h.l1Size; i++) {
+          const off = decodeL1Entry(this.#l1, i, h.clusterSize);
+          if (off > 0) this.#l2Tables.add(off);
+        }
+        this.#l1Gen = gen;
+      }
+      for (const w of waiters) w(ret < 0 ? ret : buf === null ? -EIO : 0);
+    });
+  }
+
   /** @internal Runs `op` after every allocating write queued before it. */
   enqueueAllocation(op: AllocatingWrite): void {
     this.#allocQueue.push(op);
     if (!this.#allocBusy) this.#nextAllocation();
   }
 
+  /**
+   * Starts what is queued: a write-zeroes or discard alone; else a batch of
+   * the writes at the head of the queue (see {@link AllocationBatch}), at
+   * most one per guest cluster and one per missing L2 table (the others
+   * wait for the next batch, which looks their mapping up again).
+   */
   #nextAllocation(): void {
-    const op = this.#allocQueue.shift();
-    if (op === undefined) {
+    const q = this.#allocQueue;
+    if (q.length === 0) {
       this.#allocBusy = false;
       return;
     }
     this.#allocBusy = true;
-    op.run(() => this.#nextAllocation());
+    if (q[0].mode !== "write") {
+      q.shift()!.run(() => this.#nextAllocation(), null);
+      return;
+    }
+    const batch = new AllocationBatch(this, () => this.#nextAllocation());
+    const clusters = new Set<number>(),
+      newTables = new Set<number>(),
+      later: AllocatingWrite[] = [];
+    let i = 0;
+    for (; i < q.length && q[i].mode === "write" && batch.ops.length < MAX_BATCH; i++) {
+      const op = q[i], l1 = Math.floor(op.cluster / this.header.l2Entries);
+      if (clusters.has(op.cluster) || newTables.has(l1)) {
+        later.push(op);
+        continue;
+      }
+      clusters.add(op.cluster);
+      if (this.l2Offset(op.cluster) === 0) newTables.add(l1);
+      batch.ops.push(op);
+    }
+    this.#allocQueue = later.concat(q.slice(i));
+    batch.run();
   }
 
   /** @internal A cluster was allocated: the file now reaches `end`. */
   grewTo(end: number): void {
     if (end > this.#fileLength) this.#fileLength = end;
+    this.#shared?.setEndClusters(Math.ceil(end / this.header.clusterSize));
   }
 
   /**
@@ -365,14 +531,30 @@ export class Qcow2Driver implements BlockDriver {
    * only once that write completed, so no request relies on it earlier.
    */
   setL1Entry(index: number, l2Off: number, table: DataView, cb: BlockCompletion): void {
-    const at = index * 8, start = at - (at % 512);
+    this.setL1Entries([{ index, l2Off, table }], cb);
+  }
+
+  /**
+   * @internal {@link setL1Entry} for several entries of one 512-byte sector
+   * of the L1 table: one write.
+   */
+  setL1Entries(
+    entries: readonly { index: number; l2Off: number; table: DataView }[],
+    cb: BlockCompletion,
+  ): void {
+    const at = entries[0].index * 8, start = at - (at % 512);
     const copy = this.#l1Bytes.slice(start, start + 512);
-    setEntry(new DataView(copy.buffer), (at - start) / 8, l2Off);
+    const cdv = new DataView(copy.buffer);
+    for (const e of entries) setEntry(cdv, e.index - start / 8, e.l2Off);
     writeTableSector(this.child, this.header.l1TableOffset + start, copy, 0, (ret) => {
       if (ret === 0) {
-        setEntry(this.#l1, index, l2Off);
-        this.#l2Tables.add(l2Off);
-        this.l2Cache.put(l2Off, table);
+        for (const e of entries) {
+          setEntry(this.#l1, e.index, e.l2Off);
+          this.#l2Tables.add(e.l2Off);
+          this.#shared?.bumpL2(e.l2Off / this.header.clusterSize);
+          this.l2Cache.put(e.l2Off, e.table);
+        }
+        this.#shared?.bumpL1();
       }
       cb(ret);
     });
@@ -390,19 +572,35 @@ export class Qcow2Driver implements BlockDriver {
     cb: BlockCompletion,
     zero = false,
   ) {
+    this.setL2Entries(l2Off, table, [{ index, host, zero }], cb);
+  }
+
+  /**
+   * @internal {@link setL2Entry} for several entries of one 512-byte
+   * sector of one L2 table: one write.
+   */
+  setL2Entries(
+    l2Off: number,
+    table: DataView,
+    entries: readonly { index: number; host: number; zero: boolean }[],
+    cb: BlockCompletion,
+  ): void {
     // The cached copy if there is one (the table may have been evicted and
     // read again since the caller looked it up): the sector written must
     // hold every entry changed so far.
     const src = this.l2Cache.lookup(l2Off) ?? table;
     const bytes = new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
-    const at = index * 8, start = at - (at % 512);
+    const at = entries[0].index * 8, start = at - (at % 512);
     const copy = bytes.slice(start, start + 512);
-    setEntry(new DataView(copy.buffer), (at - start) / 8, host, zero);
+    const cdv = new DataView(copy.buffer);
+    for (const e of entries) setEntry(cdv, e.index - start / 8, e.host, e.zero);
     writeTableSector(this.child, l2Off + start, copy, 0, (ret) => {
       if (ret === 0) {
         // The cached copy, if the table was evicted and read again meanwhile.
         const cur = this.l2Cache.lookup(l2Off) ?? table;
-        setEntry(cur, index, host, zero);
+        for (const e of entries) setEntry(cur, e.index, e.host, e.zero);
+        // Other threads' copies go stale before the request completes.
+        this.#shared?.bumpL2(l2Off / this.header.clusterSize);
         this.l2Cache.put(l2Off, cur);
       }
       cb(ret);
@@ -434,6 +632,11 @@ export class Qcow2Driver implements BlockDriver {
   /** Closes the backing chain and the image file. */
   async close(): Promise<void> {
     this.l2Cache.clear();
+    if (this.#shared !== null) {
+      this.#shared.detach(this.#participant, -EIO);
+      this.ctx.setEventNotifier(this.#notifier!, null);
+      this.#notifier!.close();
+    }
     try {
       await this.backing?.close();
     } finally {
@@ -447,12 +650,12 @@ export class Qcow2Driver implements BlockDriver {
    * refcount block (QEMU's metadata overlap check, "cached" level).
    */
   dataClusterOk(off: number): boolean {
-    return off < this.#fileLength && !this.#isMetadata(off) && !this.#l2Tables.has(off);
+    return off < this.#fileEnd() && !this.#isMetadata(off) && !this.#l2Tables.has(off);
   }
 
   /** @internal Whether `off` may hold an L2 table (cluster aligned, inside the file). */
   l2TableOk(off: number): boolean {
-    return off + this.header.clusterSize <= this.#fileLength && !this.#isMetadata(off);
+    return off + this.header.clusterSize <= this.#fileEnd() && !this.#isMetadata(off);
   }
 
   /** @internal The L2 table offset for guest cluster `cluster` (0: none, -1: bad). */
@@ -482,8 +685,9 @@ export class Qcow2Driver implements BlockDriver {
       return;
     }
     const first = host - host % cs;
-    const lastByte = Math.min(host + bytes, this.#fileLength) - 1;
-    if (host >= this.#fileLength) return this.ctx.scheduleOneshot(() => cb(-EIO, null));
+    const fileEnd = this.#fileEnd();
+    const lastByte = Math.min(host + bytes, fileEnd) - 1;
+    if (host >= fileEnd) return this.ctx.scheduleOneshot(() => cb(-EIO, null));
     for (let c = first; c <= lastByte; c += cs) {
       if (this.#isMetadata(c) || this.#l2Tables.has(c)) {
         return this.ctx.scheduleOneshot(() => cb(-EIO, null));
@@ -512,7 +716,7 @@ export class Qcow2Driver implements BlockDriver {
   /** Whether a refcount table entry may point at `off` (see {@link Qcow2Refcounts}). */
   #refBlockOk(off: number): boolean {
     const h = this.header, cs = h.clusterSize;
-    if (off % cs !== 0 || off < cs || off + cs > this.#fileLength) return false;
+    if (off % cs !== 0 || off < cs || off + cs > this.#fileEnd()) return false;
     if (h.l1Size > 0 && off + cs > h.l1TableOffset && off < h.l1TableOffset + h.l1Size * 8) {
       return false;
     }
@@ -521,8 +725,24 @@ export class Qcow2Driver implements BlockDriver {
     return !this.#l2Tables.has(off);
   }
 
+  /** The file's length, or what the owner has allocated past it (shared images). */
+  #fileEnd(): number {
+    const st = this.#shared;
+    // The allocator's end: refcount blocks and tables it placed count at once.
+    const rc = this.#refcounts;
+    if (rc !== null && rc.end > this.#fileLength) this.#fileLength = rc.end;
+    if (st === null) return this.#fileLength;
+    return Math.max(this.#fileLength, st.endClusters * this.header.clusterSize);
+  }
+
   #isMetadata(off: number): boolean {
     const h = this.header;
+    const st = this.#shared;
+    if (st !== null && st.refcountTableCluster !== 0) {
+      // The owner grew and moved the refcount table (a no-op for the owner).
+      h.refcountTableOffset = st.refcountTableCluster * h.clusterSize;
+      h.refcountTableClusters = st.refcountTableClusters;
+    }
     if (off < h.clusterSize) return true;
     if (h.l1Size > 0 && off >= h.l1TableOffset && off < h.l1TableOffset + h.l1Size * 8) {
       return true;
@@ -599,10 +819,22 @@ abstract class Qcow2Request {
     this.#cb = cb;
   }
 
-  /** Starts the walk (from the submitting call). */
+  /**
+   * Starts the walk (from the submitting call), after reading the L1 table
+   * again if another thread's driver linked a new L2 table meanwhile.
+   */
   start(): void {
     this.#inSubmit = true;
-    this.step();
+    if (this.d.l1Stale()) {
+      this.stepping = true;
+      this.d.reloadL1((ret) => {
+        this.stepping = false;
+        if (ret < 0) {
+          this.ret = ret;
+          this.maybeFinish();
+        } else this.step();
+      });
+    } else this.step();
     this.#inSubmit = false;
   }
 
@@ -777,9 +1009,7 @@ class Qcow2WriteRequest extends Qcow2Request {
       if (this.#discard) {
         if (len === cs && l2Off > 0) {
           this.pending++;
-          d.enqueueAllocation(
-            new AllocatingWrite(d, cluster, 0, this.#source(len), this.subDone, "discard"),
-          );
+          d.allocate(cluster, 0, this.#source(len), this.subDone, "discard");
         }
         this.pos += len;
         continue;
@@ -821,15 +1051,12 @@ class Qcow2WriteRequest extends Qcow2Request {
         // Whole clusters of write-zeroes become zero clusters (version 3).
         const zeroFlag = this.#qiov === null && len === cs && h.version >= 3 && !h.extendedL2;
         this.pending++;
-        d.enqueueAllocation(
-          new AllocatingWrite(
-            d,
-            cluster,
-            inCluster,
-            this.#source(len),
-            this.subDone,
-            zeroFlag ? "zero" : "write",
-          ),
+        d.allocate(
+          cluster,
+          inCluster,
+          this.#source(len),
+          this.subDone,
+          zeroFlag ? "zero" : "write",
         );
       }
       this.pos += len;
@@ -883,6 +1110,7 @@ class AllocatingWrite {
   readonly #src: IoVector;
   readonly #cb: BlockCompletion;
   readonly #mode: "write" | "zero" | "discard";
+  #batch: AllocationBatch | null = null;
 
   /**
    * `mode`: write `src`; "zero": make the whole cluster a zero cluster;
@@ -904,11 +1132,26 @@ class AllocatingWrite {
     this.#mode = mode;
   }
 
-  /** Runs the steps; `next` starts the driver's next allocating write. */
-  run(next: () => void): void {
+  /** What it does. */
+  get mode(): "write" | "zero" | "discard" {
+    return this.#mode;
+  }
+
+  /** The guest cluster. */
+  get cluster(): number {
+    return this.#cluster;
+  }
+
+  /**
+   * Runs the steps; `next` starts the driver's next allocating write. In a
+   * `batch`, the last step (flush, then the L1/L2 entry) is the batch's.
+   */
+  run(next: () => void, batch: AllocationBatch | null): void {
+    this.#batch = batch;
     const finish = (ret: number) => {
-      next();
+      if (batch === null) next();
       this.#cb(ret);
+      batch?.settled();
     };
     const d = this.#d, h = d.header, cs = h.clusterSize;
     const l2Off = d.l2Offset(this.#cluster);
@@ -953,10 +1196,7 @@ class AllocatingWrite {
       // Data first (invisible under the zero flag), flushed, then the entry.
       d.child.pwritev(reuse, IoVector.fromBuffers([buf]), (ret) => {
         if (ret < 0) return finish(ret);
-        d.child.flush((fr) => {
-          if (fr < 0) return finish(fr);
-          d.setL2Entry(l2Off, table, index, reuse, finish);
-        });
+        this.#link(l2Off, table, index, reuse, false, finish);
       });
     };
     if (this.#inCluster === 0 && len === cs) return merge();
@@ -1013,13 +1253,44 @@ class AllocatingWrite {
     if (owned === 0) return d.ctx.scheduleOneshot(() => finish(0));
     // With a backing file, unallocated would show its data: a zero cluster instead.
     const zero = d.backing !== null && h.version >= 3;
+    // The unlinked entry is durable before the refcount drops (QEMU's
+    // refcount cache depending on the L2 cache): once the cluster is
+    // allocated again, no crash can leave this entry pointing at it.
     d.setL2Entry(l2Off, table, index, 0, (ret) => {
       if (ret < 0) return finish(ret);
-      d.refcounts.free(owned, (fr) => {
-        if (fr < 0) return finish(fr);
-        d.child.pdiscard(owned, h.clusterSize, () => finish(0));
+      d.child.flush((flr) => {
+        if (flr < 0) return finish(flr);
+        d.refcounts.free(owned, (fr) => {
+          if (fr < 0) return finish(fr);
+          d.child.pdiscard(owned, h.clusterSize, () => finish(0));
+        });
       });
     }, zero);
+  }
+
+  /**
+   * The data (and a new table) are written: flush, then point the L2 entry
+   * (or, for a new table, the L1 entry) at them; in a batch, the batch does
+   * that for all its writes at once.
+   */
+  #link(
+    l2Off: number,
+    table: DataView,
+    index: number,
+    host: number,
+    isNew: boolean,
+    finish: BlockCompletion,
+  ): void {
+    const d = this.#d, l1Index = Math.floor(this.#cluster / d.header.l2Entries);
+    if (this.#batch !== null) {
+      this.#batch.link({ isNew, l1Index, l2Off, table, index, host, cb: this.#cb });
+      return this.#batch.settled();
+    }
+    d.child.flush((fr) => {
+      if (fr < 0) return finish(fr);
+      if (isNew) d.setL1Entry(l1Index, l2Off, table, finish);
+      else d.setL2Entry(l2Off, table, index, host, finish);
+    });
   }
 
   #allocateData(
@@ -1039,12 +1310,7 @@ class AllocatingWrite {
         if (r < 0 && err === 0) err = r;
         if (--pending > 0) return;
         if (err < 0) return finish(err);
-        d.child.flush((fr) => {
-          if (fr < 0) return finish(fr);
-          if (isNew) {
-            d.setL1Entry(Math.floor(this.#cluster / d.header.l2Entries), l2Off, table, finish);
-          } else d.setL2Entry(l2Off, table, index, host, finish);
-        });
+        this.#link(l2Off, table, index, host, isNew, finish);
       };
       d.child.pwritev(host, IoVector.fromBuffers([buf]), written);
       if (isNew) {
@@ -1053,5 +1319,100 @@ class AllocatingWrite {
         d.child.pwritev(l2Off, IoVector.fromBuffers([bytes]), written);
       }
     });
+  }
+}
+
+/** One write's last step, done by its {@link AllocationBatch}. */
+interface BatchLink {
+  /** A new L2 table (written with the entry): link it in the L1 table. */
+  isNew: boolean;
+  l1Index: number;
+  l2Off: number;
+  table: DataView;
+  index: number;
+  host: number;
+  cb: BlockCompletion;
+}
+
+/**
+ * Allocating writes run together (QEMU gets the same from its metadata
+ * caches' dependencies: many allocations, one flush). Every write of the
+ * batch allocates (refcounts changed in memory only: the refcount block
+ * sectors are marked dirty), copies on write and writes its data (and a new
+ * L2 table) at once; when all have done so, each dirty refcount sector is
+ * written once, the image file is flushed once (refcounts and data durable
+ * before anything points at them), and then the L2 entries (one write per
+ * 512-byte sector of a table, however many entries of the batch it holds)
+ * and the L1 entries of new tables; each write completes when its entry's
+ * sector is written. A crash at any point leaves at most leaked clusters.
+ */
+class AllocationBatch {
+  readonly ops: AllocatingWrite[] = [];
+  readonly #d: Qcow2Driver;
+  readonly #next: () => void;
+  readonly #links: BatchLink[] = [];
+  #pending = 0;
+
+  constructor(d: Qcow2Driver, next: () => void) {
+    this.#d = d;
+    this.#next = next;
+  }
+
+  /** Starts every write. */
+  run(): void {
+    this.#d.refcounts.deferWrites = true;
+    this.#pending = this.ops.length;
+    for (const op of this.ops) op.run(this.#next, this);
+  }
+
+  /** A write's data is written: it waits for the entry. */
+  link(l: BatchLink): void {
+    this.#links.push(l);
+  }
+
+  /** A write completed (error, in place) or linked. */
+  settled(): void {
+    if (--this.#pending === 0) this.#commit();
+  }
+
+  #commit(): void {
+    const d = this.#d, rc = d.refcounts;
+    rc.deferWrites = false;
+    const links = this.#links;
+    rc.writeDirty((ret) => {
+      if (links.length === 0) return this.#next();
+      if (ret < 0) return this.#fail(ret);
+      d.child.flush((fr) => {
+        if (fr < 0) return this.#fail(fr);
+        const l2 = new Map<string, BatchLink[]>(), l1 = new Map<number, BatchLink[]>();
+        for (const l of links) {
+          if (l.isNew) {
+            const k = Math.floor(l.l1Index / 64);
+            l1.set(k, [...(l1.get(k) ?? []), l]);
+          } else {
+            const k = `${l.l2Off}/${Math.floor(l.index / 64)}`;
+            l2.set(k, [...(l2.get(k) ?? []), l]);
+          }
+        }
+        let pending = l1.size + l2.size;
+        const done = (group: BatchLink[]) => (r: number) => {
+          for (const l of group) l.cb(r);
+          if (--pending === 0) this.#next();
+        };
+        for (const g of l2.values()) {
+          const entries = g.map((l) => ({ index: l.index, host: l.host, zero: false }));
+          d.setL2Entries(g[0].l2Off, g[0].table, entries, done(g));
+        }
+        for (const g of l1.values()) {
+          const entries = g.map((l) => ({ index: l.l1Index, l2Off: l.l2Off, table: l.table }));
+          d.setL1Entries(entries, done(g));
+        }
+      });
+    });
+  }
+
+  #fail(ret: number): void {
+    for (const l of this.#links) l.cb(ret);
+    this.#next();
   }
 }

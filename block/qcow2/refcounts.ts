@@ -7,19 +7,26 @@ import { readMetadata } from "./metadata_io.ts";
 export interface RefcountGeometry {
   clusterSize: number;
   refcountOrder: number;
+  /** Updated in place when the table grows (the driver's header object). */
   refcountTableOffset: number;
+  refcountTableClusters: number;
 }
 
 /**
  * The refcount table and blocks of a writable image, and the cluster
- * allocator (QEMU's qcow2-refcount.c, reduced): clusters are allocated at the
- * end of the image file, one at a time, and skipped if their refcount is not
- * 0. Setting a refcount writes the 512-byte sector of the refcount block that
- * holds it before the caller may reference the cluster. A range without a
+ * allocator (QEMU's qcow2-refcount.c, reduced): the first cluster with
+ * refcount 0 at or after a free-cluster hint is taken (QEMU's
+ * alloc_clusters_noref and free_cluster_index: the hint starts at 0, moves
+ * past each cluster taken and back to each cluster freed), so clusters freed
+ * by discard are used again; a cluster `usable` refuses (known metadata) is
+ * never taken. Setting a refcount writes the 512-byte sector of the refcount
+ * block that holds it before the caller may reference the cluster (or, while
+ * {@link deferWrites} is on, marks the sector dirty for {@link writeDirty}:
+ * a batch of allocations writes each sector once). A range without a
  * refcount block gets a new block placed on the first cluster of the free
  * range, counting itself; the block is written and flushed before the
- * refcount table entry that points at it. A full refcount table is not grown
- * yet: allocation fails with -ENOSPC.
+ * refcount table entry that points at it. A full refcount table is grown
+ * (see {@link Qcow2Refcounts.allocate}).
  *
  * Not thread-safe and not re-entrant: the driver runs one allocation at a
  * time.
@@ -32,13 +39,23 @@ export interface RefcountGeometry {
 export class Qcow2Refcounts {
   readonly #child: BlockDriver;
   readonly #geo: RefcountGeometry;
-  readonly #reftable: DataView;
-  readonly #reftableBytes: Uint8Array;
+  #reftable: DataView;
+  #reftableBytes: Uint8Array;
   readonly #blocks = new Map<number, Uint8Array>();
   readonly #perBlock: number;
   readonly #onNewBlock: (off: number) => void;
   readonly #blockOk: (off: number) => boolean;
+  readonly #usable: (off: number) => boolean;
+  /** Told when the refcount table has moved (after the header points at it). */
+  onTableMoved: (offset: number, clusters: number) => void = () => {};
   #end: number;
+  /** Where the search for a free cluster starts (byte offset). */
+  #hint = 0;
+  /** Refcount block sectors changed but not written yet (block offset -> sector starts). */
+  readonly #dirty = new Map<number, Set<number>>();
+  readonly #waiting: ((ret: number, offset: number) => void)[] = [];
+  /** Mark sectors dirty instead of writing them at once. */
+  deferWrites = false;
 
   /**
    * `reftable`: the table as read at open (kept and updated in memory);
@@ -55,7 +72,9 @@ export class Qcow2Refcounts {
     fileLength: number,
     onNewBlock: (off: number) => void,
     blockOk: (off: number) => boolean,
+    usable: (off: number) => boolean = () => true,
   ) {
+    this.#usable = usable;
     this.#child = child;
     this.#geo = geo;
     this.#reftableBytes = reftable;
@@ -71,36 +90,180 @@ export class Qcow2Refcounts {
     return this.#end;
   }
 
-  /** Allocates one cluster with refcount 1; `cb(0, offset)` or `cb(-errno, 0)`. */
+  /**
+   * Allocates one cluster with refcount 1: the first free one from the
+   * hint on; `cb(0, offset)` or `cb(-errno, 0)`.
+   */
   allocate(cb: (ret: number, offset: number) => void): void {
-    const cs = this.#geo.clusterSize;
-    const c = this.#end;
-    const index = c / cs;
-    const rt = Math.floor(index / this.#perBlock);
-    if (rt * 8 >= this.#reftableBytes.length) return cb(-ENOSPC, 0);
-    const hi = this.#reftable.getUint32(rt * 8), lo = this.#reftable.getUint32(rt * 8 + 4);
-    if ((lo & 0x1ff) !== 0 || hi >= 0x200000) return cb(-EIO, 0);
-    const blockOff = hi * 0x100000000 + lo;
-    const slot = index % this.#perBlock;
-    if (blockOff === 0) return this.#newBlock(c, rt, slot, cb);
-    if (!this.#blockOk(blockOff)) return cb(-EIO, 0);
-    this.#block(blockOff, (ret, block) => {
-      if (ret < 0 || block === null) return cb(ret < 0 ? ret : -EIO, 0);
-      if (this.#get(block, slot) !== 0) {
-        // Leaked or in use past the end: skip it.
-        this.#end = c + cs;
-        return this.allocate(cb);
-      }
-      this.#end = c + cs;
-      this.#set(block, slot, 1);
-      this.#writeSector(blockOff, block, this.#byteOf(slot), (r) => cb(r, r < 0 ? 0 : c));
+    // One at a time: a search may wait for a refcount block read.
+    this.#waiting.push(cb);
+    if (this.#waiting.length === 1) this.#allocNext();
+  }
+
+  #allocNext(): void {
+    const cb = this.#waiting[0];
+    this.#allocFrom(this.#hint, (ret, off) => {
+      this.#waiting.shift();
+      if (this.#waiting.length > 0) this.#allocNext();
+      cb(ret, off);
     });
+  }
+
+  #allocFrom(c: number, cb: (ret: number, offset: number) => void): void {
+    const cs = this.#geo.clusterSize;
+    for (;;) {
+      const index = c / cs;
+      const rt = Math.floor(index / this.#perBlock);
+      if (rt * 8 >= this.#reftableBytes.length) return this.#tableFull(c, cb);
+      const hi = this.#reftable.getUint32(rt * 8), lo = this.#reftable.getUint32(rt * 8 + 4);
+      if ((lo & 0x1ff) !== 0 || hi >= 0x200000) return cb(-EIO, 0);
+      const blockOff = hi * 0x100000000 + lo;
+      const slot = index % this.#perBlock;
+      if (blockOff === 0) {
+        if (!this.#usable(c)) {
+          c += cs;
+          continue;
+        }
+        return this.#newBlock(c, rt, slot, cb);
+      }
+      if (!this.#blockOk(blockOff)) return cb(-EIO, 0);
+      const block = this.#blocks.get(blockOff);
+      if (block === undefined) {
+        return this.#block(blockOff, (ret) => {
+          if (ret < 0) return cb(ret, 0);
+          this.#allocFrom(c, cb);
+        });
+      }
+      if (this.#get(block, slot) !== 0 || !this.#usable(c)) {
+        c += cs; // in use (or leaked, or metadata): skip it
+        continue;
+      }
+      this.#hint = c + cs;
+      if (c + cs > this.#end) this.#end = c + cs;
+      this.#set(block, slot, 1);
+      return this.#changed(blockOff, block, this.#byteOf(slot), (r) => cb(r, r < 0 ? 0 : c));
+    }
+  }
+
+  /**
+   * The refcount table has no entry for cluster `c`: grow it (QEMU's
+   * qcow2_refcount_area). A new area at `c` (or the end of the file) holds
+   * the refcount blocks that describe the area itself, then a table twice
+   * as large (at least) with the old entries and the new blocks'. Crash-safe
+   * order: blocks and table written and flushed while nothing points at
+   * them; then the header's refcount_table_offset and _clusters in one
+   * sector write, flushed; only then are the old table's clusters freed (a
+   * crash before that leaks them).
+   */
+  #tableFull(c: number, cb: (ret: number, offset: number) => void): void {
+    const g = this.#geo, cs = g.clusterSize, per = this.#perBlock;
+    const oldEntries = this.#reftableBytes.length / 8;
+    const a = Math.max(c, this.#end) / cs;
+    const k0 = Math.floor(a / per);
+    let blocks = 1, tableClusters = 0;
+    for (;;) {
+      const entries = Math.max(2 * oldEntries, k0 + blocks + 1);
+      tableClusters = Math.ceil((entries * 8) / cs);
+      const need = Math.floor((a + blocks + tableClusters - 1) / per) - k0 + 1;
+      if (need <= blocks) break;
+      blocks = need;
+    }
+    const tableOff = (a + blocks) * cs, areaEnd = a + blocks + tableClusters;
+    if (tableClusters * cs > 8 << 20 || areaEnd * cs > Number.MAX_SAFE_INTEGER) {
+      return cb(-ENOSPC, 0);
+    }
+    const table = new Uint8Array(tableClusters * cs);
+    table.set(this.#reftableBytes);
+    const tdv = new DataView(table.buffer);
+    const newBlocks: Uint8Array[] = [];
+    for (let i = 0; i < blocks; i++) {
+      const block = new Uint8Array(cs);
+      for (let x = Math.max(a, (k0 + i) * per); x < Math.min(areaEnd, (k0 + i + 1) * per); x++) {
+        this.#set(block, x % per, 1);
+      }
+      newBlocks.push(block);
+      const off = (a + i) * cs;
+      tdv.setUint32((k0 + i) * 8, Math.floor(off / 0x100000000));
+      tdv.setUint32((k0 + i) * 8 + 4, off >>> 0);
+    }
+    let pending = blocks + 1, err = 0;
+    const written = (r: number) => {
+      if (r < 0 && err === 0) err = r;
+      if (--pending > 0) return;
+      if (err < 0) return cb(err, 0);
+      this.#child.flush((fr) => {
+        if (fr < 0) return cb(fr, 0);
+        const hdr = new Uint8Array(12), hdv = new DataView(hdr.buffer);
+        hdv.setUint32(0, Math.floor(tableOff / 0x100000000));
+        hdv.setUint32(4, tableOff >>> 0);
+        hdv.setUint32(8, tableClusters);
+        // refcount_table_offset (48) and refcount_table_clusters (56): one sector.
+        this.#child.pwritev(48, IoVector.fromBuffers([hdr]), (hr) => {
+          if (hr < 0) return cb(hr, 0);
+          this.#child.flush((hf) => {
+            if (hf < 0) return cb(hf, 0);
+            const oldOff = g.refcountTableOffset, oldClusters = g.refcountTableClusters;
+            this.#reftableBytes = table;
+            this.#reftable = tdv;
+            g.refcountTableOffset = tableOff;
+            g.refcountTableClusters = tableClusters;
+            for (let i = 0; i < blocks; i++) {
+              this.#blocks.set((a + i) * cs, newBlocks[i]);
+              this.#onNewBlock((a + i) * cs);
+            }
+            if (areaEnd * cs > this.#end) this.#end = areaEnd * cs;
+            this.onTableMoved(tableOff, tableClusters);
+            this.#freeAll(oldOff, oldClusters, (fr2) => {
+              if (fr2 < 0) return cb(fr2, 0);
+              this.#allocFrom(this.#hint, cb);
+            });
+          });
+        });
+      });
+    };
+    for (let i = 0; i < blocks; i++) {
+      this.#child.pwritev((a + i) * cs, IoVector.fromBuffers([newBlocks[i]]), written);
+    }
+    this.#child.pwritev(tableOff, IoVector.fromBuffers([table]), written);
+  }
+
+  /** Frees `n` clusters from `off` one after the other. */
+  #freeAll(off: number, n: number, cb: (ret: number) => void): void {
+    if (n === 0) return cb(0);
+    this.free(off, (r) => r < 0 ? cb(r) : this.#freeAll(off + this.#geo.clusterSize, n - 1, cb));
+  }
+
+  /** A refcount changed: write its sector now, or mark it dirty (deferWrites). */
+  #changed(blockOff: number, block: Uint8Array, at: number, cb: (ret: number) => void): void {
+    if (!this.deferWrites) return this.#writeSector(blockOff, block, at, cb);
+    let set = this.#dirty.get(blockOff);
+    if (set === undefined) this.#dirty.set(blockOff, set = new Set());
+    set.add(at - (at % 512));
+    cb(0);
+  }
+
+  /** Writes every dirty refcount block sector once (after a batch of allocations). */
+  writeDirty(cb: (ret: number) => void): void {
+    let pending = 1, err = 0;
+    const done = (r: number) => {
+      if (r < 0 && err === 0) err = r;
+      if (--pending === 0) cb(err);
+    };
+    for (const [blockOff, sectors] of this.#dirty) {
+      const block = this.#blocks.get(blockOff)!;
+      for (const at of sectors) {
+        pending++;
+        this.#writeSector(blockOff, block, at, done);
+      }
+    }
+    this.#dirty.clear();
+    done(0);
   }
 
   /**
    * Frees cluster `off` (refcount 1 -> 0; the caller has already removed
-   * every reference to it, so a crash before this write only leaks it).
-   * Freed clusters are not allocated again (allocation is at the end).
+   * every reference to it and made that durable, so a crash before this
+   * write only leaks it). The hint moves back to it: it is used again.
    */
   free(off: number, cb: (ret: number) => void): void {
     const cs = this.#geo.clusterSize;
@@ -115,7 +278,8 @@ export class Qcow2Refcounts {
       const slot = index % this.#perBlock;
       if (this.#get(block, slot) !== 1) return cb(0); // shared or already free: keep it
       this.#set(block, slot, 0);
-      this.#writeSector(blockOff, block, this.#byteOf(slot), cb);
+      if (off < this.#hint) this.#hint = off;
+      this.#changed(blockOff, block, this.#byteOf(slot), cb);
     });
   }
 
@@ -124,7 +288,8 @@ export class Qcow2Refcounts {
     const cs = this.#geo.clusterSize;
     const block = new Uint8Array(cs);
     this.#set(block, slot, 1);
-    this.#end = c + cs;
+    if (c + cs > this.#end) this.#end = c + cs;
+    this.#hint = c + cs;
     this.#child.pwritev(c, IoVector.fromBuffers([block]), (ret) => {
       if (ret < 0) return cb(ret, 0);
       this.#child.flush((fr) => {
@@ -135,7 +300,7 @@ export class Qcow2Refcounts {
         this.#onNewBlock(c);
         this.#writeSector(this.#geo.refcountTableOffset, this.#reftableBytes, rt * 8, (wr) => {
           if (wr < 0) return cb(wr, 0);
-          this.allocate(cb);
+          this.#allocFrom(c + cs, cb);
         });
       });
     });

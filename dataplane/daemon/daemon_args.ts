@@ -11,7 +11,7 @@
  */
 
 import { type BlockExportSpec, parseExport } from "./block_export.ts";
-import { type IOThreadSpec, parseObject } from "./iothread_object.ts";
+import { type ObjectSpec, parseObjectSpec } from "./object_spec.ts";
 import { type NbdExportSpec, parseNbdExport, parseNbdServer } from "../nbd/nbd_block_export.ts";
 import type { NbdServerSpec } from "../nbd/nbd_server.ts";
 import { KeyvalError, parseKeyval } from "./keyval.ts";
@@ -23,7 +23,7 @@ export type DaemonOption =
   & { text: string }
   & (
     | { kind: "blockdev"; obj: OptionObject; keyval: boolean }
-    | { kind: "object"; spec: IOThreadSpec }
+    | { kind: "object"; spec: ObjectSpec }
     | { kind: "export"; spec: BlockExportSpec }
     | { kind: "chardev"; spec: ChardevSpec }
     | { kind: "monitor"; chardev: string; pretty: boolean }
@@ -89,7 +89,8 @@ qemu-storage-daemon's command line (the options this daemon supports):
              [,cache.direct=on|off][,cache.no-flush=on|off][,detect-zeroes=on|off|unmap]
                          driver=file (filename, aio=threads|native|io_uring),
                          null-co / null-aio (size, read-zeroes),
-                         raw (file, offset, size), qcow2 (file); or a JSON object
+                         raw (file, offset, size), qcow2 (file),
+                         throttle (throttle-group, file); or a JSON object
   --chardev socket,id=<id>,path=<path>,server=on[,wait=on|off]
                          a Unix socket for a monitor
   --export type=vhost-user-blk,id=<id>,node-name=<node>,addr.type=unix,addr.path=<path>
@@ -109,6 +110,10 @@ qemu-storage-daemon's command line (the options this daemon supports):
   --object iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>][,poll-shrink=<n>]
            [,aio-max-batch=<n>]
                          an IOThread exports can run in; or a JSON object
+  --object throttle-group,id=<id>[,x-iops-total=<n>][,x-bps-read-max=<n>]
+           [,x-iops-write-max-length=<s>][,x-iops-size=<n>]...
+                         I/O limits shared by the driver=throttle nodes naming
+                         it (also as limits.iops-total=<n>...)
   --pidfile <path>       write the process id there (removed at exit)
   --metrics <addr>:<port>
                          serve Prometheus metrics at http://<addr>:<port>/metrics
@@ -232,7 +237,7 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
         }
         case "--object": {
           const { obj, keyval } = keyvalOrJson(value, "qom-type");
-          out.options.push({ kind: "object", spec: parseObject(obj, keyval), text });
+          out.options.push({ kind: "object", spec: parseObjectSpec(obj, keyval), text });
           break;
         }
         case "--export": {

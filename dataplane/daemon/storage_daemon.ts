@@ -14,7 +14,9 @@
 import { AioContext } from "../../aio/mod.ts";
 import { BlockGraph } from "./blockdev.ts";
 import { type BlockExportSpec, VhostUserBlkExport } from "./block_export.ts";
-import { IOThreadObject, type IOThreadSpec } from "./iothread_object.ts";
+import { IOThreadObject } from "./iothread_object.ts";
+import type { ObjectSpec } from "./object_spec.ts";
+import { ThrottleGroupObject } from "./throttle_group_object.ts";
 import { DaemonError, type OptionObject } from "./qapi_input.ts";
 import { QmpServer } from "./qmp_server.ts";
 import { QmpCommands } from "./qmp_commands.ts";
@@ -55,6 +57,8 @@ export class StorageDaemon {
   readonly ctx = new AioContext();
   readonly graph = new BlockGraph();
   readonly iothreads = new Map<string, IOThreadObject>();
+  /** `--object throttle-group` objects by id. */
+  readonly throttleGroups = new Map<string, ThrottleGroupObject>();
   readonly exports = new Map<string, VhostUserBlkExport>();
   /** `--export type=nbd` exports (ids shared with {@link exports}). */
   readonly nbdExports = new Map<string, NbdBlockExport>();
@@ -79,6 +83,7 @@ export class StorageDaemon {
 
   constructor(log: (line: string) => void = () => {}) {
     this.log = log;
+    this.graph.throttleGroups = (id) => this.throttleGroups.get(id);
     this.#loop = (async () => {
       while (this.#running) await this.ctx.pollAsync();
     })();
@@ -109,12 +114,19 @@ export class StorageDaemon {
     this.graph.delete(nodeName);
   }
 
-  /** `--object iothread` / `object-add`. */
-  async objectAdd(spec: IOThreadSpec): Promise<void> {
-    if (this.iothreads.has(spec.id) || spec.id === MAIN_LOOP_IOTHREAD) {
+  /** `--object iothread|throttle-group` / `object-add`. */
+  async objectAdd(spec: ObjectSpec): Promise<void> {
+    if (
+      this.iothreads.has(spec.id) || this.throttleGroups.has(spec.id) ||
+      spec.id === MAIN_LOOP_IOTHREAD
+    ) {
       throw new DaemonError(
         `attempt to add duplicate property '${spec.id}' to object (type 'container')`,
       );
+    }
+    if (spec.qomType === "throttle-group") {
+      this.throttleGroups.set(spec.id, new ThrottleGroupObject(spec));
+      return;
     }
     const obj = await IOThreadObject.start(spec);
     this.#watch(obj);
@@ -127,6 +139,15 @@ export class StorageDaemon {
 
   /** `object-del`: only an IOThread no export runs in. */
   async objectDel(id: string): Promise<void> {
+    const group = this.throttleGroups.get(id);
+    if (group !== undefined) {
+      if (group.users.size > 0) {
+        throw new DaemonError(`object '${id}' is in use, can not be deleted`);
+      }
+      this.throttleGroups.delete(id);
+      group.close();
+      return;
+    }
     const obj = this.iothreads.get(id);
     if (obj === undefined) throw new DaemonError(`object '${id}' not found`);
     if (obj.users.size > 0) {
@@ -382,6 +403,17 @@ export class StorageDaemon {
     }
   }
 
+  /**
+   * The object at a QOM path (`/objects/<id>`, or a bare id as QEMU's
+   * partial paths), for qom-set / qom-get: the throttle groups.
+   */
+  qomObject(path: string): ThrottleGroupObject {
+    const id = path.startsWith("/objects/") ? path.slice("/objects/".length) : path;
+    const g = this.throttleGroups.get(id);
+    if (g === undefined) throw new DaemonError(`Device '${path}' not found`, "DeviceNotFound");
+    return g;
+  }
+
   /** Stops every export, monitor and IOThread. Idempotent. */
   stop(): Promise<void> {
     this.#stopped ??= (async () => {
@@ -400,6 +432,9 @@ export class StorageDaemon {
       this.iothreads.clear();
       if (this.#mainLoopThread) threads.push(await this.#mainLoopThread);
       for (const t of threads) await t.stop();
+      // After the IOThreads: no throttle filter uses a group's memory any more.
+      for (const g of this.throttleGroups.values()) g.close();
+      this.throttleGroups.clear();
       this.#running = false;
       this.ctx.close(); // as the host: the loop's pending wait returns
       await this.#loop;

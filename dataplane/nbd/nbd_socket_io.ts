@@ -11,7 +11,7 @@
  */
 
 import type { AioContext } from "../../aio/mod.ts";
-import { addressOf, close, IOVEC, MSGHDR, sendIov, shutdown, WOULD_BLOCK } from "../../sys/mod.ts";
+import { addressOf, close, IOVEC, sendIov, shutdown, WOULD_BLOCK } from "../../sys/mod.ts";
 
 /** Most segments one sendmsg gathers. */
 const IOV_BATCH = 64;
@@ -63,9 +63,7 @@ export class NbdSocketIo {
   readonly #iov = new BigUint64Array((IOV_BATCH * IOVEC.size) / 8);
   /** {@link #iov} as 32-bit halves: addresses and lengths without BigInt allocation. */
   readonly #iov32 = new Uint32Array(this.#iov.buffer);
-  readonly #msghdr = new Uint8Array(MSGHDR.size);
-  /** msg_iovlen's low word (the high word stays 0). */
-  readonly #msghdrLen = new Uint32Array(this.#msghdr.buffer, MSGHDR.msg_iovlen, 1);
+  readonly #iovAddr: number;
   #onDrained: (() => void) | null = null;
 
   constructor(
@@ -78,8 +76,7 @@ export class NbdSocketIo {
     this.fd = fd;
     this.#onReadable = onReadable;
     this.#onError = onError;
-    const h = new BigUint64Array(this.#msghdr.buffer);
-    h[MSGHDR.msg_iov / 8] = BigInt(addressOf(this.#iov));
+    this.#iovAddr = addressOf(this.#iov);
   }
 
   /** Bytes queued and not sent yet. */
@@ -155,10 +152,9 @@ export class NbdSocketIo {
         iov[4 * i + 2] = s.buf.byteLength - skip;
         iov[4 * i + 3] = 0;
       }
-      this.#msghdrLen[0] = n;
       let sent: number;
       try {
-        sent = sendIov(this.fd, this.#msghdr);
+        sent = sendIov(this.fd, this.#iovAddr, n);
       } catch (e) {
         this.#onError(e as Error);
         return false;

@@ -19,6 +19,8 @@ export type QsdBlockdev =
     aio?: "threads" | "native" | "io_uring";
     /** default "unmap" (guest discards punch holes in the file). */
     discard?: "unmap" | "ignore";
+    /** The image format: "qcow2" puts a qcow2 node (disk0) over the file node (default "raw"). */
+    format?: "raw" | "qcow2";
   }
   | {
     driver: "null-co";
@@ -63,7 +65,8 @@ function blockdevArgs(b: QsdBlockdev): string {
   if (/[,=]/.test(b.filename)) {
     throw new RangeError(`qsd: filename ${b.filename} contains ',' or '='`);
   }
-  return `driver=file,node-name=disk0,filename=${b.filename},cache.direct=${
+  const node = b.format === "qcow2" ? "disk0-file" : "disk0";
+  return `driver=file,node-name=${node},filename=${b.filename},cache.direct=${
     direct ? "on" : "off"
   },aio=${aio},discard=${b.discard ?? "unmap"}`;
 }
@@ -82,6 +85,9 @@ function blockdevArgs(b: QsdBlockdev): string {
  */
 export function qsdArgs(opts: QsdOptions): string[] {
   const args = ["--blockdev", blockdevArgs(opts.blockdev)];
+  if (opts.blockdev.driver === "file" && opts.blockdev.format === "qcow2") {
+    args.push("--blockdev", "driver=qcow2,node-name=disk0,file=disk0-file");
+  }
   let exp = `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${opts.socket}` +
     `,writable=${(opts.writable ?? true) ? "on" : "off"},num-queues=${opts.numQueues ?? 1}`;
   if (opts.logicalBlockSize !== undefined) exp += `,logical-block-size=${opts.logicalBlockSize}`;
