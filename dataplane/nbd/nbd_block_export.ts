@@ -132,8 +132,8 @@ export function parseNbdServer(obj: OptionObject, keyval: boolean): NbdServerSpe
     if (!/^\d+$/.test(portStr) || Number(portStr) > 65535) {
       throw new DaemonError(`Parameter 'addr.port' expects a port number, got '${portStr}'`);
     }
-    for (const k of ["numeric", "ipv4", "keep-alive"]) a.bool(k);
-    if (a.bool("ipv6")) throw new DaemonError("IPv6 is not supported by this daemon");
+    // The host's first address is bound (QEMU binds each one it resolves to).
+    for (const k of ["numeric", "ipv4", "ipv6", "keep-alive"]) a.bool(k);
     if (a.int("to") !== undefined) throw new DaemonError("addr.to is not supported");
     addr = { type: "inet", host, port: Number(portStr) };
   } else if (kind === "unix") {

@@ -1,7 +1,7 @@
 /**
  * `--nbd-server` / QMP `nbd-server-start`: the NBD server of the daemon
  * (QEMU's blockdev-nbd.c with nbd/server.c's negotiation). One listening
- * socket (Unix, TCP over IPv4, or an inherited fd) on the main thread's
+ * socket (Unix, TCP over IPv4 or IPv6, or an inherited fd) on the main thread's
  * AioContext; each accepted connection runs its handshake there
  * ({@link NbdHandshake}) and is then handed, fd and negotiated state, to the
  * IOThread of the export it picked, which serves its requests.

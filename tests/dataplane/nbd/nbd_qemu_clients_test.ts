@@ -199,6 +199,27 @@ Deno.test("NBD export: qemu-img over TCP, a read-only export, qemu-nbd --list", 
   }, true);
 });
 
+Deno.test("NBD export: over IPv6 loopback (addr.host=::1)", async () => {
+  const dir = await makeScratchDir("nbd-v6");
+  const d = new StorageDaemon();
+  try {
+    try {
+      d.nbdServerStart({ addr: { type: "inet", host: "::1", port: 0 }, maxConnections: 0 });
+    } catch (e) {
+      console.warn(`SKIPPED: cannot listen on ::1 here: ${(e as Error).message}`);
+      return;
+    }
+    randomImage(`${dir}/six.raw`, SIZE);
+    await addFileExport(d, "six", `${dir}/six.raw`, false);
+    const uri = `nbd://[::1]:${d.nbdServer!.port}/six`;
+    const cmp = await ok("qemu-img", ["compare", "-f", "raw", "-F", "raw", `${dir}/six.raw`, uri]);
+    assert.match(cmp, /Images are identical/);
+  } finally {
+    await d.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("NBD export: four qemu-io clients write at once, each its own region", async () => {
   await withExport(async (d, dir, uri) => {
     Deno.writeFileSync(`${dir}/m.raw`, new Uint8Array(SIZE));
