@@ -39,3 +39,4 @@ export {
   registerErrorClass,
   type WireError,
 } from "./wire_error.ts";
+export { futexLock, futexUnlock } from "./futex_mutex.ts";

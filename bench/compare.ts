@@ -14,7 +14,7 @@
  * - Both servers export the same node with one IOThread each (qsd
  *   `--object iothread` on the export; our host `--iothreads 1`), for 1 and
  *   2 queues alike. Our host runs as its own `./deno` process, so
- *   /proc/<pid>/stat gives its CPU time, as for qsd.
+ *   blkgen reads its CPU time from its process CPU clock, as for qsd.
  * - With 2 or more CPUs, every thread of both servers is pinned to CPU 0
  *   (`taskset -c 0`) and blkgen to CPU 1 (`--cpu 1`), so neither competes
  *   with the other for a core (`--pin off` leaves placement to the
@@ -55,6 +55,7 @@ import { dirname, resolve } from "node:path";
 import { fsFilesystemType, TMPFS_MAGIC } from "../sys/mod.ts";
 import { makeScratchDir } from "../tests/harness/mod.ts";
 import { buildBlkgen } from "./blkgen_build.ts";
+import { taskArgs } from "../dataplane/mod.ts";
 import {
   type ComparePattern,
   measureRun,
@@ -485,4 +486,4 @@ export async function main(args: string[]): Promise<number> {
   }
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) Deno.exit(await main(taskArgs(Deno.args)));

@@ -2,8 +2,8 @@
  * One measured run of `deno task compare`: blkgen (the C load generator,
  * `bench/c/blkgen/`, docs/blkgen.md) as its own process against one server.
  * blkgen measures everything over its measured window only: IOPS, latency,
- * its own CPU per I/O, and (`--server-pid`) the server's CPU time from
- * `/proc/<pid>/stat`, so connection set-up and warm-up count for neither.
+ * its own CPU per I/O, and (`--server-pid`) the server's CPU time from its
+ * process CPU clock (ns), so connection set-up and warm-up count for neither.
  *
  * @module
  */

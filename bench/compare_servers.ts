@@ -3,8 +3,8 @@
  * interface: our host (`dataplane/main.ts`, run as its own `./deno` process)
  * and qemu-storage-daemon (through the test harness). Both export the same
  * backend with one IOThread, may be pinned to the same CPUs (`taskset`), and
- * both report the CPU time of their whole process (every thread) from
- * `/proc/<pid>/stat`.
+ * both report the CPU time of their whole process (every thread): blkgen
+ * reads it from the process CPU clock over its window.
  *
  * @module
  */

@@ -7,8 +7,12 @@ import { type BlockOptions, validateBlockOptions } from "./block_options.ts";
 import { FileDriver } from "./file_driver.ts";
 import { NullAioDriver, NullCoDriver } from "./null_driver.ts";
 import { RawDriver } from "./raw_driver.ts";
+import { NbdDriver } from "./nbd/nbd_driver.ts";
+import { RbdDriver } from "./rbd_driver.ts";
 import { openQcow2Image } from "./qcow2/image_chain.ts";
 import type { RangeLockTable } from "./range_lock_table.ts";
+import { ThrottleDriver } from "./throttle/throttle_driver.ts";
+import { THROTTLE_GROUP_BYTES, ThrottleGroup } from "./throttle/throttle_group.ts";
 
 /**
  * Callbacks a device registers on its BlockBackend (QEMU's BlockDevOps):
@@ -56,6 +60,11 @@ export interface BlockBackendExtras {
    * Qcow2SharedState memory every thread's driver of it attaches to.
    */
   qcow2Shared?: SharedArrayBuffer;
+  /**
+   * A throttle group every driver of this image joins (the short host's
+   * `--throttle`, one group over all its IOThreads): the filter goes on top.
+   */
+  throttleGroup?: ThrottleGroup;
 }
 
 /** A request object recycled through the backend's pool (hot path: no closures). */
@@ -140,9 +149,11 @@ export class BlockBackend {
 
   /**
    * Builds the graph for `opts`: raw (with the optional offset/sizeLimit
-   * window) over file (cache=none -> O_DIRECT; aio engine) or null-co/null-aio;
+   * window) over file (cache=none -> O_DIRECT; aio engine), null-co/null-aio
+   * or rbd (librbd; connecting and opening settle asynchronously);
    * or qcow2 over file, with its backing chain (files opened read-only with
-   * the same cache and aio). aio=native requires cache=none, as in QEMU.
+   * the same cache and aio); or raw over nbd (an NBD client: the handshake
+   * runs in `ctx`). aio=native requires cache=none, as in QEMU.
    * Opening qcow2 reads metadata: poll the context until this settles (an
    * IOThread's loop does; on the main thread use `pollAsync`).
    */
@@ -173,7 +184,37 @@ export class BlockBackend {
         l2CacheSize: opts.l2CacheSize,
         openFile: (path, readOnly) => openFile(path, readOnly, path === top),
         shared: extras.qcow2Shared,
-      }).then((d) => new BlockBackend(ctx, d, opts));
+      }).then((d) => new BlockBackend(ctx, BlockBackend.#filter(ctx, d, opts, extras), opts));
+    }
+    if (opts.driver === "nbd") {
+      // Connects and negotiates in the context; a read-only export makes a read-only backend.
+      return NbdDriver.open(ctx, {
+        server: opts.server!,
+        exportName: opts.exportName,
+        reconnectDelay: opts.reconnectDelay,
+      }).then((nbd) =>
+        BlockBackend.#rawOver(
+          ctx,
+          nbd,
+          { ...opts, readOnly: opts.readOnly || nbd.readOnly },
+          extras,
+        )
+      );
+    }
+    if (opts.driver === "rbd") {
+      return RbdDriver.open(ctx, {
+        pool: opts.pool!,
+        image: opts.image!,
+        namespace: opts.namespace,
+        conf: opts.conf,
+        user: opts.user,
+        snapshot: opts.snapshot,
+        readOnly: opts.readOnly,
+        confOptions: opts.rbdConf,
+      }).then((d) =>
+        // A snapshot is read-only whatever was asked (QEMU's auto-read-only for rbd snapshots).
+        BlockBackend.#rawOver(ctx, d, opts.snapshot ? { ...opts, readOnly: true } : opts, extras)
+      );
     }
     if (opts.driver === "file") {
       proto = openFile(opts.filename!, opts.readOnly ?? false, true);
@@ -182,13 +223,45 @@ export class BlockBackend {
     } else {
       proto = new NullAioDriver(ctx, { size: opts.size, readZeroes: opts.readZeroes });
     }
+    return BlockBackend.#rawOver(ctx, proto, opts, extras);
+  }
+
+  /**
+   * driver=throttle on top of the graph (QEMU's throttle filter node) when
+   * the options name a group: a member of the group whose state the daemon
+   * mapped at opts.throttle.addr, or of the host's `--throttle` group
+   * (extras.throttleGroup). Otherwise `d` itself.
+   */
+  static #filter(
+    ctx: AioContext,
+    d: BlockDriver,
+    opts: BlockOptions,
+    extras: BlockBackendExtras,
+  ): BlockDriver {
+    if (extras.throttleGroup !== undefined) return new ThrottleDriver(ctx, d, extras.throttleGroup);
+    return opts.throttle === undefined ? d : new ThrottleDriver(
+      ctx,
+      d,
+      new ThrottleGroup(viewAt(opts.throttle.addr, THROTTLE_GROUP_BYTES)),
+    );
+  }
+
+  /** The raw format (with its window) over `proto`; closes `proto` if that fails. */
+  static #rawOver(
+    ctx: AioContext,
+    proto: BlockDriver,
+    opts: BlockOptions,
+    extras: BlockBackendExtras,
+  ): Promise<BlockBackend> {
     let top: BlockDriver;
     try {
       top = new RawDriver(proto, { offset: opts.offset, size: opts.sizeLimit });
     } catch (e) {
       return proto.close().then(() => Promise.reject(e));
     }
-    return Promise.resolve(new BlockBackend(ctx, top, opts));
+    return Promise.resolve(
+      new BlockBackend(ctx, BlockBackend.#filter(ctx, top, opts, extras), opts),
+    );
   }
 
   /** Size in bytes. */
@@ -346,7 +419,18 @@ export class BlockBackend {
    * submitting; requests that still arrive are held until drainedEnd. Nests.
    */
   drainedBegin(): void {
-    if (this.#quiesce++ === 0) this.#devOps?.drainedBegin?.();
+    if (this.#quiesce++ === 0) {
+      this.#devOps?.drainedBegin?.();
+      this.driver.releaseHeld?.(); // a throttle filter's queue would hold the drain
+    }
+  }
+
+  /**
+   * Sends on at once what a filter holds back (throttled requests): the
+   * dataplane calls it when it stops a queue and waits for its requests.
+   */
+  releaseHeld(): void {
+    this.driver.releaseHeld?.();
   }
 
   /** Closes a drained section; the outermost one resumes held requests. */

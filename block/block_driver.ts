@@ -69,4 +69,11 @@ export interface BlockDriver {
    * inline; a driver without this method never completes inline.
    */
   setInlineCompletion?(on: boolean): boolean;
+  /**
+   * Sends on at once, past its limits, the requests the driver holds back (a
+   * throttle filter's queues; QEMU's throttle_group_restart_tgm when a
+   * drained section begins), so that waiting for in-flight requests ends.
+   * Optional: a driver that holds nothing back has no such method.
+   */
+  releaseHeld?(): void;
 }

@@ -19,6 +19,8 @@ export { FileDriver, type FileDriverOptions } from "./file_driver.ts";
 export { RangeLockTable, type RangeLockTableOptions } from "./range_lock_table.ts";
 export { NullAioDriver, NullCoDriver, type NullDriverOptions } from "./null_driver.ts";
 export { RawDriver, type RawDriverOptions } from "./raw_driver.ts";
+export { RbdDriver, type RbdDriverOptions, resizeRbdImage } from "./rbd_driver.ts";
+export { parseRbdFilename } from "./rbd_filename.ts";
 export { Qcow2Driver, type Qcow2DriverOptions } from "./qcow2/qcow2_driver.ts";
 export { Qcow2Error, type Qcow2ErrorKind } from "./qcow2/qcow2_error.ts";
 export { parseQcow2Header, type Qcow2Header } from "./qcow2/header.ts";
@@ -33,3 +35,37 @@ import { registerErrorClass } from "../aio/mod.ts";
 import { Qcow2Error } from "./qcow2/qcow2_error.ts";
 registerErrorClass("Qcow2Error", Qcow2Error);
 export * from "./nbd/nbd_protocol.ts";
+export {
+  cloneThrottleConfig,
+  THROTTLE_BUCKETS,
+  THROTTLE_VALUE_MAX,
+  type ThrottleBucketConfig,
+  type ThrottleBucketName,
+  type ThrottleConfig,
+  throttleConfigInit,
+  throttleIsValid,
+} from "./throttle/throttle_config.ts";
+export {
+  THROTTLE_GROUP_BYTES,
+  ThrottleGroup,
+  ThrottleGroupError,
+} from "./throttle/throttle_group.ts";
+export { ThrottleDriver } from "./throttle/throttle_driver.ts";
+import { ThrottleGroupError } from "./throttle/throttle_group.ts";
+registerErrorClass("ThrottleGroupError", ThrottleGroupError);
+export { NbdDriver } from "./nbd/nbd_driver.ts";
+export {
+  NbdClient,
+  type NbdClientOptions,
+  type NbdClientState,
+  nbdErrnoToSystemErrno,
+} from "./nbd/nbd_client.ts";
+export { type NbdExportInfo } from "./nbd/nbd_handshake.ts";
+export { NbdError, type NbdErrorKind } from "./nbd/nbd_error.ts";
+export {
+  describeNbdServer,
+  NBD_DEFAULT_PORT,
+  type NbdServerAddress,
+  type NbdUri,
+  parseNbdUri,
+} from "./nbd/nbd_address.ts";

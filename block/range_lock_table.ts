@@ -1,3 +1,4 @@
+import { futexLock, futexUnlock } from "../aio/mod.ts";
 import { eventfdWrite } from "../sys/mod.ts";
 
 /**
@@ -45,9 +46,7 @@ const E_LO = 4;
 const E_HI = 6;
 
 const FREE = 0, PENDING = 1, GRANTED = 2;
-const MAGIC_VALUE = 0x524c5431; // "RLT1"
-const SPINS = 64;
-
+const MAGIC_VALUE = 0x524c5431;
 /**
  * A range-lock table in a SharedArrayBuffer that every driver of one image
  * attaches to, whichever thread it runs in: QEMU's tracked requests
@@ -318,28 +317,11 @@ export class RangeLockTable {
     }
   }
 
-  /** Futex mutex (Drepper's "mutex3"); held for a few hundred ns at most. */
   #lock(): void {
-    const i32 = this.#i32;
-    let c = Atomics.compareExchange(i32, LOCK, 0, 1);
-    if (c === 0) return;
-    for (let i = 0; i < SPINS; i++) {
-      c = Atomics.compareExchange(i32, LOCK, 0, 1);
-      if (c === 0) return;
-    }
-    if (c !== 2) c = Atomics.exchange(i32, LOCK, 2);
-    while (c !== 0) {
-      // The holder was preempted: sleep in the kernel instead of spinning.
-      Atomics.wait(i32, LOCK, 2, 1);
-      c = Atomics.exchange(i32, LOCK, 2);
-    }
+    futexLock(this.#i32, LOCK);
   }
 
   #unlock(): void {
-    const i32 = this.#i32;
-    if (Atomics.sub(i32, LOCK, 1) !== 1) {
-      Atomics.store(i32, LOCK, 0);
-      Atomics.notify(i32, LOCK, 1);
-    }
+    futexUnlock(this.#i32, LOCK);
   }
 }

@@ -15,7 +15,7 @@
  */
 
 import type { AioContext } from "../aio/mod.ts";
-import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
+import { BlockBackend, type BlockOptions, RangeLockTable, ThrottleGroup } from "../block/mod.ts";
 import { eventfdWrite, type IsolateHeap, isolateHeap, kvmIrqLine, threadId } from "../sys/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
@@ -104,6 +104,8 @@ export interface BlkThreadData {
   rangeLocks?: SharedArrayBuffer;
   /** A writable qcow2 image's Qcow2SharedState (one owner of its metadata). */
   qcow2?: SharedArrayBuffer;
+  /** The host's `--throttle` group (THROTTLE_GROUP_BYTES, initialised), joined by every thread. */
+  throttle?: SharedArrayBuffer;
   /**
    * The device's interrupt status word (4 bytes; DataPlaneOptions `isr`),
    * for a transport whose guest reads it (virtio-mmio under vm/).
@@ -143,8 +145,9 @@ export async function blkOpen(
   const { export: key, ...opts } = args;
   // The thread's shared table belongs to the host's one image; other exports get their own.
   const rangeLocks = data?.rangeLocks && !key ? new RangeLockTable(data.rangeLocks) : undefined;
+  const throttleGroup = data?.throttle && !key ? new ThrottleGroup(data.throttle) : undefined;
   const qcow2Shared = data?.qcow2 && !key ? data.qcow2 : undefined;
-  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared });
+  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared, throttleGroup });
   if (s.blk !== null) {
     await blk.close();
     throw new Error("virtio-blk IOThread: image already open");
@@ -185,6 +188,8 @@ export function blkConfigure(
     brokenNotifyFd?: number;
     /** Test-only: see DataPlaneOptions.holdCompletions. */
     holdCompletions?: { every: number; ms: number } | null;
+    /** Test-only: see DataPlaneOptions.breakRingEvery. */
+    breakRingEvery?: number | null;
     export?: string;
     latencyHistogram?: boolean;
   },
@@ -276,7 +281,11 @@ export function blkStopQueue(
   _ctx: AioContext,
   args: { index: number; export?: string },
 ): Promise<number> {
-  return need(args).stopQueue(args.index);
+  const stopped = need(args).stopQueue(args.index); // detaches the queue at once
+  // Requests a throttle filter holds would hold the stop for as long as the
+  // limits say: send them on (QEMU drains the export, which releases them).
+  exports.get(exportKey(args))?.blk?.releaseHeld();
+  return stopped;
 }
 
 /**
@@ -370,8 +379,12 @@ export interface BlkThreadStats {
  * ```
  */
 export async function blkQuiesce(_ctx: AioContext, args?: { export?: string }): Promise<void> {
-  const dp = exports.get(exportKey(args))?.dataplane;
-  if (dp) await dp.quiesce();
+  const s = exports.get(exportKey(args));
+  const dp = s?.dataplane;
+  if (!dp) return;
+  const idle = dp.quiesce(); // detaches every queue at once
+  s?.blk?.releaseHeld(); // what a throttle filter holds would hold the stop
+  await idle;
 }
 
 /**

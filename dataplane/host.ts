@@ -8,11 +8,23 @@
  */
 
 import { AioContext, EventNotifier, IOThread } from "../aio/mod.ts";
-import { type BlockOptions, Qcow2SharedState, RangeLockTable } from "../block/mod.ts";
+import {
+  type BlockOptions,
+  Qcow2SharedState,
+  RangeLockTable,
+  THROTTLE_GROUP_BYTES,
+  ThrottleGroup,
+} from "../block/mod.ts";
 import { segMaxForQueueSize, type VirtioBlkOptions } from "../virtio/mod.ts";
 import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
 import type { HostOptions } from "./host_options.ts";
-import { type IsolateHeap, isolateHeap, type ResidentMemory, residentMemory } from "../sys/mod.ts";
+import {
+  clockNs,
+  type IsolateHeap,
+  isolateHeap,
+  type ResidentMemory,
+  residentMemory,
+} from "../sys/mod.ts";
 import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
 import { VhostUserHandler, VhostUserServer } from "../vhost_user/mod.ts";
 
@@ -147,6 +159,11 @@ export async function startBlkIOThreads(
   if (options.block.format === "qcow2" && !options.block.readOnly && options.iothreads > 1) {
     data.qcow2 = Qcow2SharedState.create().shared;
   }
+  if (options.throttle !== undefined) {
+    // --throttle: one group every IOThread's driver joins (freed with the threads).
+    data.throttle = new SharedArrayBuffer(THROTTLE_GROUP_BYTES);
+    new ThrottleGroup(data.throttle).init(options.throttle, clockNs());
+  }
   try {
     for (let i = 0; i < options.iothreads; i++) {
       threads.push(
@@ -176,6 +193,7 @@ export async function startBlkIOThreads(
         writeback: true,
         brokenNotifyFd,
         holdCompletions: options.testHoldCompletions ?? null,
+        breakRingEvery: options.testBreakRing ?? null,
       });
     }
     return { threads, device, image };

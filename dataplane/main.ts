@@ -15,9 +15,11 @@
  */
 
 import { releaseExecutablePages } from "../sys/mod.ts";
+import { describeNbdServer } from "../block/mod.ts";
 import { formatStats, VhostUserBlkHost } from "./host.ts";
 import { HOST_USAGE, type HostOptions, parseHostArgs, UsageError } from "./host_options.ts";
 import { DAEMON_OPTION_NAMES } from "./daemon/daemon_args.ts";
+import { taskArgs } from "./task_args.ts";
 import { daemonMain } from "./daemon/daemon_main.ts";
 
 /**
@@ -39,7 +41,11 @@ function log(line: string): void {
 
 function describe(o: HostOptions, host: VhostUserBlkHost): string {
   const b = o.block;
-  const image = b.driver === "file" ? b.filename : `${b.driver}:${b.size}`;
+  const image = b.driver === "file"
+    ? b.filename
+    : b.driver === "nbd"
+    ? `nbd export '${b.exportName}' at ${describeNbdServer(b.server!)}`
+    : `${b.driver}:${b.size}`;
   const gib = (host.image.length / 2 ** 30).toFixed(2);
   return `serving ${image} (${gib} GiB, ${b.format}, cache=${b.cache}, aio=${b.aio}` +
     `${b.readOnly ? ", read-only" : ""}) on ${o.socket}: ${o.queues} queue(s) over ` +
@@ -128,4 +134,4 @@ export async function main(args: string[]): Promise<number> {
   return 0;
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) Deno.exit(await main(taskArgs(Deno.args)));

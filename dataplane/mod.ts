@@ -35,3 +35,4 @@ export {
   parseSize,
   UsageError,
 } from "./host_options.ts";
+export { taskArgs } from "./task_args.ts";

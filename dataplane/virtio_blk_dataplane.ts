@@ -310,6 +310,14 @@ export interface DataPlaneOptions {
    */
   holdCompletions?: { every: number; ms: number } | null;
   /**
+   * Test-only: every `breakRingEvery`-th chain popped breaks its ring as a
+   * malformed one does (virtio_error: the owner closes the connection), but
+   * the chain itself is sound, so the front-end's reconnect resubmits it from
+   * its inflight log and the disk goes on. Costs one null check per request
+   * when absent.
+   */
+  breakRingEvery?: number | null;
+  /**
    * Keep a latency histogram per queue (`latencyCounts`, `latencySumNs` in
    * the stats): costs two clock reads per request, so only when asked
    * (the daemon's `--metrics`).
@@ -373,6 +381,9 @@ export class VirtioBlkDataPlane {
   /** Test-only completion hold (see DataPlaneOptions.holdCompletions). */
   readonly #hold: { every: number; ms: number } | null;
   #holdCount = 0;
+  /** Test-only injected ring breaks (see DataPlaneOptions.breakRingEvery). */
+  readonly #breakEvery: number | null;
+  #popCount = 0;
   readonly #held: { q: DataPlaneQueue; r: DataPlaneRequest; status: number; at: number }[] = [];
   #holdTimer: AioTimer | null = null;
   readonly #subDoneCb = (r: DataPlaneRequest, ret: number) => this.#subDone(r.queue!, r, ret);
@@ -387,6 +398,7 @@ export class VirtioBlkDataPlane {
     this.#id = blkIdBytes(opts.serial);
     this.#writeback = opts.writeback;
     this.#hold = opts.holdCompletions ?? null;
+    this.#breakEvery = opts.breakRingEvery ?? null;
     this.#latency = opts.latencyHistogram ?? false;
     blk.setDevOps({
       drainedBegin: () => this.#drainedBegin(),
@@ -766,6 +778,10 @@ export class VirtioBlkDataPlane {
         for (;;) {
           const chain = vq.pop();
           if (chain === null) break;
+          if (this.#breakEvery !== null && ++this.#popCount % this.#breakEvery === 0) {
+            this.#markBroken(q, `request ${chain.head}: test: injected ring break`);
+            return;
+          }
           const r = this.#free.pop() ?? this.#newRequest();
           r.queue = q;
           if (this.#latency) r.startNs = this.ctx.now();

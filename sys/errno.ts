@@ -70,8 +70,14 @@ export const EADDRINUSE = 98;
 export const ECONNRESET = 104;
 /** Transport endpoint is not connected. */
 export const ENOTCONN = 107;
+/** Cannot send after transport endpoint shutdown. */
+export const ESHUTDOWN = 108;
+/** Connection timed out. */
+export const ETIMEDOUT = 110;
 /** Connection refused. */
 export const ECONNREFUSED = 111;
+/** Operation now in progress (non-blocking connect). */
+export const EINPROGRESS = 115;
 /** Operation canceled. */
 export const ECANCELED = 125;
 
@@ -108,7 +114,10 @@ const NAMES: Record<number, string> = {
   [EADDRINUSE]: "EADDRINUSE",
   [ECONNRESET]: "ECONNRESET",
   [ENOTCONN]: "ENOTCONN",
+  [ESHUTDOWN]: "ESHUTDOWN",
+  [ETIMEDOUT]: "ETIMEDOUT",
   [ECONNREFUSED]: "ECONNREFUSED",
+  [EINPROGRESS]: "EINPROGRESS",
   [ECANCELED]: "ECANCELED",
 };
 

@@ -134,6 +134,32 @@ export const CMSGHDR = { size: 16, cmsg_len: 0, cmsg_level: 8, cmsg_type: 12, da
 /** `struct sockaddr_un` (sys/un.h). */
 export const SOCKADDR_UN = { size: 110, sun_family: 0, sun_path: 2, pathMax: 108 } as const;
 
+/** `struct sockaddr_in` (netinet/in.h); port and address in network order. */
+export const SOCKADDR_IN = { size: 16, sin_family: 0, sin_port: 2, sin_addr: 4 } as const;
+
+/** `struct sockaddr_in6` (netinet/in.h). */
+export const SOCKADDR_IN6 = {
+  size: 28,
+  sin6_family: 0,
+  sin6_port: 2,
+  sin6_flowinfo: 4,
+  sin6_addr: 8,
+  sin6_scope_id: 24,
+} as const;
+
+/** `struct addrinfo` (netdb.h, x86_64). */
+export const ADDRINFO = {
+  size: 48,
+  ai_flags: 0,
+  ai_family: 4,
+  ai_socktype: 8,
+  ai_protocol: 12,
+  ai_addrlen: 16,
+  ai_addr: 24,
+  ai_canonname: 32,
+  ai_next: 40,
+} as const;
+
 /** `struct stat` (x86_64 sys/stat.h). */
 export const STAT = {
   size: 144,

@@ -120,6 +120,15 @@ const SYMBOLS = {
   recvmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   sendmsg: { parameters: ["i32", "buffer", "i32"], result: "isize" },
   shutdown: { parameters: ["i32", "i32"], result: "i32" },
+  /** sendmsg with a msghdr at a raw address (gathered writes of guest memory). */
+  sendmsg_p: { name: "sendmsg", parameters: ["i32", "pointer", "i32"], result: "isize" },
+  setsockopt: { parameters: ["i32", "i32", "i32", "buffer", "u32"], result: "i32" },
+  getsockopt: { parameters: ["i32", "i32", "i32", "buffer", "buffer"], result: "i32" },
+  getaddrinfo: { parameters: ["buffer", "buffer", "buffer", "buffer"], result: "i32" },
+  freeaddrinfo: { parameters: ["pointer"], result: "void" },
+  gai_strerror: { parameters: ["i32"], result: "pointer" },
+  getsockname: { parameters: ["i32", "buffer", "buffer"], result: "i32" },
+  recv: { parameters: ["i32", "buffer", "usize", "i32"], result: "isize" },
 
   // signals (pthread_sigmask returns an errno value: no errno involved)
   pthread_sigmask: { parameters: ["i32", "buffer", "buffer"], result: "i32" },

@@ -425,7 +425,9 @@ export class Virtqueue {
     const newIdx = this.#usedIdx;
     const oldIdx = this.#signalledUsed;
     const valid = this.#signalledUsedValid;
-    if (valid && newIdx === oldIdx) return false;
+    // Nothing pushed since the last notification, or since the queue started
+    // (a stop with nothing completed asks too): nothing to tell.
+    if (newIdx === oldIdx) return false;
     this.#signalledUsed = newIdx;
     this.#signalledUsedValid = true;
     if (!this.eventIdx) {

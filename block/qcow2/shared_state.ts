@@ -1,3 +1,4 @@
+import { futexLock, futexUnlock } from "../../aio/mod.ts";
 import { eventfdWrite } from "../../sys/mod.ts";
 
 // Header (Int32 indexes).
@@ -18,9 +19,7 @@ const SLOT_INTS = 16;
 const S_STATE = 0, S_FROM = 1, S_MODE = 2, S_RET = 3, S_IN = 4, S_LEN = 5;
 const S_CLUSTER = 8, S_ADDR = 10;
 const FREE = 0, FILLING = 1, QUEUED = 2, TAKEN = 3, DONE = 4;
-const MAGIC_VALUE = 0x51433253; // "QC2S"
-const SPINS = 64;
-
+const MAGIC_VALUE = 0x51433253;
 /** What a forwarded allocating write does (see the driver's AllocatingWrite). */
 export type Qcow2AllocMode = "write" | "zero" | "discard";
 const MODES: readonly Qcow2AllocMode[] = ["write", "zero", "discard"];
@@ -297,27 +296,11 @@ export class Qcow2SharedState {
     if (this.#i32[b] !== 0 && fd >= 0) eventfdWrite(fd, 1);
   }
 
-  /** Futex mutex (Drepper's "mutex3"), held for one eventfd write at most. */
   #lock(): void {
-    const i32 = this.#i32;
-    let c = Atomics.compareExchange(i32, LOCK, 0, 1);
-    if (c === 0) return;
-    for (let i = 0; i < SPINS; i++) {
-      c = Atomics.compareExchange(i32, LOCK, 0, 1);
-      if (c === 0) return;
-    }
-    if (c !== 2) c = Atomics.exchange(i32, LOCK, 2);
-    while (c !== 0) {
-      Atomics.wait(i32, LOCK, 2, 1);
-      c = Atomics.exchange(i32, LOCK, 2);
-    }
+    futexLock(this.#i32, LOCK);
   }
 
   #unlock(): void {
-    const i32 = this.#i32;
-    if (Atomics.sub(i32, LOCK, 1) !== 1) {
-      Atomics.store(i32, LOCK, 0);
-      Atomics.notify(i32, LOCK, 1);
-    }
+    futexUnlock(this.#i32, LOCK);
   }
 }

@@ -9,16 +9,38 @@
  * Supported drivers: `file` (filename, cache.direct, cache.no-flush, aio,
  * discard, read-only), `null-co` / `null-aio` (size, read-zeroes), `raw`
  * (file, offset, size) and `qcow2` (file) over a file node, given by
- * node-name or as a nested object.
+ * node-name or as a nested object; `nbd` (server.type=inet with
+ * server.host/server.port, or server.type=unix with server.path; export;
+ * reconnect-delay), opened by each export in its IOThread (nothing is
+ * checked on the main thread: the server may come later); `rbd` (pool,
+ * image, namespace, conf, user, snapshot: QEMU's blockdev-add rbd keys;
+ * servers and secrets are not supported), also opened by the export.
  *
  * @module
  */
 
-import type { BlockOptions } from "../../block/mod.ts";
+import type { BlockOptions, NbdServerAddress } from "../../block/mod.ts";
 import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
 
 /** The drivers `--blockdev driver=` accepts. */
-export const BLOCKDEV_DRIVERS = ["file", "null-co", "null-aio", "raw", "qcow2"] as const;
+export const BLOCKDEV_DRIVERS = [
+  "file",
+  "null-co",
+  "null-aio",
+  "raw",
+  "qcow2",
+  "throttle",
+  "nbd",
+  "rbd",
+] as const;
+
+/** What the graph needs of a throttle group (the daemon's ThrottleGroupObject). */
+export interface ThrottleGroupRef {
+  /** Address of the group's shared state. */
+  readonly addr: number;
+  /** Nodes naming the group. */
+  readonly users: Set<string>;
+}
 
 /** One block node as given. */
 export interface BlockdevSpec {
@@ -38,8 +60,21 @@ export interface BlockdevSpec {
   readZeroes?: boolean;
   /** raw: window start. */
   offset?: number;
-  /** raw / qcow2: the child's node-name. */
+  /** raw / qcow2 / throttle: the child's node-name. */
   file?: string;
+  /** throttle: the group's id. */
+  throttleGroup?: string;
+  /** nbd: the server, export name and reconnect-delay (seconds). */
+  server?: NbdServerAddress;
+  exportName?: string;
+  reconnectDelay?: number;
+  /** rbd: where the image is and how to reach the cluster. */
+  pool?: string;
+  image?: string;
+  namespace?: string;
+  conf?: string;
+  user?: string;
+  snapshot?: string;
 }
 
 /** A node in the graph and who uses it. */
@@ -70,6 +105,8 @@ let implicitCounter = 0;
  */
 export class BlockGraph {
   readonly nodes = new Map<string, BlockNode>();
+  /** Finds a throttle group by id (the daemon sets it to its objects). */
+  throttleGroups: (id: string) => ThrottleGroupRef | undefined = () => undefined;
 
   /**
    * Parses and adds a node (and nested children). `keyval`: the object came
@@ -109,11 +146,44 @@ export class BlockGraph {
           );
         }
         break;
+      case "rbd":
+        spec.pool = input.str("pool", true);
+        spec.image = input.str("image", true);
+        spec.namespace = input.str("namespace");
+        spec.conf = input.str("conf");
+        spec.user = input.str("user");
+        spec.snapshot = input.str("snapshot");
+        break;
       case "null-co":
       case "null-aio":
         spec.size = input.int("size", 0, Number.MAX_SAFE_INTEGER) ?? 1 << 30;
         spec.readZeroes = input.bool("read-zeroes") ?? false;
         break;
+      case "throttle": {
+        spec.throttleGroup = input.str("throttle-group", true);
+        const f = input.refOrObject("file");
+        if (f === undefined) throw new DaemonError("Parameter 'file' is missing");
+        child = typeof f === "string" ? f : this.#add(f, false, added).nodeName;
+        spec.file = child;
+        break;
+      }
+      case "nbd": {
+        const srv = input.object("server");
+        if (srv === undefined) throw new DaemonError("Parameter 'server' is missing");
+        const type = srv.enum("type", ["inet", "unix"] as const, true);
+        if (type === "unix") spec.server = { type, path: srv.str("path", true) };
+        else {
+          const host = srv.str("host", true), port = srv.str("port") ?? "10809";
+          if (!/^\d{1,5}$/.test(port) || Number(port) < 1 || Number(port) > 65535) {
+            throw new DaemonError(`Parameter 'server.port' expects a port number, got '${port}'`);
+          }
+          spec.server = { type, host, port: Number(port) };
+        }
+        srv.end();
+        spec.exportName = input.str("export");
+        spec.reconnectDelay = input.int("reconnect-delay", 0, 4294967295);
+        break;
+      }
       case "raw":
       case "qcow2": {
         const f = input.refOrObject("file");
@@ -138,9 +208,14 @@ export class BlockGraph {
     if (this.nodes.has(nodeName)) {
       throw new DaemonError(`Duplicate nodes with node-name='${nodeName}'`);
     }
+    if (spec.driver === "throttle" && this.throttleGroups(spec.throttleGroup!) === undefined) {
+      throw new DaemonError(`Throttle group '${spec.throttleGroup}' does not exist`);
+    }
     if (child !== undefined) this.#checkChild(spec, child);
     if (spec.driver === "file") checkFile(spec);
-    if (spec.driver === "raw") this.#checkWindow(spec);
+    if (spec.driver === "raw" && this.get(spec.file!).spec.driver !== "rbd") {
+      this.#checkWindow(spec); // an rbd image's size is known once opened
+    }
     if (
       spec.cacheDirect && spec.cacheNoFlush &&
       (spec.driver === "file" || spec.driver === "raw" || spec.driver === "qcow2")
@@ -154,6 +229,9 @@ export class BlockGraph {
     });
     added.push(nodeName);
     if (child !== undefined) this.nodes.get(child)!.users.add(nodeName);
+    if (spec.throttleGroup !== undefined) {
+      this.throttleGroups(spec.throttleGroup)!.users.add(nodeName);
+    }
     return spec;
   }
 
@@ -161,6 +239,13 @@ export class BlockGraph {
     const c = this.nodes.get(child);
     if (c === undefined) {
       throw new DaemonError(`Cannot find device='' nor node-name='${child}'`);
+    }
+    if (c.spec.driver === "throttle") {
+      throw new DaemonError(`a throttle node under driver=${spec.driver} is not supported`);
+    }
+    if (spec.driver === "throttle") {
+      if (c.users.size > 0) throw new DaemonError(`Node '${child}' is already in use`);
+      return; // a filter over any other node
     }
     if (c.spec.driver === "raw" || c.spec.driver === "qcow2") {
       throw new DaemonError(
@@ -175,6 +260,7 @@ export class BlockGraph {
 
   #checkWindow(spec: BlockdevSpec): void {
     const child = this.nodes.get(spec.file!)!.spec;
+    if (child.driver === "nbd") return; // the size is known once connected
     const total = protocolSize(child);
     const offset = spec.offset ?? 0;
     const size = spec.size ?? total - offset;
@@ -219,6 +305,9 @@ export class BlockGraph {
     const n = this.nodes.get(nodeName);
     if (n === undefined) return;
     this.nodes.delete(nodeName);
+    if (n.spec.throttleGroup !== undefined) {
+      this.throttleGroups(n.spec.throttleGroup)?.users.delete(nodeName);
+    }
     const child = n.spec.file === undefined ? undefined : this.nodes.get(n.spec.file);
     if (child) {
       child.users.delete(nodeName);
@@ -231,7 +320,15 @@ export class BlockGraph {
    * its protocol node (file, null), flattened into one BlockOptions.
    */
   blockOptions(nodeName: string): BlockOptions {
-    const top = this.get(nodeName).spec;
+    const node = this.get(nodeName).spec;
+    if (node.driver === "throttle") {
+      // The filter on top of its child's graph, a member of the group.
+      const o = this.blockOptions(node.file!);
+      if (node.readOnly) o.readOnly = true;
+      o.throttle = { addr: this.throttleGroups(node.throttleGroup!)!.addr };
+      return o;
+    }
+    const top = node;
     const proto = top.file === undefined ? top : this.get(top.file).spec;
     const o: BlockOptions = { driver: proto.driver as BlockOptions["driver"] };
     if (proto.driver === "file") {
@@ -241,6 +338,16 @@ export class BlockGraph {
       o.cache = direct ? "none" : noFlush ? "unsafe" : "writeback";
       o.aio = proto.aio ?? "threads";
       o.discard = top.discard ?? proto.discard ?? "ignore";
+    } else if (proto.driver === "rbd") {
+      for (const k of ["pool", "image", "namespace", "conf", "user", "snapshot"] as const) {
+        if (proto[k] !== undefined) o[k] = proto[k];
+      }
+      o.discard = top.discard ?? proto.discard ?? "ignore";
+      o.cache = (proto.cacheNoFlush ?? top.cacheNoFlush) ? "unsafe" : "writeback";
+    } else if (proto.driver === "nbd") {
+      o.server = proto.server;
+      if (proto.exportName !== undefined) o.exportName = proto.exportName;
+      if (proto.reconnectDelay !== undefined) o.reconnectDelay = proto.reconnectDelay;
     } else {
       o.size = proto.size;
       o.readZeroes = proto.readZeroes;

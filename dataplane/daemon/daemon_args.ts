@@ -11,7 +11,9 @@
  */
 
 import { type BlockExportSpec, parseExport } from "./block_export.ts";
-import { type IOThreadSpec, parseObject } from "./iothread_object.ts";
+import { type ObjectSpec, parseObjectSpec } from "./object_spec.ts";
+import { type NbdExportSpec, parseNbdExport, parseNbdServer } from "../nbd/nbd_block_export.ts";
+import type { NbdServerSpec } from "../nbd/nbd_server.ts";
 import { KeyvalError, parseKeyval } from "./keyval.ts";
 import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
 import type { ChardevSpec } from "./storage_daemon.ts";
@@ -21,11 +23,13 @@ export type DaemonOption =
   & { text: string }
   & (
     | { kind: "blockdev"; obj: OptionObject; keyval: boolean }
-    | { kind: "object"; spec: IOThreadSpec }
+    | { kind: "object"; spec: ObjectSpec }
     | { kind: "export"; spec: BlockExportSpec }
     | { kind: "chardev"; spec: ChardevSpec }
     | { kind: "monitor"; chardev: string; pretty: boolean }
     | { kind: "metrics"; hostname: string; port: number }
+    | { kind: "nbd-server"; spec: NbdServerSpec }
+    | { kind: "nbd-export"; spec: NbdExportSpec }
   );
 
 /** The whole command line. */
@@ -85,7 +89,8 @@ qemu-storage-daemon's command line (the options this daemon supports):
              [,cache.direct=on|off][,cache.no-flush=on|off][,detect-zeroes=on|off|unmap]
                          driver=file (filename, aio=threads|native|io_uring),
                          null-co / null-aio (size, read-zeroes),
-                         raw (file, offset, size), qcow2 (file); or a JSON object
+                         raw (file, offset, size), qcow2 (file),
+                         throttle (throttle-group, file); or a JSON object
   --chardev socket,id=<id>,path=<path>,server=on[,wait=on|off]
                          a Unix socket for a monitor
   --export type=vhost-user-blk,id=<id>,node-name=<node>,addr.type=unix,addr.path=<path>
@@ -93,11 +98,22 @@ qemu-storage-daemon's command line (the options this daemon supports):
            [,logical-block-size=<n>][,iothread=<id>]
                          a vhost-user-blk export (addr.type=fd,addr.str=<fd>: an
                          inherited listening socket); or a JSON object
+  --export type=nbd,id=<id>,node-name=<node>[,name=<name>][,description=<text>]
+           [,writable=on|off][,iothread=<id>]
+                         an NBD export on the --nbd-server (name: the node's by default)
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
+               | addr.type=unix,addr.path=<path> | addr.type=fd,addr.str=<fd>
+               [,max-connections=<n>]
+                         the NBD server that type=nbd exports are served on
   --monitor [chardev=]<id>[,mode=control][,pretty=on|off]
                          a QMP monitor on a chardev
   --object iothread,id=<id>[,poll-max-ns=<ns>][,poll-grow=<n>][,poll-shrink=<n>]
            [,aio-max-batch=<n>]
                          an IOThread exports can run in; or a JSON object
+  --object throttle-group,id=<id>[,x-iops-total=<n>][,x-bps-read-max=<n>]
+           [,x-iops-write-max-length=<s>][,x-iops-size=<n>]...
+                         I/O limits shared by the driver=throttle nodes naming
+                         it (also as limits.iops-total=<n>...)
   --pidfile <path>       write the process id there (removed at exit)
   --metrics <addr>:<port>
                          serve Prometheus metrics at http://<addr>:<port>/metrics
@@ -221,12 +237,16 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
         }
         case "--object": {
           const { obj, keyval } = keyvalOrJson(value, "qom-type");
-          out.options.push({ kind: "object", spec: parseObject(obj, keyval), text });
+          out.options.push({ kind: "object", spec: parseObjectSpec(obj, keyval), text });
           break;
         }
         case "--export": {
           const { obj, keyval } = keyvalOrJson(value, "type");
-          out.options.push({ kind: "export", spec: parseExport(obj, keyval), text });
+          if ((obj as Record<string, unknown>).type === "nbd") {
+            out.options.push({ kind: "nbd-export", spec: parseNbdExport(obj, keyval), text });
+          } else {
+            out.options.push({ kind: "export", spec: parseExport(obj, keyval), text });
+          }
           break;
         }
         case "--chardev":
@@ -241,7 +261,12 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
         case "--metrics":
           out.options.push({ kind: "metrics", ...parseHostPort(value), text });
           break;
-        default: // --nbd-server, --trace
+        case "--nbd-server": {
+          const { obj, keyval } = keyvalOrJson(value);
+          out.options.push({ kind: "nbd-server", spec: parseNbdServer(obj, keyval), text });
+          break;
+        }
+        default: // --trace
           throw new DaemonError(`${arg} is not supported by this daemon`);
       }
     } catch (e) {

@@ -48,6 +48,12 @@ async function apply(d: StorageDaemon, args: DaemonArgs): Promise<void> {
         case "metrics":
           await d.metricsAdd(o.hostname, o.port);
           break;
+        case "nbd-server":
+          d.nbdServerStart(o.spec);
+          break;
+        case "nbd-export":
+          await d.nbdExportAdd(o.spec);
+          break;
       }
     } catch (e) {
       if (e instanceof DaemonError) throw new DaemonUsageError(`${o.text}: ${e.message}`);
@@ -118,7 +124,7 @@ export async function daemonMain(argv: string[], prog = "dataplane"): Promise<nu
   const sigint = onSignal("SIGINT"), sigterm = onSignal("SIGTERM");
   Deno.addSignalListener("SIGINT", sigint);
   Deno.addSignalListener("SIGTERM", sigterm);
-  log(prog, `serving ${daemon.exports.size} export(s)`);
+  log(prog, `serving ${daemon.exports.size + daemon.nbdExports.size} export(s)`);
   releaseExecutablePages();
   ready("ready");
   const end = await Promise.race([

@@ -13,6 +13,8 @@ import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
 
 // A string literal in `new URL(...)` so the bundler (tools/build.ts) finds the module.
 const BLK_IOTHREAD_MODULE = new URL("../blk_iothread.ts", import.meta.url).href;
+// The NBD export's side (dataplane/nbd/): its clients are served in the same threads.
+const NBD_IOTHREAD_MODULE = new URL("../nbd/nbd_iothread.ts", import.meta.url).href;
 
 /** An `--object iothread` as given. */
 export interface IOThreadSpec {
@@ -127,7 +129,7 @@ export class IOThreadObject {
   static async start(spec: IOThreadSpec): Promise<IOThreadObject> {
     const thread = await IOThread.start({
       name: spec.id,
-      modules: [BLK_IOTHREAD_MODULE],
+      modules: [BLK_IOTHREAD_MODULE, NBD_IOTHREAD_MODULE],
       pollMaxNs: spec.pollMaxNs,
       aioMaxBatch: spec.aioMaxBatch,
       pollGrow: spec.pollGrow,

@@ -3,16 +3,19 @@
  * their arguments and replies: `query-version`, `query-commands`,
  * `query-named-block-nodes`, `query-block-exports`, `query-iothreads`,
  * `blockdev-add`, `blockdev-del`, `block-export-add`, `block-export-del`,
- * `object-add`, `object-del`, `block_resize`, `quit` (`qmp_capabilities` belongs to the
- * protocol, qmp_server.ts). Arguments are checked by the same readers as the
+ * `object-add`, `object-del`, `qom-set` / `qom-get` (throttle groups),
+ * `block_resize`, `quit` (`qmp_capabilities` belongs to the protocol,
+ * qmp_server.ts). Arguments are checked by the same readers as the
  * command line, in their JSON form.
  *
  * @module
  */
 
+import type { NbdServerAddress } from "../../block/mod.ts";
 import { protocolSize } from "./blockdev.ts";
 import { parseExport } from "./block_export.ts";
-import { parseObject } from "./iothread_object.ts";
+import { parseObjectSpec } from "./object_spec.ts";
+import { parseNbdExport, parseNbdServer } from "../nbd/nbd_block_export.ts";
 import { DaemonError, QapiInput } from "./qapi_input.ts";
 import type { QmpDispatcher } from "./qmp_server.ts";
 import { MAIN_LOOP_IOTHREAD, type StorageDaemon } from "./storage_daemon.ts";
@@ -48,6 +51,8 @@ const COMMANDS: Record<string, Command> = {
       const bottom = d.graph.get(chain[chain.length - 1]).spec;
       const filename = bottom.driver === "file"
         ? bottom.filename!
+        : bottom.driver === "nbd"
+        ? nbdFilename(bottom.server!, bottom.exportName ?? "")
         : `json:{"driver": "${bottom.driver}", "size": ${bottom.size}}`;
       return {
         "node-name": s.nodeName,
@@ -79,7 +84,12 @@ const COMMANDS: Record<string, Command> = {
       type: "vhost-user-blk",
       "node-name": e.spec.nodeName,
       "shutting-down": false,
-    }))
+    })).concat([...d.nbdExports.values()].map((e) => ({
+      id: e.spec.id,
+      type: "nbd",
+      "node-name": e.spec.nodeName,
+      "shutting-down": false,
+    })))
   ),
   "query-iothreads": noArgs((d) =>
     [...d.iothreads.values()].filter((t) => t.spec.id !== MAIN_LOOP_IOTHREAD).map((t) => ({
@@ -99,8 +109,17 @@ const COMMANDS: Record<string, Command> = {
     d.blockdevDel(name);
   },
   "block-export-add": async (d, a) => {
-    await d.exportAdd(parseExport(a.rest(), false));
+    const obj = a.rest();
+    if ((obj as Record<string, unknown>).type === "nbd") {
+      await d.nbdExportAdd(parseNbdExport(obj, false));
+    } else {
+      await d.exportAdd(parseExport(obj, false));
+    }
   },
+  "nbd-server-start": (d, a) => {
+    d.nbdServerStart(parseNbdServer(a.rest(), false));
+  },
+  "nbd-server-stop": noArgs((d) => d.nbdServerStop()),
   "block-export-del": async (d, a) => {
     const id = a.str("id", true);
     const mode = a.enum("mode", ["safe", "hard"] as const) ?? "safe";
@@ -108,7 +127,7 @@ const COMMANDS: Record<string, Command> = {
     await d.exportDel(id, mode === "hard");
   },
   "object-add": async (d, a) => {
-    await d.objectAdd(parseObject(a.rest(), false));
+    await d.objectAdd(parseObjectSpec(a.rest(), false));
   },
   "object-del": async (d, a) => {
     const id = a.str("id", true);
@@ -125,6 +144,20 @@ const COMMANDS: Record<string, Command> = {
     if (name === undefined) throw new DaemonError("Need exactly one of 'device' and 'node-name'");
     await d.blockResize(name, size);
   },
+  "qom-set": (d, a) => {
+    const path = a.str("path", true);
+    const property = a.str("property", true);
+    const value = a.raw("value");
+    a.end();
+    if (value === undefined) throw new DaemonError("Parameter 'value' is missing");
+    d.qomObject(path).set(property, value);
+  },
+  "qom-get": (d, a) => {
+    const path = a.str("path", true);
+    const property = a.str("property", true);
+    a.end();
+    return d.qomObject(path).get(property);
+  },
   quit: noArgs((d) => {
     d.requestQuit();
   }),
@@ -135,9 +168,16 @@ function nodeSize(d: StorageDaemon, nodeName: string): number {
   const s = d.graph.get(nodeName).spec;
   switch (s.driver) {
     case "raw":
+      if (s.size === undefined && d.graph.get(s.file!).spec.driver === "nbd") {
+        return exportedLength(d, s.nodeName) ?? 0;
+      }
       return s.size ?? protocolSize(d.graph.get(s.file!).spec) - (s.offset ?? 0);
     case "qcow2":
+    case "rbd": // known once an export opened it
+    case "nbd":
       return exportedLength(d, s.nodeName) ?? 0;
+    case "throttle":
+      return nodeSize(d, s.file!);
     default:
       return protocolSize(s);
   }
@@ -180,4 +220,11 @@ export class QmpCommands implements QmpDispatcher {
     }
     return cmd(this.#daemon, new QapiInput(args as Record<string, never>, false));
   }
+}
+
+/** An nbd node's filename as QEMU's nbd_refresh_filename writes it. */
+function nbdFilename(s: NbdServerAddress, exportName: string): string {
+  if (s.type === "unix") return `nbd+unix:///${exportName}?socket=${s.path}`;
+  const host = s.host.includes(":") ? `[${s.host}]` : s.host;
+  return `nbd://${host}:${s.port}/${exportName}`;
 }

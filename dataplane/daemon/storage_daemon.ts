@@ -12,13 +12,18 @@
  */
 
 import { AioContext } from "../../aio/mod.ts";
+import { resizeRbdImage } from "../../block/mod.ts";
 import { BlockGraph } from "./blockdev.ts";
 import { type BlockExportSpec, VhostUserBlkExport } from "./block_export.ts";
-import { IOThreadObject, type IOThreadSpec } from "./iothread_object.ts";
+import { IOThreadObject } from "./iothread_object.ts";
+import type { ObjectSpec } from "./object_spec.ts";
+import { ThrottleGroupObject } from "./throttle_group_object.ts";
 import { DaemonError, type OptionObject } from "./qapi_input.ts";
 import { QmpServer } from "./qmp_server.ts";
 import { QmpCommands } from "./qmp_commands.ts";
 import { MetricsServer } from "./metrics.ts";
+import { NbdBlockExport, type NbdExportSpec } from "../nbd/nbd_block_export.ts";
+import { NbdServer, type NbdServerSpec } from "../nbd/nbd_server.ts";
 
 /** The id of the IOThread that exports without `iothread=` share. */
 export const MAIN_LOOP_IOTHREAD = "#main-loop";
@@ -53,7 +58,13 @@ export class StorageDaemon {
   readonly ctx = new AioContext();
   readonly graph = new BlockGraph();
   readonly iothreads = new Map<string, IOThreadObject>();
+  /** `--object throttle-group` objects by id. */
+  readonly throttleGroups = new Map<string, ThrottleGroupObject>();
   readonly exports = new Map<string, VhostUserBlkExport>();
+  /** `--export type=nbd` exports (ids shared with {@link exports}). */
+  readonly nbdExports = new Map<string, NbdBlockExport>();
+  /** `--nbd-server` / `nbd-server-start`. */
+  nbdServer: NbdServer | null = null;
   readonly chardevs = new Map<string, ChardevSpec>();
   readonly monitors: QmpServer[] = [];
   readonly log: (line: string) => void;
@@ -73,6 +84,7 @@ export class StorageDaemon {
 
   constructor(log: (line: string) => void = () => {}) {
     this.log = log;
+    this.graph.throttleGroups = (id) => this.throttleGroups.get(id);
     this.#loop = (async () => {
       while (this.#running) await this.ctx.pollAsync();
     })();
@@ -103,12 +115,19 @@ export class StorageDaemon {
     this.graph.delete(nodeName);
   }
 
-  /** `--object iothread` / `object-add`. */
-  async objectAdd(spec: IOThreadSpec): Promise<void> {
-    if (this.iothreads.has(spec.id) || spec.id === MAIN_LOOP_IOTHREAD) {
+  /** `--object iothread|throttle-group` / `object-add`. */
+  async objectAdd(spec: ObjectSpec): Promise<void> {
+    if (
+      this.iothreads.has(spec.id) || this.throttleGroups.has(spec.id) ||
+      spec.id === MAIN_LOOP_IOTHREAD
+    ) {
       throw new DaemonError(
         `attempt to add duplicate property '${spec.id}' to object (type 'container')`,
       );
+    }
+    if (spec.qomType === "throttle-group") {
+      this.throttleGroups.set(spec.id, new ThrottleGroupObject(spec));
+      return;
     }
     const obj = await IOThreadObject.start(spec);
     this.#watch(obj);
@@ -121,6 +140,15 @@ export class StorageDaemon {
 
   /** `object-del`: only an IOThread no export runs in. */
   async objectDel(id: string): Promise<void> {
+    const group = this.throttleGroups.get(id);
+    if (group !== undefined) {
+      if (group.users.size > 0) {
+        throw new DaemonError(`object '${id}' is in use, can not be deleted`);
+      }
+      this.throttleGroups.delete(id);
+      group.close();
+      return;
+    }
     const obj = this.iothreads.get(id);
     if (obj === undefined) throw new DaemonError(`object '${id}' not found`);
     if (obj.users.size > 0) {
@@ -132,7 +160,7 @@ export class StorageDaemon {
 
   /** `--export` / `block-export-add`. */
   async exportAdd(spec: BlockExportSpec): Promise<void> {
-    if (this.exports.has(spec.id)) {
+    if (this.exports.has(spec.id) || this.nbdExports.has(spec.id)) {
       throw new DaemonError(`Block export id '${spec.id}' is already in use`);
     }
     const node = this.graph.get(spec.nodeName);
@@ -171,6 +199,81 @@ export class StorageDaemon {
     }
   }
 
+  /** `--nbd-server` / `nbd-server-start`. */
+  nbdServerStart(spec: NbdServerSpec): void {
+    if (this.nbdServer !== null) throw new DaemonError("NBD server already running");
+    try {
+      this.nbdServer = NbdServer.listen(spec, this.ctx, this.log);
+    } catch (e) {
+      throw new DaemonError(`Failed to start the NBD server: ${(e as Error).message}`);
+    }
+    const a = spec.addr;
+    this.log(
+      `NBD server on ${
+        a.type === "unix"
+          ? a.path
+          : a.type === "inet"
+          ? `${a.host}:${this.nbdServer.port}`
+          : `fd ${a.fd}`
+      }`,
+    );
+  }
+
+  /** `nbd-server-stop`: stops listening and removes every NBD export (as QEMU). */
+  async nbdServerStop(): Promise<void> {
+    const server = this.nbdServer;
+    if (server === null) throw new DaemonError("NBD server not running");
+    this.nbdServer = null;
+    server.close();
+    for (const id of [...this.nbdExports.keys()]) await this.exportDel(id, true);
+  }
+
+  /** `--export type=nbd` / `block-export-add` with type nbd. */
+  async nbdExportAdd(spec: NbdExportSpec): Promise<void> {
+    if (this.exports.has(spec.id) || this.nbdExports.has(spec.id)) {
+      throw new DaemonError(`Block export id '${spec.id}' is already in use`);
+    }
+    // Checked in qemu-storage-daemon's order, so the first error is the same.
+    const node = this.graph.get(spec.nodeName);
+    const named = spec.iothread === undefined ? undefined : this.iothreads.get(spec.iothread);
+    if (spec.iothread !== undefined && named === undefined) {
+      throw new DaemonError(`iothread "${spec.iothread}" not found`);
+    }
+    const server = this.nbdServer;
+    if (server === null) throw new DaemonError("NBD server not running");
+    if (server.exports.has(spec.name)) {
+      throw new DaemonError(`NBD server already has export named '${spec.name}'`);
+    }
+    const block = this.graph.blockOptions(spec.nodeName);
+    if (spec.writable && block.readOnly) {
+      throw new DaemonError("Cannot export read-only node as writable");
+    }
+    const key = `export:${spec.id}`;
+    // Each export opens the node for itself: one user at a time (qsd shares it).
+    if (node.users.size > 0) throw new DaemonError(`Node '${spec.nodeName}' is already in use`);
+    const iothread = named ?? await this.#mainLoopIOThread();
+    node.users.add(key);
+    try {
+      const exp = await NbdBlockExport.start(
+        spec,
+        block,
+        iothread,
+        server,
+        this.ctx,
+        this.log,
+      );
+      this.nbdExports.set(spec.id, exp);
+      this.log(
+        `export ${spec.id}: node ${spec.nodeName} (${exp.image.length} bytes${
+          exp.image.readOnly ? ", read-only" : ""
+        }) as NBD export '${spec.name}' in IOThread ${iothread.spec.id}`,
+      );
+    } catch (e) {
+      node.users.delete(key);
+      throw e;
+    }
+  }
+
   #mainLoopIOThread(): Promise<IOThreadObject> {
     this.#mainLoopThread ??= IOThreadObject.start({
       id: MAIN_LOOP_IOTHREAD,
@@ -190,6 +293,16 @@ export class StorageDaemon {
    * refuses while a front-end is connected, as QEMU's.
    */
   async exportDel(id: string, force: boolean): Promise<void> {
+    const nbd = this.nbdExports.get(id);
+    if (nbd !== undefined) {
+      if (!force && nbd.clients > 0) throw new DaemonError(`export '${id}' still in use`);
+      this.nbdExports.delete(id);
+      await nbd.stop();
+      this.graph.nodes.get(nbd.spec.nodeName)?.users.delete(`export:${id}`);
+      this.log(`export ${id}: deleted`);
+      for (const m of this.monitors) m.event("BLOCK_EXPORT_DELETED", { id });
+      return;
+    }
     const exp = this.exports.get(id);
     if (exp === undefined) throw new DaemonError(`Export '${id}' is not found`);
     if (!force && exp.server.connection !== null) {
@@ -204,8 +317,8 @@ export class StorageDaemon {
 
   /**
    * QMP `block_resize`: truncates the file behind a file node (or a raw
-   * node without an offset/size window over one) to `size` bytes and tells
-   * every export on it. Null and qcow2 nodes refuse, as qemu-storage-daemon 7.2.
+   * node without an offset/size window over one; an rbd image: rbd_resize)
+   * to `size` bytes and tells every export on it. Null and qcow2 nodes refuse, as qemu-storage-daemon 7.2.
    */
   async blockResize(nodeName: string, size: number): Promise<void> {
     const node = this.graph.nodes.get(nodeName);
@@ -217,17 +330,34 @@ export class StorageDaemon {
       throw new DaemonError("Cannot resize fixed-size raw disks");
     }
     const file = s.driver === "raw" ? this.graph.get(s.file!).spec : s;
-    if (file.driver !== "file") {
+    if (file.driver !== "file" && file.driver !== "rbd") {
       throw new DaemonError("Image format driver does not support resize");
     }
     if (s.readOnly || file.readOnly) throw new DaemonError("Node is read-only");
-    try {
-      Deno.truncateSync(file.filename!, size);
-    } catch (e) {
-      throw new DaemonError(`Failed to resize ${file.filename}: ${(e as Error).message}`);
+    if (file.driver === "rbd") {
+      if (file.snapshot !== undefined) throw new DaemonError("Node is read-only");
+      // rbd_resize through a connection of its own (QEMU's qemu_rbd_co_truncate).
+      const where = { pool: file.pool!, image: file.image!, namespace: file.namespace };
+      try {
+        await resizeRbdImage({ ...where, conf: file.conf, user: file.user }, size);
+      } catch (e) {
+        throw new DaemonError(`Failed to resize rbd image: ${(e as Error).message}`);
+      }
+    } else {
+      try {
+        Deno.truncateSync(file.filename!, size);
+      } catch (e) {
+        throw new DaemonError(`Failed to resize ${file.filename}: ${(e as Error).message}`);
+      }
     }
     // Every export whose node is the file node or over it.
     for (const exp of this.exports.values()) {
+      if (this.graph.chain(exp.spec.nodeName).includes(file.nodeName)) {
+        const length = await exp.resize();
+        this.log(`export ${exp.spec.id}: resized to ${length} bytes`);
+      }
+    }
+    for (const exp of this.nbdExports.values()) {
       if (this.graph.chain(exp.spec.nodeName).includes(file.nodeName)) {
         const length = await exp.resize();
         this.log(`export ${exp.spec.id}: resized to ${length} bytes`);
@@ -285,6 +415,17 @@ export class StorageDaemon {
     }
   }
 
+  /**
+   * The object at a QOM path (`/objects/<id>`, or a bare id as QEMU's
+   * partial paths), for qom-set / qom-get: the throttle groups.
+   */
+  qomObject(path: string): ThrottleGroupObject {
+    const id = path.startsWith("/objects/") ? path.slice("/objects/".length) : path;
+    const g = this.throttleGroups.get(id);
+    if (g === undefined) throw new DaemonError(`Device '${path}' not found`, "DeviceNotFound");
+    return g;
+  }
+
   /** Stops every export, monitor and IOThread. Idempotent. */
   stop(): Promise<void> {
     this.#stopped ??= (async () => {
@@ -294,10 +435,18 @@ export class StorageDaemon {
         this.exports.delete(id);
         await exp.stop();
       }
+      this.nbdServer?.close();
+      for (const [id, exp] of [...this.nbdExports]) {
+        this.nbdExports.delete(id);
+        await exp.stop();
+      }
       const threads = [...this.iothreads.values()];
       this.iothreads.clear();
       if (this.#mainLoopThread) threads.push(await this.#mainLoopThread);
       for (const t of threads) await t.stop();
+      // After the IOThreads: no throttle filter uses a group's memory any more.
+      for (const g of this.throttleGroups.values()) g.close();
+      this.throttleGroups.clear();
       this.#running = false;
       this.ctx.close(); // as the host: the loop's pending wait returns
       await this.#loop;

@@ -67,7 +67,14 @@ Deno.test("compare --quick: table, JSON and SVG for both servers on null-co", as
         assert.ok(m && m.iops > 0, `${name} QD${c.qd}: ${JSON.stringify(c[name].runs)}`);
         assert.ok(m.p99Us >= m.p50Us && m.p50Us > 0);
         assert.ok(m.serverCpuUsPerIo > 0 && m.clientCpuUsPerIo > 0);
-        assert.ok(m.clientBusyUsPerIo > 0 && m.clientBusyUsPerIo <= m.clientCpuUsPerIo);
+        assert.ok(m.clientBusyUsPerIo > 0);
+        for (const r of c[name].runs) {
+          if ("error" in r) continue;
+          // blkgen's busy time is wall time of its passes with completions: on a loaded
+          // machine a preempted pass makes it exceed its CPU time, but one queue thread can
+          // never be busy for longer than the window.
+          assert.ok(r.clientCores <= 1.01, `${name} QD${c.qd}: busy ${r.clientCores} cores`);
+        }
         assert.ok(m.kicksPerIo >= 0 && m.waitsPerIo >= 0);
       }
     }

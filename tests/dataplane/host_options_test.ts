@@ -124,3 +124,12 @@ Deno.test("host options: --test-hold-completions EVERY:MS (tests only)", () => {
     );
   }
 });
+
+Deno.test("host options: --test-break-ring EVERY (tests only)", () => {
+  const base = ["--image", "null-co:1M", "--socket", "/tmp/s"];
+  assert.equal(parseHostArgs(base).testBreakRing, undefined);
+  assert.equal(parseHostArgs([...base, "--test-break-ring", "100"]).testBreakRing, 100);
+  for (const bad of ["0", "-1", "x", "1.5", "1000001", ""]) {
+    assert.throws(() => parseHostArgs([...base, "--test-break-ring", bad]), UsageError, bad);
+  }
+});

@@ -50,3 +50,4 @@ export { QemuStorageDaemon, qsdArgs, type QsdBlockdev, type QsdOptions } from ".
 export { makeScratchDir } from "./scratch_dir.ts";
 export { ServerProcess, type ServerProcessOptions } from "./server_process.ts";
 export { type SyncEvent, type SyncKind, SyncTrace, syncTraceUnavailable } from "./sync_trace.ts";
+export { CephCluster, type CephClusterOptions, cephUnavailable } from "./ceph_cluster.ts";

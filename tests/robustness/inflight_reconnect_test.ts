@@ -46,6 +46,8 @@ interface Outcome {
    */
   headInUse: number;
   kills: number;
+  /** Reconnects after the host closed the connection on a (test-injected) ring break. */
+  breaks: number;
   /** Kills that landed with an earlier request in flight below the used idx. */
   outOfOrderKills: number;
 }
@@ -87,11 +89,17 @@ async function crashWorkload(o: {
   sigtermAt?: number;
   /** Queues, each on its own IOThread (default 1). */
   queues?: number;
+  /** The host's --test-break-ring EVERY (the same host goes on; the client reconnects). */
+  breakRing?: number;
 }): Promise<Outcome> {
   const rand = prng(o.seed);
   const s = await scratch("inflight", IMAGE);
   const nq = o.queues ?? 1;
-  const args = [...cacheNoneHost(s, o.aio, nq, nq), ...HOLD];
+  const args = [
+    ...cacheNoneHost(s, o.aio, nq, nq),
+    ...HOLD,
+    ...(o.breakRing ? ["--test-break-ring", String(o.breakRing)] : []),
+  ];
   let host = new HostProcess(args);
   const logs: string[] = [];
   let c: VhostUserBlkClient | null = null;
@@ -115,6 +123,7 @@ async function crashWorkload(o: {
       resubmitted: 0,
       headInUse: 0,
       kills: 0,
+      breaks: 0,
       outOfOrderKills: 0,
     };
     const reqBlock: number[] = [];
@@ -193,6 +202,16 @@ async function crashWorkload(o: {
         if (n > 0) lastProgress = performance.now();
         sinceKill += n;
         refill();
+      }
+      if (
+        o.breakRing && performance.now() - lastProgress > 100 && await c.frontend.waitClosed(0)
+      ) {
+        // The host broke a ring and closed the connection: QEMU reconnects.
+        await c.reconnect(20_000);
+        out.breaks++;
+        lastProgress = performance.now();
+        refill();
+        continue;
       }
       if (performance.now() - lastProgress > 3000) break; // nothing completes any more
       if (out.kills >= o.kills || sinceKill < killAfter) {
@@ -278,6 +297,26 @@ Deno.test("inflight: 2 queues on 2 IOThreads (aio=io_uring), host killed 3 times
     "lost, duplicates, bad, corrupt, headInUse, completed",
   );
   assert.ok(r.resubmitted >= 1);
+});
+
+Deno.test("inflight: rings the host breaks (test-injected) close the connection; after each reconnect the disk goes on, nothing lost or repeated", async () => {
+  const r = await crashWorkload({
+    aio: "io_uring",
+    inflight: true,
+    requests: 400,
+    kills: 0,
+    seed: 33,
+    alwaysOutOfOrder: false,
+    breakRing: 61,
+  });
+  console.log(`ring breaks: ${JSON.stringify(r)}`);
+  assert.ok(r.breaks >= 4, `only ${r.breaks} ring breaks and reconnects`);
+  assert.deepEqual(
+    [r.lost, r.duplicates, r.bad, r.corrupt, r.headInUse, r.completed],
+    [0, 0, 0, 0, 0, 400],
+    "lost, duplicates, bad, corrupt, headInUse, completed",
+  );
+  assert.ok(r.resubmitted >= 1, "the request popped at the break was never taken again");
 });
 
 Deno.test("inflight: without it, a kill with completions out of order loses a request and repeats another", async () => {

@@ -386,6 +386,19 @@ Deno.test("notifyNeeded without EVENT_IDX follows VRING_AVAIL_F_NO_INTERRUPT", (
   }
 });
 
+Deno.test("notifyNeeded with nothing pushed since the queue started is false, with and without EVENT_IDX", () => {
+  for (const eventIdx of [false, true]) {
+    const { tm, drv, vq } = setup({ eventIdx });
+    try {
+      assert.equal(vq.notifyNeeded(), false, `eventIdx ${eventIdx}: nothing pushed`);
+      cycle(drv, vq);
+      assert.equal(vq.notifyNeeded(), true, `eventIdx ${eventIdx}: one pushed`);
+    } finally {
+      tm.close();
+    }
+  }
+});
+
 function cycle(drv: GuestDriver, vq: Virtqueue): void {
   const h = drv.add([{ gpa: A + 0x10000, len: 16 }]);
   assert.equal(vq.pop()?.head, h);
