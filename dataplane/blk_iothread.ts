@@ -102,6 +102,12 @@ export interface BlkImageInfo {
  */
 export interface BlkThreadData {
   rangeLocks?: SharedArrayBuffer;
+  /**
+   * The export `rangeLocks` and `qcow2` belong to ("" or absent: the
+   * export-less host's; the host's short options name their one daemon
+   * export, whose queues are spread over these threads).
+   */
+  sharedExport?: string;
   /** A writable qcow2 image's Qcow2SharedState (one owner of its metadata). */
   qcow2?: SharedArrayBuffer;
   /**
@@ -141,9 +147,10 @@ export async function blkOpen(
   const s = state(args);
   if (s.blk !== null) throw new Error("virtio-blk IOThread: image already open");
   const { export: key, ...opts } = args;
-  // The thread's shared table belongs to the host's one image; other exports get their own.
-  const rangeLocks = data?.rangeLocks && !key ? new RangeLockTable(data.rangeLocks) : undefined;
-  const qcow2Shared = data?.qcow2 && !key ? data.qcow2 : undefined;
+  // The thread's shared tables belong to one image; other exports get their own.
+  const owner = (key ?? "") === (data?.sharedExport ?? "");
+  const rangeLocks = data?.rangeLocks && owner ? new RangeLockTable(data.rangeLocks) : undefined;
+  const qcow2Shared = data?.qcow2 && owner ? data.qcow2 : undefined;
   const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared });
   if (s.blk !== null) {
     await blk.close();

@@ -8,7 +8,7 @@
  *
  * Supported drivers: `file` (filename, cache.direct, cache.no-flush, aio,
  * discard, read-only), `null-co` / `null-aio` (size, read-zeroes), `raw`
- * (file, offset, size) and `qcow2` (file) over a file node, given by
+ * (file, offset, size) and `qcow2` (file, l2-cache-size) over a file node, given by
  * node-name or as a nested object; `nbd` (server.type=inet with
  * server.host/server.port, or server.type=unix with server.path; export;
  * reconnect-delay), opened by each export in its IOThread (nothing is
@@ -57,6 +57,8 @@ export interface BlockdevSpec {
   readZeroes?: boolean;
   /** raw: window start. */
   offset?: number;
+  /** qcow2: bytes of L2 tables cached (QEMU's l2-cache-size). */
+  l2CacheSize?: number;
   /** raw / qcow2 / throttle: the child's node-name. */
   file?: string;
   /** throttle: the group's id. */
@@ -175,6 +177,7 @@ export class BlockGraph {
           spec.offset = input.int("offset", 0, Number.MAX_SAFE_INTEGER);
           spec.size = input.int("size", 0, Number.MAX_SAFE_INTEGER);
         }
+        if (driver === "qcow2") spec.l2CacheSize = input.size("l2-cache-size");
         spec.file = child;
         break;
       }
@@ -326,10 +329,19 @@ export class BlockGraph {
       o.size = proto.size;
       o.readZeroes = proto.readZeroes;
     }
+    if (proto.driver !== "file") {
+      // What the BlockBackend does above any driver: pass discards on, drop flushes.
+      const discard = top.discard ?? proto.discard;
+      if (discard !== undefined) o.discard = discard;
+      if ((top.cacheNoFlush ?? proto.cacheNoFlush) === true) o.cache = "unsafe";
+    }
     o.readOnly = top.readOnly || proto.readOnly;
     const dz = top.detectZeroes ?? proto.detectZeroes;
     if (dz !== undefined && dz !== "off") o.detectZeroes = dz;
-    if (top.driver === "qcow2") o.format = "qcow2";
+    if (top.driver === "qcow2") {
+      o.format = "qcow2";
+      if (top.l2CacheSize !== undefined) o.l2CacheSize = top.l2CacheSize;
+    }
     if (top.driver === "raw") {
       if (top.offset !== undefined) o.offset = top.offset;
       if (top.size !== undefined) o.sizeLimit = top.size;
