@@ -60,6 +60,11 @@ export interface BlockBackendExtras {
    * Qcow2SharedState memory every thread's driver of it attaches to.
    */
   qcow2Shared?: SharedArrayBuffer;
+  /**
+   * A throttle group every driver of this image joins (the short host's
+   * `--throttle`, one group over all its IOThreads): the filter goes on top.
+   */
+  throttleGroup?: ThrottleGroup;
 }
 
 /** A request object recycled through the backend's pool (hot path: no closures). */
@@ -179,7 +184,7 @@ export class BlockBackend {
         l2CacheSize: opts.l2CacheSize,
         openFile: (path, readOnly) => openFile(path, readOnly, path === top),
         shared: extras.qcow2Shared,
-      }).then((d) => new BlockBackend(ctx, BlockBackend.#filter(ctx, d, opts), opts));
+      }).then((d) => new BlockBackend(ctx, BlockBackend.#filter(ctx, d, opts, extras), opts));
     }
     if (opts.driver === "nbd") {
       // Connects and negotiates in the context; a read-only export makes a read-only backend.
@@ -188,7 +193,12 @@ export class BlockBackend {
         exportName: opts.exportName,
         reconnectDelay: opts.reconnectDelay,
       }).then((nbd) =>
-        BlockBackend.#rawOver(ctx, nbd, { ...opts, readOnly: opts.readOnly || nbd.readOnly })
+        BlockBackend.#rawOver(
+          ctx,
+          nbd,
+          { ...opts, readOnly: opts.readOnly || nbd.readOnly },
+          extras,
+        )
       );
     }
     if (opts.driver === "rbd") {
@@ -198,9 +208,13 @@ export class BlockBackend {
         namespace: opts.namespace,
         conf: opts.conf,
         user: opts.user,
+        snapshot: opts.snapshot,
         readOnly: opts.readOnly,
         confOptions: opts.rbdConf,
-      }).then((d) => BlockBackend.#rawOver(ctx, d, opts));
+      }).then((d) =>
+        // A snapshot is read-only whatever was asked (QEMU's auto-read-only for rbd snapshots).
+        BlockBackend.#rawOver(ctx, d, opts.snapshot ? { ...opts, readOnly: true } : opts, extras)
+      );
     }
     if (opts.driver === "file") {
       proto = openFile(opts.filename!, opts.readOnly ?? false, true);
@@ -209,15 +223,22 @@ export class BlockBackend {
     } else {
       proto = new NullAioDriver(ctx, { size: opts.size, readZeroes: opts.readZeroes });
     }
-    return BlockBackend.#rawOver(ctx, proto, opts);
+    return BlockBackend.#rawOver(ctx, proto, opts, extras);
   }
 
   /**
    * driver=throttle on top of the graph (QEMU's throttle filter node) when
    * the options name a group: a member of the group whose state the daemon
-   * mapped at opts.throttle.addr. Otherwise `d` itself.
+   * mapped at opts.throttle.addr, or of the host's `--throttle` group
+   * (extras.throttleGroup). Otherwise `d` itself.
    */
-  static #filter(ctx: AioContext, d: BlockDriver, opts: BlockOptions): BlockDriver {
+  static #filter(
+    ctx: AioContext,
+    d: BlockDriver,
+    opts: BlockOptions,
+    extras: BlockBackendExtras,
+  ): BlockDriver {
+    if (extras.throttleGroup !== undefined) return new ThrottleDriver(ctx, d, extras.throttleGroup);
     return opts.throttle === undefined ? d : new ThrottleDriver(
       ctx,
       d,
@@ -226,14 +247,21 @@ export class BlockBackend {
   }
 
   /** The raw format (with its window) over `proto`; closes `proto` if that fails. */
-  static #rawOver(ctx: AioContext, proto: BlockDriver, opts: BlockOptions): Promise<BlockBackend> {
+  static #rawOver(
+    ctx: AioContext,
+    proto: BlockDriver,
+    opts: BlockOptions,
+    extras: BlockBackendExtras,
+  ): Promise<BlockBackend> {
     let top: BlockDriver;
     try {
       top = new RawDriver(proto, { offset: opts.offset, size: opts.sizeLimit });
     } catch (e) {
       return proto.close().then(() => Promise.reject(e));
     }
-    return Promise.resolve(new BlockBackend(ctx, BlockBackend.#filter(ctx, top, opts), opts));
+    return Promise.resolve(
+      new BlockBackend(ctx, BlockBackend.#filter(ctx, top, opts, extras), opts),
+    );
   }
 
   /** Size in bytes. */

@@ -37,6 +37,8 @@ export interface BlockOptions {
   conf?: string;
   /** rbd: client id without "client.". */
   user?: string;
+  /** rbd: open this snapshot (read-only). */
+  snapshot?: string;
   /** rbd: more librados options (the legacy filename's other key=value pairs). */
   rbdConf?: Record<string, string>;
   /** Size in bytes (null drivers). */
@@ -188,6 +190,7 @@ export function validateBlockOptions(o: Record<string, unknown>): BlockOptions {
     "namespace",
     "conf",
     "user",
+    "snapshot",
     "rbdConf",
   ]);
   for (const [k, v] of Object.entries(o)) {

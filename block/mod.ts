@@ -19,7 +19,7 @@ export { FileDriver, type FileDriverOptions } from "./file_driver.ts";
 export { RangeLockTable, type RangeLockTableOptions } from "./range_lock_table.ts";
 export { NullAioDriver, NullCoDriver, type NullDriverOptions } from "./null_driver.ts";
 export { RawDriver, type RawDriverOptions } from "./raw_driver.ts";
-export { RbdDriver, type RbdDriverOptions } from "./rbd_driver.ts";
+export { RbdDriver, type RbdDriverOptions, resizeRbdImage } from "./rbd_driver.ts";
 export { parseRbdFilename } from "./rbd_filename.ts";
 export { Qcow2Driver, type Qcow2DriverOptions } from "./qcow2/qcow2_driver.ts";
 export { Qcow2Error, type Qcow2ErrorKind } from "./qcow2/qcow2_error.ts";

@@ -21,6 +21,7 @@ import {
   rbdGetSize,
   rbdOpen,
   rbdPollIoEvents,
+  rbdResize,
   rbdSetImageNotification,
   SysError,
 } from "../sys/mod.ts";
@@ -53,6 +54,8 @@ export interface RbdDriverOptions {
   user?: string;
   /** Open the image read-only (rbd_open_read_only). */
   readOnly?: boolean;
+  /** Open this snapshot of the image (read-only; QEMU's `snapshot`). */
+  snapshot?: string;
   /** More configuration options, set with rados_conf_set after the file. */
   confOptions?: Record<string, string>;
 }
@@ -149,34 +152,12 @@ export class RbdDriver implements BlockDriver {
    * client_mount_timeout); everything opened so far is released.
    */
   static async open(ctx: AioContext, opts: RbdDriverOptions): Promise<RbdDriver> {
-    const spec = [opts.pool, opts.namespace, opts.image].filter((s) => s).join("/");
-    const cluster = radosCreate(opts.user ?? null);
-    let io: Deno.PointerValue = null;
+    const wait = <T>(p: Promise<T>) => offThread(ctx, p);
+    const h = await rbdConnect(opts, wait);
     try {
-      if (opts.conf !== undefined) radosConfReadFile(cluster, opts.conf);
-      else {
-        try {
-          radosConfReadFile(cluster, null);
-        } catch (e) {
-          if (!(e instanceof SysError)) throw e; // no default ceph.conf: options may suffice
-        }
-      }
-      for (const [k, v] of Object.entries(opts.confOptions ?? {})) radosConfSet(cluster, k, v);
-      await radosConnect(cluster);
-      io = radosIoctxCreate(cluster, opts.pool, opts.namespace ?? "");
-      const image = await rbdOpen(io, opts.image, opts.readOnly ?? false);
-      try {
-        return new RbdDriver(ctx, spec, cluster, io, image);
-      } catch (e) {
-        await rbdClose(image);
-        throw e;
-      }
+      return new RbdDriver(ctx, h.spec, h.cluster, h.io, h.image);
     } catch (e) {
-      if (io) radosIoctxDestroy(io);
-      await radosShutdown(cluster);
-      if (e instanceof SysError && !e.message.includes(spec)) {
-        throw new SysError(e.call, e.errno, `rbd ${spec}`);
-      }
+      await rbdDisconnect(h, wait);
       throw e;
     }
   }
@@ -248,11 +229,10 @@ export class RbdDriver implements BlockDriver {
     if (this.#closed) return;
     this.#closed = true;
     this.#ctx.setFdHandler(this.#notifier.fd, null);
+    const h = { spec: this.spec, cluster: this.#cluster, io: this.#io, image: this.#image };
     try {
-      await rbdClose(this.#image);
+      await rbdDisconnect(h, (p) => offThread(this.#ctx, p));
     } finally {
-      radosIoctxDestroy(this.#io);
-      await radosShutdown(this.#cluster);
       this.#notifier.close();
     }
   }
@@ -318,5 +298,109 @@ export class RbdDriver implements BlockDriver {
       }
       if (this.#inFlight === 0 || this.#take() === 0) return;
     }
+  }
+}
+
+/** An open image and what it hangs on. */
+interface RbdHandles {
+  spec: string;
+  cluster: Deno.PointerValue;
+  io: Deno.PointerValue;
+  image: Deno.PointerValue;
+}
+
+/**
+ * Connects and opens `opts`' image, awaiting each blocking-thread call
+ * through `wait`; on failure releases what was opened and throws a
+ * SysError naming the image.
+ */
+async function rbdConnect(
+  opts: RbdDriverOptions,
+  wait: <T>(p: Promise<T>) => Promise<T>,
+): Promise<RbdHandles> {
+  const spec = [opts.pool, opts.namespace, opts.image].filter((s) => s).join("/") +
+    (opts.snapshot !== undefined ? `@${opts.snapshot}` : "");
+  const cluster = radosCreate(opts.user ?? null);
+  let io: Deno.PointerValue = null;
+  try {
+    if (opts.conf !== undefined) radosConfReadFile(cluster, opts.conf);
+    else {
+      try {
+        radosConfReadFile(cluster, null);
+      } catch (e) {
+        if (!(e instanceof SysError)) throw e; // no default ceph.conf: options may suffice
+      }
+    }
+    for (const [k, v] of Object.entries(opts.confOptions ?? {})) radosConfSet(cluster, k, v);
+    await wait(radosConnect(cluster));
+    io = radosIoctxCreate(cluster, opts.pool, opts.namespace ?? "");
+    const image = await wait(rbdOpen(io, opts.image, opts.readOnly ?? false, opts.snapshot));
+    return { spec, cluster, io, image };
+  } catch (e) {
+    if (io) radosIoctxDestroy(io);
+    await wait(radosShutdown(cluster));
+    if (e instanceof SysError && !e.message.includes(spec)) {
+      const detail = e.message.split("): ").slice(1).join("): ");
+      throw new SysError(e.call, e.errno, `${detail ? `${detail}, ` : ""}rbd image ${spec}`);
+    }
+    throw e;
+  }
+}
+
+async function rbdDisconnect(
+  h: RbdHandles,
+  wait: <T>(p: Promise<T>) => Promise<T>,
+): Promise<void> {
+  try {
+    await wait(rbdClose(h.image));
+  } finally {
+    radosIoctxDestroy(h.io);
+    await wait(radosShutdown(h.cluster));
+  }
+}
+
+/**
+ * Resizes an rbd image (rbd_resize) through a connection of its own, for
+ * the control plane (QMP block_resize): call it where Deno's event loop runs
+ * (the main thread), not from inside an AioContext loop. Drivers that have
+ * the image open see the new size at their next `refreshLength` (librbd
+ * tells every open handle before rbd_resize returns).
+ *
+ * @example
+ * ```ts ignore
+ * import { resizeRbdImage } from "./rbd_driver.ts";
+ * await resizeRbdImage({ pool: "rbd", image: "vm1", conf: "/etc/ceph/ceph.conf" }, 2 ** 30);
+ * ```
+ */
+export async function resizeRbdImage(opts: RbdDriverOptions, size: number): Promise<void> {
+  const wait = <T>(p: Promise<T>) => p;
+  const h = await rbdConnect({ ...opts, readOnly: false }, wait);
+  try {
+    await rbdResize(h.image, size);
+  } catch (e) {
+    if (e instanceof SysError) throw new SysError(e.call, e.errno, `rbd image ${h.spec}`);
+    throw e;
+  } finally {
+    await rbdDisconnect(h, wait);
+  }
+}
+
+/** How often a context waiting for a blocking-thread call wakes up to look. */
+const OFF_THREAD_TICK_NS = 1_000_000;
+
+/**
+ * Awaits a call that runs on a Deno blocking thread (connect, open, close)
+ * from code driven by an AioContext: the result reaches this thread through
+ * Deno's event loop, which an IOThread only visits between two `poll(true)`
+ * calls, so a 1 ms timer keeps the context from sleeping past it. Set-up and
+ * tear-down only; the data path never waits like this.
+ */
+async function offThread<T>(ctx: AioContext, p: Promise<T>): Promise<T> {
+  const tick = ctx.timerNew(() => tick.modNs(ctx.now() + OFF_THREAD_TICK_NS));
+  tick.modNs(ctx.now() + OFF_THREAD_TICK_NS);
+  try {
+    return await p;
+  } finally {
+    tick.del();
   }
 }

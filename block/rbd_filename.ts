@@ -4,8 +4,8 @@ import type { RbdDriverOptions } from "./rbd_driver.ts";
  * Parses QEMU's legacy rbd filename (block/rbd.c qemu_rbd_parse_filename):
  * `rbd:POOL/[NAMESPACE/]IMAGE[:KEY=VALUE]...`, where `conf=PATH` names the
  * ceph.conf, `id=USER` the client id, and every other pair is a librados
- * configuration option (e.g. `client_mount_timeout=10`); `\` escapes a `:`,
- * `/` or `@`. Snapshots (`@SNAP`) are not supported. Throws TypeError.
+ * configuration option (e.g. `client_mount_timeout=10`); `IMAGE@SNAP` names a
+ * snapshot (read-only); `\` escapes a `:`, `/` or `@`. Throws TypeError.
  *
  * @example
  * ```ts
@@ -20,13 +20,18 @@ export function parseRbdFilename(filename: string): RbdDriverOptions {
   if (!filename.startsWith("rbd:")) throw new TypeError(`not an rbd filename: ${filename}`);
   const fields = split(filename.slice(4), ":");
   const path = split(fields[0], "/");
-  if (path.some((p) => /(^|[^\\])@/.test(p))) {
-    throw new TypeError(`rbd: snapshots (@SNAP) are not supported: ${filename}`);
-  }
   if ((path.length !== 2 && path.length !== 3) || path.some((p) => p === "")) {
     throw new TypeError(`rbd filename must be rbd:POOL/[NAMESPACE/]IMAGE[:key=value...]`);
   }
-  const out: RbdDriverOptions = { pool: unescape(path[0]), image: unescape(path.at(-1)!) };
+  const at = split(path.at(-1)!, "@");
+  if (at.length > 2 || at.some((p) => p === "")) {
+    throw new TypeError(`rbd filename: bad IMAGE@SNAP in ${filename}`);
+  }
+  if (path.slice(0, -1).some((p) => split(p, "@").length > 1)) {
+    throw new TypeError(`rbd filename: '@' outside the image name in ${filename}`);
+  }
+  const out: RbdDriverOptions = { pool: unescape(path[0]), image: unescape(at[0]) };
+  if (at.length === 2) out.snapshot = unescape(at[1]);
   if (path.length === 3) out.namespace = unescape(path[1]);
   for (const kv of fields.slice(1)) {
     const eq = kv.indexOf("=");

@@ -15,7 +15,7 @@
  */
 
 import type { AioContext } from "../aio/mod.ts";
-import { BlockBackend, type BlockOptions, RangeLockTable } from "../block/mod.ts";
+import { BlockBackend, type BlockOptions, RangeLockTable, ThrottleGroup } from "../block/mod.ts";
 import { eventfdWrite, type IsolateHeap, isolateHeap, kvmIrqLine, threadId } from "../sys/mod.ts";
 import { GuestMemory, type MappedMemoryRegion, type VirtioBlkOptions } from "../virtio/mod.ts";
 import {
@@ -110,6 +110,8 @@ export interface BlkThreadData {
   sharedExport?: string;
   /** A writable qcow2 image's Qcow2SharedState (one owner of its metadata). */
   qcow2?: SharedArrayBuffer;
+  /** The host's `--throttle` group (THROTTLE_GROUP_BYTES, initialised), joined by every thread. */
+  throttle?: SharedArrayBuffer;
   /**
    * The device's interrupt status word (4 bytes; DataPlaneOptions `isr`),
    * for a transport whose guest reads it (virtio-mmio under vm/).
@@ -150,8 +152,9 @@ export async function blkOpen(
   // The thread's shared tables belong to one image; other exports get their own.
   const owner = (key ?? "") === (data?.sharedExport ?? "");
   const rangeLocks = data?.rangeLocks && owner ? new RangeLockTable(data.rangeLocks) : undefined;
+  const throttleGroup = data?.throttle && owner ? new ThrottleGroup(data.throttle) : undefined;
   const qcow2Shared = data?.qcow2 && owner ? data.qcow2 : undefined;
-  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared });
+  const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared, throttleGroup });
   if (s.blk !== null) {
     await blk.close();
     throw new Error("virtio-blk IOThread: image already open");

@@ -11,12 +11,24 @@
  */
 
 import { IOThread } from "../aio/mod.ts";
-import { type BlockOptions, Qcow2SharedState, RangeLockTable } from "../block/mod.ts";
+import {
+  type BlockOptions,
+  Qcow2SharedState,
+  RangeLockTable,
+  THROTTLE_GROUP_BYTES,
+  ThrottleGroup,
+} from "../block/mod.ts";
 import type { VirtioBlkOptions } from "../virtio/mod.ts";
 import type { VhostUserServer } from "../vhost_user/mod.ts";
 import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
 import type { HostOptions } from "./host_options.ts";
-import { type IsolateHeap, isolateHeap, type ResidentMemory, residentMemory } from "../sys/mod.ts";
+import {
+  clockNs,
+  type IsolateHeap,
+  isolateHeap,
+  type ResidentMemory,
+  residentMemory,
+} from "../sys/mod.ts";
 import { deviceModel } from "./device_model.ts";
 import { hostDaemonSpecs } from "./host_export.ts";
 import { queueTotals, type VhostUserBlkExport } from "./daemon/block_export.ts";
@@ -105,6 +117,11 @@ export async function startBlkIOThreads(
   // A writable qcow2: every IOThread's driver attaches; the first owns the metadata.
   if (options.block.format === "qcow2" && !options.block.readOnly) {
     data.qcow2 = Qcow2SharedState.create().shared;
+  }
+  if (options.throttle !== undefined) {
+    // --throttle: one group every IOThread's driver joins (freed with the threads).
+    data.throttle = new SharedArrayBuffer(THROTTLE_GROUP_BYTES);
+    new ThrottleGroup(data.throttle).init(options.throttle, clockNs());
   }
   try {
     for (let i = 0; i < options.iothreads; i++) {
@@ -201,6 +218,7 @@ export class VhostUserBlkHost {
     const specs = hostDaemonSpecs(options);
     const daemon = new StorageDaemon(log);
     try {
+      for (const g of specs.throttleGroups) await daemon.objectAdd(g);
       for (const node of specs.blockdevs) daemon.blockdevAdd(node, false);
       for (const t of specs.iothreads) await daemon.objectAdd(t);
       await daemon.exportAdd(specs.export);

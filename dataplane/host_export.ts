@@ -1,8 +1,10 @@
 /**
  * The host's short options as the daemon's own specs: what `deno task host
  * -- --image ... --socket ...` means in qemu-storage-daemon's terms. One
- * blockdev chain (a `file`, `null-co`/`null-aio` or `nbd` node, a `qcow2`
- * node over a file with `--format qcow2`), `--iothreads` IOThread objects,
+ * blockdev chain (a `file`, `null-co`/`null-aio`, `nbd` or `rbd` node, a
+ * `qcow2` node over a file with `--format qcow2`, a `throttle` node over
+ * them in a throttle group of its own with `--throttle`), `--iothreads`
+ * IOThread objects,
  * and one vhost-user-blk export on the socket whose `--queues` are spread
  * round-robin over those IOThreads (the export's internal `iothreads`, as
  * QEMU's newer `iothread-vq-mapping`). The short options that
@@ -19,6 +21,7 @@ import type { BlkThreadData } from "./blk_iothread.ts";
 import type { BlockExportSpec } from "./daemon/block_export.ts";
 import type { IOThreadSpec } from "./daemon/iothread_object.ts";
 import type { OptionObject } from "./daemon/qapi_input.ts";
+import type { ThrottleGroupSpec } from "./daemon/throttle_group_object.ts";
 import type { HostOptions } from "./host_options.ts";
 
 /** The export id (and the top node's name) the short options' export gets. */
@@ -32,13 +35,15 @@ export const HOST_EXPORT_ID = "disk";
  * ```ts
  * import assert from "node:assert/strict";
  * import type { HostDaemonSpecs } from "./host_export.ts";
- * const s: HostDaemonSpecs = { blockdevs: [], iothreads: [], export: {
+ * const s: HostDaemonSpecs = { throttleGroups: [], blockdevs: [], iothreads: [], export: {
  *   id: "disk", nodeName: "disk", addr: { type: "unix", path: "/tmp/s" }, writable: true,
  *   writethrough: false, numQueues: 1, logicalBlockSize: 512 } };
  * assert.equal(s.export.id, "disk");
  * ```
  */
 export interface HostDaemonSpecs {
+  /** `--object throttle-group` (`--throttle`), added before the nodes naming them. */
+  throttleGroups: ThrottleGroupSpec[];
   blockdevs: OptionObject[];
   iothreads: IOThreadSpec[];
   export: BlockExportSpec;
@@ -59,6 +64,16 @@ function protocolNode(o: HostOptions, nodeName: string): OptionObject {
     case "null-co":
     case "null-aio":
       return { driver: b.driver, ...common, size: b.size! };
+    case "rbd": {
+      const node: OptionObject = { driver: "rbd", ...common, pool: b.pool!, image: b.image! };
+      for (const k of ["namespace", "conf", "user", "snapshot"] as const) {
+        if (b[k] !== undefined) node[k] = b[k];
+      }
+      if (b.rbdConf !== undefined) {
+        node["=keyvalue-pairs"] = JSON.stringify(Object.entries(b.rbdConf).flat());
+      }
+      return node;
+    }
     case "nbd": {
       const s = b.server!;
       const server: Record<string, string> = s.type === "unix"
@@ -93,11 +108,15 @@ function protocolNode(o: HostOptions, nodeName: string): OptionObject {
 export function hostDaemonSpecs(o: HostOptions): HostDaemonSpecs {
   const b = o.block;
   const blockdevs: OptionObject[] = [];
+  const throttleGroups: ThrottleGroupSpec[] = [];
+  // The top node is the export's; the nodes under it are named after it.
+  const throttled = o.throttle !== undefined;
+  const fmt = throttled ? `${HOST_EXPORT_ID}-fmt` : HOST_EXPORT_ID;
   if (b.format === "qcow2") {
     blockdevs.push(protocolNode(o, `${HOST_EXPORT_ID}-file`));
     const top: OptionObject = {
       driver: "qcow2",
-      "node-name": HOST_EXPORT_ID,
+      "node-name": fmt,
       file: `${HOST_EXPORT_ID}-file`,
       "read-only": b.readOnly,
       discard: b.discard,
@@ -105,7 +124,18 @@ export function hostDaemonSpecs(o: HostOptions): HostDaemonSpecs {
     if (b.l2CacheSize !== undefined) top["l2-cache-size"] = b.l2CacheSize;
     blockdevs.push(top);
   } else {
-    blockdevs.push(protocolNode(o, HOST_EXPORT_ID));
+    blockdevs.push(protocolNode(o, fmt));
+  }
+  if (o.throttle !== undefined) {
+    // --throttle: a throttle group over the whole export, a throttle filter on top.
+    const group = `${HOST_EXPORT_ID}-throttle`;
+    throttleGroups.push({ qomType: "throttle-group", id: group, config: o.throttle });
+    blockdevs.push({
+      driver: "throttle",
+      "node-name": HOST_EXPORT_ID,
+      "throttle-group": group,
+      file: fmt,
+    });
   }
   // One range-lock table for the image, shared by every IOThread's driver:
   // read-modify-write cycles are serialised across all of them. A writable
@@ -140,5 +170,5 @@ export function hostDaemonSpecs(o: HostOptions): HostDaemonSpecs {
   };
   if (o.testHoldCompletions) spec.testHoldCompletions = o.testHoldCompletions;
   if (o.testBreakRing) spec.testBreakRing = o.testBreakRing;
-  return { blockdevs, iothreads, export: spec };
+  return { throttleGroups, blockdevs, iothreads, export: spec };
 }

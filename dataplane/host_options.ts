@@ -1,16 +1,32 @@
 import { parseArgs } from "node:util";
 import { DEFAULT_MAX_QUEUE_SIZE, VIRTQUEUE_MAX_SIZE } from "../virtio/mod.ts";
-import { type NbdServerAddress, parseNbdUri } from "../block/mod.ts";
+import {
+  type NbdServerAddress,
+  parseNbdUri,
+  parseRbdFilename,
+  THROTTLE_BUCKETS,
+  type ThrottleConfig,
+  throttleConfigInit,
+  throttleIsValid,
+} from "../block/mod.ts";
 
 /** Block-layer options as the host passes them to every IOThread's BlockBackend. */
 export interface HostBlockOptions {
-  driver: "file" | "null-co" | "null-aio" | "nbd";
+  driver: "file" | "null-co" | "null-aio" | "nbd" | "rbd";
   filename?: string;
   /** nbd (`--image nbd://HOST:PORT/EXPORT`, `nbd+unix:///EXPORT?socket=PATH`). */
   server?: NbdServerAddress;
   exportName?: string;
   reconnectDelay?: number;
   size?: number;
+  /** rbd (from `rbd:POOL/[NAMESPACE/]IMAGE[:conf=PATH][:id=USER][:key=value]`). */
+  pool?: string;
+  image?: string;
+  namespace?: string;
+  conf?: string;
+  user?: string;
+  snapshot?: string;
+  rbdConf?: Record<string, string>;
   format: "raw" | "qcow2";
   /** qcow2: QEMU's l2-cache-size (per IOThread). */
   l2CacheSize?: number;
@@ -46,6 +62,8 @@ export interface HostOptions {
    * the request is sound: for reconnect tests.
    */
   testBreakRing?: number;
+  /** `--throttle`: I/O limits over the whole export (all its IOThreads), as a QEMU throttle group. */
+  throttle?: ThrottleConfig;
   help: boolean;
 }
 
@@ -76,7 +94,8 @@ cloud-hypervisor --disk vhost_user=on).
   --image IMAGE            raw image file or block device, or null-co:SIZE /
                            null-aio:SIZE (e.g. null-co:1G) for the null driver,
                            or an NBD export: nbd://HOST[:PORT]/EXPORT,
-                           nbd+unix:///EXPORT?socket=PATH
+                           nbd+unix:///EXPORT?socket=PATH, or a Ceph RBD
+                           image: rbd:POOL/IMAGE[:conf=PATH][:id=USER]
   --reconnect-delay SECS   nbd: how long requests wait for a lost NBD
                            server before failing with EIO           [0]
   --socket PATH            Unix socket to listen on (created mode 0600)
@@ -98,6 +117,9 @@ cloud-hypervisor --disk vhost_user=on).
   --aio-max-batch N        most requests per native/io_uring
                            submission (1..1024)                     [4]
   --socket-mode MODE       octal mode of the socket file            [0600]
+  --throttle LIMITS        I/O limits over the export, as a QEMU throttle group:
+                           iops-total=N,bps-total=N,... (also -read, -write,
+                           -max, -max-length, iops-size)
   --test-hold-completions EVERY:MS
                            tests only: hold every EVERY-th completion
                            back MS ms (out-of-order completion)
@@ -200,6 +222,7 @@ export function parseHostArgs(
         "socket-mode": { type: "string" },
         "test-hold-completions": { type: "string" },
         "test-break-ring": { type: "string" },
+        throttle: { type: "string" },
         help: { type: "boolean", short: "h" },
       },
     });
@@ -229,6 +252,10 @@ export function parseHostArgs(
   const readOnly = v["read-only"] ?? false;
   if (format === "qcow2" && nullMatch) {
     throw new UsageError("--format qcow2 needs an image file, not a null driver");
+  }
+  const isRbd = v.image.startsWith("rbd:");
+  if (format === "qcow2" && isRbd) {
+    throw new UsageError("--format qcow2 needs an image file, not rbd:");
   }
   if (v["l2-cache-size"] !== undefined && format !== "qcow2") {
     throw new UsageError("--l2-cache-size is a qcow2 option (--format qcow2)");
@@ -273,6 +300,16 @@ export function parseHostArgs(
       readOnly,
       discard,
     };
+  } else if (isRbd) {
+    let rbd;
+    try {
+      rbd = parseRbdFilename(v.image);
+    } catch (e) {
+      throw new UsageError(`--image: ${(e as Error).message}`);
+    }
+    const { confOptions, ...where } = rbd;
+    block = { driver: "rbd", ...where, format, cache, aio, readOnly, discard };
+    if (confOptions) block.rbdConf = confOptions;
   } else {
     block = { driver: "file", filename: v.image, format, cache, aio, readOnly, discard };
     if (l2CacheSize !== undefined) block.l2CacheSize = l2CacheSize;
@@ -330,9 +367,11 @@ export function parseHostArgs(
       throw new UsageError("--test-break-ring takes EVERY (1..1000000)");
     }
   }
+  const throttle = v.throttle === undefined ? undefined : parseThrottle(v.throttle);
   return {
     ...(testHoldCompletions ? { testHoldCompletions } : {}),
     ...(testBreakRing ? { testBreakRing } : {}),
+    ...(throttle ? { throttle } : {}),
     block,
     socket: v.socket ?? "",
     socketMode,
@@ -345,6 +384,43 @@ export function parseHostArgs(
     aioMaxBatch,
     help: false,
   };
+}
+
+/**
+ * Parses `--throttle` LIMITS: comma-separated `NAME=N` with QEMU's
+ * ThrottleLimits names (`iops-total`, `bps-read-max`,
+ * `iops-write-max-length`, `iops-size`, ...), checked as QEMU's
+ * throttle_is_valid.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { parseThrottle } from "./host_options.ts";
+ * const c = parseThrottle("iops-total=500,bps-total=1048576");
+ * assert.equal(c.buckets["iops-total"].avg, 500);
+ * assert.throws(() => parseThrottle("iops-total-max=5"), /--throttle: bps_max\/iops_max require/);
+ * ```
+ */
+export function parseThrottle(text: string): ThrottleConfig {
+  const c = throttleConfigInit();
+  for (const item of text.split(",")) {
+    const m = /^([a-z-]+)=(\d+)$/.exec(item);
+    if (!m) {
+      throw new UsageError(`--throttle takes NAME=N,... (such as iops-total=500), not '${item}'`);
+    }
+    const [, name, value] = m;
+    const n = Number(value);
+    const bucket = THROTTLE_BUCKETS.find((b) => name.startsWith(b));
+    if (name === "iops-size") c.iopsSize = n;
+    else if (bucket === name) c.buckets[bucket].avg = n;
+    else if (bucket !== undefined && name === `${bucket}-max`) c.buckets[bucket].max = n;
+    else if (bucket !== undefined && name === `${bucket}-max-length`) {
+      c.buckets[bucket].burstLength = n;
+    } else throw new UsageError(`--throttle: unknown limit '${name}'`);
+  }
+  const err = throttleIsValid(c);
+  if (err !== null) throw new UsageError(`--throttle: ${err}`);
+  return c;
 }
 
 function defaults(): HostOptions {

@@ -24,6 +24,7 @@ export * from "./file.ts";
 export * from "./linux_aio.ts";
 export * from "./io_uring.ts";
 export * from "./signal.ts";
+export * from "./sched.ts";
 export * from "./resident.ts";
 export * from "./kvm.ts";
 export * from "./tcp.ts";

@@ -242,8 +242,9 @@ export function radosIoctxDestroy(io: Deno.PointerValue): void {
 }
 
 /**
- * Opens image `name` (rbd_open, or rbd_open_read_only) at its head, on a
- * blocking thread; ENOENT when it does not exist.
+ * Opens image `name` (rbd_open, or rbd_open_read_only) at its head or at
+ * snapshot `snap` (always read-only), on a blocking thread; ENOENT when the
+ * image or the snapshot does not exist.
  *
  * @example
  * ```ts
@@ -256,12 +257,15 @@ export async function rbdOpen(
   io: Deno.PointerValue,
   name: string,
   readOnly: boolean,
+  snap?: string,
 ): Promise<Deno.PointerValue> {
   const lib = rbdLib(), out = ptrOut();
-  const r = readOnly
-    ? await lib.rbd_open_read_only(io, cString(name), out, null)
-    : await lib.rbd_open(io, cString(name), out, null);
-  ok(readOnly ? "rbd_open_read_only" : "rbd_open", r, `image ${name}`);
+  const s = snap === undefined ? null : cString(snap);
+  const r = readOnly || snap !== undefined
+    ? await lib.rbd_open_read_only(io, cString(name), out, s)
+    : await lib.rbd_open(io, cString(name), out, s);
+  const call = readOnly || snap !== undefined ? "rbd_open_read_only" : "rbd_open";
+  ok(call, r, snap === undefined ? `image ${name}` : `image ${name}@${snap}`);
   return ptrOf(out);
 }
 

@@ -55,6 +55,9 @@ if [ "$want_test" = 1 ]; then
   # gcc-multilib: the 32-bit freestanding KVM guest of tests/vm/guest (gcc -m32).
   apt_install qemu-system-x86 qemu-utils qemu-system-common busybox-static fio gcc libc6-dev \
     e2fsprogs xfsprogs gcc-multilib
+  # nbd-client: the kernel NBD client against the NBD export (used when /dev/nbd0 exists;
+  # qemu-utils' qemu-img/qemu-io/qemu-nbd are the NBD export's other clients).
+  apt_install nbd-client
   # nbdkit (memory plugin, delay and error filters): an NBD server for the nbd driver's tests.
   apt_install nbdkit
   # Ceph RBD: librbd1/librados2 (+ -dev headers for the prototype test), a one-monitor,

@@ -21,8 +21,12 @@
  * @module
  */
 
-import { eventfdWrite } from "../../sys/mod.ts";
-import { type ThrottleConfig, throttleIsValid } from "./throttle_config.ts";
+import { eventfdWrite, schedYield } from "../../sys/mod.ts";
+import {
+  type ThrottleBucketName,
+  type ThrottleConfig,
+  throttleIsValid,
+} from "./throttle_config.ts";
 import { THROTTLE_STATE_SLOTS, type ThrottleDirection, ThrottleState } from "./throttle_state.ts";
 
 /** Most members (throttle nodes) one group takes. */
@@ -33,6 +37,7 @@ const LOCK = 0;
 const MAGIC = 1;
 const TOKEN = 2; // + dir: member index or -1
 const ARMED = 4; // + dir: any_timer_armed
+const HIGH = 6; // slots [0, HIGH) may be in use
 const HEADER_BYTES = 64;
 const STATE_BYTES = THROTTLE_STATE_SLOTS * 8;
 const MEMBERS_AT = HEADER_BYTES + STATE_BYTES;
@@ -76,7 +81,7 @@ export class ThrottleGroup {
   readonly #f: Float64Array;
   readonly #ts: ThrottleState;
 
-  constructor(buffer: ArrayBuffer, byteOffset = 0) {
+  constructor(buffer: ArrayBufferLike, byteOffset = 0) {
     if (buffer.byteLength - byteOffset < THROTTLE_GROUP_BYTES) {
       throw new RangeError(`a throttle group needs ${THROTTLE_GROUP_BYTES} bytes`);
     }
@@ -129,6 +134,16 @@ export class ThrottleGroup {
     }
   }
 
+  /** A bucket's level and burst level now (without leaking; for tests and metrics). */
+  level(name: ThrottleBucketName): { level: number; burstLevel: number } {
+    this.#lock();
+    try {
+      return this.#ts.level(name);
+    } finally {
+      this.#unlock();
+    }
+  }
+
   /** Members registered now. */
   get members(): number {
     let n = 0;
@@ -152,6 +167,7 @@ export class ThrottleGroup {
         if (this.#i[s + M_USED]) continue;
         this.#i[s + M_USED] = 1;
         this.#i[s + M_FD] = wakeFd;
+        if (m >= this.#i[HIGH]) this.#i[HIGH] = m + 1;
         this.#i[s + M_PENDING] = this.#i[s + M_PENDING + 1] = 0;
         this.#i[s + M_DIRTY] = 0;
         this.#f[(this.#slotBytes(m) >> 3) + M_DEADLINE] = -1;
@@ -329,8 +345,9 @@ export class ThrottleGroup {
 
   /** throttle_group_next_tgm: the next member, round the list. */
   #nextTgm(m: number): number {
-    for (let k = 1; k <= THROTTLE_GROUP_MAX_MEMBERS; k++) {
-      const n = (m + k) % THROTTLE_GROUP_MAX_MEMBERS;
+    const high = this.#i[HIGH];
+    for (let k = 1; k <= high; k++) {
+      const n = (m + k) % high;
       if (this.#i[this.#slot(n) + M_USED]) return n;
     }
     return m;
@@ -379,10 +396,13 @@ export class ThrottleGroup {
   }
 
   #lock(): void {
-    // Held for a few hundred instructions at most: spin. Not aio/'s
-    // futexLock: this state lives in memory the daemon mmapped (viewAt), not a
-    // SharedArrayBuffer, and Atomics.wait cannot sleep on that.
-    while (Atomics.compareExchange(this.#i, LOCK, 0, 1) !== 0) { /* spin */ }
+    // Held for a few hundred instructions at most: spin, and give the CPU
+    // away now and then in case the holder was preempted (2 busy cores). Not
+    // aio/'s futexLock: this state lives in memory the daemon mmapped
+    // (viewAt), not a SharedArrayBuffer, and Atomics.wait cannot sleep on that.
+    for (let spins = 1; Atomics.compareExchange(this.#i, LOCK, 0, 1) !== 0; spins++) {
+      if ((spins & 127) === 0) schedYield();
+    }
   }
 
   #unlock(): void {

@@ -12,7 +12,9 @@
  * node-name or as a nested object; `nbd` (server.type=inet with
  * server.host/server.port, or server.type=unix with server.path; export;
  * reconnect-delay), opened by each export in its IOThread (nothing is
- * checked on the main thread: the server may come later).
+ * checked on the main thread: the server may come later); `rbd` (pool,
+ * image, namespace, conf, user, snapshot: QEMU's blockdev-add rbd keys;
+ * servers and secrets are not supported), also opened by the export.
  *
  * @module
  */
@@ -29,6 +31,7 @@ export const BLOCKDEV_DRIVERS = [
   "qcow2",
   "throttle",
   "nbd",
+  "rbd",
 ] as const;
 
 /** What the graph needs of a throttle group (the daemon's ThrottleGroupObject). */
@@ -67,6 +70,19 @@ export interface BlockdevSpec {
   server?: NbdServerAddress;
   exportName?: string;
   reconnectDelay?: number;
+  /** rbd: where the image is and how to reach the cluster. */
+  pool?: string;
+  image?: string;
+  namespace?: string;
+  conf?: string;
+  user?: string;
+  snapshot?: string;
+  /**
+   * rbd: more librados options, from QEMU's internal `=keyvalue-pairs` (a
+   * JSON array of alternating keys and values: the legacy `rbd:` filename's
+   * other `key=value` pairs; the host's `--image rbd:...` passes them).
+   */
+  rbdConf?: Record<string, string>;
 }
 
 /** A node in the graph and who uses it. */
@@ -138,6 +154,15 @@ export class BlockGraph {
           );
         }
         break;
+      case "rbd":
+        spec.pool = input.str("pool", true);
+        spec.image = input.str("image", true);
+        spec.namespace = input.str("namespace");
+        spec.conf = input.str("conf");
+        spec.user = input.str("user");
+        spec.snapshot = input.str("snapshot");
+        spec.rbdConf = keyvaluePairs(input.str("=keyvalue-pairs"));
+        break;
       case "null-co":
       case "null-aio":
         spec.size = input.int("size", 0, Number.MAX_SAFE_INTEGER) ?? 1 << 30;
@@ -198,7 +223,9 @@ export class BlockGraph {
     }
     if (child !== undefined) this.#checkChild(spec, child);
     if (spec.driver === "file") checkFile(spec);
-    if (spec.driver === "raw") this.#checkWindow(spec);
+    if (spec.driver === "raw" && this.get(spec.file!).spec.driver !== "rbd") {
+      this.#checkWindow(spec); // an rbd image's size is known once opened
+    }
     if (
       spec.cacheDirect && spec.cacheNoFlush &&
       (spec.driver === "file" || spec.driver === "raw" || spec.driver === "qcow2")
@@ -321,6 +348,13 @@ export class BlockGraph {
       o.cache = direct ? "none" : noFlush ? "unsafe" : "writeback";
       o.aio = proto.aio ?? "threads";
       o.discard = top.discard ?? proto.discard ?? "ignore";
+    } else if (proto.driver === "rbd") {
+      for (const k of ["pool", "image", "namespace", "conf", "user", "snapshot"] as const) {
+        if (proto[k] !== undefined) o[k] = proto[k];
+      }
+      if (proto.rbdConf !== undefined) o.rbdConf = { ...proto.rbdConf };
+      o.discard = top.discard ?? proto.discard ?? "ignore";
+      o.cache = (proto.cacheNoFlush ?? top.cacheNoFlush) ? "unsafe" : "writeback";
     } else if (proto.driver === "nbd") {
       o.server = proto.server;
       if (proto.exportName !== undefined) o.exportName = proto.exportName;
@@ -367,6 +401,23 @@ export function protocolSize(spec: BlockdevSpec): number {
   } catch {
     return 0;
   }
+}
+
+/** Parses rbd's `=keyvalue-pairs` (QEMU's: a JSON array, key, value, key, value...). */
+function keyvaluePairs(text: string | undefined): Record<string, string> | undefined {
+  if (text === undefined) return undefined;
+  let a: unknown;
+  try {
+    a = JSON.parse(text);
+  } catch {
+    a = null;
+  }
+  if (!Array.isArray(a) || a.length % 2 !== 0 || a.some((x) => typeof x !== "string")) {
+    throw new DaemonError("Parameter '=keyvalue-pairs' expects a JSON array of key/value strings");
+  }
+  const out: Record<string, string> = {};
+  for (let i = 0; i < a.length; i += 2) out[a[i]] = a[i + 1];
+  return out;
 }
 
 function checkFile(spec: BlockdevSpec): void {

@@ -101,7 +101,7 @@ qemu-storage-daemon's command line (the options this daemon supports):
   --export type=nbd,id=<id>,node-name=<node>[,name=<name>][,description=<text>]
            [,writable=on|off][,iothread=<id>]
                          an NBD export on the --nbd-server (name: the node's by default)
-  --nbd-server addr.type=inet,addr.host=<ipv4>,addr.port=<port>
+  --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
                | addr.type=unix,addr.path=<path> | addr.type=fd,addr.str=<fd>
                [,max-connections=<n>]
                          the NBD server that type=nbd exports are served on

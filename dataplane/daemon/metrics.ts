@@ -18,6 +18,7 @@
 import type { BlkThreadStats } from "../blk_iothread.ts";
 import { LATENCY_BUCKETS_NS } from "../virtio_blk_dataplane.ts";
 import type { StorageDaemon } from "./storage_daemon.ts";
+import { collectNbdMetrics, formatNbdMetrics, type NbdExportMetrics } from "../nbd/nbd_metrics.ts";
 
 /** What one scrape collected. */
 export interface MetricsSnapshot {
@@ -29,6 +30,8 @@ export interface MetricsSnapshot {
   }[];
   /** CPU seconds per IOThread (null when /proc could not tell). */
   iothreads: { id: string; cpuSeconds: number | null }[];
+  /** NBD exports (dataplane/nbd/), when there are any. */
+  nbdExports?: NbdExportMetrics[];
 }
 
 /** Clock ticks per second of /proc's utime and stime (USER_HZ, 100 on Linux). */
@@ -92,7 +95,8 @@ export async function collectMetrics(d: StorageDaemon): Promise<MetricsSnapshot>
     const tid = await t.threadId().catch(() => null);
     iothreads.push({ id: t.spec.id, cpuSeconds: tid === null ? null : threadCpuSeconds(tid) });
   }
-  return { exports, iothreads };
+  const nbdExports = await collectNbdMetrics(d);
+  return nbdExports.length > 0 ? { exports, iothreads, nbdExports } : { exports, iothreads };
 }
 
 function label(v: string | number): string {
@@ -272,7 +276,7 @@ export function formatMetrics(s: MetricsSnapshot): string {
       t.cpuSeconds,
     );
   }
-  return x.text();
+  return x.text() + formatNbdMetrics(s.nbdExports ?? []);
 }
 
 /**

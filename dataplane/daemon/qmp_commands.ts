@@ -173,6 +173,7 @@ function nodeSize(d: StorageDaemon, nodeName: string): number {
       }
       return s.size ?? protocolSize(d.graph.get(s.file!).spec) - (s.offset ?? 0);
     case "qcow2":
+    case "rbd": // known once an export opened it
     case "nbd":
       return exportedLength(d, s.nodeName) ?? 0;
     case "throttle":

@@ -12,6 +12,7 @@
  */
 
 import { AioContext } from "../../aio/mod.ts";
+import { resizeRbdImage } from "../../block/mod.ts";
 import { BlockGraph } from "./blockdev.ts";
 import { type BlockExportSpec, VhostUserBlkExport } from "./block_export.ts";
 import { IOThreadObject } from "./iothread_object.ts";
@@ -316,8 +317,8 @@ export class StorageDaemon {
 
   /**
    * QMP `block_resize`: truncates the file behind a file node (or a raw
-   * node without an offset/size window over one) to `size` bytes and tells
-   * every export on it. Null and qcow2 nodes refuse, as qemu-storage-daemon 7.2.
+   * node without an offset/size window over one; an rbd image: rbd_resize)
+   * to `size` bytes and tells every export on it. Null and qcow2 nodes refuse, as qemu-storage-daemon 7.2.
    */
   async blockResize(nodeName: string, size: number): Promise<void> {
     const node = this.graph.nodes.get(nodeName);
@@ -329,14 +330,25 @@ export class StorageDaemon {
       throw new DaemonError("Cannot resize fixed-size raw disks");
     }
     const file = s.driver === "raw" ? this.graph.get(s.file!).spec : s;
-    if (file.driver !== "file") {
+    if (file.driver !== "file" && file.driver !== "rbd") {
       throw new DaemonError("Image format driver does not support resize");
     }
     if (s.readOnly || file.readOnly) throw new DaemonError("Node is read-only");
-    try {
-      Deno.truncateSync(file.filename!, size);
-    } catch (e) {
-      throw new DaemonError(`Failed to resize ${file.filename}: ${(e as Error).message}`);
+    if (file.driver === "rbd") {
+      if (file.snapshot !== undefined) throw new DaemonError("Node is read-only");
+      // rbd_resize through a connection of its own (QEMU's qemu_rbd_co_truncate).
+      const where = { pool: file.pool!, image: file.image!, namespace: file.namespace };
+      try {
+        await resizeRbdImage({ ...where, conf: file.conf, user: file.user }, size);
+      } catch (e) {
+        throw new DaemonError(`Failed to resize rbd image: ${(e as Error).message}`);
+      }
+    } else {
+      try {
+        Deno.truncateSync(file.filename!, size);
+      } catch (e) {
+        throw new DaemonError(`Failed to resize ${file.filename}: ${(e as Error).message}`);
+      }
     }
     // Every export whose node is the file node or over it.
     for (const exp of this.exports.values()) {

@@ -47,6 +47,8 @@ export interface NbdExportSpec {
   description: string;
   /** Default false, as qemu-storage-daemon. */
   writable: boolean;
+  /** Flush every write before its reply (QEMU: the export's write cache off). */
+  writethrough?: boolean;
   iothread?: string;
 }
 
@@ -80,7 +82,7 @@ export function parseNbdExport(obj: OptionObject, keyval: boolean): NbdExportSpe
     throw new DaemonError("description too long to send to clients");
   }
   const writable = input.bool("writable") ?? false;
-  input.bool("writethrough"); // every write is acknowledged after the block layer's; FUA flushes
+  const writethrough = input.bool("writethrough") ?? false;
   input.bool("fixed-iothread"); // an export never moves between IOThreads here
   const iothread = input.str("iothread");
   const bitmaps = input.raw("bitmaps");
@@ -92,6 +94,7 @@ export function parseNbdExport(obj: OptionObject, keyval: boolean): NbdExportSpe
   }
   input.end();
   const spec: NbdExportSpec = { id, nodeName, name, description, writable };
+  if (writethrough) spec.writethrough = true;
   if (iothread !== undefined) spec.iothread = iothread;
   return spec;
 }
@@ -129,8 +132,8 @@ export function parseNbdServer(obj: OptionObject, keyval: boolean): NbdServerSpe
     if (!/^\d+$/.test(portStr) || Number(portStr) > 65535) {
       throw new DaemonError(`Parameter 'addr.port' expects a port number, got '${portStr}'`);
     }
-    for (const k of ["numeric", "ipv4", "keep-alive"]) a.bool(k);
-    if (a.bool("ipv6")) throw new DaemonError("IPv6 is not supported by this daemon");
+    // The host's first address is bound (QEMU binds each one it resolves to).
+    for (const k of ["numeric", "ipv4", "ipv6", "keep-alive"]) a.bool(k);
     if (a.int("to") !== undefined) throw new DaemonError("addr.to is not supported");
     addr = { type: "inet", host, port: Number(portStr) };
   } else if (kind === "unix") {
@@ -244,6 +247,7 @@ export class NbdBlockExport implements NbdServedExport {
         ...block,
         readOnly,
         clientGoneFd: clientGone.fd,
+        writethrough: spec.writethrough ?? false,
       });
       const exp = new NbdBlockExport(
         spec,
@@ -281,7 +285,7 @@ export class NbdBlockExport implements NbdServedExport {
     return this.#connections;
   }
 
-  attach(fd: number, structured: boolean): void {
+  attach(fd: number, structured: boolean, baseAllocation = false): void {
     if (this.#stopped !== null) {
       close(fd);
       return;
@@ -289,7 +293,7 @@ export class NbdBlockExport implements NbdServedExport {
     this.#clients++;
     this.#connections++;
     this.#log(`export ${this.spec.id}: NBD client #${this.#connections} connected`);
-    this.#thread.call("nbdClientAdd", { fd, structured }).catch((e: Error) => {
+    this.#thread.call("nbdClientAdd", { fd, structured, baseAllocation }).catch((e: Error) => {
       this.#clients--;
       this.#log(`export ${this.spec.id}: NBD client lost: ${e.message}`);
     });

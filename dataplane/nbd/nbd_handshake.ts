@@ -21,6 +21,7 @@ import {
   NBD_FLAG_C_NO_ZEROES,
   NBD_FLAG_FIXED_NEWSTYLE,
   NBD_FLAG_NO_ZEROES,
+  NBD_FLAG_SEND_DF,
   NBD_INFO_BLOCK_SIZE,
   NBD_INFO_DESCRIPTION,
   NBD_INFO_EXPORT,
@@ -41,6 +42,7 @@ import {
   NBD_REP_ERR_UNSUP,
   NBD_REP_INFO,
   NBD_REP_MAGIC,
+  NBD_REP_META_CONTEXT,
   NBD_REP_SERVER,
   NBDMAGIC,
 } from "../../block/mod.ts";
@@ -51,6 +53,10 @@ import { NbdSocketIo } from "./nbd_socket_io.ts";
 export const NBD_MAX_OPTION_LENGTH = 4 * NBD_MAX_STRING_SIZE;
 /** Default bound on options per connection. */
 export const NBD_MAX_OPTIONS = 256;
+/** The meta context the export offers. */
+export const BASE_ALLOCATION = "base:allocation";
+/** The id it is known by in NBD_REP_META_CONTEXT and block status chunks. */
+export const NBD_BASE_ALLOCATION_ID = 1;
 /** Default handshake deadline (QEMU's handshake-max-seconds is 10). */
 export const NBD_HANDSHAKE_TIMEOUT_MS = 10_000;
 
@@ -106,6 +112,8 @@ export interface NbdHandshakeResult {
   fd: number;
   exportName: string;
   structured: boolean;
+  /** `base:allocation` was selected (id {@link NBD_BASE_ALLOCATION_ID}) for this export. */
+  baseAllocation?: boolean;
 }
 
 /**
@@ -176,7 +184,11 @@ export class NbdHandshake {
   #options = 0;
   #noZeroes = false;
   #structured = false;
+  /** The export base:allocation was selected for by SET_META_CONTEXT. */
+  #baseAllocationFor: string | null = null;
   #done = false;
+  #constructing = false;
+  readonly #ctx: AioContext;
   /** GO or EXPORT_NAME answered: the last replies are being sent. */
   #finishing = false;
 
@@ -186,6 +198,7 @@ export class NbdHandshake {
     exports: NbdExportTable,
     opts: NbdHandshakeOptions,
   ) {
+    this.#ctx = ctx;
     this.#exports = exports;
     this.#opts = opts;
     this.#maxOptions = opts.maxOptions ?? NBD_MAX_OPTIONS;
@@ -198,8 +211,10 @@ export class NbdHandshake {
     v.setBigUint64(8, IHAVEOPT);
     v.setUint16(16, NBD_FLAG_FIXED_NEWSTYLE | NBD_FLAG_NO_ZEROES);
     this.#io.queue(greeting);
-    this.#io.flush();
-    this.#io.setReading(true);
+    this.#constructing = true;
+    this.#io.flush(); // may fail at once (a client that reset): onDone comes later
+    this.#constructing = false;
+    if (!this.#done) this.#io.setReading(true);
   }
 
   /** Closes the connection (server stopping). */
@@ -212,7 +227,9 @@ export class NbdHandshake {
     this.#done = true;
     this.#timer.del();
     this.#io.close();
-    this.#opts.onDone(null, reason);
+    // Never from inside the constructor: the caller does not hold the object yet.
+    if (this.#constructing) this.#ctx.scheduleOneshot(() => this.#opts.onDone(null, reason));
+    else this.#opts.onDone(null, reason);
   }
 
   #onReadable(): void {
@@ -363,10 +380,15 @@ export class NbdHandshake {
     const b = new Uint8Array(10 + (this.#noZeroes ? 0 : 124));
     const v = new DataView(b.buffer);
     v.setBigUint64(0, BigInt(e.size));
-    v.setUint16(8, e.flags);
+    v.setUint16(8, this.#flags(e));
     this.#io.queue(b);
     this.#io.flush();
     this.#finish(name);
+  }
+
+  /** The export's transmission flags, plus SEND_DF with structured replies (as QEMU). */
+  #flags(e: NbdExportInfo): number {
+    return this.#structured ? e.flags | NBD_FLAG_SEND_DF : e.flags;
   }
 
   #infoOrGo(opt: number, p: Uint8Array): void {
@@ -411,13 +433,17 @@ export class NbdHandshake {
     const ev = new DataView(ex.buffer);
     ev.setUint16(0, NBD_INFO_EXPORT);
     ev.setBigUint64(2, BigInt(e.size));
-    ev.setUint16(10, e.flags);
+    ev.setUint16(10, this.#flags(e));
     this.#reply(opt, NBD_REP_INFO, ex);
     this.#reply(opt, NBD_REP_ACK);
     if (opt === NBD_OPT_GO) this.#finish(name);
   }
 
-  /** No meta contexts are offered: a well-formed query is answered with ACK alone. */
+  /**
+   * The one meta context offered is `base:allocation` (every extent is
+   * reported as data: nothing below tells holes apart); LIST answers it for
+   * no query or a `base:` query, SET selects it for the named export.
+   */
   #metaContext(opt: number, p: Uint8Array): void {
     if (opt === NBD_OPT_SET_META_CONTEXT && !this.#structured) {
       throw new OptionInvalid("NBD_OPT_SET_META_CONTEXT needs structured replies first");
@@ -429,15 +455,27 @@ export class NbdHandshake {
     if (4 + nameLen + 4 > p.byteLength) throw new OptionInvalid("option data too short");
     const n = v.getUint32(4 + nameLen);
     let at = 8 + nameLen;
+    const queries: string[] = [];
     for (let i = 0; i < n; i++) {
       if (at + 4 > p.byteLength) throw new OptionInvalid("option data too short");
       const len = v.getUint32(at);
-      this.#string(p, at + 4, len);
+      queries.push(this.#string(p, at + 4, len));
       at += 4 + len;
     }
     if (at !== p.byteLength) throw new OptionInvalid("option data longer than its queries");
     if (this.#exports.lookup(name) === undefined) {
       return this.#error(opt, NBD_REP_ERR_UNKNOWN, `export '${name}' not present`);
+    }
+    const match = opt === NBD_OPT_LIST_META_CONTEXT
+      ? n === 0 || queries.some((q) => q === "base:" || q === BASE_ALLOCATION)
+      : queries.includes(BASE_ALLOCATION);
+    if (opt === NBD_OPT_SET_META_CONTEXT) this.#baseAllocationFor = match ? name : null;
+    if (match) {
+      const nb = encoder.encode(BASE_ALLOCATION);
+      const b = new Uint8Array(4 + nb.byteLength);
+      new DataView(b.buffer).setUint32(0, NBD_BASE_ALLOCATION_ID);
+      b.set(nb, 4);
+      this.#reply(opt, NBD_REP_META_CONTEXT, b);
     }
     this.#reply(opt, NBD_REP_ACK);
   }
@@ -450,7 +488,12 @@ export class NbdHandshake {
       this.#done = true;
       this.#timer.del();
       const fd = this.#io.detach();
-      this.#opts.onDone({ fd, exportName: name, structured: this.#structured }, "");
+      this.#opts.onDone({
+        fd,
+        exportName: name,
+        structured: this.#structured,
+        baseAllocation: this.#structured && this.#baseAllocationFor === name,
+      }, "");
     });
   }
 }

@@ -17,6 +17,7 @@ import { NbdSession, type NbdSessionStats } from "./nbd_session.ts";
 interface NbdExportState {
   blk: BlockBackend;
   readOnly: boolean;
+  writethrough: boolean;
   sessions: Set<NbdSession>;
   /** Counters of sessions that ended. */
   past: NbdSessionStats;
@@ -78,11 +79,15 @@ function need(args: { export: string }): NbdExportState {
  */
 export async function nbdOpen(
   ctx: AioContext,
-  args: BlockOptions & { export: string; clientGoneFd?: number },
+  args: BlockOptions & { export: string; clientGoneFd?: number; writethrough?: boolean },
 ): Promise<NbdImageInfo> {
-  const { export: key, clientGoneFd, ...opts } = args;
+  const { export: key, clientGoneFd, writethrough, ...opts } = args;
   if (exports.has(key)) throw new Error(`NBD IOThread: export '${key}' is already open`);
   const blk = await BlockBackend.open(ctx, opts);
+  // A driver that can finish at once (null-co) may complete inside the
+  // submitting call, as QEMU's coroutine exports see it: the session's
+  // callbacks are safe there.
+  blk.setInlineCompletion(true);
   if (exports.has(key)) {
     await blk.close();
     throw new Error(`NBD IOThread: export '${key}' is already open`);
@@ -90,6 +95,7 @@ export async function nbdOpen(
   exports.set(key, {
     blk,
     readOnly: blk.readOnly,
+    writethrough: writethrough ?? false,
     sessions: new Set(),
     past: { requests: 0, errors: 0, bytesRead: 0, bytesWritten: 0, readPauses: 0 },
     clientGoneFd: clientGoneFd ?? null,
@@ -109,7 +115,7 @@ export async function nbdOpen(
  */
 export function nbdClientAdd(
   ctx: AioContext,
-  args: { export: string; fd: number; structured: boolean },
+  args: { export: string; fd: number; structured: boolean; baseAllocation?: boolean },
 ): void {
   const s = exports.get(args.export);
   if (s === undefined) {
@@ -118,7 +124,9 @@ export function nbdClientAdd(
   }
   const session: NbdSession = new NbdSession(ctx, args.fd, s.blk, {
     structured: args.structured,
+    baseAllocation: args.baseAllocation ?? false,
     readOnly: s.readOnly,
+    writethrough: s.writethrough,
     onClose: (reason) => {
       s.sessions.delete(session);
       for (const k of Object.keys(s.past) as (keyof NbdSessionStats)[]) {

@@ -1,7 +1,7 @@
 /**
  * `--nbd-server` / QMP `nbd-server-start`: the NBD server of the daemon
  * (QEMU's blockdev-nbd.c with nbd/server.c's negotiation). One listening
- * socket (Unix, TCP over IPv4, or an inherited fd) on the main thread's
+ * socket (Unix, TCP over IPv4 or IPv6, or an inherited fd) on the main thread's
  * AioContext; each accepted connection runs its handshake there
  * ({@link NbdHandshake}) and is then handed, fd and negotiated state, to the
  * IOThread of the export it picked, which serves its requests.
@@ -9,7 +9,7 @@
  * @module
  */
 
-import type { AioContext } from "../../aio/mod.ts";
+import type { AioContext, AioTimer } from "../../aio/mod.ts";
 import {
   accept4,
   bindUnix,
@@ -69,8 +69,11 @@ export interface NbdServedExport {
   /** Clients it serves now. */
   readonly clients: number;
   /** Takes over a client's fd (its handshake picked this export). */
-  attach(fd: number, structured: boolean): void;
+  attach(fd: number, structured: boolean, baseAllocation?: boolean): void;
 }
+
+/** Pause after a failed accept (EMFILE...), as the vhost-user server's. */
+const ACCEPT_RETRY_MS = 100;
 
 /** Handshakes in progress at once, whatever max-connections says (memory bound). */
 const MAX_HANDSHAKES = 256;
@@ -102,6 +105,7 @@ export class NbdServer {
   readonly #handshakes = new Set<NbdHandshake>();
   #closed = false;
   #accepted = 0;
+  readonly #acceptRetry: AioTimer;
 
   private constructor(
     spec: NbdServerSpec,
@@ -114,6 +118,9 @@ export class NbdServer {
     this.#ctx = ctx;
     this.#log = log;
     this.port = spec.addr.type === "inet" ? socketPort(fd) : 0;
+    this.#acceptRetry = ctx.timerNew(() => {
+      if (!this.#closed) ctx.setFdHandler(fd, { read: () => this.#onAccept() });
+    });
     ctx.setFdHandler(fd, { read: () => this.#onAccept() });
   }
 
@@ -182,7 +189,11 @@ export class NbdServer {
       try {
         fd = accept4(this.#fd, SOCK_NONBLOCK);
       } catch (e) {
+        // Out of fds (or memory): the listener stays readable, so rest
+        // before trying again instead of spinning.
         this.#log(`nbd-server: accept: ${(e as Error).message}`);
+        this.#ctx.setFdHandler(this.#fd, null);
+        this.#acceptRetry.modNs(this.#ctx.now() + ACCEPT_RETRY_MS * 1e6);
         return;
       }
       if (fd === WOULD_BLOCK) return;
@@ -196,12 +207,13 @@ export class NbdServer {
         continue;
       }
       setTcpNoDelay(fd);
-      const hs: NbdHandshake = new NbdHandshake(this.#ctx, fd, {
+      let hs: NbdHandshake | null = null;
+      hs = new NbdHandshake(this.#ctx, fd, {
         lookup: (name) => this.exports.get(name)?.info,
         list: () => [...this.exports.values()].map((e) => e.info),
       }, {
         onDone: (r, reason) => {
-          this.#handshakes.delete(hs);
+          if (hs !== null) this.#handshakes.delete(hs);
           if (r === null) {
             this.#log(`nbd-server: client dropped during the handshake: ${reason}`);
             return;
@@ -211,7 +223,7 @@ export class NbdServer {
             close(r.fd);
             return;
           }
-          exp.attach(r.fd, r.structured);
+          exp.attach(r.fd, r.structured, r.baseAllocation ?? false);
         },
       });
       this.#handshakes.add(hs);
@@ -222,6 +234,7 @@ export class NbdServer {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#acceptRetry.del();
     this.#ctx.setFdHandler(this.#fd, null);
     close(this.#fd);
     for (const h of [...this.#handshakes]) h.abort();

@@ -6,9 +6,10 @@
  * or structured) straight from the request's buffer with gathered sendmsg.
  *
  * Bounded: at most `maxRequests` requests are between header and reply
- * sent, and reading stops while the output queue holds more than
- * `maxQueuedBytes` (a client that does not read its replies stops being
- * read: TCP flow control reaches it). A request larger than
+ * sent, and reading stops while their payload buffers or the output queue
+ * hold `maxQueuedBytes` or more (a client that does not read its replies
+ * stops being read: TCP flow control reaches it), so a connection holds at
+ * most `maxQueuedBytes` plus one maximal request. A request larger than
  * {@link NBD_MAX_PAYLOAD} is refused; a write that large drops the
  * connection after the error reply (its payload is not read). A bad magic
  * or a socket error ends the connection at once.
@@ -20,12 +21,14 @@ import type { AioContext, BottomHalf } from "../../aio/mod.ts";
 import {
   type BlockBackend,
   IoVector,
+  NBD_CMD_BLOCK_STATUS,
   NBD_CMD_CACHE,
   NBD_CMD_DISC,
   NBD_CMD_FLAG_DF,
   NBD_CMD_FLAG_FAST_ZERO,
   NBD_CMD_FLAG_FUA,
   NBD_CMD_FLAG_NO_HOLE,
+  NBD_CMD_FLAG_REQ_ONE,
   NBD_CMD_FLUSH,
   NBD_CMD_READ,
   NBD_CMD_TRIM,
@@ -36,6 +39,7 @@ import {
   NBD_ENOTSUP,
   NBD_EPERM,
   NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
   NBD_REPLY_TYPE_ERROR,
   NBD_REPLY_TYPE_NONE,
   NBD_REPLY_TYPE_OFFSET_DATA,
@@ -48,6 +52,7 @@ import { addressOf, recvInto, WOULD_BLOCK } from "../../sys/mod.ts";
 import { NbdBufferPool } from "./nbd_buffer_pool.ts";
 import { nbdErrnoOf } from "./nbd_errno.ts";
 import { NbdSocketIo } from "./nbd_socket_io.ts";
+import { NBD_BASE_ALLOCATION_ID } from "./nbd_handshake.ts";
 
 /** Largest read or write payload (QEMU's NBD_MAX_BUFFER_SIZE, 32 MiB). */
 export const NBD_MAX_PAYLOAD = 32 * 1024 * 1024;
@@ -76,6 +81,10 @@ const RECV_BUFFER = 64 * 1024;
 export interface NbdSessionOptions {
   /** NBD_OPT_STRUCTURED_REPLY was negotiated. */
   structured: boolean;
+  /** `base:allocation` was selected: NBD_CMD_BLOCK_STATUS is answered. */
+  baseAllocation?: boolean;
+  /** Every write, trim and write-zeroes is flushed before its reply (export `writethrough=on`). */
+  writethrough?: boolean;
   /** The export is read-only: writes, trims and write-zeroes get EPERM. */
   readOnly: boolean;
   /** Called once when the connection is closed and nothing is in flight. */
@@ -189,7 +198,11 @@ export class NbdSession {
   #cur: RequestSlot | null = null;
   #curFill = 0;
   #inUse = 0;
+  /** Payload buffer bytes held by requests in flight. */
+  #bufferedBytes = 0;
   #paused = false;
+  /** This wake-up's last recv was short: the socket is empty for now. */
+  #drained = false;
   /** No more requests are read (DISC, EOF, a fatal error or a stop). */
   #closing = false;
   /** Replies are dropped (the socket failed or the export stops). */
@@ -242,6 +255,7 @@ export class NbdSession {
 
   readonly #onReadable = (): void => {
     if (this.#closing) return;
+    this.#drained = false;
     this.#blk.ioPlug();
     try {
       this.#readRequests();
@@ -265,7 +279,7 @@ export class NbdSession {
           this.#curFill += n;
         }
         if (this.#curFill < s.length) {
-          const n = this.#recv(() => recvInto(fd, data, this.#curFill, s.length - this.#curFill));
+          const n = this.#recv(fd, data, this.#curFill, s.length - this.#curFill);
           if (n <= 0) return;
           this.#curFill += n;
           continue;
@@ -286,9 +300,7 @@ export class NbdSession {
         this.#rEnd -= this.#rStart;
         this.#rStart = 0;
       }
-      const n = this.#recv(() =>
-        recvInto(fd, this.#rbuf, this.#rEnd, this.#rbuf.byteLength - this.#rEnd)
-      );
+      const n = this.#recv(fd, this.#rbuf, this.#rEnd, this.#rbuf.byteLength - this.#rEnd);
       if (n <= 0) return;
       this.#rEnd += n;
     }
@@ -296,16 +308,26 @@ export class NbdSession {
     if (budget === 0 && !this.#closing) this.#resume.schedule();
   }
 
-  /** A recv: >0 bytes; 0 when it would block or the peer closed (then closing). */
-  #recv(call: () => number): number {
+  /**
+   * A recv: >0 bytes; 0 when it would block or the peer closed (then
+   * closing). A short read means the socket was empty: the next recv of this
+   * wake-up is skipped (it would only say EAGAIN; POLLIN comes again for
+   * anything that arrives meanwhile). Hot path: no allocation.
+   */
+  #recv(fd: number, buf: Uint8Array, off: number, len: number): number {
+    if (this.#drained) return 0;
     let n: number;
     try {
-      n = call();
+      n = recvInto(fd, buf, off, len);
     } catch (e) {
       this.#fatal(`receive failed: ${(e as Error).message}`);
       return 0;
     }
-    if (n === WOULD_BLOCK) return 0;
+    if (n === WOULD_BLOCK) {
+      this.#drained = true;
+      return 0;
+    }
+    if (n < len) this.#drained = true;
     if (n === 0) {
       this.#beginClose(
         this.#cur !== null || this.#rEnd > this.#rStart
@@ -319,7 +341,10 @@ export class NbdSession {
 
   /** Backpressure: stop reading while too much is in flight or queued. */
   #overloaded(): boolean {
-    if (this.#inUse >= this.#maxRequests || this.#io.pendingBytes > this.#maxQueued) {
+    if (
+      this.#inUse >= this.#maxRequests || this.#bufferedBytes >= this.#maxQueued ||
+      this.#io.pendingBytes > this.#maxQueued
+    ) {
       if (!this.#paused) {
         this.#paused = true;
         this.stats.readPauses++;
@@ -370,6 +395,7 @@ export class NbdSession {
 
   #buffer(s: RequestSlot): void {
     s.pooled = this.#pool.get(s.length);
+    this.#bufferedBytes += s.pooled.byteLength;
     s.data = s.length === s.pooled.byteLength ? s.pooled : s.pooled.subarray(0, s.length);
   }
 
@@ -379,12 +405,15 @@ export class NbdSession {
     let valid = NBD_CMD_FLAG_FUA;
     if (t === NBD_CMD_READ && this.#opts.structured) valid |= NBD_CMD_FLAG_DF;
     else if (t === NBD_CMD_WRITE_ZEROES) valid |= NBD_CMD_FLAG_NO_HOLE | NBD_CMD_FLAG_FAST_ZERO;
+    else if (t === NBD_CMD_BLOCK_STATUS) valid |= NBD_CMD_FLAG_REQ_ONE;
     if (t === NBD_CMD_FLUSH) return s.flags & ~valid ? NBD_EINVAL : 0;
-    if (
+    if (t === NBD_CMD_BLOCK_STATUS) {
+      if (!this.#opts.baseAllocation || s.length === 0) return NBD_EINVAL;
+    } else if (
       t !== NBD_CMD_READ && t !== NBD_CMD_WRITE && t !== NBD_CMD_TRIM &&
       t !== NBD_CMD_WRITE_ZEROES && t !== NBD_CMD_CACHE
     ) {
-      return NBD_EINVAL; // unknown, or BLOCK_STATUS with no meta context negotiated
+      return NBD_EINVAL; // unknown
     }
     if ((t === NBD_CMD_READ || t === NBD_CMD_CACHE) && s.length > NBD_MAX_PAYLOAD) {
       return NBD_EINVAL;
@@ -431,15 +460,42 @@ export class NbdSession {
         if (s.length === 0) return this.#reply(s, 0);
         blk.aioPwriteZeroes(s.offset, s.length, (s.flags & NBD_CMD_FLAG_NO_HOLE) === 0, s.done);
         return;
+      case NBD_CMD_BLOCK_STATUS:
+        this.#blockStatus(s);
+        return;
       default: // NBD_CMD_CACHE: a hint; nothing is cached here
         this.#reply(s, 0);
     }
   }
 
+  /**
+   * One base:allocation extent over the whole range, flags 0 ("data, not
+   * known to read as zeroes"): true of every range, since no driver below
+   * reports allocation (QEMU says the same of a driver without block status).
+   */
+  #blockStatus(s: RequestSlot): void {
+    if (this.#dead) {
+      this.release(s);
+      return;
+    }
+    const v = s.hv;
+    v.setUint32(0, NBD_STRUCTURED_REPLY_MAGIC);
+    v.setUint16(4, NBD_REPLY_FLAG_DONE);
+    v.setUint16(6, NBD_REPLY_TYPE_BLOCK_STATUS);
+    s.hdr.set(s.cookie, 8);
+    v.setUint32(16, 12);
+    v.setUint32(20, NBD_BASE_ALLOCATION_ID);
+    v.setUint32(24, s.length);
+    v.setUint32(28, 0);
+    this.#io.queue(s.hdr, s.release);
+    this.#io.flush();
+  }
+
   /** Block-layer completion of a request. */
   complete(s: RequestSlot, ret: number): void {
     if (
-      ret === 0 && (s.flags & NBD_CMD_FLAG_FUA) !== 0 && !s.fuaDone &&
+      ret === 0 && ((s.flags & NBD_CMD_FLAG_FUA) !== 0 || this.#opts.writethrough) &&
+      !s.fuaDone &&
       (s.type === NBD_CMD_WRITE || s.type === NBD_CMD_TRIM || s.type === NBD_CMD_WRITE_ZEROES)
     ) {
       s.fuaDone = true; // FUA: flush before the reply (QEMU's BDRV_REQ_FUA emulation)
@@ -501,6 +557,7 @@ export class NbdSession {
   /** The reply of `s` is sent (or dropped): the slot and its buffer are free. */
   release(s: RequestSlot): void {
     if (s.pooled !== null) {
+      this.#bufferedBytes -= s.pooled.byteLength;
       this.#pool.put(s.pooled);
       s.pooled = null;
       s.data = null;
@@ -512,7 +569,8 @@ export class NbdSession {
       return;
     }
     if (
-      this.#paused && this.#inUse < this.#maxRequests && this.#io.pendingBytes <= this.#maxQueued
+      this.#paused && this.#inUse < this.#maxRequests &&
+      this.#bufferedBytes < this.#maxQueued && this.#io.pendingBytes <= this.#maxQueued
     ) {
       this.#paused = false;
       this.#io.setReading(true);

@@ -61,6 +61,8 @@ export class NbdSocketIo {
   #closed = false;
   #fdClosed = false;
   readonly #iov = new BigUint64Array((IOV_BATCH * IOVEC.size) / 8);
+  /** {@link #iov} as 32-bit halves: addresses and lengths without BigInt allocation. */
+  readonly #iov32 = new Uint32Array(this.#iov.buffer);
   readonly #iovAddr: number;
   #onDrained: (() => void) | null = null;
 
@@ -140,12 +142,15 @@ export class NbdSocketIo {
   flush(): boolean {
     while (this.#pendingBytes > 0 && !this.#closed) {
       const n = Math.min(this.#out.length - this.#head, IOV_BATCH);
-      const iov = this.#iov;
+      const iov = this.#iov32;
       for (let i = 0; i < n; i++) {
         const s = this.#out[this.#head + i];
         const skip = i === 0 ? this.#headSent : 0;
-        iov[2 * i] = BigInt(addressOf(s.buf) + skip);
-        iov[2 * i + 1] = BigInt(s.buf.byteLength - skip);
+        const addr = addressOf(s.buf) + skip;
+        iov[4 * i] = addr >>> 0;
+        iov[4 * i + 1] = Math.floor(addr / 0x100000000);
+        iov[4 * i + 2] = s.buf.byteLength - skip;
+        iov[4 * i + 3] = 0;
       }
       let sent: number;
       try {

@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { AioContext } from "../../aio/mod.ts";
 import { BlockBackend, IoVector, parseBlockOptions, RbdDriver } from "../../block/mod.ts";
-import { EINVAL, ENOENT, librbdLoadError, SysError } from "../../sys/mod.ts";
+import { EINVAL, ENOENT, EROFS, ETIMEDOUT, librbdLoadError, SysError } from "../../sys/mod.ts";
 import { CephCluster, cephUnavailable } from "../harness/ceph_cluster.ts";
 import { fillPattern, runUntil } from "./helpers.ts";
 
@@ -199,6 +199,29 @@ Deno.test({
         await assert.rejects(open("disk:not_a_ceph_option=1"), /rados_conf_set: ENOENT/);
       });
 
+      await t.step("a snapshot opens read-only with the data it was taken with", async () => {
+        const blk = await open();
+        const before = fillPattern(new Uint8Array(4096), 21);
+        assert.equal(await runUntil(ctx, blk.pwritev(12 * MiB, IoVector.fromBuffers([before]))), 0);
+        assert.equal(await runUntil(ctx, blk.flush()), 0);
+        await cluster.rbd("snap", "create", `${cluster.pool}/disk@s1`);
+        const after = fillPattern(new Uint8Array(4096), 22);
+        assert.equal(await runUntil(ctx, blk.pwritev(12 * MiB, IoVector.fromBuffers([after]))), 0);
+        await runUntil(ctx, blk.close());
+        const snap = await open("disk@s1");
+        assert(snap.readOnly, "a snapshot is read-only");
+        const buf = new Uint8Array(4096);
+        assert.equal(await runUntil(ctx, snap.preadv(12 * MiB, IoVector.fromBuffers([buf]))), 0);
+        assert.deepEqual(buf, before);
+        assert.equal(
+          await runUntil(ctx, snap.pwritev(0, IoVector.fromBuffers([buf]))),
+          -EROFS,
+        );
+        await runUntil(ctx, snap.close());
+        await assert.rejects(open("disk@nosnap"), /rbd_open_read_only: ENOENT.*disk@nosnap/);
+        await cluster.rbd("snap", "purge", `${cluster.pool}/disk`);
+      });
+
       await t.step("refreshLength follows rbd resize", async () => {
         const blk = await open();
         await cluster.rbd("resize", "--size", "32M", `${cluster.pool}/disk`);
@@ -236,7 +259,36 @@ Deno.test("rbd block options: blockdev keys and the legacy rbd: filename", () =>
     },
   );
   assert.throws(() => parseBlockOptions("driver=rbd,pool=p"), /image is required/);
-  assert.throws(() => parseBlockOptions("file=rbd:p/i@snap"), /snapshots/);
+  assert.deepEqual(parseBlockOptions("file=rbd:p/i@s\\@1"), {
+    driver: "rbd",
+    pool: "p",
+    image: "i",
+    snapshot: "s@1",
+  });
+  assert.throws(() => parseBlockOptions("file=rbd:p/i@a@b"), /IMAGE@SNAP/);
+  assert.throws(() => parseBlockOptions("file=rbd:p@x/i"), /outside the image/);
   assert.throws(() => parseBlockOptions("file=rbd:p"), /POOL\/\[NAMESPACE\/\]IMAGE/);
   assert.throws(() => parseBlockOptions("driver=null-co,file=rbd:p/i"), /needs driver=rbd/);
+});
+
+Deno.test({
+  name: "rbd: no monitor answering is ETIMEDOUT after client_mount_timeout, not a hang",
+  ignore: librbdLoadError() !== null,
+  async fn() {
+    const ctx = new AioContext();
+    try {
+      // Port 1 on loopback: nothing listens. No conf file: the options say everything.
+      const opts = parseBlockOptions(
+        "file=rbd:p/i:mon_host=127.0.0.1\\:1:client_mount_timeout=1:auth_client_required=none",
+      );
+      await assert.rejects(runUntil(ctx, BlockBackend.open(ctx, opts)), (e: unknown) => {
+        assert(e instanceof SysError);
+        assert.equal(e.errno, ETIMEDOUT);
+        assert.match(e.message, /rados_connect: ETIMEDOUT.*rbd image p\/i/);
+        return true;
+      });
+    } finally {
+      ctx.close();
+    }
+  },
 });

@@ -24,6 +24,7 @@ function opened(b: BlockOptions): Record<string, unknown> {
     filename: b.filename,
     size: b.size,
     server: b.server,
+    rbd: [b.pool, b.image, b.namespace, b.conf, b.user, b.snapshot, b.rbdConf],
     exportName: b.exportName,
     reconnectDelay: b.reconnectDelay ?? 0,
     format: b.format ?? "raw",
@@ -56,17 +57,23 @@ Deno.test("short options as daemon specs: the blockdev chain opens what the host
       ["--image", "null-aio:4M", "--cache", "unsafe", "--discard", "ignore"],
       ["--image", "nbd://127.0.0.1:10809/exp", "--reconnect-delay", "5"],
       ["--image", "nbd+unix:///exp?socket=/tmp/nbd.sock", "--read-only", "--cache", "unsafe"],
+      ["--image", "rbd:pool/ns/img@snap:conf=/etc/c.conf:id=admin:rbd_cache=false:a=b"],
+      ["--image", "rbd:pool/img", "--cache", "unsafe", "--discard", "ignore"],
+      ["--image", img, "--throttle", "iops-total=100"],
+      ["--image", img, "--format", "qcow2", "--throttle", "bps-read=1048576"],
     ];
     for (const args of cases) {
       const o = parseHostArgs([...args, "--socket", `${dir}/s`]);
       const specs = hostDaemonSpecs(o);
       const g = new BlockGraph();
+      const groups = new Map(specs.throttleGroups.map((t) => [t.id, t]));
+      g.throttleGroups = (id) => groups.has(id) ? { addr: 4096, users: new Set() } : undefined;
       for (const node of specs.blockdevs) g.add(node, false);
-      assert.deepEqual(
-        opened(g.blockOptions(specs.export.nodeName)),
-        opened({ ...o.block }),
-        args.join(" "),
-      );
+      const { throttle, ...graphOpened } = g.blockOptions(specs.export.nodeName);
+      assert.deepEqual(opened(graphOpened), opened({ ...o.block }), args.join(" "));
+      // --throttle: the filter on top, in a group with the option's limits.
+      assert.equal(throttle !== undefined, o.throttle !== undefined, args.join(" "));
+      assert.deepEqual(specs.throttleGroups.map((t) => t.config), o.throttle ? [o.throttle] : []);
       assert.equal(specs.export.writable, !o.block.readOnly, args.join(" "));
     }
   } finally {

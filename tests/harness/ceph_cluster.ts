@@ -11,7 +11,16 @@
 
 import { makeScratchDir } from "./scratch_dir.ts";
 
-/** Why a cluster cannot be started here (a missing binary), or null. */
+/**
+ * Why a cluster cannot be started here (a missing binary), or null.
+ *
+ * @example
+ * ```ts
+ * import { cephUnavailable } from "./ceph_cluster.ts";
+ * const why = cephUnavailable();
+ * if (why) console.warn(`SKIPPING: ${why}`);
+ * ```
+ */
 export function cephUnavailable(): string | null {
   for (const bin of ["ceph-mon", "ceph-osd", "ceph", "rbd", "monmaptool"]) {
     const found = ["/usr/bin", "/usr/sbin", "/usr/local/bin"].some((d) => {
@@ -91,6 +100,7 @@ export class CephCluster {
         `fsid = ${fsid}`,
         `mon host = v2:${this.monAddr}`,
         "public addr = 127.0.0.1",
+        "cluster addr = 127.0.0.1", // the OSD binds nothing but loopback
         "ms bind msgr1 = false",
         "auth cluster required = none",
         "auth service required = none",
@@ -106,6 +116,9 @@ export class CephCluster {
         "osd objectstore = memstore",
         `memstore device bytes = ${memstoreBytes}`,
         "client mount timeout = 20",
+        // A stalled cluster fails the tests' requests (ETIMEDOUT) instead of hanging them.
+        "rados osd op timeout = 30",
+        "rados mon op timeout = 30",
         `mon data = ${dir}/mon`,
         `osd data = ${dir}/osd`,
         `run dir = ${dir}/run`,

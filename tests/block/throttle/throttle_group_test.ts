@@ -68,6 +68,26 @@ Deno.test("throttle group: two members share the limit, round-robin", async () =
   }
 });
 
+Deno.test("throttle group: round-robin serves members, not requests (8 queued vs 1)", async () => {
+  const ctx = new AioContext();
+  const g = group(ctx, (c) => c.buckets["iops-total"].avg = 200);
+  const a = new ThrottleGroupMember(ctx, g), b = new ThrottleGroupMember(ctx, g);
+  const ca = { n: 0, on: true }, cb = { n: 0, on: true };
+  try {
+    greedy(a, 8, ca);
+    greedy(b, 1, cb);
+    await pollFor([ctx], 1000);
+    ca.on = cb.on = false;
+    // In arrival order b would get about 1 in 9; taking turns, about half.
+    const total = ca.n + cb.n;
+    assert(cb.n >= 0.4 * total, `a ${ca.n}, b ${cb.n}`);
+  } finally {
+    a.close();
+    b.close();
+    ctx.close();
+  }
+});
+
 Deno.test("throttle group: a member in another AioContext is woken by its eventfd", async () => {
   const ctxA = new AioContext(), ctxB = new AioContext();
   const g = group(ctxA, (c) => c.buckets["iops-total"].avg = 100);

@@ -1,7 +1,8 @@
 // The same qemu-storage-daemon command line, word for word, run by
 // qemu-storage-daemon 7.2 and by `deno task host` (only the program
 // changes): two exports (a raw window over a file, writable, 2 queues, in
-// an IOThread; a read-only null-co with 4 KiB blocks in the main loop), a
+// an IOThread; a read-only null-co with 4 KiB blocks behind a throttle
+// group, in the main loop), a
 // QMP monitor and a pidfile. The built-in client then sees the same thing
 // from both: capacity, block size, queues, read-only, GET_ID, data landing
 // at the raw window's offset in the file, errors past the end and on the
@@ -25,11 +26,15 @@ function qsdArgv(dir: string, image: string): string[] {
     '{"driver": "null-co", "node-name": "n0", "size": 8388608, "read-zeroes": true}',
     "--object",
     "iothread,id=io0,poll-max-ns=0,poll-grow=2,poll-shrink=2,aio-max-batch=8",
+    "--object",
+    "throttle-group,id=tg0,x-iops-total=100000,limits.bps-total=1073741824",
+    "--blockdev",
+    "driver=throttle,node-name=t0,throttle-group=tg0,file=n0",
     "--export",
     `type=vhost-user-blk,id=e0,node-name=r0,addr.type=unix,addr.path=${dir}/e0.sock,` +
     "writable=on,num-queues=2,iothread=io0",
     "--export",
-    `type=vhost-user-blk,id=e1,node-name=n0,addr.type=unix,addr.path=${dir}/e1.sock,` +
+    `type=vhost-user-blk,id=e1,node-name=t0,addr.type=unix,addr.path=${dir}/e1.sock,` +
     "logical-block-size=4096",
     "--chardev",
     `socket,id=m0,path=${dir}/qmp.sock,server=on,wait=off`,
@@ -102,6 +107,27 @@ async function observe(dir: string, image: string, pid: number): Promise<Record<
       image: { "virtual-size": number };
     }[]).map((n) => `${n["node-name"]}:${n.drv}:${n.image["virtual-size"]}:${n.ro}`).sort();
     seen.unknown = (await qmp.execute("no-such-command")).error;
+    // The throttle group over QOM: its limits, a change, a refused x- property, an in-use object.
+    seen.limits = (await qmp.execute("qom-get", { path: "/objects/tg0", property: "limits" }))
+      .return;
+    seen.qomSet = await qmp.execute("qom-set", {
+      path: "/objects/tg0",
+      property: "limits",
+      value: { "iops-total": 5000, "iops-total-max": 10000, "iops-total-max-length": 5 },
+    });
+    seen.afterSet = (await qmp.execute("qom-get", { path: "tg0", property: "x-iops-total-max" }))
+      .return;
+    seen.qomSetX = await qmp.execute("qom-set", {
+      path: "/objects/tg0",
+      property: "x-iops-total",
+      value: 1,
+    });
+    seen.qomBad = await qmp.execute("qom-set", {
+      path: "/objects/tg0",
+      property: "limits",
+      value: { "bps-total-max": 1 },
+    });
+    seen.objectDel = await qmp.execute("object-del", { id: "tg0" });
   } finally {
     qmp.close();
   }
@@ -148,6 +174,8 @@ Deno.test("daemon: the same qsd command line, the same behaviour seen by a clien
     assert.deepEqual(qsd.fileWindow, [0x5a, 0x5a, 0, 0]);
     assert.equal(qsd.e0Write, VIRTIO_BLK_S_OK);
     assert.notEqual(qsd.e1Write, VIRTIO_BLK_S_OK);
+    assert.equal((qsd.limits as Record<string, number>)["bps-total"], 1073741824);
+    assert.equal(qsd.afterSet, 10000);
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

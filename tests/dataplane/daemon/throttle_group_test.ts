@@ -13,16 +13,19 @@ import { StorageDaemon } from "../../../dataplane/daemon/storage_daemon.ts";
 import { QmpTestClient } from "./qmp_test_client.ts";
 
 /**
- * Keeps `depth` reads of `bytes` in flight on queue 0 for `ms`; returns the
- * completion times (seconds from the start) and the seconds that passed.
+ * Keeps `depth` reads (or writes) of `bytes` in flight on queue `qi` for
+ * `ms`; returns the completion times (seconds from the start) and the
+ * seconds that passed.
  */
 async function readFor(
   c: VhostUserBlkClient,
   ms: number,
   depth: number,
   bytes: number,
+  op: "read" | "write" = "read",
+  qi = 0,
 ): Promise<{ times: number[]; seconds: number }> {
-  const q = c.queues[0];
+  const q = c.queues[qi];
   const times: number[] = [];
   let errors = 0, inFlight = 0, running = true;
   const start = performance.now();
@@ -32,11 +35,11 @@ async function readFor(
     if (!running) return;
     times.push((performance.now() - start) / 1000);
     if (status !== 0) errors++;
-    q.read(slot, (slot * bytes) % (1 << 20), bytes);
+    q[op](slot, (slot * bytes) % (1 << 20), bytes);
     inFlight++;
   };
   for (let s = 0; s < depth; s++) {
-    q.read(s, s * bytes, bytes);
+    q[op](s, s * bytes, bytes);
     inFlight++;
   }
   q.notify();
@@ -73,7 +76,7 @@ function near(measured: number, expected: number, what: string): void {
 async function daemonWith(
   dir: string,
   argv: string[],
-  exports: { id: string; node: string; iothread?: string }[],
+  exports: { id: string; node: string; iothread?: string; writable?: boolean; queues?: number }[],
 ): Promise<{ d: StorageDaemon; qmp: QmpTestClient; clients: VhostUserBlkClient[] }> {
   const d = new StorageDaemon();
   const args = parseDaemonArgs(argv);
@@ -86,9 +89,9 @@ async function daemonWith(
       id: e.id,
       nodeName: e.node,
       addr: { type: "unix", path: `${dir}/${e.id}.sock` },
-      writable: false,
+      writable: e.writable ?? false,
       writethrough: false,
-      numQueues: 1,
+      numQueues: e.queues ?? 1,
       logicalBlockSize: 512,
       iothread: e.iothread,
     });
@@ -98,7 +101,12 @@ async function daemonWith(
   const qmp = await QmpTestClient.connect(`${dir}/qmp.sock`);
   const clients: VhostUserBlkClient[] = [];
   for (const e of exports) {
-    clients.push(await VhostUserBlkClient.connect(`${dir}/${e.id}.sock`, { slots: 8 }));
+    clients.push(
+      await VhostUserBlkClient.connect(`${dir}/${e.id}.sock`, {
+        slots: 8,
+        numQueues: e.queues ?? 1,
+      }),
+    );
   }
   return { d, qmp, clients };
 }
@@ -201,7 +209,83 @@ Deno.test("throttle group: IOPS and bandwidth within 10% of the limit; qom-set c
       (await qmp.execute("qom-get", { path: "/objects/tg1", property: "x-iops-read" })).return,
       10,
     );
+    // A node added over QMP holds the group until it is deleted.
+    assert.deepEqual(
+      await qmp.execute("blockdev-add", {
+        driver: "throttle",
+        "node-name": "t9",
+        "throttle-group": "tg1",
+        file: { driver: "null-co", size: 4096 },
+      }),
+      { return: {} },
+    );
+    assert.equal(
+      await err("object-del", { id: "tg1" }),
+      "object 'tg1' is in use, can not be deleted",
+    );
+    assert.equal(
+      await err("blockdev-add", {
+        driver: "throttle",
+        "node-name": "t8",
+        "throttle-group": "nope",
+        file: { driver: "null-co", size: 4096 },
+      }),
+      "Throttle group 'nope' does not exist",
+    );
+    assert.deepEqual(await qmp.execute("blockdev-del", { "node-name": "t9" }), { return: {} });
     assert.deepEqual(await qmp.execute("object-del", { id: "tg1" }), { return: {} });
+  } finally {
+    qmp.close();
+    await c.close();
+    await d.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("throttle group: read and write limits are separate buckets", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "throttle-write-" });
+  const { d, qmp, clients: [c] } = await daemonWith(dir, [
+    "--object",
+    "throttle-group,id=tg0,x-bps-write=1048576,x-iops-read=500",
+    "--blockdev",
+    "driver=null-co,node-name=n0,size=1048576",
+    "--blockdev",
+    "driver=throttle,node-name=t0,throttle-group=tg0,file=n0",
+  ], [{ id: "e0", node: "t0", writable: true, queues: 2 }]);
+  try {
+    // 1 MiB/s of 16 KiB writes on queue 0 while queue 1 reads at 500/s (one
+    // loop reaps both: the client is not made for two loops at once).
+    const times: [number[], number[]] = [[], []];
+    const ops = ["write", "read"] as const, sizes = [16384, 4096];
+    let running = true;
+    const start = performance.now();
+    c.queues.forEach((q, qi) => {
+      q.onComplete = (slot, status) => {
+        assert.equal(status, 0);
+        if (!running) return;
+        times[qi].push((performance.now() - start) / 1000);
+        q[ops[qi]](slot, slot * sizes[qi], sizes[qi]);
+      };
+      for (let s = 0; s < 8; s++) q[ops[qi]](s, s * sizes[qi], sizes[qi]);
+      q.notify();
+    });
+    while (performance.now() - start < 2500) {
+      await c.waitAsync(20);
+      for (const q of c.queues) {
+        q.reap();
+        q.notify();
+      }
+    }
+    running = false;
+    const seconds = (performance.now() - start) / 1000;
+    const [w, r] = times;
+    near(inWindow(w, 0.5, 2.5) * 16384 / 2, 1 << 20, "write bytes/s at bps-write=1 MiB/s");
+    assert(
+      w.length * 16384 <= (1 << 20) * (0.1 + seconds) + 9 * 16384,
+      `${w.length} writes in ${seconds} s`,
+    );
+    // Reads keep to their own limit, whatever the writes do.
+    near(inWindow(r, 0.5, 2.5) / 2, 500, "read IOPS at iops-read=500");
   } finally {
     qmp.close();
     await c.close();

@@ -153,7 +153,7 @@ Deno.test("NBD handshake (fast-check): any option stream; well-formed replies; t
           c.close();
         }
       }),
-      { numRuns: 100 },
+      { numRuns: 300 },
     );
     await waitNoConnections(d);
     await stillServing(sock);
@@ -189,9 +189,11 @@ Deno.test("NBD transmission (fast-check): any request stream; every reply well f
     await fc.assert(
       fc.asyncProperty(
         fc.boolean(),
+        fc.boolean(),
         fc.array(request, { minLength: 1, maxLength: 16 }),
-        async (structured, reqs) => {
-          const { client: c } = await RawNbdClient.go(sock, "rw", structured);
+        fc.integer({ min: 1, max: 100 }),
+        async (structured, baseAllocation, reqs, chunk) => {
+          const { client: c } = await RawNbdClient.go(sock, "rw", structured, baseAllocation);
           const lengths = new Map<bigint, { type: number; length: number }>();
           try {
             const parts: Uint8Array[] = [];
@@ -214,7 +216,11 @@ Deno.test("NBD transmission (fast-check): any request stream; every reply well f
               if (r.badMagic || (r.type === NBD_CMD_WRITE && r.length > 4096)) break;
               if (r.type === NBD_CMD_DISC) break; // no reply, nothing after it is read
             }
-            await c.write(concat(parts));
+            // In random pieces: headers and payloads split across reads.
+            const bytes = concat(parts);
+            for (let at = 0; at < bytes.length; at += chunk) {
+              if (!await c.write(bytes.subarray(at, at + chunk))) break;
+            }
             await c.closeWrite();
             const answered = new Set<bigint>();
             // A simple reply to a READ carries the request's length of data.
@@ -245,7 +251,7 @@ Deno.test("NBD transmission (fast-check): any request stream; every reply well f
           }
         },
       ),
-      { numRuns: 100 },
+      { numRuns: 300 },
     );
     await waitNoConnections(d);
     await stillServing(sock);

@@ -31,6 +31,7 @@ import {
   NBD_OPT_ABORT,
   NBD_OPT_EXPORT_NAME,
   NBD_OPT_EXTENDED_HEADERS,
+  NBD_OPT_GO,
   NBD_OPT_INFO,
   NBD_OPT_LIST,
   NBD_OPT_LIST_META_CONTEXT,
@@ -42,8 +43,10 @@ import {
   NBD_REP_ERR_UNKNOWN,
   NBD_REP_ERR_UNSUP,
   NBD_REP_INFO,
+  NBD_REP_META_CONTEXT,
   NBD_REP_SERVER,
   NBD_REPLY_FLAG_DONE,
+  NBD_REPLY_TYPE_BLOCK_STATUS,
   NBD_REPLY_TYPE_ERROR,
   NBD_REPLY_TYPE_NONE,
   NBD_REPLY_TYPE_OFFSET_DATA,
@@ -57,7 +60,10 @@ import { RawNbdClient } from "./nbd_raw_client.ts";
 const SIZE = 1 << 20;
 
 /** A daemon with a writable export "rw" (a file of 0x61 bytes) and a read-only one "ro". */
-async function withDaemon(fn: (d: StorageDaemon, sock: string, dir: string) => Promise<void>) {
+async function withDaemon(
+  fn: (d: StorageDaemon, sock: string, dir: string) => Promise<void>,
+  roSize = SIZE,
+) {
   const dir = await makeScratchDir("nbd-proto");
   const d = new StorageDaemon();
   try {
@@ -66,7 +72,7 @@ async function withDaemon(fn: (d: StorageDaemon, sock: string, dir: string) => P
     Deno.writeFileSync(`${dir}/rw.raw`, new Uint8Array(SIZE).fill(0x61));
     d.blockdevAdd({ driver: "file", "node-name": "rw", filename: `${dir}/rw.raw` }, true);
     d.blockdevAdd(
-      { driver: "null-co", "node-name": "ro", size: String(SIZE), "read-zeroes": "on" },
+      { driver: "null-co", "node-name": "ro", size: String(roSize), "read-zeroes": "on" },
       true,
     );
     await d.nbdExportAdd({
@@ -194,7 +200,7 @@ Deno.test("NBD handshake: INFO, LIST, unknown and malformed options, meta contex
         assert.equal(r.option, opt);
         assert.equal(r.type, NBD_REP_ERR_UNSUP);
       }
-      // Meta contexts: SET needs structured replies first; none is offered.
+      // Meta contexts: SET needs structured replies first; base:allocation is offered.
       await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("rw", ["base:allocation"]));
       assert.equal((await c.readOptionReply())!.type, NBD_REP_ERR_INVALID);
       await c.sendOption(NBD_OPT_STRUCTURED_REPLY, new Uint8Array(1));
@@ -203,10 +209,26 @@ Deno.test("NBD handshake: INFO, LIST, unknown and malformed options, meta contex
       assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
       await c.sendOption(NBD_OPT_STRUCTURED_REPLY);
       assert.equal((await c.readOptionReply())!.type, NBD_REP_ERR_INVALID);
+      const contexts = async () => {
+        const names: string[] = [];
+        for (;;) {
+          const r = (await c.readOptionReply())!;
+          if (r.type === NBD_REP_ACK) return names;
+          assert.equal(r.type, NBD_REP_META_CONTEXT);
+          assert.equal(new DataView(r.payload.buffer).getUint32(0), 1); // its id
+          names.push(new TextDecoder().decode(r.payload.subarray(4)));
+        }
+      };
       await c.sendOption(NBD_OPT_LIST_META_CONTEXT, metaPayload("rw", []));
-      assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
+      assert.deepEqual(await contexts(), ["base:allocation"]);
+      await c.sendOption(NBD_OPT_LIST_META_CONTEXT, metaPayload("rw", ["base:"]));
+      assert.deepEqual(await contexts(), ["base:allocation"]);
+      await c.sendOption(NBD_OPT_LIST_META_CONTEXT, metaPayload("rw", ["qemu:dirty-bitmap:"]));
+      assert.deepEqual(await contexts(), []);
       await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("rw", ["base:allocation"]));
-      assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
+      assert.deepEqual(await contexts(), ["base:allocation"]);
+      await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("rw", ["base:"]));
+      assert.deepEqual(await contexts(), []);
       await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("nope", []));
       assert.equal((await c.readOptionReply())!.type, NBD_REP_ERR_UNKNOWN);
       const truncated = metaPayload("rw", ["base:allocation"]);
@@ -389,6 +411,42 @@ Deno.test("NBD transmission: the protocol's errors, and the connection survives 
   });
 });
 
+Deno.test("NBD transmission: NBD_CMD_BLOCK_STATUS with base:allocation selected", async () => {
+  await withDaemon(async (_d, sock) => {
+    const c = await RawNbdClient.open(sock);
+    try {
+      await c.sendOption(NBD_OPT_STRUCTURED_REPLY);
+      assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
+      await c.sendOption(NBD_OPT_SET_META_CONTEXT, metaPayload("rw", ["base:allocation"]));
+      assert.equal((await c.readOptionReply())!.type, NBD_REP_META_CONTEXT);
+      assert.equal((await c.readOptionReply())!.type, NBD_REP_ACK);
+      await c.sendOption(NBD_OPT_GO, infoPayload("rw", []));
+      while ((await c.readOptionReply())!.type !== NBD_REP_ACK) { /* infos */ }
+      const R = RawNbdClient.request;
+      await c.write(R(NBD_CMD_BLOCK_STATUS, { cookie: 1n, offset: 4096n, length: 65536 }));
+      const r = (await c.readReply())!;
+      assert.equal(r.type, NBD_REPLY_TYPE_BLOCK_STATUS);
+      assert.equal(r.flags, NBD_REPLY_FLAG_DONE);
+      const v = new DataView(r.payload.buffer);
+      assert.deepEqual([v.getUint32(0), v.getUint32(4), v.getUint32(8)], [1, 65536, 0]);
+      for (
+        const [cookie, req] of [
+          [2n, R(NBD_CMD_BLOCK_STATUS, { cookie: 2n, offset: BigInt(SIZE), length: 1 })],
+          [3n, R(NBD_CMD_BLOCK_STATUS, { cookie: 3n, length: 0 })],
+          [4n, R(NBD_CMD_BLOCK_STATUS, { cookie: 4n, flags: NBD_CMD_FLAG_NO_HOLE, length: 1 })],
+        ] as const
+      ) {
+        await c.write(req);
+        const e = (await c.readReply())!;
+        assert.equal(e.cookie, cookie);
+        assert.equal(e.error, NBD_EINVAL);
+      }
+    } finally {
+      c.close();
+    }
+  });
+});
+
 Deno.test("NBD transmission: a read-only export refuses writes with EPERM (simple replies)", async () => {
   await withDaemon(async (_d, sock) => {
     const { client: c, flags } = await RawNbdClient.go(sock, "ro", false);
@@ -443,6 +501,29 @@ Deno.test("NBD transmission: many requests in flight, a client that does not rea
     assert(st.readPauses > 0, "reading paused at least once");
     c.close();
   });
+});
+
+Deno.test("NBD transmission: payload bytes in flight are bounded, not only the request count", async () => {
+  await withDaemon(async (d, sock) => {
+    const { client: c } = await RawNbdClient.go(sock, "ro");
+    // Eight 32 MiB reads (256 MiB of replies) sent at once, no reply read yet.
+    const reqs: Uint8Array[] = [];
+    for (let i = 0; i < 8; i++) {
+      reqs.push(RawNbdClient.request(NBD_CMD_READ, { cookie: BigInt(i), length: NBD_MAX_PAYLOAD }));
+    }
+    await c.write(concat(...reqs));
+    await new Promise((r) => setTimeout(r, 300));
+    const st = await d.nbdExports.get("ro")!.stats();
+    // 64 MiB of buffers, then one more request at most: reading stopped.
+    assert(st.requests <= 3, `${st.requests} requests taken in`);
+    assert(st.readPauses >= 1);
+    for (let i = 0; i < 8; i++) {
+      const r = (await c.readReply())!;
+      assert.equal(r.error, 0);
+      assert.equal(r.payload.length, 8 + NBD_MAX_PAYLOAD);
+    }
+    c.close();
+  }, 64 << 20);
 });
 
 function concat(...parts: Uint8Array[]): Uint8Array {

@@ -73,6 +73,17 @@ Deno.test("NBD export: qemu-img info, convert and compare over a Unix socket", a
     await addFileExport(d, "dst", `${dir}/dst.raw`, true);
     const info = JSON.parse(await ok("qemu-img", ["info", "--output=json", uri("dst")]));
     assert.equal(info["virtual-size"], SIZE);
+    // qemu-img map asks base:allocation: one data extent over the whole export.
+    const map = JSON.parse(await ok("qemu-img", ["map", "--output=json", "-f", "raw", uri("dst")]));
+    assert.deepEqual(
+      map.map((e: { start: number; length: number; data: boolean; zero: boolean }) => [
+        e.start,
+        e.length,
+        e.data,
+        e.zero,
+      ]),
+      [[0, SIZE, true, false]],
+    );
     await ok("qemu-img", ["convert", "-n", "-f", "raw", "-O", "raw", `${dir}/src.raw`, uri("dst")]);
     const cmp = await ok("qemu-img", [
       "compare",
@@ -188,6 +199,27 @@ Deno.test("NBD export: qemu-img over TCP, a read-only export, qemu-nbd --list", 
   }, true);
 });
 
+Deno.test("NBD export: over IPv6 loopback (addr.host=::1)", async () => {
+  const dir = await makeScratchDir("nbd-v6");
+  const d = new StorageDaemon();
+  try {
+    try {
+      d.nbdServerStart({ addr: { type: "inet", host: "::1", port: 0 }, maxConnections: 0 });
+    } catch (e) {
+      console.warn(`SKIPPED: cannot listen on ::1 here: ${(e as Error).message}`);
+      return;
+    }
+    randomImage(`${dir}/six.raw`, SIZE);
+    await addFileExport(d, "six", `${dir}/six.raw`, false);
+    const uri = `nbd://[::1]:${d.nbdServer!.port}/six`;
+    const cmp = await ok("qemu-img", ["compare", "-f", "raw", "-F", "raw", `${dir}/six.raw`, uri]);
+    assert.match(cmp, /Images are identical/);
+  } finally {
+    await d.stop();
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
 Deno.test("NBD export: four qemu-io clients write at once, each its own region", async () => {
   await withExport(async (d, dir, uri) => {
     Deno.writeFileSync(`${dir}/m.raw`, new Uint8Array(SIZE));
@@ -233,5 +265,56 @@ Deno.test("NBD export: nbd-client (kernel NBD) reads the export", async () => {
     } finally {
       await run("nbd-client", ["-d", "/dev/nbd0"]);
     }
+  });
+});
+
+Deno.test("NBD export: QEMU itself (-blockdev driver=nbd) writes and reads through it", async () => {
+  const qemu = "qemu-system-x86_64";
+  try {
+    await new Deno.Command(qemu, { args: ["--version"], stdout: "null", stderr: "null" }).output();
+  } catch {
+    console.warn(`SKIPPED: ${qemu} is not installed (tools/setup.sh --test)`);
+    return;
+  }
+  await withExport(async (d, dir) => {
+    Deno.writeFileSync(`${dir}/v.raw`, new Uint8Array(SIZE).fill(0x24));
+    await addFileExport(d, "v", `${dir}/v.raw`, true);
+    const hmp = (cmd: string) =>
+      JSON.stringify({ execute: "human-monitor-command", arguments: { "command-line": cmd } });
+    const script = [
+      JSON.stringify({ execute: "qmp_capabilities" }),
+      hmp(`qemu-io n "write -P 0x42 4096 8192"`),
+      hmp(`qemu-io n "read -P 0x24 0 4096"`),
+      hmp(`qemu-io n "read -P 0x42 4096 8192"`),
+      JSON.stringify({ execute: "quit" }),
+    ].join("\n") + "\n";
+    const p = new Deno.Command(qemu, {
+      args: [
+        "-machine",
+        "none",
+        "-nographic",
+        "-nodefaults",
+        "-qmp",
+        "stdio",
+        "-blockdev",
+        `driver=nbd,server.type=unix,server.path=${dir}/nbd.sock,export=v,node-name=n`,
+      ],
+      stdin: "piped",
+      stdout: "piped",
+      stderr: "piped",
+    }).spawn();
+    const w = p.stdin.getWriter();
+    await w.write(new TextEncoder().encode(script));
+    await w.close();
+    const out = await p.output();
+    const text = new TextDecoder().decode(out.stdout) + new TextDecoder().decode(out.stderr);
+    assert.equal(out.code, 0, text);
+    assert.doesNotMatch(text, /Pattern verification failed|error/i);
+    assert.equal(text.match(/read \d+\/\d+ bytes/g)?.length, 2, text);
+    const img = Deno.readFileSync(`${dir}/v.raw`);
+    assert.equal(img[4095], 0x24);
+    assert.equal(img[4096], 0x42);
+    assert.equal(img[4096 + 8191], 0x42);
+    assert.equal(img[4096 + 8192], 0x24);
   });
 });

@@ -9,6 +9,7 @@
 import {
   IHAVEOPT,
   NBD_OPT_GO,
+  NBD_OPT_SET_META_CONTEXT,
   NBD_OPT_STRUCTURED_REPLY,
   NBD_REP_ACK,
   NBD_REP_INFO,
@@ -73,12 +74,26 @@ export class RawNbdClient {
     path: string,
     name: string,
     structured = true,
+    baseAllocation = false,
   ): Promise<{ client: RawNbdClient; size: bigint; flags: number }> {
     const c = await RawNbdClient.open(path);
     if (structured) {
       await c.sendOption(NBD_OPT_STRUCTURED_REPLY);
       const r = await c.readOptionReply();
       if (r?.type !== NBD_REP_ACK) throw new ProtocolViolation("no structured replies");
+    }
+    if (structured && baseAllocation) {
+      const enc = new TextEncoder();
+      const nb = enc.encode(name), q = enc.encode("base:allocation");
+      const p = new Uint8Array(4 + nb.length + 4 + 4 + q.length);
+      const v = new DataView(p.buffer);
+      v.setUint32(0, nb.length);
+      p.set(nb, 4);
+      v.setUint32(4 + nb.length, 1);
+      v.setUint32(8 + nb.length, q.length);
+      p.set(q, 12 + nb.length);
+      await c.sendOption(NBD_OPT_SET_META_CONTEXT, p);
+      while ((await c.readOptionReply())?.type !== NBD_REP_ACK) { /* the context */ }
     }
     const nb = new TextEncoder().encode(name);
     const p = new Uint8Array(4 + nb.length + 2);
@@ -113,12 +128,18 @@ export class RawNbdClient {
   /** Exactly `n` bytes, or null at end of stream (or after `timeoutMs`: throws). */
   async readExact(n: number, timeoutMs = 10_000): Promise<Uint8Array | null> {
     const deadline = Date.now() + timeoutMs;
-    while (this.#buf.length < n) {
+    const out = new Uint8Array(n);
+    let filled = Math.min(n, this.#buf.length);
+    out.set(this.#buf.subarray(0, filled));
+    this.#buf = this.#buf.subarray(filled);
+    while (filled < n) {
       if (this.#eof) return null;
-      const chunk = new Uint8Array(Math.max(65536, n - this.#buf.length));
+      // Small reads go through a chunk (what follows is kept); big ones land in place.
+      const direct = n - filled >= 65536;
+      const into = direct ? out.subarray(filled) : new Uint8Array(65536);
       let timer: ReturnType<typeof setTimeout> | undefined;
       const got = await Promise.race([
-        this.#conn.read(chunk).catch(() => null),
+        this.#conn.read(into).catch(() => null),
         new Promise<"timeout">((r) =>
           timer = setTimeout(() => r("timeout"), deadline - Date.now())
         ),
@@ -129,13 +150,15 @@ export class RawNbdClient {
         this.#eof = true;
         continue;
       }
-      const b = new Uint8Array(this.#buf.length + got);
-      b.set(this.#buf);
-      b.set(chunk.subarray(0, got), this.#buf.length);
-      this.#buf = b;
+      if (direct) {
+        filled += got;
+      } else {
+        const take = Math.min(got, n - filled);
+        out.set(into.subarray(0, take), filled);
+        filled += take;
+        this.#buf = into.slice(take, got);
+      }
     }
-    const out = this.#buf.slice(0, n);
-    this.#buf = this.#buf.subarray(n);
     return out;
   }
 
