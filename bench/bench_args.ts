@@ -7,6 +7,7 @@
  */
 
 import { parseArgs, type ParseArgsConfig } from "node:util";
+import { taskArgs } from "../dataplane/mod.ts";
 
 /**
  * Parses `Deno.args` with `options`; on a bad flag prints `name: message` and
@@ -24,7 +25,7 @@ export function benchArgs<O extends NonNullable<ParseArgsConfig["options"]>>(
   name: string,
   usage: string,
   options: O,
-  args: string[] = Deno.args,
+  args: string[] = taskArgs(Deno.args),
 ): ReturnType<typeof parseArgs<{ options: O; args: string[] }>>["values"] {
   if (args.includes("--help") || args.includes("-h")) {
     console.log(usage);

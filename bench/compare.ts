@@ -55,6 +55,7 @@ import { dirname, resolve } from "node:path";
 import { fsFilesystemType, TMPFS_MAGIC } from "../sys/mod.ts";
 import { makeScratchDir } from "../tests/harness/mod.ts";
 import { buildBlkgen } from "./blkgen_build.ts";
+import { taskArgs } from "../dataplane/mod.ts";
 import {
   type ComparePattern,
   measureRun,
@@ -485,4 +486,4 @@ export async function main(args: string[]): Promise<number> {
   }
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) Deno.exit(await main(taskArgs(Deno.args)));

@@ -12,6 +12,7 @@
  *
  * Run: flock /tmp/bench.lock ./deno run -A bench/qcow2_alloc_bench.ts
  *   [--qd 32] [--rounds 5] [--duration-ms 2000] [--size-mib 4096] [--lazy-refcounts off]
+ *   [--queues 1] (ours: an IOThread per queue, one owning the metadata; qsd: one IOThread)
  *
  * Figures depend on the machine's load: run it under the lock, read the
  * medians, and say how loaded the machine was.
@@ -25,18 +26,21 @@ import { benchDir } from "./block_workload.ts";
 const values = benchArgs(
   "qcow2_alloc_bench",
   "usage: deno run -A bench/qcow2_alloc_bench.ts [--qd 32] [--rounds 5] [--duration-ms 2000] " +
-    "[--size-mib 4096] [--lazy-refcounts off|on]",
+    "[--size-mib 4096] [--lazy-refcounts off|on] [--queues 1]",
   {
     qd: { type: "string", default: "32" },
     rounds: { type: "string", default: "5" },
     "duration-ms": { type: "string", default: "2000" },
     "size-mib": { type: "string", default: "4096" },
     "lazy-refcounts": { type: "string", default: "off" },
+    queues: { type: "string", default: "1" },
   },
 );
 const qd = Number(values.qd), rounds = Number(values.rounds);
 const durationMs = Number(values["duration-ms"]), sizeMib = Number(values["size-mib"]);
 const lazy = values["lazy-refcounts"] === "on" ? "on" : "off";
+// Ours: one IOThread per queue (several: one owner of the metadata); qsd: one IOThread.
+const queues = Number(values.queues);
 const exe = await buildBlkgen();
 const dir = Deno.makeTempDirSync({ dir: benchDir(), prefix: "qcow2-alloc-" });
 
@@ -70,19 +74,22 @@ try {
         backend: "io_uring",
         image,
         nullSize: 0,
-        queues: 1,
-        iothreads: 1,
+        queues,
+        iothreads: queues,
         socket: `${dir}/${name}.sock`,
         format: "qcow2",
       });
       try {
         const s = await measureRun(exe, server, {
           pattern: "randwrite",
-          queues: 1,
+          queues,
           qd,
           durationMs,
         });
-        if ("error" in s) throw new Error(`${name}: ${s.error}`);
+        if ("error" in s) {
+          console.error(server.stderr.split("\n").filter((l) => !l.startsWith("  ")).join("\n"));
+          throw new Error(`${name}: ${s.error}`);
+        }
         iops[name].push(s.iops);
         console.log(
           `round ${r} ${name.padEnd(6)} ${(s.iops / 1000).toFixed(1)}k IOPS, p50 ${s.p50Us} us, ` +
@@ -102,7 +109,9 @@ try {
   }
   const o = median(iops.ours), t = median(iops.theirs);
   console.log(
-    `allocating 4k randwrite QD${qd}, lazy_refcounts=${lazy}: ours ${(o / 1000).toFixed(1)}k, ` +
+    `allocating 4k randwrite QD${qd} x ${queues} queue(s), lazy_refcounts=${lazy}: ours ${
+      (o / 1000).toFixed(1)
+    }k, ` +
       `qsd ${(t / 1000).toFixed(1)}k IOPS (medians of ${rounds}), ours/qsd ${(o / t).toFixed(2)}x`,
   );
 } finally {

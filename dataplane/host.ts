@@ -114,8 +114,9 @@ export async function startBlkIOThreads(
   // One range-lock table for the image, shared by every IOThread's driver:
   // read-modify-write cycles are serialised across all of them.
   const data: BlkThreadData = { ...extra, rangeLocks: RangeLockTable.create().shared };
-  // A writable qcow2: every IOThread's driver attaches; the first owns the metadata.
-  if (options.block.format === "qcow2" && !options.block.readOnly) {
+  // A writable qcow2 on several IOThreads: every thread's driver attaches;
+  // the first owns the metadata. (Alone, a driver keeps writeback metadata.)
+  if (options.block.format === "qcow2" && !options.block.readOnly && options.iothreads > 1) {
     data.qcow2 = Qcow2SharedState.create().shared;
   }
   if (options.throttle !== undefined) {

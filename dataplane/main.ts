@@ -19,6 +19,7 @@ import { describeNbdServer } from "../block/mod.ts";
 import { formatStats, VhostUserBlkHost } from "./host.ts";
 import { HOST_USAGE, type HostOptions, parseHostArgs, UsageError } from "./host_options.ts";
 import { DAEMON_OPTION_NAMES } from "./daemon/daemon_args.ts";
+import { taskArgs } from "./task_args.ts";
 import { daemonMain } from "./daemon/daemon_main.ts";
 
 /**
@@ -133,4 +134,4 @@ export async function main(args: string[]): Promise<number> {
   return 0;
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) Deno.exit(await main(taskArgs(Deno.args)));

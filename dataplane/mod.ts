@@ -36,3 +36,4 @@ export {
   parseSize,
   UsageError,
 } from "./host_options.ts";
+export { taskArgs } from "./task_args.ts";

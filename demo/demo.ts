@@ -44,6 +44,7 @@ import {
   type HostStats,
   parseHostArgs,
   parseSize,
+  taskArgs,
   UsageError,
   VhostUserBlkHost,
 } from "../dataplane/mod.ts";
@@ -487,4 +488,4 @@ export async function main(args: string[]): Promise<number> {
   return status;
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) Deno.exit(await main(taskArgs(Deno.args)));

@@ -7,7 +7,7 @@
  * @module
  */
 
-import { UsageError } from "../dataplane/mod.ts";
+import { taskArgs, UsageError } from "../dataplane/mod.ts";
 import { buildGuest, DEFAULT_GUEST_DIR, DEFAULT_GUEST_SOURCES } from "./guest_image.ts";
 import { KvmVm } from "./kvm_vm.ts";
 import { TEST_F_NO_VERIFY, TEST_F_QUICK } from "./test_device.ts";
@@ -90,4 +90,4 @@ export async function main(args: string[]): Promise<number> {
   return result.exitStatus === 0 ? 0 : 1;
 }
 
-if (import.meta.main) Deno.exit(await main(Deno.args));
+if (import.meta.main) Deno.exit(await main(taskArgs(Deno.args)));

@@ -45,6 +45,8 @@ export class L2Cache {
   /** The version each cached table was read or put at (shared images only). */
   readonly #versions = new Map<number, number>();
   readonly #version: ((offset: number) => number) | null;
+  /** Tables with changes not written yet: never evicted (see {@link pin}). */
+  readonly #pinned = new Set<number>();
   #mru = -1;
   /** Lookups that found the table, and reads started. */
   hits = 0;
@@ -125,6 +127,19 @@ export class L2Cache {
     this.#insert(offset, table, this.#version === null ? 0 : this.#version(offset));
   }
 
+  /**
+   * Keeps the table at `offset` (which must be cached) until
+   * {@link unpinAll}: it holds changes the driver has not written yet.
+   */
+  pin(offset: number): void {
+    this.#pinned.add(offset);
+  }
+
+  /** The changes are written: the pinned tables may be evicted again. */
+  unpinAll(): void {
+    this.#pinned.clear();
+  }
+
   /** Drops every table (none may be loading). */
   clear(): void {
     this.#tables.clear();
@@ -134,10 +149,14 @@ export class L2Cache {
 
   #insert(offset: number, table: DataView, version: number): void {
     this.#tables.delete(offset);
-    while (this.#tables.size >= this.capacity) {
-      const oldest = this.#tables.keys().next().value!;
-      this.#tables.delete(oldest);
-      this.#versions.delete(oldest);
+    if (this.#tables.size >= this.capacity) {
+      // The least recently used tables that hold no unwritten change.
+      for (const oldest of this.#tables.keys()) {
+        if (this.#tables.size < this.capacity) break;
+        if (this.#pinned.has(oldest)) continue;
+        this.#tables.delete(oldest);
+        this.#versions.delete(oldest);
+      }
     }
     this.#tables.set(offset, table);
     if (this.#version !== null) this.#versions.set(offset, version);

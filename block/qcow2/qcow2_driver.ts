@@ -21,6 +21,9 @@ import { type Qcow2AllocMode, type Qcow2ForwardedWrite, Qcow2SharedState } from 
 /** Most allocating writes in one {@link AllocationBatch}. */
 const MAX_BATCH = 128;
 
+/** Dirty L1/L2 sectors (writeback) that make the driver write its metadata. */
+const MAX_DIRTY_SECTORS = 1024;
+
 /** QEMU's DEFAULT_L2_CACHE_MAX_SIZE: the default cache covers the disk up to this. */
 export const QCOW2_DEFAULT_L2_CACHE_MAX = 32 << 20;
 
@@ -80,9 +83,13 @@ export interface Qcow2DriverOptions {
  *
  * Writes (when not opened read-only): in place into clusters with refcount
  * 1, else through a queued {@link AllocatingWrite} (copy on write, metadata
- * ordered for crash safety). One driver instance owns the image's metadata:
- * never open one image writable twice. Completions never arrive inside the
- * submitting call (no inline completion).
+ * ordered for crash safety). A driver alone on its image keeps new entries
+ * and refcounts in memory until a flush commits them (writeback, as QEMU's
+ * metadata caches); drivers of one image in several threads attach to one
+ * {@link Qcow2SharedState} (`shared`): the first owns the metadata and
+ * writes it through, the others forward their allocating writes to it.
+ * Never open one image writable twice otherwise. Completions never arrive
+ * inside the submitting call (no inline completion).
  *
  * @example
  * ```ts ignore
@@ -118,7 +125,30 @@ export class Qcow2Driver implements BlockDriver {
   readonly #forwardQueue: (() => boolean)[] = [];
   /** Refcounts and the allocator (writable images only). */
   readonly #refcounts: Qcow2Refcounts | null;
-  #allocQueue: AllocatingWrite[] = [];
+  #allocQueue: QueuedAllocation[] = [];
+  /**
+   * Writeback metadata (a driver alone on its image): a batch's L1/L2
+   * entries and refcounts change in memory and reach the disk at the next
+   * flush, in order ({@link commitMetadata}); shared images write through.
+   */
+  readonly #writeback: boolean;
+  /** L2 table sectors changed and not written: table offset -> sector starts. */
+  readonly #dirtyL2 = new Map<number, Set<number>>();
+  /** L1 sectors changed and not written. */
+  readonly #dirtyL1 = new Set<number>();
+  #dirtySectors = 0;
+  /** Lazy refcounts (compat bit, writeback only): refcounts written at close. */
+  readonly #lazy: boolean;
+  #markedDirty = false;
+  #copiedOnWrite = false;
+  /** Writeback: guest clusters with an allocating write in flight. */
+  readonly #inflight = new Set<number>();
+  /** Writeback: L1 indexes whose new L2 table is being made. */
+  readonly #inflightTables = new Set<number>();
+  /** Writeback: a flush, write-zeroes or discard runs. */
+  #exclusive = false;
+  #pumping = false;
+  #pumpAgain = false;
   #allocBusy = false;
   readonly readOnly: boolean;
   readonly #l2Tables: Set<number>;
@@ -186,6 +216,9 @@ export class Qcow2Driver implements BlockDriver {
       });
     }
     const sh = this.#shared;
+    this.#writeback = reftable !== null && sh === null;
+    this.#lazy = this.#writeback && header.lazyRefcounts && header.version >= 3;
+    if (this.#refcounts !== null) this.#refcounts.deferWrites = this.#writeback;
     this.l2Cache = new L2Cache(
       tables,
       cs,
@@ -353,7 +386,9 @@ export class Qcow2Driver implements BlockDriver {
    */
   flush(cb: BlockCompletion): void {
     if (this.#refcounts === null) return this.#complete(0, cb);
-    this.child.flush(cb);
+    if (!this.#writeback) return this.child.flush(cb);
+    // After the allocations queued before it: their entries are written.
+    this.enqueueAllocation(new MetadataCommit(this, cb));
   }
 
   /**
@@ -477,10 +512,232 @@ export class Qcow2Driver implements BlockDriver {
     });
   }
 
+  /**
+   * @internal Writeback: links a batch's writes in memory (after their data
+   * is written) and marks the sectors dirty; the tables stay in the cache.
+   */
+  linkInMemory(links: readonly BatchLink[]): void {
+    for (const l of links) {
+      if (l.isNew) {
+        setEntry(this.#l1, l.l1Index, l.l2Off);
+        this.#l2Tables.add(l.l2Off);
+        this.l2Cache.put(l.l2Off, l.table);
+        this.l2Cache.pin(l.l2Off);
+        const at = l.l1Index * 8;
+        if (!this.#dirtyL1.has(at - (at % 512))) {
+          this.#dirtyL1.add(at - (at % 512));
+          this.#dirtySectors++;
+        }
+        continue;
+      }
+      const cur = this.l2Cache.lookup(l.l2Off) ?? l.table;
+      setEntry(cur, l.index, l.host);
+      this.l2Cache.put(l.l2Off, cur);
+      this.l2Cache.pin(l.l2Off);
+      let set = this.#dirtyL2.get(l.l2Off);
+      if (set === undefined) this.#dirtyL2.set(l.l2Off, set = new Set());
+      const at = l.index * 8, start = at - (at % 512);
+      if (!set.has(start)) {
+        set.add(start);
+        this.#dirtySectors++;
+      }
+    }
+    // Bound what a crash can lose and what stays pinned.
+    if (this.#dirtySectors >= MAX_DIRTY_SECTORS) {
+      this.enqueueAllocation(new MetadataCommit(this, () => {}));
+    }
+  }
+
+  /**
+   * @internal Writes what is dirty, in QEMU's cache dependency order: the
+   * refcount block sectors, flush, the L2 and L1 sectors, flush. Runs alone
+   * (from the allocation queue, or at close).
+   */
+  commitMetadata(cb: BlockCompletion): void {
+    const rc = this.refcounts;
+    if (this.#lazy) {
+      // Lazy refcounts: the dirty bit stands for the refcounts not
+      // written; a flush first only when copied-on-write data must be
+      // durable before the entries that point at it.
+      if (this.#dirtySectors === 0) return this.child.flush(cb);
+      return this.#markDirty((mr) => {
+        if (mr < 0) return cb(mr);
+        if (!this.#copiedOnWrite) return this.#writeTables(cb);
+        this.child.flush((fr) => fr < 0 ? cb(fr) : this.#writeTables(cb));
+      });
+    }
+    rc.writeDirty((ret) => {
+      if (ret < 0) return cb(ret);
+      if (this.#dirtySectors === 0) return this.child.flush(cb);
+      this.child.flush((fr) => {
+        if (fr < 0) return cb(fr);
+        this.#writeTables(cb);
+      });
+    });
+  }
+
+  /** @internal A write merged data copied from the cluster's old view (COW). */
+  noteCopyOnWrite(): void {
+    this.#copiedOnWrite = true;
+  }
+
+  /**
+   * Lazy refcounts: sets the header's dirty bit (incompatible feature 0)
+   * and flushes, once, before the first L2 entry reaches the disk without
+   * its refcount (QEMU's qcow2_mark_dirty).
+   */
+  #markDirty(cb: BlockCompletion): void {
+    if (this.#markedDirty) return cb(0);
+    this.#writeIncompat(this.header.incompatibleFeatures | 1, (ret) => {
+      if (ret === 0) this.#markedDirty = true;
+      cb(ret);
+    });
+  }
+
+  /** Writes incompatible_features (header offset 72) and flushes. */
+  #writeIncompat(bits: number, cb: BlockCompletion): void {
+    const b = new Uint8Array(8);
+    new DataView(b.buffer).setUint32(4, bits >>> 0);
+    this.child.pwritev(72, IoVector.fromBuffers([b]), (ret) => {
+      if (ret < 0) return cb(ret);
+      this.child.flush(cb);
+    });
+  }
+
+  /**
+   * Lazy refcounts at close: the refcounts, flush, then the dirty bit
+   * cleared (QEMU's qcow2_mark_clean).
+   */
+  #markClean(cb: BlockCompletion): void {
+    if (!this.#markedDirty) return cb(0);
+    this.refcounts.writeDirty((ret) => {
+      if (ret < 0) return cb(ret);
+      this.child.flush((fr) => {
+        if (fr < 0) return cb(fr);
+        this.#writeIncompat(this.header.incompatibleFeatures & ~1, (cr) => {
+          if (cr === 0) this.#markedDirty = false;
+          cb(cr);
+        });
+      });
+    });
+  }
+
+  /** The dirty L2 and L1 sectors, then a flush (the second half of a commit). */
+  #writeTables(cb: BlockCompletion): void {
+    let pending = 1, err = 0;
+    const done = (r: number) => {
+      if (r < 0 && err === 0) err = r;
+      if (--pending > 0) return;
+      if (err < 0) return cb(err);
+      this.#dirtyL2.clear();
+      this.#dirtyL1.clear();
+      this.#dirtySectors = 0;
+      this.#copiedOnWrite = false;
+      this.l2Cache.unpinAll();
+      this.child.flush(cb);
+    };
+    // Whole units of the file's request alignment (within the cluster-
+    // aligned tables): no read-modify-write under O_DIRECT.
+    const unit = this.metadataUnit;
+    const units = (sectors: Iterable<number>) => new Set([...sectors].map((a) => a - (a % unit)));
+    for (const [l2Off, sectors] of this.#dirtyL2) {
+      const t = this.l2Cache.lookup(l2Off);
+      if (t === undefined) {
+        err = -EIO; // pinned: cannot happen
+        continue;
+      }
+      const bytes = new Uint8Array(t.buffer, t.byteOffset, t.byteLength);
+      for (const at of units(sectors)) {
+        pending++;
+        writeTableSector(this.child, l2Off, bytes, at, done, unit);
+      }
+    }
+    for (const at of units(this.#dirtyL1)) {
+      pending++;
+      writeTableSector(this.child, this.header.l1TableOffset, this.#l1Bytes, at, done, unit);
+    }
+    done(0);
+  }
+
   /** @internal Runs `op` after every allocating write queued before it. */
-  enqueueAllocation(op: AllocatingWrite): void {
+  enqueueAllocation(op: QueuedAllocation): void {
     this.#allocQueue.push(op);
-    if (!this.#allocBusy) this.#nextAllocation();
+    if (this.#writeback) this.#pump();
+    else if (!this.#allocBusy) this.#nextAllocation();
+  }
+
+  /**
+   * Writeback: starts every queued write that does not meet one in flight
+   * (same guest cluster, or the same missing L2 table): each links its
+   * entry in memory as soon as its data is written, so writes need not wait
+   * for each other. A write-zeroes, discard or flush runs alone, once what
+   * was started before it has completed, and nothing queued behind it
+   * overtakes it.
+   */
+  #pump(): void {
+    if (this.#pumping) {
+      this.#pumpAgain = true;
+      return;
+    }
+    this.#pumping = true;
+    do {
+      this.#pumpAgain = false;
+      this.#pumpOnce();
+    } while (this.#pumpAgain);
+    this.#pumping = false;
+  }
+
+  #pumpOnce(): void {
+    const q = this.#allocQueue, h = this.header;
+    for (let i = 0; i < q.length && !this.#exclusive;) {
+      const op = q[i];
+      if (!(op instanceof AllocatingWrite) || op.mode !== "write") {
+        if (i > 0 || this.#inflight.size > 0) return;
+        q.shift();
+        this.#exclusive = true;
+        return this.#runAlone(op, () => {
+          this.#exclusive = false;
+          this.#pump();
+        });
+      }
+      const l1 = Math.floor(op.cluster / h.l2Entries);
+      const newTable = this.l2Offset(op.cluster) === 0;
+      if (this.#inflight.has(op.cluster) || (newTable && this.#inflightTables.has(l1))) {
+        i++;
+        continue;
+      }
+      q.splice(i, 1);
+      this.#inflight.add(op.cluster);
+      if (newTable) this.#inflightTables.add(l1);
+      const batch = new AllocationBatch(this, () => {
+        this.#inflight.delete(op.cluster);
+        if (newTable) this.#inflightTables.delete(l1);
+        this.#pump();
+      }, true);
+      batch.ops.push(op);
+      batch.run();
+    }
+  }
+
+  /**
+   * A flush (metadata commit), or a write-zeroes or discard of a writeback
+   * driver: those write through, so what is dirty goes first (no entry may
+   * reach the disk before the refcounts it relies on).
+   */
+  #runAlone(op: QueuedAllocation, next: () => void): void {
+    if (op.mode === "commit" || !this.#writeback) return op.run(next, null);
+    const rc = this.refcounts;
+    this.commitMetadata((ret) => {
+      if (ret < 0) {
+        op.fail(ret);
+        return next();
+      }
+      rc.deferWrites = false;
+      op.run(() => {
+        rc.deferWrites = true;
+        next();
+      }, null);
+    });
   }
 
   /**
@@ -496,17 +753,16 @@ export class Qcow2Driver implements BlockDriver {
       return;
     }
     this.#allocBusy = true;
-    if (q[0].mode !== "write") {
-      q.shift()!.run(() => this.#nextAllocation(), null);
-      return;
-    }
-    const batch = new AllocationBatch(this, () => this.#nextAllocation());
+    if (q[0].mode !== "write") return this.#runAlone(q.shift()!, () => this.#nextAllocation());
+    const batch = new AllocationBatch(this, () => this.#nextAllocation(), this.#writeback);
     const clusters = new Set<number>(),
       newTables = new Set<number>(),
-      later: AllocatingWrite[] = [];
+      later: QueuedAllocation[] = [];
     let i = 0;
-    for (; i < q.length && q[i].mode === "write" && batch.ops.length < MAX_BATCH; i++) {
-      const op = q[i], l1 = Math.floor(op.cluster / this.header.l2Entries);
+    for (; i < q.length && batch.ops.length < MAX_BATCH; i++) {
+      const op = q[i];
+      if (!(op instanceof AllocatingWrite) || op.mode !== "write") break;
+      const l1 = Math.floor(op.cluster / this.header.l2Entries);
       if (clusters.has(op.cluster) || newTables.has(l1)) {
         later.push(op);
         continue;
@@ -535,15 +791,16 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   /**
-   * @internal {@link setL1Entry} for several entries of one 512-byte sector
+   * @internal {@link setL1Entry} for several entries of one {@link metadataUnit}
    * of the L1 table: one write.
    */
   setL1Entries(
     entries: readonly { index: number; l2Off: number; table: DataView }[],
     cb: BlockCompletion,
   ): void {
-    const at = entries[0].index * 8, start = at - (at % 512);
-    const copy = this.#l1Bytes.slice(start, start + 512);
+    const unit = this.metadataUnit;
+    const at = entries[0].index * 8, start = at - (at % unit);
+    const copy = this.#l1Bytes.slice(start, start + unit);
     const cdv = new DataView(copy.buffer);
     for (const e of entries) setEntry(cdv, e.index - start / 8, e.l2Off);
     writeTableSector(this.child, this.header.l1TableOffset + start, copy, 0, (ret) => {
@@ -576,8 +833,8 @@ export class Qcow2Driver implements BlockDriver {
   }
 
   /**
-   * @internal {@link setL2Entry} for several entries of one 512-byte
-   * sector of one L2 table: one write.
+   * @internal {@link setL2Entry} for several entries of one {@link metadataUnit}
+   * of one L2 table: one write.
    */
   setL2Entries(
     l2Off: number,
@@ -590,8 +847,9 @@ export class Qcow2Driver implements BlockDriver {
     // hold every entry changed so far.
     const src = this.l2Cache.lookup(l2Off) ?? table;
     const bytes = new Uint8Array(src.buffer, src.byteOffset, src.byteLength);
-    const at = entries[0].index * 8, start = at - (at % 512);
-    const copy = bytes.slice(start, start + 512);
+    const unit = this.metadataUnit;
+    const at = entries[0].index * 8, start = at - (at % unit);
+    const copy = bytes.slice(start, start + unit);
     const cdv = new DataView(copy.buffer);
     for (const e of entries) setEntry(cdv, e.index - start / 8, e.host, e.zero);
     writeTableSector(this.child, l2Off + start, copy, 0, (ret) => {
@@ -605,6 +863,25 @@ export class Qcow2Driver implements BlockDriver {
       }
       cb(ret);
     });
+  }
+
+  /**
+   * @internal Whether a cluster past everything allocated reads as zeroes
+   * without being written: the image is a regular file (holes), not a
+   * block device or an in-memory test driver.
+   */
+  get freshClustersReadZero(): boolean {
+    const c = this.child as BlockDriver & { isBlockDevice?: boolean };
+    return c.name === "file" && c.isBlockDevice === false;
+  }
+
+  /**
+   * @internal Bytes of a table written at once: 512, or the image file's
+   * request alignment (O_DIRECT on 4K sectors) up to a cluster, so that
+   * table writes need no read-modify-write.
+   */
+  get metadataUnit(): number {
+    return Math.min(Math.max(512, this.child.requestAlignment), this.header.clusterSize);
   }
 
   /** @internal Zeroes for write-zeroes, one cluster long. */
@@ -631,6 +908,18 @@ export class Qcow2Driver implements BlockDriver {
 
   /** Closes the backing chain and the image file. */
   async close(): Promise<void> {
+    const busy = this.#allocQueue.length > 0 || this.#exclusive || this.#inflight.size > 0;
+    if (this.#writeback && (busy || this.#dirtySectors > 0 || this.refcounts.dirty)) {
+      // Behind anything still queued (a commit started on its own, say).
+      const ret = await new Promise<number>((resolve) =>
+        this.enqueueAllocation(new MetadataCommit(this, resolve))
+      );
+      if (ret < 0) console.error(`qcow2: writing metadata at close failed (${ret})`);
+    }
+    if (this.#markedDirty) {
+      const ret = await new Promise<number>((resolve) => this.#markClean(resolve));
+      if (ret < 0) console.error(`qcow2: clearing the dirty bit at close failed (${ret})`);
+    }
     this.l2Cache.clear();
     if (this.#shared !== null) {
       this.#shared.detach(this.#participant, -EIO);
@@ -769,7 +1058,15 @@ async function prepareForWriting(child: BlockDriver, h: Qcow2Header, head: Uint8
   if (h.corrupt) {
     throw new Qcow2Error("Invalid", "the image is marked corrupt: it must not be written");
   }
-  if (h.dirty) refuse("an image with the dirty bit set (qemu-img check -r all repairs it)");
+  if (h.dirty) {
+    // QEMU repairs the refcounts of a dirty lazy-refcounts image at open;
+    // this driver does not (yet): it refuses to write until they are.
+    throw new Qcow2Error(
+      "Unsupported",
+      "the image has the dirty bit set (lazy refcounts not written back: it was not closed " +
+        "cleanly); repair it with qemu-img check -r all before writing (reading is fine)",
+    );
+  }
   if (h.extendedL2) refuse("images with extended L2 entries");
   if (h.nbSnapshots > 0) refuse("images with internal snapshots");
   if (h.refcountOrder > 5) refuse("images with 64-bit refcounts");
@@ -1137,6 +1434,11 @@ class AllocatingWrite {
     return this.#mode;
   }
 
+  /** Completes it with `ret` without running it. */
+  fail(ret: number): void {
+    this.#cb(ret);
+  }
+
   /** The guest cluster. */
   get cluster(): number {
     return this.#cluster;
@@ -1189,7 +1491,17 @@ class AllocatingWrite {
         d.dataClusterOk(m.hostCluster)
       ? m.hostCluster
       : 0;
-    const buf = new Uint8Array(cs);
+    const start = this.#cluster * cs;
+    const backing = d.backing;
+    const readsZero = m.type === SubclusterType.Zero ||
+      (m.type === SubclusterType.Unallocated && (backing === null || start >= backing.length));
+    // No copy on write: the new cluster gets the guest's data and zeroes.
+    if (reuse === 0 && (readsZero || (this.#inCluster === 0 && len === cs))) {
+      return this.#allocateData(l2Off, table, isNew, index, null, finish);
+    }
+    // Aligned for O_DIRECT, so the file driver need not bounce it.
+    const buf = alignedBuffer(cs, d.memAlignment);
+    if (!readsZero) d.noteCopyOnWrite();
     const merge = () => {
       this.#src.copyTo(addressOf(buf) + this.#inCluster);
       if (reuse === 0) return this.#allocateData(l2Off, table, isNew, index, buf, finish);
@@ -1199,8 +1511,8 @@ class AllocatingWrite {
         this.#link(l2Off, table, index, reuse, false, finish);
       });
     };
-    if (this.#inCluster === 0 && len === cs) return merge();
-    const start = this.#cluster * cs;
+    // Nothing to copy where the guest reads zeroes (the buffer is zeroed).
+    if ((this.#inCluster === 0 && len === cs) || readsZero) return merge();
     const n = Math.min(cs, d.length - start);
     d.preadv(start, IoVector.fromBuffers([buf.subarray(0, n)]), (ret) => {
       if (ret < 0) return finish(ret);
@@ -1298,13 +1610,29 @@ class AllocatingWrite {
     table: DataView,
     isNew: boolean,
     index: number,
-    buf: Uint8Array,
+    buf: Uint8Array | null,
     finish: BlockCompletion,
   ): void {
     const d = this.#d, cs = d.header.clusterSize;
-    d.refcounts.allocate((ret, host) => {
+    d.refcounts.allocate((ret, host, fresh) => {
       if (ret < 0) return finish(ret);
       d.grewTo(host + cs);
+      // `buf` null: the rest of the cluster is zeroes. A whole cluster is
+      // written from the guest's buffers; a part of a fresh cluster of a
+      // regular file (a hole: it reads as zeroes) too, at its place (QEMU
+      // zeroes such a cluster's rest with write_zeroes instead); else the
+      // data is copied into a zeroed cluster.
+      let data: IoVector, at = host;
+      if (buf !== null) data = IoVector.fromBuffers([buf]);
+      else if (this.#src.size === cs) data = this.#src;
+      else if (fresh && d.freshClustersReadZero) {
+        data = this.#src;
+        at = host + this.#inCluster;
+      } else {
+        const b = alignedBuffer(cs, d.memAlignment);
+        this.#src.copyTo(addressOf(b) + this.#inCluster);
+        data = IoVector.fromBuffers([b]);
+      }
       let pending = isNew ? 2 : 1, err = 0;
       const written = (r: number) => {
         if (r < 0 && err === 0) err = r;
@@ -1312,7 +1640,13 @@ class AllocatingWrite {
         if (err < 0) return finish(err);
         this.#link(l2Off, table, index, host, isNew, finish);
       };
-      d.child.pwritev(host, IoVector.fromBuffers([buf]), written);
+      if (at !== host) {
+        // QEMU's handle_alloc_space: the cluster's zeroes by fallocate first.
+        d.child.pwriteZeroes(host, cs, false, (zr) => {
+          if (zr < 0) return written(zr);
+          d.child.pwritev(at, data, written);
+        });
+      } else d.child.pwritev(at, data, written);
       if (isNew) {
         setEntry(table, index, host);
         const bytes = new Uint8Array(table.buffer, table.byteOffset, table.byteLength);
@@ -1351,11 +1685,14 @@ class AllocationBatch {
   readonly #d: Qcow2Driver;
   readonly #next: () => void;
   readonly #links: BatchLink[] = [];
+  readonly #writeback: boolean;
   #pending = 0;
 
-  constructor(d: Qcow2Driver, next: () => void) {
+  /** `writeback`: link in memory only (the next flush writes the entries). */
+  constructor(d: Qcow2Driver, next: () => void, writeback: boolean) {
     this.#d = d;
     this.#next = next;
+    this.#writeback = writeback;
   }
 
   /** Starts every write. */
@@ -1377,8 +1714,13 @@ class AllocationBatch {
 
   #commit(): void {
     const d = this.#d, rc = d.refcounts;
-    rc.deferWrites = false;
     const links = this.#links;
+    if (this.#writeback) {
+      d.linkInMemory(links);
+      for (const l of links) l.cb(0);
+      return this.#next();
+    }
+    rc.deferWrites = false;
     rc.writeDirty((ret) => {
       if (links.length === 0) return this.#next();
       if (ret < 0) return this.#fail(ret);
@@ -1387,10 +1729,10 @@ class AllocationBatch {
         const l2 = new Map<string, BatchLink[]>(), l1 = new Map<number, BatchLink[]>();
         for (const l of links) {
           if (l.isNew) {
-            const k = Math.floor(l.l1Index / 64);
+            const k = Math.floor((l.l1Index * 8) / d.metadataUnit);
             l1.set(k, [...(l1.get(k) ?? []), l]);
           } else {
-            const k = `${l.l2Off}/${Math.floor(l.index / 64)}`;
+            const k = `${l.l2Off}/${Math.floor((l.index * 8) / d.metadataUnit)}`;
             l2.set(k, [...(l2.get(k) ?? []), l]);
           }
         }
@@ -1415,4 +1757,43 @@ class AllocationBatch {
     for (const l of this.#links) l.cb(ret);
     this.#next();
   }
+}
+
+/**
+ * A guest flush of a writeback driver, queued behind the allocating writes
+ * before it: {@link Qcow2Driver.commitMetadata} (which ends with the flush
+ * of the image file).
+ */
+class MetadataCommit {
+  readonly mode = "commit";
+  readonly cluster = -1;
+  readonly #d: Qcow2Driver;
+  readonly #cb: BlockCompletion;
+
+  constructor(d: Qcow2Driver, cb: BlockCompletion) {
+    this.#d = d;
+    this.#cb = cb;
+  }
+
+  run(next: () => void, _batch: null): void {
+    this.#d.commitMetadata((ret) => {
+      next();
+      this.#cb(ret);
+    });
+  }
+
+  fail(ret: number): void {
+    this.#cb(ret);
+  }
+}
+
+/** What the allocation queue holds. */
+type QueuedAllocation = AllocatingWrite | MetadataCommit;
+
+/** `len` zeroed bytes whose address is a multiple of `align` (a power of two). */
+function alignedBuffer(len: number, align: number): Uint8Array {
+  if (align <= 16) return new Uint8Array(len);
+  const raw = new Uint8Array(len + align);
+  const skip = (align - (addressOf(raw) % align)) % align;
+  return raw.subarray(skip, skip + len);
 }

@@ -3,6 +3,9 @@ import type { BlockDriver } from "../block_driver.ts";
 import { IoVector } from "../io_vector.ts";
 import { readMetadata } from "./metadata_io.ts";
 
+/** What {@link Qcow2Refcounts.allocate} calls back with. */
+export type AllocCallback = (ret: number, offset: number, fresh: boolean) => void;
+
 /** Geometry {@link Qcow2Refcounts} needs. */
 export interface RefcountGeometry {
   clusterSize: number;
@@ -53,7 +56,7 @@ export class Qcow2Refcounts {
   #hint = 0;
   /** Refcount block sectors changed but not written yet (block offset -> sector starts). */
   readonly #dirty = new Map<number, Set<number>>();
-  readonly #waiting: ((ret: number, offset: number) => void)[] = [];
+  readonly #waiting: AllocCallback[] = [];
   /** Mark sectors dirty instead of writing them at once. */
   deferWrites = false;
 
@@ -92,9 +95,11 @@ export class Qcow2Refcounts {
 
   /**
    * Allocates one cluster with refcount 1: the first free one from the
-   * hint on; `cb(0, offset)` or `cb(-errno, 0)`.
+   * hint on; `cb(0, offset, fresh)` or `cb(-errno, 0, false)`. `fresh`: the
+   * cluster lies past every cluster allocated before (past the file's end
+   * at open), so nothing was ever written there.
    */
-  allocate(cb: (ret: number, offset: number) => void): void {
+  allocate(cb: AllocCallback): void {
     // One at a time: a search may wait for a refcount block read.
     this.#waiting.push(cb);
     if (this.#waiting.length === 1) this.#allocNext();
@@ -102,21 +107,21 @@ export class Qcow2Refcounts {
 
   #allocNext(): void {
     const cb = this.#waiting[0];
-    this.#allocFrom(this.#hint, (ret, off) => {
+    this.#allocFrom(this.#hint, (ret, off, fresh) => {
       this.#waiting.shift();
       if (this.#waiting.length > 0) this.#allocNext();
-      cb(ret, off);
+      cb(ret, off, fresh);
     });
   }
 
-  #allocFrom(c: number, cb: (ret: number, offset: number) => void): void {
+  #allocFrom(c: number, cb: AllocCallback): void {
     const cs = this.#geo.clusterSize;
     for (;;) {
       const index = c / cs;
       const rt = Math.floor(index / this.#perBlock);
       if (rt * 8 >= this.#reftableBytes.length) return this.#tableFull(c, cb);
       const hi = this.#reftable.getUint32(rt * 8), lo = this.#reftable.getUint32(rt * 8 + 4);
-      if ((lo & 0x1ff) !== 0 || hi >= 0x200000) return cb(-EIO, 0);
+      if ((lo & 0x1ff) !== 0 || hi >= 0x200000) return cb(-EIO, 0, false);
       const blockOff = hi * 0x100000000 + lo;
       const slot = index % this.#perBlock;
       if (blockOff === 0) {
@@ -126,11 +131,11 @@ export class Qcow2Refcounts {
         }
         return this.#newBlock(c, rt, slot, cb);
       }
-      if (!this.#blockOk(blockOff)) return cb(-EIO, 0);
+      if (!this.#blockOk(blockOff)) return cb(-EIO, 0, false);
       const block = this.#blocks.get(blockOff);
       if (block === undefined) {
         return this.#block(blockOff, (ret) => {
-          if (ret < 0) return cb(ret, 0);
+          if (ret < 0) return cb(ret, 0, false);
           this.#allocFrom(c, cb);
         });
       }
@@ -139,9 +144,15 @@ export class Qcow2Refcounts {
         continue;
       }
       this.#hint = c + cs;
+      const fresh = c >= this.#end;
       if (c + cs > this.#end) this.#end = c + cs;
       this.#set(block, slot, 1);
-      return this.#changed(blockOff, block, this.#byteOf(slot), (r) => cb(r, r < 0 ? 0 : c));
+      return this.#changed(
+        blockOff,
+        block,
+        this.#byteOf(slot),
+        (r) => cb(r, r < 0 ? 0 : c, r === 0 && fresh),
+      );
     }
   }
 
@@ -155,7 +166,7 @@ export class Qcow2Refcounts {
    * sector write, flushed; only then are the old table's clusters freed (a
    * crash before that leaks them).
    */
-  #tableFull(c: number, cb: (ret: number, offset: number) => void): void {
+  #tableFull(c: number, cb: AllocCallback): void {
     const g = this.#geo, cs = g.clusterSize, per = this.#perBlock;
     const oldEntries = this.#reftableBytes.length / 8;
     const a = Math.max(c, this.#end) / cs;
@@ -170,7 +181,7 @@ export class Qcow2Refcounts {
     }
     const tableOff = (a + blocks) * cs, areaEnd = a + blocks + tableClusters;
     if (tableClusters * cs > 8 << 20 || areaEnd * cs > Number.MAX_SAFE_INTEGER) {
-      return cb(-ENOSPC, 0);
+      return cb(-ENOSPC, 0, false);
     }
     const table = new Uint8Array(tableClusters * cs);
     table.set(this.#reftableBytes);
@@ -190,18 +201,18 @@ export class Qcow2Refcounts {
     const written = (r: number) => {
       if (r < 0 && err === 0) err = r;
       if (--pending > 0) return;
-      if (err < 0) return cb(err, 0);
+      if (err < 0) return cb(err, 0, false);
       this.#child.flush((fr) => {
-        if (fr < 0) return cb(fr, 0);
+        if (fr < 0) return cb(fr, 0, false);
         const hdr = new Uint8Array(12), hdv = new DataView(hdr.buffer);
         hdv.setUint32(0, Math.floor(tableOff / 0x100000000));
         hdv.setUint32(4, tableOff >>> 0);
         hdv.setUint32(8, tableClusters);
         // refcount_table_offset (48) and refcount_table_clusters (56): one sector.
         this.#child.pwritev(48, IoVector.fromBuffers([hdr]), (hr) => {
-          if (hr < 0) return cb(hr, 0);
+          if (hr < 0) return cb(hr, 0, false);
           this.#child.flush((hf) => {
-            if (hf < 0) return cb(hf, 0);
+            if (hf < 0) return cb(hf, 0, false);
             const oldOff = g.refcountTableOffset, oldClusters = g.refcountTableClusters;
             this.#reftableBytes = table;
             this.#reftable = tdv;
@@ -214,7 +225,7 @@ export class Qcow2Refcounts {
             if (areaEnd * cs > this.#end) this.#end = areaEnd * cs;
             this.onTableMoved(tableOff, tableClusters);
             this.#freeAll(oldOff, oldClusters, (fr2) => {
-              if (fr2 < 0) return cb(fr2, 0);
+              if (fr2 < 0) return cb(fr2, 0, false);
               this.#allocFrom(this.#hint, cb);
             });
           });
@@ -242,6 +253,11 @@ export class Qcow2Refcounts {
     cb(0);
   }
 
+  /** Whether some refcount block sector waits for {@link writeDirty}. */
+  get dirty(): boolean {
+    return this.#dirty.size > 0;
+  }
+
   /** Writes every dirty refcount block sector once (after a batch of allocations). */
   writeDirty(cb: (ret: number) => void): void {
     let pending = 1, err = 0;
@@ -249,11 +265,13 @@ export class Qcow2Refcounts {
       if (r < 0 && err === 0) err = r;
       if (--pending === 0) cb(err);
     };
+    // Whole units of the file's request alignment: no read-modify-write.
+    const unit = Math.min(Math.max(512, this.#child.requestAlignment), this.#geo.clusterSize);
     for (const [blockOff, sectors] of this.#dirty) {
       const block = this.#blocks.get(blockOff)!;
-      for (const at of sectors) {
+      for (const at of new Set([...sectors].map((a) => a - (a % unit)))) {
         pending++;
-        this.#writeSector(blockOff, block, at, done);
+        writeTableSector(this.#child, blockOff, block, at, done, unit);
       }
     }
     this.#dirty.clear();
@@ -284,22 +302,22 @@ export class Qcow2Refcounts {
   }
 
   /** A new refcount block at `c`, covering itself, then the table entry for it. */
-  #newBlock(c: number, rt: number, slot: number, cb: (ret: number, offset: number) => void): void {
+  #newBlock(c: number, rt: number, slot: number, cb: AllocCallback): void {
     const cs = this.#geo.clusterSize;
     const block = new Uint8Array(cs);
     this.#set(block, slot, 1);
     if (c + cs > this.#end) this.#end = c + cs;
     this.#hint = c + cs;
     this.#child.pwritev(c, IoVector.fromBuffers([block]), (ret) => {
-      if (ret < 0) return cb(ret, 0);
+      if (ret < 0) return cb(ret, 0, false);
       this.#child.flush((fr) => {
-        if (fr < 0) return cb(fr, 0);
+        if (fr < 0) return cb(fr, 0, false);
         this.#reftable.setUint32(rt * 8, Math.floor(c / 0x100000000));
         this.#reftable.setUint32(rt * 8 + 4, c >>> 0);
         this.#blocks.set(c, block);
         this.#onNewBlock(c);
         this.#writeSector(this.#geo.refcountTableOffset, this.#reftableBytes, rt * 8, (wr) => {
-          if (wr < 0) return cb(wr, 0);
+          if (wr < 0) return cb(wr, 0, false);
           this.#allocFrom(c + cs, cb);
         });
       });
@@ -374,9 +392,10 @@ export function writeTableSector(
   table: Uint8Array,
   at: number,
   cb: (ret: number) => void,
+  unit = 512,
 ): void {
-  const start = at - (at % 512);
-  const end = Math.min(start + 512, table.length);
+  const start = at - (at % unit);
+  const end = Math.min(start + unit, table.length);
   const copy = table.slice(start, end);
   child.pwritev(tableOff + start, IoVector.fromBuffers([copy]), cb);
 }

@@ -245,3 +245,24 @@ Deno.test("host CLI: --socket-mode, and SIGINT with no session exits 0", async (
     await Deno.remove(dir, { recursive: true });
   }
 });
+
+// `deno task host -- ARGS` (the README's form) hands the program a leading
+// `--`: both option syntaxes must see the options after it, not stop there.
+Deno.test("deno task host -- ARGS: the separator is dropped, for the short options and qsd's", async () => {
+  const root = fileURLToPath(new URL("../..", import.meta.url));
+  const run = async (args: string[]) => {
+    const out = await new Deno.Command(`${root}/deno`, {
+      args: ["task", "host", "--", ...args],
+      cwd: root,
+      stdout: "piped",
+      stderr: "piped",
+    }).output();
+    return { code: out.code, stderr: new TextDecoder().decode(out.stderr) };
+  };
+  const short = await run(["--image", "null-co:1M"]);
+  assert.equal(short.code, 2);
+  assert.match(short.stderr, /--socket is required/);
+  const qsd = await run(["--blockdev", "driver=null-co,node-name=a,bogus=1"]);
+  assert.equal(qsd.code, 1);
+  assert.match(qsd.stderr, /Parameter 'bogus' is unexpected/);
+});

@@ -92,3 +92,62 @@ Deno.test("qcow2 alloc: a full refcount table grows", opts, async () => {
     Deno.removeSync(dir, { recursive: true });
   }
 });
+
+Deno.test(
+  "qcow2 alloc: lazy refcounts mark the image dirty until a clean close",
+  opts,
+  async () => {
+    const dir = tempDir();
+    const img = `${dir}/l.qcow2`, crashed = `${dir}/crashed.qcow2`;
+    qemuImg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4k", img, "4M");
+    const model = new Uint8Array(4 << 20);
+    const ctx = new AioContext();
+    const header = (f: string) =>
+      parseQcow2Header(Deno.readFileSync(f).subarray(0, 4096), Deno.statSync(f).size);
+    try {
+      const blk = await openQcow2(ctx, img, { readOnly: false });
+      for (let c = 0; c < 40; c++) {
+        const data = new Uint8Array(1024).fill(c + 1);
+        const off = c * 12288 + 512;
+        assert.equal(await runUntil(ctx, blk.pwritev(off, IoVector.fromBuffers([data]))), 0);
+        model.set(data, off);
+      }
+      assert.equal(await runUntil(ctx, blk.flush()), 0);
+      // Flushed: the entries are on disk, the refcounts not, the dirty bit set.
+      assert.equal(header(img).dirty, true);
+      Deno.copyFileSync(img, crashed); // what a crash now would leave
+      await runUntil(ctx, blk.close());
+    } finally {
+      ctx.close();
+    }
+    try {
+      assert.equal(header(img).dirty, false, "a clean close clears the dirty bit");
+      assert.equal(assertCheckClean(img).leaks, 0);
+      assert.deepEqual(oracleBytes(img), model);
+      // The crashed copy: refused for writing with the repair named; after
+      // qemu-img check -r all it is clean and holds every flushed write.
+      const ctx2 = new AioContext();
+      try {
+        await assert.rejects(
+          () => openQcow2(ctx2, crashed, { readOnly: false }),
+          (e: Error) => /dirty bit.*qemu-img check -r all/.test(e.message),
+        );
+      } finally {
+        ctx2.close();
+      }
+      // The refcounts really were left behind (lazy): qemu-img sees errors.
+      const before = new Deno.Command("qemu-img", {
+        args: ["check", "--output=json", "-f", "qcow2", crashed],
+        stdout: "piped",
+        stderr: "null",
+      }).outputSync();
+      const r = JSON.parse(new TextDecoder().decode(before.stdout)) as { corruptions?: number };
+      assert((r.corruptions ?? 0) > 0, "the crashed copy's refcounts were written");
+      qemuImg("check", "-q", "-r", "all", crashed);
+      assert.equal(assertCheckClean(crashed).leaks, 0);
+      assert.deepEqual(oracleBytes(crashed), model);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+  },
+);

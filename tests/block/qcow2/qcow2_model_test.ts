@@ -151,7 +151,7 @@ async function runCase(ctx: AioContext, s: Sample, ops: Op[]): Promise<void> {
       }
     }
   }
-  await d.close();
+  await runUntil(ctx, d.close());
   // What QEMU makes of the result.
   const dir = tempDir();
   try {
