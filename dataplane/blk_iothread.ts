@@ -102,6 +102,12 @@ export interface BlkImageInfo {
  */
 export interface BlkThreadData {
   rangeLocks?: SharedArrayBuffer;
+  /**
+   * The export `rangeLocks` and `qcow2` belong to ("" or absent: the
+   * export-less host's; the host's short options name their one daemon
+   * export, whose queues are spread over these threads).
+   */
+  sharedExport?: string;
   /** A writable qcow2 image's Qcow2SharedState (one owner of its metadata). */
   qcow2?: SharedArrayBuffer;
   /** The host's `--throttle` group (THROTTLE_GROUP_BYTES, initialised), joined by every thread. */
@@ -143,10 +149,11 @@ export async function blkOpen(
   const s = state(args);
   if (s.blk !== null) throw new Error("virtio-blk IOThread: image already open");
   const { export: key, ...opts } = args;
-  // The thread's shared table belongs to the host's one image; other exports get their own.
-  const rangeLocks = data?.rangeLocks && !key ? new RangeLockTable(data.rangeLocks) : undefined;
-  const throttleGroup = data?.throttle && !key ? new ThrottleGroup(data.throttle) : undefined;
-  const qcow2Shared = data?.qcow2 && !key ? data.qcow2 : undefined;
+  // The thread's shared tables belong to one image; other exports get their own.
+  const owner = (key ?? "") === (data?.sharedExport ?? "");
+  const rangeLocks = data?.rangeLocks && owner ? new RangeLockTable(data.rangeLocks) : undefined;
+  const throttleGroup = data?.throttle && owner ? new ThrottleGroup(data.throttle) : undefined;
+  const qcow2Shared = data?.qcow2 && owner ? data.qcow2 : undefined;
   const blk = await BlockBackend.open(ctx, opts, { rangeLocks, qcow2Shared, throttleGroup });
   if (s.blk !== null) {
     await blk.close();

@@ -1,13 +1,16 @@
 /**
- * The vhost-user-blk host as a library: IOThreads that each open the image
- * and run a virtio-blk dataplane, a main-thread AioContext that runs the
- * vhost-user server, and a clean stop (drain, stats). `deno task host`
- * (dataplane/main.ts) and `deno task demo` are thin wrappers around it.
+ * The vhost-user-blk host as a library: the short options' one export, run
+ * by the daemon's code (dataplane/host_export.ts turns the options into
+ * daemon specs), with the host's API (device, image, stats, a clean stop
+ * that returns the final counters). Also the transport-independent half
+ * vm/ drives ({@link startBlkIOThreads}) and the exit report
+ * ({@link formatStats}). `deno task host` (dataplane/main.ts) and `deno
+ * task demo` are thin wrappers around it.
  *
  * @module
  */
 
-import { AioContext, EventNotifier, IOThread } from "../aio/mod.ts";
+import { IOThread } from "../aio/mod.ts";
 import {
   type BlockOptions,
   Qcow2SharedState,
@@ -15,7 +18,8 @@ import {
   THROTTLE_GROUP_BYTES,
   ThrottleGroup,
 } from "../block/mod.ts";
-import { segMaxForQueueSize, type VirtioBlkOptions } from "../virtio/mod.ts";
+import type { VirtioBlkOptions } from "../virtio/mod.ts";
+import type { VhostUserServer } from "../vhost_user/mod.ts";
 import type { BlkImageInfo, BlkThreadData, BlkThreadStats } from "./blk_iothread.ts";
 import type { HostOptions } from "./host_options.ts";
 import {
@@ -25,8 +29,12 @@ import {
   type ResidentMemory,
   residentMemory,
 } from "../sys/mod.ts";
-import { VhostUserBlkDevice } from "./vhost_user_blk_device.ts";
-import { VhostUserHandler, VhostUserServer } from "../vhost_user/mod.ts";
+import { deviceModel } from "./device_model.ts";
+import { hostDaemonSpecs } from "./host_export.ts";
+import { queueTotals, type VhostUserBlkExport } from "./daemon/block_export.ts";
+import { StorageDaemon } from "./daemon/storage_daemon.ts";
+
+export { deviceModel };
 
 // A string literal in `new URL(...)` so the bundler (tools/build.ts) finds the module.
 const BLK_IOTHREAD_MODULE = new URL("./blk_iothread.ts", import.meta.url).href;
@@ -49,54 +57,6 @@ export interface HostStats {
   threads: BlkThreadStats[];
   /** The process's resident memory and the main isolate's V8 heap. */
   memory?: { resident: ResidentMemory; mainHeap: IsolateHeap };
-}
-
-/**
- * Derives the virtio-blk device model from the host options and the image
- * (as QEMU's vhost-user-blk export fills struct virtio_blk_config).
- *
- * @example
- * ```ts
- * import assert from "node:assert/strict";
- * import { deviceModel } from "./host.ts";
- * import { parseHostArgs } from "./host_options.ts";
- * const o = parseHostArgs(["--image", "null-co:1M", "--socket", "/tmp/s"]);
- * const d = deviceModel(o, { length: 1 << 20, requestAlignment: 1, memAlignment: 1, readOnly: false });
- * assert.equal(d.capacity, 2048);
- * assert.equal(d.numQueues, 1);
- * ```
- */
-export function deviceModel(
-  opts: Pick<HostOptions, "logicalBlockSize" | "queueSize" | "queues"> & {
-    block: { discard?: "unmap" | "ignore" };
-  },
-  image: BlkImageInfo,
-): VirtioBlkOptions {
-  const lbs = opts.logicalBlockSize;
-  const sectorsPerBlock = lbs / 512;
-  const capacity = Math.floor(image.length / lbs) * sectorsPerBlock;
-  const readOnly = image.readOnly;
-  const align = Math.max(lbs, image.requestAlignment);
-  const maxSectors = 0x3fffff & ~(sectorsPerBlock - 1); // 2 GiB - 512 B, block-aligned
-  return {
-    capacity,
-    readOnly,
-    blkSize: lbs,
-    // QEMU's queue_size - 2, bounded by IOV_MAX (what one preadv/io_submit takes).
-    segMax: segMaxForQueueSize(opts.queueSize),
-    topology: {
-      physicalBlockExp: Math.log2(align / lbs),
-      alignmentOffset: 0,
-      minIoSize: 1,
-      optIoSize: 0,
-    },
-    writeback: true,
-    flush: true,
-    numQueues: opts.queues,
-    // Offered on read-only exports too (as qemu-storage-daemon): the requests get IOERR.
-    discard: { maxSectors, maxSeg: 32, sectorAlignment: sectorsPerBlock },
-    writeZeroes: { maxSectors, maxSeg: 32, mayUnmap: opts.block.discard === "unmap" },
-  };
 }
 
 /**
@@ -207,7 +167,12 @@ export async function startBlkIOThreads(
 }
 
 /**
- * A running vhost-user-blk host.
+ * A running vhost-user-blk host: the short options run by the daemon's
+ * code. {@link hostDaemonSpecs} turns them into one blockdev chain,
+ * `--iothreads` IOThread objects and one vhost-user-blk export, which a
+ * {@link StorageDaemon} of their own then runs (the same export as
+ * `--export type=vhost-user-blk`: session, ring-broken handling, clean
+ * stop). This class keeps the host's API over it.
  *
  * @example
  * ```ts
@@ -225,75 +190,59 @@ export async function startBlkIOThreads(
  */
 export class VhostUserBlkHost {
   readonly options: HostOptions;
-  /** The device model served. */
-  readonly device: VirtioBlkOptions;
-  /** What the image looks like (from the first IOThread). */
-  readonly image: BlkImageInfo;
-  readonly server: VhostUserServer;
-  readonly #threads: IOThread[];
-  readonly #ctx: AioContext;
-  readonly #loop: Promise<void>;
-  /** The ring state (vhost-user layer) over the device. */
-  readonly #backend: VhostUserHandler;
-  /** Written by an IOThread when one of its running rings breaks. */
-  readonly #ringBroken: EventNotifier;
-  #running = true;
-  #connections = 0;
-  #reported = { requests: 0, errors: 0, readBytes: 0, writtenBytes: 0 };
+  /** The daemon running the export. */
+  readonly daemon: StorageDaemon;
+  /** The one export. */
+  readonly export: VhostUserBlkExport;
   #stopped: Promise<HostStats> | null = null;
 
-  private constructor(
-    options: HostOptions,
-    device: VirtioBlkOptions,
-    image: BlkImageInfo,
-    threads: IOThread[],
-    ctx: AioContext,
-    ringBroken: EventNotifier,
-    log: (line: string) => void,
-  ) {
+  private constructor(options: HostOptions, daemon: StorageDaemon, exp: VhostUserBlkExport) {
     this.options = options;
-    this.#ringBroken = ringBroken;
-    this.device = device;
-    this.image = image;
-    this.#threads = threads;
-    this.#ctx = ctx;
-    this.#backend = new VhostUserHandler(
-      new VhostUserBlkDevice({ device, iothreads: threads, maxQueueSize: options.queueSize, log }),
-      { log },
-    );
-    this.server = VhostUserServer.listen(options.socket, this.#backend, ctx, {
-      mode: options.socketMode,
-      onError: (e) => log(`error: ${e.message}`),
-      onConnect: () => {
-        this.#connections++;
-        log(`front-end #${this.#connections} connected`);
-      },
-      onDisconnect: () => void this.#logDisconnect(log),
-    });
-    ctx.setEventNotifier(ringBroken, () => void this.#onRingBroken(log));
-    this.#loop = (async () => {
-      while (this.#running) await ctx.pollAsync();
-    })();
+    this.daemon = daemon;
+    this.export = exp;
   }
 
   /**
-   * Starts the IOThreads, opens the image in each, and listens on the socket.
-   * Throws (after cleaning up) on a bad image, a socket in use, etc.
+   * Starts the IOThreads, opens the image in each, builds the device and
+   * listens on `options.socket`. Throws (after undoing what it did) on a
+   * bad image or a socket in use.
    */
   static async start(
     options: HostOptions,
     log: (line: string) => void = () => {},
   ): Promise<VhostUserBlkHost> {
-    const ctx = new AioContext();
-    const ringBroken = new EventNotifier();
+    const b = options.block;
+    if (b.driver === "file" && b.aio === "native" && b.cache !== "none") {
+      // BlockBackend's words (the blockdev's are qemu-storage-daemon's).
+      throw new Error("aio=native requires cache=none (O_DIRECT), as in QEMU");
+    }
+    const specs = hostDaemonSpecs(options);
+    const daemon = new StorageDaemon(log);
     try {
-      const { threads, device, image } = await startBlkIOThreads(options, ringBroken.fd);
-      return new VhostUserBlkHost(options, device, image, threads, ctx, ringBroken, log);
+      for (const g of specs.throttleGroups) await daemon.objectAdd(g);
+      for (const node of specs.blockdevs) daemon.blockdevAdd(node, false);
+      for (const t of specs.iothreads) await daemon.objectAdd(t);
+      await daemon.exportAdd(specs.export);
     } catch (e) {
-      ringBroken.close();
-      ctx.close();
+      await daemon.stop();
       throw e;
     }
+    return new VhostUserBlkHost(options, daemon, daemon.exports.get(specs.export.id)!);
+  }
+
+  /** The device model served. */
+  get device(): VirtioBlkOptions {
+    return this.export.device;
+  }
+
+  /** What the image looks like (from the first IOThread). */
+  get image(): BlkImageInfo {
+    return this.export.image;
+  }
+
+  /** The vhost-user server on the socket. */
+  get server(): VhostUserServer {
+    return this.export.server;
   }
 
   /**
@@ -301,100 +250,32 @@ export class VhostUserBlkHost {
    * the device can no longer serve those queues, so the CLI logs it and exits.
    */
   get failed(): Promise<Error> {
-    return Promise.race(this.#threads.map((t) => t.failed));
+    return this.daemon.failed;
   }
 
   /** Counters of every IOThread (queues, AioContext, broken rings). */
   async stats(): Promise<HostStats> {
-    const threads: BlkThreadStats[] = [];
-    for (const t of this.#threads) threads.push(await t.call<BlkThreadStats>("blkStats"));
+    return this.#hostStats(await this.export.threadStats());
+  }
+
+  #hostStats(threads: BlkThreadStats[]): HostStats {
     return {
-      connections: this.#connections,
+      connections: this.export.connections,
       threads,
       memory: { resident: residentMemory(), mainHeap: isolateHeap() },
     };
   }
 
   /**
-   * A ring broke (virtio_error in its IOThread; the err eventfd was written):
-   * close the connection that runs it, so the VMM resets and reconnects
-   * rather than waiting forever on a ring nobody serves. Only rings still
-   * running count: a ring of a connection that already left was stopped by
-   * its reset, and the next front-end must not pay for it.
-   */
-  async #onRingBroken(log: (line: string) => void): Promise<void> {
-    this.#ringBroken.testAndClear();
-    // The connection whose rings are asked about: another may be accepted
-    // while the IOThreads answer, and it must not be closed for this one.
-    const conn = this.server.connection;
-    if (conn === null) return;
-    const broken: string[] = [];
-    try {
-      for (const t of this.#threads) {
-        for (const b of await t.call<{ index: number; reason: string }[]>("blkBrokenQueues")) {
-          broken.push(`queue ${b.index}: ${b.reason}`);
-        }
-      }
-    } catch {
-      return; // stopping
-    }
-    if (broken.length === 0 || conn.closed || this.server.connection !== conn) return;
-    log(`ring broken (${broken.join("; ")}): closing the connection (device needs reset)`);
-    await conn.close();
-  }
-
-  /** The one-line summary of a connection: what it did since the previous one left. */
-  async #logDisconnect(log: (line: string) => void): Promise<void> {
-    const n = this.#connections;
-    let s: HostStats;
-    try {
-      s = await this.stats();
-    } catch {
-      log(`front-end #${n} disconnected`);
-      return; // stopping
-    }
-    const now = totals(s);
-    const d = {
-      requests: now.requests - this.#reported.requests,
-      errors: now.errors - this.#reported.errors,
-      readBytes: now.readBytes - this.#reported.readBytes,
-      writtenBytes: now.writtenBytes - this.#reported.writtenBytes,
-    };
-    this.#reported = now;
-    log(
-      `front-end #${n} disconnected: ${d.requests} requests, ${mib(d.readBytes)} MiB read, ` +
-        `${mib(d.writtenBytes)} MiB written, ${d.errors} IOERR`,
-    );
-    for (const t of s.threads) for (const b of t.broken) log(`ring broken: ${b}`);
-  }
-
-  /**
    * Stops taking requests and waits for those in flight (their completions
    * reach the front-end while it is still connected), stops accepting,
    * disconnects the front-end, drains and closes the image in every
-   * IOThread, and returns the final counters. Idempotent.
+   * IOThread, stops them, and returns the final counters. Idempotent.
    */
   stop(): Promise<HostStats> {
     this.#stopped ??= (async () => {
-      // Requests in flight complete while the front-end still listens: one
-      // that sees the disconnect stops its rings at the used idx and drops
-      // later notifications (QEMU), so completing them after the close would
-      // hide them from a driver that waits for them.
-      for (const t of this.#threads) await t.call("blkQuiesce").catch(() => {});
-      await this.server.close();
-      await this.#backend.reset();
-      const stats = await this.stats();
-      for (const t of this.#threads) {
-        await t.call("blkDrain");
-        await t.call("blkClose");
-        await t.stop();
-      }
-      // After the IOThreads stopped: none of them writes it any more.
-      this.#ctx.setEventNotifier(this.#ringBroken, null);
-      this.#ringBroken.close();
-      this.#running = false;
-      this.#ctx.close();
-      await this.#loop;
+      const stats = this.#hostStats(await this.export.stop());
+      await this.daemon.stop();
       return stats;
     })();
     return this.#stopped;
@@ -403,19 +284,6 @@ export class VhostUserBlkHost {
 
 function mib(bytes: number): string {
   return (bytes / 2 ** 20).toFixed(1);
-}
-
-function totals(s: HostStats) {
-  const t = { requests: 0, errors: 0, readBytes: 0, writtenBytes: 0 };
-  for (const th of s.threads) {
-    for (const q of th.queues) {
-      t.requests += q.requests;
-      t.errors += q.errors;
-      t.readBytes += q.readBytes;
-      t.writtenBytes += q.writtenBytes;
-    }
-  }
-  return t;
 }
 
 /**
@@ -458,7 +326,7 @@ export function formatStats(s: HostStats): string {
         s.threads.map((t, i) => `, iothread ${i} ${heap(t.heap)}`).join(""),
     );
   }
-  const t = totals(s);
+  const t = queueTotals(s.threads);
   lines.push(
     `  total: ${s.connections} connection(s), ${t.requests} requests, ${t.errors} IOERR, ` +
       `${mib(t.readBytes)} MiB read, ${mib(t.writtenBytes)} MiB written`,

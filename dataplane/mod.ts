@@ -3,7 +3,8 @@
  * (`VirtioBlkDataPlane`, QEMU's hw/block/dataplane), started by
  * `startBlkIOThreads`; the main-thread vhost-user-blk device that ties them
  * to a vhost-user connection, and the host (`VhostUserBlkHost`, CLI in
- * main.ts). vm/ (the KVM host) sits above and drives the same IOThreads
+ * main.ts: the short options run as one daemon export, host_export.ts).
+ * vm/ (the KVM host) sits above and drives the same IOThreads
  * from its virtio-mmio transport.
  * Not for: the vhost-user protocol (vhost_user/), ring parsing (virtio/),
  * I/O submission (block/), event loops (aio/).

@@ -14,7 +14,7 @@ import type { BlockOptions } from "../../block/mod.ts";
 import { VhostUserHandler, VhostUserServer } from "../../vhost_user/mod.ts";
 import { DEFAULT_MAX_QUEUE_SIZE, type VirtioBlkOptions } from "../../virtio/mod.ts";
 import type { BlkImageInfo, BlkThreadStats } from "../blk_iothread.ts";
-import { deviceModel } from "../host.ts";
+import { deviceModel } from "../device_model.ts";
 import { VhostUserBlkDevice } from "../vhost_user_blk_device.ts";
 import { ExportThread, type IOThreadObject } from "./iothread_object.ts";
 import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
@@ -34,6 +34,25 @@ export interface BlockExportSpec {
   numQueues: number;
   logicalBlockSize: number;
   iothread?: string;
+  /**
+   * The host's short options only (never parsed from `--export`): these and
+   * the fields below are what the short command line sets that
+   * qemu-storage-daemon's export does not take (dataplane/host_export.ts).
+   * `iothreads`: queue i runs in `iothreads[i mod n]` (QEMU's newer
+   * `iothread-vq-mapping` idea, round-robin); replaces `iothread`.
+   */
+  iothreads?: string[];
+  /** GET_ID's answer (default qemu-storage-daemon's "vhost_user_blk"). */
+  serial?: string;
+  /** Largest virtqueue a front-end may set up (default 1024). */
+  maxQueueSize?: number;
+  /** Mode of the socket file (default 0600). */
+  socketMode?: number;
+  /** What the export's log lines start with (default `export ID: `). */
+  logPrefix?: string;
+  /** Tests only: see DataPlaneOptions.holdCompletions / breakRingEvery. */
+  testHoldCompletions?: { every: number; ms: number };
+  testBreakRing?: number;
 }
 
 /**
@@ -106,6 +125,42 @@ export function parseExport(obj: OptionObject, keyval: boolean): BlockExportSpec
 /** GET_ID's answer, as qemu-storage-daemon's vhost-user-blk export. */
 const SERIAL = "vhost_user_blk";
 
+/** Request and byte totals over some queue counters. */
+interface Totals {
+  requests: number;
+  errors: number;
+  readBytes: number;
+  writtenBytes: number;
+}
+
+/**
+ * Request, IOERR and byte totals over every queue of `threads` (the
+ * host's stop report and a connection's summary line).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { queueTotals } from "./block_export.ts";
+ * assert.deepEqual(queueTotals([]), { requests: 0, errors: 0, readBytes: 0, writtenBytes: 0 });
+ * ```
+ */
+export function queueTotals(threads: BlkThreadStats[]): Totals {
+  const t = { requests: 0, errors: 0, readBytes: 0, writtenBytes: 0 };
+  for (const th of threads) {
+    for (const q of th.queues) {
+      t.requests += q.requests;
+      t.errors += q.errors;
+      t.readBytes += q.readBytes;
+      t.writtenBytes += q.writtenBytes;
+    }
+  }
+  return t;
+}
+
+function mib(bytes: number): string {
+  return (bytes / 2 ** 20).toFixed(1);
+}
+
 /**
  * A running vhost-user-blk export.
  *
@@ -134,23 +189,29 @@ export class VhostUserBlkExport {
   readonly device: VirtioBlkOptions;
   readonly image: BlkImageInfo;
   readonly server: VhostUserServer;
+  /** The IOThread of queue 0. */
   readonly iothread: IOThreadObject;
-  readonly #thread: ExportThread;
+  /** Every IOThread the queues are spread over (queue i in `iothreads[i mod n]`). */
+  readonly iothreads: IOThreadObject[];
+  readonly #threads: ExportThread[];
   readonly #device: VhostUserBlkDevice;
   /** The ring state over the device (vhost_user/'s handler). */
   readonly #backend: VhostUserHandler;
   readonly #ringBroken: EventNotifier;
   readonly #ctx: AioContext;
+  /** Log lines of this export, with its prefix. */
   readonly #log: (line: string) => void;
   #connections = 0;
-  #stopped: Promise<void> | null = null;
+  /** Totals at the previous disconnect: each summary line says what one connection did. */
+  #reported: Totals = { requests: 0, errors: 0, readBytes: 0, writtenBytes: 0 };
+  #stopped: Promise<BlkThreadStats[]> | null = null;
 
   private constructor(
     spec: BlockExportSpec,
     device: VirtioBlkOptions,
     image: BlkImageInfo,
-    iothread: IOThreadObject,
-    thread: ExportThread,
+    iothreads: IOThreadObject[],
+    threads: ExportThread[],
     ringBroken: EventNotifier,
     ctx: AioContext,
     log: (line: string) => void,
@@ -158,26 +219,29 @@ export class VhostUserBlkExport {
     this.spec = spec;
     this.device = device;
     this.image = image;
-    this.iothread = iothread;
-    this.#thread = thread;
+    this.iothread = iothreads[0];
+    this.iothreads = iothreads;
+    this.#threads = threads;
     this.#ringBroken = ringBroken;
     this.#ctx = ctx;
-    this.#log = log;
-    const exportLog = (l: string) => log(`export ${spec.id}: ${l}`);
+    const prefix = spec.logPrefix ?? `export ${spec.id}: `;
+    const exportLog = (l: string) => log(prefix + l);
+    this.#log = exportLog;
     this.#device = new VhostUserBlkDevice({
       device,
-      iothreads: [thread],
-      maxQueueSize: DEFAULT_MAX_QUEUE_SIZE,
+      iothreads: threads,
+      maxQueueSize: spec.maxQueueSize ?? DEFAULT_MAX_QUEUE_SIZE,
       log: exportLog,
     });
     this.#backend = new VhostUserHandler(this.#device, { log: exportLog });
     const opts = {
-      onError: (e: Error) => log(`export ${spec.id}: error: ${e.message}`),
+      mode: spec.socketMode,
+      onError: (e: Error) => exportLog(`error: ${e.message}`),
       onConnect: () => {
         this.#connections++;
-        log(`export ${spec.id}: front-end #${this.#connections} connected`);
+        exportLog(`front-end #${this.#connections} connected`);
       },
-      onDisconnect: () => log(`export ${spec.id}: front-end #${this.#connections} disconnected`),
+      onDisconnect: () => void this.#logDisconnect(),
     };
     this.server = spec.addr.type === "unix"
       ? VhostUserServer.listen(spec.addr.path, this.#backend, ctx, opts)
@@ -186,20 +250,24 @@ export class VhostUserBlkExport {
   }
 
   /**
-   * Opens the node in the export's IOThread, builds the device and listens.
-   * Throws (after undoing what it did) on a bad image or a socket in use.
+   * Opens the node in each of the export's IOThreads (one for a
+   * qemu-storage-daemon export; the host's short options may spread the
+   * queues over several), builds the device and listens. Throws (after
+   * undoing what it did) on a bad image or a socket in use.
    */
   static async start(
     spec: BlockExportSpec,
     block: BlockOptions,
-    iothread: IOThreadObject,
+    iothreads: IOThreadObject | IOThreadObject[],
     ctx: AioContext,
     log: (line: string) => void = () => {},
     latencyHistogram = false,
   ): Promise<VhostUserBlkExport> {
-    const thread = new ExportThread(iothread.thread, spec.id);
+    const objects = Array.isArray(iothreads) ? iothreads : [iothreads];
+    if (objects.length === 0) throw new DaemonError("an export needs an IOThread");
+    const threads = objects.map((o) => new ExportThread(o.thread, spec.id));
     const ringBroken = new EventNotifier();
-    let opened = false;
+    const opened: ExportThread[] = [];
     try {
       const readOnly = (block.readOnly ?? false) || !spec.writable;
       if (spec.writable && block.readOnly) {
@@ -207,40 +275,48 @@ export class VhostUserBlkExport {
           `Node '${spec.nodeName}' is read-only: the export cannot be writable`,
         );
       }
-      opened = true;
-      const image = await thread.call<BlkImageInfo>("blkOpen", { ...block, readOnly });
-      if (image.length < spec.logicalBlockSize) {
+      let image: BlkImageInfo | undefined;
+      for (const t of threads) {
+        opened.push(t);
+        const info = await t.call<BlkImageInfo>("blkOpen", { ...block, readOnly });
+        image ??= info;
+      }
+      if (image!.length < spec.logicalBlockSize) {
         throw new DaemonError(
-          `image is ${image.length} bytes: smaller than one ${spec.logicalBlockSize}-byte block`,
+          `image is ${image!.length} bytes: smaller than one ${spec.logicalBlockSize}-byte block`,
         );
       }
       const device = deviceModel({
         logicalBlockSize: spec.logicalBlockSize,
-        queueSize: DEFAULT_MAX_QUEUE_SIZE,
+        queueSize: spec.maxQueueSize ?? DEFAULT_MAX_QUEUE_SIZE,
         queues: spec.numQueues,
         block: { discard: block.discard },
-      }, image);
-      await thread.call("blkConfigure", {
-        device,
-        serial: SERIAL,
-        writeback: !spec.writethrough,
-        brokenNotifyFd: ringBroken.fd,
-        latencyHistogram,
-      });
+      }, image!);
+      for (const t of threads) {
+        await t.call("blkConfigure", {
+          device,
+          serial: spec.serial ?? SERIAL,
+          writeback: !spec.writethrough,
+          brokenNotifyFd: ringBroken.fd,
+          latencyHistogram,
+          holdCompletions: spec.testHoldCompletions ?? null,
+          breakRingEvery: spec.testBreakRing ?? null,
+        });
+      }
       const exp = new VhostUserBlkExport(
         spec,
         device,
-        image,
-        iothread,
-        thread,
+        image!,
+        objects,
+        threads,
         ringBroken,
         ctx,
         log,
       );
-      iothread.users.add(spec.id);
+      for (const o of objects) o.users.add(spec.id);
       return exp;
     } catch (e) {
-      if (opened) await thread.call("blkClose").catch(() => {});
+      for (const t of opened) await t.call("blkClose").catch(() => {});
       ringBroken.close();
       if (e instanceof DaemonError) throw e;
       throw new DaemonError((e as Error).message);
@@ -249,7 +325,7 @@ export class VhostUserBlkExport {
 
   /**
    * The image behind the export changed size (the daemon truncated its
-   * file): the IOThread re-reads it and checks requests against the new
+   * file): the IOThreads re-read it and check requests against the new
    * capacity, and GET_CONFIG reports it. Returns the new length in bytes.
    * A connected front-end that set up the back-end request channel is sent
    * VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (QEMU then re-reads the config and
@@ -258,10 +334,11 @@ export class VhostUserBlkExport {
    */
   async resize(): Promise<number> {
     const lbs = this.spec.logicalBlockSize;
-    const length = await this.#thread.call<number>("blkResize", { blkSize: lbs });
+    let length = 0;
+    for (const t of this.#threads) length = await t.call<number>("blkResize", { blkSize: lbs });
     this.#device.setCapacity(Math.floor(length / lbs) * (lbs / 512));
     const sent = await this.#device.notifyConfigChange();
-    this.#log(`export ${this.spec.id}: config change to the front-end: ${sent}`);
+    this.#log(`config change to the front-end: ${sent}`);
     return length;
   }
 
@@ -270,50 +347,100 @@ export class VhostUserBlkExport {
     return this.#connections;
   }
 
-  /** This export's queue counters (from its IOThread). */
-  stats(): Promise<BlkThreadStats> {
-    return this.#thread.call<BlkThreadStats>("blkStats");
+  /**
+   * Each IOThread's counters of this export's queues, in `iothreads` order
+   * (broken-ring reports since the previous call).
+   */
+  async threadStats(): Promise<BlkThreadStats[]> {
+    const out: BlkThreadStats[] = [];
+    for (const t of this.#threads) out.push(await t.call<BlkThreadStats>("blkStats"));
+    return out;
+  }
+
+  /** This export's queue counters (over its IOThreads; the first one's loop counters). */
+  async stats(): Promise<BlkThreadStats> {
+    const all = await this.threadStats();
+    if (all.length === 1) return all[0];
+    return {
+      queues: all.flatMap((s) => s.queues).sort((a, b) => a.index - b.index),
+      inFlight: all.reduce((n, s) => n + s.inFlight, 0),
+      aio: all[0].aio,
+      broken: all.flatMap((s) => s.broken),
+      heap: all[0].heap,
+    };
   }
 
   /**
-   * A ring of this export broke: close this export's connection (as the
-   * host does), so its front-end resets; other exports are not involved.
+   * A ring of this export broke (virtio_error in its IOThread; the err
+   * eventfd was written): close the connection that runs it, so the VMM
+   * resets and reconnects rather than waiting forever on a ring nobody
+   * serves; other exports are not involved. Only rings still running count:
+   * a ring of a connection that already left was stopped by its reset.
    */
   async #onRingBroken(): Promise<void> {
     this.#ringBroken.testAndClear();
+    // The connection whose rings are asked about: another may be accepted
+    // while the IOThreads answer, and it must not be closed for this one.
     const conn = this.server.connection;
     if (conn === null) return;
-    let broken: { index: number; reason: string }[];
+    const broken: string[] = [];
     try {
-      broken = await this.#thread.call<{ index: number; reason: string }[]>("blkBrokenQueues");
+      for (const t of this.#threads) {
+        for (const b of await t.call<{ index: number; reason: string }[]>("blkBrokenQueues")) {
+          broken.push(`queue ${b.index}: ${b.reason}`);
+        }
+      }
     } catch {
       return; // stopping
     }
     if (broken.length === 0 || conn.closed || this.server.connection !== conn) return;
-    this.#log(
-      `export ${this.spec.id}: ring broken (${
-        broken.map((b) => `queue ${b.index}: ${b.reason}`).join("; ")
-      }): closing the connection (device needs reset)`,
-    );
+    this.#log(`ring broken (${broken.join("; ")}): closing the connection (device needs reset)`);
     await conn.close();
   }
 
+  /** The one-line summary of a connection: what it did since the previous one left. */
+  async #logDisconnect(): Promise<void> {
+    const n = this.#connections;
+    let s: BlkThreadStats[];
+    try {
+      s = await this.threadStats();
+    } catch {
+      this.#log(`front-end #${n} disconnected`);
+      return; // stopping
+    }
+    const now = queueTotals(s);
+    const was = this.#reported;
+    this.#reported = now;
+    this.#log(
+      `front-end #${n} disconnected: ${now.requests - was.requests} requests, ` +
+        `${mib(now.readBytes - was.readBytes)} MiB read, ` +
+        `${mib(now.writtenBytes - was.writtenBytes)} MiB written, ${now.errors - was.errors} IOERR`,
+    );
+    for (const t of s) for (const b of t.broken) this.#log(`ring broken: ${b}`);
+  }
+
   /**
-   * Stops listening, disconnects the front-end (rings stop after their
-   * in-flight requests), drains and closes the image. Idempotent.
+   * Stops taking requests and waits for those in flight (their completions
+   * reach the front-end while it still listens: one that sees the
+   * disconnect stops its rings at the used idx and drops later
+   * notifications, as QEMU), stops listening, disconnects the front-end,
+   * drains and closes the image in every IOThread. Resolves with the final
+   * counters (taken before the close). Idempotent.
    */
-  stop(): Promise<void> {
+  stop(): Promise<BlkThreadStats[]> {
     this.#stopped ??= (async () => {
-      // Requests in flight complete while the front-end still listens (see
-      // VhostUserBlkHost.stop).
-      await this.#thread.call("blkQuiesce").catch(() => {});
+      for (const t of this.#threads) await t.call("blkQuiesce").catch(() => {});
       await this.server.close();
       await this.#backend.reset();
-      await this.#thread.call("blkDrain").catch(() => {});
-      await this.#thread.call("blkClose").catch(() => {});
+      const stats = await this.threadStats().catch(() => []);
+      for (const t of this.#threads) {
+        await t.call("blkDrain").catch(() => {});
+        await t.call("blkClose").catch(() => {});
+      }
       this.#ctx.setEventNotifier(this.#ringBroken, null);
       this.#ringBroken.close();
-      this.iothread.users.delete(this.spec.id);
+      for (const o of this.iothreads) o.users.delete(this.spec.id);
+      return stats;
     })();
     return this.#stopped;
   }

@@ -8,7 +8,7 @@
  *
  * Supported drivers: `file` (filename, cache.direct, cache.no-flush, aio,
  * discard, read-only), `null-co` / `null-aio` (size, read-zeroes), `raw`
- * (file, offset, size) and `qcow2` (file) over a file node, given by
+ * (file, offset, size) and `qcow2` (file, l2-cache-size) over a file node, given by
  * node-name or as a nested object; `nbd` (server.type=inet with
  * server.host/server.port, or server.type=unix with server.path; export;
  * reconnect-delay), opened by each export in its IOThread (nothing is
@@ -60,6 +60,8 @@ export interface BlockdevSpec {
   readZeroes?: boolean;
   /** raw: window start. */
   offset?: number;
+  /** qcow2: bytes of L2 tables cached (QEMU's l2-cache-size). */
+  l2CacheSize?: number;
   /** raw / qcow2 / throttle: the child's node-name. */
   file?: string;
   /** throttle: the group's id. */
@@ -75,6 +77,12 @@ export interface BlockdevSpec {
   conf?: string;
   user?: string;
   snapshot?: string;
+  /**
+   * rbd: more librados options, from QEMU's internal `=keyvalue-pairs` (a
+   * JSON array of alternating keys and values: the legacy `rbd:` filename's
+   * other `key=value` pairs; the host's `--image rbd:...` passes them).
+   */
+  rbdConf?: Record<string, string>;
 }
 
 /** A node in the graph and who uses it. */
@@ -153,6 +161,7 @@ export class BlockGraph {
         spec.conf = input.str("conf");
         spec.user = input.str("user");
         spec.snapshot = input.str("snapshot");
+        spec.rbdConf = keyvaluePairs(input.str("=keyvalue-pairs"));
         break;
       case "null-co":
       case "null-aio":
@@ -193,6 +202,7 @@ export class BlockGraph {
           spec.offset = input.int("offset", 0, Number.MAX_SAFE_INTEGER);
           spec.size = input.int("size", 0, Number.MAX_SAFE_INTEGER);
         }
+        if (driver === "qcow2") spec.l2CacheSize = input.size("l2-cache-size");
         spec.file = child;
         break;
       }
@@ -342,6 +352,7 @@ export class BlockGraph {
       for (const k of ["pool", "image", "namespace", "conf", "user", "snapshot"] as const) {
         if (proto[k] !== undefined) o[k] = proto[k];
       }
+      if (proto.rbdConf !== undefined) o.rbdConf = { ...proto.rbdConf };
       o.discard = top.discard ?? proto.discard ?? "ignore";
       o.cache = (proto.cacheNoFlush ?? top.cacheNoFlush) ? "unsafe" : "writeback";
     } else if (proto.driver === "nbd") {
@@ -352,10 +363,19 @@ export class BlockGraph {
       o.size = proto.size;
       o.readZeroes = proto.readZeroes;
     }
+    if (proto.driver !== "file") {
+      // What the BlockBackend does above any driver: pass discards on, drop flushes.
+      const discard = top.discard ?? proto.discard;
+      if (discard !== undefined) o.discard = discard;
+      if ((top.cacheNoFlush ?? proto.cacheNoFlush) === true) o.cache = "unsafe";
+    }
     o.readOnly = top.readOnly || proto.readOnly;
     const dz = top.detectZeroes ?? proto.detectZeroes;
     if (dz !== undefined && dz !== "off") o.detectZeroes = dz;
-    if (top.driver === "qcow2") o.format = "qcow2";
+    if (top.driver === "qcow2") {
+      o.format = "qcow2";
+      if (top.l2CacheSize !== undefined) o.l2CacheSize = top.l2CacheSize;
+    }
     if (top.driver === "raw") {
       if (top.offset !== undefined) o.offset = top.offset;
       if (top.size !== undefined) o.sizeLimit = top.size;
@@ -381,6 +401,23 @@ export function protocolSize(spec: BlockdevSpec): number {
   } catch {
     return 0;
   }
+}
+
+/** Parses rbd's `=keyvalue-pairs` (QEMU's: a JSON array, key, value, key, value...). */
+function keyvaluePairs(text: string | undefined): Record<string, string> | undefined {
+  if (text === undefined) return undefined;
+  let a: unknown;
+  try {
+    a = JSON.parse(text);
+  } catch {
+    a = null;
+  }
+  if (!Array.isArray(a) || a.length % 2 !== 0 || a.some((x) => typeof x !== "string")) {
+    throw new DaemonError("Parameter '=keyvalue-pairs' expects a JSON array of key/value strings");
+  }
+  const out: Record<string, string> = {};
+  for (let i = 0; i < a.length; i += 2) out[a[i]] = a[i + 1];
+  return out;
 }
 
 function checkFile(spec: BlockdevSpec): void {

@@ -89,7 +89,7 @@ qemu-storage-daemon's command line (the options this daemon supports):
              [,cache.direct=on|off][,cache.no-flush=on|off][,detect-zeroes=on|off|unmap]
                          driver=file (filename, aio=threads|native|io_uring),
                          null-co / null-aio (size, read-zeroes),
-                         raw (file, offset, size), qcow2 (file),
+                         raw (file, offset, size), qcow2 (file, l2-cache-size),
                          throttle (throttle-group, file); or a JSON object
   --chardev socket,id=<id>,path=<path>,server=on[,wait=on|off]
                          a Unix socket for a monitor

@@ -8,6 +8,7 @@
  */
 
 import { IOThread } from "../../aio/mod.ts";
+import type { BlkThreadData } from "../blk_iothread.ts";
 import { DEFAULT_AIO_MAX_BATCH } from "../host_options.ts";
 import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
 
@@ -26,6 +27,12 @@ export interface IOThreadSpec {
   /** QEMU's poll-grow (0: double) and poll-shrink (0: reset); default 0. */
   pollGrow?: number;
   pollShrink?: number;
+  /**
+   * Not an `--object` key: what the host's short options share between the
+   * IOThreads of their one export (its range-lock table, a writable qcow2's
+   * metadata owner), given to the thread at start (dataplane/host_export.ts).
+   */
+  data?: BlkThreadData;
 }
 
 /** The `qom-type`s `--object` knows. */
@@ -134,6 +141,7 @@ export class IOThreadObject {
       aioMaxBatch: spec.aioMaxBatch,
       pollGrow: spec.pollGrow,
       pollShrink: spec.pollShrink,
+      data: spec.data,
     });
     return new IOThreadObject(spec, thread);
   }

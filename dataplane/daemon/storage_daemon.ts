@@ -168,20 +168,20 @@ export class StorageDaemon {
     if (node.users.size > 0) {
       throw new DaemonError(`Node '${spec.nodeName}' is already in use`);
     }
-    let iothread: IOThreadObject;
-    if (spec.iothread !== undefined) {
-      const t = this.iothreads.get(spec.iothread);
-      if (t === undefined) throw new DaemonError(`iothread "${spec.iothread}" not found`);
-      iothread = t;
-    } else {
-      iothread = await this.#mainLoopIOThread();
+    const named = spec.iothreads ?? (spec.iothread === undefined ? [] : [spec.iothread]);
+    const iothreads: IOThreadObject[] = [];
+    for (const id of named) {
+      const t = this.iothreads.get(id);
+      if (t === undefined) throw new DaemonError(`iothread "${id}" not found`);
+      iothreads.push(t);
     }
+    if (iothreads.length === 0) iothreads.push(await this.#mainLoopIOThread());
     node.users.add(key); // reserved while the export starts
     try {
       const exp = await VhostUserBlkExport.start(
         spec,
         this.graph.blockOptions(spec.nodeName),
-        iothread,
+        iothreads,
         this.ctx,
         this.log,
         this.latencyHistogram,
@@ -191,7 +191,7 @@ export class StorageDaemon {
         `export ${spec.id}: node ${spec.nodeName} (${exp.image.length} bytes${
           exp.image.readOnly ? ", read-only" : ""
         }) on ${spec.addr.type === "unix" ? spec.addr.path : `fd ${spec.addr.fd}`}, ` +
-          `${spec.numQueues} queue(s) in IOThread ${iothread.spec.id}`,
+          `${spec.numQueues} queue(s) in IOThread ${iothreads.map((t) => t.spec.id).join(", ")}`,
       );
     } catch (e) {
       node.users.delete(key);
