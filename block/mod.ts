@@ -54,12 +54,8 @@ export { ThrottleDriver } from "./throttle/throttle_driver.ts";
 import { ThrottleGroupError } from "./throttle/throttle_group.ts";
 registerErrorClass("ThrottleGroupError", ThrottleGroupError);
 export { NbdDriver } from "./nbd/nbd_driver.ts";
-export {
-  NbdClient,
-  type NbdClientOptions,
-  type NbdClientState,
-  nbdErrnoToSystemErrno,
-} from "./nbd/nbd_client.ts";
+export { NbdClient, type NbdClientOptions, type NbdClientState } from "./nbd/nbd_client.ts";
+export { nbdErrnoToSystemErrno, systemErrnoToNbdErrno } from "./nbd/nbd_errno.ts";
 export { type NbdExportInfo } from "./nbd/nbd_handshake.ts";
 export { NbdError, type NbdErrorKind } from "./nbd/nbd_error.ts";
 export {

@@ -4,14 +4,7 @@ import {
   AF_UNIX,
   close,
   connectSockaddr,
-  EINVAL,
   EIO,
-  ENOMEM,
-  ENOSPC,
-  EOPNOTSUPP,
-  EOVERFLOW,
-  EPERM,
-  ESHUTDOWN,
   type InetAddress,
   resolveTcp,
   setTcpNoDelay,
@@ -25,6 +18,7 @@ import type { BlockCompletion } from "../block_driver.ts";
 import { describeNbdServer, type NbdServerAddress } from "./nbd_address.ts";
 import { NbdChannel } from "./nbd_channel.ts";
 import { NbdError } from "./nbd_error.ts";
+import { nbdErrnoToSystemErrno } from "./nbd_errno.ts";
 import { type NbdExportInfo, negotiate } from "./nbd_handshake.ts";
 import { copyToQiov, fillQiov } from "./qiov_range.ts";
 import {
@@ -32,13 +26,6 @@ import {
   NBD_CMD_DISC,
   NBD_CMD_READ,
   NBD_CMD_WRITE,
-  NBD_EIO,
-  NBD_ENOMEM,
-  NBD_ENOSPC,
-  NBD_ENOTSUP,
-  NBD_EOVERFLOW,
-  NBD_EPERM,
-  NBD_ESHUTDOWN,
   NBD_FLAG_READ_ONLY,
   NBD_REPLY_FLAG_DONE,
   NBD_REPLY_TYPE_NONE,
@@ -113,39 +100,6 @@ const P_HEADER = 0, P_SIMPLE_DATA = 1, P_DATA_OFFSET = 2, P_CHUNK_DATA = 3, P_BU
 const MAX_ERROR_CHUNK = 6 + 4096 + 8;
 const RECONNECT_BACKOFF_MIN_MS = 100;
 const RECONNECT_BACKOFF_MAX_MS = 1000;
-
-/**
- * Maps an error on the wire to a host errno (QEMU's nbd_errno_to_system_errno):
- * unknown values become EINVAL.
- *
- * @example
- * ```ts
- * import assert from "node:assert/strict";
- * import { nbdErrnoToSystemErrno } from "./nbd_client.ts";
- * assert.equal(nbdErrnoToSystemErrno(5), 5);
- * assert.equal(nbdErrnoToSystemErrno(12345), 22);
- * ```
- */
-export function nbdErrnoToSystemErrno(err: number): number {
-  switch (err) {
-    case NBD_EPERM:
-      return EPERM;
-    case NBD_EIO:
-      return EIO;
-    case NBD_ENOMEM:
-      return ENOMEM;
-    case NBD_ENOSPC:
-      return ENOSPC;
-    case NBD_EOVERFLOW:
-      return EOVERFLOW;
-    case NBD_ENOTSUP:
-      return EOPNOTSUPP;
-    case NBD_ESHUTDOWN:
-      return ESHUTDOWN;
-    default:
-      return EINVAL;
-  }
-}
 
 /**
  * An NBD client connection in an AioContext (QEMU's block/nbd.c

@@ -47,10 +47,11 @@ import {
   NBD_REQUEST_SIZE,
   NBD_SIMPLE_REPLY_MAGIC,
   NBD_STRUCTURED_REPLY_MAGIC,
+  systemErrnoToNbdErrno,
 } from "../../block/mod.ts";
 import { addressOf, recvInto, WOULD_BLOCK } from "../../sys/mod.ts";
 import { NbdBufferPool } from "./nbd_buffer_pool.ts";
-import { nbdErrnoOf } from "./nbd_errno.ts";
+
 import { NbdSocketIo } from "./nbd_socket_io.ts";
 import { NBD_BASE_ALLOCATION_ID } from "./nbd_handshake.ts";
 
@@ -506,7 +507,7 @@ export class NbdSession {
       if (s.type === NBD_CMD_READ) this.stats.bytesRead += s.length;
       else if (s.type === NBD_CMD_WRITE) this.stats.bytesWritten += s.length;
     }
-    this.#reply(s, ret < 0 ? nbdErrnoOf(-ret) : 0);
+    this.#reply(s, ret < 0 ? systemErrnoToNbdErrno(-ret) : 0);
   }
 
   /** Queues the reply and sends what it can. Hot path: no allocation. */
