@@ -270,7 +270,8 @@ export class BlockGraph {
 
   #checkWindow(spec: BlockdevSpec): void {
     const child = this.nodes.get(spec.file!)!.spec;
-    if (child.driver === "nbd") return; // the size is known once connected
+    // The size of an nbd or rbd node is known once connected.
+    if (child.driver === "nbd" || child.driver === "rbd") return;
     const total = protocolSize(child);
     const offset = spec.offset ?? 0;
     const size = spec.size ?? total - offset;

@@ -168,7 +168,7 @@ function nodeSize(d: StorageDaemon, nodeName: string): number {
   const s = d.graph.get(nodeName).spec;
   switch (s.driver) {
     case "raw":
-      if (s.size === undefined && d.graph.get(s.file!).spec.driver === "nbd") {
+      if (s.size === undefined && openedSize(d.graph.get(s.file!).spec.driver)) {
         return exportedLength(d, s.nodeName) ?? 0;
       }
       return s.size ?? protocolSize(d.graph.get(s.file!).spec) - (s.offset ?? 0);
@@ -181,6 +181,11 @@ function nodeSize(d: StorageDaemon, nodeName: string): number {
     default:
       return protocolSize(s);
   }
+}
+
+/** Protocol drivers whose size is known only once a driver opened the node (not by stat). */
+function openedSize(driver: string): boolean {
+  return driver === "nbd" || driver === "rbd";
 }
 
 function exportedLength(d: StorageDaemon, nodeName: string): number | undefined {

@@ -16,6 +16,7 @@ import {
 import { librbdLoadError, SysError } from "../../sys/mod.ts";
 import { parseHostArgs, UsageError } from "../../dataplane/host_options.ts";
 import { StorageDaemon } from "../../dataplane/daemon/storage_daemon.ts";
+import { QmpCommands } from "../../dataplane/daemon/qmp_commands.ts";
 import {
   CephCluster,
   cephUnavailable,
@@ -220,6 +221,32 @@ Deno.test({
         assert.equal(rst, VIRTIO_BLK_S_OK);
         const info = await cluster.rbd("info", "--format", "json", image);
         assert.equal(JSON.parse(info).size, 2 * IMAGE_SIZE);
+        // A raw window over an rbd node: its size is known once opened (not by stat), so an
+        // offset is accepted and query-named-block-nodes shows the exported length.
+        sd.blockdevAdd({
+          driver: "rbd",
+          "node-name": "r1",
+          pool: cluster.pool,
+          image: "disk",
+          conf: cluster.conf,
+          "read-only": true,
+        }, false);
+        sd.blockdevAdd({ driver: "raw", "node-name": "w1", file: "r1", offset: 4096 }, false);
+        await sd.exportAdd({
+          id: "e2",
+          nodeName: "w1",
+          addr: { type: "unix", path: `${dir}/w.sock` },
+          writable: false,
+          writethrough: false,
+          numQueues: 1,
+          logicalBlockSize: 512,
+        });
+        const nodes = await new QmpCommands(sd).execute("query-named-block-nodes", {}) as {
+          "node-name": string;
+          image: { "virtual-size": number };
+        }[];
+        const w1 = nodes.find((n) => n["node-name"] === "w1")!;
+        assert.equal(w1.image["virtual-size"], 2 * IMAGE_SIZE - 4096);
       } finally {
         await rc?.close();
         await sd.stop();
