@@ -16,6 +16,7 @@ import { L2Cache } from "./l2_cache.ts";
 import { readMetadata, readMetadataAsync } from "./metadata_io.ts";
 import { Qcow2Refcounts, writeTableSector } from "./refcounts.ts";
 import { Qcow2Error } from "./qcow2_error.ts";
+import { repairDirtyImage } from "./repair.ts";
 import { type Qcow2AllocMode, type Qcow2ForwardedWrite, Qcow2SharedState } from "./shared_state.ts";
 
 /** Most allocating writes in one {@link AllocationBatch}. */
@@ -41,8 +42,10 @@ export const QCOW2_DEFAULT_L2_CACHE_MAX = 32 << 20;
 export interface Qcow2DriverOptions {
   /**
    * Open without write access. A writable open refuses images this driver
-   * cannot yet write safely (corrupt or dirty, extended L2 entries, internal
-   * snapshots, 64-bit refcounts) and clears the autoclear feature bits.
+   * cannot yet write safely (corrupt, extended L2 entries, internal
+   * snapshots, 64-bit refcounts), repairs the refcounts of a dirty image
+   * (refusing one whose metadata is inconsistent) and clears the autoclear
+   * feature bits.
    */
   readOnly: boolean;
   /**
@@ -168,12 +171,13 @@ export class Qcow2Driver implements BlockDriver {
     l2CacheSize: number | undefined,
     reftable: Uint8Array | null,
     shared: SharedArrayBuffer | undefined,
+    fileLength: number,
   ) {
     this.ctx = ctx;
     this.child = child;
     this.header = header;
     this.backing = backing;
-    this.#fileLength = child.length;
+    this.#fileLength = fileLength;
     this.#l1 = new DataView(l1.buffer, l1.byteOffset, l1.byteLength);
     this.#l1Bytes = l1;
     this.#refBlocks = refBlocks;
@@ -262,7 +266,7 @@ export class Qcow2Driver implements BlockDriver {
       head = await readMetadataAsync(child, 0, Math.min(2 ** bits, fileLength), "header cluster");
     }
     const h = parseQcow2Header(head, fileLength);
-    if (!opts.readOnly) await prepareForWriting(child, h, head);
+    const end = opts.readOnly ? fileLength : await prepareForWriting(child, h, head);
     if (opts.l2CacheSize !== undefined && !(Number.isSafeInteger(opts.l2CacheSize))) {
       throw new Qcow2Error("Invalid", `bad l2-cache-size ${opts.l2CacheSize}`);
     }
@@ -308,6 +312,7 @@ export class Qcow2Driver implements BlockDriver {
       opts.l2CacheSize,
       opts.readOnly ? null : reftable,
       opts.shared,
+      Math.max(child.length, end),
     );
   }
 
@@ -1048,31 +1053,34 @@ export class Qcow2Driver implements BlockDriver {
 
 /**
  * What a writable open checks and does first: refuse what cannot be written
- * safely yet, and clear the autoclear feature bits (their data, e.g.
- * bitmaps, would not be kept up to date), flushed before any other write.
+ * safely yet, repair a dirty image (lazy refcounts left stale by a crash:
+ * {@link repairDirtyImage}, as QEMU's qcow2_do_open does for any dirty
+ * image), and clear the autoclear feature bits (their data, e.g. bitmaps,
+ * would not be kept up to date), flushed before any other write. Returns
+ * where the image file now ends (a repair may add refcount blocks there).
  */
-async function prepareForWriting(child: BlockDriver, h: Qcow2Header, head: Uint8Array) {
+async function prepareForWriting(
+  child: BlockDriver,
+  h: Qcow2Header,
+  head: Uint8Array,
+): Promise<number> {
   const refuse = (why: string) => {
     throw new Qcow2Error("Unsupported", `writing ${why} is not supported yet (open read-only)`);
   };
   if (h.corrupt) {
     throw new Qcow2Error("Invalid", "the image is marked corrupt: it must not be written");
   }
-  if (h.dirty) {
-    // QEMU repairs the refcounts of a dirty lazy-refcounts image at open;
-    // this driver does not (yet): it refuses to write until they are.
-    throw new Qcow2Error(
-      "Unsupported",
-      "the image has the dirty bit set (lazy refcounts not written back: it was not closed " +
-        "cleanly); repair it with qemu-img check -r all before writing (reading is fine)",
-    );
-  }
   if (h.extendedL2) refuse("images with extended L2 entries");
   if (h.nbSnapshots > 0) refuse("images with internal snapshots");
   if (h.refcountOrder > 5) refuse("images with 64-bit refcounts");
-  if (h.version < 3) return;
+  let end = child.length;
+  if (h.dirty) {
+    const r = await repairDirtyImage(child, h, head);
+    end = Math.max(end, r.fileEnd);
+  }
+  if (h.version < 3) return end;
   const dv = new DataView(head.buffer, head.byteOffset, head.byteLength);
-  if (dv.getUint32(88) === 0 && dv.getUint32(92) === 0) return;
+  if (dv.getUint32(88) === 0 && dv.getUint32(92) === 0) return end;
   const sector = head.slice(0, 512);
   new DataView(sector.buffer).setBigUint64(88, 0n);
   const ret = await new Promise<number>((resolve) =>
@@ -1080,6 +1088,7 @@ async function prepareForWriting(child: BlockDriver, h: Qcow2Header, head: Uint8
   );
   const fr = ret < 0 ? ret : await new Promise<number>((resolve) => child.flush(resolve));
   if (fr < 0) throw new Qcow2Error("Io", `clearing the autoclear features failed (${fr})`);
+  return end;
 }
 
 /**
