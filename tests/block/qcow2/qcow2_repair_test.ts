@@ -278,3 +278,42 @@ Deno.test(
     }
   },
 );
+
+Deno.test("qcow2 repair: a refcount table too small for a new block moves", opts, async () => {
+  const dir = tempDir();
+  try {
+    // 512-byte clusters, 32-bit refcounts: a one-cluster table (64 entries
+    // of 128-cluster blocks) covers the first 4 MiB of the file.
+    const img = `${dir}/t.qcow2`;
+    qemuImg(
+      "create",
+      "-q",
+      "-f",
+      "qcow2",
+      "-o",
+      "lazy_refcounts=on,cluster_size=512,refcount_bits=32",
+      img,
+      "8M",
+    );
+    qemuIoKilled(img, "write -P 0x5c 0 1M", "flush");
+    const h = header(img);
+    assert.equal(h.refcountTableClusters, 1);
+    // Unlink the second block, and put unused space up to 4.5 MiB: the new
+    // block goes past what the table covers.
+    const f = Deno.openSync(img, { read: true, write: true });
+    f.seekSync(h.refcountTableOffset + 8, Deno.SeekMode.Start);
+    f.writeSync(new Uint8Array(8));
+    f.truncateSync(4608 << 10);
+    f.close();
+    const model = oracleBytes(img);
+    await openWriteClose(img, 6 << 20, new Uint8Array(512).fill(0x78));
+    model.fill(0x78, 6 << 20, (6 << 20) + 512);
+    const after = header(img);
+    assert(after.refcountTableClusters >= 2, `table of ${after.refcountTableClusters} clusters`);
+    assert(after.refcountTableOffset >= 4608 << 10, "the new table is past the old end");
+    assert.equal(assertCheckClean(img).leaks, 0);
+    assert.deepEqual(oracleBytes(img), model);
+  } finally {
+    Deno.removeSync(dir, { recursive: true });
+  }
+});
