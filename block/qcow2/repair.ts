@@ -252,16 +252,20 @@ export async function repairDirtyImage(
   // Blocks with their true contents; existing ones compared with the disk.
   const writes: [number, Uint8Array][] = [];
   let leaksFixed = 0, refcountsFixed = 0;
+  // Past `limit` every true refcount is 0: only stored ones need a look.
+  const limit = Math.max(refs.length, areaEnd);
   for (const [k, off] of blocks) {
     const old = await readMetadataAsync(child, off, cs, "refcount block");
     const block = new Uint8Array(cs);
+    const slots = Math.max(0, Math.min(per, limit - k * per));
     for (let s = 0; s < per; s++) {
-      const want = refOf(k * per + s), had = getRefcount(old, s, h.refcountOrder);
-      if (want === had) continue;
+      if (s >= slots && old[Math.floor((s << h.refcountOrder) / 8)] === 0) continue;
+      const want = s < slots ? refOf(k * per + s) : 0;
+      const had = getRefcount(old, s, h.refcountOrder);
       if (want < had) leaksFixed++;
-      else refcountsFixed++;
+      else if (want > had) refcountsFixed++;
+      if (want > 0) setRefcount(block, s, h.refcountOrder, want);
     }
-    for (let s = 0; s < per; s++) setRefcount(block, s, h.refcountOrder, refOf(k * per + s));
     if (block.some((b, i) => b !== old[i])) writes.push([off, block]);
   }
   const table = tableMoved ? new Uint8Array(newTableClusters * cs) : reftable;

@@ -4,11 +4,20 @@
  * writer (SIGKILL) and by qemu-io (`sigraise 9`) open writable, the dirty
  * bit is cleared, `qemu-img check` finds no corruption and no leaks, every
  * flushed write reads back and further writes work. A dirty image whose
- * metadata is inconsistent is refused with a Qcow2Error and not written.
+ * metadata is inconsistent is refused with a Qcow2Error and not written;
+ * fuzzed dirty images are either repaired or refused without a write.
  */
 import assert from "node:assert/strict";
+import fc from "fast-check";
 import { AioContext } from "../../../aio/mod.ts";
-import { IoVector, parseQcow2Header, type Qcow2Header } from "../../../block/mod.ts";
+import {
+  IoVector,
+  parseQcow2Header,
+  Qcow2Driver,
+  Qcow2Error,
+  type Qcow2Header,
+} from "../../../block/mod.ts";
+import { MemDriver } from "./mem_driver.ts";
 import { runUntil } from "../helpers.ts";
 import { assertCheckClean, openQcow2, oracleBytes, qemuImg, tempDir } from "./qemu_tools.ts";
 import { SLOT_BYTES, slotTag } from "./fixtures/slot_tag.ts";
@@ -317,3 +326,92 @@ Deno.test("qcow2 repair: a refcount table too small for a new block moves", opts
     Deno.removeSync(dir, { recursive: true });
   }
 });
+
+Deno.test(
+  "qcow2 repair fuzz: a mutated dirty image is repaired or refused unwritten",
+  opts,
+  async () => {
+    const dir = tempDir();
+    let img: Uint8Array;
+    try {
+      const f = `${dir}/z.qcow2`;
+      qemuImg("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on,cluster_size=4k", f, "8M");
+      qemuIoKilled(
+        f,
+        "write -c -P 0x33 4M 4k",
+        "write -c -P 0x34 4100k 4k",
+        "write -z 5M 8k",
+        "write -P 0x11 0 64k",
+        "write -P 0x22 1M 12k",
+        "flush",
+      );
+      img = Deno.readFileSync(f);
+    } finally {
+      Deno.removeSync(dir, { recursive: true });
+    }
+    const h = parseQcow2Header(img.subarray(0, 4096), img.length);
+    const dv = new DataView(img.buffer);
+    const l2 = Number(dv.getBigUint64(h.l1TableOffset) & 0x00fffffffffffe00n);
+    const block = Number(dv.getBigUint64(h.refcountTableOffset) & 0x00fffffffffffe00n);
+    // Regions the repair reads: L1, an L2 table, the refcount table, a block.
+    const regions: [number, number][] = [
+      [h.l1TableOffset, h.l1Size * 8],
+      [l2, 4096],
+      [h.refcountTableOffset, 64],
+      [block, 4096],
+    ];
+    const ctx = new AioContext();
+    let repaired = 0, refused = 0;
+    try {
+      await fc.assert(
+        fc.asyncProperty(
+          fc.array(
+            fc.tuple(fc.nat({ max: regions.length - 1 }), fc.nat(), fc.nat({ max: 0xffffffff })),
+            { minLength: 1, maxLength: 3 },
+          ),
+          async (muts) => {
+            const bytes = img.slice();
+            const mdv = new DataView(bytes.buffer);
+            for (const [r, at, v] of muts) {
+              const [off, len] = regions[r];
+              mdv.setUint32(off + (at % (len / 4)) * 4, v);
+            }
+            const file = new MemDriver(ctx, bytes.slice(), true);
+            let writes = 0, maxEnd = 0;
+            const pwrite = file.pwritev.bind(file);
+            file.pwritev = (off, q, cb) => {
+              writes++;
+              maxEnd = Math.max(maxEnd, off + q.size);
+              pwrite(off, q, cb);
+            };
+            let d: Qcow2Driver;
+            try {
+              d = await runUntil(ctx, Qcow2Driver.open(ctx, file, { readOnly: false }));
+            } catch (e) {
+              assert(e instanceof Qcow2Error, String(e));
+              assert.equal(writes, 0, `refused (${e.message}) after ${writes} writes`);
+              refused++;
+              return;
+            }
+            repaired++;
+            assert.equal(d.header.dirty, false);
+            // At most the counted clusters plus new blocks and a table.
+            assert(maxEnd <= bytes.length + 16 * 4096, `wrote up to ${maxEnd}`);
+            await runUntil(ctx, d.close());
+            const again = await runUntil(
+              ctx,
+              Qcow2Driver.open(ctx, new MemDriver(ctx, file.bytes), { readOnly: true }),
+            );
+            assert.equal(again.header.dirty, false);
+            await again.close();
+          },
+        ),
+        { numRuns: 200 },
+      );
+    } finally {
+      ctx.close();
+    }
+    console.log(`qcow2 repair fuzz: ${repaired} repaired, ${refused} refused`);
+    assert(repaired > 0 && refused > 0);
+  },
+);
