@@ -1,9 +1,10 @@
 /**
  * block/: QEMU's block layer reduced to what a virtio-blk dataplane needs:
- * BlockBackend, format (raw, qcow2 read-only) over protocol drivers (file, null), and the I/O
- * engines for `file` (threads, Linux AIO, io_uring).
+ * BlockBackend, formats (raw, qcow2) over protocol drivers (file, null, nbd, rbd), the
+ * throttle filter and its groups, the I/O engines for `file` (threads, Linux AIO, io_uring),
+ * and the NBD wire protocol shared with the NBD export.
  *
- * Not for: guest memory or virtqueues (virtio/), threads and sockets
+ * Not for: guest memory or virtqueues (virtio/), IOThreads, exports and servers
  * (dataplane/).
  *
  * @module
