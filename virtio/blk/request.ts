@@ -307,12 +307,26 @@ export function parseBlkRequest(
   if (chain.outLen < VIRTIO_BLK_OUTHDR_SIZE) return "HeaderTooShort";
   curSeg = 0;
   curOff = 0;
-  readOut(chain, mem, VIRTIO_BLK_OUTHDR_SIZE);
-  const type = scratchView.getUint32(0, true);
+  let type: number, sectorLo: number, sectorHi: number;
+  if (chain.len[0] >= VIRTIO_BLK_OUTHDR_SIZE) {
+    // Hot path: the whole outhdr in the first buffer (as drivers lay it
+    // out), read in place; the entry lies inside its region, so these reads
+    // are in bounds.
+    const v = mem.regionView(chain.region[0]);
+    const o = chain.offset[0];
+    type = v.getUint32(o, true);
+    req.ioprio = v.getUint32(o + 4, true);
+    sectorLo = v.getUint32(o + 8, true);
+    sectorHi = v.getUint32(o + 12, true);
+    curOff = VIRTIO_BLK_OUTHDR_SIZE;
+  } else {
+    readOut(chain, mem, VIRTIO_BLK_OUTHDR_SIZE);
+    type = scratchView.getUint32(0, true);
+    req.ioprio = scratchView.getUint32(4, true);
+    sectorLo = scratchView.getUint32(8, true);
+    sectorHi = scratchView.getUint32(12, true);
+  }
   req.type = type;
-  req.ioprio = scratchView.getUint32(4, true);
-  const sectorLo = scratchView.getUint32(8, true);
-  const sectorHi = scratchView.getUint32(12, true);
 
   switch (type) {
     case VIRTIO_BLK_T_IN:
