@@ -323,12 +323,15 @@ export class Virtqueue {
 
   /**
    * Whether the driver has made buffers available that pop() has not taken (a
-   * poll handler's cheap check; a broken ring reports false). Hot path.
+   * poll handler's cheap check; a broken ring reports false). Hot path: the
+   * idx it reads becomes the shadow, so the pops that follow do not read it
+   * again.
    */
   availPending(): boolean {
-    return this.#broken === null &&
-      (this.#shadowAvail !== this.#lastAvail || Atomics.load(this.#avail, 1) !== this.#lastAvail ||
-        (this.#inflight !== null && this.#inflight.resubmitPending !== 0));
+    if (this.#broken !== null) return false;
+    if (this.#shadowAvail === this.#lastAvail) this.#shadowAvail = Atomics.load(this.#avail, 1);
+    return this.#shadowAvail !== this.#lastAvail ||
+      (this.#inflight !== null && this.#inflight.resubmitPending !== 0);
   }
 
   /**
