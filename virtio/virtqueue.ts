@@ -158,6 +158,12 @@ export class Virtqueue {
   readonly #inFlight: Uint8Array;
   #inFlightCount = 0;
   #lastAvail: number;
+  /**
+   * The driver's avail idx as last read (QEMU's shadow_avail_idx): pop()
+   * reads the ring's idx again only once it has taken everything up to this
+   * one, so a batch costs one Atomics.load, not one per chain.
+   */
+  #shadowAvail: number;
   #usedIdx: number;
   #usedFlags = 0;
   #signalledUsed = 0;
@@ -204,6 +210,7 @@ export class Virtqueue {
     this.#chain = new DescriptorChain(maxChain);
     this.#inFlight = new Uint8Array(size);
     this.#lastAvail = (opts.lastAvailIdx ?? 0) & 0xffff;
+    this.#shadowAvail = this.#lastAvail;
     this.#inflight = opts.inflight ?? null;
     if (this.#inflight !== null && size > this.#inflight.queueSize) {
       throw new VirtqueueError(
@@ -240,6 +247,7 @@ export class Virtqueue {
       throw new VirtqueueError("Busy", `${this.#inFlightCount} requests in flight`);
     }
     this.#lastAvail = v & 0xffff;
+    this.#shadowAvail = this.#lastAvail;
     this.#lastPopped = -1;
   }
 
@@ -263,6 +271,7 @@ export class Virtqueue {
     const n = this.#inflight.recover(this.#usedIdx, this.size);
     if (!fresh) {
       this.#lastAvail = (this.#usedIdx + n) & 0xffff;
+      this.#shadowAvail = this.#lastAvail;
       this.#lastPopped = -1;
     }
     return n;
@@ -314,12 +323,15 @@ export class Virtqueue {
 
   /**
    * Whether the driver has made buffers available that pop() has not taken (a
-   * poll handler's cheap check; a broken ring reports false). Hot path.
+   * poll handler's cheap check; a broken ring reports false). Hot path: the
+   * idx it reads becomes the shadow, so the pops that follow do not read it
+   * again.
    */
   availPending(): boolean {
-    return this.#broken === null &&
-      (Atomics.load(this.#avail, 1) !== this.#lastAvail ||
-        (this.#inflight !== null && this.#inflight.resubmitPending !== 0));
+    if (this.#broken !== null) return false;
+    if (this.#shadowAvail === this.#lastAvail) this.#shadowAvail = Atomics.load(this.#avail, 1);
+    return this.#shadowAvail !== this.#lastAvail ||
+      (this.#inflight !== null && this.#inflight.resubmitPending !== 0);
   }
 
   /**
@@ -341,7 +353,13 @@ export class Virtqueue {
       // Taken before a restart and never used: again, before anything new.
       head = inflight.nextResubmit();
     } else {
-      const availIdx = Atomics.load(this.#avail, 1);
+      // Hot path: Atomics.load is a builtin call (V8 does not inline it), so
+      // the ring's idx is read once for everything it makes available.
+      let availIdx = this.#shadowAvail;
+      if (availIdx === this.#lastAvail) {
+        availIdx = Atomics.load(this.#avail, 1);
+        this.#shadowAvail = availIdx;
+      }
       const pending = (availIdx - this.#lastAvail) & 0xffff;
       if (pending === 0) return null;
       if (pending > this.size) {
