@@ -396,6 +396,10 @@ Deno.test("IN/OUT data over VIRTIO_BLK_MAX_REQUEST_BYTES is TooLarge: the used l
     assert.equal(r.err, null);
     assert.equal(drv.used(2).len, max + 1);
     assert.equal(io(VIRTIO_BLK_T_IN, [GIB, max - GIB + 512]).err, "TooLarge");
+    // Lengths past 2^31 and 2^32 are still checked for whole sectors first.
+    assert.equal(io(VIRTIO_BLK_T_IN, [GIB, GIB, 101]).err, "BadLength");
+    assert.equal(io(VIRTIO_BLK_T_OUT, [GIB, GIB, GIB, GIB, 100]).err, "BadLength");
+    assert.equal(io(VIRTIO_BLK_T_OUT, [GIB, GIB, GIB, GIB, 512]).err, "TooLarge");
   } finally {
     tm.close();
   }
