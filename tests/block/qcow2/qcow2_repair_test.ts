@@ -19,7 +19,14 @@ import {
 } from "../../../block/mod.ts";
 import { MemDriver } from "./mem_driver.ts";
 import { runUntil } from "../helpers.ts";
-import { assertCheckClean, openQcow2, oracleBytes, qemuImg, tempDir } from "./qemu_tools.ts";
+import {
+  assertCheckClean,
+  openQcow2,
+  oracleBytes,
+  qemuImg,
+  qemuImgCheck,
+  tempDir,
+} from "./qemu_tools.ts";
 import { SLOT_BYTES, slotTag } from "./fixtures/slot_tag.ts";
 
 const opts = { sanitizeResources: false, sanitizeOps: false };
@@ -31,13 +38,7 @@ function header(f: string): Qcow2Header {
 
 /** qemu-img check's corruption count (without asserting anything). */
 function corruptions(img: string): number {
-  const out = new Deno.Command("qemu-img", {
-    args: ["check", "--output=json", "-f", "qcow2", img],
-    stdout: "piped",
-    stderr: "null",
-  }).outputSync();
-  const r = JSON.parse(new TextDecoder().decode(out.stdout)) as { corruptions?: number };
-  return r.corruptions ?? 0;
+  return qemuImgCheck(img).corruptions;
 }
 
 /** qemu-io runs CMDS on IMG and raises SIGKILL before closing it (QEMU's iotest 039). */

@@ -45,20 +45,43 @@ export function oracleBytes(image: string, fmt = "qcow2"): Uint8Array {
   return b;
 }
 
-/** qemu-img check --output=json: corruptions and check errors must be 0. */
-export function assertCheckClean(image: string): { leaks: number } {
+/** What `qemu-img check --output=json` says of a qcow2 image. */
+export interface QemuImgCheck {
+  /** Exit status (0 clean, 2 corruptions, 3 leaks only...). */
+  code: number;
+  /** The JSON report as printed. */
+  text: string;
+  corruptions: number;
+  checkErrors: number;
+  leaks: number;
+}
+
+/** Runs `qemu-img check --output=json` on `image` without asserting anything. */
+export function qemuImgCheck(image: string): QemuImgCheck {
   const out = new Deno.Command("qemu-img", {
     args: ["check", "--output=json", "-f", "qcow2", image],
     stdout: "piped",
     stderr: "piped",
   }).outputSync();
   const text = new TextDecoder().decode(out.stdout);
-  // Exit 0: clean; 3: leaked clusters only (allowed).
-  assert([0, 3].includes(out.code), `qemu-img check exit ${out.code}: ${text}`);
   const r = JSON.parse(text) as { corruptions?: number; "check-errors": number; leaks?: number };
-  assert.equal(r.corruptions ?? 0, 0, text);
-  assert.equal(r["check-errors"], 0, text);
-  return { leaks: r.leaks ?? 0 };
+  return {
+    code: out.code,
+    text,
+    corruptions: r.corruptions ?? 0,
+    checkErrors: r["check-errors"],
+    leaks: r.leaks ?? 0,
+  };
+}
+
+/** qemu-img check --output=json: corruptions and check errors must be 0. */
+export function assertCheckClean(image: string): { leaks: number } {
+  const { code, text, corruptions, checkErrors, leaks } = qemuImgCheck(image);
+  // Exit 0: clean; 3: leaked clusters only (allowed).
+  assert([0, 3].includes(code), `qemu-img check exit ${code}: ${text}`);
+  assert.equal(corruptions, 0, text);
+  assert.equal(checkErrors, 0, text);
+  return { leaks };
 }
 
 /** Opens `image` as qcow2, read-only, through BlockBackend.open (polling `ctx`). */
