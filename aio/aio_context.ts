@@ -255,6 +255,8 @@ export class AioContext {
   /** aio_notify from this thread since the last poll. */
   #notified = false;
   #asyncWaits = 0;
+  /** Promises passed to waitEventLoop() not settled yet. */
+  #eventLoopWaits = 0;
   #closed = false;
   /** epoll_wait(0) calls skipped in a row because polling made progress. */
   #skippedWaits = 0;
@@ -291,6 +293,52 @@ export class AioContext {
   /** Whether {@link close} has run. */
   get closed(): boolean {
     return this.#closed;
+  }
+
+  /**
+   * Promises given to {@link waitEventLoop} that have not settled: while
+   * there are any, whoever drives this context must wait with
+   * {@link pollAsync} rather than a blocking `poll(true)` (an IOThread's
+   * loop does).
+   */
+  get eventLoopWaits(): number {
+    return this.#eventLoopWaits;
+  }
+
+  /**
+   * Returns `p`, a promise that Deno's event loop settles rather than this
+   * context (a dynamic `import()`, a Deno async op), and counts it in
+   * {@link eventLoopWaits} until it settles; then wakes the context. A
+   * thread blocked in `poll(true)` (epoll_wait in a synchronous FFI call)
+   * does not run its event loop, so code that may run in an IOThread wraps
+   * such a promise here: the block layer loads a driver's modules on first
+   * use this way. Cold path only.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * import { AioContext } from "./mod.ts";
+   * const ctx = new AioContext();
+   * const p = ctx.waitEventLoop(import("./wire_error.ts"));
+   * assert.equal(ctx.eventLoopWaits, 1);
+   * while (ctx.eventLoopWaits > 0) await ctx.pollAsync();
+   * assert.equal(typeof (await p).encodeError, "function");
+   * ctx.close();
+   * ```
+   */
+  waitEventLoop<T>(p: Promise<T>): Promise<T> {
+    this.#eventLoopWaits++;
+    const settled = () => {
+      this.#eventLoopWaits--;
+      if (!this.#closed) this.#wake();
+    };
+    return p.then((v) => {
+      settled();
+      return v;
+    }, (e) => {
+      settled();
+      throw e;
+    });
   }
 
   /**

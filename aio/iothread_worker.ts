@@ -1,7 +1,9 @@
 /**
  * The body of an {@link IOThread} Worker: imports the modules it was given,
  * owns an AioContext and runs `while (!stopping) { ctx.poll(true); yield }`.
- * Calls arrive on the channel as `{ id, fn, args }` and run
+ * While a promise given to `ctx.waitEventLoop` is pending (a block driver's
+ * modules being imported), the loop waits with `ctx.pollAsync()` so Deno's
+ * event loop runs. Calls arrive on the channel as `{ id, fn, args }` and run
  * `fn(ctx, args, data)` (`data` as given to IOThread.start);
  * the (possibly async) result goes back as `{ id, ok }`, a thrown error as
  * `{ id, err }` with `err` a {@link WireError} (class name, message, stack,
@@ -135,7 +137,10 @@ async function run(init: IOThreadInit): Promise<void> {
   scope.postMessage({ ready: true, handle: ctx.notifyHandle });
 
   while (!stopping) {
-    ctx.poll(true);
+    // A module being imported (ctx.waitEventLoop) settles on Deno's event
+    // loop, which a blocking poll would starve: wait through pollAsync then.
+    if (ctx.eventLoopWaits > 0) await ctx.pollAsync();
+    else ctx.poll(true);
     // Let promise continuations run. While async calls are pending, yield a
     // whole macrotask so chains of any depth settle before blocking again.
     if (running > 0) await macrotask();

@@ -1,10 +1,10 @@
-import { dirname, isAbsolute, resolve } from "node:path";
 import type { AioContext } from "../../aio/mod.ts";
 import type { BlockDriver } from "../block_driver.ts";
 import { RawDriver } from "../raw_driver.ts";
 import { QCOW2_MAX_BACKING_DEPTH } from "./constants.ts";
 import { Qcow2Driver } from "./qcow2_driver.ts";
 import { Qcow2Error } from "./qcow2_error.ts";
+import { backingFilePath } from "./backing_path.ts";
 
 /**
  * How {@link openQcow2Image} opens files: `openFile(path, readOnly)` returns
@@ -97,7 +97,7 @@ async function openLayer(
         if (name.startsWith("json:")) {
           throw new Qcow2Error("Unsupported", `backing file name ${name} (json: filenames)`);
         }
-        const path = isAbsolute(name) ? name : resolve(dirname(filename), name);
+        const path = backingFilePath(filename, name);
         return openLayer(ctx, path, fmt, true, opts, seen, depth + 1);
       },
     });

@@ -1,4 +1,3 @@
-import zlib from "node:zlib";
 import { type AioContext, EventNotifier } from "../../aio/mod.ts";
 import { addressOf, EIO, EROFS } from "../../sys/mod.ts";
 import { IoVector } from "../io_vector.ts";
@@ -17,6 +16,7 @@ import { readMetadata, readMetadataAsync } from "./metadata_io.ts";
 import { Qcow2Refcounts, writeTableSector } from "./refcounts.ts";
 import { Qcow2Error } from "./qcow2_error.ts";
 import { repairDirtyImage } from "./repair.ts";
+import { inflateCluster } from "./inflate.ts";
 import { type Qcow2AllocMode, type Qcow2ForwardedWrite, Qcow2SharedState } from "./shared_state.ts";
 
 /** Most allocating writes in one {@link AllocationBatch}. */
@@ -989,21 +989,12 @@ export class Qcow2Driver implements BlockDriver {
     }
     readMetadata(this.child, host, lastByte + 1 - host, (ret, buf) => {
       if (ret < 0 || buf === null) return cb(ret < 0 ? ret : -EIO, null);
-      let out: Uint8Array;
-      try {
-        // Raw deflate (QEMU's qcow2_zlib_decompress: window bits -12); the
-        // stream may end without a final block once the cluster is full.
-        out = zlib.inflateRawSync(buf, {
-          finishFlush: zlib.constants.Z_SYNC_FLUSH,
-          maxOutputLength: cs,
-        });
-      } catch {
-        return cb(-EIO, null);
-      }
-      if (out.length !== cs) return cb(-EIO, null);
-      this.#lastCompressed = host;
-      this.#lastInflated = out;
-      cb(0, out);
+      inflateCluster(this.ctx, buf, cs, (out) => {
+        if (out === null) return cb(-EIO, null);
+        this.#lastCompressed = host;
+        this.#lastInflated = out;
+        cb(0, out);
+      });
     });
   }
 

@@ -26,6 +26,22 @@ Deno.test("IOThread: start, sync/async calls, errors, stop", async () => {
   await assert.rejects(t.call("add", { a: 1, b: 1 }), /stopped/);
 });
 
+Deno.test("IOThread: a module imported on demand through ctx.waitEventLoop loads", async () => {
+  // The loop waits through pollAsync while the import is pending, so the
+  // Deno event loop that settles it runs however many turns loading takes.
+  const t = await IOThread.start({ name: "t6", modules: [FNS] });
+  try {
+    const timeout = new Promise<string>((r) => {
+      const id = setTimeout(() => r("timed out"), 5000);
+      Deno.unrefTimer(id);
+    });
+    assert.equal(await Promise.race([t.call<string>("importLater"), timeout]), "loaded on demand");
+    assert.equal(await t.call<number>("add", { a: 1, b: 2 }), 3); // the loop carries on
+  } finally {
+    await t.stop();
+  }
+});
+
 Deno.test("IOThread: a SysError crosses the thread as a SysError; unknown classes by name", async () => {
   const t = await IOThread.start({ name: "t5", modules: [FNS] });
   try {
