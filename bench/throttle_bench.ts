@@ -27,9 +27,9 @@ import {
   NullCoDriver,
   THROTTLE_GROUP_BYTES,
   throttleConfigInit,
-  ThrottleDriver,
   ThrottleGroup,
 } from "../block/mod.ts";
+import { ThrottleDriver } from "../block/throttle/mod.ts";
 import { VhostUserBlkClient } from "../client/blk_client.ts";
 import { makeScratchDir, ServerProcess } from "../tests/harness/mod.ts";
 

@@ -7,11 +7,8 @@ import { type BlockOptions, validateBlockOptions } from "./block_options.ts";
 import { FileDriver } from "./file_driver.ts";
 import { NullAioDriver, NullCoDriver } from "./null_driver.ts";
 import { RawDriver } from "./raw_driver.ts";
-import { NbdDriver } from "./nbd/nbd_driver.ts";
 import { RbdDriver } from "./rbd_driver.ts";
-import { openQcow2Image } from "./qcow2/image_chain.ts";
 import type { RangeLockTable } from "./range_lock_table.ts";
-import { ThrottleDriver } from "./throttle/throttle_driver.ts";
 import { THROTTLE_GROUP_BYTES, ThrottleGroup } from "./throttle/throttle_group.ts";
 
 /**
@@ -156,6 +153,11 @@ export class BlockBackend {
    * runs in `ctx`). aio=native requires cache=none, as in QEMU.
    * Opening qcow2 reads metadata: poll the context until this settles (an
    * IOThread's loop does; on the main thread use `pollAsync`).
+   *
+   * The qcow2, nbd and throttle drivers are imported when a graph first
+   * needs them (dynamic `import()` through `ctx.waitEventLoop`), so a
+   * thread that serves raw files never compiles them: each module a V8
+   * isolate loads stays resident in it (main thread and every IOThread).
    */
   static open(
     ctx: AioContext,
@@ -179,20 +181,26 @@ export class BlockBackend {
       });
     if (opts.format === "qcow2") {
       const top = opts.filename!;
-      return openQcow2Image(ctx, top, {
-        readOnly: opts.readOnly ?? false,
-        l2CacheSize: opts.l2CacheSize,
-        openFile: (path, readOnly) => openFile(path, readOnly, path === top),
-        shared: extras.qcow2Shared,
-      }).then((d) => new BlockBackend(ctx, BlockBackend.#filter(ctx, d, opts, extras), opts));
+      return ctx.waitEventLoop(import("./qcow2/image_chain.ts")).then(({ openQcow2Image }) =>
+        openQcow2Image(ctx, top, {
+          readOnly: opts.readOnly ?? false,
+          l2CacheSize: opts.l2CacheSize,
+          openFile: (path, readOnly) => openFile(path, readOnly, path === top),
+          shared: extras.qcow2Shared,
+        })
+      ).then(async (d) =>
+        new BlockBackend(ctx, await BlockBackend.#filter(ctx, d, opts, extras), opts)
+      );
     }
     if (opts.driver === "nbd") {
       // Connects and negotiates in the context; a read-only export makes a read-only backend.
-      return NbdDriver.open(ctx, {
-        server: opts.server!,
-        exportName: opts.exportName,
-        reconnectDelay: opts.reconnectDelay,
-      }).then((nbd) =>
+      return ctx.waitEventLoop(import("./nbd/nbd_driver.ts")).then(({ NbdDriver }) =>
+        NbdDriver.open(ctx, {
+          server: opts.server!,
+          exportName: opts.exportName,
+          reconnectDelay: opts.reconnectDelay,
+        })
+      ).then((nbd) =>
         BlockBackend.#rawOver(
           ctx,
           nbd,
@@ -232,17 +240,19 @@ export class BlockBackend {
    * mapped at opts.throttle.addr, or of the host's `--throttle` group
    * (extras.throttleGroup). Otherwise `d` itself.
    */
-  static #filter(
+  static async #filter(
     ctx: AioContext,
     d: BlockDriver,
     opts: BlockOptions,
     extras: BlockBackendExtras,
-  ): BlockDriver {
+  ): Promise<BlockDriver> {
+    if (extras.throttleGroup === undefined && opts.throttle === undefined) return d;
+    const { ThrottleDriver } = await ctx.waitEventLoop(import("./throttle/throttle_driver.ts"));
     if (extras.throttleGroup !== undefined) return new ThrottleDriver(ctx, d, extras.throttleGroup);
-    return opts.throttle === undefined ? d : new ThrottleDriver(
+    return new ThrottleDriver(
       ctx,
       d,
-      new ThrottleGroup(viewAt(opts.throttle.addr, THROTTLE_GROUP_BYTES)),
+      new ThrottleGroup(viewAt(opts.throttle!.addr, THROTTLE_GROUP_BYTES)),
     );
   }
 
@@ -259,9 +269,7 @@ export class BlockBackend {
     } catch (e) {
       return proto.close().then(() => Promise.reject(e));
     }
-    return Promise.resolve(
-      new BlockBackend(ctx, BlockBackend.#filter(ctx, top, opts, extras), opts),
-    );
+    return BlockBackend.#filter(ctx, top, opts, extras).then((d) => new BlockBackend(ctx, d, opts));
   }
 
   /** Size in bytes. */

@@ -7,6 +7,14 @@
  * Not for: guest memory or virtqueues (virtio/), IOThreads, exports and servers
  * (dataplane/).
  *
+ * The qcow2, NBD client and throttle drivers are not loaded by this module:
+ * {@link BlockBackend.open} imports them when it first opens a node of theirs,
+ * so an isolate (the main thread, each IOThread) serving raw files never
+ * compiles them. Their own classes are in block/qcow2/mod.ts,
+ * block/nbd/mod.ts and block/throttle/mod.ts (tests, benchmarks); what other
+ * layers need of them at start-up (options, errors, the qcow2 shared state,
+ * throttle groups, the NBD wire protocol) stays here.
+ *
  * @module
  */
 
@@ -22,10 +30,10 @@ export { NullAioDriver, NullCoDriver, type NullDriverOptions } from "./null_driv
 export { RawDriver, type RawDriverOptions } from "./raw_driver.ts";
 export { RbdDriver, type RbdDriverOptions, resizeRbdImage } from "./rbd_driver.ts";
 export { parseRbdFilename } from "./rbd_filename.ts";
-export { Qcow2Driver, type Qcow2DriverOptions } from "./qcow2/qcow2_driver.ts";
+export type { Qcow2DriverOptions } from "./qcow2/qcow2_driver.ts";
 export { Qcow2Error, type Qcow2ErrorKind } from "./qcow2/qcow2_error.ts";
-export { parseQcow2Header, type Qcow2Header } from "./qcow2/header.ts";
-export { openQcow2Image, type Qcow2ImageOptions } from "./qcow2/image_chain.ts";
+export type { Qcow2Header } from "./qcow2/header.ts";
+export type { Qcow2ImageOptions } from "./qcow2/image_chain.ts";
 export { Qcow2SharedState } from "./qcow2/shared_state.ts";
 export { LinuxAioEngine, type LinuxAioOptions } from "./linux_aio_engine.ts";
 export { IoUringEngine, type IoUringOptions, type IoUringTaskrun } from "./io_uring_engine.ts";
@@ -51,13 +59,11 @@ export {
   ThrottleGroup,
   ThrottleGroupError,
 } from "./throttle/throttle_group.ts";
-export { ThrottleDriver } from "./throttle/throttle_driver.ts";
 import { ThrottleGroupError } from "./throttle/throttle_group.ts";
 registerErrorClass("ThrottleGroupError", ThrottleGroupError);
-export { NbdDriver } from "./nbd/nbd_driver.ts";
-export { NbdClient, type NbdClientOptions, type NbdClientState } from "./nbd/nbd_client.ts";
+export type { NbdClientOptions, NbdClientState } from "./nbd/nbd_client.ts";
 export { nbdErrnoToSystemErrno, systemErrnoToNbdErrno } from "./nbd/nbd_errno.ts";
-export { type NbdExportInfo } from "./nbd/nbd_handshake.ts";
+export type { NbdExportInfo } from "./nbd/nbd_handshake.ts";
 export { NbdError, type NbdErrorKind } from "./nbd/nbd_error.ts";
 export {
   describeNbdServer,

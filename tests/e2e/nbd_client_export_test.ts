@@ -5,7 +5,8 @@
 // compared byte for byte with what was written.
 import assert from "node:assert/strict";
 import { AioContext } from "../../aio/mod.ts";
-import { IoVector, NbdDriver, type NbdServerAddress } from "../../block/mod.ts";
+import { IoVector, type NbdServerAddress } from "../../block/mod.ts";
+import { NbdDriver } from "../../block/nbd/mod.ts";
 import { StorageDaemon } from "../../dataplane/daemon/storage_daemon.ts";
 import { makeScratchDir } from "../harness/mod.ts";
 import { fillPattern, runUntil } from "../block/helpers.ts";

@@ -16,10 +16,10 @@ import {
   NBD_REPLY_TYPE_NONE,
   NBD_REPLY_TYPE_OFFSET_DATA,
   NBD_REPLY_TYPE_OFFSET_HOLE,
-  NbdDriver,
   NbdError,
   type NbdRequest,
 } from "../../../block/mod.ts";
+import { NbdDriver } from "../../../block/nbd/mod.ts";
 import { EIO, SysError } from "../../../sys/mod.ts";
 import { runUntil } from "../helpers.ts";
 import { fakeNbdServer, type FakeReply } from "./fake_nbd_server.ts";

@@ -8,7 +8,8 @@
  */
 import assert from "node:assert/strict";
 import { AioContext } from "../../../aio/mod.ts";
-import { IoVector, NbdDriver, NbdError } from "../../../block/mod.ts";
+import { IoVector, NbdError } from "../../../block/mod.ts";
+import { NbdDriver } from "../../../block/nbd/mod.ts";
 import { EIO, ENOSPC, EPERM, EROFS } from "../../../sys/mod.ts";
 import { fillPattern, runUntil } from "../helpers.ts";
 import { freePort, have, type NbdServer, startNbdkit, startQemuNbd } from "./nbd_servers.ts";

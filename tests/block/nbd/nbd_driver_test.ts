@@ -1,6 +1,7 @@
 import assert from "node:assert/strict";
 import { AioContext } from "../../../aio/mod.ts";
-import { IoVector, NbdDriver } from "../../../block/mod.ts";
+import { IoVector } from "../../../block/mod.ts";
+import { NbdDriver } from "../../../block/nbd/mod.ts";
 import { fillPattern, runUntil } from "../helpers.ts";
 import { have, startQemuNbd } from "./nbd_servers.ts";
 

@@ -4,7 +4,8 @@
  * opening/reading through {@link Qcow2Driver} over a {@link MemDriver}.
  */
 import type { AioContext } from "../../../aio/mod.ts";
-import { type BlockDriver, IoVector, Qcow2Driver } from "../../../block/mod.ts";
+import { type BlockDriver, IoVector } from "../../../block/mod.ts";
+import { Qcow2Driver } from "../../../block/qcow2/mod.ts";
 import { runUntil } from "../helpers.ts";
 import { MemDriver } from "./mem_driver.ts";
 import { qemuImg, qemuIo, tempDir } from "./qemu_tools.ts";

@@ -7,7 +7,8 @@
  */
 import assert from "node:assert/strict";
 import { AioContext } from "../../../aio/mod.ts";
-import { IoVector, parseQcow2Header } from "../../../block/mod.ts";
+import { IoVector } from "../../../block/mod.ts";
+import { parseQcow2Header } from "../../../block/qcow2/mod.ts";
 import { runUntil } from "../helpers.ts";
 import {
   assertCheckClean,

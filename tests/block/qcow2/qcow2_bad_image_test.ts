@@ -6,12 +6,8 @@
  */
 import assert from "node:assert/strict";
 import { AioContext } from "../../../aio/mod.ts";
-import {
-  parseBlockOptions,
-  parseQcow2Header,
-  Qcow2Driver,
-  Qcow2Error,
-} from "../../../block/mod.ts";
+import { parseBlockOptions, Qcow2Error } from "../../../block/mod.ts";
+import { parseQcow2Header, Qcow2Driver } from "../../../block/qcow2/mod.ts";
 import { parseHostArgs } from "../../../dataplane/host_options.ts";
 import { EIO } from "../../../sys/mod.ts";
 import { runUntil } from "../helpers.ts";

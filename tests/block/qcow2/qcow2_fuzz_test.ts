@@ -12,11 +12,13 @@
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { AioContext } from "../../../aio/mod.ts";
-import { parseQcow2Header, Qcow2Error, type Qcow2Header } from "../../../block/mod.ts";
+import { Qcow2Error, type Qcow2Header } from "../../../block/mod.ts";
+import { parseQcow2Header } from "../../../block/qcow2/mod.ts";
 import { EIO, ENOSPC } from "../../../sys/mod.ts";
 import { readDriver, sampleImage } from "./bad_image_util.ts";
 import { MemDriver } from "./mem_driver.ts";
-import { IoVector, Qcow2Driver } from "../../../block/mod.ts";
+import { IoVector } from "../../../block/mod.ts";
+import { Qcow2Driver } from "../../../block/qcow2/mod.ts";
 import { runUntil } from "../helpers.ts";
 
 const opts = { sanitizeResources: false, sanitizeOps: false };

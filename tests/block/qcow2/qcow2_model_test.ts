@@ -11,7 +11,8 @@
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { AioContext } from "../../../aio/mod.ts";
-import { type BlockDriver, IoVector, Qcow2Driver } from "../../../block/mod.ts";
+import { type BlockDriver, IoVector } from "../../../block/mod.ts";
+import { Qcow2Driver } from "../../../block/qcow2/mod.ts";
 import { runUntil } from "../helpers.ts";
 import { MemDriver } from "./mem_driver.ts";
 import { readDriver } from "./bad_image_util.ts";

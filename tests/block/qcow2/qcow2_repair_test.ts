@@ -10,13 +10,8 @@
 import assert from "node:assert/strict";
 import fc from "fast-check";
 import { AioContext } from "../../../aio/mod.ts";
-import {
-  IoVector,
-  parseQcow2Header,
-  Qcow2Driver,
-  Qcow2Error,
-  type Qcow2Header,
-} from "../../../block/mod.ts";
+import { IoVector, Qcow2Error, type Qcow2Header } from "../../../block/mod.ts";
+import { parseQcow2Header, Qcow2Driver } from "../../../block/qcow2/mod.ts";
 import { MemDriver } from "./mem_driver.ts";
 import { runUntil } from "../helpers.ts";
 import {
