@@ -208,11 +208,43 @@ export class IOThread {
    * ```
    */
   call<T>(fn: string, args?: unknown): Promise<T> {
+    return this.#send<T>((id) => ({ id, fn, args }));
+  }
+
+  /**
+   * Imports more `modules` (URLs or absolute paths) in the running thread:
+   * their exported functions can be called from then on. The thread goes on
+   * serving meanwhile (its loop waits with pollAsync while the import is
+   * pending). For what only some exports of a thread need (the NBD
+   * export's side), so threads that never serve one never compile it.
+   *
+   * @example
+   * ```ts
+   * import assert from "node:assert/strict";
+   * import { IOThread } from "./mod.ts";
+   * const t = await IOThread.start({ name: "io3", modules: [] });
+   * await assert.rejects(t.call("seven"), /no exported function seven/);
+   * await t.load(["data:application/javascript,export function seven() { return 7; }"]);
+   * assert.equal(await t.call<number>("seven"), 7);
+   * await t.stop();
+   * ```
+   */
+  load(modules: string[]): Promise<void> {
+    let urls: string[];
+    try {
+      urls = modules.map(moduleUrl);
+    } catch (e) {
+      return Promise.reject(e);
+    }
+    return this.#send<void>((id) => ({ id, load: urls }));
+  }
+
+  #send<T>(msg: (id: number) => unknown): Promise<T> {
     if (this.#stopped) return Promise.reject(new Error(`IOThread ${this.name}: stopped`));
     if (this.#failure) return Promise.reject(this.#failure);
     const id = this.#nextId++;
     try {
-      this.#chan.send({ id, fn, args });
+      this.#chan.send(msg(id));
     } catch (e) {
       return Promise.reject(e);
     }

@@ -40,6 +40,8 @@ interface CallMsg {
   id?: number;
   fn?: string;
   args?: unknown;
+  /** IOThread.load: modules to import now. */
+  load?: string[];
   stop?: boolean;
 }
 
@@ -63,15 +65,17 @@ function macrotask(): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, 0));
 }
 
+/** Adds the exported functions of `mod` to `fns` (a name already there keeps its function). */
+function addFunctions(fns: Map<string, CallFn>, mod: Record<string, unknown>): void {
+  for (const [k, v] of Object.entries(mod)) {
+    if (typeof v === "function" && !fns.has(k)) fns.set(k, v as CallFn);
+  }
+}
+
 async function run(init: IOThreadInit): Promise<void> {
   const fns = new Map<string, CallFn>();
   try {
-    for (const m of init.modules) {
-      const mod = await import(m) as Record<string, unknown>;
-      for (const [k, v] of Object.entries(mod)) {
-        if (typeof v === "function" && !fns.has(k)) fns.set(k, v as CallFn);
-      }
-    }
+    for (const m of init.modules) addFunctions(fns, await import(m));
   } catch (e) {
     scope.postMessage({ error: `IOThread ${init.name}: loading modules: ${errorText(e)}` });
     return;
@@ -108,6 +112,17 @@ async function run(init: IOThreadInit): Promise<void> {
       return;
     }
     const id = msg.id!;
+    if (msg.load !== undefined) {
+      const urls = msg.load;
+      running++;
+      (async () => {
+        for (const m of urls) addFunctions(fns, await ctx.waitEventLoop(import(m)));
+      })().then(
+        () => reply(id, true, undefined),
+        (e) => reply(id, false, encodeError(e)),
+      ).finally(() => running--);
+      return;
+    }
     const fn = fns.get(msg.fn ?? "");
     if (!fn) {
       reply(

@@ -1,7 +1,8 @@
 /**
  * `--object iothread,id=...` / QMP `object-add`: a named IOThread (a Deno
- * Worker with its own AioContext, blk_iothread.ts loaded) that exports run
- * in. Several exports share one: each call into the thread names its export
+ * Worker with its own AioContext, blk_iothread.ts loaded; an NBD export
+ * loads dataplane/nbd/nbd_iothread.ts into it when it first needs it) that
+ * exports run in. Several exports share one: each call into the thread names its export
  * ({@link ExportThread}), so each has its own BlockBackend and dataplane there.
  *
  * @module
@@ -14,8 +15,6 @@ import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
 
 // A string literal in `new URL(...)` so the bundler (tools/build.ts) finds the module.
 const BLK_IOTHREAD_MODULE = new URL("../blk_iothread.ts", import.meta.url).href;
-// The NBD export's side (dataplane/nbd/): its clients are served in the same threads.
-const NBD_IOTHREAD_MODULE = new URL("../nbd/nbd_iothread.ts", import.meta.url).href;
 
 /** An `--object iothread` as given. */
 export interface IOThreadSpec {
@@ -136,7 +135,7 @@ export class IOThreadObject {
   static async start(spec: IOThreadSpec): Promise<IOThreadObject> {
     const thread = await IOThread.start({
       name: spec.id,
-      modules: [BLK_IOTHREAD_MODULE, NBD_IOTHREAD_MODULE],
+      modules: [BLK_IOTHREAD_MODULE],
       pollMaxNs: spec.pollMaxNs,
       aioMaxBatch: spec.aioMaxBatch,
       pollGrow: spec.pollGrow,
@@ -147,6 +146,23 @@ export class IOThreadObject {
   }
 
   #tid: Promise<number> | null = null;
+  readonly #loads = new Map<string, Promise<void>>();
+
+  /**
+   * Imports `module` in the thread once (IOThread.load): what only some
+   * exports need, such as the NBD export's side (dataplane/nbd/), which a
+   * thread serving vhost-user-blk alone never compiles. A failed load is
+   * tried again by the next caller.
+   */
+  load(module: string): Promise<void> {
+    let p = this.#loads.get(module);
+    if (p === undefined) {
+      p = this.thread.load([module]);
+      p.catch(() => this.#loads.delete(module));
+      this.#loads.set(module, p);
+    }
+    return p;
+  }
 
   /** The thread's kernel thread id (asked once). */
   threadId(): Promise<number> {

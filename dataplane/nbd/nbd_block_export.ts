@@ -26,6 +26,11 @@ import { ExportThread, type IOThreadObject } from "../daemon/iothread_object.ts"
 import { DaemonError, type OptionObject, QapiInput } from "../daemon/qapi_input.ts";
 import type { NbdExportInfo } from "./nbd_handshake.ts";
 import type { NbdExportStats, NbdImageInfo } from "./nbd_iothread.ts";
+
+// The export's side in its IOThread, loaded there by the first NBD export
+// (IOThreadObject.load). A string literal in `new URL(...)` so the bundler
+// (tools/build.ts) finds the module.
+const NBD_IOTHREAD_MODULE = new URL("./nbd_iothread.ts", import.meta.url).href;
 import type { NbdServedExport, NbdServer, NbdServerSpec } from "./nbd_server.ts";
 import { NBD_MAX_PAYLOAD } from "./nbd_session.ts";
 
@@ -241,6 +246,7 @@ export class NbdBlockExport implements NbdServedExport {
     const clientGone = new EventNotifier();
     let opened = false;
     try {
+      await iothread.load(NBD_IOTHREAD_MODULE);
       const readOnly = (block.readOnly ?? false) || !spec.writable;
       opened = true;
       const image = await thread.call<NbdImageInfo>("nbdOpen", {
