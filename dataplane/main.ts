@@ -18,9 +18,8 @@ import { releaseExecutablePages } from "../sys/mod.ts";
 import { describeNbdServer } from "../block/mod.ts";
 import { formatStats, VhostUserBlkHost } from "./host.ts";
 import { HOST_USAGE, type HostOptions, parseHostArgs, UsageError } from "./host_options.ts";
-import { DAEMON_OPTION_NAMES } from "./daemon/daemon_args.ts";
+import { DAEMON_OPTION_NAMES } from "./daemon/daemon_option_names.ts";
 import { taskArgs } from "./task_args.ts";
-import { daemonMain } from "./daemon/daemon_main.ts";
 
 /**
  * Whether `args` are qemu-storage-daemon's syntax (`--blockdev`, `--export`,
@@ -56,7 +55,11 @@ function describe(o: HostOptions, host: VhostUserBlkHost): string {
 
 /** Runs the host until a signal; returns the exit status. */
 export async function main(args: string[]): Promise<number> {
-  if (isDaemonSyntax(args)) return await daemonMain(args);
+  if (isDaemonSyntax(args)) {
+    // Only the daemon's syntax compiles its parser, QMP and the rest.
+    const { daemonMain } = await import("./daemon/daemon_main.ts");
+    return await daemonMain(args);
+  }
   let opts: HostOptions;
   try {
     opts = parseHostArgs(args);

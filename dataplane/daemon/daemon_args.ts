@@ -16,6 +16,7 @@ import { type NbdExportSpec, parseNbdExport, parseNbdServer } from "../nbd/nbd_b
 import type { NbdServerSpec } from "../nbd/nbd_server.ts";
 import { KeyvalError, parseKeyval } from "./keyval.ts";
 import { DaemonError, type OptionObject, QapiInput } from "./qapi_input.ts";
+import { DAEMON_FLAGS, DAEMON_OPTIONS_WITH_VALUE } from "./daemon_option_names.ts";
 import type { ChardevSpec } from "./storage_daemon.ts";
 
 /** One option, parsed, with the text it came from (for error messages). */
@@ -60,24 +61,6 @@ export class DaemonUsageError extends Error {
     this.name = "DaemonUsageError";
   }
 }
-
-/** Options that take a value. */
-const WITH_VALUE = new Set([
-  "--blockdev",
-  "--object",
-  "--export",
-  "--chardev",
-  "--monitor",
-  "--pidfile",
-  "--metrics",
-  "--nbd-server",
-  "--trace",
-  "-T",
-]);
-const FLAGS = new Set(["--daemonize", "--help", "-h", "--version", "-V"]);
-
-/** Every option name of the qsd syntax: one of these on a command line selects it. */
-export const DAEMON_OPTION_NAMES: ReadonlySet<string> = new Set([...WITH_VALUE, ...FLAGS]);
 
 /** The `--help` text of the qsd syntax. */
 export const DAEMON_USAGE = `Usage: deno task host -- [options]
@@ -207,7 +190,7 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
     if (!arg.startsWith("-") || arg === "-") {
       throw new DaemonUsageError(`${arg}: Unexpected argument`);
     }
-    if (FLAGS.has(arg)) {
+    if (DAEMON_FLAGS.has(arg)) {
       if (value !== undefined) {
         throw new DaemonUsageError(`option '${arg}' doesn't allow an argument`);
       }
@@ -216,7 +199,7 @@ export function parseDaemonArgs(argv: string[]): DaemonArgs {
       else out.version = true;
       continue;
     }
-    if (!WITH_VALUE.has(arg)) {
+    if (!DAEMON_OPTIONS_WITH_VALUE.has(arg)) {
       throw new DaemonUsageError(
         arg.startsWith("--")
           ? `unrecognized option '${arg}'`

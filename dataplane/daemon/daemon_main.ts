@@ -49,7 +49,7 @@ async function apply(d: StorageDaemon, args: DaemonArgs): Promise<void> {
           await d.metricsAdd(o.hostname, o.port);
           break;
         case "nbd-server":
-          d.nbdServerStart(o.spec);
+          await d.nbdServerStart(o.spec);
           break;
         case "nbd-export":
           await d.nbdExportAdd(o.spec);

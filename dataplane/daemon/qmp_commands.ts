@@ -116,8 +116,8 @@ const COMMANDS: Record<string, Command> = {
       await d.exportAdd(parseExport(obj, false));
     }
   },
-  "nbd-server-start": (d, a) => {
-    d.nbdServerStart(parseNbdServer(a.rest(), false));
+  "nbd-server-start": async (d, a) => {
+    await d.nbdServerStart(parseNbdServer(a.rest(), false));
   },
   "nbd-server-stop": noArgs((d) => d.nbdServerStop()),
   "block-export-del": async (d, a) => {

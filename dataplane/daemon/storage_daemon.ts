@@ -19,11 +19,13 @@ import { IOThreadObject } from "./iothread_object.ts";
 import type { ObjectSpec } from "./object_spec.ts";
 import { ThrottleGroupObject } from "./throttle_group_object.ts";
 import { DaemonError, type OptionObject } from "./qapi_input.ts";
-import { QmpServer } from "./qmp_server.ts";
-import { QmpCommands } from "./qmp_commands.ts";
-import { MetricsServer } from "./metrics.ts";
-import { NbdBlockExport, type NbdExportSpec } from "../nbd/nbd_block_export.ts";
-import { NbdServer, type NbdServerSpec } from "../nbd/nbd_server.ts";
+// QMP, the metrics endpoint and the NBD server and exports are imported
+// when first used: the host's short options need none of them, and every
+// module loaded stays resident in the main isolate.
+import type { QmpServer } from "./qmp_server.ts";
+import type { MetricsServer } from "./metrics.ts";
+import type { NbdBlockExport, NbdExportSpec } from "../nbd/nbd_block_export.ts";
+import type { NbdServer, NbdServerSpec } from "../nbd/nbd_server.ts";
 
 /** The id of the IOThread that exports without `iothread=` share. */
 export const MAIN_LOOP_IOTHREAD = "#main-loop";
@@ -200,7 +202,8 @@ export class StorageDaemon {
   }
 
   /** `--nbd-server` / `nbd-server-start`. */
-  nbdServerStart(spec: NbdServerSpec): void {
+  async nbdServerStart(spec: NbdServerSpec): Promise<void> {
+    const { NbdServer } = await import("../nbd/nbd_server.ts");
     if (this.nbdServer !== null) throw new DaemonError("NBD server already running");
     try {
       this.nbdServer = NbdServer.listen(spec, this.ctx, this.log);
@@ -254,6 +257,7 @@ export class StorageDaemon {
     const iothread = named ?? await this.#mainLoopIOThread();
     node.users.add(key);
     try {
+      const { NbdBlockExport } = await import("../nbd/nbd_block_export.ts");
       const exp = await NbdBlockExport.start(
         spec,
         block,
@@ -373,6 +377,8 @@ export class StorageDaemon {
   /** `--metrics ADDR:PORT`: the Prometheus endpoint. */
   async metricsAdd(hostname: string, port: number): Promise<void> {
     if (this.metrics !== null) throw new DaemonError("--metrics given twice");
+    const { MetricsServer } = await import("./metrics.ts");
+    if (this.metrics !== null) throw new DaemonError("--metrics given twice");
     try {
       this.metrics = await MetricsServer.start(this, hostname, port);
     } catch (e) {
@@ -398,6 +404,10 @@ export class StorageDaemon {
     if (this.monitors.some((m) => m.path === c.path)) {
       throw new DaemonError(`Device '${chardev}' is in use`);
     }
+    const [{ QmpServer }, { QmpCommands }] = await Promise.all([
+      import("./qmp_server.ts"),
+      import("./qmp_commands.ts"),
+    ]);
     let server: QmpServer;
     try {
       server = QmpServer.listen(c.path, this.ctx, new QmpCommands(this), {

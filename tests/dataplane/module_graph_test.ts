@@ -66,9 +66,23 @@ Deno.test("module graph: an IOThread loads no on-demand driver, NBD export or no
   assert(g.static.has("block/file_driver.ts") && g.static.has("block/io_uring_engine.ts"));
 });
 
-Deno.test("module graph: the host's main thread loads no on-demand driver", async () => {
+Deno.test("module graph: the host's main thread loads no on-demand driver nor daemon-only module", async () => {
   // node:util: the short options' parseArgs.
-  assertLean(await moduleGraph(["dataplane/main.ts"]), ["node:util"]);
+  const g = await moduleGraph(["dataplane/main.ts"]);
+  assertLean(g, ["node:util"]);
+  // The daemon's syntax, QMP, metrics and NBD export: imported when used.
+  for (
+    const m of [
+      "dataplane/daemon/daemon_main.ts",
+      "dataplane/daemon/daemon_args.ts",
+      "dataplane/daemon/qmp_server.ts",
+      "dataplane/daemon/qmp_commands.ts",
+      "dataplane/daemon/metrics.ts",
+      "dataplane/nbd/nbd_server.ts",
+      "dataplane/nbd/nbd_block_export.ts",
+      "dataplane/virtio_blk_dataplane.ts",
+    ]
+  ) assert(!g.static.has(m), `${m} is imported statically`);
 });
 
 Deno.test("IOThreadObject: the NBD export's side is loaded into a thread by the first NBD export only", async () => {

@@ -25,7 +25,7 @@ for (const inet of [false, true]) {
     const d = new StorageDaemon();
     const ctx = new AioContext();
     try {
-      d.nbdServerStart({
+      await d.nbdServerStart({
         addr: inet
           ? { type: "inet", host: "127.0.0.1", port: 0 }
           : { type: "unix", path: `${dir}/nbd.sock` },

@@ -46,7 +46,7 @@ async function withDaemon(fn: (d: StorageDaemon, sock: string) => Promise<void>)
   const d = new StorageDaemon();
   try {
     const sock = `${dir}/nbd.sock`;
-    d.nbdServerStart({ addr: { type: "unix", path: sock }, maxConnections: 0 });
+    await d.nbdServerStart({ addr: { type: "unix", path: sock }, maxConnections: 0 });
     d.blockdevAdd({ driver: "null-co", "node-name": "rw", size: String(SIZE) }, true);
     await d.nbdExportAdd({ id: "rw", nodeName: "rw", name: "rw", description: "", writable: true });
     await fn(d, sock);

@@ -76,7 +76,7 @@ Deno.test("NBD server: max-connections refuses the client over the limit", async
   const d = new StorageDaemon();
   try {
     const sock = `${dir}/nbd.sock`;
-    d.nbdServerStart({ addr: { type: "unix", path: sock }, maxConnections: 2 });
+    await d.nbdServerStart({ addr: { type: "unix", path: sock }, maxConnections: 2 });
     d.blockdevAdd({ driver: "null-co", "node-name": "n", size: "65536" }, true);
     await d.nbdExportAdd({ id: "n", nodeName: "n", name: "n", description: "", writable: false });
     const a = (await RawNbdClient.go(sock, "n")).client;

@@ -27,7 +27,7 @@ Deno.test("NBD export metrics: clients, requests, errors, bytes", async () => {
   const d = new StorageDaemon();
   try {
     await d.metricsAdd("127.0.0.1", 0);
-    d.nbdServerStart({ addr: { type: "unix", path: `${dir}/nbd.sock` }, maxConnections: 0 });
+    await d.nbdServerStart({ addr: { type: "unix", path: `${dir}/nbd.sock` }, maxConnections: 0 });
     d.blockdevAdd({ driver: "null-co", "node-name": "n0", size: "65536" }, true);
     await d.nbdExportAdd({
       id: "e0",

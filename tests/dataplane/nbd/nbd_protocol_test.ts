@@ -68,7 +68,7 @@ async function withDaemon(
   const d = new StorageDaemon();
   try {
     const sock = `${dir}/nbd.sock`;
-    d.nbdServerStart({ addr: { type: "unix", path: sock }, maxConnections: 0 });
+    await d.nbdServerStart({ addr: { type: "unix", path: sock }, maxConnections: 0 });
     Deno.writeFileSync(`${dir}/rw.raw`, new Uint8Array(SIZE).fill(0x61));
     d.blockdevAdd({ driver: "file", "node-name": "rw", filename: `${dir}/rw.raw` }, true);
     d.blockdevAdd(

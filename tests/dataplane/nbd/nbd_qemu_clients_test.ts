@@ -37,7 +37,7 @@ async function withExport(
   const dir = await makeScratchDir("nbd-qemu");
   const d = new StorageDaemon();
   try {
-    d.nbdServerStart({
+    await d.nbdServerStart({
       addr: inet
         ? { type: "inet", host: "127.0.0.1", port: 0 }
         : { type: "unix", path: `${dir}/nbd.sock` },
@@ -204,7 +204,7 @@ Deno.test("NBD export: over IPv6 loopback (addr.host=::1)", async () => {
   const d = new StorageDaemon();
   try {
     try {
-      d.nbdServerStart({ addr: { type: "inet", host: "::1", port: 0 }, maxConnections: 0 });
+      await d.nbdServerStart({ addr: { type: "inet", host: "::1", port: 0 }, maxConnections: 0 });
     } catch (e) {
       console.warn(`SKIPPED: cannot listen on ::1 here: ${(e as Error).message}`);
       return;
