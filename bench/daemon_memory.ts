@@ -47,7 +47,7 @@ function command(server: "ours" | "qsd", args: string[]): Deno.Command {
     args: [
       "run",
       "-A",
-      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls",
+      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
       `${root}dataplane/main.ts`,
       ...args,
     ],

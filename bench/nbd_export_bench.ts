@@ -83,7 +83,7 @@ async function measure(kind: "ours" | "qsd", dir: string, rounds: number) {
         "run",
         "-A",
         "--no-check",
-        "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls",
+        "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
         MAIN,
         ...daemonArgv(sock),
       ],

@@ -128,7 +128,7 @@ async function run(server: "ours" | "qsd", c: Case, seconds: number): Promise<st
     : new ServerProcess(Deno.execPath(), [
       "run",
       "-A",
-      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls",
+      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
       new URL("../dataplane/main.ts", import.meta.url).pathname,
       ...args,
     ]);

@@ -53,7 +53,7 @@ async function runOnce(image: string, extra: string[]): Promise<Perf> {
       "run",
       "-A",
       "--no-check",
-      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls",
+      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
       MAIN,
       "--image",
       image,

@@ -162,7 +162,7 @@ async function daemonize(argv: string[], prog: string): Promise<number> {
     args: [
       "run",
       "-A",
-      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls",
+      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
       Deno.mainModule,
       ...argv,
     ],
