@@ -989,12 +989,11 @@ export class Qcow2Driver implements BlockDriver {
     }
     readMetadata(this.child, host, lastByte + 1 - host, (ret, buf) => {
       if (ret < 0 || buf === null) return cb(ret < 0 ? ret : -EIO, null);
-      inflateCluster(this.ctx, buf, cs, (out) => {
-        if (out === null) return cb(-EIO, null);
-        this.#lastCompressed = host;
-        this.#lastInflated = out;
-        cb(0, out);
-      });
+      const out = inflateCluster(buf, cs);
+      if (out === null) return cb(-EIO, null);
+      this.#lastCompressed = host;
+      this.#lastInflated = out;
+      cb(0, out);
     });
   }
 
