@@ -167,6 +167,33 @@ Deno.test("indirect descriptors: table walked with NEXT inside it", () => {
   }
 });
 
+Deno.test("indirect descriptors: tables at 4-byte aligned and odd offsets walk the same", () => {
+  // An aligned table is read as words of its region, any other through a DataView.
+  for (const offset of [0, 4, 8, 1, 2, 3, 5, 6, 7]) {
+    const { tm, drv, vq } = setup({ indirectDesc: true });
+    try {
+      const head = drv.writeIndirect([
+        { gpa: A + 0x40000, len: 16 },
+        { gpa: B + 0x10, len: 512, write: true },
+        { gpa: C, len: 1, write: true },
+      ], A + 0x30000 + offset);
+      drv.makeAvailable(head);
+      const c = vq.pop();
+      assert.ok(c, `offset ${offset}: ${vq.brokenReason}`);
+      assert.equal(c.count, 3, `offset ${offset}`);
+      assert.equal(c.outNum, 1);
+      assert.deepEqual([...c.len.subarray(0, 3)], [16, 512, 1], `offset ${offset}`);
+      assert.deepEqual(
+        [...c.addr.subarray(0, 3)],
+        [hostOf(tm, A + 0x40000), hostOf(tm, B + 0x10), hostOf(tm, C)],
+        `offset ${offset}`,
+      );
+    } finally {
+      tm.close();
+    }
+  }
+});
+
 // Each chain that cannot be followed breaks the ring with its own typed reason.
 const malformed: [string, (drv: GuestDriver) => void, Partial<VirtqueueOptions>?][] = [
   ["Loop", (d) => {
