@@ -456,6 +456,41 @@ Deno.test("notifyNeeded with EVENT_IDX: vring_need_event against used_event", ()
   }
 });
 
+Deno.test("notifyHint: the unfenced early check leaves a missed crossing to notifyNeeded", () => {
+  const { tm, drv, vq } = setup({ eventIdx: true });
+  try {
+    drv.setUsedEvent(0);
+    cycle(drv, vq); // used idx 1
+    assert.equal(vq.notifyHint(), true, "nothing signalled yet: notify");
+    assert.equal(vq.notifyNeeded(), false, "the hint's notification counts");
+    drv.setUsedEvent(9); // the driver is busy: interrupts off for a while
+    cycle(drv, vq); // used idx 2
+    assert.equal(vq.notifyHint(), false);
+    // The driver re-enables for the entry at 1 after the hint looked (as a
+    // stale read would also see it): the fenced check must still find it.
+    drv.setUsedEvent(1);
+    assert.equal(vq.notifyNeeded(), true, "a false hint must not close the window");
+    assert.equal(vq.notifyNeeded(), false);
+    cycle(drv, vq); // used idx 3
+    drv.setUsedEvent(2);
+    assert.equal(vq.notifyHint(), true, "crossed 2: the hint notifies at once");
+    assert.equal(vq.notifyNeeded(), false, "and the batch's check does not again");
+  } finally {
+    tm.close();
+  }
+});
+
+Deno.test("notifyHint is false without EVENT_IDX (the batch's notifyNeeded decides)", () => {
+  const { tm, drv, vq } = setup({ eventIdx: false });
+  try {
+    cycle(drv, vq);
+    assert.equal(vq.notifyHint(), false);
+    assert.equal(vq.notifyNeeded(), true);
+  } finally {
+    tm.close();
+  }
+});
+
 Deno.test("notifyNeeded with EVENT_IDX across the used idx wrap", () => {
   const { tm, drv, vq } = setup({ eventIdx: true, lastAvailIdx: 65533 });
   try {
