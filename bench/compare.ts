@@ -34,6 +34,11 @@
  * - Both servers share one image (our host takes no lock, qsd's shared lock
  *   does not conflict), written once with non-zero data so no extent is
  *   unwritten; it lives on a disk-backed directory (cache=none needs O_DIRECT).
+ * - The disk's ceiling (`--fio on`, the default): in the file cells (not
+ *   again for INDIRECT) each round also runs fio straight on the image with
+ *   the same engine, pattern and requests in flight, pinned as the servers
+ *   (compare_fio.ts); the table's "IOPS fio" column. Near it, a server is
+ *   bound by the disk.
  * - Client check: at null-co randread QD128 on one queue (the fastest cell)
  *   blkgen's cores busy (CPU per I/O x IOPS) say whether blkgen, not the
  *   server, limits the rate.
@@ -44,7 +49,7 @@
  * Run: `deno task compare [--quick] [--backend null-co,native,io_uring]
  * [--pattern randread,randwrite] [--qd 1,32,128] [--indirect-qd 128]
  * [--queues 1,2] [--mode interrupt|poll] [--duration-ms 1000] [--rounds 5]
- * [--pin on|off] [--svg bench/results/compare.svg]
+ * [--pin on|off] [--fio on|off] [--svg bench/results/compare.svg]
  * [--json bench/results/compare.json]`
  *
  * @module
@@ -72,6 +77,7 @@ import {
   iopsRatio,
   isSample,
   summarize,
+  summarizeFio,
 } from "./compare_report.ts";
 import {
   type BackendName,
@@ -82,6 +88,7 @@ import {
   startServer,
 } from "./compare_servers.ts";
 import { renderCompareSvg } from "./compare_svg.ts";
+import { runFio } from "./compare_fio.ts";
 
 const PATTERNS: readonly ComparePattern[] = ["randread", "randwrite"];
 const SERVERS: readonly ServerName[] = ["ours", "theirs"];
@@ -108,6 +115,8 @@ interface CompareOptions {
   iothreads: number;
   imageSize: number;
   pin: boolean;
+  /** File cells: also run fio straight on the image each round (the disk's ceiling). */
+  fio: boolean;
   dir?: string;
   svg: string;
   json: string;
@@ -116,7 +125,7 @@ interface CompareOptions {
 const USAGE = `usage: deno task compare [--quick] [--backend null-co,native,io_uring]
   [--pattern randread,randwrite] [--qd 1,32,128] [--indirect-qd 128] [--queues 1,2]
   [--mode interrupt|poll] [--duration-ms 1000] [--rounds 5] [--warmup-ms 500] [--iothreads 1]
-  [--image-size-mib 1024] [--pin on|off] [--dir DIR]
+  [--image-size-mib 1024] [--pin on|off] [--fio on|off] [--dir DIR]
   [--svg bench/results/compare.svg] [--json bench/results/compare.json]`;
 
 function list<T extends string>(flag: string, text: string, all: readonly T[]): T[] {
@@ -160,6 +169,7 @@ function parseOptions(args: string[]): CompareOptions {
       iothreads: { type: "string", default: "1" },
       "image-size-mib": { type: "string", default: "1024" },
       pin: { type: "string", default: "on" },
+      fio: { type: "string", default: "on" },
       dir: { type: "string" },
       svg: { type: "string", default: "bench/results/compare.svg" },
       json: { type: "string", default: "bench/results/compare.json" },
@@ -171,6 +181,7 @@ function parseOptions(args: string[]): CompareOptions {
     Deno.exit(0);
   }
   if (v.pin !== "on" && v.pin !== "off") throw new RangeError("--pin takes on or off");
+  if (v.fio !== "on" && v.fio !== "off") throw new RangeError("--fio takes on or off");
   const qds = numbers("qd", v.qd, 1024);
   const indirectQds = numbers("indirect-qd", v["indirect-qd"], 1024);
   if (qds.length + indirectQds.length === 0) throw new RangeError("--qd: no queue depth");
@@ -188,6 +199,7 @@ function parseOptions(args: string[]): CompareOptions {
     iothreads: numbers("iothreads", v.iothreads, 8)[0],
     imageSize: positive("image-size-mib", v["image-size-mib"]) * (1 << 20),
     pin: v.pin === "on",
+    fio: v.fio === "on",
     dir: v.dir,
     svg: resolve(v.svg),
     json: resolve(v.json),
@@ -370,12 +382,39 @@ export async function main(args: string[]): Promise<number> {
     /** Runs `cell` for `--rounds` rounds, alternating the servers, and takes the medians. */
     const runCell = async (run: RunFn, cell: Cell, label: string) => {
       const w = workload(cell.pattern, cell.queues, cell.qd, cell.indirect, o.durationMs);
+      const backend = cell.backend;
+      // The disk's ceiling does not depend on the descriptor layout: not again for INDIRECT.
+      const fio: Cell["fio"] = o.fio && backend !== "null-co" && !cell.indirect
+        ? { runs: [], median: null }
+        : undefined;
       for (let r = 0; r < o.rounds; r++) {
         for (const name of SERVERS) cell[name].runs.push(await run(name, w));
+        let ceiling = "";
+        if (fio !== undefined && backend !== "null-co") {
+          const f = await runFio({
+            backend,
+            image,
+            pattern: cell.pattern,
+            queues: cell.queues,
+            qd: cell.qd,
+            durationMs: o.durationMs,
+            warmupMs: w.warmupMs ?? 0,
+            cpus: serverCpus,
+          });
+          fio.runs.push(f);
+          ceiling = `, fio ${
+            "error" in f ? `FAILED (${f.error})` : `${(f.iops / 1000).toFixed(1)}k IOPS`
+          }`;
+        }
         progress(
           `${label}${cellName(cell)} round ${r + 1}/${o.rounds}: ` +
-            `ours ${brief(cell.ours.runs[r])}, theirs ${brief(cell.theirs.runs[r])}`,
+            `ours ${brief(cell.ours.runs[r])}, theirs ${brief(cell.theirs.runs[r])}${ceiling}`,
         );
+      }
+      if (fio !== undefined) {
+        fio.median = summarizeFio(fio.runs);
+        cell.fio = fio;
+        for (const f of fio.runs) if ("error" in f) odd.push(`fio ${cellName(cell)}: ${f.error}`);
       }
       for (const name of SERVERS) {
         cell[name].median = summarize(cell[name].runs);

@@ -8,6 +8,7 @@
 
 import type { ComparePattern, RunFailure, RunSample } from "./compare_client.ts";
 import type { BackendName, ServerName } from "./compare_servers.ts";
+import type { FioSample } from "./compare_fio.ts";
 
 /** Medians over a server's successful runs of one cell. */
 export interface Summary {
@@ -45,6 +46,29 @@ export interface Cell {
   indirect: boolean;
   ours: ServerRuns;
   theirs: ServerRuns;
+  /**
+   * File backends: fio straight on the image with the same workload, each
+   * round after the servers (compare_fio.ts): the disk's ceiling.
+   */
+  fio?: { runs: (FioSample | RunFailure)[]; median: FioSample | null };
+}
+
+/**
+ * Medians of fio's successful runs (null when none succeeded).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { summarizeFio } from "./compare_report.ts";
+ * assert.deepEqual(summarizeFio([{ iops: 3, p99Us: 9 }, { error: "x" }, { iops: 1, p99Us: 7 }]),
+ *   { iops: 2, p99Us: 8 });
+ * assert.equal(summarizeFio([{ error: "x" }]), null);
+ * ```
+ */
+export function summarizeFio(runs: (FioSample | RunFailure)[]): FioSample | null {
+  const ok = runs.filter((r): r is FioSample => !("error" in r));
+  if (ok.length === 0) return null;
+  return { iops: median(ok.map((r) => r.iops)), p99Us: median(ok.map((r) => r.p99Us)) };
 }
 
 /**
@@ -119,7 +143,9 @@ function fmtRate(n: number | undefined): string {
 /**
  * The comparison table: one row per cell, medians of both servers side by
  * side (o = ours, t = theirs, latencies and CPU per request in us; kicks
- * and waits are blkgen's eventfd writes and sleeps per request).
+ * and waits are blkgen's eventfd writes and sleeps per request; "IOPS fio"
+ * is fio straight on the image, the disk's ceiling, in file cells; the
+ * column is left out when no cell has one).
  *
  * @example
  * ```ts
@@ -138,6 +164,7 @@ export function formatTable(cells: Cell[]): string {
     "IOPS o",
     "IOPS t",
     "o/t",
+    "IOPS fio",
     "p50 o",
     "p50 t",
     "p99 o",
@@ -161,6 +188,7 @@ export function formatTable(cells: Cell[]): string {
       fmtIops(o?.iops),
       fmtIops(t?.iops),
       Number.isFinite(ratio) ? ratio.toFixed(2) : "-",
+      fmtIops(c.fio?.median?.iops),
       fmtUs(o?.p50Us),
       fmtUs(t?.p50Us),
       fmtUs(o?.p99Us),
@@ -173,6 +201,12 @@ export function formatTable(cells: Cell[]): string {
       fmtRate(t?.waitsPerIo),
     ];
   });
+  // The fio column only when some cell has a ceiling (file backends).
+  if (!cells.some((c) => c.fio !== undefined)) {
+    const i = head.indexOf("IOPS fio");
+    head.splice(i, 1);
+    for (const r of rows) r.splice(i, 1);
+  }
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   // Text columns left-aligned, numbers right-aligned.
   const line = (r: string[]) =>

@@ -920,8 +920,12 @@ export class VirtioBlkDataPlane {
       // EVENT_IDX: the driver asks for exactly one notification, when used
       // idx passes its used_event; tell it at once, as libvhost-user's
       // vu_queue_notify after each push does. A sleeping driver then wakes
-      // while the rest of the batch completes, instead of after it.
-      this.#notifyGuest(q);
+      // while the rest of the batch completes, instead of after it. The
+      // check here has no fence (notifyHint); the fenced one, which cannot
+      // miss a driver that just re-enabled, runs once for the batch, from
+      // the BH.
+      if (q.callFd !== null && q.vq.notifyHint()) this.#signal(q);
+      if (!q.notifyBh.scheduled) q.notifyBh.schedule();
     } else if (!q.notifyBh.scheduled) {
       // Without EVENT_IDX every check with interrupts enabled says yes: one
       // notification per batch, from the BH.

@@ -252,9 +252,11 @@ const HI_LIMIT = 0x200000;
  * table must lie in one region (QEMU: "Cannot map indirect buffer").
  * Internal to virtio/ (Virtqueue.pop).
  *
- * Hot path: no allocation (indirect tables are read through the region's
- * DataView). A buffer inside one region costs one {@link GuestMemory.hostAddr}
- * as before; only one that is not pays for the split.
+ * Hot path: no allocation (an indirect table is read as words of its region,
+ * {@link GuestMemory.regionWords}, like the ring's table, or through the
+ * region's DataView when it is not 4-byte aligned). A buffer inside one
+ * region costs one {@link GuestMemory.hostAddr}; only one that is not pays
+ * for the split.
  *
  * @example
  * ```ts
@@ -290,42 +292,57 @@ export function walkChain(
   let i = head;
   let limit = size;
   let steps = 0;
-  let table: DataView | null = null; // the indirect table's region view, when inside one
+  // Where descriptors are read: the ring's table, or an indirect table read
+  // as words of its region (`base` its first word) when 4-byte aligned, as
+  // drivers place them; a table at another offset is read through the
+  // region's DataView (`view`).
+  let words = desc;
+  let base = 0;
+  let inTable = false;
+  let view: DataView | null = null;
   let tableBase = 0;
   let failed: DescriptorChainErrorKind | null = null; // first buffer error: walk on to the end
   for (;;) {
     if (i >= limit) return "NextOutOfRange";
     if (++steps > limit) return "Loop";
     let lo: number, hi: number, len: number, flags: number, next: number;
-    if (table === null) {
-      const w = i * 4;
-      lo = desc[w];
-      hi = desc[w + 1];
-      len = desc[w + 2];
-      const fn = desc[w + 3];
+    if (view === null) {
+      const w = base + i * 4;
+      lo = words[w];
+      hi = words[w + 1];
+      len = words[w + 2];
+      const fn = words[w + 3];
       flags = fn & 0xffff;
       next = fn >>> 16;
     } else {
       const off = tableBase + i * VRING_DESC_SIZE;
-      lo = table.getUint32(off, true);
-      hi = table.getUint32(off + 4, true);
-      len = table.getUint32(off + 8, true);
-      flags = table.getUint16(off + 12, true);
-      next = table.getUint16(off + 14, true);
+      lo = view.getUint32(off, true);
+      hi = view.getUint32(off + 4, true);
+      len = view.getUint32(off + 8, true);
+      flags = view.getUint16(off + 12, true);
+      next = view.getUint16(off + 14, true);
     }
     // -1 never translates: addresses >= 2^53 are in no region
     const gpa = hi < HI_LIMIT ? hi * 0x100000000 + lo : -1;
     if (flags & VRING_DESC_F_INDIRECT) {
-      if (table !== null) return "NestedIndirect";
+      if (inTable) return "NestedIndirect";
       if (!indirectAllowed) return "IndirectNotNegotiated";
       if (flags & VRING_DESC_F_NEXT) return "IndirectWithNext";
-      if (len === 0 || len % VRING_DESC_SIZE !== 0) return "IndirectBadLength";
+      if (len === 0 || (len & (VRING_DESC_SIZE - 1)) !== 0) return "IndirectBadLength";
       const host = mem.hostAddr(gpa, len);
       if (host < 0) return "IndirectOutOfRange";
       const r = mem.lastRegion;
-      table = mem.regionView(r);
-      tableBase = host - mem.regionHostAddr(r);
-      limit = len / VRING_DESC_SIZE;
+      const off = host - mem.regionHostAddr(r);
+      inTable = true;
+      // The low bits of an offset past 2^31 survive `&` (ToInt32 wraps mod 2^32).
+      if ((off & 3) === 0) {
+        words = mem.regionWords(r);
+        base = off / 4;
+      } else {
+        view = mem.regionView(r);
+        tableBase = off;
+      }
+      limit = len >>> 4; // VRING_DESC_SIZE is 16
       steps = 0;
       i = 0;
       continue;

@@ -6,6 +6,7 @@
 
 import assert from "node:assert/strict";
 import type { Cell } from "../../bench/compare_report.ts";
+import { runFio } from "../../bench/compare_fio.ts";
 import { makeScratchDir, REPO_ROOT } from "../harness/mod.ts";
 
 Deno.test("compare --quick: table, JSON and SVG for both servers on null-co", async () => {
@@ -87,6 +88,42 @@ Deno.test("compare --quick: table, JSON and SVG for both servers on null-co", as
     assert.match(chart, /null-co randread, 1 queue: p99 latency/);
     // Two servers x two panels: a line each.
     assert.equal(chart.match(/<polyline /g)?.length, 4);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("compare's fio ceiling: fio runs the file cell's workload and its report parses", async () => {
+  const dir = await makeScratchDir("compare-fio-test");
+  try {
+    const image = `${dir}/disk.raw`;
+    await Deno.writeFile(image, new Uint8Array(8 << 20).fill(0x5a));
+    for (const backend of ["native", "io_uring"] as const) {
+      for (const pattern of ["randread", "randwrite"] as const) {
+        const r = await runFio({
+          backend,
+          image,
+          pattern,
+          queues: 2,
+          qd: 4,
+          durationMs: 200,
+          warmupMs: 50,
+        });
+        assert.ok(!("error" in r), `${backend} ${pattern}: ${JSON.stringify(r)}`);
+        assert.ok(r.iops > 0 && r.p99Us > 0, `${backend} ${pattern}: ${JSON.stringify(r)}`);
+      }
+    }
+    // A file fio cannot open is a failure to report, not an exception.
+    const bad = await runFio({
+      backend: "native",
+      image: `${dir}/missing/disk.raw`,
+      pattern: "randread",
+      queues: 1,
+      qd: 1,
+      durationMs: 100,
+      warmupMs: 0,
+    });
+    assert.ok("error" in bad, JSON.stringify(bad));
   } finally {
     await Deno.remove(dir, { recursive: true });
   }

@@ -167,6 +167,33 @@ Deno.test("indirect descriptors: table walked with NEXT inside it", () => {
   }
 });
 
+Deno.test("indirect descriptors: tables at 4-byte aligned and odd offsets walk the same", () => {
+  // An aligned table is read as words of its region, any other through a DataView.
+  for (const offset of [0, 4, 8, 1, 2, 3, 5, 6, 7]) {
+    const { tm, drv, vq } = setup({ indirectDesc: true });
+    try {
+      const head = drv.writeIndirect([
+        { gpa: A + 0x40000, len: 16 },
+        { gpa: B + 0x10, len: 512, write: true },
+        { gpa: C, len: 1, write: true },
+      ], A + 0x30000 + offset);
+      drv.makeAvailable(head);
+      const c = vq.pop();
+      assert.ok(c, `offset ${offset}: ${vq.brokenReason}`);
+      assert.equal(c.count, 3, `offset ${offset}`);
+      assert.equal(c.outNum, 1);
+      assert.deepEqual([...c.len.subarray(0, 3)], [16, 512, 1], `offset ${offset}`);
+      assert.deepEqual(
+        [...c.addr.subarray(0, 3)],
+        [hostOf(tm, A + 0x40000), hostOf(tm, B + 0x10), hostOf(tm, C)],
+        `offset ${offset}`,
+      );
+    } finally {
+      tm.close();
+    }
+  }
+});
+
 // Each chain that cannot be followed breaks the ring with its own typed reason.
 const malformed: [string, (drv: GuestDriver) => void, Partial<VirtqueueOptions>?][] = [
   ["Loop", (d) => {
@@ -424,6 +451,41 @@ Deno.test("notifyNeeded with EVENT_IDX: vring_need_event against used_event", ()
     cycle(drv, vq); // used idx 7: 5 was crossed within this batch
     assert.equal(vq.notifyNeeded(), true);
     assert.equal(vq.notifyNeeded(), false);
+  } finally {
+    tm.close();
+  }
+});
+
+Deno.test("notifyHint: the unfenced early check leaves a missed crossing to notifyNeeded", () => {
+  const { tm, drv, vq } = setup({ eventIdx: true });
+  try {
+    drv.setUsedEvent(0);
+    cycle(drv, vq); // used idx 1
+    assert.equal(vq.notifyHint(), true, "nothing signalled yet: notify");
+    assert.equal(vq.notifyNeeded(), false, "the hint's notification counts");
+    drv.setUsedEvent(9); // the driver is busy: interrupts off for a while
+    cycle(drv, vq); // used idx 2
+    assert.equal(vq.notifyHint(), false);
+    // The driver re-enables for the entry at 1 after the hint looked (as a
+    // stale read would also see it): the fenced check must still find it.
+    drv.setUsedEvent(1);
+    assert.equal(vq.notifyNeeded(), true, "a false hint must not close the window");
+    assert.equal(vq.notifyNeeded(), false);
+    cycle(drv, vq); // used idx 3
+    drv.setUsedEvent(2);
+    assert.equal(vq.notifyHint(), true, "crossed 2: the hint notifies at once");
+    assert.equal(vq.notifyNeeded(), false, "and the batch's check does not again");
+  } finally {
+    tm.close();
+  }
+});
+
+Deno.test("notifyHint is false without EVENT_IDX (the batch's notifyNeeded decides)", () => {
+  const { tm, drv, vq } = setup({ eventIdx: false });
+  try {
+    cycle(drv, vq);
+    assert.equal(vq.notifyHint(), false);
+    assert.equal(vq.notifyNeeded(), true);
   } finally {
     tm.close();
   }
