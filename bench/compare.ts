@@ -13,7 +13,8 @@
  * How it runs, on a small machine (2 CPUs here):
  * - Both servers export the same node with one IOThread each (qsd
  *   `--object iothread` on the export; our host `--iothreads 1`), for 1 and
- *   2 queues alike. Our host runs as its own `./deno` process, so
+ *   2 queues alike. Our host runs as its own `./deno` process with the V8
+ *   flags of `deno task host` (HOST_V8_FLAGS), so
  *   blkgen reads its CPU time from its process CPU clock, as for qsd.
  * - With 2 or more CPUs, every thread of both servers is pinned to CPU 0
  *   (`taskset -c 0`) and blkgen to CPU 1 (`--cpu 1`), so neither competes

@@ -9,6 +9,7 @@
  * @module
  */
 
+import { HOST_V8_FLAGS_ARG } from "../dataplane/mod.ts";
 import {
   QemuStorageDaemon,
   type QsdBlockdev,
@@ -82,7 +83,9 @@ export function processCpuMs(pid: number): number {
 /** The command line of our host for `c` (arguments after `./deno`). */
 export function ourHostArgs(c: ServerConfig): string[] {
   const image = c.backend === "null-co" ? `null-co:${c.nullSize}` : c.image;
-  const args = ["run", "-A", "dataplane/main.ts", "--image", image, "--socket", c.socket];
+  // The V8 flags of `deno task host`: what is measured is what users run.
+  const args = ["run", "-A", HOST_V8_FLAGS_ARG, "dataplane/main.ts", "--image", image];
+  args.push("--socket", c.socket);
   if (c.backend !== "null-co") args.push("--cache", "none", "--aio", c.backend);
   // blkgen asks for a ring of 512 entries at QD128 without INDIRECT (3 descriptors a request).
   args.push("--queues", String(c.queues), "--iothreads", String(c.iothreads));

@@ -13,6 +13,7 @@
  * @module
  */
 
+import { HOST_V8_FLAGS_ARG } from "../dataplane/mod.ts";
 import { parseArgs } from "node:util";
 import { VhostUserBlkClient } from "../client/mod.ts";
 import { residentMemory } from "../sys/mod.ts";
@@ -47,7 +48,7 @@ function command(server: "ours" | "qsd", args: string[]): Deno.Command {
     args: [
       "run",
       "-A",
-      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
+      HOST_V8_FLAGS_ARG,
       `${root}dataplane/main.ts`,
       ...args,
     ],

@@ -14,6 +14,7 @@
  * @module
  */
 
+import { HOST_V8_FLAGS_ARG } from "../dataplane/mod.ts";
 import { makeScratchDir } from "../tests/harness/mod.ts";
 
 const MAIN = new URL("../dataplane/main.ts", import.meta.url).pathname;
@@ -83,7 +84,7 @@ async function measure(kind: "ours" | "qsd", dir: string, rounds: number) {
         "run",
         "-A",
         "--no-check",
-        "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
+        HOST_V8_FLAGS_ARG,
         MAIN,
         ...daemonArgv(sock),
       ],

@@ -19,6 +19,7 @@
  * @module
  */
 
+import { HOST_V8_FLAGS_ARG } from "../dataplane/mod.ts";
 import { parseArgs } from "node:util";
 import { AioContext } from "../aio/mod.ts";
 import {
@@ -128,7 +129,7 @@ async function run(server: "ours" | "qsd", c: Case, seconds: number): Promise<st
     : new ServerProcess(Deno.execPath(), [
       "run",
       "-A",
-      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
+      HOST_V8_FLAGS_ARG,
       new URL("../dataplane/main.ts", import.meta.url).pathname,
       ...args,
     ]);

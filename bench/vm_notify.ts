@@ -18,6 +18,7 @@
  * @module
  */
 
+import { HOST_V8_FLAGS_ARG } from "../dataplane/mod.ts";
 import { parseArgs } from "node:util";
 import { makeScratchDir } from "../tests/harness/mod.ts";
 
@@ -53,7 +54,7 @@ async function runOnce(image: string, extra: string[]): Promise<Perf> {
       "run",
       "-A",
       "--no-check",
-      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
+      HOST_V8_FLAGS_ARG,
       MAIN,
       "--image",
       image,

@@ -37,3 +37,4 @@ export {
   UsageError,
 } from "./host_options.ts";
 export { taskArgs } from "./task_args.ts";
+export { HOST_V8_FLAGS, HOST_V8_FLAGS_ARG } from "./v8_flags.ts";

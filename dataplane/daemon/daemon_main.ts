@@ -14,6 +14,7 @@ import { DAEMON_USAGE, type DaemonArgs, DaemonUsageError, parseDaemonArgs } from
 import { DaemonError } from "./qapi_input.ts";
 import { QMP_VERSION } from "./qmp_commands.ts";
 import { StorageDaemon } from "./storage_daemon.ts";
+import { HOST_V8_FLAGS_ARG } from "../v8_flags.ts";
 
 /** Set in a daemonized child's environment: report readiness on stdout. */
 const DAEMONIZED_ENV = "DATAPLANE_DAEMONIZED";
@@ -162,7 +163,7 @@ async function daemonize(argv: string[], prog: string): Promise<number> {
     args: [
       "run",
       "-A",
-      "--v8-flags=--max-semi-space-size=1,--no-short-builtin-calls,--no-maglev",
+      HOST_V8_FLAGS_ARG,
       Deno.mainModule,
       ...argv,
     ],
