@@ -35,6 +35,11 @@ export interface Workload {
   eventIdx?: boolean;
   /** Pin blkgen's threads to this CPU (default: not pinned). */
   cpu?: number;
+  /**
+   * blkgen threads driving the queues, round-robin (default: one per queue).
+   * One thread for several queues is what a 1-vCPU guest does.
+   */
+  threads?: number;
 }
 
 /** The fields of blkgen's `--json` line that the comparison uses. */
@@ -109,7 +114,11 @@ export function machineBusySeconds(): number {
  * import { blkgenArgs } from "./compare_client.ts";
  * const a = blkgenArgs("/tmp/s.sock", 42, { pattern: "randread", queues: 1, qd: 32, durationMs: 500 });
  * assert.deepEqual(a.slice(0, 4), ["--socket", "/tmp/s.sock", "--server-pid", "42"]);
- * assert(a.includes("--json"));
+ * assert(a.includes("--json") && !a.includes("--threads"));
+ * const b = blkgenArgs("/tmp/s.sock", 42, {
+ *   pattern: "randread", queues: 2, qd: 32, durationMs: 500, threads: 1,
+ * });
+ * assert.deepEqual(b.slice(-2), ["--threads", "1"]);
  * ```
  */
 export function blkgenArgs(socket: string, serverPid: number, w: Workload): string[] {
@@ -139,6 +148,7 @@ export function blkgenArgs(socket: string, serverPid: number, w: Workload): stri
     "--json",
   ];
   if (w.cpu !== undefined) args.push("--cpu", String(w.cpu));
+  if (w.threads !== undefined) args.push("--threads", String(w.threads));
   return args;
 }
 
