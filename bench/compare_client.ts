@@ -57,6 +57,7 @@ interface BlkgenJson {
   busy_cores: number;
   server_cpu_us_per_io?: number;
   server_cores?: number;
+  preempted: number;
 }
 
 /** One run's measurements. */
@@ -78,6 +79,11 @@ export interface RunSample {
   kicksPerIo: number;
   /** Sleeps on the call eventfd per request (0 in poll mode). */
   waitsPerIo: number;
+  /**
+   * Times blkgen's threads lost the CPU with work to do in the window
+   * (involuntary context switches): to other processes, or to each other.
+   */
+  clientPreempted: number;
   ops: number;
   /** Requests that completed with a non-OK status. */
   errors: number;
@@ -213,6 +219,7 @@ export async function measureRun(
     clientCores: r.busy_cores,
     kicksPerIo: r.kicks_per_io,
     waitsPerIo: r.waits_per_io,
+    clientPreempted: r.preempted,
     ops: r.ops,
     errors: r.errors,
     seconds: r.seconds,

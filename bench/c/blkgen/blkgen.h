@@ -245,9 +245,10 @@ struct worker {
   uint64_t waits;     /* sleeps (voluntary context switches), measured window */
   uint64_t polls;     /* poll() calls; those that did not sleep found a signal left over from
                          entries already reaped */
-  /* The measured window as this thread saw it (for its sleep count). */
+  uint64_t preempted; /* involuntary context switches (the CPU taken away), measured window */
+  /* The measured window as this thread saw it (for its context switch counts). */
   bool in_window;
-  long sleeps0;
+  long sleeps0, preempted0;
   bool failed; /* one of its queues failed */
 };
 

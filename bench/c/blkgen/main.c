@@ -372,10 +372,11 @@ int main(int argc, char **argv) {
     hist_merge(&tot.lat, &s->lat);
   }
   /* Sleeps and poll() calls are the threads': one poll() waits for all of a thread's queues. */
-  uint64_t waits = 0, polls = 0;
+  uint64_t waits = 0, polls = 0, preempted = 0;
   for (unsigned t = 0; t < o.threads; t++) {
     waits += ws[t].waits;
     polls += ws[t].polls;
+    preempted += ws[t].preempted;
   }
   double secs = (double)(t1 - t0) / 1e9;
   double user_us = tv_us(ru1.ru_utime) - tv_us(ru0.ru_utime);
@@ -403,12 +404,13 @@ int main(int argc, char **argv) {
            "\"lat_us\":{\"mean\":%.2f,\"p50\":%.2f,\"p90\":%.2f,\"p99\":%.2f,\"p999\":%.2f,"
            "\"max\":%.2f},"
            "\"kicks_per_io\":%.4f,\"waits_per_io\":%.4f,\"calls_per_io\":%.4f,"
-           "\"stale_wakeups\":%llu,\"cpu_us_per_io\":%.4f,\"busy_us_per_io\":%.4f,"
+           "\"stale_wakeups\":%llu,\"preempted\":%llu,\"cpu_us_per_io\":%.4f,\"busy_us_per_io\":%.4f,"
            "\"cpu_ms\":{\"user\":%.1f,\"system\":%.1f},\"cpu_cores\":%.3f,\"busy_cores\":%.3f,",
            iops, mbps, (unsigned long long)tot.ops, (unsigned long long)tot.reads,
            (unsigned long long)tot.writes, (unsigned long long)tot.errors, secs, mean, p50, p90,
            p99, p999, max, tot.kicks / ops, waits / ops, tot.calls / ops,
-           (unsigned long long)stale, (user_us + sys_us) / ops, busy_us / ops,
+           (unsigned long long)stale, (unsigned long long)preempted, (user_us + sys_us) / ops,
+           busy_us / ops,
            user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs, busy_us / 1e6 / secs);
     if (o.server_pid && server0 >= 0 && server1 >= 0) {
       printf("\"server_cpu_us_per_io\":%.4f,\"server_cores\":%.3f,", (server1 - server0) / ops,
@@ -433,8 +435,9 @@ int main(int argc, char **argv) {
     }
     printf("],\"per_thread\":[");
     for (unsigned t = 0; t < o.threads; t++) {
-      printf("%s{\"queues\":%u,\"waits\":%llu,\"polls\":%llu}", t ? "," : "", ws[t].nq,
-             (unsigned long long)ws[t].waits, (unsigned long long)ws[t].polls);
+      printf("%s{\"queues\":%u,\"waits\":%llu,\"polls\":%llu,\"preempted\":%llu}", t ? "," : "",
+             ws[t].nq, (unsigned long long)ws[t].waits, (unsigned long long)ws[t].polls,
+             (unsigned long long)ws[t].preempted);
     }
     printf("],");
     printf("\"config\":{\"rw\":\"%s\",\"bs\":%u,\"qd\":%u,\"queues\":%u,\"threads\":%u,"
@@ -454,8 +457,9 @@ int main(int argc, char **argv) {
            (unsigned long long)tot.ops, secs, (unsigned long long)tot.errors);
     printf("  lat us: mean %.2f  p50 %.2f  p90 %.2f  p99 %.2f  p99.9 %.2f  max %.2f\n", mean, p50,
            p90, p99, p999, max);
-    printf("  kicks/io %.4f  waits/io %.4f  calls/io %.4f  stale wakeups %llu\n", tot.kicks / ops,
-           waits / ops, tot.calls / ops, (unsigned long long)stale);
+    printf("  kicks/io %.4f  waits/io %.4f  calls/io %.4f  stale wakeups %llu  preempted %llu\n",
+           tot.kicks / ops, waits / ops, tot.calls / ops, (unsigned long long)stale,
+           (unsigned long long)preempted);
     printf("  cpu us/io %.4f  (user %.1f ms, system %.1f ms, %.2f cores)  busy us/io %.4f (%.2f cores)\n",
            (user_us + sys_us) / ops, user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs,
            busy_us / ops, busy_us / 1e6 / secs);

@@ -263,19 +263,23 @@ static void check_data(struct queue *q, unsigned s) {
   }
 }
 
-/* This thread's voluntary context switches: each is a sleep (in poll(), on the call eventfds). */
-static long thread_sleeps(void) {
-  struct rusage ru;
-  getrusage(RUSAGE_THREAD, &ru);
-  return ru.ru_nvcsw;
-}
-
-/* Opens or closes the thread's measured window as the phase moves (waits = sleeps in it). */
+/*
+ * Opens or closes the thread's measured window as the phase moves. Its voluntary context
+ * switches in it are sleeps (in poll(), on the call eventfds): waits; its involuntary ones are
+ * the times the scheduler took the CPU from it with work to do: preempted.
+ */
 static inline void track_window(struct worker *w, bool measuring) {
   if (measuring == w->in_window) return;
   w->in_window = measuring;
-  if (measuring) w->sleeps0 = thread_sleeps();
-  else w->waits += (uint64_t)(thread_sleeps() - w->sleeps0);
+  struct rusage ru;
+  getrusage(RUSAGE_THREAD, &ru);
+  if (measuring) {
+    w->sleeps0 = ru.ru_nvcsw;
+    w->preempted0 = ru.ru_nivcsw;
+  } else {
+    w->waits += (uint64_t)(ru.ru_nvcsw - w->sleeps0);
+    w->preempted += (uint64_t)(ru.ru_nivcsw - w->preempted0);
+  }
 }
 
 /* Every slot free, jobs to submit, progress as of now. */
