@@ -58,6 +58,7 @@ interface BlkgenJson {
   server_cpu_us_per_io?: number;
   server_cores?: number;
   preempted: number;
+  ops_per_reap: number;
 }
 
 /** One run's measurements. */
@@ -84,6 +85,12 @@ export interface RunSample {
    * (involuntary context switches): to other processes, or to each other.
    */
   clientPreempted: number;
+  /**
+   * Completions blkgen found per pass with completions: small while it keeps
+   * up with the server (it reaps as they come), growing towards QD if it fell
+   * behind.
+   */
+  clientOpsPerReap: number;
   ops: number;
   /** Requests that completed with a non-OK status. */
   errors: number;
@@ -220,6 +227,7 @@ export async function measureRun(
     kicksPerIo: r.kicks_per_io,
     waitsPerIo: r.waits_per_io,
     clientPreempted: r.preempted,
+    clientOpsPerReap: r.ops_per_reap,
     ops: r.ops,
     errors: r.errors,
     seconds: r.seconds,

@@ -25,7 +25,14 @@ interface BlkgenResult {
   verified?: number;
   mismatches?: number;
   server_cpu_us_per_io?: number;
-  per_queue: { thread: number; ops: number; errors: number; total_ops: number; verified: number }[];
+  per_queue: {
+    thread: number;
+    ops: number;
+    errors: number;
+    reaps: number;
+    total_ops: number;
+    verified: number;
+  }[];
   per_thread: { queues: number; waits: number; polls: number }[];
   config: {
     mode: string;
@@ -142,6 +149,8 @@ function assertEveryQueueServed(j: BlkgenResult, what: string): void {
   for (const [i, q] of j.per_queue.entries()) {
     assert.ok(q.ops > 0, `${what}: queue ${i} completed no request: ${JSON.stringify(j)}`);
     assert.equal(q.thread, i % j.config.threads, what);
+    // Each pass with completions reaps at least one and at most QD of them.
+    assert.ok(q.reaps > 0 && q.reaps <= q.ops, `${what}: queue ${i}: ${q.reaps} reaps`);
   }
   assert.equal(j.per_queue.reduce((a, q) => a + q.ops, 0), j.ops, what);
   assert.equal(j.per_thread.reduce((a, t) => a + t.queues, 0), j.config.queues, what);

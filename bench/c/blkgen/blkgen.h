@@ -180,6 +180,7 @@ struct queue_stats {
   uint64_t kicks;        /* kick eventfd writes, measured window */
   uint64_t calls;        /* device notifications: the sum of the call eventfd's counts read */
   uint64_t busy_ns;      /* wall time of the passes that found completions, measured window */
+  uint64_t reaps;        /* those passes (ops / reaps: completions per pass), measured window */
   uint64_t mismatches;   /* verify: blocks read back different from what was written */
   uint64_t verified;     /* verify: blocks read back and compared */
   uint64_t total_ops;    /* every completion, warm-up and drain included */

@@ -366,6 +366,7 @@ int main(int argc, char **argv) {
     tot.kicks += s->kicks;
     tot.calls += s->calls;
     tot.busy_ns += s->busy_ns;
+    tot.reaps += s->reaps;
     tot.mismatches += s->mismatches;
     tot.verified += s->verified;
     tot.total_ops += s->total_ops;
@@ -404,12 +405,13 @@ int main(int argc, char **argv) {
            "\"lat_us\":{\"mean\":%.2f,\"p50\":%.2f,\"p90\":%.2f,\"p99\":%.2f,\"p999\":%.2f,"
            "\"max\":%.2f},"
            "\"kicks_per_io\":%.4f,\"waits_per_io\":%.4f,\"calls_per_io\":%.4f,"
-           "\"stale_wakeups\":%llu,\"preempted\":%llu,\"cpu_us_per_io\":%.4f,\"busy_us_per_io\":%.4f,"
+           "\"stale_wakeups\":%llu,\"preempted\":%llu,\"ops_per_reap\":%.2f,\"cpu_us_per_io\":%.4f,\"busy_us_per_io\":%.4f,"
            "\"cpu_ms\":{\"user\":%.1f,\"system\":%.1f},\"cpu_cores\":%.3f,\"busy_cores\":%.3f,",
            iops, mbps, (unsigned long long)tot.ops, (unsigned long long)tot.reads,
            (unsigned long long)tot.writes, (unsigned long long)tot.errors, secs, mean, p50, p90,
            p99, p999, max, tot.kicks / ops, waits / ops, tot.calls / ops,
-           (unsigned long long)stale, (unsigned long long)preempted, (user_us + sys_us) / ops,
+           (unsigned long long)stale, (unsigned long long)preempted,
+           tot.reaps ? (double)tot.ops / (double)tot.reaps : 0, (user_us + sys_us) / ops,
            busy_us / ops,
            user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs, busy_us / 1e6 / secs);
     if (o.server_pid && server0 >= 0 && server1 >= 0) {
@@ -425,12 +427,13 @@ int main(int argc, char **argv) {
     for (unsigned i = 0; i < o.queues; i++) {
       const struct queue_stats *s = &qs[i].st;
       printf("%s{\"thread\":%u,\"ops\":%llu,\"reads\":%llu,\"writes\":%llu,\"errors\":%llu,"
-             "\"kicks\":%llu,\"calls\":%llu,\"total_ops\":%llu,\"verified\":%llu,"
+             "\"kicks\":%llu,\"calls\":%llu,\"reaps\":%llu,\"total_ops\":%llu,\"verified\":%llu,"
              "\"p99_us\":%.2f}",
              i ? "," : "", qs[i].thread, (unsigned long long)s->ops,
              (unsigned long long)s->reads, (unsigned long long)s->writes,
              (unsigned long long)s->errors, (unsigned long long)s->kicks,
-             (unsigned long long)s->calls, (unsigned long long)s->total_ops,
+             (unsigned long long)s->calls, (unsigned long long)s->reaps,
+             (unsigned long long)s->total_ops,
              (unsigned long long)s->verified, hist_quantile(&s->lat, 0.99) / 1e3);
     }
     printf("],\"per_thread\":[");
@@ -460,9 +463,10 @@ int main(int argc, char **argv) {
     printf("  kicks/io %.4f  waits/io %.4f  calls/io %.4f  stale wakeups %llu  preempted %llu\n",
            tot.kicks / ops, waits / ops, tot.calls / ops, (unsigned long long)stale,
            (unsigned long long)preempted);
-    printf("  cpu us/io %.4f  (user %.1f ms, system %.1f ms, %.2f cores)  busy us/io %.4f (%.2f cores)\n",
+    printf("  cpu us/io %.4f  (user %.1f ms, system %.1f ms, %.2f cores)  busy us/io %.4f (%.2f cores)"
+           "  ops/reap %.2f\n",
            (user_us + sys_us) / ops, user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs,
-           busy_us / ops, busy_us / 1e6 / secs);
+           busy_us / ops, busy_us / 1e6 / secs, tot.reaps ? (double)tot.ops / (double)tot.reaps : 0);
     if (o.server_pid && server0 >= 0 && server1 >= 0) {
       printf("  server (pid %d) cpu us/io %.4f  (%.2f cores)\n", o.server_pid,
              (server1 - server0) / ops, (server1 - server0) / 1e6 / secs);

@@ -406,7 +406,10 @@ static void run_pass(struct worker *w, enum pass pass) {
       if (r) {
         reaped = true;
         seen = pass_start;
-        if (measuring) q->st.busy_ns += now_ns() - pass_start;
+        if (measuring) {
+          q->st.busy_ns += now_ns() - pass_start;
+          q->st.reaps++;
+        }
       }
       if (!q->submitting && q->inflight == 0) {
         q->done = true;
