@@ -475,8 +475,9 @@ out:
 void *worker_thread(void *arg) {
   struct worker *w = arg;
   /*
-   * Interrupts are off unless the thread is about to sleep. Poll mode never wants a call: with
-   * EVENT_IDX used_event stays one behind (refreshed per pass).
+   * Interrupts are off unless the thread is about to sleep. Poll mode never re-enables them
+   * (with EVENT_IDX used_event stays where this sets it, so the device crosses it at most once
+   * per 65536 completions).
    */
   for (unsigned i = 0; i < w->nq; i++) disable_cb(w->q[i]);
   if (w->o->verify) {
