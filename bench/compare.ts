@@ -20,6 +20,12 @@
  *   (`taskset -c 0`) and blkgen to CPU 1 (`--cpu 1`), so neither competes
  *   with the other for a core (`--pin off` leaves placement to the
  *   scheduler).
+ * - blkgen on one CPU drives all queues of a cell from one thread
+ *   (`--threads 1`), as a 1-vCPU guest takes every queue's interrupts on its
+ *   one CPU: with a thread per queue on one CPU the kernel time-slices them
+ *   whenever neither sleeps, and one queue's completions wait a slice to be
+ *   reaped (p99 then measures the scheduler). `--client-threads queues`
+ *   runs a thread per queue instead (the default when not pinned).
  * - For each backend and queue count both servers are started and stay up;
  *   only one is driven at a time, the other sits idle (neither burns CPU
  *   idle). Each server first gets an unrecorded warm-up run (our host's JIT).
@@ -42,7 +48,8 @@
  *   bound by the disk.
  * - Client check: at null-co randread QD128 on one queue (the fastest cell)
  *   blkgen's cores busy (CPU per I/O x IOPS) say whether blkgen, not the
- *   server, limits the rate.
+ *   server, limits the rate; the same for the most queues run at that QD
+ *   when the matrix has such a cell (all of them in one blkgen thread).
  *
  * Output: the table on stdout, the chart (SVG, cells without INDIRECT) at
  * --svg, every run at --json.
@@ -50,7 +57,8 @@
  * Run: `deno task compare [--quick] [--backend null-co,native,io_uring]
  * [--pattern randread,randwrite] [--qd 1,32,128] [--indirect-qd 128]
  * [--queues 1,2] [--mode interrupt|poll] [--duration-ms 1000] [--rounds 5]
- * [--pin on|off] [--fio on|off] [--svg bench/results/compare.svg]
+ * [--pin on|off] [--fio on|off] [--client-threads 1|queues]
+ * [--svg bench/results/compare.svg]
  * [--json bench/results/compare.json]`
  *
  * @module
@@ -98,6 +106,10 @@ const MODES: readonly WaitMode[] = ["interrupt", "poll"];
 /** A run during which the rest of the machine used more CPU than this (cores) is noted as noisy. */
 const NOISY_CORES = 0.15;
 
+/** blkgen threads per cell: one for all queues, or one per queue. */
+type ClientThreads = "1" | "queues";
+const CLIENT_THREADS: readonly ClientThreads[] = ["1", "queues"];
+
 /** Runs one workload on the named server (restarting it first if it died). */
 type RunFn = (name: ServerName, w: Workload) => Promise<RunSample | RunFailure>;
 
@@ -118,6 +130,8 @@ interface CompareOptions {
   pin: boolean;
   /** File cells: also run fio straight on the image each round (the disk's ceiling). */
   fio: boolean;
+  /** Unset: "1" when blkgen is pinned to one CPU, else "queues". */
+  clientThreads?: ClientThreads;
   dir?: string;
   svg: string;
   json: string;
@@ -126,7 +140,7 @@ interface CompareOptions {
 const USAGE = `usage: deno task compare [--quick] [--backend null-co,native,io_uring]
   [--pattern randread,randwrite] [--qd 1,32,128] [--indirect-qd 128] [--queues 1,2]
   [--mode interrupt|poll] [--duration-ms 1000] [--rounds 5] [--warmup-ms 500] [--iothreads 1]
-  [--image-size-mib 1024] [--pin on|off] [--fio on|off] [--dir DIR]
+  [--image-size-mib 1024] [--pin on|off] [--fio on|off] [--client-threads 1|queues] [--dir DIR]
   [--svg bench/results/compare.svg] [--json bench/results/compare.json]`;
 
 function list<T extends string>(flag: string, text: string, all: readonly T[]): T[] {
@@ -171,6 +185,7 @@ function parseOptions(args: string[]): CompareOptions {
       "image-size-mib": { type: "string", default: "1024" },
       pin: { type: "string", default: "on" },
       fio: { type: "string", default: "on" },
+      "client-threads": { type: "string" },
       dir: { type: "string" },
       svg: { type: "string", default: "bench/results/compare.svg" },
       json: { type: "string", default: "bench/results/compare.json" },
@@ -201,6 +216,9 @@ function parseOptions(args: string[]): CompareOptions {
     imageSize: positive("image-size-mib", v["image-size-mib"]) * (1 << 20),
     pin: v.pin === "on",
     fio: v.fio === "on",
+    clientThreads: v["client-threads"] === undefined
+      ? undefined
+      : list("client-threads", v["client-threads"], CLIENT_THREADS)[0],
     dir: v.dir,
     svg: resolve(v.svg),
     json: resolve(v.json),
@@ -260,6 +278,7 @@ function emptyCell(
   backend: BackendName,
   pattern: ComparePattern,
   queues: number,
+  threads: number,
   qd: number,
   indirect: boolean,
 ): Cell {
@@ -267,6 +286,7 @@ function emptyCell(
     backend,
     pattern,
     queues,
+    threads,
     qd,
     indirect,
     ours: { runs: [], median: null },
@@ -288,6 +308,9 @@ export async function main(args: string[]): Promise<number> {
   const pinned = o.pin && cpus >= 2;
   const serverCpus = pinned ? "0" : undefined;
   const blkgenCpu = pinned ? 1 : undefined;
+  // One CPU for blkgen: one thread for all queues, as a 1-vCPU guest (see the module doc).
+  const clientThreads: ClientThreads = o.clientThreads ?? (pinned ? "1" : "queues");
+  const threadsFor = (queues: number) => clientThreads === "1" ? 1 : queues;
   const dir = o.dir ? resolve(o.dir) : await makeScratchDir("compare");
   await Deno.mkdir(dir, { recursive: true });
   const image = `${dir}/disk.raw`;
@@ -324,6 +347,7 @@ export async function main(args: string[]): Promise<number> {
       warmupMs: Math.min(200, o.warmupMs),
       mode: o.mode,
       cpu: blkgenCpu,
+      threads: threadsFor(queues),
     });
 
     /** Runs `body` with both servers started (and warmed up) for `backend` / `queues`. */
@@ -442,7 +466,7 @@ export async function main(args: string[]): Promise<number> {
           for (const pattern of o.patterns) {
             for (const { qd, indirect } of variants(o)) {
               n++;
-              const cell = emptyCell(backend, pattern, queues, qd, indirect);
+              const cell = emptyCell(backend, pattern, queues, threadsFor(queues), qd, indirect);
               await runCell(run, cell, `[${n}/${total}] `);
               cells.push(cell);
             }
@@ -456,11 +480,20 @@ export async function main(args: string[]): Promise<number> {
       c.backend === "null-co" && c.pattern === "randread" && c.queues === 1 && c.qd === 128;
     let checkCell = cells.find((c) => fastest(c) && c.indirect) ?? cells.find(fastest);
     if (!checkCell) {
-      const c = emptyCell("null-co", "randread", 1, 128, false);
+      const c = emptyCell("null-co", "randread", 1, 1, 128, false);
       await withServers("null-co", 1, (run) => runCell(run, c, "client check: "));
       checkCell = c;
     }
     check = clientCheck(checkCell, cpus);
+    // And with the most queues the matrix ran (one blkgen thread drives them all by default).
+    const maxQueues = Math.max(...o.queues);
+    const multi = (c: Cell) =>
+      c.backend === "null-co" && c.pattern === "randread" && c.queues === maxQueues &&
+      c.qd === 128;
+    const multiCell = maxQueues > 1
+      ? cells.find((c) => multi(c) && c.indirect) ?? cells.find(multi)
+      : undefined;
+    const checkQueues = multiCell ? clientCheck(multiCell, cpus) : null;
 
     if (noisyRuns) {
       const worst = [...noisy.entries()].sort((a, b) => b[1] - a[1]);
@@ -478,9 +511,12 @@ export async function main(args: string[]): Promise<number> {
     }
 
     const placement = pinned ? "servers on CPU 0, blkgen on CPU 1" : "not pinned";
+    const threadsText = clientThreads === "1"
+      ? "one blkgen thread for all queues"
+      : "one blkgen thread per queue";
     const subtitle = `medians of ${o.rounds} round(s) x ${o.durationMs} ms, ${cpus} CPUs ` +
-      `(${placement}), blkgen ${o.mode} mode, 1 IOThread each (ours --iothreads ${o.iothreads}); ` +
-      "QD is per queue";
+      `(${placement}), blkgen ${o.mode} mode, ${threadsText}, 1 IOThread each ` +
+      `(ours --iothreads ${o.iothreads}); QD is per queue`;
     console.log(`\n${subtitle}; o = ours (dataplane), t = theirs (qemu-storage-daemon);`);
     console.log(
       "latency p50/p99 in us, cpu/IO = server CPU us per request (all threads), " +
@@ -488,6 +524,7 @@ export async function main(args: string[]): Promise<number> {
     );
     console.log(formatTable(cells));
     console.log(`\n${check.text}`);
+    if (checkQueues) console.log(checkQueues.text);
     if (odd.length) {
       console.log("\nnoted during the runs:");
       for (const l of odd) console.log(`  ${l}`);
@@ -508,9 +545,10 @@ export async function main(args: string[]): Promise<number> {
         {
           generated: new Date().toISOString(),
           machine: { cpus, kernel: Deno.osRelease(), deno: Deno.version.deno, qsd: qsdVersion },
-          options: { ...o, dir, pinned },
+          options: { ...o, dir, pinned, clientThreads },
           cells,
           clientCheck: check,
+          clientCheckQueues: checkQueues,
           noted: odd,
         },
         null,

@@ -35,6 +35,11 @@ export interface Workload {
   eventIdx?: boolean;
   /** Pin blkgen's threads to this CPU (default: not pinned). */
   cpu?: number;
+  /**
+   * blkgen threads driving the queues, round-robin (default: one per queue).
+   * One thread for several queues is what a 1-vCPU guest does.
+   */
+  threads?: number;
 }
 
 /** The fields of blkgen's `--json` line that the comparison uses. */
@@ -52,6 +57,8 @@ interface BlkgenJson {
   busy_cores: number;
   server_cpu_us_per_io?: number;
   server_cores?: number;
+  preempted: number;
+  ops_per_reap: number;
 }
 
 /** One run's measurements. */
@@ -73,6 +80,17 @@ export interface RunSample {
   kicksPerIo: number;
   /** Sleeps on the call eventfd per request (0 in poll mode). */
   waitsPerIo: number;
+  /**
+   * Times blkgen's threads lost the CPU with work to do in the window
+   * (involuntary context switches): to other processes, or to each other.
+   */
+  clientPreempted: number;
+  /**
+   * Completions blkgen found per pass with completions: small while it keeps
+   * up with the server (it reaps as they come), growing towards QD if it fell
+   * behind.
+   */
+  clientOpsPerReap: number;
   ops: number;
   /** Requests that completed with a non-OK status. */
   errors: number;
@@ -109,7 +127,11 @@ export function machineBusySeconds(): number {
  * import { blkgenArgs } from "./compare_client.ts";
  * const a = blkgenArgs("/tmp/s.sock", 42, { pattern: "randread", queues: 1, qd: 32, durationMs: 500 });
  * assert.deepEqual(a.slice(0, 4), ["--socket", "/tmp/s.sock", "--server-pid", "42"]);
- * assert(a.includes("--json"));
+ * assert(a.includes("--json") && !a.includes("--threads"));
+ * const b = blkgenArgs("/tmp/s.sock", 42, {
+ *   pattern: "randread", queues: 2, qd: 32, durationMs: 500, threads: 1,
+ * });
+ * assert.deepEqual(b.slice(-2), ["--threads", "1"]);
  * ```
  */
 export function blkgenArgs(socket: string, serverPid: number, w: Workload): string[] {
@@ -139,6 +161,7 @@ export function blkgenArgs(socket: string, serverPid: number, w: Workload): stri
     "--json",
   ];
   if (w.cpu !== undefined) args.push("--cpu", String(w.cpu));
+  if (w.threads !== undefined) args.push("--threads", String(w.threads));
   return args;
 }
 
@@ -203,6 +226,8 @@ export async function measureRun(
     clientCores: r.busy_cores,
     kicksPerIo: r.kicks_per_io,
     waitsPerIo: r.waits_per_io,
+    clientPreempted: r.preempted,
+    clientOpsPerReap: r.ops_per_reap,
     ops: r.ops,
     errors: r.errors,
     seconds: r.seconds,

@@ -41,7 +41,7 @@ const BACKEND_NAMES: Record<string, string> = {
  * const m = { iops: 2e6, p50Us: 9, p99Us: 50, serverCpuUsPerIo: 0.3, clientCpuUsPerIo: 0.1,
  *   clientBusyUsPerIo: 0.1, serverCores: 0.6, clientCores: 0.2, kicksPerIo: 0, waitsPerIo: 0,
  *   runs: 5, errors: 0 };
- * const t = markdownTable([{ backend: "null-co", pattern: "randread", queues: 1, qd: 32,
+ * const t = markdownTable([{ backend: "null-co", pattern: "randread", queues: 1, threads: 1, qd: 32,
  *   indirect: false, ours: { runs: [], median: m },
  *   theirs: { runs: [], median: { ...m, iops: 1e6 } } }]);
  * assert.match(t, /\| null-co +\| randread +\| 1 +\| 32 +\| 2.00M +\| 1.00M +\| \*\*2.00\*\* +\| - /);

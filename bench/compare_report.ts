@@ -40,6 +40,8 @@ export interface Cell {
   backend: BackendName;
   pattern: ComparePattern;
   queues: number;
+  /** blkgen threads driving the queues (1: one loop for all, as a 1-vCPU guest). */
+  threads: number;
   /** Requests in flight per queue. */
   qd: number;
   /** One INDIRECT descriptor per request instead of a 3-descriptor chain. */
@@ -230,6 +232,8 @@ export interface ClientCheck {
   backend: BackendName;
   pattern: ComparePattern;
   queues: number;
+  /** blkgen threads for those queues. */
+  threads: number;
   qd: number;
   indirect: boolean;
   loads: ClientLoad[];
@@ -276,7 +280,7 @@ export function clientCheck(c: Cell, cores: number): ClientCheck {
   }
   const text = [
     `client check (${c.backend}, ${c.pattern}, ${c.queues} queue(s), QD${c.qd}` +
-    `${c.indirect ? ", INDIRECT" : ""}):`,
+    `${c.indirect ? ", INDIRECT" : ""}${c.queues > 1 ? `, ${c.threads} blkgen thread(s)` : ""}):`,
     ...lines,
     verdict,
   ].join("\n");
@@ -284,6 +288,7 @@ export function clientCheck(c: Cell, cores: number): ClientCheck {
     backend: c.backend,
     pattern: c.pattern,
     queues: c.queues,
+    threads: c.threads,
     qd: c.qd,
     indirect: c.indirect,
     loads,

@@ -1,8 +1,8 @@
 // blkgen, the C load generator of `deno task compare`: it builds warning-free,
 // completes requests without errors against our host and qemu-storage-daemon
 // in every notification mode (interrupt / poll, EVENT_IDX and INDIRECT on and
-// off, 2 queues), writes and reads back a pattern that lands in the image
-// file, reports a stalled or silent server with exit status 2, and stops
+// off, 2 queues in a thread each or both in one thread, every queue served),
+// writes and reads back a pattern that lands in the image file, reports a stalled or silent server with exit status 2, and stops
 // quickly on SIGTERM. Short runs: nothing here measures speed.
 
 import assert from "node:assert/strict";
@@ -25,7 +25,22 @@ interface BlkgenResult {
   verified?: number;
   mismatches?: number;
   server_cpu_us_per_io?: number;
-  config: { mode: string; event_idx: boolean; indirect: boolean; queues: number };
+  per_queue: {
+    thread: number;
+    ops: number;
+    errors: number;
+    reaps: number;
+    total_ops: number;
+    verified: number;
+  }[];
+  per_thread: { queues: number; waits: number; polls: number }[];
+  config: {
+    mode: string;
+    event_idx: boolean;
+    indirect: boolean;
+    queues: number;
+    threads: number;
+  };
   stalled: boolean;
   interrupted: boolean;
 }
@@ -92,7 +107,54 @@ const MODES: { name: string; args: string[]; indirect: boolean; eventIdx: boolea
     indirect: false,
     eventIdx: true,
   },
+  {
+    name: "2 queues in 1 thread, interrupt",
+    args: ["--queues", "2", "--threads", "1", "--mode", "interrupt"],
+    indirect: false,
+    eventIdx: true,
+  },
+  {
+    name: "2 queues in 1 thread, poll",
+    args: ["--queues", "2", "--threads", "1", "--mode", "poll"],
+    indirect: false,
+    eventIdx: true,
+  },
+  {
+    name: "2 queues in 1 thread, interrupt, EVENT_IDX off, randrw",
+    args: ["--queues", "2", "--threads", "1", "--event-idx", "off", "--rw", "randrw"],
+    indirect: false,
+    eventIdx: false,
+  },
+  {
+    name: "2 queues in 1 thread, poll, EVENT_IDX off",
+    args: ["--queues", "2", "--threads", "1", "--mode", "poll", "--event-idx", "off"],
+    indirect: false,
+    eventIdx: false,
+  },
 ];
+
+/** The value of `flag` in `args`, as a number, or `fallback`. */
+function argNumber(args: string[], flag: string, fallback: number): number {
+  const i = args.indexOf(flag);
+  return i < 0 ? fallback : Number(args[i + 1]);
+}
+
+/**
+ * Every queue was served: its own completions in the window, summing to the total,
+ * and the queues spread round-robin over the threads.
+ */
+function assertEveryQueueServed(j: BlkgenResult, what: string): void {
+  assert.equal(j.per_queue.length, j.config.queues, what);
+  assert.equal(j.per_thread.length, j.config.threads, what);
+  for (const [i, q] of j.per_queue.entries()) {
+    assert.ok(q.ops > 0, `${what}: queue ${i} completed no request: ${JSON.stringify(j)}`);
+    assert.equal(q.thread, i % j.config.threads, what);
+    // Each pass with completions reaps at least one and at most QD of them.
+    assert.ok(q.reaps > 0 && q.reaps <= q.ops, `${what}: queue ${i}: ${q.reaps} reaps`);
+  }
+  assert.equal(j.per_queue.reduce((a, q) => a + q.ops, 0), j.ops, what);
+  assert.equal(j.per_thread.reduce((a, t) => a + t.queues, 0), j.config.queues, what);
+}
 
 /** Runs every mode against `socket`; each completes requests with no error. */
 async function everyMode(socket: string, serverPid: number): Promise<void> {
@@ -116,7 +178,10 @@ async function everyMode(socket: string, serverPid: number): Promise<void> {
     assert.equal(j.errors, 0, m.name);
     assert.equal(j.config.indirect, m.indirect, m.name);
     assert.equal(j.config.event_idx, m.eventIdx, m.name);
-    assert.equal(j.config.queues, m.args.includes("--queues") ? 2 : 1, m.name);
+    const queues = argNumber(m.args, "--queues", 1);
+    assert.equal(j.config.queues, queues, m.name);
+    assert.equal(j.config.threads, argNumber(m.args, "--threads", queues), m.name);
+    assertEveryQueueServed(j, m.name);
     assert.ok(j.lat_us.p50 > 0 && j.lat_us.p99 >= j.lat_us.p50 && j.lat_us.max >= j.lat_us.p99);
     assert.ok(j.server_cpu_us_per_io !== undefined && j.server_cpu_us_per_io >= 0, m.name);
     if (m.args.includes("randrw")) assert.ok(j.reads > 0 && j.writes > 0, m.name);
@@ -157,6 +222,9 @@ Deno.test("blkgen builds and prints its usage", async () => {
   const bad = await blkgen(["--socket", "/nonexistent", "--mode", "sideways"]);
   assert.equal(bad.code, 1);
   assert.match(bad.stderr, /--mode takes interrupt or poll/);
+  const threads = await blkgen(["--socket", "/nonexistent", "--queues", "2", "--threads", "3"]);
+  assert.equal(threads.code, 1);
+  assert.match(threads.stderr, /--threads 3 is more than --queues 2/);
 });
 
 Deno.test("blkgen vs our host: every mode without errors, verify on a file image", async () => {
@@ -186,6 +254,7 @@ Deno.test("blkgen vs our host: every mode without errors, verify on a file image
       iothreads: 1,
       socket: `${dir}/file.sock`,
     });
+    // Both queues in one thread; each verifies its own half of the blocks.
     const seed = 7;
     const r = await blkgen([
       "--socket",
@@ -193,6 +262,8 @@ Deno.test("blkgen vs our host: every mode without errors, verify on a file image
       "--verify",
       "--queues",
       "2",
+      "--threads",
+      "1",
       "--qd",
       "8",
       "--seed",
@@ -203,6 +274,8 @@ Deno.test("blkgen vs our host: every mode without errors, verify on a file image
     assert.equal(r.result!.verified, blocks);
     assert.equal(r.result!.mismatches, 0);
     assert.equal(r.result!.errors, 0);
+    assert.deepEqual(r.result!.per_queue.map((q) => q.verified), [blocks / 2, blocks / 2]);
+    assert.equal(r.result!.config.threads, 1);
     await host.stop();
     host = null;
     await checkImage(image, 4096, blocks, seed);

@@ -57,11 +57,17 @@ Deno.test("compare --quick: table, JSON and SVG for both servers on null-co", as
     assert.match(stdout, /kick\/IO o\s+kick\/IO t\s+wait\/IO o\s+wait\/IO t/);
     assert.match(stdout, /client check \(null-co, randread, 1 queue\(s\), QD128\)/);
 
+    // One blkgen thread for all queues when blkgen has one CPU (pinned), else one per queue.
+    assert.match(stdout, /one blkgen thread (for all queues|per queue)/);
+
     const report = JSON.parse(await Deno.readTextFile(json)) as {
+      options: { pinned: boolean; clientThreads: string };
       cells: Cell[];
       clientCheck: { loads: { server: string; iops: number }[] };
     };
     assert.deepEqual(report.cells.map((c) => [c.qd, c.indirect]), [[1, false], [32, false]]);
+    assert.equal(report.options.clientThreads, report.options.pinned ? "1" : "queues");
+    assert.ok(report.cells.every((c) => c.threads === 1), "1 queue: 1 blkgen thread");
     for (const c of report.cells) {
       for (const name of ["ours", "theirs"] as const) {
         const m = c[name].median;

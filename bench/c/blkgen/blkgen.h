@@ -7,8 +7,8 @@
  * generator being the bottleneck. See docs/blkgen.md.
  *
  * Files: main.c (command line, report), vhost_user.c (control channel and
- * device set-up), queue.c (one virtqueue driven by one thread), hist.c
- * (latency histogram).
+ * device set-up), queue.c (virtqueues and the threads that drive them, one or
+ * more queues each), hist.c (latency histogram).
  */
 #ifndef BLKGEN_H
 #define BLKGEN_H
@@ -79,6 +79,7 @@ enum wait_mode { MODE_INTERRUPT, MODE_POLL };
 struct options {
   const char *socket;
   unsigned queues;
+  unsigned threads; /* queues are spread round-robin over them; 0 on the command line = queues */
   unsigned qd;
   unsigned bs;
   enum rw_kind rw;
@@ -162,7 +163,7 @@ void device_enable_vring(struct device *d, unsigned index, bool on);
 bool device_stop_vring(struct device *d, unsigned index, unsigned timeout_ms);
 void device_close(struct device *d);
 
-/* ---- one virtqueue and its thread (queue.c) ---- */
+/* ---- virtqueues and the threads that drive them (queue.c) ---- */
 
 /* Per-request state of one slot (its descriptors, buffers and submit time). */
 struct slot {
@@ -177,11 +178,9 @@ struct queue_stats {
   uint64_t writes;
   uint64_t errors;       /* status byte != 0 (measured window and verify) */
   uint64_t kicks;        /* kick eventfd writes, measured window */
-  uint64_t waits;        /* sleeps on the call eventfd (voluntary context switches), measured window */
-  uint64_t polls;        /* poll() calls on the call eventfd; those that did not sleep found a
-                            signal left over from entries already reaped */
   uint64_t calls;        /* device notifications: the sum of the call eventfd's counts read */
   uint64_t busy_ns;      /* wall time of the passes that found completions, measured window */
+  uint64_t reaps;        /* those passes (ops / reaps: completions per pass), measured window */
   uint64_t mismatches;   /* verify: blocks read back different from what was written */
   uint64_t verified;     /* verify: blocks read back and compared */
   uint64_t total_ops;    /* every completion, warm-up and drain included */
@@ -211,23 +210,47 @@ struct queue {
   uint64_t data_gpa;
   struct slot *slot;
   uint16_t *added; /* slots queued in this pass (their submit time is set at publish) */
+  uint16_t *free_list; /* slots not in flight */
   int kick_fd, call_fd;
   /* Driver state. */
   uint16_t avail_idx;  /* next free avail entry (shadow, published with a release store) */
   uint16_t kicked_idx; /* avail idx at the previous kick decision */
   uint16_t last_used;
   unsigned inflight;
+  unsigned free_slots;
+  bool submitting;        /* the pass has more jobs for this queue */
+  bool done;              /* nothing more to submit and nothing in flight */
+  uint64_t last_progress; /* ns of the last completion (stall detection) */
   uint64_t rng;
   uint64_t nblocks;
   /* Verify: the blocks this queue owns are index, index+queues, ... */
   uint64_t next_block;
   struct queue_stats st;
-  /* The measured window as this thread saw it (for its sleep count). */
-  bool in_window;
-  long sleeps0;
-  /* Set when the thread failed (stalled, bad used entry). */
+  unsigned thread; /* the worker that drives it */
+  /* Set when the queue failed (stalled, bad used entry); its thread stops. */
   int failed;
   char failure[160];
+};
+
+/*
+ * One thread and the queues it drives (index, index + threads, ...), as one CPU of a guest
+ * handles the interrupts of the queues mapped to it: one loop reaps, refills and kicks each
+ * queue and sleeps in one poll() over all their call eventfds.
+ */
+struct worker {
+  unsigned index;
+  const struct options *o;
+  struct queue **q;
+  unsigned nq;
+  struct pollfd *pfd; /* one per queue; fd -1 for a queue that is done */
+  uint64_t waits;     /* sleeps (voluntary context switches), measured window */
+  uint64_t polls;     /* poll() calls; those that did not sleep found a signal left over from
+                         entries already reaped */
+  uint64_t preempted; /* involuntary context switches (the CPU taken away), measured window */
+  /* The measured window as this thread saw it (for its context switch counts). */
+  bool in_window;
+  long sleeps0, preempted0;
+  bool failed; /* one of its queues failed */
 };
 
 /* Bytes of guest memory one queue needs (rings, per-slot metadata, data). */
@@ -235,8 +258,8 @@ size_t queue_mem_size(const struct options *o, unsigned num, unsigned slots);
 /* Lays out q in mem at offset off (rings, descriptor chains), creates its eventfds. */
 void queue_init(struct queue *q, unsigned index, const struct options *o, struct device *d,
                 size_t off, unsigned num, unsigned slots, uint64_t nblocks);
-/* The thread body: warm-up, measured window, drain; or the verify passes. */
-void *queue_thread(void *arg);
+/* The thread body (arg: a struct worker): warm-up, measured window, drain; or the verify passes. */
+void *worker_thread(void *arg);
 
 /* ---- run phases, shared by main and the queue threads ---- */
 

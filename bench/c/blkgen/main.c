@@ -5,6 +5,7 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <getopt.h>
+#include <poll.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -43,7 +44,9 @@ static const char usage[] =
     "Drives a vhost-user-blk back-end as QEMU's vhost-user-blk device plus Linux's\n"
     "virtio_blk driver would, and reports IOPS, latency and notifications per I/O.\n"
     "  --socket PATH          the back-end's vhost-user socket (required)\n"
-    "  --queues N             virtqueues, one thread each                 [1]\n"
+    "  --queues N             virtqueues                                  [1]\n"
+    "  --threads N            threads driving them, queues spread round-robin;\n"
+    "                         one loop and one poll() per thread           [one per queue]\n"
     "  --qd N                 requests in flight per queue                 [32]\n"
     "  --bs BYTES             request size, a multiple of 512             [4096]\n"
     "  --rw KIND              randread | randwrite | randrw               [randread]\n"
@@ -90,7 +93,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
   };
   enum {
     O_SOCKET = 256, O_QUEUES, O_QD, O_BS, O_RW, O_MIX, O_MODE, O_EVIDX, O_INDIRECT, O_DURATION,
-    O_WARMUP, O_SIZE, O_RING, O_CPU, O_JSON, O_VERIFY, O_ALLOW, O_TIMEOUT, O_SEED, O_SERVER_PID, O_HELP,
+    O_WARMUP, O_SIZE, O_RING, O_CPU, O_JSON, O_VERIFY, O_ALLOW, O_TIMEOUT, O_SEED, O_SERVER_PID, O_THREADS, O_HELP,
   };
   static const struct option longopts[] = {
       {"socket", required_argument, 0, O_SOCKET},   {"queues", required_argument, 0, O_QUEUES},
@@ -105,6 +108,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
       {"allow-errors", no_argument, 0, O_ALLOW},    {"timeout-ms", required_argument, 0, O_TIMEOUT},
       {"seed", required_argument, 0, O_SEED},       {"help", no_argument, 0, O_HELP},
       {"server-pid", required_argument, 0, O_SERVER_PID},
+      {"threads", required_argument, 0, O_THREADS},
       {0, 0, 0, 0},
   };
   int c;
@@ -112,6 +116,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
     switch (c) {
     case O_SOCKET: o->socket = optarg; break;
     case O_QUEUES: o->queues = (unsigned)parse_num("queues", optarg, 1, 64); break;
+    case O_THREADS: o->threads = (unsigned)parse_num("threads", optarg, 1, 64); break;
     case O_QD: o->qd = (unsigned)parse_num("qd", optarg, 1, 1024); break;
     case O_BS: o->bs = (unsigned)parse_num("bs", optarg, 512, 4u << 20); break;
     case O_RW:
@@ -149,6 +154,8 @@ static void parse_options(int argc, char **argv, struct options *o) {
     fputs(usage, stderr);
     exit(1);
   }
+  if (!o->threads) o->threads = o->queues;
+  if (o->threads > o->queues) die(1, "--threads %u is more than --queues %u", o->threads, o->queues);
   if (o->bs % VIRTIO_BLK_SECTOR) die(1, "--bs %u is not a multiple of 512", o->bs);
   if (o->ring_size && (o->ring_size & (o->ring_size - 1))) {
     die(1, "--ring-size %u is not a power of two", o->ring_size);
@@ -275,20 +282,36 @@ int main(int argc, char **argv) {
   }
   for (unsigned i = 0; i < o.queues; i++) device_enable_vring(&dev, i, true);
 
-  /* The queue threads never take SIGINT/SIGTERM: main sees them and sets PHASE_STOP. */
+  /* Queue i is driven by thread i % threads (round-robin). */
+  struct worker *ws = calloc(o.threads, sizeof *ws);
+  if (!ws) die(1, "out of memory");
+  for (unsigned t = 0; t < o.threads; t++) {
+    ws[t].index = t;
+    ws[t].o = &o;
+    ws[t].q = calloc(o.queues, sizeof *ws[t].q);
+    ws[t].pfd = calloc(o.queues, sizeof *ws[t].pfd);
+    if (!ws[t].q || !ws[t].pfd) die(1, "out of memory");
+  }
+  for (unsigned i = 0; i < o.queues; i++) {
+    struct worker *w = &ws[i % o.threads];
+    qs[i].thread = w->index;
+    w->q[w->nq++] = &qs[i];
+  }
+
+  /* The worker threads never take SIGINT/SIGTERM: main sees them and sets PHASE_STOP. */
   sigset_t block, old;
   sigemptyset(&block);
   sigaddset(&block, SIGINT);
   sigaddset(&block, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &block, &old);
-  pthread_t *threads = calloc(o.queues, sizeof *threads);
+  pthread_t *threads = calloc(o.threads, sizeof *threads);
   if (!threads) die(1, "out of memory");
   if (o.verify) __atomic_store_n(&g_phase, PHASE_MEASURE, __ATOMIC_RELAXED);
   struct rusage ru0, ru1;
   uint64_t t0 = now_ns();
   getrusage(RUSAGE_SELF, &ru0);
-  for (unsigned i = 0; i < o.queues; i++) {
-    int e = pthread_create(&threads[i], NULL, queue_thread, &qs[i]);
+  for (unsigned i = 0; i < o.threads; i++) {
+    int e = pthread_create(&threads[i], NULL, worker_thread, &ws[i]);
     if (e) die(1, "pthread_create: %s", strerror(e));
   }
   pthread_sigmask(SIG_SETMASK, &old, NULL);
@@ -296,7 +319,7 @@ int main(int argc, char **argv) {
   uint64_t t1;
   double server0 = -1, server1 = -1;
   if (o.verify) {
-    for (unsigned i = 0; i < o.queues; i++) pthread_join(threads[i], NULL);
+    for (unsigned i = 0; i < o.threads; i++) pthread_join(threads[i], NULL);
     t1 = now_ns();
     getrusage(RUSAGE_SELF, &ru1);
   } else {
@@ -312,7 +335,7 @@ int main(int argc, char **argv) {
     t1 = now_ns();
     getrusage(RUSAGE_SELF, &ru1);
     if (o.server_pid) server1 = process_cpu_us(o.server_pid);
-    for (unsigned i = 0; i < o.queues; i++) pthread_join(threads[i], NULL);
+    for (unsigned i = 0; i < o.threads; i++) pthread_join(threads[i], NULL);
   }
 
   bool failed = false;
@@ -341,20 +364,26 @@ int main(int argc, char **argv) {
     tot.writes += s->writes;
     tot.errors += s->errors;
     tot.kicks += s->kicks;
-    tot.waits += s->waits;
-    tot.polls += s->polls;
     tot.calls += s->calls;
     tot.busy_ns += s->busy_ns;
+    tot.reaps += s->reaps;
     tot.mismatches += s->mismatches;
     tot.verified += s->verified;
     tot.total_ops += s->total_ops;
     hist_merge(&tot.lat, &s->lat);
   }
+  /* Sleeps and poll() calls are the threads': one poll() waits for all of a thread's queues. */
+  uint64_t waits = 0, polls = 0, preempted = 0;
+  for (unsigned t = 0; t < o.threads; t++) {
+    waits += ws[t].waits;
+    polls += ws[t].polls;
+    preempted += ws[t].preempted;
+  }
   double secs = (double)(t1 - t0) / 1e9;
   double user_us = tv_us(ru1.ru_utime) - tv_us(ru0.ru_utime);
   double sys_us = tv_us(ru1.ru_stime) - tv_us(ru0.ru_stime);
   double ops = tot.ops ? (double)tot.ops : 1;
-  uint64_t stale = tot.polls > tot.waits ? tot.polls - tot.waits : 0;
+  uint64_t stale = polls > waits ? polls - waits : 0;
   /*
    * What the load costs blkgen: the wall time of the passes that had completions, from reaping
    * to the kick decision. Waiting is not load: spinning on an empty ring (poll mode), or
@@ -376,12 +405,14 @@ int main(int argc, char **argv) {
            "\"lat_us\":{\"mean\":%.2f,\"p50\":%.2f,\"p90\":%.2f,\"p99\":%.2f,\"p999\":%.2f,"
            "\"max\":%.2f},"
            "\"kicks_per_io\":%.4f,\"waits_per_io\":%.4f,\"calls_per_io\":%.4f,"
-           "\"stale_wakeups\":%llu,\"cpu_us_per_io\":%.4f,\"busy_us_per_io\":%.4f,"
+           "\"stale_wakeups\":%llu,\"preempted\":%llu,\"ops_per_reap\":%.2f,\"cpu_us_per_io\":%.4f,\"busy_us_per_io\":%.4f,"
            "\"cpu_ms\":{\"user\":%.1f,\"system\":%.1f},\"cpu_cores\":%.3f,\"busy_cores\":%.3f,",
            iops, mbps, (unsigned long long)tot.ops, (unsigned long long)tot.reads,
            (unsigned long long)tot.writes, (unsigned long long)tot.errors, secs, mean, p50, p90,
-           p99, p999, max, tot.kicks / ops, tot.waits / ops, tot.calls / ops,
-           (unsigned long long)stale, (user_us + sys_us) / ops, busy_us / ops,
+           p99, p999, max, tot.kicks / ops, waits / ops, tot.calls / ops,
+           (unsigned long long)stale, (unsigned long long)preempted,
+           tot.reaps ? (double)tot.ops / (double)tot.reaps : 0, (user_us + sys_us) / ops,
+           busy_us / ops,
            user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs, busy_us / 1e6 / secs);
     if (o.server_pid && server0 >= 0 && server1 >= 0) {
       printf("\"server_cpu_us_per_io\":%.4f,\"server_cores\":%.3f,", (server1 - server0) / ops,
@@ -391,26 +422,51 @@ int main(int argc, char **argv) {
       printf("\"verified\":%llu,\"mismatches\":%llu,", (unsigned long long)tot.verified,
              (unsigned long long)tot.mismatches);
     }
-    printf("\"config\":{\"rw\":\"%s\",\"bs\":%u,\"qd\":%u,\"queues\":%u,\"mode\":\"%s\","
+    /* Per queue (index order) and per thread: which queues were served, and who slept. */
+    printf("\"per_queue\":[");
+    for (unsigned i = 0; i < o.queues; i++) {
+      const struct queue_stats *s = &qs[i].st;
+      printf("%s{\"thread\":%u,\"ops\":%llu,\"reads\":%llu,\"writes\":%llu,\"errors\":%llu,"
+             "\"kicks\":%llu,\"calls\":%llu,\"reaps\":%llu,\"total_ops\":%llu,\"verified\":%llu,"
+             "\"p99_us\":%.2f}",
+             i ? "," : "", qs[i].thread, (unsigned long long)s->ops,
+             (unsigned long long)s->reads, (unsigned long long)s->writes,
+             (unsigned long long)s->errors, (unsigned long long)s->kicks,
+             (unsigned long long)s->calls, (unsigned long long)s->reaps,
+             (unsigned long long)s->total_ops,
+             (unsigned long long)s->verified, hist_quantile(&s->lat, 0.99) / 1e3);
+    }
+    printf("],\"per_thread\":[");
+    for (unsigned t = 0; t < o.threads; t++) {
+      printf("%s{\"queues\":%u,\"waits\":%llu,\"polls\":%llu,\"preempted\":%llu}", t ? "," : "",
+             ws[t].nq, (unsigned long long)ws[t].waits, (unsigned long long)ws[t].polls,
+             (unsigned long long)ws[t].preempted);
+    }
+    printf("],");
+    printf("\"config\":{\"rw\":\"%s\",\"bs\":%u,\"qd\":%u,\"queues\":%u,\"threads\":%u,"
+           "\"mode\":\"%s\","
            "\"event_idx\":%s,\"indirect\":%s,\"ring_size\":%u,\"size\":%llu,\"verify\":%s},"
            "\"stalled\":%s,\"interrupted\":%s}\n",
-           rw_name(o.rw), o.bs, o.qd, o.queues, o.mode == MODE_POLL ? "poll" : "interrupt",
-           event_idx ? "true" : "false", indirect ? "true" : "false", num,
+           rw_name(o.rw), o.bs, o.qd, o.queues, o.threads,
+           o.mode == MODE_POLL ? "poll" : "interrupt", event_idx ? "true" : "false", indirect ? "true" : "false", num,
            (unsigned long long)size, o.verify ? "true" : "false", failed ? "true" : "false",
            sig ? "true" : "false");
   } else {
-    printf("blkgen: %s bs=%u qd=%u queues=%u mode=%s event_idx=%s indirect=%s ring=%u%s\n",
-           rw_name(o.rw), o.bs, o.qd, o.queues, o.mode == MODE_POLL ? "poll" : "interrupt",
-           event_idx ? "on" : "off", indirect ? "on" : "off", num, o.verify ? " verify" : "");
+    printf("blkgen: %s bs=%u qd=%u queues=%u threads=%u mode=%s event_idx=%s indirect=%s ring=%u%s\n",
+           rw_name(o.rw), o.bs, o.qd, o.queues, o.threads,
+           o.mode == MODE_POLL ? "poll" : "interrupt", event_idx ? "on" : "off",
+           indirect ? "on" : "off", num, o.verify ? " verify" : "");
     printf("  iops %.0f  (%.1f MB/s)  ops %llu in %.3f s  errors %llu\n", iops, mbps,
            (unsigned long long)tot.ops, secs, (unsigned long long)tot.errors);
     printf("  lat us: mean %.2f  p50 %.2f  p90 %.2f  p99 %.2f  p99.9 %.2f  max %.2f\n", mean, p50,
            p90, p99, p999, max);
-    printf("  kicks/io %.4f  waits/io %.4f  calls/io %.4f  stale wakeups %llu\n", tot.kicks / ops,
-           tot.waits / ops, tot.calls / ops, (unsigned long long)stale);
-    printf("  cpu us/io %.4f  (user %.1f ms, system %.1f ms, %.2f cores)  busy us/io %.4f (%.2f cores)\n",
+    printf("  kicks/io %.4f  waits/io %.4f  calls/io %.4f  stale wakeups %llu  preempted %llu\n",
+           tot.kicks / ops, waits / ops, tot.calls / ops, (unsigned long long)stale,
+           (unsigned long long)preempted);
+    printf("  cpu us/io %.4f  (user %.1f ms, system %.1f ms, %.2f cores)  busy us/io %.4f (%.2f cores)"
+           "  ops/reap %.2f\n",
            (user_us + sys_us) / ops, user_us / 1e3, sys_us / 1e3, (user_us + sys_us) / 1e6 / secs,
-           busy_us / ops, busy_us / 1e6 / secs);
+           busy_us / ops, busy_us / 1e6 / secs, tot.reaps ? (double)tot.ops / (double)tot.reaps : 0);
     if (o.server_pid && server0 >= 0 && server1 >= 0) {
       printf("  server (pid %d) cpu us/io %.4f  (%.2f cores)\n", o.server_pid,
              (server1 - server0) / ops, (server1 - server0) / 1e6 / secs);

@@ -1,6 +1,7 @@
 /*
- * blkgen: one split virtqueue (virtio 1.2, 2.7) driven by one thread, the
- * way Linux's virtio_ring.c + virtio_blk.c drive it.
+ * blkgen: split virtqueues (virtio 1.2, 2.7) driven the way Linux's
+ * virtio_ring.c + virtio_blk.c drive them, by threads of one or more queues
+ * each (as one guest CPU handles the queues whose interrupts it takes).
  *
  * Every slot has a fixed chain: header (device reads), data (device writes
  * for a read, reads for a write), status (device writes); either as three
@@ -11,10 +12,10 @@
  * Interrupt mode (as virtio_blk with blk-mq): keep QD requests in flight;
  * after a batch is added, publish avail idx (release) and kick only if the
  * device asked for it (virtqueue_kick_prepare); reap every used entry; when
- * none are left, re-enable interrupts (virtqueue_enable_cb_prepare), full
- * fence, look again (virtqueue_poll) and only then sleep on the call eventfd;
- * interrupts stay disabled while there is work. Poll mode: interrupts off,
- * spin on used idx.
+ * none are left on any of the thread's queues, re-enable interrupts on each
+ * (virtqueue_enable_cb_prepare), full fence, look again (virtqueue_poll) and
+ * only then sleep in one poll() on their call eventfds; interrupts stay
+ * disabled while there is work. Poll mode: interrupts off, spin on used idx.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -98,7 +99,8 @@ void queue_init(struct queue *q, unsigned index, const struct options *o, struct
 
   q->slot = calloc(slots, sizeof *q->slot);
   q->added = calloc(slots, sizeof *q->added);
-  if (!q->slot || !q->added) die(1, "out of memory");
+  q->free_list = calloc(slots, sizeof *q->free_list);
+  if (!q->slot || !q->added || !q->free_list) die(1, "out of memory");
 
   /* Fixed chains: only the data descriptor's WRITE flag changes per request. */
   for (unsigned s = 0; s < slots; s++) {
@@ -261,159 +263,234 @@ static void check_data(struct queue *q, unsigned s) {
   }
 }
 
-/* This thread's voluntary context switches: each is a sleep (in poll(), on the call eventfd). */
-static long thread_sleeps(void) {
+/*
+ * Opens or closes the thread's measured window as the phase moves. Its voluntary context
+ * switches in it are sleeps (in poll(), on the call eventfds): waits; its involuntary ones are
+ * the times the scheduler took the CPU from it with work to do: preempted.
+ */
+static inline void track_window(struct worker *w, bool measuring) {
+  if (measuring == w->in_window) return;
+  w->in_window = measuring;
   struct rusage ru;
   getrusage(RUSAGE_THREAD, &ru);
-  return ru.ru_nvcsw;
+  if (measuring) {
+    w->sleeps0 = ru.ru_nvcsw;
+    w->preempted0 = ru.ru_nivcsw;
+  } else {
+    w->waits += (uint64_t)(ru.ru_nvcsw - w->sleeps0);
+    w->preempted += (uint64_t)(ru.ru_nivcsw - w->preempted0);
+  }
 }
 
-/* Opens or closes the thread's measured window as the phase moves (waits = sleeps in it). */
-static inline void track_window(struct queue *q, bool measuring) {
-  if (measuring == q->in_window) return;
-  q->in_window = measuring;
-  if (measuring) q->sleeps0 = thread_sleeps();
-  else q->st.waits += (uint64_t)(thread_sleeps() - q->sleeps0);
+/* Every slot free, jobs to submit, progress as of now. */
+static void start_pass(struct worker *w, unsigned i) {
+  struct queue *q = w->q[i];
+  q->free_slots = 0;
+  for (unsigned s = q->slots; s-- > 0;) q->free_list[q->free_slots++] = (uint16_t)s;
+  q->submitting = true;
+  q->done = false;
+  q->last_progress = now_ns();
+  w->pfd[i] = (struct pollfd){.fd = q->call_fd, .events = POLLIN};
 }
 
-/* Runs one pass until its jobs are done (timed: until PHASE_STOP) and nothing is in flight. */
-static void run_pass(struct queue *q, enum pass pass) {
-  const struct options *o = q->o;
-  bool poll_mode = o->mode == MODE_POLL;
-  bool submitting = true;
+/*
+ * Reaps every used entry of q: 1 if there were some (*start: the time they were seen), 0 if
+ * none, -1 if the device broke the ring (q failed). Hot path.
+ */
+static inline int reap(struct queue *q, enum pass pass, bool measuring, uint64_t *start) {
+  uint16_t used_idx = __atomic_load_n(&q->used[1], __ATOMIC_ACQUIRE);
+  if (used_idx == q->last_used) return 0;
+  if ((uint16_t)(used_idx - q->last_used) > q->inflight) {
+    fail(q, "used idx moved by %llu with %llu requests in flight",
+         (uint16_t)(used_idx - q->last_used), q->inflight);
+    return -1;
+  }
+  uint64_t now = now_ns();
+  *start = now;
+  while (q->last_used != used_idx) {
+    struct vring_used_elem e = q->used_ring[q->last_used & (q->num - 1)];
+    q->last_used++;
+    unsigned s = q->indirect ? e.id : e.id / 3;
+    if (s >= q->slots || (!q->indirect && e.id % 3 != 0)) {
+      fail(q, "used entry with id %llu (%llu slots)", e.id, q->slots);
+      return -1;
+    }
+    q->inflight--;
+    q->st.total_ops++;
+    uint8_t status = *slot_status(q, s);
+    if (status != VIRTIO_BLK_S_OK) {
+      if (q->st.errors++ < 3) {
+        fprintf(stderr, "blkgen: queue %u: %s of block %llu: status %u\n", q->index,
+                q->slot[s].is_read ? "read" : "write", (unsigned long long)q->slot[s].block,
+                status);
+      }
+    } else if (pass == PASS_VERIFY_READ) {
+      check_data(q, s);
+    }
+    if (measuring) {
+      q->st.ops++;
+      if (q->slot[s].is_read) q->st.reads++;
+      else q->st.writes++;
+      hist_add(&q->st.lat, now - q->slot[s].t_submit);
+    }
+    q->free_list[q->free_slots++] = (uint16_t)s;
+  }
+  q->last_progress = now;
+  return 1;
+}
+
+/* Refills the free slots: the requests the application submits now, one kick for all. Hot path. */
+static inline void refill(struct queue *q, enum pass pass, bool measuring) {
   struct job j;
-  unsigned free_slots = 0;
-  uint16_t *free_list = calloc(q->slots, sizeof *free_list);
-  if (!free_list) die(1, "out of memory");
-  for (unsigned s = q->slots; s-- > 0;) free_list[free_slots++] = (uint16_t)s;
+  unsigned n_added = 0;
+  while (q->submitting && q->free_slots > 0) {
+    if (!next_job(q, pass, &j)) {
+      q->submitting = false;
+      break;
+    }
+    unsigned s = q->free_list[--q->free_slots];
+    prepare_data(q, s, pass, &j);
+    add_request(q, s, j.is_read, j.block);
+    q->added[n_added++] = (uint16_t)s;
+  }
+  if (n_added) {
+    uint64_t ts = now_ns();
+    for (unsigned i = 0; i < n_added; i++) q->slot[q->added[i]].t_submit = ts;
+    publish_and_kick(q, measuring);
+  }
+}
 
-  uint64_t last_progress = now_ns();
-  uint64_t timeout_ns = (uint64_t)o->timeout_ms * 1000000ULL;
+/* No completion for this long with requests out is a stall (a second once a signal came). */
+static inline uint64_t stall_limit_ns(const struct options *o) {
+  uint64_t limit = (uint64_t)o->timeout_ms * 1000000ULL;
+  if (__atomic_load_n(&g_signalled, __ATOMIC_RELAXED) && limit > 1000000000ULL) limit = 1000000000ULL;
+  return limit;
+}
+
+/* Fails the first of w's queues with requests out and no completion since now - limit. */
+static bool check_stall(struct worker *w, uint64_t now) {
+  uint64_t limit = stall_limit_ns(w->o);
+  for (unsigned i = 0; i < w->nq; i++) {
+    struct queue *q = w->q[i];
+    if (q->done || q->inflight == 0 || now - q->last_progress <= limit) continue;
+    fail(q, "stalled: %llu requests outstanding (no completion for %llu ms)", q->inflight,
+         (now - q->last_progress) / 1000000ULL);
+    return true;
+  }
+  return false;
+}
+
+/*
+ * Runs one pass over w's queues until their jobs are done (timed: until PHASE_STOP) and nothing
+ * is in flight. Each loop: per queue, reap its used entries, refill and publish/kick it; if no
+ * queue had completions, wait for all of them at once (spin, or one poll() on their call
+ * eventfds). With one queue this is the loop of a thread per queue.
+ */
+static void run_pass(struct worker *w, enum pass pass) {
+  bool poll_mode = w->o->mode == MODE_POLL;
+  for (unsigned i = 0; i < w->nq; i++) start_pass(w, i);
   unsigned spins = 0;
-  uint64_t pass_start = 0;
   for (;;) {
     bool measuring = __atomic_load_n(&g_phase, __ATOMIC_RELAXED) == PHASE_MEASURE;
-    track_window(q, measuring);
-    bool reaped = false;
-    uint16_t used_idx = __atomic_load_n(&q->used[1], __ATOMIC_ACQUIRE);
-    if (used_idx != q->last_used) {
-      if ((uint16_t)(used_idx - q->last_used) > q->inflight) {
-        fail(q, "used idx moved by %llu with %llu requests in flight",
-             (uint16_t)(used_idx - q->last_used), q->inflight);
-        break;
-      }
-      uint64_t now = now_ns();
-      pass_start = now;
-      while (q->last_used != used_idx) {
-        struct vring_used_elem e = q->used_ring[q->last_used & (q->num - 1)];
-        q->last_used++;
-        unsigned s = q->indirect ? e.id : e.id / 3;
-        if (s >= q->slots || (!q->indirect && e.id % 3 != 0)) {
-          fail(q, "used entry with id %llu (%llu slots)", e.id, q->slots);
-          goto out;
-        }
-        q->inflight--;
-        q->st.total_ops++;
-        uint8_t status = *slot_status(q, s);
-        if (status != VIRTIO_BLK_S_OK) {
-          if (q->st.errors++ < 3) {
-            fprintf(stderr, "blkgen: queue %u: %s of block %llu: status %u\n", q->index,
-                    q->slot[s].is_read ? "read" : "write", (unsigned long long)q->slot[s].block,
-                    status);
-          }
-        } else if (pass == PASS_VERIFY_READ) {
-          check_data(q, s);
-        }
+    track_window(w, measuring);
+    bool reaped = false, all_done = true;
+    uint64_t seen = 0; /* when the last queue with completions was reaped */
+    for (unsigned i = 0; i < w->nq; i++) {
+      struct queue *q = w->q[i];
+      if (q->done) continue;
+      uint64_t pass_start = 0;
+      int r = reap(q, pass, measuring, &pass_start);
+      if (r < 0) goto out;
+      refill(q, pass, measuring);
+      /* Load is the passes that reaped something; waiting (spinning, poll(), read()) is not. */
+      if (r) {
+        reaped = true;
+        seen = pass_start;
         if (measuring) {
-          q->st.ops++;
-          if (q->slot[s].is_read) q->st.reads++;
-          else q->st.writes++;
-          hist_add(&q->st.lat, now - q->slot[s].t_submit);
+          q->st.busy_ns += now_ns() - pass_start;
+          q->st.reaps++;
         }
-        free_list[free_slots++] = (uint16_t)s;
       }
-      last_progress = now;
-      reaped = true;
+      if (!q->submitting && q->inflight == 0) {
+        q->done = true;
+        w->pfd[i].fd = -1; /* poll() skips it */
+      } else {
+        all_done = false;
+      }
+    }
+    if (all_done) break;
+    if (reaped) {
       spins = 0;
+      /* A queue the device never completes must not hide behind busy siblings. */
+      if (w->nq > 1 && check_stall(w, seen)) goto out;
+      continue;
     }
-    /* Refill the free slots: the requests the application submits now, one kick for all. */
-    unsigned n_added = 0;
-    while (submitting && free_slots > 0) {
-      if (!next_job(q, pass, &j)) {
-        submitting = false;
-        break;
-      }
-      unsigned s = free_list[--free_slots];
-      prepare_data(q, s, pass, &j);
-      add_request(q, s, j.is_read, j.block);
-      q->added[n_added++] = (uint16_t)s;
-    }
-    if (n_added) {
-      uint64_t ts = now_ns();
-      for (unsigned i = 0; i < n_added; i++) q->slot[q->added[i]].t_submit = ts;
-      publish_and_kick(q, measuring);
-    }
-    /* Load is the passes that reaped something; waiting (spinning, poll(), read()) is not. */
-    if (reaped && measuring) q->st.busy_ns += now_ns() - pass_start;
-    if (!submitting && q->inflight == 0) break;
-    if (reaped) continue;
 
     if (poll_mode) {
       cpu_relax();
       if (++spins < 1024) continue;
       spins = 0;
     } else {
-      /* virtqueue_enable_cb_prepare + virtqueue_poll: re-enable, fence, look again. */
-      enable_cb(q);
+      /* virtqueue_enable_cb_prepare + virtqueue_poll on each queue: re-enable, fence, look again. */
+      for (unsigned i = 0; i < w->nq; i++) {
+        if (!w->q[i]->done) enable_cb(w->q[i]);
+      }
       __atomic_thread_fence(__ATOMIC_SEQ_CST);
-      if (__atomic_load_n(&q->used[1], __ATOMIC_ACQUIRE) != q->last_used) {
-        disable_cb(q);
+      bool pending = false;
+      for (unsigned i = 0; i < w->nq && !pending; i++) {
+        struct queue *q = w->q[i];
+        pending = !q->done && __atomic_load_n(&q->used[1], __ATOMIC_ACQUIRE) != q->last_used;
+      }
+      if (pending) {
+        for (unsigned i = 0; i < w->nq; i++) {
+          if (!w->q[i]->done) disable_cb(w->q[i]);
+        }
         continue;
       }
       /*
-       * Sleep until the device signals. A signal left over from entries already reaped makes
-       * poll() return at once; the thread's voluntary context switches count the real sleeps.
+       * Sleep until the device signals one of them. A signal left over from entries already
+       * reaped makes poll() return at once; the thread's voluntary context switches count the
+       * real sleeps.
        */
-      struct pollfd p = {.fd = q->call_fd, .events = POLLIN};
-      if (measuring) q->st.polls++;
-      if (poll(&p, 1, 100) > 0) {
-        uint64_t v;
-        if (read(q->call_fd, &v, sizeof v) == sizeof v && measuring) q->st.calls += v;
-        disable_cb(q);
+      if (measuring) w->polls++;
+      if (poll(w->pfd, w->nq, 100) > 0) {
+        for (unsigned i = 0; i < w->nq; i++) {
+          struct queue *q = w->q[i];
+          if (q->done) continue;
+          if (w->pfd[i].revents & POLLIN) {
+            uint64_t v;
+            if (read(q->call_fd, &v, sizeof v) == sizeof v && measuring) q->st.calls += v;
+          }
+          disable_cb(q);
+        }
         continue;
       }
     }
-    uint64_t now = now_ns();
-    uint64_t limit = timeout_ns;
-    if (__atomic_load_n(&g_signalled, __ATOMIC_RELAXED) && limit > 1000000000ULL) limit = 1000000000ULL;
-    if (q->inflight > 0 && now - last_progress > limit) {
-      fail(q, "stalled: %llu requests outstanding (no completion for %llu ms)", q->inflight,
-           (now - last_progress) / 1000000ULL);
-      break;
-    }
+    if (check_stall(w, now_ns())) goto out;
   }
 out:
-  disable_cb(q);
-  free(free_list);
+  for (unsigned i = 0; i < w->nq; i++) disable_cb(w->q[i]);
 }
 
-void *queue_thread(void *arg) {
-  struct queue *q = arg;
-  /* Interrupts are off unless the thread is about to sleep. */
-  disable_cb(q);
-  if (q->o->mode == MODE_POLL && q->event_idx) {
-    /* Poll mode never wants a call: used_event stays one behind (refreshed per pass). */
-    disable_cb(q);
-  }
-  if (q->o->verify) {
-    run_pass(q, PASS_VERIFY_WRITE);
-    if (!q->failed) {
-      q->next_block = q->index;
-      run_pass(q, PASS_VERIFY_READ);
+void *worker_thread(void *arg) {
+  struct worker *w = arg;
+  /*
+   * Interrupts are off unless the thread is about to sleep. Poll mode never re-enables them
+   * (with EVENT_IDX used_event stays where this sets it, so the device crosses it at most once
+   * per 65536 completions).
+   */
+  for (unsigned i = 0; i < w->nq; i++) disable_cb(w->q[i]);
+  if (w->o->verify) {
+    run_pass(w, PASS_VERIFY_WRITE);
+    for (unsigned i = 0; i < w->nq; i++) w->failed |= w->q[i]->failed != 0;
+    if (!w->failed) {
+      for (unsigned i = 0; i < w->nq; i++) w->q[i]->next_block = w->q[i]->index;
+      run_pass(w, PASS_VERIFY_READ);
     }
   } else {
-    run_pass(q, PASS_TIMED);
+    run_pass(w, PASS_TIMED);
   }
-  track_window(q, false);
+  for (unsigned i = 0; i < w->nq; i++) w->failed |= w->q[i]->failed != 0;
+  track_window(w, false);
   return NULL;
 }
