@@ -56,7 +56,7 @@ export function eventfd(init = 0, flags = EFD_NONBLOCK | EFD_CLOEXEC): number {
 export function eventfdWrite(fd: number, n = 1): void {
   scratchLo[0] = n >>> 0;
   scratchLo[1] = Math.floor(n / 0x1_0000_0000);
-  const r = libc.write(fd, scratchBytes, EIGHT);
+  const r = libc.write_i32(fd, scratchBytes, EIGHT);
   if (r < 0) {
     const e = lastErrno();
     if (e !== EAGAIN) throw new SysError("write", e, "eventfd");
@@ -78,7 +78,7 @@ export function eventfdWrite(fd: number, n = 1): void {
  * ```
  */
 export function eventfdRead(fd: number): number {
-  const r = libc.read(fd, scratchBytes, EIGHT);
+  const r = libc.read_i32(fd, scratchBytes, EIGHT);
   if (r < 0) {
     const e = lastErrno();
     if (e === EAGAIN) return 0;
