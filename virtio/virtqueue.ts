@@ -91,10 +91,6 @@ export interface VirtqueueOptions {
 }
 
 /**
- * wrap-around-safe "has `newIdx` passed `event` since `oldIdx`" of 2.7.7.2
- * (vring_need_event in the Linux and QEMU sources).
- */
-/**
  * x86 makes stores visible in program order (TSO), so plain stores publish
  * the used ring's entries before its idx, as virtio's release ordering asks;
  * elsewhere the idx goes out with Atomics.store. `Atomics.store` is a builtin
@@ -105,6 +101,10 @@ export interface VirtqueueOptions {
  */
 const PLAIN_PUBLISH = Deno.build.arch === "x86_64";
 
+/**
+ * wrap-around-safe "has `newIdx` passed `event` since `oldIdx`" of 2.7.7.2
+ * (vring_need_event in the Linux and QEMU sources).
+ */
 function vringNeedEvent(event: number, newIdx: number, oldIdx: number): boolean {
   return ((newIdx - event - 1) & 0xffff) < ((newIdx - oldIdx) & 0xffff);
 }
@@ -122,11 +122,14 @@ function vringNeedEvent(event: number, newIdx: number, oldIdx: number): boolean 
  * errors become a broken ring.
  *
  * Ordering: avail idx is read with `Atomics.load` (acquire) before the ring
- * entries it covers; used elements are written before `Atomics.store` of used
- * idx (release); the sequentially consistent store/load pairs also give the
- * full barrier that notification suppression needs (2.7.7, 2.7.10).
+ * entries it covers; used elements are written before used idx, which push()
+ * stores plainly on x86 (TSO keeps stores in order) and with `Atomics.store`
+ * elsewhere (release); notifyNeeded() re-stores used idx with `Atomics.store`
+ * before it reads the driver's suppression fields, the full barrier that
+ * notification suppression needs (2.7.7, 2.7.10). notifyHint() reads without
+ * it: only notifyNeeded() may decide that no notification is due.
  *
- * Hot path (pop, push, notifyNeeded, availPending): no allocation. pop()
+ * Hot path (pop, push, notifyHint, notifyNeeded, availPending): no allocation. pop()
  * returns the queue's one {@link DescriptorChain}, refilled every call.
  *
  * @example
@@ -472,6 +475,7 @@ export class Virtqueue {
     const usedEvent = Atomics.load(this.#avail, 2 + this.size);
     return !valid || vringNeedEvent(usedEvent, newIdx, oldIdx);
   }
+
   /**
    * An early, unfenced {@link notifyNeeded} for EVENT_IDX after each push:
    * true when used idx has just passed the driver's used_event as read
