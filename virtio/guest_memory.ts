@@ -617,7 +617,8 @@ export class GuestMemory {
     let w = this.#words[i];
     if (w === undefined) {
       const b = this.regionBytes(i);
-      w = new Uint32Array(b.buffer, b.byteOffset, b.byteLength >>> 2);
+      // Not `>>> 2`: regions of 4 GiB and more have lengths past 2^32.
+      w = new Uint32Array(b.buffer, b.byteOffset, Math.floor(b.byteLength / 4));
       this.#words[i] = w;
     }
     return w;

@@ -4,13 +4,22 @@ import {
   ftruncate,
   memfdCreate,
   MFD_ALLOW_SEALING,
+  mmapAnonymous,
   mmapShared,
   O_RDONLY,
   O_RDWR,
   open,
   SysError,
 } from "../../sys/mod.ts";
-import { GuestMemory, GuestMemoryError, type MemoryRegion } from "../../virtio/mod.ts";
+import {
+  GuestMemory,
+  GuestMemoryError,
+  type MemoryRegion,
+  Virtqueue,
+  VRING_DESC_F_INDIRECT,
+  VRING_DESC_F_NEXT,
+  VRING_DESC_F_WRITE,
+} from "../../virtio/mod.ts";
 import { TestMemory } from "./guest_driver.ts";
 
 /** Number of mappings of the memfd named `name` in this process. */
@@ -261,5 +270,44 @@ Deno.test("GuestMemory.map accepts only regular files: a device's size cannot be
   } finally {
     for (const fd of fds) close(fd);
     Deno.removeSync(dir);
+  }
+});
+
+Deno.test("a region past 4 GiB: regionWords covers it, an indirect table up there is walked", () => {
+  // Virtual only: the kernel backs the pages this test touches.
+  const size = 2 ** 32 + 0x4000;
+  const m = mmapAnonymous(size);
+  try {
+    const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0, size, userAddr: 0, hostAddr: m.addr }]);
+    assert.equal(mem.regionWords(0).length, size / 4);
+    const v = new DataView(mem.regionBytes(0).buffer);
+    const desc = (at: number, addr: number, len: number, flags: number, next: number) => {
+      v.setBigUint64(at, BigInt(addr), true);
+      v.setUint32(at + 8, len, true);
+      v.setUint16(at + 12, flags, true);
+      v.setUint16(at + 14, next, true);
+    };
+    const table = 2 ** 32 + 0x100, status = 2 ** 32 + 0x2000;
+    desc(0, table, 32, VRING_DESC_F_INDIRECT, 0); // ring descriptor 0
+    desc(table, 0x3000, 16, VRING_DESC_F_NEXT, 1);
+    desc(table + 16, status, 1, VRING_DESC_F_WRITE, 0);
+    v.setUint16(0x1000 + 4, 0, true); // avail ring[0] = head 0
+    v.setUint16(0x1000 + 2, 1, true); // avail idx 1
+    const vq = new Virtqueue({
+      mem,
+      size: 4,
+      desc: 0,
+      avail: 0x1000,
+      used: 0x2000,
+      addressSpace: "guest",
+      indirectDesc: true,
+    });
+    const c = vq.pop();
+    assert.ok(c, String(vq.brokenReason));
+    assert.equal(c.count, 2);
+    assert.deepEqual([...c.len.subarray(0, 2)], [16, 1]);
+    assert.deepEqual([...c.addr.subarray(0, 2)], [m.addr + 0x3000, m.addr + status]);
+  } finally {
+    m.unmap();
   }
 });
