@@ -8,7 +8,7 @@
  * into anonymous, file and shared-memory pages) and the client's IOPS.
  * One JSON line per cell, then a Markdown table.
  *
- * The host runs with the V8 flags of `deno task host` (read from deno.json),
+ * The host runs with the V8 flags of `deno task host` (HOST_V8_FLAGS),
  * so the figures are those of the documented command line. Guest memory is
  * the client's memfd (4 MiB at QD32): the pages the server touches count in
  * its RSS (as shmem), for both servers alike.
@@ -28,6 +28,7 @@
 
 import { benchArgs } from "./bench_args.ts";
 import { residentMemory } from "../sys/mod.ts";
+import { HOST_V8_FLAGS_ARG } from "../dataplane/mod.ts";
 
 const a = benchArgs(
   "memory",
@@ -65,14 +66,10 @@ interface CellResult extends Cell {
   iops: number;
 }
 
-/** The `--v8-flags=...` argument of the host task in deno.json, if any (or of `--v8-flags`). */
+/** The host's V8 flags (HOST_V8_FLAGS, as `deno task host`), or those of `--v8-flags`. */
 function hostV8Flags(): string[] {
   if (a["v8-flags"] !== undefined) return a["v8-flags"] ? [`--v8-flags=${a["v8-flags"]}`] : [];
-  const cfg = JSON.parse(Deno.readTextFileSync(`${root}deno.json`)) as {
-    tasks: Record<string, string>;
-  };
-  const m = /(--v8-flags=\S+)/.exec(cfg.tasks.host ?? "");
-  return m ? [m[1]] : [];
+  return [HOST_V8_FLAGS_ARG];
 }
 
 function defaultImage(): string {
