@@ -72,6 +72,7 @@ import { buildBlkgen } from "./blkgen_build.ts";
 import { taskArgs } from "../dataplane/mod.ts";
 import {
   type ComparePattern,
+  FAR_TRANSFER_NS,
   measureRun,
   type RunFailure,
   type RunSample,
@@ -348,6 +349,7 @@ export async function main(args: string[]): Promise<number> {
       mode: o.mode,
       cpu: blkgenCpu,
       threads: threadsFor(queues),
+      probeCpu: pinned ? Number(serverCpus) : undefined,
     });
 
     /** Runs `body` with both servers started (and warmed up) for `backend` / `queues`. */
@@ -520,7 +522,12 @@ export async function main(args: string[]): Promise<number> {
     console.log(`\n${subtitle}; o = ours (dataplane), t = theirs (qemu-storage-daemon);`);
     console.log(
       "latency p50/p99 in us, cpu/IO = server CPU us per request (all threads), " +
-        "kick/wait per IO = blkgen's eventfd writes / sleeps\n",
+        "kick/wait per IO = blkgen's eventfd writes / sleeps" +
+        (pinned
+          ? `,\nfar o/t = runs of each server during which a cache line took over ` +
+            `${FAR_TRANSFER_NS} ns between CPU ${serverCpus} and CPU ${blkgenCpu} ` +
+            `(the VM's two CPUs on cores that share no cache)\n`
+          : "\n"),
     );
     console.log(formatTable(cells));
     console.log(`\n${check.text}`);

@@ -40,6 +40,12 @@ export interface Workload {
    * One thread for several queues is what a 1-vCPU guest does.
    */
   threads?: number;
+  /**
+   * The server's CPU: blkgen times a cache line moving between it and `cpu`
+   * before connecting and after closing (`--probe-cpu`), which says whether
+   * the two virtual CPUs sat on cores that share a cache during the run.
+   */
+  probeCpu?: number;
 }
 
 /** The fields of blkgen's `--json` line that the comparison uses. */
@@ -59,6 +65,7 @@ interface BlkgenJson {
   server_cores?: number;
   preempted: number;
   ops_per_reap: number;
+  transfer_ns?: { before: number; after: number };
 }
 
 /** One run's measurements. */
@@ -101,6 +108,39 @@ export interface RunSample {
    * server's. Above ~0.1 something else competed for the CPUs.
    */
   otherCores: number;
+  /**
+   * With `probeCpu`: one cache line's transfer between the server's CPU and
+   * blkgen's, in ns, before and after the run (-1: not measured). See
+   * {@link FAR_TRANSFER_NS}.
+   */
+  transferNs?: { before: number; after: number };
+}
+
+/**
+ * A cache-line transfer slower than this (ns) means the server's and
+ * blkgen's virtual CPUs sat on physical cores that share no cache. On the
+ * 2-CPU VM these figures come from, the hypervisor moves them about once a
+ * second between placements measuring 25-50 ns and 155-180 ns, and a
+ * request crosses between the CPUs several times.
+ */
+export const FAR_TRANSFER_NS = 100;
+
+/**
+ * Whether run `r` saw the far placement ({@link FAR_TRANSFER_NS}) before or
+ * after it; false when it was not probed.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { farPlacement, type RunSample } from "./compare_client.ts";
+ * const r = { transferNs: { before: 30, after: 170 } } as RunSample;
+ * assert.equal(farPlacement(r), true);
+ * assert.equal(farPlacement({ ...r, transferNs: { before: 30, after: 41 } }), false);
+ * ```
+ */
+export function farPlacement(r: RunSample): boolean {
+  const t = r.transferNs;
+  return t !== undefined && Math.max(t.before, t.after) > FAR_TRANSFER_NS;
 }
 
 /** A run that produced no result (blkgen failed, server died, timeout). */
@@ -132,6 +172,10 @@ export function machineBusySeconds(): number {
  *   pattern: "randread", queues: 2, qd: 32, durationMs: 500, threads: 1,
  * });
  * assert.deepEqual(b.slice(-2), ["--threads", "1"]);
+ * const c = blkgenArgs("/tmp/s.sock", 42, {
+ *   pattern: "randread", queues: 1, qd: 32, durationMs: 500, cpu: 1, probeCpu: 0,
+ * });
+ * assert.deepEqual(c.slice(-4), ["--cpu", "1", "--probe-cpu", "0"]);
  * ```
  */
 export function blkgenArgs(socket: string, serverPid: number, w: Workload): string[] {
@@ -162,6 +206,7 @@ export function blkgenArgs(socket: string, serverPid: number, w: Workload): stri
   ];
   if (w.cpu !== undefined) args.push("--cpu", String(w.cpu));
   if (w.threads !== undefined) args.push("--threads", String(w.threads));
+  if (w.probeCpu !== undefined) args.push("--probe-cpu", String(w.probeCpu));
   return args;
 }
 
@@ -232,6 +277,7 @@ export async function measureRun(
     errors: r.errors,
     seconds: r.seconds,
     otherCores: Math.max(0, machineCores - r.cpu_cores - r.server_cores),
+    ...(r.transfer_ns ? { transferNs: { ...r.transfer_ns } } : {}),
   };
 }
 

@@ -1,7 +1,8 @@
 /**
  * The README's performance tables from a `deno task compare` JSON report:
  * one Markdown row per cell with both servers' medians, the ratio, fio's
- * ceiling where there is one, p99 and server CPU per request.
+ * ceiling where there is one, p99, server CPU per request, and how many runs
+ * of each server saw the far CPU placement (compare_client.ts farPlacement).
  *
  * Run: `deno run -A bench/compare_markdown.ts [bench/results/compare.json]`
  *
@@ -9,7 +10,7 @@
  */
 
 import type { Cell } from "./compare_report.ts";
-import { iopsRatio } from "./compare_report.ts";
+import { farCount, iopsRatio } from "./compare_report.ts";
 
 function iops(n: number | undefined): string {
   if (n === undefined || !Number.isFinite(n)) return "-";
@@ -61,6 +62,7 @@ export function markdownTable(cells: Cell[]): string {
     "p99 qsd",
     "CPU ours",
     "CPU qsd",
+    "far runs",
   ];
   const rows = cells.map((c) => {
     const o = c.ours.median ?? undefined, t = c.theirs.median ?? undefined;
@@ -79,8 +81,13 @@ export function markdownTable(cells: Cell[]): string {
       us(t?.p99Us),
       us(o?.serverCpuUsPerIo),
       us(t?.serverCpuUsPerIo),
+      farCount(o, t),
     ];
   });
+  if (!cells.some((c) => c.ours.median?.farRuns !== undefined)) {
+    head.pop();
+    for (const r of rows) r.pop();
+  }
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((x) => x[i].length)));
   const line = (x: string[]) => `| ${x.map((v, i) => v.padEnd(widths[i])).join(" | ")} |`;
   return [line(head), `| ${widths.map((w) => "-".repeat(w)).join(" | ")} |`, ...rows.map(line)]

@@ -6,7 +6,12 @@
  * @module
  */
 
-import type { ComparePattern, RunFailure, RunSample } from "./compare_client.ts";
+import {
+  type ComparePattern,
+  farPlacement,
+  type RunFailure,
+  type RunSample,
+} from "./compare_client.ts";
 import type { BackendName, ServerName } from "./compare_servers.ts";
 import type { FioSample } from "./compare_fio.ts";
 
@@ -24,6 +29,8 @@ export interface Summary {
   waitsPerIo: number;
   /** Successful runs the medians are over. */
   runs: number;
+  /** Runs that saw the far CPU placement (compare_client.ts farPlacement); absent if not probed. */
+  farRuns?: number;
   /** Non-OK request completions over all runs. */
   errors: number;
 }
@@ -114,6 +121,9 @@ export function summarize(runs: (RunSample | RunFailure)[]): Summary | null {
     waitsPerIo: m((s) => s.waitsPerIo),
     runs: ok.length,
     errors: ok.reduce((a, s) => a + s.errors, 0),
+    ...(ok.some((s) => s.transferNs !== undefined)
+      ? { farRuns: ok.filter(farPlacement).length }
+      : {}),
   };
 }
 
@@ -135,6 +145,23 @@ function fmtIops(n: number | undefined): string {
 function fmtUs(n: number | undefined): string {
   if (n === undefined || !Number.isFinite(n)) return "-";
   return n >= 1000 ? n.toFixed(0) : n >= 100 ? n.toFixed(1) : n.toFixed(2);
+}
+
+/**
+ * "a/b": how many of ours' and theirs' runs saw the far CPU placement
+ * (compare_client.ts farPlacement), "-" when not probed.
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { farCount, type Summary } from "./compare_report.ts";
+ * assert.equal(farCount({ farRuns: 2 } as Summary, { farRuns: 0 } as Summary), "2/0");
+ * assert.equal(farCount(undefined, undefined), "-");
+ * ```
+ */
+export function farCount(o: Summary | undefined, t: Summary | undefined): string {
+  if (o?.farRuns === undefined && t?.farRuns === undefined) return "-";
+  return `${o?.farRuns ?? "-"}/${t?.farRuns ?? "-"}`;
 }
 
 function fmtRate(n: number | undefined): string {
@@ -177,6 +204,7 @@ export function formatTable(cells: Cell[]): string {
     "kick/IO t",
     "wait/IO o",
     "wait/IO t",
+    "far o/t",
   ];
   const rows = cells.map((c) => {
     const o = c.ours.median ?? undefined, t = c.theirs.median ?? undefined;
@@ -201,8 +229,14 @@ export function formatTable(cells: Cell[]): string {
       fmtRate(t?.kicksPerIo),
       fmtRate(o?.waitsPerIo),
       fmtRate(t?.waitsPerIo),
+      farCount(o, t),
     ];
   });
+  // The placement column only when runs were probed (pinned CPUs).
+  if (!cells.some((c) => c.ours.median?.farRuns !== undefined)) {
+    head.pop();
+    for (const r of rows) r.pop();
+  }
   // The fio column only when some cell has a ceiling (file backends).
   if (!cells.some((c) => c.fio !== undefined)) {
     const i = head.indexOf("IOPS fio");

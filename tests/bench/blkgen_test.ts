@@ -225,6 +225,12 @@ Deno.test("blkgen builds and prints its usage", async () => {
   const threads = await blkgen(["--socket", "/nonexistent", "--queues", "2", "--threads", "3"]);
   assert.equal(threads.code, 1);
   assert.match(threads.stderr, /--threads 3 is more than --queues 2/);
+  const probe = await blkgen(["--socket", "/nonexistent", "--probe-cpu", "0"]);
+  assert.equal(probe.code, 1);
+  assert.match(probe.stderr, /--probe-cpu needs --cpu/);
+  const self = await blkgen(["--socket", "/nonexistent", "--cpu", "0", "--probe-cpu", "0"]);
+  assert.equal(self.code, 1);
+  assert.match(self.stderr, /--probe-cpu 0 is --cpu itself/);
 });
 
 Deno.test("blkgen vs our host: every mode without errors, verify on a file image", async () => {

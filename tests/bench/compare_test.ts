@@ -83,8 +83,24 @@ Deno.test("compare --quick: table, JSON and SVG for both servers on null-co", as
           assert.ok(r.clientCores <= 1.01, `${name} QD${c.qd}: busy ${r.clientCores} cores`);
         }
         assert.ok(m.kicksPerIo >= 0 && m.waitsPerIo >= 0);
+        // Pinned: every run timed a cache line between the two CPUs before and after
+        // (a transfer takes tens to hundreds of ns; -1 only if a CPU was too busy).
+        if (report.options.pinned) {
+          assert.equal(m.farRuns !== undefined, true, `${name} QD${c.qd}: not probed`);
+          for (const r of c[name].runs) {
+            if ("error" in r) continue;
+            const t = r.transferNs!;
+            for (const ns of [t.before, t.after]) {
+              assert.ok(ns === -1 || (ns > 1 && ns < 1e5), `${ns}`);
+            }
+            assert.ok(t.before > 0 || t.after > 0, `${name} QD${c.qd}: no probe answered`);
+          }
+        } else {
+          assert.equal(m.farRuns, undefined);
+        }
       }
     }
+    assert.match(stdout, report.options.pinned ? /far o\/t/ : /wait\/IO t\n/);
     assert.deepEqual(report.clientCheck.loads.map((l) => l.server), ["ours", "theirs"]);
     assert.ok(report.clientCheck.loads.every((l) => l.iops > 0));
 

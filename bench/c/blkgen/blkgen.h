@@ -98,6 +98,7 @@ struct options {
   unsigned timeout_ms; /* no completion for this long with requests out: stalled */
   uint64_t seed;
   int server_pid; /* 0 = none; else its CPU time over the measured window is reported */
+  int probe_cpu;  /* -1 = none; else the cache-line transfer to --cpu is measured before and after */
 };
 
 /* ---- latency histogram (hist.c): log-linear buckets of nanoseconds ---- */
@@ -267,6 +268,14 @@ enum phase { PHASE_WARMUP, PHASE_MEASURE, PHASE_STOP };
 extern int g_phase;       /* __atomic accessed */
 extern int g_signalled;   /* SIGINT/SIGTERM seen */
 uint64_t now_ns(void);
+
+/* ---- probe.c ---- */
+
+/*
+ * One-way time in ns to move a cache line from CPU near_cpu to far_cpu and back, halved (median of
+ * a few trials); -1 if a thread cannot be pinned or every trial was held up (a busy CPU).
+ */
+double probe_transfer_ns(int near_cpu, int far_cpu);
 
 /* A spin-wait hint to the CPU (x86 PAUSE), so a polling loop yields to the sibling thread. */
 static inline void cpu_relax(void) {

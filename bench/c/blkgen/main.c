@@ -62,6 +62,8 @@ static const char usage[] =
     "  --timeout-ms MS        no completion or reply for this long: exit 2 [5000]\n"
     "  --seed N               PRNG and verify pattern seed                [1]\n"
     "  --server-pid PID       also report that process's CPU time (its CPU clock, in ns) per I/O\n"
+    "  --probe-cpu N          before connecting and after closing, time a cache line moving\n"
+    "                         between CPU N (the server's) and --cpu: how far apart the two are\n"
     "  --verify               write a pattern over --size, read it back, compare\n"
     "  --allow-errors         exit 0 even if requests failed\n"
     "  --json                 one JSON line instead of text\n"
@@ -89,11 +91,11 @@ static void parse_options(int argc, char **argv, struct options *o) {
   *o = (struct options){
       .queues = 1, .qd = 32, .bs = 4096, .rw = RW_READ, .rwmixread = 70,
       .mode = MODE_INTERRUPT, .event_idx = true, .indirect = false, .duration_ms = 1000,
-      .warmup_ms = 200, .cpu = -1, .timeout_ms = 5000, .seed = 1,
+      .warmup_ms = 200, .cpu = -1, .timeout_ms = 5000, .seed = 1, .probe_cpu = -1,
   };
   enum {
     O_SOCKET = 256, O_QUEUES, O_QD, O_BS, O_RW, O_MIX, O_MODE, O_EVIDX, O_INDIRECT, O_DURATION,
-    O_WARMUP, O_SIZE, O_RING, O_CPU, O_JSON, O_VERIFY, O_ALLOW, O_TIMEOUT, O_SEED, O_SERVER_PID, O_THREADS, O_HELP,
+    O_WARMUP, O_SIZE, O_RING, O_CPU, O_JSON, O_VERIFY, O_ALLOW, O_TIMEOUT, O_SEED, O_SERVER_PID, O_THREADS, O_PROBE_CPU, O_HELP,
   };
   static const struct option longopts[] = {
       {"socket", required_argument, 0, O_SOCKET},   {"queues", required_argument, 0, O_QUEUES},
@@ -109,6 +111,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
       {"seed", required_argument, 0, O_SEED},       {"help", no_argument, 0, O_HELP},
       {"server-pid", required_argument, 0, O_SERVER_PID},
       {"threads", required_argument, 0, O_THREADS},
+      {"probe-cpu", required_argument, 0, O_PROBE_CPU},
       {0, 0, 0, 0},
   };
   int c;
@@ -144,6 +147,7 @@ static void parse_options(int argc, char **argv, struct options *o) {
     case O_TIMEOUT: o->timeout_ms = (unsigned)parse_num("timeout-ms", optarg, 1, 86400000); break;
     case O_SEED: o->seed = parse_num("seed", optarg, 0, 0xffff); break;
     case O_SERVER_PID: o->server_pid = (int)parse_num("server-pid", optarg, 1, 0x7fffffff); break;
+    case O_PROBE_CPU: o->probe_cpu = (int)parse_num("probe-cpu", optarg, 0, CPU_SETSIZE - 1); break;
     case 'h':
     case O_HELP: fputs(usage, stdout); exit(0);
     default: fputs(usage, stderr); exit(1);
@@ -160,6 +164,8 @@ static void parse_options(int argc, char **argv, struct options *o) {
   if (o->ring_size && (o->ring_size & (o->ring_size - 1))) {
     die(1, "--ring-size %u is not a power of two", o->ring_size);
   }
+  if (o->probe_cpu >= 0 && o->cpu < 0) die(1, "--probe-cpu needs --cpu (the other end)");
+  if (o->probe_cpu >= 0 && o->probe_cpu == o->cpu) die(1, "--probe-cpu %d is --cpu itself", o->cpu);
 }
 
 static void on_signal(int sig) {
@@ -235,6 +241,8 @@ int main(int argc, char **argv) {
     if (sched_setaffinity(0, sizeof set, &set) < 0) die(1, "--cpu %d: %s", o.cpu, strerror(errno));
   }
 
+  /* Before connecting: the server waits on its socket, so its CPU is free for the probe. */
+  double transfer0 = o.probe_cpu >= 0 ? probe_transfer_ns(o.cpu, o.probe_cpu) : -1;
   struct device dev;
   device_connect(&dev, &o);
   uint64_t capacity = dev.capacity * VIRTIO_BLK_SECTOR;
@@ -355,6 +363,7 @@ int main(int argc, char **argv) {
     }
   }
   device_close(&dev);
+  double transfer1 = o.probe_cpu >= 0 ? probe_transfer_ns(o.cpu, o.probe_cpu) : -1;
 
   struct queue_stats tot = {0};
   for (unsigned i = 0; i < o.queues; i++) {
@@ -418,6 +427,9 @@ int main(int argc, char **argv) {
       printf("\"server_cpu_us_per_io\":%.4f,\"server_cores\":%.3f,", (server1 - server0) / ops,
              (server1 - server0) / 1e6 / secs);
     }
+    if (o.probe_cpu >= 0) {
+      printf("\"transfer_ns\":{\"before\":%.1f,\"after\":%.1f},", transfer0, transfer1);
+    }
     if (o.verify) {
       printf("\"verified\":%llu,\"mismatches\":%llu,", (unsigned long long)tot.verified,
              (unsigned long long)tot.mismatches);
@@ -470,6 +482,10 @@ int main(int argc, char **argv) {
     if (o.server_pid && server0 >= 0 && server1 >= 0) {
       printf("  server (pid %d) cpu us/io %.4f  (%.2f cores)\n", o.server_pid,
              (server1 - server0) / ops, (server1 - server0) / 1e6 / secs);
+    }
+    if (o.probe_cpu >= 0) {
+      printf("  cache line CPU %d <-> %d: %.1f ns before, %.1f ns after\n", o.cpu, o.probe_cpu,
+             transfer0, transfer1);
     }
     if (o.verify) {
       printf("  verify: %llu blocks read back, %llu mismatches\n",
