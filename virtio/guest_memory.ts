@@ -555,35 +555,6 @@ export class GuestMemory {
     return this.#gpaStart[i] + (host - this.#host[i]);
   }
 
-  /**
-   * Reads the byte at guest-physical `gpa` when it lies in the region of the
-   * last successful {@link hostAddr} and that region's bytes are mapped
-   * ({@link regionBytes}), else returns 0 without looking further. For
-   * warming the cache ahead of use (Virtqueue's touch-ahead of indirect
-   * tables): the value means nothing. Hot path: no allocation, no scan.
-   *
-   * @example
-   * ```ts
-   * import assert from "node:assert/strict";
-   * import { GuestMemory } from "./guest_memory.ts";
-   * import { mmapAnonymous } from "../sys/mod.ts";
-   * const m = mmapAnonymous(4096);
-   * const mem = GuestMemory.fromMapped([{ guestPhysAddr: 0x1000, size: 4096, userAddr: 0, hostAddr: m.addr }]);
-   * mem.regionBytes(0)[16] = 7;
-   * assert(mem.hostAddr(0x1000, 16) > 0); // region 0 is the last one hit
-   * assert.equal(mem.touch(0x1010), 7);
-   * assert.equal(mem.touch(0x9000), 0); // outside: nothing read
-   * m.unmap();
-   * ```
-   */
-  touch(gpa: number): number {
-    const i = this.#last;
-    const b = this.#bytes[i];
-    if (b === undefined || this.#closed) return 0;
-    const off = gpa - this.#gpaStart[i];
-    return off >= 0 && off < b.length ? b[off] : 0;
-  }
-
   /** Index of the region of the last successful {@link hostAddr}. Hot path. */
   get lastRegion(): number {
     return this.#last;

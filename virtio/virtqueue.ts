@@ -4,7 +4,6 @@ import {
   VRING_AVAIL_ALIGN,
   VRING_AVAIL_F_NO_INTERRUPT,
   VRING_DESC_ALIGN,
-  VRING_DESC_F_INDIRECT,
   VRING_DESC_SIZE,
   VRING_USED_ALIGN,
   VRING_USED_ELEM_SIZE,
@@ -102,9 +101,6 @@ export interface VirtqueueOptions {
  */
 const PLAIN_PUBLISH = Deno.build.arch === "x86_64";
 
-/** At most this many new avail entries are looked at by the indirect-table touch-ahead. */
-const TOUCH_AHEAD = 64;
-
 /**
  * wrap-around-safe "has `newIdx` passed `event` since `oldIdx`" of 2.7.7.2
  * (vring_need_event in the Linux and QEMU sources).
@@ -192,8 +188,6 @@ export class Virtqueue {
   readonly #inflight: SplitInflightRegion | null;
   #notificationsEnabled = true;
   #broken: DescriptorChainError | VirtqueueError | null = null;
-  /** What {@link #touchAhead} read, kept so that the loads are not dropped. */
-  #touched = 0;
 
   /** Validates the layout and builds the views; throws {@link VirtqueueError}. */
   constructor(opts: VirtqueueOptions) {
@@ -349,50 +343,9 @@ export class Virtqueue {
    */
   availPending(): boolean {
     if (this.#broken !== null) return false;
-    if (this.#shadowAvail === this.#lastAvail) this.#refreshAvail();
+    if (this.#shadowAvail === this.#lastAvail) this.#shadowAvail = Atomics.load(this.#avail, 1);
     return this.#shadowAvail !== this.#lastAvail ||
       (this.#inflight !== null && this.#inflight.resubmitPending !== 0);
-  }
-
-  /**
-   * Reads avail idx into the shadow and returns it; with INDIRECT_DESC,
-   * touches the indirect tables of what became available. Hot path.
-   */
-  #refreshAvail(): number {
-    const availIdx = Atomics.load(this.#avail, 1);
-    this.#shadowAvail = availIdx;
-    if (this.indirectDesc && availIdx !== this.#lastAvail) this.#touchAhead(availIdx);
-    return availIdx;
-  }
-
-  /**
-   * Reads, without using it, the first byte of the indirect table of each
-   * newly available chain whose head is an INDIRECT descriptor (at most
-   * {@link TOUCH_AHEAD} of them). The driver wrote those tables on its CPU
-   * just before publishing them: read one by one by the walk, each is a
-   * cache miss that waits for the one before; read here, back to back, the
-   * CPU overlaps them (DPDK and SPDK prefetch descriptors the same way).
-   * Measured at QD128 INDIRECT in the near CPU placement, medians of 20-30
-   * alternating runs: randread 1 queue 3.91M against 3.56M IOPS, randwrite 2
-   * queues 4.26M against 3.58M. Direct chains are left alone: touching their
-   * headers ahead was no better there (24 runs each at QD32 and QD128). Nothing read here decides anything: pop() reads and checks every
-   * field again, and an entry or table that is out of range is skipped
-   * ({@link GuestMemory.touch} reads only inside the last region used).
-   */
-  #touchAhead(availIdx: number): void {
-    let n = (availIdx - this.#lastAvail) & 0xffff;
-    if (n > TOUCH_AHEAD) n = TOUCH_AHEAD;
-    const avail = this.#avail, desc = this.#desc, mem = this.#mem;
-    const mask = this.#mask, size = this.size;
-    let acc = 0;
-    for (let k = 0, idx = this.#lastAvail; k < n; k++, idx++) {
-      const head = avail[2 + (idx & mask)];
-      if (head >= size) continue;
-      const w = head * 4;
-      if ((desc[w + 3] & VRING_DESC_F_INDIRECT) === 0) continue;
-      acc += mem.touch(desc[w + 1] * 0x100000000 + desc[w]);
-    }
-    this.#touched = acc;
   }
 
   /**
@@ -417,7 +370,10 @@ export class Virtqueue {
       // Hot path: Atomics.load is a builtin call (V8 does not inline it), so
       // the ring's idx is read once for everything it makes available.
       let availIdx = this.#shadowAvail;
-      if (availIdx === this.#lastAvail) availIdx = this.#refreshAvail();
+      if (availIdx === this.#lastAvail) {
+        availIdx = Atomics.load(this.#avail, 1);
+        this.#shadowAvail = availIdx;
+      }
       const pending = (availIdx - this.#lastAvail) & 0xffff;
       if (pending === 0) return null;
       if (pending > this.size) {
