@@ -7,7 +7,6 @@
  * requests cross the line between CPUs several times runs slower on the second kind.
  */
 #define _GNU_SOURCE
-#include <errno.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdlib.h>
