@@ -10,7 +10,7 @@
  */
 
 import type { Cell } from "./compare_report.ts";
-import { farCount, iopsRatio } from "./compare_report.ts";
+import { anyProbed, dropColumn, farCount, iopsRatio } from "./compare_report.ts";
 
 function iops(n: number | undefined): string {
   if (n === undefined || !Number.isFinite(n)) return "-";
@@ -84,10 +84,7 @@ export function markdownTable(cells: Cell[]): string {
       farCount(o, t),
     ];
   });
-  if (!cells.some((c) => c.ours.median?.farRuns !== undefined)) {
-    head.pop();
-    for (const r of rows) r.pop();
-  }
+  if (!anyProbed(cells)) dropColumn(head, rows, "far runs");
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((x) => x[i].length)));
   const line = (x: string[]) => `| ${x.map((v, i) => v.padEnd(widths[i])).join(" | ")} |`;
   return [line(head), `| ${widths.map((w) => "-".repeat(w)).join(" | ")} |`, ...rows.map(line)]

@@ -164,6 +164,30 @@ export function farCount(o: Summary | undefined, t: Summary | undefined): string
   return `${o?.farRuns ?? "-"}/${t?.farRuns ?? "-"}`;
 }
 
+/** Whether any cell's runs were probed for CPU placement (pinned CPUs). */
+export function anyProbed(cells: Cell[]): boolean {
+  return cells.some((c) => c.ours.median?.farRuns !== undefined);
+}
+
+/**
+ * Removes column `name` from a table's `head` and every row (in place).
+ *
+ * @example
+ * ```ts
+ * import assert from "node:assert/strict";
+ * import { dropColumn } from "./compare_report.ts";
+ * const head = ["a", "b", "c"], rows = [["1", "2", "3"]];
+ * dropColumn(head, rows, "b");
+ * assert.deepEqual([head, rows], [["a", "c"], [["1", "3"]]]);
+ * ```
+ */
+export function dropColumn(head: string[], rows: string[][], name: string): void {
+  const i = head.indexOf(name);
+  if (i < 0) return;
+  head.splice(i, 1);
+  for (const r of rows) r.splice(i, 1);
+}
+
 function fmtRate(n: number | undefined): string {
   if (n === undefined || !Number.isFinite(n)) return "-";
   return n.toFixed(n >= 1 ? 2 : 3);
@@ -232,17 +256,10 @@ export function formatTable(cells: Cell[]): string {
       farCount(o, t),
     ];
   });
-  // The placement column only when runs were probed (pinned CPUs).
-  if (!cells.some((c) => c.ours.median?.farRuns !== undefined)) {
-    head.pop();
-    for (const r of rows) r.pop();
-  }
-  // The fio column only when some cell has a ceiling (file backends).
-  if (!cells.some((c) => c.fio !== undefined)) {
-    const i = head.indexOf("IOPS fio");
-    head.splice(i, 1);
-    for (const r of rows) r.splice(i, 1);
-  }
+  // The placement column only when runs were probed (pinned CPUs), the fio
+  // column only when some cell has a ceiling (file backends).
+  if (!anyProbed(cells)) dropColumn(head, rows, "far o/t");
+  if (!cells.some((c) => c.fio !== undefined)) dropColumn(head, rows, "IOPS fio");
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
   // Text columns left-aligned, numbers right-aligned.
   const line = (r: string[]) =>
